@@ -1,0 +1,42 @@
+"""The one attention interface the model calls. Backends: `reference` (plain PyTorch, any device)
+and `triton` (paged flash-decoding kernel, GPU or TRITON_INTERPRET)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .cache import StepView
+from .errors import DeviceError, InvalidInputError
+from .kernels import reference
+
+BACKENDS = ("auto", "reference", "triton")
+TRITON_MAX_Q_LEN = 16  # decode and verify blocks; longer blocks (prefill chunks) use the reference
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name not in BACKENDS:
+        raise InvalidInputError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if name == "auto":
+        return "triton" if device.type == "cuda" or interpreted else "reference"
+    if name == "triton" and device.type != "cuda" and not interpreted:
+        raise DeviceError("the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1); "
+                          "use --attention reference")
+    return name
+
+
+class Attention:
+    """Callable: (q [batch, q_len, heads, dim], k_pages, v_pages, view, scale) -> [batch, q_len, heads, dim]."""
+
+    def __init__(self, backend: str, device: torch.device):
+        self.backend = resolve_backend(backend, device)
+
+    def __call__(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                 view: StepView, scale: float) -> torch.Tensor:
+        if self.backend == "triton" and view.q_len <= TRITON_MAX_Q_LEN:
+            from .kernels import paged_attention
+            return paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
+                                                   max_kv_len=view.max_kv_len)
+        return reference.paged_attention(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
+                                         max_kv_len=view.max_kv_len)

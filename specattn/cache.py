@@ -1,0 +1,194 @@
+"""Paged KV cache: fixed-size pages, one page table per sequence, O(1) rollback.
+
+Layout (the contract between this module, the model and every attention kernel):
+
+    k, v        [num_layers, num_pages, page_size, num_kv_heads, head_dim]   model dtype
+    key_min/max [num_layers, num_pages, num_kv_heads, head_dim]              model dtype (optional)
+    page_table  [max_batch, max_pages_per_seq]  int32, page ids; unused entries hold 0
+    lens        [max_batch]                     int32, tokens stored per sequence
+
+Token `t` of sequence `b` lives in page `page_table[b, t // page_size]` at row `t % page_size`.
+A page of one KV head is `page_size * head_dim` contiguous-by-row elements, so a flat view
+`k[layer].view(-1, num_kv_heads, head_dim)` is indexed by slot `page * page_size + row`.
+
+`lens` and `page_table` live on the device so a decode step can be captured in a CUDA graph:
+the step derives positions and write slots from them on the device. Page allocation is plain
+Python on a host mirror of the lengths; `reserve()` must run before a step that appends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .errors import CacheFullError, InvalidInputError
+
+DEFAULT_PAGE_SIZE = 16
+
+
+@dataclass
+class StepView:
+    """What one forward step needs to know about the cache, all on the device.
+
+    positions:  [batch, q_len] int64, absolute position of each new token
+    slots:      [batch * q_len] int64, flat slot each new token's K/V is written to
+    lens_after: [batch] int32, KV length of each sequence once the new tokens are written
+    """
+    positions: torch.Tensor
+    slots: torch.Tensor
+    lens_after: torch.Tensor
+    page_table: torch.Tensor
+    q_len: int
+    max_kv_len: int | None = None  # host hint for reference paths; None inside CUDA graphs
+
+
+class PagedKVCache:
+    def __init__(self, cfg: ModelConfig, max_batch: int, max_seq_len: int, *,
+                 page_size: int = DEFAULT_PAGE_SIZE, num_pages: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 track_key_bounds: bool = False):
+        if max_batch <= 0 or max_seq_len <= 0 or page_size <= 0:
+            raise InvalidInputError("batch, max sequence length and page size must be positive")
+        self.cfg = cfg
+        self.page_size = page_size
+        self.max_batch = max_batch
+        self.max_pages_per_seq = -(-max_seq_len // page_size)
+        self.num_pages = num_pages or max_batch * self.max_pages_per_seq
+        self.dtype, self.device = dtype, torch.device(device)
+        shape = (cfg.num_layers, self.num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.track_key_bounds = track_key_bounds
+        if track_key_bounds:
+            bshape = (cfg.num_layers, self.num_pages, cfg.num_kv_heads, cfg.head_dim)
+            self.key_min = torch.zeros(bshape, dtype=dtype, device=self.device)
+            self.key_max = torch.zeros(bshape, dtype=dtype, device=self.device)
+        self.page_table = torch.zeros(max_batch, self.max_pages_per_seq, dtype=torch.int32, device=self.device)
+        self.lens = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        self._free_pages = list(range(self.num_pages - 1, -1, -1))
+        self._pages: list[list[int]] = [[] for _ in range(max_batch)]
+        self._host_lens = [0] * max_batch
+        self.batch = 0
+        self.kv_bytes_read = 0
+
+    # ---- bookkeeping (host side) -------------------------------------------------------
+    @property
+    def bytes_per_token(self) -> int:
+        return self.cfg.kv_bytes_per_token * self.k.element_size()
+
+    def host_lens(self) -> list[int]:
+        return self._host_lens[: self.batch]
+
+    def reset(self, batch: int) -> None:
+        """Drop every sequence and start `batch` empty ones."""
+        if not 0 < batch <= self.max_batch:
+            raise InvalidInputError(f"batch {batch} is outside 1..{self.max_batch} that this cache was built for")
+        for b in range(self.max_batch):
+            self._release_pages(b, 0)
+            self._host_lens[b] = 0
+        self.lens.zero_()
+        self.batch = batch
+        self.kv_bytes_read = 0
+
+    def reserve(self, new_tokens: int, seq: int | None = None) -> None:
+        """Make room for `new_tokens` more tokens in every active sequence (or only in `seq`)."""
+        changed = []
+        for b in self._seqs(seq):
+            need = -(-(self._host_lens[b] + new_tokens) // self.page_size)
+            if need > self.max_pages_per_seq:
+                raise CacheFullError(
+                    f"sequence {b} needs {self._host_lens[b] + new_tokens} tokens but the cache holds "
+                    f"{self.max_pages_per_seq * self.page_size} per sequence; build it with a larger max_seq_len")
+            while len(self._pages[b]) < need:
+                if not self._free_pages:
+                    raise CacheFullError(
+                        f"the KV cache ran out of its {self.num_pages} pages; give it more pages or a smaller batch")
+                self._pages[b].append(self._free_pages.pop())
+                changed.append((b, len(self._pages[b]) - 1, self._pages[b][-1]))
+        if changed:
+            rows, cols, ids = zip(*changed, strict=False)
+            self.page_table[list(rows), list(cols)] = torch.tensor(ids, dtype=torch.int32).to(self.device)
+
+    def advance(self, q_len: int, seq: int | None = None) -> None:
+        """Record that every active sequence (or only `seq`) gained `q_len` tokens, once a step wrote them."""
+        for b in self._seqs(seq):
+            self._host_lens[b] += q_len
+        if seq is None:
+            self.lens[: self.batch] += q_len
+        else:
+            self.lens[seq] += q_len
+
+    def _seqs(self, seq: int | None) -> range:
+        return range(self.batch) if seq is None else range(seq, seq + 1)
+
+    def truncate(self, new_lens: list[int]) -> None:
+        """Roll sequences back to `new_lens` tokens. O(1) in tokens: only lengths and trailing pages change.
+
+        Key bounds of a page cut in the middle stay a valid (looser) upper bound until the next write
+        to that page recomputes them.
+        """
+        if len(new_lens) != self.batch:
+            raise InvalidInputError(f"truncate got {len(new_lens)} lengths for a batch of {self.batch}")
+        for b, n in enumerate(new_lens):
+            if not 0 <= n <= self._host_lens[b]:
+                raise InvalidInputError(f"cannot truncate sequence {b} from {self._host_lens[b]} to {n} tokens")
+            self._host_lens[b] = n
+            self._release_pages(b, -(-n // self.page_size))
+        self.lens[: self.batch] = torch.tensor(new_lens, dtype=torch.int32).to(self.device)
+
+    def _release_pages(self, b: int, keep: int) -> None:
+        while len(self._pages[b]) > keep:
+            self._free_pages.append(self._pages[b].pop())
+
+    # ---- per-step views (device side, graph friendly) ------------------------------------
+    def step_view(self, q_len: int, seq: int | None = None, static: bool = False) -> StepView:
+        """Positions and write slots for `q_len` new tokens in every active sequence (or only `seq`),
+        computed on the device. `static=True` leaves out host hints so the step can be graph-captured."""
+        rows = slice(0, self.batch) if seq is None else slice(seq, seq + 1)
+        lens, page_table = self.lens[rows], self.page_table[rows]
+        positions = lens.long()[:, None] + torch.arange(q_len, device=self.device)
+        pages = torch.gather(page_table.long(), 1, positions // self.page_size)
+        slots = (pages * self.page_size + positions % self.page_size).reshape(-1)
+        max_kv_len = None if static else max(self._host_lens[b] for b in self._seqs(seq)) + q_len
+        return StepView(positions, slots, lens + q_len, page_table, q_len, max_kv_len)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, view: StepView) -> None:
+        """Store new keys/values. k, v: [batch, q_len, kv_heads, head_dim]."""
+        h, d = self.cfg.num_kv_heads, self.cfg.head_dim
+        self.k[layer].view(-1, h, d).index_copy_(0, view.slots, k.reshape(-1, h, d).to(self.dtype))
+        self.v[layer].view(-1, h, d).index_copy_(0, view.slots, v.reshape(-1, h, d).to(self.dtype))
+        if self.track_key_bounds:
+            self._update_key_bounds(layer, view)
+
+    def _update_key_bounds(self, layer: int, view: StepView) -> None:
+        # Recompute min/max of every page this step touched from its valid rows only, so a page
+        # that was truncated and then written again gets exact bounds back.
+        ps = self.page_size
+        first_page = (view.positions[:, 0] // ps)
+        n_touch = (view.q_len + ps - 1) // ps + 1
+        page_idx = (first_page[:, None] + torch.arange(n_touch, device=self.device))
+        last_page = (view.lens_after.long() - 1) // ps
+        page_idx = torch.minimum(page_idx, last_page[:, None])                  # [b, n]
+        pages = torch.gather(view.page_table.long(), 1, page_idx)               # [b, n]
+        keys = self.k[layer][pages]                                             # [b, n, ps, h, d]
+        token_pos = page_idx[..., None] * ps + torch.arange(ps, device=self.device)
+        valid = (token_pos < view.lens_after.long()[:, None, None])[..., None, None]
+        big = torch.finfo(keys.dtype).max
+        kmin = torch.where(valid, keys, big).amin(dim=2)
+        kmax = torch.where(valid, keys, -big).amax(dim=2)
+        self.key_min[layer][pages.reshape(-1)] = kmin.reshape(-1, *kmin.shape[2:])
+        self.key_max[layer][pages.reshape(-1)] = kmax.reshape(-1, *kmax.shape[2:])
+
+    def count_read(self, tokens_read: int) -> None:
+        """Account KV bytes read by attention over all layers for `tokens_read` (sum over sequences)."""
+        self.kv_bytes_read += tokens_read * self.bytes_per_token
+
+    def gather(self, layer: int, b: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous K, V of one sequence: [kv_heads, length, head_dim] (reference paths, tests)."""
+        length = self._host_lens[b] if length is None else length
+        n_pages = -(-length // self.page_size)
+        pages = self.page_table[b, :n_pages].long()
+        k = self.k[layer][pages].reshape(-1, self.cfg.num_kv_heads, self.cfg.head_dim)[:length]
+        v = self.v[layer][pages].reshape(-1, self.cfg.num_kv_heads, self.cfg.head_dim)[:length]
+        return k.transpose(0, 1), v.transpose(0, 1)

@@ -1,0 +1,1 @@
+"""Decoding strategies: each takes a model, a cache and prompts and returns tokens plus stats."""

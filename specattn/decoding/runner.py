@@ -1,0 +1,103 @@
+"""Forward steps over the paged cache: chunked prefill, and decode/verify steps that run as CUDA
+graphs on the GPU so that kernel-launch overhead does not dominate small models."""
+from __future__ import annotations
+
+import torch
+
+from ..cache import PagedKVCache
+from ..errors import ContextTooLongError, InvalidInputError
+from ..model import Transformer
+
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+def check_prompts(model: Transformer, cache: PagedKVCache, prompts: list[list[int]], new_tokens: int) -> None:
+    """One-line errors for requests that cannot be served, before anything is written."""
+    if not prompts:
+        raise InvalidInputError("no prompts given")
+    if len(prompts) > cache.max_batch:
+        raise InvalidInputError(f"batch of {len(prompts)} prompts exceeds the cache's max batch {cache.max_batch}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise InvalidInputError(f"prompt {i} is empty; give at least one token")
+        need = len(p) + new_tokens
+        if need > model.cfg.max_positions:
+            raise ContextTooLongError(
+                f"prompt {i} has {len(p)} tokens + {new_tokens} new > the model's {model.cfg.max_positions} "
+                "positions; shorten the prompt or ask for fewer new tokens")
+        if need > cache.max_pages_per_seq * cache.page_size:
+            raise ContextTooLongError(
+                f"prompt {i} needs {need} tokens but the KV cache holds {cache.max_pages_per_seq * cache.page_size} "
+                "per sequence; build the cache with a larger max_seq_len")
+    pages_needed = sum(-(-(len(p) + new_tokens) // cache.page_size) for p in prompts)
+    if pages_needed > cache.num_pages:
+        raise ContextTooLongError(f"the request needs {pages_needed} KV pages but the cache has {cache.num_pages}; "
+                                  "use a smaller batch or a larger cache")
+
+
+@torch.no_grad()
+def prefill(model: Transformer, cache: PagedKVCache, prompts: list[list[int]],
+            chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+    """Write every prompt into a freshly reset cache, `chunk` tokens at a time so memory stays
+    bounded for long prompts. Returns the logits of each prompt's last token: [batch, vocab]."""
+    cache.reset(len(prompts))
+    device = cache.device
+    last = []
+    for b, prompt in enumerate(prompts):
+        ids = torch.tensor(prompt, dtype=torch.long, device=device)
+        for start in range(0, len(prompt), chunk):
+            piece = ids[start:start + chunk]
+            cache.reserve(len(piece), seq=b)
+            logits = model(piece[None], cache, cache.step_view(len(piece), seq=b))
+            cache.advance(len(piece), seq=b)
+            cache.count_read(start + len(piece))  # a chunk reads its whole prefix once
+        last.append(logits[0, -1])
+    return torch.stack(last)
+
+
+class StepRunner:
+    """Runs `model` on q_len new tokens for every active sequence; returns logits [batch, q_len, vocab].
+
+    On CUDA each (batch, q_len) is captured once as a graph and replayed: the graph reads lengths and
+    page tables from the cache's device tensors, so it stays valid as sequences grow. The caller
+    reserves pages before and advances the cache after each step.
+    """
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, use_cuda_graph: bool = True):
+        self.model, self.cache = model, cache
+        self.use_graph = use_cuda_graph and cache.device.type == "cuda"
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, q_len = tokens.shape
+        if not self.use_graph:
+            view = self.cache.step_view(q_len)
+            return self.model(tokens, self.cache, view, all_logits=True)
+        key = (batch, q_len)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(batch, q_len)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(tokens)
+        graph.replay()
+        return static_out
+
+    def _capture(self, batch: int, q_len: int):
+        static_in = torch.zeros(batch, q_len, dtype=torch.long, device=self.cache.device)
+
+        def step():
+            view = self.cache.step_view(q_len, static=True)
+            return self.model(static_in, self.cache, view, all_logits=True)
+
+        # Warm up on a side stream (compiles Triton kernels) before capturing; the writes it makes
+        # land in slots past each sequence's length and are overwritten by the real step.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = step()
+        return graph, static_in, static_out

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, result files, accounting."""

@@ -1,0 +1,134 @@
+"""Paged decode/verify attention in Triton, split over the KV length (flash-decoding).
+
+One program handles one (sequence, KV head, split): all query heads of that KV head and all
+q_len new rows at once, so each K/V tile is read from memory once per KV head (GQA reuse).
+Splits let batch 1 at long context fill every SM; a second small kernel merges the splits
+with their log-sum-exp. Lengths are read from the device, so a launch can be replayed in a
+CUDA graph while sequences grow. Reference: `reference.paged_attention`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # keys per tile: 4 pages of 16
+
+
+@triton.jit
+def _paged_attn_split_kernel(
+    q_ptr, k_ptr, v_ptr, page_table_ptr, lens_ptr,
+    o_part_ptr, m_part_ptr, l_part_ptr,
+    scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kp, stride_kr, stride_kh,
+    stride_ptb,
+    num_splits,
+    Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    kv_heads = HEADS // GROUP
+    b = pid_bh // kv_heads
+    kvh = pid_bh % kv_heads
+
+    seq_len = tl.load(lens_ptr + b)
+    n_blocks = tl.cdiv(seq_len, BLOCK_N)
+    blocks_per_split = tl.cdiv(n_blocks, num_splits)
+    block_lo = split * blocks_per_split
+    block_hi = tl.minimum(block_lo + blocks_per_split, n_blocks)
+
+    rows = tl.arange(0, BLOCK_M)                 # row r = (query head g, new token t)
+    g = rows // Q_LEN
+    t = rows % Q_LEN
+    row_ok = rows < GROUP * Q_LEN
+    head = kvh * GROUP + g
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    query_pos = seq_len - Q_LEN + t              # causal inside the new block
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    for blk in range(block_lo, block_hi):
+        key_pos = blk * BLOCK_N + cols
+        key_ok = key_pos < seq_len
+        page = tl.load(page_table_ptr + b * stride_ptb + key_pos // PAGE_SIZE, mask=key_ok, other=0)
+        kv_off = page.to(tl.int64) * stride_kp + (key_pos % PAGE_SIZE) * stride_kr + kvh * stride_kh
+        k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        visible = key_ok[None, :] & (key_pos[None, :] <= query_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no visible key yet keep m = -inf; guard the exp against inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    part = ((b * Q_LEN + t) * HEADS + head) * num_splits + split     # [B, T, H, S] flat
+    tl.store(m_part_ptr + part, m_i, mask=row_ok)
+    tl.store(l_part_ptr + part, l_i, mask=row_ok)
+    tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, num_splits,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)                       # flat (b, t, h)
+    splits = tl.arange(0, BLOCK_S)
+    ok = splits < num_splits
+    m = tl.load(m_part_ptr + row * num_splits + splits, mask=ok, other=float("-inf"))
+    l_part = tl.load(l_part_ptr + row * num_splits + splits, mask=ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(ok & (m > float("-inf")), tl.exp(m - m_max), 0.0)
+    dims = tl.arange(0, HEAD_DIM)
+    o = tl.load(o_part_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
+                mask=ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(l_part * w, 0)
+    tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int = 132) -> int:
+    """Enough splits that batch * kv_heads * splits fills the SMs about twice, none empty by design."""
+    max_blocks = max(1, -(-max_kv_len // BLOCK_N))
+    return max(1, min(max_blocks, -(-2 * num_sms // (batch * kv_heads)), 256))
+
+
+def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                    page_table: torch.Tensor, lens_after: torch.Tensor, scale: float,
+                    max_kv_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim."""
+    batch, q_len, heads, dim = q.shape
+    kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
+    group = heads // kv_heads
+    if num_splits is None:
+        cap = max_kv_len or page_table.shape[1] * page_size
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        num_splits = choose_num_splits(batch, kv_heads, cap, sms)
+    q = q.contiguous()
+    o_part = torch.empty(batch, q_len, heads, num_splits, dim, dtype=torch.float32, device=q.device)
+    m_part = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    block_m = max(16, triton.next_power_of_2(group * q_len))
+    _paged_attn_split_kernel[(batch * kv_heads, num_splits)](
+        q, k_pages, v_pages, page_table, lens_after, o_part, m_part, l_part, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        page_table.stride(0), num_splits,
+        Q_LEN=q_len, GROUP=group, HEADS=heads, PAGE_SIZE=page_size, HEAD_DIM=dim,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
+    )
+    out = torch.empty_like(q)
+    _merge_splits_kernel[(batch * q_len * heads,)](
+        o_part, m_part, l_part, out, num_splits,
+        HEAD_DIM=dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=1,
+    )
+    return out

@@ -1,0 +1,40 @@
+"""Plain-PyTorch references for the kernels. Slow, obvious, and the CPU fallback."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_pages(pages: torch.Tensor, page_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """pages: [num_pages, page_size, kv_heads, dim]; page_table: [batch, max_pages] ->
+    [batch, kv_heads, num_tokens, dim] (tokens past a sequence's length are garbage; mask them)."""
+    page_size = pages.shape[1]
+    n_pages = -(-num_tokens // page_size)
+    out = pages[page_table[:, :n_pages].long()]                     # [b, n, ps, h, d]
+    out = out.reshape(out.shape[0], -1, *pages.shape[2:])[:, :num_tokens]
+    return out.transpose(1, 2)
+
+
+def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                    page_table: torch.Tensor, lens_after: torch.Tensor, scale: float,
+                    max_kv_len: int | None = None) -> torch.Tensor:
+    """Attention of new queries over the paged cache, causal inside the new block.
+
+    q: [batch, q_len, heads, dim]; the q_len new tokens are the last q_len of each sequence, so query t
+    of sequence b sees keys 0 .. lens_after[b] - q_len + t. Returns [batch, q_len, heads, dim].
+    `max_kv_len` bounds how much of the page table is gathered (default: all of it).
+    """
+    batch, q_len, heads, dim = q.shape
+    kv_len = max_kv_len or page_table.shape[1] * k_pages.shape[1]
+    k = gather_pages(k_pages, page_table, kv_len)
+    v = gather_pages(v_pages, page_table, kv_len)
+    key_pos = torch.arange(kv_len, device=q.device)
+    query_pos = lens_after.long()[:, None] - q_len + torch.arange(q_len, device=q.device)   # [b, t]
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]                                 # [b, t, kv]
+    group = heads // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
+                                         attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2)
