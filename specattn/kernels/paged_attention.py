@@ -8,6 +8,8 @@ CUDA graph while sequences grow. Reference: `reference.paged_attention`.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -96,6 +98,11 @@ def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, num_splits
     tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 
 
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def choose_num_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int = 132) -> int:
     """Enough splits that batch * kv_heads * splits fills the SMs about twice, none empty by design."""
     max_blocks = max(1, -(-max_kv_len // BLOCK_N))
@@ -111,7 +118,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     group = heads // kv_heads
     if num_splits is None:
         cap = max_kv_len or page_table.shape[1] * page_size
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
         num_splits = choose_num_splits(batch, kv_heads, cap, sms)
     q = q.contiguous()
     o_part = torch.empty(batch, q_len, heads, num_splits, dim, dtype=torch.float32, device=q.device)

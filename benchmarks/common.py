@@ -1,0 +1,90 @@
+"""Shared pieces of the GPU benchmarks: environment record, copy bandwidth, random models, timing."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from specattn.config import ModelConfig
+from specattn.model import Transformer
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+# ../shared does not travel to the GPU machine: scripts/stage_default_model.sh copies the books to .data/.
+GUTENBERG = next((p for p in (REPO / ".data" / "gutenberg", REPO.parent / "shared" / "data" / "gutenberg")
+                  if p.is_dir()), REPO.parent / "shared" / "data" / "gutenberg")
+
+LLAMA3_8B = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                        rope_theta=500000.0, max_positions=131072)
+
+
+def environment() -> dict:
+    import triton
+    commit = os.environ.get("SPECATTN_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": commit}
+
+
+def median_ms(fn, warmup: int = 5, reps: int = 30) -> float:
+    """Median wall time of fn() in ms, timed with CUDA events around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), warmup=3, reps=20)
+    return 2 * nbytes / ms / 1e6
+
+
+def random_model(cfg: ModelConfig, dtype=torch.bfloat16) -> Transformer:
+    """A model of `cfg`'s shape with random weights (std 0.02), for per-step costs only."""
+    with torch.device("cuda"):
+        model = Transformer(cfg, "auto", "cuda").to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def weight_bytes_per_step(model: Transformer, batch: int) -> int:
+    """Bytes of weights one decode step reads: every matrix once, only `batch` rows of an untied embedding."""
+    seen, total = set(), 0
+    for _name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    if not model.cfg.tie_embeddings:
+        e = model.embed.weight
+        total -= e.numel() * e.element_size() - batch * e.shape[1] * e.element_size()
+    return total
+
+
+def gutenberg_tokens(tokenizer, book: str = "pg2554.txt", max_chars: int = 600_000) -> list[int]:
+    text = (GUTENBERG / book).read_text(encoding="utf-8")[:max_chars]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On the GPU machine. `bash scripts/gpu_setup.sh part00` stores the first half of the default model;
+# `source scripts/gpu_setup.sh part01` joins it with the second, checks the md5, installs the carried
+# wheels and sets SPECATTN_DEFAULT_GGUF and PYTHONPATH for the benchmark that follows.
+set -e
+mkdir -p /root/m
+if [ "${1:-}" = "part00" ]; then
+  cp .models/smol.part00 /root/m/
+  echo "stored part00 ($(stat -c %s /root/m/smol.part00) bytes)"
+else
+  if [ ! -f /root/m/smol.gguf ]; then
+    cat /root/m/smol.part00 .models/smol.part01 > /root/m/smol.gguf
+  fi
+  echo "a1231443440b107ff29f02bdb38c9d0a  /root/m/smol.gguf" | md5sum -c -
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
+  export SPECATTN_DEFAULT_GGUF=/root/m/smol.gguf
+  export PYTHONUNBUFFERED=1
+fi
+set +e
