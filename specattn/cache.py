@@ -91,10 +91,10 @@ class PagedKVCache:
         self.batch = batch
         self.kv_bytes_read = 0
 
-    def reserve(self, new_tokens: int, seq: int | None = None) -> None:
-        """Make room for `new_tokens` more tokens in every active sequence (or only in `seq`)."""
+    def reserve(self, new_tokens: int, rows: slice | None = None) -> None:
+        """Make room for `new_tokens` more tokens in every active sequence (or only in `rows`)."""
         changed = []
-        for b in self._seqs(seq):
+        for b in self._seqs(rows):
             need = -(-(self._host_lens[b] + new_tokens) // self.page_size)
             if need > self.max_pages_per_seq:
                 raise CacheFullError(
@@ -110,17 +110,15 @@ class PagedKVCache:
             rows, cols, ids = zip(*changed, strict=False)
             self.page_table[list(rows), list(cols)] = torch.tensor(ids, dtype=torch.int32).to(self.device)
 
-    def advance(self, q_len: int, seq: int | None = None) -> None:
-        """Record that every active sequence (or only `seq`) gained `q_len` tokens, once a step wrote them."""
-        for b in self._seqs(seq):
+    def advance(self, q_len: int, rows: slice | None = None) -> None:
+        """Record that every active sequence (or only `rows`) gained `q_len` tokens, once a step wrote them."""
+        rows = rows or slice(0, self.batch)
+        for b in self._seqs(rows):
             self._host_lens[b] += q_len
-        if seq is None:
-            self.lens[: self.batch] += q_len
-        else:
-            self.lens[seq] += q_len
+        self.lens[rows] += q_len
 
-    def _seqs(self, seq: int | None) -> range:
-        return range(self.batch) if seq is None else range(seq, seq + 1)
+    def _seqs(self, rows: slice | None) -> range:
+        return range(self.batch)[rows or slice(None)]
 
     def truncate(self, new_lens: list[int]) -> None:
         """Roll sequences back to `new_lens` tokens. O(1) in tokens: only lengths and trailing pages change.
@@ -142,15 +140,15 @@ class PagedKVCache:
             self._free_pages.append(self._pages[b].pop())
 
     # ---- per-step views (device side, graph friendly) ------------------------------------
-    def step_view(self, q_len: int, seq: int | None = None, static: bool = False) -> StepView:
-        """Positions and write slots for `q_len` new tokens in every active sequence (or only `seq`),
+    def step_view(self, q_len: int, rows: slice | None = None, static: bool = False) -> StepView:
+        """Positions and write slots for `q_len` new tokens in every active sequence (or only `rows`),
         computed on the device. `static=True` leaves out host hints so the step can be graph-captured."""
-        rows = slice(0, self.batch) if seq is None else slice(seq, seq + 1)
+        rows = rows or slice(0, self.batch)
         lens, page_table = self.lens[rows], self.page_table[rows]
         positions = lens.long()[:, None] + torch.arange(q_len, device=self.device)
         pages = torch.gather(page_table.long(), 1, positions // self.page_size)
         slots = (pages * self.page_size + positions % self.page_size).reshape(-1)
-        max_kv_len = None if static else max(self._host_lens[b] for b in self._seqs(seq)) + q_len
+        max_kv_len = None if static else max(self._host_lens[b] for b in self._seqs(rows)) + q_len
         return StepView(positions, slots, lens + q_len, page_table, q_len, max_kv_len)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, view: StepView) -> None:

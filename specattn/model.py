@@ -2,6 +2,10 @@
 
 `forward(tokens, cache, view)` appends the new tokens' K/V to the cache and returns logits. The model
 knows nothing of sampling or KV selection; attention goes through `attention.Attention`.
+
+The pointwise-heavy parts of a block (norms, rotary, SiLU, residuals) are pure functions of tensors so
+that, on the GPU, `torch.compile` can fuse each into a few kernels for decode/verify steps, where
+kernel count rather than bytes sets the time of small models. The same functions run eagerly on CPU.
 """
 from __future__ import annotations
 
@@ -13,18 +17,14 @@ from .attention import Attention
 from .cache import PagedKVCache, StepView
 from .config import ModelConfig, rope_inv_freq
 
+FUSED_MAX_Q_LEN = 16  # decode and verify steps use the compiled functions; prefill chunks run eagerly
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference implementation, then scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 like the reference implementation, then scale in the model dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -32,6 +32,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """positions: [batch, q_len] -> cos, sin: [batch, q_len, 1, head_dim] in `dtype`."""
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def attention_inputs(x, norm_w, eps: float, qkv_w, qkv_b, cos, sin, heads: int, kv_heads: int, head_dim: int):
+    """x: [batch, q_len, hidden] -> q [b, t, heads, dim], k, v [b, t, kv_heads, dim] (q, k rotated)."""
+    b, t, _ = x.shape
+    qkv = F.linear(rms_norm(x, norm_w, eps), qkv_w, qkv_b)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = apply_rope(q.view(b, t, heads, head_dim), cos, sin)
+    k = apply_rope(k.view(b, t, kv_heads, head_dim), cos, sin)
+    return q, k, v.reshape(b, t, kv_heads, head_dim)
+
+
+def attention_output_and_mlp(x, attn, o_w, norm_w, eps: float, gate_up_w, down_w):
+    """Residual + output projection, then the SwiGLU MLP with its residual. attn: [b, t, heads * dim]."""
+    x = x + F.linear(attn, o_w)
+    gate, up = F.linear(rms_norm(x, norm_w, eps), gate_up_w).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w)
+
+
+def final_logits(x, norm_w, eps: float, head_w):
+    return F.linear(rms_norm(x, norm_w, eps), head_w).float()
+
+
+EAGER = {"rope_tables": rope_tables, "attention_inputs": attention_inputs,
+         "attention_output_and_mlp": attention_output_and_mlp, "final_logits": final_logits}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
 
 
 class Block(nn.Module):
@@ -46,18 +85,15 @@ class Block(nn.Module):
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention):
+    def forward(self, x, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention, fns: dict):
         cfg = self.cfg
         b, t, _ = x.shape
-        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        q, k, v = self.qkv(self.attn_norm(x)).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = apply_rope(q.view(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.view(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        cache.write(self.layer, k, v.view(b, t, cfg.num_kv_heads, cfg.head_dim), view)
+        q, k, v = fns["attention_inputs"](x, self.attn_norm.weight, cfg.rms_norm_eps, self.qkv.weight, self.qkv.bias,
+                                          cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        cache.write(self.layer, k, v, view)
         attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5)
-        x = x + self.o(attn.reshape(b, t, q_dim))
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        return fns["attention_output_and_mlp"](x, attn.reshape(b, t, -1), self.o.weight, self.mlp_norm.weight,
+                                               cfg.rms_norm_eps, self.gate_up.weight, self.down.weight)
 
 
 class Transformer(nn.Module):
@@ -73,14 +109,17 @@ class Transformer(nn.Module):
         self.attention = Attention(attention_backend, torch.device(device))
         inv_freq = torch.tensor(rope_inv_freq(cfg), dtype=torch.float32)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.step_fns = EAGER   # replaced by compiled versions on the GPU (see `compile_steps`)
 
     def set_attention_backend(self, backend: str) -> None:
         self.attention = Attention(backend, self.embed.weight.device)
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+    def compile_steps(self) -> None:
+        """Fuse the pointwise parts of decode/verify steps with torch.compile (GPU). Each (batch, q_len)
+        compiles once; prefill chunks stay eager."""
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.step_fns = {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in EAGER.items()}
 
     def forward(self, tokens: torch.Tensor, cache: PagedKVCache, view: StepView,
                 all_logits: bool = False) -> torch.Tensor:
@@ -88,13 +127,14 @@ class Transformer(nn.Module):
 
         Writes the new tokens' K/V into the cache at `view.slots`; the caller advances the cache.
         """
+        fns = self.step_fns if view.q_len <= FUSED_MAX_Q_LEN else EAGER
         x = self.embed(tokens)
-        cos, sin = self.rope(view.positions, x.dtype)
+        cos, sin = fns["rope_tables"](view.positions, self.inv_freq, x.dtype)
         for block in self.blocks:
-            x = block(x, cos, sin, cache, view, self.attention)
+            x = block(x, cos, sin, cache, view, self.attention, fns)
         if not all_logits:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+        return fns["final_logits"](x, self.norm.weight, self.cfg.rms_norm_eps, self.lm_head.weight)
 
     @torch.no_grad()
     def load_hf_state(self, tensors: dict[str, torch.Tensor]) -> None:

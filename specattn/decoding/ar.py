@@ -74,7 +74,8 @@ def generate_ar(model: Transformer, cache: PagedKVCache, prompts: list[list[int]
         cache.advance(1)
         cache.count_read(sum(cache.host_lens()))
         next_tok = sample(logits[:, -1], params.sampling, generator)
-        finished |= torch.isin(next_tok, stop_ids)
+        if params.stop_token_ids:
+            finished |= torch.isin(next_tok, stop_ids)
         out.append(next_tok)
     tokens = torch.stack(out, dim=1).tolist()
     t_total = time.perf_counter() - t0

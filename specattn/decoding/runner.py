@@ -6,9 +6,10 @@ import torch
 
 from ..cache import PagedKVCache
 from ..errors import ContextTooLongError, InvalidInputError
-from ..model import Transformer
+from ..model import EAGER, Transformer
 
-DEFAULT_PREFILL_CHUNK = 2048
+DEFAULT_PREFILL_CHUNK = 2048      # prompt tokens per sequence per prefill forward
+MAX_PREFILL_TOKENS = 32768        # tokens per prefill forward over all sequences: bounds activation memory
 
 
 def check_prompts(model: Transformer, cache: PagedKVCache, prompts: list[list[int]], new_tokens: int) -> None:
@@ -35,24 +36,36 @@ def check_prompts(model: Transformer, cache: PagedKVCache, prompts: list[list[in
                                   "use a smaller batch or a larger cache")
 
 
+def equal_length_runs(prompts: list[list[int]], chunk: int) -> list[slice]:
+    """Consecutive prompts of equal length, prefilled together; each run small enough that one forward
+    holds at most MAX_PREFILL_TOKENS tokens."""
+    max_rows = max(1, MAX_PREFILL_TOKENS // min(chunk, max(len(p) for p in prompts)))
+    runs, start = [], 0
+    for i in range(1, len(prompts) + 1):
+        if i == len(prompts) or len(prompts[i]) != len(prompts[start]) or i - start == max_rows:
+            runs.append(slice(start, i))
+            start = i
+    return runs
+
+
 @torch.no_grad()
 def prefill(model: Transformer, cache: PagedKVCache, prompts: list[list[int]],
             chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
-    """Write every prompt into a freshly reset cache, `chunk` tokens at a time so memory stays
-    bounded for long prompts. Returns the logits of each prompt's last token: [batch, vocab]."""
+    """Write every prompt into a freshly reset cache, `chunk` tokens per sequence at a time so memory
+    stays bounded for long prompts. Returns the logits of each prompt's last token: [batch, vocab]."""
     cache.reset(len(prompts))
-    device = cache.device
     last = []
-    for b, prompt in enumerate(prompts):
-        ids = torch.tensor(prompt, dtype=torch.long, device=device)
-        for start in range(0, len(prompt), chunk):
-            piece = ids[start:start + chunk]
-            cache.reserve(len(piece), seq=b)
-            logits = model(piece[None], cache, cache.step_view(len(piece), seq=b))
-            cache.advance(len(piece), seq=b)
-            cache.count_read(start + len(piece))  # a chunk reads its whole prefix once
-        last.append(logits[0, -1])
-    return torch.stack(last)
+    for rows in equal_length_runs(prompts, chunk):
+        ids = torch.tensor(prompts[rows], dtype=torch.long, device=cache.device)
+        n = ids.shape[1]
+        for start in range(0, n, chunk):
+            piece = ids[:, start:start + chunk]
+            cache.reserve(piece.shape[1], rows)
+            logits = model(piece, cache, cache.step_view(piece.shape[1], rows))
+            cache.advance(piece.shape[1], rows)
+            cache.count_read(piece.shape[0] * (start + piece.shape[1]))  # a chunk reads its whole prefix once
+        last.append(logits[:, -1])
+    return torch.cat(last)
 
 
 class StepRunner:
@@ -66,6 +79,8 @@ class StepRunner:
     def __init__(self, model: Transformer, cache: PagedKVCache, use_cuda_graph: bool = True):
         self.model, self.cache = model, cache
         self.use_graph = use_cuda_graph and cache.device.type == "cuda"
+        if self.use_graph and model.step_fns is EAGER:
+            model.compile_steps()
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()

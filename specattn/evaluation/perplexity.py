@@ -20,9 +20,9 @@ def perplexity(model: Transformer, token_ids: list[int], chunk: int = 512) -> fl
     total_nll = 0.0
     for start in range(0, len(token_ids) - 1, chunk):
         piece = ids[start:start + chunk]
-        cache.reserve(len(piece), seq=0)
-        logits = model(piece[None], cache, cache.step_view(len(piece), seq=0), all_logits=True)[0]
-        cache.advance(len(piece), seq=0)
+        cache.reserve(len(piece))
+        logits = model(piece[None], cache, cache.step_view(len(piece)), all_logits=True)[0]
+        cache.advance(len(piece))
         targets = ids[start + 1:start + 1 + len(piece)]
         total_nll += F.cross_entropy(logits[: len(targets)], targets, reduction="sum").item()
     return math.exp(total_nll / (len(token_ids) - 1))
