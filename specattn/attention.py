@@ -11,7 +11,6 @@ from .errors import DeviceError, InvalidInputError
 from .kernels import reference
 
 BACKENDS = ("auto", "reference", "triton")
-TRITON_MAX_Q_LEN = 16  # decode and verify blocks; longer blocks (prefill chunks) use the reference
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -34,7 +33,7 @@ class Attention:
 
     def __call__(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                  view: StepView, scale: float) -> torch.Tensor:
-        if self.backend == "triton" and view.q_len <= TRITON_MAX_Q_LEN:
+        if self.backend == "triton":
             from .kernels import paged_attention
             return paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
                                                    max_kv_len=view.max_kv_len)

@@ -4,8 +4,8 @@
 knows nothing of sampling or KV selection; attention goes through `attention.Attention`.
 
 The pointwise-heavy parts of a block (norms, rotary, SiLU, residuals) are pure functions of tensors so
-that, on the GPU, `torch.compile` can fuse each into a few kernels for decode/verify steps, where
-kernel count rather than bytes sets the time of small models. The same functions run eagerly on CPU.
+that, on the GPU, `torch.compile` can fuse each into a few kernels: for small models, kernel count and
+Python overhead rather than bytes set the time of a step. The same functions run eagerly on CPU.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .attention import Attention
 from .cache import PagedKVCache, StepView
 from .config import ModelConfig, rope_inv_freq
 
-FUSED_MAX_Q_LEN = 16  # decode and verify steps use the compiled functions; prefill chunks run eagerly
+STEP_MAX_Q_LEN = 16  # decode and verify steps; longer blocks are prefill chunks
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -109,17 +109,19 @@ class Transformer(nn.Module):
         self.attention = Attention(attention_backend, torch.device(device))
         inv_freq = torch.tensor(rope_inv_freq(cfg), dtype=torch.float32)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.step_fns = EAGER   # replaced by compiled versions on the GPU (see `compile_steps`)
+        # Replaced by compiled versions on the GPU (see `compile_steps`).
+        self.step_fns = self.prefill_fns = EAGER
 
     def set_attention_backend(self, backend: str) -> None:
         self.attention = Attention(backend, self.embed.weight.device)
 
     def compile_steps(self) -> None:
-        """Fuse the pointwise parts of decode/verify steps with torch.compile (GPU). Each (batch, q_len)
-        compiles once; prefill chunks stay eager."""
+        """Fuse the pointwise parts of every forward with torch.compile (GPU). Decode/verify steps compile
+        once per (batch, q_len) for the fastest kernels; prefill chunks share one dynamic-shape version."""
         import torch._dynamo
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.step_fns = {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in EAGER.items()}
+        self.prefill_fns = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in EAGER.items()}
 
     def forward(self, tokens: torch.Tensor, cache: PagedKVCache, view: StepView,
                 all_logits: bool = False) -> torch.Tensor:
@@ -127,7 +129,7 @@ class Transformer(nn.Module):
 
         Writes the new tokens' K/V into the cache at `view.slots`; the caller advances the cache.
         """
-        fns = self.step_fns if view.q_len <= FUSED_MAX_Q_LEN else EAGER
+        fns = self.step_fns if view.q_len <= STEP_MAX_Q_LEN else self.prefill_fns
         x = self.embed(tokens)
         cos, sin = fns["rope_tables"](view.positions, self.inv_freq, x.dtype)
         for block in self.blocks:

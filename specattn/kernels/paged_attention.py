@@ -1,10 +1,11 @@
-"""Paged decode/verify attention in Triton, split over the KV length (flash-decoding).
+"""Paged attention in Triton for decode, verify and prefill, split over the KV length (flash-decoding).
 
-One program handles one (sequence, KV head, split): all query heads of that KV head and all
-q_len new rows at once, so each K/V tile is read from memory once per KV head (GQA reuse).
-Splits let batch 1 at long context fill every SM; a second small kernel merges the splits
-with their log-sum-exp. Lengths are read from the device, so a launch can be replayed in a
-CUDA graph while sequences grow. Reference: `reference.paged_attention`.
+One program handles one (sequence, KV head, split, query block): all query heads of that KV head
+and a block of new tokens at once, so each K/V tile is read once per KV head (GQA reuse). Decode and
+verify (q_len <= 16) fit one query block; prefill chunks are tiled into many. Splits let batch 1 at
+long context fill every SM; a second small kernel merges the splits with their log-sum-exp. Lengths
+are read from the device, so a launch can be replayed in a CUDA graph while sequences grow.
+Reference: `reference.paged_attention`.
 """
 from __future__ import annotations
 
@@ -26,26 +27,29 @@ def _paged_attn_split_kernel(
     stride_kp, stride_kr, stride_kh,
     stride_ptb,
     num_splits,
-    Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
+    Q_LEN: tl.constexpr, Q_BLOCK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
+    t_lo = tl.program_id(2) * Q_BLOCK            # first new token of this query block
     kv_heads = HEADS // GROUP
     b = pid_bh // kv_heads
     kvh = pid_bh % kv_heads
 
     seq_len = tl.load(lens_ptr + b)
-    n_blocks = tl.cdiv(seq_len, BLOCK_N)
-    blocks_per_split = tl.cdiv(n_blocks, num_splits)
+    # Keys past the block's last query are invisible (causal), so prefill blocks stop early.
+    kv_end = tl.minimum(seq_len, seq_len - Q_LEN + t_lo + Q_BLOCK)
+    n_blocks = (kv_end + BLOCK_N - 1) // BLOCK_N
+    blocks_per_split = (n_blocks + num_splits - 1) // num_splits
     block_lo = split * blocks_per_split
     block_hi = tl.minimum(block_lo + blocks_per_split, n_blocks)
 
     rows = tl.arange(0, BLOCK_M)                 # row r = (query head g, new token t)
-    g = rows // Q_LEN
-    t = rows % Q_LEN
-    row_ok = rows < GROUP * Q_LEN
+    g = rows // Q_BLOCK
+    t = t_lo + rows % Q_BLOCK
+    row_ok = (rows < GROUP * Q_BLOCK) & (t < Q_LEN)
     head = kvh * GROUP + g
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
@@ -109,6 +113,15 @@ def choose_num_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int =
     return max(1, min(max_blocks, -(-2 * num_sms // (batch * kv_heads)), 256))
 
 
+def query_tiling(q_len: int, group: int) -> tuple[int, int]:
+    """(BLOCK_M, Q_BLOCK): rows per program and new tokens per program. Short blocks (decode, verify)
+    take all q_len tokens in one program; long ones (prefill) are tiled so rows stay at 64."""
+    if group * q_len <= 64:
+        return max(16, triton.next_power_of_2(group * q_len)), q_len
+    block_m = max(64, triton.next_power_of_2(group))
+    return block_m, block_m // group
+
+
 def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                     page_table: torch.Tensor, lens_after: torch.Tensor, scale: float,
                     max_kv_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
@@ -116,21 +129,22 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     batch, q_len, heads, dim = q.shape
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
     group = heads // kv_heads
+    block_m, q_block = query_tiling(q_len, group)
+    q_blocks = -(-q_len // q_block)
     if num_splits is None:
         cap = max_kv_len or page_table.shape[1] * page_size
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
-        num_splits = choose_num_splits(batch, kv_heads, cap, sms)
+        num_splits = choose_num_splits(batch * q_blocks, kv_heads, cap, sms)
     q = q.contiguous()
     o_part = torch.empty(batch, q_len, heads, num_splits, dim, dtype=torch.float32, device=q.device)
     m_part = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
-    block_m = max(16, triton.next_power_of_2(group * q_len))
-    _paged_attn_split_kernel[(batch * kv_heads, num_splits)](
+    _paged_attn_split_kernel[(batch * kv_heads, num_splits, q_blocks)](
         q, k_pages, v_pages, page_table, lens_after, o_part, m_part, l_part, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         page_table.stride(0), num_splits,
-        Q_LEN=q_len, GROUP=group, HEADS=heads, PAGE_SIZE=page_size, HEAD_DIM=dim,
+        Q_LEN=q_len, Q_BLOCK=q_block, GROUP=group, HEADS=heads, PAGE_SIZE=page_size, HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
     )
     out = torch.empty_like(q)
