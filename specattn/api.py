@@ -14,6 +14,13 @@ from .loader import DEFAULT_MODEL, load_model, load_tokenizer, parse_dtype
 METHODS = ("ar",)
 
 
+def check_request(method: str, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Reject bad request values before anything is loaded."""
+    if method not in METHODS:
+        raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    GenerationParams(max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature, top_p))
+
+
 def pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,11 +43,10 @@ class Session:
              attention_backend: str = "auto", progress: bool = True) -> Session:
         dev = pick_device(device)
         dt = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
-        if dt != torch.float32 and dev.type == "cpu" and dt == torch.float16:
+        if dev.type == "cpu" and dt == torch.float16:
             raise DeviceError("fp16 needs a GPU; use --dtype fp32 or bf16 on the CPU")
-        tok = load_tokenizer(model)
-        m = load_model(model, str(dev), dt, attention_backend, progress)
-        return cls(m, tok, dev, dt)
+        m = load_model(model, str(dev), dt, attention_backend, progress)   # first: it validates the file
+        return cls(m, load_tokenizer(model), dev, dt)
 
     def encode(self, text: str) -> list[int]:
         if not text:
@@ -55,8 +61,7 @@ class Session:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  stop_at_eos: bool = True, use_cuda_graph: bool = True) -> tuple[list[str], GenerationResult]:
         """Continue each prompt. Returns the decoded continuations and the raw result (tokens, stats)."""
-        if method not in METHODS:
-            raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        check_request(method, max_new_tokens, temperature, top_p)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.encode(p) for p in prompts]
         params = GenerationParams(

@@ -16,10 +16,9 @@ BACKENDS = ("auto", "reference", "triton")
 def resolve_backend(name: str, device: torch.device) -> str:
     if name not in BACKENDS:
         raise InvalidInputError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if name == "auto":
-        return "triton" if device.type == "cuda" or interpreted else "reference"
-    if name == "triton" and device.type != "cuda" and not interpreted:
+    if name == "auto":   # the interpreter is for testing kernels, far too slow to pick by default
+        return "triton" if device.type == "cuda" else "reference"
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise DeviceError("the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1); "
                           "use --attention reference")
     return name

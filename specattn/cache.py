@@ -92,18 +92,22 @@ class PagedKVCache:
         self.kv_bytes_read = 0
 
     def reserve(self, new_tokens: int, rows: slice | None = None) -> None:
-        """Make room for `new_tokens` more tokens in every active sequence (or only in `rows`)."""
-        changed = []
+        """Make room for `new_tokens` more tokens in every active sequence (or only in `rows`).
+        All or nothing: on CacheFullError no page has been taken."""
+        need = {}
         for b in self._seqs(rows):
-            need = -(-(self._host_lens[b] + new_tokens) // self.page_size)
-            if need > self.max_pages_per_seq:
+            pages = -(-(self._host_lens[b] + new_tokens) // self.page_size)
+            if pages > self.max_pages_per_seq:
                 raise CacheFullError(
                     f"sequence {b} needs {self._host_lens[b] + new_tokens} tokens but the cache holds "
                     f"{self.max_pages_per_seq * self.page_size} per sequence; build it with a larger max_seq_len")
-            while len(self._pages[b]) < need:
-                if not self._free_pages:
-                    raise CacheFullError(
-                        f"the KV cache ran out of its {self.num_pages} pages; give it more pages or a smaller batch")
+            need[b] = pages
+        if sum(max(0, n - len(self._pages[b])) for b, n in need.items()) > len(self._free_pages):
+            raise CacheFullError(
+                f"the KV cache ran out of its {self.num_pages} pages; give it more pages or a smaller batch")
+        changed = []
+        for b, n in need.items():
+            while len(self._pages[b]) < n:
                 self._pages[b].append(self._free_pages.pop())
                 changed.append((b, len(self._pages[b]) - 1, self._pages[b][-1]))
         if changed:

@@ -26,10 +26,11 @@ def read_prompt(args) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .api import Session
+    from .api import Session, check_request
     prompt = read_prompt(args)
     if args.batch <= 0:
         raise InvalidInputError(f"batch must be > 0, got {args.batch}")
+    check_request(args.method, args.max_new_tokens, args.temperature, args.top_p)
     session = Session.load(args.model, args.device, args.dtype, args.attention, progress=not args.quiet)
     texts, result = session.generate([prompt] * args.batch, args.max_new_tokens, args.method, args.temperature,
                                      args.top_p, args.seed, use_cuda_graph=not args.no_cuda_graph)

