@@ -47,6 +47,6 @@ def test_perplexity_on_english_prose(default_model, hf_model, prose):
     with torch.no_grad():
         t = torch.tensor([ids])
         ref = torch.nn.functional.cross_entropy(hf_model(t).logits[0, :-1], t[0, 1:]).exp().item()
-    # Measured: 32.3 on these 512 tokens of Crime and Punishment (a random model of this vocab: ~49,000).
+    # Measured: 34.88 on these 512 tokens of Crime and Punishment (CPU, fp32; transformers: 34.88).
     assert 10 < ours < 60
     assert abs(ours - ref) / ref < 1e-3
