@@ -23,6 +23,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import CacheFullError, InvalidInputError
+from .kernels import reference
 
 DEFAULT_PAGE_SIZE = 16
 
@@ -157,9 +158,11 @@ class PagedKVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, view: StepView) -> None:
         """Store new keys/values. k, v: [batch, q_len, kv_heads, head_dim]."""
-        h, d = self.cfg.num_kv_heads, self.cfg.head_dim
-        self.k[layer].view(-1, h, d).index_copy_(0, view.slots, k.reshape(-1, h, d).to(self.dtype))
-        self.v[layer].view(-1, h, d).index_copy_(0, view.slots, v.reshape(-1, h, d).to(self.dtype))
+        if self.device.type == "cuda" and k.dtype == self.dtype and v.dtype == self.dtype:
+            from .kernels.kv_write import write_kv
+            write_kv(self.k[layer], self.v[layer], k, v, view.slots)
+        else:
+            reference.write_kv(self.k[layer], self.v[layer], k, v, view.slots)
         if self.track_key_bounds:
             self._update_key_bounds(layer, view)
 

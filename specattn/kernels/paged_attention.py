@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # keys per tile: 4 pages of 16
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tiling and launch knobs, chosen by the sweep in benchmarks/tune_attention.py."""
+    block_n: int = 64        # keys per tile (a multiple of the page size)
+    num_warps: int = 4
+    num_stages: int = 2
+    split_factor: int = 2    # aim for split_factor x SMs programs when splitting the KV length
+
+
+DEFAULT_LAUNCH = LaunchConfig()
 # Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU test path) gets tl.dot wrong on bf16/fp16
 # operands; there the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -117,10 +128,12 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_num_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int = 132) -> int:
-    """Enough splits that batch * kv_heads * splits fills the SMs about twice, none empty by design."""
-    max_blocks = max(1, -(-max_kv_len // BLOCK_N))
-    return max(1, min(max_blocks, -(-2 * num_sms // (batch * kv_heads)), 256))
+def choose_num_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int = 132,
+                      launch: LaunchConfig = DEFAULT_LAUNCH) -> int:
+    """Enough splits that batch * kv_heads * splits fills the SMs `split_factor` times over, but no more
+    splits than KV tiles."""
+    max_blocks = max(1, -(-max_kv_len // launch.block_n))
+    return max(1, min(max_blocks, -(-launch.split_factor * num_sms // (batch * kv_heads)), 256))
 
 
 def query_tiling(q_len: int, group: int) -> tuple[int, int]:
@@ -134,7 +147,8 @@ def query_tiling(q_len: int, group: int) -> tuple[int, int]:
 
 def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                     page_table: torch.Tensor, lens_after: torch.Tensor, scale: float,
-                    max_kv_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                    max_kv_len: int | None = None, num_splits: int | None = None,
+                    launch: LaunchConfig = DEFAULT_LAUNCH) -> torch.Tensor:
     """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim."""
     batch, q_len, heads, dim = q.shape
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
@@ -144,7 +158,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     if num_splits is None:
         cap = max_kv_len or page_table.shape[1] * page_size
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
-        num_splits = choose_num_splits(batch * q_blocks, kv_heads, cap, sms)
+        num_splits = choose_num_splits(batch * q_blocks, kv_heads, cap, sms, launch)
     q = q.contiguous()
     o_part = torch.empty(batch, q_len, heads, num_splits, dim, dtype=torch.float32, device=q.device)
     m_part = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=q.device)
@@ -155,7 +169,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         page_table.stride(0), num_splits,
         Q_LEN=q_len, Q_BLOCK=q_block, GROUP=group, HEADS=heads, PAGE_SIZE=page_size, HEAD_DIM=dim,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, UPCAST_DOT=INTERPRETED, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=launch.block_n, UPCAST_DOT=INTERPRETED,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     out = torch.empty_like(q)
     _merge_splits_kernel[(batch * q_len * heads,)](

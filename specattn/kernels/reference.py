@@ -15,6 +15,14 @@ def gather_pages(pages: torch.Tensor, page_table: torch.Tensor, num_tokens: int)
     return out.transpose(1, 2)
 
 
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Store new K/V rows at flat `slots` of one layer's pools [pages, page_size, kv_heads, dim]."""
+    heads, dim = k_pool.shape[2], k_pool.shape[3]
+    k_pool.view(-1, heads, dim).index_copy_(0, slots, k.reshape(-1, heads, dim).to(k_pool.dtype))
+    v_pool.view(-1, heads, dim).index_copy_(0, slots, v.reshape(-1, heads, dim).to(v_pool.dtype))
+
+
 def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                     page_table: torch.Tensor, lens_after: torch.Tensor, scale: float,
                     max_kv_len: int | None = None) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""Sweeps for the decode step's pieces on the GPU: attention launch configs, the K/V write, and whether
+cuBLAS is faster on pre-transposed weights for skinny (decode) products. Writes results/tune.json."""
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, copy_bandwidth_gbs, environment, median_ms  # noqa: E402
+from specattn.evaluation.results import write_json_atomic  # noqa: E402
+from specattn.kernels import kv_write, paged_attention, reference  # noqa: E402
+from specattn.kernels.paged_attention import LaunchConfig  # noqa: E402
+
+# (name, batch, kv_heads, group, head_dim, context)
+SHAPES = [("8b-b1-8k", 1, 8, 4, 128, 8192), ("8b-b1-32k", 1, 8, 4, 128, 32768), ("8b-b8-8k", 8, 8, 4, 128, 8192),
+          ("smol-b1-8k", 1, 3, 3, 64, 8064), ("smol-b32-8k", 32, 3, 3, 64, 8064)]
+CONFIGS = [LaunchConfig(bn, w, s, f)
+           for bn, w, s, f in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4), (1, 2, 4))
+           if not (bn == 128 and w == 2)]
+
+
+def attention_sweep(copy: float) -> list[dict]:
+    rows = []
+    for name, batch, kv_heads, group, dim, ctx in SHAPES:
+        pages = -(-ctx // 16)
+        kp = torch.randn(batch * pages, 16, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+        vp = torch.randn_like(kp)
+        table = torch.randperm(batch * pages, device="cuda").view(batch, -1).int()
+        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+        q = torch.randn(batch, 1, kv_heads * group, dim, device="cuda", dtype=torch.bfloat16)
+        ref = reference.paged_attention(q.float(), kp.float(), vp.float(), table, lens, dim ** -0.5)
+        kv_bytes = 2 * batch * ctx * kv_heads * dim * 2
+        results = []
+        for cfg in CONFIGS:
+            try:
+                fn = lambda cfg=cfg: paged_attention.paged_attention(q, kp, vp, table, lens, dim ** -0.5, launch=cfg)
+                err = ((fn().float() - ref).norm() / ref.norm()).item()
+                ms = median_ms(fn, warmup=3, reps=20)
+            except Exception as e:  # some tilings do not fit in shared memory; record and move on
+                results.append({"config": cfg.__dict__, "error": str(e).splitlines()[0][:120]})
+                continue
+            results.append({"config": cfg.__dict__, "us": ms * 1e3, "rel_err": err,
+                            "bandwidth_fraction": kv_bytes / ms / 1e6 / copy})
+        ok = sorted((r for r in results if "us" in r and r["rel_err"] < 1e-2), key=lambda r: r["us"])
+        default = next(r for r in results if r["config"] == LaunchConfig().__dict__)
+        rows.append({"shape": name, "kv_bytes": kv_bytes, "default": default, "best": ok[:5]})
+        print(f"{name:12s} default {default['us']:7.1f} us ({default['bandwidth_fraction']:.2f}); best "
+              + "; ".join(f"{r['us']:.1f} us ({r['bandwidth_fraction']:.2f}) {tuple(r['config'].values())}"
+                          for r in ok[:3]), flush=True)
+    return rows
+
+
+def kv_write_sweep() -> dict:
+    out = {}
+    for name, tokens, kv_heads, dim in [("8b-b1", 1, 8, 128), ("8b-b32", 32, 8, 128), ("smol-b1", 1, 3, 64)]:
+        kp = torch.randn(4096, 16, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+        vp = torch.randn_like(kp)
+        k = torch.randn(tokens, 1, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        slots = torch.randperm(4096 * 16, device="cuda")[:tokens]
+        t_ref = median_ms(lambda: reference.write_kv(kp, vp, k, v, slots)) * 1e3
+        t_new = median_ms(lambda: kv_write.write_kv(kp, vp, k, v, slots)) * 1e3
+        out[name] = {"index_copy_us": t_ref, "triton_us": t_new}
+        print(f"kv write {name}: index_copy x2 {t_ref:.1f} us, triton {t_new:.1f} us", flush=True)
+    return out
+
+
+def gemv_sweep(copy: float) -> list[dict]:
+    rows = []
+    for name, n, k in [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
+                       ("lm_head", 128256, 4096), ("smol_qkv", 960, 576), ("smol_gate_up", 3072, 576)]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        wt = w.t().contiguous()
+        for m in (1, 8, 32):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_nt = median_ms(lambda: F.linear(x, w)) * 1e3
+            t_nn = median_ms(lambda: x @ wt) * 1e3
+            frac = n * k * 2 / (min(t_nt, t_nn) / 1e3) / 1e9 / copy
+            rows.append({"weight": name, "m": m, "linear_us": t_nt, "pretransposed_us": t_nn, "best_fraction": frac})
+            print(f"gemv {name:12s} m={m:2d}: F.linear {t_nt:7.1f} us, x @ w.T(contig) {t_nn:7.1f} us", flush=True)
+    return rows
+
+
+def main() -> None:
+    copy = copy_bandwidth_gbs()
+    out = {**environment(), "copy_bandwidth_gbs": copy}
+    out["kv_write"] = kv_write_sweep()
+    out["gemv"] = gemv_sweep(copy)
+    out["attention"] = attention_sweep(copy)
+    write_json_atomic(sys.argv[1] if len(sys.argv) > 1 else RESULTS / "tune.json", out)
+
+
+if __name__ == "__main__":
+    main()
