@@ -50,6 +50,22 @@ def median_ms(fn, warmup: int = 5, reps: int = 30) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
+    """Device time of one fn() call in ms: `calls` calls captured in one CUDA graph, median over replays.
+    Events around single eager calls would time host launch overhead for kernels of a few microseconds."""
+    fn()                                            # compile / autotune outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return median_ms(graph.replay, warmup=2, reps=reps) / calls
+
+
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
     src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device="cuda")

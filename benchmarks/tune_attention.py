@@ -1,5 +1,6 @@
 """Sweeps for the decode step's pieces on the GPU: attention launch configs, the K/V write, and whether
-cuBLAS is faster on pre-transposed weights for skinny (decode) products. Writes results/tune.json."""
+cuBLAS is faster on pre-transposed weights for skinny (decode) products. Device times from CUDA graphs
+(as the decode step runs). Writes results/tune.json."""
 from __future__ import annotations
 
 import itertools
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, copy_bandwidth_gbs, environment, median_ms  # noqa: E402
+from benchmarks.common import RESULTS, copy_bandwidth_gbs, environment, graph_ms  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import kv_write, paged_attention, reference  # noqa: E402
 from specattn.kernels.paged_attention import LaunchConfig  # noqa: E402
@@ -39,7 +40,7 @@ def attention_sweep(copy: float) -> list[dict]:
             try:
                 fn = lambda cfg=cfg: paged_attention.paged_attention(q, kp, vp, table, lens, dim ** -0.5, launch=cfg)
                 err = ((fn().float() - ref).norm() / ref.norm()).item()
-                ms = median_ms(fn, warmup=3, reps=20)
+                ms = graph_ms(fn)
             except Exception as e:  # some tilings do not fit in shared memory; record and move on
                 results.append({"config": cfg.__dict__, "error": str(e).splitlines()[0][:120]})
                 continue
@@ -62,8 +63,8 @@ def kv_write_sweep() -> dict:
         k = torch.randn(tokens, 1, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         slots = torch.randperm(4096 * 16, device="cuda")[:tokens]
-        t_ref = median_ms(lambda: reference.write_kv(kp, vp, k, v, slots)) * 1e3
-        t_new = median_ms(lambda: kv_write.write_kv(kp, vp, k, v, slots)) * 1e3
+        t_ref = graph_ms(lambda: reference.write_kv(kp, vp, k, v, slots)) * 1e3
+        t_new = graph_ms(lambda: kv_write.write_kv(kp, vp, k, v, slots)) * 1e3
         out[name] = {"index_copy_us": t_ref, "triton_us": t_new}
         print(f"kv write {name}: index_copy x2 {t_ref:.1f} us, triton {t_new:.1f} us", flush=True)
     return out
@@ -77,8 +78,8 @@ def gemv_sweep(copy: float) -> list[dict]:
         wt = w.t().contiguous()
         for m in (1, 8, 32):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_nt = median_ms(lambda: F.linear(x, w)) * 1e3
-            t_nn = median_ms(lambda: x @ wt) * 1e3
+            t_nt = graph_ms(lambda: F.linear(x, w)) * 1e3
+            t_nn = graph_ms(lambda: x @ wt) * 1e3
             frac = n * k * 2 / (min(t_nt, t_nn) / 1e3) / 1e9 / copy
             rows.append({"weight": name, "m": m, "linear_us": t_nt, "pretransposed_us": t_nn, "best_fraction": frac})
             print(f"gemv {name:12s} m={m:2d}: F.linear {t_nt:7.1f} us, x @ w.T(contig) {t_nn:7.1f} us", flush=True)
