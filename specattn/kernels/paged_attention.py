@@ -28,6 +28,15 @@ class LaunchConfig:
 
 
 DEFAULT_LAUNCH = LaunchConfig()
+# From benchmarks/results/tune.json (H100, bf16, decode): with few (sequence, KV head) pairs each program
+# streams a long KV range and wants wide tiles; with many, narrower tiles and deeper pipelining win.
+FEW_PROGRAMS = LaunchConfig(block_n=128, num_warps=4, num_stages=3, split_factor=2)
+MANY_PROGRAMS = LaunchConfig(block_n=64, num_warps=4, num_stages=4, split_factor=4)
+
+
+def choose_launch(programs: int) -> LaunchConfig:
+    """programs = batch * kv_heads * query blocks, before splitting the KV length."""
+    return FEW_PROGRAMS if programs < 32 else MANY_PROGRAMS
 # Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU test path) gets tl.dot wrong on bf16/fp16
 # operands; there the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -148,13 +157,14 @@ def query_tiling(q_len: int, group: int) -> tuple[int, int]:
 def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                     page_table: torch.Tensor, lens_after: torch.Tensor, scale: float,
                     max_kv_len: int | None = None, num_splits: int | None = None,
-                    launch: LaunchConfig = DEFAULT_LAUNCH) -> torch.Tensor:
+                    launch: LaunchConfig | None = None) -> torch.Tensor:
     """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim."""
     batch, q_len, heads, dim = q.shape
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
     group = heads // kv_heads
     block_m, q_block = query_tiling(q_len, group)
     q_blocks = -(-q_len // q_block)
+    launch = launch or choose_launch(batch * kv_heads * q_blocks)
     if num_splits is None:
         cap = max_kv_len or page_table.shape[1] * page_size
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
