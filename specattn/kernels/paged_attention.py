@@ -28,15 +28,19 @@ class LaunchConfig:
 
 
 DEFAULT_LAUNCH = LaunchConfig()
-# From benchmarks/results/tune.json (H100, bf16, decode): with few (sequence, KV head) pairs each program
-# streams a long KV range and wants wide tiles; with many, narrower tiles and deeper pipelining win.
+# From benchmarks/results/tune.json and ar.json (H100, bf16, decode): with few (sequence, KV head) pairs
+# each program streams a long KV range and wants wide tiles. With many, head_dim 64 gains 16% from deeper
+# pipelining and more splits (SmolLM, batch 32, 8K) while head_dim 128 loses 10% with them (8B-shaped,
+# batch 8, 32K: 0.93 -> 0.82 of copy bandwidth), so it keeps the plain config.
 FEW_PROGRAMS = LaunchConfig(block_n=128, num_warps=4, num_stages=3, split_factor=2)
-MANY_PROGRAMS = LaunchConfig(block_n=64, num_warps=4, num_stages=4, split_factor=4)
+MANY_PROGRAMS_SMALL_HEADS = LaunchConfig(block_n=64, num_warps=4, num_stages=4, split_factor=4)
 
 
-def choose_launch(programs: int) -> LaunchConfig:
+def choose_launch(programs: int, head_dim: int) -> LaunchConfig:
     """programs = batch * kv_heads * query blocks, before splitting the KV length."""
-    return FEW_PROGRAMS if programs < 32 else MANY_PROGRAMS
+    if programs < 32:
+        return FEW_PROGRAMS
+    return MANY_PROGRAMS_SMALL_HEADS if head_dim <= 64 else DEFAULT_LAUNCH
 # Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU test path) gets tl.dot wrong on bf16/fp16
 # operands; there the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -164,7 +168,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     group = heads // kv_heads
     block_m, q_block = query_tiling(q_len, group)
     q_blocks = -(-q_len // q_block)
-    launch = launch or choose_launch(batch * kv_heads * q_blocks)
+    launch = launch or choose_launch(batch * kv_heads * q_blocks, dim)
     if num_splits is None:
         cap = max_kv_len or page_table.shape[1] * page_size
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
