@@ -30,6 +30,15 @@ def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.3) -> Transform
     return model
 
 
+def logits_through_cache(model: Transformer, ids: torch.Tensor, page_size: int = 16) -> torch.Tensor:
+    """ids: [batch, n] -> logits [batch, n, vocab] from one prefill forward through a fresh paged cache."""
+    from specattn.cache import PagedKVCache
+    cache = PagedKVCache(model.cfg, ids.shape[0], ids.shape[1], page_size=page_size)
+    cache.reset(ids.shape[0])
+    cache.reserve(ids.shape[1])
+    return model(ids, cache, cache.step_view(ids.shape[1]), all_logits=True)
+
+
 @pytest.fixture
 def tiny_cfg():
     return ModelConfig("LlamaForCausalLM", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,

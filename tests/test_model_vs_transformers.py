@@ -7,6 +7,8 @@ from specattn.cache import PagedKVCache
 from specattn.decoding.ar import GenerationParams, generate_ar
 from specattn.loader import load_model
 
+from .conftest import logits_through_cache
+
 SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256)
 CONFIGS = {
     "llama-gqa": (LlamaForCausalLM, LlamaConfig(**SMALL, num_attention_heads=8, num_key_value_heads=2,
@@ -49,10 +51,7 @@ def test_prefill_logits_match(pair):
     ids = torch.randint(0, 101, (2, 37))
     with torch.no_grad():
         ref = hf(ids).logits
-    cache = PagedKVCache(ours.cfg, 2, 64)
-    cache.reset(2)
-    cache.reserve(37)
-    out = ours(ids, cache, cache.step_view(37), all_logits=True)
+    out = logits_through_cache(ours, ids)
     assert (out - ref).abs().max().item() < 1e-4
 
 

