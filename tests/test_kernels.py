@@ -80,3 +80,66 @@ def test_kv_write_matches_index_copy(dtype):
     reference.write_kv(want_k, want_v, k, v, slots)
     kv_write.write_kv(k_pool, v_pool, k, v, slots)
     assert torch.equal(k_pool, want_k) and torch.equal(v_pool, want_v)
+
+
+def random_selection(batch, kv_heads, lens, page_size=16, keep=0.5, seed=0):
+    """Per (sequence, KV head) sorted lists of logical pages, always with the last page; -1 padded."""
+    g = torch.Generator().manual_seed(seed)
+    max_pages = -(-max(lens) // page_size)
+    sel = torch.full((batch, kv_heads, max_pages), -1, dtype=torch.int32)
+    counts = torch.zeros(batch, kv_heads, dtype=torch.int32)
+    for b in range(batch):
+        n = -(-lens[b] // page_size)
+        for h in range(kv_heads):
+            pages = [p for p in range(n - 1) if torch.rand(1, generator=g).item() < keep] + [n - 1]
+            sel[b, h, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+            counts[b, h] = len(pages)
+    return sel, counts
+
+
+MASS_CASES = [(1, 1, 2, 1, 16, [200]), (3, 1, 1, 4, 32, [37, 5, 64]), (2, 5, 2, 8, 16, [100, 23]),
+              (2, 16, 1, 4, 16, [16, 51])]
+
+
+@pytest.mark.parametrize("case", MASS_CASES, ids=[f"b{c[0]}-q{c[1]}-g{c[3]}" for c in MASS_CASES])
+@pytest.mark.parametrize("num_splits", [None, 2])
+def test_page_mass_by_product_matches_reference(case, num_splits):
+    torch.manual_seed(MASS_CASES.index(case) + 10)
+    q, k, v, table, lens = make_inputs(*case, torch.float32)
+    scale = case[4] ** -0.5
+    ref_out, ref_mass = reference.paged_attention(q, k, v, table, lens, scale, page_mass=True)
+    out, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True, num_splits=num_splits)
+    assert ((out - ref_out).norm() / ref_out.norm()).item() < 1e-4
+    assert (mass - ref_mass).abs().max().item() < 1e-4
+    # Every row's probabilities sum to one: the mass of a KV head sums to (query heads per KV head) x rows.
+    group, q_len = case[3], case[1]
+    assert torch.allclose(mass.sum(-1), torch.full_like(mass.sum(-1), group * q_len), atol=1e-4)
+
+
+SPARSE_CASES = MASS_CASES + CASES[4:5]
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=[f"b{c[0]}-q{c[1]}-g{c[3]}" for c in SPARSE_CASES])
+def test_sparse_pages_match_reference(case):
+    torch.manual_seed(20 + len(case[5]))
+    q, k, v, table, lens = make_inputs(*case, torch.float32)
+    sel, counts = random_selection(case[0], case[2], case[5], keep=0.4)
+    scale = case[4] ** -0.5
+    ref = reference.paged_attention(q, k, v, table, lens, scale, selected_pages=sel, selected_counts=counts)
+    out = paged_attention.paged_attention(q, k, v, table, lens, scale, selected_pages=sel, selected_counts=counts)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    if case[1] <= 16:
+        ref_out, ref_mass = reference.paged_attention(q, k, v, table, lens, scale, page_mass=True,
+                                                      selected_pages=sel, selected_counts=counts)
+        out, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True,
+                                                    selected_pages=sel, selected_counts=counts)
+        assert (mass - ref_mass).abs().max().item() < 1e-4
+
+
+def test_selecting_every_page_equals_dense():
+    torch.manual_seed(5)
+    q, k, v, table, lens = make_inputs(2, 3, 2, 4, 16, [70, 33], torch.float32)
+    sel, counts = random_selection(2, 2, [70, 33], keep=1.0)
+    dense = paged_attention.paged_attention(q, k, v, table, lens, 0.25)
+    sparse = paged_attention.paged_attention(q, k, v, table, lens, 0.25, selected_pages=sel, selected_counts=counts)
+    assert (dense - sparse).abs().max().item() < 1e-5

@@ -48,17 +48,20 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _paged_attn_split_kernel(
-    q_ptr, k_ptr, v_ptr, page_table_ptr, lens_ptr,
-    o_part_ptr, m_part_ptr, l_part_ptr,
+    q_ptr, k_ptr, v_ptr, page_table_ptr, lens_ptr, sel_ptr, sel_count_ptr,
+    o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, mass_max_ptr,
     scale,
     stride_qb, stride_qt, stride_qh,
     stride_kp, stride_kr, stride_kh,
-    stride_ptb,
+    stride_ptb, sel_len, mass_pages, mass_blocks,
     num_splits,
     Q_LEN: tl.constexpr, Q_BLOCK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPARSE: tl.constexpr, PAGE_MASS: tl.constexpr,
 ):
+    # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
+    # row j % PAGE_SIZE of the (j // PAGE_SIZE)-th page in this (sequence, KV head)'s list of logical pages.
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     t_lo = tl.program_id(2) * Q_BLOCK            # first new token of this query block
@@ -67,9 +70,12 @@ def _paged_attn_split_kernel(
     kvh = pid_bh % kv_heads
 
     seq_len = tl.load(lens_ptr + b)
-    # Keys past the block's last query are invisible (causal), so prefill blocks stop early.
-    kv_end = tl.minimum(seq_len, seq_len - Q_LEN + t_lo + Q_BLOCK)
-    n_blocks = (kv_end + BLOCK_N - 1) // BLOCK_N
+    if SPARSE:
+        n_keys = tl.load(sel_count_ptr + pid_bh) * PAGE_SIZE
+    else:
+        # Keys past the block's last query are invisible (causal), so prefill blocks stop early.
+        n_keys = tl.minimum(seq_len, seq_len - Q_LEN + t_lo + Q_BLOCK)
+    n_blocks = (n_keys + BLOCK_N - 1) // BLOCK_N
     blocks_per_split = (n_blocks + num_splits - 1) // num_splits
     block_lo = split * blocks_per_split
     block_hi = tl.minimum(block_lo + blocks_per_split, n_blocks)
@@ -89,9 +95,15 @@ def _paged_attn_split_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     cols = tl.arange(0, BLOCK_N)
     for blk in range(block_lo, block_hi):
-        key_pos = blk * BLOCK_N + cols
-        key_ok = key_pos < seq_len
-        page = tl.load(page_table_ptr + b * stride_ptb + key_pos // PAGE_SIZE, mask=key_ok, other=0)
+        j = blk * BLOCK_N + cols
+        in_range = j < n_keys
+        if SPARSE:
+            logical = tl.load(sel_ptr + pid_bh * sel_len + j // PAGE_SIZE, mask=in_range, other=0)
+        else:
+            logical = j // PAGE_SIZE
+        key_pos = logical * PAGE_SIZE + j % PAGE_SIZE
+        key_ok = in_range & (key_pos < seq_len)
+        page = tl.load(page_table_ptr + b * stride_ptb + logical, mask=key_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kp + (key_pos % PAGE_SIZE) * stride_kr + kvh * stride_kh
         k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
@@ -106,6 +118,16 @@ def _paged_attn_split_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if PAGE_MASS:
+            # Per-row mass of each page of this tile, relative to m_safe; rescaled by exp(m_safe - lse)
+            # once the row's log-sum-exp is known (_page_mass_kernel). Rows are (g, t): decode/verify only.
+            pages_per_tile: tl.constexpr = BLOCK_N // PAGE_SIZE
+            tile_mass = tl.sum(tl.reshape(p, (BLOCK_M, pages_per_tile, PAGE_SIZE)), 2)
+            vpage = blk * pages_per_tile + tl.arange(0, pages_per_tile)
+            row_base = (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64)
+            tl.store(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], tile_mass,
+                     mask=row_ok[:, None] & (vpage[None, :] < mass_pages))
+            tl.store(mass_max_ptr + row_base * mass_blocks + blk, m_safe, mask=row_ok)
         v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
@@ -120,7 +142,7 @@ def _paged_attn_split_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, num_splits,
+def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, num_splits,
                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     row = tl.program_id(0)                       # flat (b, t, h)
     splits = tl.arange(0, BLOCK_S)
@@ -132,8 +154,36 @@ def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, num_splits
     dims = tl.arange(0, HEAD_DIM)
     o = tl.load(o_part_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
                 mask=ok[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.sum(l_part * w, 0)
-    tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+    l_total = tl.sum(l_part * w, 0)
+    tl.store(out_ptr + row * HEAD_DIM + dims, (tl.sum(o * w[:, None], 0) / l_total).to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + row, m_max + tl.log(l_total))
+
+
+@triton.jit
+def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
+                      mass_pages, mass_blocks,
+                      Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                      PAGES_PER_TILE: tl.constexpr, BLOCK_P: tl.constexpr, SPARSE: tl.constexpr):
+    """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight."""
+    pid_bh = tl.program_id(0)
+    kv_heads = HEADS // GROUP
+    b = pid_bh // kv_heads
+    kvh = pid_bh % kv_heads
+    vpage = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if SPARSE:
+        n_pages = tl.load(sel_count_ptr + pid_bh)
+    else:
+        n_pages = (tl.load(lens_ptr + b) + PAGE_SIZE - 1) // PAGE_SIZE
+    ok = vpage < n_pages                          # pages no split visited hold stale scratch: skip them
+    total = tl.zeros([BLOCK_P], tl.float32)
+    for r in range(GROUP * Q_LEN):
+        head = kvh * GROUP + r // Q_LEN
+        lse = tl.load(lse_ptr + (b * Q_LEN + r % Q_LEN) * HEADS + head)
+        row_base = (pid_bh * GROUP * Q_LEN + r).to(tl.int64)
+        part = tl.load(mass_part_ptr + row_base * mass_pages + vpage, mask=ok, other=0.0)
+        m = tl.load(mass_max_ptr + row_base * mass_blocks + vpage // PAGES_PER_TILE, mask=ok, other=0.0)
+        total += tl.where(ok, part * tl.exp(m - lse), 0.0)
+    tl.store(mass_ptr + pid_bh * mass_pages + vpage, total, mask=vpage < mass_pages)
 
 
 @functools.cache
@@ -161,34 +211,68 @@ def query_tiling(q_len: int, group: int) -> tuple[int, int]:
 def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                     page_table: torch.Tensor, lens_after: torch.Tensor, scale: float,
                     max_kv_len: int | None = None, num_splits: int | None = None,
-                    launch: LaunchConfig | None = None) -> torch.Tensor:
-    """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim."""
+                    launch: LaunchConfig | None = None, page_mass: bool = False,
+                    selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None):
+    """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim.
+
+    selected_pages [batch, kv_heads, K] int32 (logical page numbers, -1 padded) and selected_counts
+    [batch, kv_heads]: attend only to those pages (sparse). page_mass=True also returns the softmax mass
+    each page received, summed over the query heads of a KV head and the new rows: [batch, kv_heads, pages]
+    (dense: indexed by logical page; sparse: by position in the selection list). q_len <= 16 for page_mass.
+    """
     batch, q_len, heads, dim = q.shape
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
     group = heads // kv_heads
+    sparse = selected_pages is not None
     block_m, q_block = query_tiling(q_len, group)
     q_blocks = -(-q_len // q_block)
+    if page_mass and q_blocks != 1:
+        raise ValueError("page_mass is computed for decode/verify blocks (one query block), not prefill chunks")
     launch = launch or choose_launch(batch * kv_heads * q_blocks, dim)
+    cap = selected_pages.shape[2] * page_size if sparse else (max_kv_len or page_table.shape[1] * page_size)
     if num_splits is None:
-        cap = max_kv_len or page_table.shape[1] * page_size
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
         num_splits = choose_num_splits(batch * q_blocks, kv_heads, cap, sms, launch)
     q = q.contiguous()
-    o_part = torch.empty(batch, q_len, heads, num_splits, dim, dtype=torch.float32, device=q.device)
-    m_part = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=q.device)
+    dev = q.device
+    o_part = torch.empty(batch, q_len, heads, num_splits, dim, dtype=torch.float32, device=dev)
+    m_part = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=dev)
     l_part = torch.empty_like(m_part)
+    lse = torch.empty(batch, q_len, heads, dtype=torch.float32, device=dev)
+    mass_pages = selected_pages.shape[2] if sparse else page_table.shape[1]
+    mass_blocks = -(-mass_pages * page_size // launch.block_n)
+    if page_mass:
+        mass_part = torch.empty(batch * kv_heads * group * q_len, mass_pages, dtype=torch.float32, device=dev)
+        mass_max = torch.empty(batch * kv_heads * group * q_len, mass_blocks, dtype=torch.float32, device=dev)
+    else:
+        mass_part = mass_max = lse                 # unused; any tensor will do as a placeholder pointer
+    if sparse:
+        sel = selected_pages.to(torch.int32).contiguous()
+        counts = selected_counts.to(torch.int32).contiguous()
+    else:
+        sel = counts = lens_after
     _paged_attn_split_kernel[(batch * kv_heads, num_splits, q_blocks)](
-        q, k_pages, v_pages, page_table, lens_after, o_part, m_part, l_part, scale,
+        q, k_pages, v_pages, page_table, lens_after, sel, counts,
+        o_part, m_part, l_part, mass_part, mass_max, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        page_table.stride(0), num_splits,
+        page_table.stride(0), sel.shape[-1] if sparse else 0, mass_pages, mass_blocks, num_splits,
         Q_LEN=q_len, Q_BLOCK=q_block, GROUP=group, HEADS=heads, PAGE_SIZE=page_size, HEAD_DIM=dim,
-        BLOCK_M=block_m, BLOCK_N=launch.block_n, UPCAST_DOT=INTERPRETED,
+        BLOCK_M=block_m, BLOCK_N=launch.block_n, UPCAST_DOT=INTERPRETED, SPARSE=sparse, PAGE_MASS=page_mass,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     out = torch.empty_like(q)
     _merge_splits_kernel[(batch * q_len * heads,)](
-        o_part, m_part, l_part, out, num_splits,
+        o_part, m_part, l_part, out, lse, num_splits,
         HEAD_DIM=dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=1,
     )
-    return out
+    if not page_mass:
+        return out
+    mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=dev)
+    block_p = 128
+    _page_mass_kernel[(batch * kv_heads, triton.cdiv(mass_pages, block_p))](
+        mass_part, mass_max, lse, lens_after, counts, mass, mass_pages, mass_blocks,
+        Q_LEN=q_len, GROUP=group, HEADS=heads, PAGE_SIZE=page_size,
+        PAGES_PER_TILE=launch.block_n // page_size, BLOCK_P=block_p, SPARSE=sparse, num_warps=4,
+    )
+    return out, mass

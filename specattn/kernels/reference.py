@@ -25,13 +25,19 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
 
 def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                     page_table: torch.Tensor, lens_after: torch.Tensor, scale: float,
-                    max_kv_len: int | None = None) -> torch.Tensor:
+                    max_kv_len: int | None = None, page_mass: bool = False,
+                    selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None):
     """Attention of new queries over the paged cache, causal inside the new block.
 
     q: [batch, q_len, heads, dim]; the q_len new tokens are the last q_len of each sequence, so query t
     of sequence b sees keys 0 .. lens_after[b] - q_len + t. Returns [batch, q_len, heads, dim].
     `max_kv_len` bounds how much of the page table is gathered (default: all of it).
+    Sparse (selected_pages [batch, kv_heads, K] logical pages, -1 padded; selected_counts [batch, kv_heads])
+    and page_mass (also return [batch, kv_heads, pages] softmax mass per page): see the Triton kernel.
     """
+    if page_mass or selected_pages is not None:
+        return _explicit_attention(q, k_pages, v_pages, page_table, lens_after, scale, page_mass,
+                                   selected_pages, selected_counts)
     batch, q_len, heads, dim = q.shape
     kv_len = max_kv_len or page_table.shape[1] * k_pages.shape[1]
     k = gather_pages(k_pages, page_table, kv_len)
@@ -46,3 +52,35 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
                                          attn_mask=mask[:, None], scale=scale)
     return out.transpose(1, 2)
+
+
+def _explicit_attention(q, k_pages, v_pages, page_table, lens_after, scale, page_mass, selected_pages,
+                        selected_counts):
+    """The same attention with explicit probabilities, for the page-mass by-product and sparse pages."""
+    batch, q_len, heads, dim = q.shape
+    page_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
+    group = heads // kv_heads
+    kv_len = page_table.shape[1] * page_size
+    k = gather_pages(k_pages, page_table, kv_len).float()                      # [b, hkv, L, d]
+    v = gather_pages(v_pages, page_table, kv_len).float()
+    qg = q.float().view(batch, q_len, kv_heads, group, dim).permute(0, 2, 3, 1, 4)   # [b, hkv, g, t, d]
+    scores = torch.einsum("bhgtd,bhld->bhgtl", qg, k) * scale
+    key_pos = torch.arange(kv_len, device=q.device)
+    query_pos = lens_after.long()[:, None] - q_len + torch.arange(q_len, device=q.device)
+    allowed = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None, None]      # [b, 1, 1, t, L]
+    if selected_pages is not None:
+        n_sel = selected_pages.shape[2]
+        valid = torch.arange(n_sel, device=q.device) < selected_counts[..., None]  # [b, hkv, K]
+        # scatter_add, not scatter: padding entries point at page 0 too and must not overwrite it.
+        chosen = torch.zeros(batch, kv_heads, page_table.shape[1], dtype=torch.int32, device=q.device)
+        chosen.scatter_add_(2, torch.where(valid, selected_pages.long(), 0), valid.int())
+        chosen = chosen > 0
+        allowed = allowed & chosen.repeat_interleave(page_size, dim=2)[:, :, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    out = torch.einsum("bhgtl,bhld->bhgtd", probs, v).permute(0, 3, 1, 2, 4).reshape(q.shape).to(q.dtype)
+    if not page_mass:
+        return out
+    mass = probs.sum(dim=(2, 3)).view(batch, kv_heads, -1, page_size).sum(-1)     # [b, hkv, pages]
+    if selected_pages is not None:
+        mass = torch.where(valid, torch.gather(mass, 2, torch.where(valid, selected_pages.long(), 0)), 0.0)
+    return out, mass
