@@ -143,3 +143,55 @@ def test_selecting_every_page_equals_dense():
     dense = paged_attention.paged_attention(q, k, v, table, lens, 0.25)
     sparse = paged_attention.paged_attention(q, k, v, table, lens, 0.25, selected_pages=sel, selected_counts=counts)
     assert (dense - sparse).abs().max().item() < 1e-5
+
+
+def attention_like(rows, n, seed):
+    """Peaked, attention-like weights with some exact ties, normalised per row."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.softmax(torch.randn(rows, n, generator=g) * 3, dim=-1)
+    w[:, 5:9] = w[:, 5:6]                   # ties
+    return w
+
+
+@pytest.mark.parametrize("n", [7, 300, 5000])
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.97, 1.0])
+def test_topp_selects_the_minimal_set_reaching_p(n, p):
+    from specattn.kernels import topp
+    w = attention_like(6, n, seed=n)
+    theta = topp.topp_threshold(w, p)
+    keep = w >= theta[:, None]
+    mass = (w * keep).sum(-1)
+    assert (mass >= p * w.sum(-1) * (1 - 1e-6)).all()                    # reaches p
+    smallest_kept = torch.where(keep, w, float("inf")).amin(-1)
+    ties = (w == smallest_kept[:, None]).sum(-1)
+    without_ties = mass - ties * smallest_kept
+    assert (without_ties < p * w.sum(-1) * (1 + 1e-6)).all()               # minimal up to ties at theta
+    ref_keep = w >= reference.topp_threshold(w, p)[:, None]
+    assert ((keep.sum(-1) - ref_keep.sum(-1)).abs() <= ties).all()         # same size as sorting, within ties
+
+
+@pytest.mark.parametrize("k", [1, 10, 64])
+def test_topk_threshold_matches_torch_topk(k):
+    from specattn.kernels import topp
+    w = attention_like(4, 1000, seed=k)
+    theta = topp.topk_threshold(w, k)
+    assert torch.equal(theta, reference.topk_threshold(w, k))
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_quest_scores_match_reference_and_bound_every_key(group):
+    from specattn.kernels import quest
+    torch.manual_seed(group)
+    kv_heads, dim, page_size, lens = 2, 16, 16, [70, 200]
+    q, k, v, table, lens_t = make_inputs(2, 1, kv_heads, group, dim, lens, torch.float32)
+    kmin = k.amin(1)                                  # page bounds over all rows (every page full here)
+    kmax = k.amax(1)
+    got = quest.quest_page_scores(q[:, 0], kmin, kmax, table, lens_t)
+    want = reference.quest_page_scores(q[:, 0], kmin, kmax, table, lens_t)
+    assert torch.allclose(got, want, atol=1e-4)
+    # The bound is >= q.k for every key of the page and every query head of the KV head.
+    keys = reference.gather_pages(k, table, table.shape[1] * page_size)             # [b, hkv, L, d]
+    qk = torch.einsum("bhgd,bhld->bhgl", q[:, 0].view(2, kv_heads, group, dim), keys).amax(2)
+    page_max = qk.view(2, kv_heads, -1, page_size).amax(-1)
+    assert (got[:, :, :5] >= page_max[:, :, :5] - 1e-4).all()
+    assert torch.isinf(got[0, :, 5:]).all()                                        # past the 70-token sequence

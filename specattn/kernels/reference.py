@@ -84,3 +84,33 @@ def _explicit_attention(q, k_pages, v_pages, page_table, lens_after, scale, page
     if selected_pages is not None:
         mass = torch.where(valid, torch.gather(mass, 2, torch.where(valid, selected_pages.long(), 0)), 0.0)
     return out, mass
+
+
+def topp_threshold(weights: torch.Tensor, p: float) -> torch.Tensor:
+    """weights: [..., n] >= 0 -> the smallest value of the shortest top set holding mass >= p * sum."""
+    if p >= 1.0:
+        return torch.zeros(weights.shape[:-1], dtype=torch.float32, device=weights.device)
+    ordered, _ = weights.float().sort(dim=-1, descending=True)
+    mass = ordered.cumsum(-1)
+    idx = torch.searchsorted(mass, (p * mass[..., -1:]).contiguous()).clamp(max=weights.shape[-1] - 1)
+    return ordered.gather(-1, idx).squeeze(-1)
+
+
+def topk_threshold(weights: torch.Tensor, k: int) -> torch.Tensor:
+    """weights: [..., n] -> the k-th largest value."""
+    return weights.float().topk(k, dim=-1).values[..., -1]
+
+
+def quest_page_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
+                      lens: torch.Tensor, page_size: int = 16) -> torch.Tensor:
+    """Upper bound of q.k per page (sum_d max(q kmax, q kmin)), max over the query heads of a KV head.
+    q: [batch, heads, dim]; key_min/max: [pages, kv_heads, dim] -> [batch, kv_heads, max_pages]."""
+    batch, heads, dim = q.shape
+    kv_heads = key_min.shape[1]
+    kmin = key_min[page_table.long()].float()                       # [b, max_pages, hkv, d]
+    kmax = key_max[page_table.long()].float()
+    qg = q.float().view(batch, 1, kv_heads, heads // kv_heads, dim)
+    bound = torch.maximum(qg * kmax[:, :, :, None], qg * kmin[:, :, :, None]).sum(-1).amax(-1)   # [b, p, hkv]
+    n_pages = (lens.long() + page_size - 1) // page_size
+    past = torch.arange(page_table.shape[1], device=q.device)[None, :] >= n_pages[:, None]
+    return bound.masked_fill(past[:, :, None], float("-inf")).transpose(1, 2)

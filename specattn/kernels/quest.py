@@ -1,0 +1,52 @@
+"""Quest page scores in Triton: an upper bound of q.k over each page from the page's key min/max.
+
+score(page) = sum_d max(q_d * kmax_d, q_d * kmin_d) >= q.k for every key in the page. Aggregated per
+KV head as the max over its query heads, so one page list per (sequence, KV head) covers all of them.
+Reference: `reference.quest_page_scores`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _quest_kernel(q_ptr, kmin_ptr, kmax_ptr, page_table_ptr, lens_ptr, out_ptr,
+                  stride_qb, stride_qh, stride_mp, stride_mh, stride_ptb, max_pages,
+                  GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_P: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    kv_heads = HEADS // GROUP
+    b = pid_bh // kv_heads
+    kvh = pid_bh % kv_heads
+    logical = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n_pages = (tl.load(lens_ptr + b) + PAGE_SIZE - 1) // PAGE_SIZE
+    ok = logical < n_pages
+    page = tl.load(page_table_ptr + b * stride_ptb + logical, mask=ok, other=0).to(tl.int64)
+    dims = tl.arange(0, HEAD_DIM)
+    off = page[:, None] * stride_mp + kvh * stride_mh + dims[None, :]
+    kmin = tl.load(kmin_ptr + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    kmax = tl.load(kmax_ptr + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for g in range(GROUP):
+        q = tl.load(q_ptr + b * stride_qb + (kvh * GROUP + g) * stride_qh + dims).to(tl.float32)
+        bound = tl.sum(tl.maximum(q[None, :] * kmax, q[None, :] * kmin), 1)
+        best = tl.maximum(best, bound)
+    tl.store(out_ptr + pid_bh * max_pages + logical, tl.where(ok, best, float("-inf")), mask=logical < max_pages)
+
+
+def quest_page_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
+                      lens: torch.Tensor, page_size: int = 16) -> torch.Tensor:
+    """q: [batch, heads, dim] (the current query); key_min/max: [pages, kv_heads, dim] (one layer);
+    -> [batch, kv_heads, max_pages] fp32, -inf past each sequence's last page."""
+    batch, heads, dim = q.shape
+    kv_heads = key_min.shape[1]
+    max_pages = page_table.shape[1]
+    out = torch.empty(batch, kv_heads, max_pages, dtype=torch.float32, device=q.device)
+    block_p = 64
+    _quest_kernel[(batch * kv_heads, triton.cdiv(max_pages, block_p))](
+        q, key_min, key_max, page_table, lens, out, q.stride(0), q.stride(1), key_min.stride(0), key_min.stride(1),
+        page_table.stride(0), max_pages, GROUP=heads // kv_heads, HEADS=heads, PAGE_SIZE=page_size,
+        HEAD_DIM=dim, BLOCK_P=block_p, num_warps=4)
+    return out
