@@ -1,0 +1,142 @@
+"""GPU benchmark of the kernels issue: verify attention (+ page-mass by-product), sparse page attention,
+sorting-free top-p vs sort, Quest page scores. Device time from CUDA graphs; buffers rotated past L2.
+Writes benchmarks/results/kernels.json (or argv[1])."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, copy_bandwidth_gbs, environment, graph_ms  # noqa: E402
+from specattn.evaluation.results import write_json_atomic  # noqa: E402
+from specattn.kernels import paged_attention, quest, reference, topp  # noqa: E402
+
+L2_BEATING_BYTES = 200 << 20
+KV_HEADS, GROUP, DIM, PAGE = 8, 4, 128, 16          # Llama-3-8B attention shape
+
+
+def kv_pools(batch: int, ctx: int):
+    pages = -(-ctx // PAGE)
+    kv_bytes = 2 * batch * ctx * KV_HEADS * DIM * 2
+    pools = [(torch.randn(batch * pages, PAGE, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16),
+              torch.randn(batch * pages, PAGE, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16))
+             for _ in range(-(-L2_BEATING_BYTES // kv_bytes))]
+    table = torch.randperm(batch * pages, device="cuda").view(batch, pages).int()
+    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    return pools, table, lens, kv_bytes
+
+
+def time_attention(q, pools, table, lens, **kw) -> float:
+    scale = DIM ** -0.5
+    return graph_ms(lambda: [paged_attention.paged_attention(q, k, v, table, lens, scale, **kw)
+                             for k, v in pools]) / len(pools)
+
+
+def selection(batch: int, pages: int, frac: float):
+    """Per (sequence, KV head): a random sorted `frac` of the pages, always with the last one."""
+    keep = max(1, int(frac * pages))
+    sel = torch.stack([torch.stack([torch.cat([torch.randperm(pages - 1)[:keep - 1].sort().values,
+                                               torch.tensor([pages - 1])]) for _ in range(KV_HEADS)])
+                       for _ in range(batch)]).int().cuda()
+    return sel, torch.full((batch, KV_HEADS), keep, dtype=torch.int32, device="cuda")
+
+
+def attention_rows(copy: float) -> tuple[list[dict], dict]:
+    rows, summary = [], {}
+    for batch, ctx in [(1, 32768), (8, 8192), (1, 8192)]:
+        pools, table, lens, kv_bytes = kv_pools(batch, ctx)
+        for q_len in (1, 5):
+            q = torch.randn(batch, q_len, KV_HEADS * GROUP, DIM, device="cuda", dtype=torch.bfloat16)
+            k, v = pools[0]
+            ref_out, ref_mass = reference.paged_attention(q.float(), k.float(), v.float(), table, lens, DIM ** -0.5,
+                                                          page_mass=True)
+            out, mass = paged_attention.paged_attention(q, k, v, table, lens, DIM ** -0.5, page_mass=True)
+            err = ((out.float() - ref_out).norm() / ref_out.norm()).item()
+            mass_err = ((mass - ref_mass).abs().max() / ref_mass.abs().max()).item()
+            plain = time_attention(q, pools, table, lens)
+            with_mass = time_attention(q, pools, table, lens, page_mass=True)
+            row = {"kernel": "verify_attention", "batch": batch, "context": ctx, "q_len": q_len,
+                   "us": plain * 1e3, "us_with_page_mass": with_mass * 1e3, "rel_err": err, "mass_rel_err": mass_err,
+                   "bandwidth_fraction": kv_bytes / plain / 1e6 / copy, "page_mass_overhead": with_mass / plain - 1}
+            rows.append(row)
+            print(row, flush=True)
+            if (batch, ctx, q_len) == (1, 32768, 5):
+                summary["verify_attn_bandwidth_fraction"] = row["bandwidth_fraction"]
+                summary["score_byproduct_overhead"] = row["page_mass_overhead"]
+            sel, counts = selection(batch, -(-ctx // PAGE), 0.10)
+            ref_sparse = reference.paged_attention(q.float(), k.float(), v.float(), table, lens, DIM ** -0.5,
+                                                   selected_pages=sel, selected_counts=counts)
+            got = paged_attention.paged_attention(q, k, v, table, lens, DIM ** -0.5, selected_pages=sel,
+                                                  selected_counts=counts)
+            sparse = time_attention(q, pools, table, lens, selected_pages=sel, selected_counts=counts)
+            sel_bytes = kv_bytes * counts.sum().item() / (batch * KV_HEADS * -(-ctx // PAGE))
+            row = {"kernel": "sparse_attention_10pct", "batch": batch, "context": ctx, "q_len": q_len,
+                   "us": sparse * 1e3, "dense_us": plain * 1e3, "speedup_vs_dense": plain / sparse,
+                   "rel_err": ((got.float() - ref_sparse).norm() / ref_sparse.norm()).item(),
+                   "bandwidth_fraction_on_selected": sel_bytes / sparse / 1e6 / copy}
+            rows.append(row)
+            print(row, flush=True)
+            if (batch, ctx, q_len) == (1, 32768, 1):
+                summary["sparse_attn_speedup_10pct_32k"] = row["speedup_vs_dense"]
+                summary["sparse_attn_bandwidth_fraction"] = row["bandwidth_fraction_on_selected"]
+        del pools
+        torch.cuda.empty_cache()
+    return rows, summary
+
+
+def topp_rows() -> tuple[list[dict], dict]:
+    rows, summary = [], {}
+    for n in (8192, 32768, 131072):
+        w = torch.softmax(torch.randn(32, n, device="cuda") * 3, dim=-1)
+        ours = graph_ms(lambda: topp.topp_threshold(w, 0.95))
+        sort = graph_ms(lambda: reference.topp_threshold(w, 0.95))
+        keep, ref_keep = w >= topp.topp_threshold(w, 0.95)[:, None], w >= reference.topp_threshold(w, 0.95)[:, None]
+        row = {"kernel": "topp_threshold", "rows": 32, "n": n, "us": ours * 1e3, "sort_us": sort * 1e3,
+               "speedup_vs_sort": sort / ours, "max_set_size_diff": (keep.sum(-1) - ref_keep.sum(-1)).abs().max().item(),
+               "min_mass": (w * keep).sum(-1).min().item()}
+        rows.append(row)
+        print(row, flush=True)
+        if n == 32768:
+            summary["topp_speedup_vs_sort_32k"] = row["speedup_vs_sort"]
+    return rows, summary
+
+
+def quest_row() -> dict:
+    batch, ctx = 1, 32768
+    pages = ctx // PAGE
+    kmin = torch.randn(pages, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+    kmax = kmin + torch.rand_like(kmin)
+    table = torch.randperm(pages, device="cuda").view(1, pages).int()
+    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, KV_HEADS * GROUP, DIM, device="cuda", dtype=torch.bfloat16)
+    got = quest.quest_page_scores(q, kmin, kmax, table, lens)
+    want = reference.quest_page_scores(q, kmin, kmax, table, lens)
+    us = graph_ms(lambda: quest.quest_page_scores(q, kmin, kmax, table, lens)) * 1e3
+    row = {"kernel": "quest_page_scores", "batch": batch, "context": ctx, "us": us,
+           "max_abs_err": (got - want).abs().max().item()}
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    copy = copy_bandwidth_gbs()
+    out = {**environment(), "copy_bandwidth_gbs": copy, "config": {"kv_heads": KV_HEADS, "group": GROUP,
+                                                                    "head_dim": DIM, "page_size": PAGE}}
+    attn, s1 = attention_rows(copy)
+    tp, s2 = topp_rows()
+    out["rows"] = attn + tp + [quest_row()]
+    out["summary"] = {**s1, **s2}
+    write_json_atomic(sys.argv[1] if len(sys.argv) > 1 else RESULTS / "kernels.json", out)
+    print("\nkernel                  batch context q  us       vs")
+    for r in out["rows"]:
+        extra = r.get("bandwidth_fraction", r.get("speedup_vs_sort", r.get("speedup_vs_dense", "")))
+        print(f"{r['kernel']:24s} {r.get('batch', r.get('rows'))!s:>4} {r.get('context', r.get('n'))!s:>7} "
+              f"{r.get('q_len', '')!s:>2} {r['us']:8.1f} {extra}")
+    print("summary", out["summary"])
+
+
+if __name__ == "__main__":
+    main()
