@@ -163,8 +163,10 @@ def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, n
 def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
                       mass_pages, mass_blocks,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                      PAGES_PER_TILE: tl.constexpr, BLOCK_P: tl.constexpr, SPARSE: tl.constexpr):
-    """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight."""
+                      PAGES_PER_TILE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                      SPARSE: tl.constexpr):
+    """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight. All rows of a
+    block of pages in one tile: a loop over rows would serialise dependent loads."""
     pid_bh = tl.program_id(0)
     kv_heads = HEADS // GROUP
     b = pid_bh // kv_heads
@@ -175,14 +177,16 @@ def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_
     else:
         n_pages = (tl.load(lens_ptr + b) + PAGE_SIZE - 1) // PAGE_SIZE
     ok = vpage < n_pages                          # pages no split visited hold stale scratch: skip them
-    total = tl.zeros([BLOCK_P], tl.float32)
-    for r in range(GROUP * Q_LEN):
-        head = kvh * GROUP + r // Q_LEN
-        lse = tl.load(lse_ptr + (b * Q_LEN + r % Q_LEN) * HEADS + head)
-        row_base = (pid_bh * GROUP * Q_LEN + r).to(tl.int64)
-        part = tl.load(mass_part_ptr + row_base * mass_pages + vpage, mask=ok, other=0.0)
-        m = tl.load(mass_max_ptr + row_base * mass_blocks + vpage // PAGES_PER_TILE, mask=ok, other=0.0)
-        total += tl.where(ok, part * tl.exp(m - lse), 0.0)
+    r = tl.arange(0, BLOCK_R)                     # row r = (query head g, new token t)
+    row_ok = r < GROUP * Q_LEN
+    head = kvh * GROUP + r // Q_LEN
+    lse = tl.load(lse_ptr + (b * Q_LEN + r % Q_LEN) * HEADS + head, mask=row_ok, other=0.0)
+    row_base = (pid_bh * GROUP * Q_LEN + r).to(tl.int64)
+    both = row_ok[:, None] & ok[None, :]
+    part = tl.load(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], mask=both, other=0.0)
+    m = tl.load(mass_max_ptr + row_base[:, None] * mass_blocks + (vpage // PAGES_PER_TILE)[None, :],
+                mask=both, other=0.0)
+    total = tl.sum(tl.where(both, part * tl.exp(m - lse[:, None]), 0.0), 0)
     tl.store(mass_ptr + pid_bh * mass_pages + vpage, total, mask=vpage < mass_pages)
 
 
@@ -269,10 +273,11 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     if not page_mass:
         return out
     mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=dev)
-    block_p = 128
+    block_r = triton.next_power_of_2(group * q_len)
+    block_p = max(16, 4096 // block_r)            # a tile of ~4K (row, page) elements
     _page_mass_kernel[(batch * kv_heads, triton.cdiv(mass_pages, block_p))](
         mass_part, mass_max, lse, lens_after, counts, mass, mass_pages, mass_blocks,
         Q_LEN=q_len, GROUP=group, HEADS=heads, PAGE_SIZE=page_size,
-        PAGES_PER_TILE=launch.block_n // page_size, BLOCK_P=block_p, SPARSE=sparse, num_warps=4,
+        PAGES_PER_TILE=launch.block_n // page_size, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse, num_warps=4,
     )
     return out, mass
