@@ -121,12 +121,20 @@ def _paged_attn_split_kernel(
         if PAGE_MASS:
             # Per-row mass of each page of this tile, relative to m_safe; rescaled by exp(m_safe - lse)
             # once the row's log-sum-exp is known (_page_mass_kernel). Rows are (g, t): decode/verify only.
+            # Summed per page by a tensor-core product with a page one-hot: a reshape-and-sum of p
+            # costs a layout conversion every tile (measured +16% kernel time vs +24% in all before).
             pages_per_tile: tl.constexpr = BLOCK_N // PAGE_SIZE
-            tile_mass = tl.sum(tl.reshape(p, (BLOCK_M, pages_per_tile, PAGE_SIZE)), 2)
-            vpage = blk * pages_per_tile + tl.arange(0, pages_per_tile)
+            mass_cols: tl.constexpr = 16 if pages_per_tile < 16 else pages_per_tile   # tl.dot needs N >= 16
+            col_page = tl.arange(0, mass_cols)
+            onehot = (cols[:, None] // PAGE_SIZE) == col_page[None, :]
+            if UPCAST_DOT:
+                tile_mass = tl.dot(p, onehot.to(tl.float32))
+            else:
+                tile_mass = tl.dot(p.to(k.dtype), onehot.to(k.dtype))
+            vpage = blk * pages_per_tile + col_page
             row_base = (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64)
             tl.store(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], tile_mass,
-                     mask=row_ok[:, None] & (vpage[None, :] < mass_pages))
+                     mask=row_ok[:, None] & (col_page[None, :] < pages_per_tile) & (vpage[None, :] < mass_pages))
             tl.store(mass_max_ptr + row_base * mass_blocks + blk, m_safe, mask=row_ok)
         v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
