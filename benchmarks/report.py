@@ -35,10 +35,39 @@ def ar_tables(data: dict) -> str:
     return "\n".join([head, *e2e, "", *step, "", f"Checks in the same run: {checks}."])
 
 
+def kernel_tables(data: dict) -> str:
+    head = (f"Device: {data['device']}, torch {data['torch']}, triton {data['triton']}, commit {data['commit']}; "
+            f"copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s. Llama-3-8B attention shape (8 KV heads x 4, "
+            f"head_dim 128, pages of 16), bf16. Source: [`benchmarks/results/kernels.json`]"
+            f"(benchmarks/results/kernels.json).\n")
+    attn = ["| batch | context | new rows | dense µs | fraction of copy bw | + page mass µs | overhead | "
+            "10% pages µs | speedup | fraction on selected bytes |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    dense = {(r["batch"], r["context"], r["q_len"]): r for r in data["rows"] if r["kernel"] == "verify_attention"}
+    for r in data["rows"]:
+        if r["kernel"] == "sparse_attention_10pct":
+            d = dense[(r["batch"], r["context"], r["q_len"])]
+            attn.append(f"| {r['batch']} | {r['context']} | {r['q_len']} | {d['us']:.1f} | "
+                        f"{d['bandwidth_fraction']:.2f} | {d['us_with_page_mass']:.1f} | "
+                        f"{d['page_mass_overhead']:.0%} | {r['us']:.1f} | "
+                        f"{r['speedup_vs_dense']:.1f}x | {r['bandwidth_fraction_on_selected']:.2f} |")
+    topp = ["| rows x keys | ours µs | torch.sort + cumsum µs | speedup | max set-size difference |",
+            "|---|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        if r["kernel"] == "topp_threshold":
+            topp.append(f"| {r['rows']} x {r['n']} | {r['us']:.1f} | {r['sort_us']:.1f} | "
+                        f"{r['speedup_vs_sort']:.1f}x | {r['max_set_size_diff']} |")
+    q = next(r for r in data["rows"] if r["kernel"] == "quest_page_scores")
+    summary = ", ".join(f"`{k}` = {v:.3g}" for k, v in data["summary"].items())
+    return "\n".join([head, *attn, "", *topp, "",
+                      f"Quest page scores, batch 1, 32K context (2,048 pages): {q['us']:.1f} µs.", "",
+                      f"Summary: {summary}."])
+
+
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "ar"
     data = json.loads((RESULTS / f"{which}.json").read_text())
-    print({"ar": ar_tables}[which](data))
+    print({"ar": ar_tables, "kernels": kernel_tables}[which](data))
 
 
 if __name__ == "__main__":
