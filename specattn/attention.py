@@ -25,16 +25,30 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 class Attention:
-    """Callable: (q [batch, q_len, heads, dim], k_pages, v_pages, view, scale) -> [batch, q_len, heads, dim]."""
+    """Callable: (q [batch, q_len, heads, dim], k_pages, v_pages, view, scale, layer) -> [batch, q_len, heads, dim].
+
+    The view says what else a step wants: `view.selection` restricts each KV head to its page list (sparse
+    drafting), `view.page_mass` receives the attention mass per page (verification), from the same pass.
+    """
 
     def __init__(self, backend: str, device: torch.device):
         self.backend = resolve_backend(backend, device)
 
     def __call__(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-                 view: StepView, scale: float) -> torch.Tensor:
+                 view: StepView, scale: float, layer: int = 0) -> torch.Tensor:
+        options = {}
+        sel = view.selection
+        if sel is not None and layer not in sel.dense_layers:
+            options = {"selected_pages": sel.pages[layer], "selected_counts": sel.counts[layer]}
+        want_mass = view.page_mass is not None and not options
         if self.backend == "triton":
             from .kernels import paged_attention
-            return paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
-                                                   max_kv_len=view.max_kv_len)
-        return reference.paged_attention(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
-                                         max_kv_len=view.max_kv_len)
+            out = paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
+                                                  max_kv_len=view.max_kv_len, page_mass=want_mass, **options)
+        else:
+            out = reference.paged_attention(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
+                                            max_kv_len=view.max_kv_len, page_mass=want_mass, **options)
+        if want_mass:
+            out, mass = out
+            view.page_mass[layer, :, :, : mass.shape[-1]] = mass
+        return out

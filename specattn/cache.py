@@ -42,6 +42,8 @@ class StepView:
     page_table: torch.Tensor
     q_len: int
     max_kv_len: int | None = None  # host hint for reference paths; None inside CUDA graphs
+    selection: object | None = None        # a selection.PageSelection: sparse attention (draft steps)
+    page_mass: torch.Tensor | None = None  # [layers, batch, kv_heads, max_pages], filled by a verify step
 
 
 class PagedKVCache:
@@ -149,6 +151,10 @@ class PagedKVCache:
         """Positions and write slots for `q_len` new tokens in every active sequence (or only `rows`),
         computed on the device. `static=True` leaves out host hints so the step can be graph-captured."""
         rows = rows or slice(0, self.batch)
+        if not static:   # a step past the reserved pages would write through stale page-table entries
+            for b in self._seqs(rows):
+                if len(self._pages[b]) * self.page_size < self._host_lens[b] + q_len:
+                    raise RuntimeError(f"sequence {b}: reserve({q_len}) must precede a step of {q_len} tokens")
         lens, page_table = self.lens[rows], self.page_table[rows]
         positions = lens.long()[:, None] + torch.arange(q_len, device=self.device)
         pages = torch.gather(page_table.long(), 1, positions // self.page_size)

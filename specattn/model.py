@@ -91,7 +91,7 @@ class Block(nn.Module):
         q, k, v = fns["attention_inputs"](x, self.attn_norm.weight, cfg.rms_norm_eps, self.qkv.weight, self.qkv.bias,
                                           cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         cache.write(self.layer, k, v, view)
-        attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5)
+        attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
         return fns["attention_output_and_mlp"](x, attn.reshape(b, t, -1), self.o.weight, self.mlp_norm.weight,
                                                cfg.rms_norm_eps, self.gate_up.weight, self.down.weight)
 

