@@ -16,6 +16,7 @@ METHODS = {
     "ar": None,
     "specattn-y": "verification-guided",   # SpecAttn-Y: pages chosen by the verification pass's attention mass
     "magicdec": "streaming",               # MagicDec: StreamingLLM drafting (sinks + recent window)
+    "quest": "quest",                      # Quest-style drafting: per-step page bounds from key min/max
     "selfspec-full": "full",               # control: drafting with the full cache, acceptance 100% (greedy)
 }
 
@@ -40,8 +41,6 @@ def make_policy(method: str, spec: SpeculationParams, num_layers: int):
         return POLICIES["full"]()
     if any(not 0 <= layer < num_layers for layer in spec.dense_layers):
         raise InvalidInputError(f"dense layers {spec.dense_layers} must be within 0..{num_layers - 1}")
-    if kind == "streaming":
-        return POLICIES["streaming"](spec.budget, dense_layers=spec.dense_layers)
     return POLICIES[kind](spec.budget, dense_layers=spec.dense_layers)
 
 
@@ -107,7 +106,8 @@ class Session:
         else:
             from .decoding.self_speculative import generate_self_speculative
             policy = make_policy(method, spec, self.model.cfg.num_layers)
-            cache = self.make_cache(len(ids), max(len(i) for i in ids) + max_new_tokens + spec.gamma + 1)
+            cache = self.make_cache(len(ids), max(len(i) for i in ids) + max_new_tokens + spec.gamma + 1,
+                                    track_key_bounds=policy.needs_key_bounds)
             result = generate_self_speculative(self.model, cache, ids, params, policy, spec.gamma)
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
         return texts, result

@@ -39,7 +39,8 @@ class Attention:
         options = {}
         sel = view.selection
         if sel is not None and layer not in sel.dense_layers:
-            options = {"selected_pages": sel.pages[layer], "selected_counts": sel.counts[layer]}
+            pages, counts = sel.pages_for(layer, q, view)
+            options = {"selected_pages": pages, "selected_counts": counts}
         want_mass = view.page_mass is not None and not options
         if self.backend == "triton":
             from .kernels import paged_attention

@@ -23,10 +23,54 @@ class PageSelection:
     counts: torch.Tensor                 # [layers, batch, kv_heads] int32
     dense_layers: frozenset[int] = frozenset()   # layers that attend to every page regardless
 
+    def pages_for(self, layer: int, q: torch.Tensor, view) -> tuple[torch.Tensor, torch.Tensor]:
+        """The page lists of one layer for this step: [batch, kv_heads, K] and counts [batch, kv_heads]."""
+        return self.pages[layer], self.counts[layer]
+
     def tokens_selected(self, page_size: int) -> int:
         """Token slots the draft attention reads per step, summed over sparse layers, sequences and KV heads."""
         sparse = [layer for layer in range(self.counts.shape[0]) if layer not in self.dense_layers]
         return int(self.counts[sparse].sum().item()) * page_size if sparse else 0
+
+
+def top_pages(score: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor, k: int,
+              forced_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best pages by score, forced pages first, never an invalid one. score: [..., batch, kv_heads, pages];
+    forced, valid: [batch, pages]. Returns ascending page lists [..., K] (-1 padded) and counts [...]."""
+    max_pages = score.shape[-1]
+    score = torch.where(forced[:, None], float("inf"), score.float())
+    score = torch.where(valid[:, None], score, float("-inf"))
+    top = score.topk(min(k, max_pages), dim=-1)
+    keep = top.values > float("-inf")
+    if forced_only:
+        keep &= torch.isinf(top.values)
+    pages = torch.where(keep, top.indices, max_pages).sort(dim=-1).values
+    return torch.where(pages == max_pages, -1, pages).to(torch.int32), keep.sum(-1).to(torch.int32)
+
+
+@dataclass
+class QuestSelection:
+    """Quest drafting: at every step and layer, the pages whose key min/max bound q.k highest for the current
+    query (per KV head: max over its query heads), plus the forced sinks and window."""
+    budget_pages: int
+    forced: torch.Tensor                 # [batch, max_pages]
+    valid: torch.Tensor                  # [batch, max_pages]
+    key_min: torch.Tensor                # [layers, pages, kv_heads, dim], the cache's page bounds
+    key_max: torch.Tensor
+    page_size: int
+    dense_layers: frozenset[int] = frozenset()
+
+    def pages_for(self, layer: int, q: torch.Tensor, view) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.is_cuda:
+            from .kernels.quest import quest_page_scores
+        else:
+            from .kernels.reference import quest_page_scores
+        scores = quest_page_scores(q[:, -1].contiguous(), self.key_min[layer], self.key_max[layer],
+                                   view.page_table, view.lens_after, self.page_size)
+        return top_pages(scores, self.forced, self.valid, self.budget_pages)
+
+    def tokens_selected(self, page_size: int) -> int:
+        return 0   # decided per step; accounted as the budget by the caller
 
 
 def budget_pages(budget: float, context_tokens: int, page_size: int) -> int:
@@ -41,6 +85,7 @@ class SelectionPolicy:
     """Base: dense drafting (the `full` control; acceptance must be 100% under greedy decoding)."""
     name = "full"
     wants_page_mass = False
+    needs_key_bounds = False
 
     def reset(self, cache: PagedKVCache) -> None:
         pass
@@ -66,30 +111,26 @@ class ScoredPagePolicy(SelectionPolicy):
         """[layers, batch, kv_heads, max_pages] or None (no preference: sinks + window only)."""
         return None
 
-    def select(self, cache: PagedKVCache, gamma: int) -> PageSelection:
-        cfg, ps = cache.cfg, cache.page_size
+    def forced_pages(self, cache: PagedKVCache, gamma: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(forced [batch, pages]: sinks + recent window incl. the draft tokens, valid [batch, pages], k)."""
+        ps = cache.page_size
         lens = torch.tensor(cache.host_lens(), device=cache.device)
-        draft_end = lens + gamma                       # tokens that exist once the draft steps ran
-        n_pages = (draft_end + ps - 1) // ps           # [batch]
-        max_pages = cache.max_pages_per_seq
-        page = torch.arange(max_pages, device=cache.device)
+        n_pages = (lens + gamma + ps - 1) // ps        # pages that exist once the draft steps ran
+        page = torch.arange(cache.max_pages_per_seq, device=cache.device)
         sink = page[None, :] < -(-self.sink_tokens // ps)
         window = page[None, :] >= ((lens - self.window_tokens).clamp(min=0) // ps)[:, None]
         valid = page[None, :] < n_pages[:, None]
-        forced = (sink | window) & valid                                                   # [batch, pages]
-        shape = (cfg.num_layers, cache.batch, cfg.num_kv_heads, max_pages)
+        forced = (sink | window) & valid
+        k = max(budget_pages(self.budget, int(lens.max()), ps), int(forced.sum(-1).max()))
+        return forced, valid, k
+
+    def select(self, cache: PagedKVCache, gamma: int) -> PageSelection:
+        cfg = cache.cfg
+        forced, valid, k = self.forced_pages(cache, gamma)
         raw = self.scores(cache)
-        score = torch.zeros(shape, device=cache.device) if raw is None else raw[..., :max_pages].float()
-        score = torch.where(forced[None, :, None], float("inf"), score)
-        score = torch.where(valid[None, :, None], score, float("-inf"))
-        k = min(max_pages, max(budget_pages(self.budget, int(lens.max()), ps), int(forced.sum(-1).max())))
-        top = score.topk(k, dim=-1)
-        keep = top.values > float("-inf")
-        if raw is None:                           # no score: only what is forced (sinks + window)
-            keep &= torch.isinf(top.values)
-        pages = torch.where(keep, top.indices, max_pages).sort(dim=-1).values
-        counts = keep.sum(-1).to(torch.int32)
-        pages = torch.where(pages == max_pages, -1, pages).to(torch.int32)
+        shape = (cfg.num_layers, cache.batch, cfg.num_kv_heads, cache.max_pages_per_seq)
+        score = torch.zeros(shape, device=cache.device) if raw is None else raw[..., : cache.max_pages_per_seq]
+        pages, counts = top_pages(score, forced, valid, k, forced_only=raw is None)
         return PageSelection(pages, counts, self.dense_layers)
 
 
@@ -125,4 +166,19 @@ class VerificationGuidedPolicy(ScoredPagePolicy):
         return self._mass
 
 
-POLICIES = {"full": SelectionPolicy, "streaming": StreamingPolicy, "verification-guided": VerificationGuidedPolicy}
+class QuestPolicy(ScoredPagePolicy):
+    """Quest-style drafting (MagicDec's other draft): page selection from the query of every draft step and
+    the cache's per-page key min/max; needs a cache built with track_key_bounds=True."""
+    name = "quest"
+    needs_key_bounds = True
+
+    def select(self, cache: PagedKVCache, gamma: int) -> QuestSelection:
+        if not cache.track_key_bounds:
+            raise InvalidInputError("quest drafting needs per-page key bounds: build the cache with "
+                                    "track_key_bounds=True")
+        forced, valid, k = self.forced_pages(cache, gamma)
+        return QuestSelection(k, forced, valid, cache.key_min, cache.key_max, cache.page_size, self.dense_layers)
+
+
+POLICIES = {"full": SelectionPolicy, "streaming": StreamingPolicy, "verification-guided": VerificationGuidedPolicy,
+            "quest": QuestPolicy}

