@@ -14,7 +14,8 @@ from .loader import DEFAULT_MODEL, load_model, load_tokenizer, parse_dtype
 # method -> the self-speculative selection policy it drafts with (None: plain AR decoding).
 METHODS = {
     "ar": None,
-    "specattn-y": "verification-guided",   # SpecAttn-Y: pages chosen by the verification pass's attention mass
+    "specattn-y": "verification-guided",   # SpecAttn-Y, ours: pages ranked by the verification's page mass
+    "vegas": "vegas",                      # SpecAttn-Y v2 (Vegas) recipe: token level, two rows, head-shared
     "magicdec": "streaming",               # MagicDec: StreamingLLM drafting (sinks + recent window)
     "quest": "quest",                      # Quest-style drafting: per-step page bounds from key min/max
     "selfspec-full": "full",               # control: drafting with the full cache, acceptance 100% (greedy)
@@ -39,6 +40,9 @@ def make_policy(method: str, spec: SpeculationParams, num_layers: int):
     kind = METHODS[method]
     if kind == "full":
         return POLICIES["full"]()
+    if kind == "vegas":   # --budget below 1: Vegas's ratio (floor 256 tokens); otherwise the floor, ratio 0.05
+        ratio, floor = (spec.budget, 256) if spec.budget < 1 else (0.05, int(spec.budget))
+        return POLICIES["vegas"](ratio, floor, dense_layers=spec.dense_layers)
     if any(not 0 <= layer < num_layers for layer in spec.dense_layers):
         raise InvalidInputError(f"dense layers {spec.dense_layers} must be within 0..{num_layers - 1}")
     return POLICIES[kind](spec.budget, dense_layers=spec.dense_layers)

@@ -40,7 +40,7 @@ class Attention:
         sel = view.selection
         if sel is not None and layer not in sel.dense_layers:
             pages, counts = sel.pages_for(layer, q, view)
-            options = {"selected_pages": pages, "selected_counts": counts}
+            options = {"selected_pages": pages, "selected_counts": counts, "token_level": sel.token_level}
         want_mass = view.page_mass is not None and not options
         if self.backend == "triton":
             from .kernels import paged_attention
@@ -52,4 +52,8 @@ class Attention:
         if want_mass:
             out, mass = out
             view.page_mass[layer, :, :, : mass.shape[-1]] = mass
+        if view.token_scores is not None:
+            # Exact, but a second read of K for two rows; Vegas writes these scores from its attention kernel.
+            scores = reference.two_row_token_scores(q, k_pages, view.page_table, view.lens_after, scale)
+            view.token_scores[layer, :, : scores.shape[-1]] = scores
         return out

@@ -44,6 +44,7 @@ class StepView:
     max_kv_len: int | None = None  # host hint for reference paths; None inside CUDA graphs
     selection: object | None = None        # a selection.PageSelection: sparse attention (draft steps)
     page_mass: torch.Tensor | None = None  # [layers, batch, kv_heads, max_pages], filled by a verify step
+    token_scores: torch.Tensor | None = None   # [layers, batch, max_tokens]: Vegas scores of a verify step
 
 
 class PagedKVCache:

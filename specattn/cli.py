@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt")
     g.add_argument("--prompt-file")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--method", default="ar", help="ar, specattn-y, magicdec, quest or selfspec-full")
+    g.add_argument("--method", default="ar", help="ar, specattn-y, vegas, magicdec, quest or selfspec-full")
     g.add_argument("--budget", type=float, default=256,
                    help="KV budget of a draft step: tokens, or a fraction of the context if below 1")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verification")

@@ -22,6 +22,7 @@ class PageSelection:
     pages: torch.Tensor                  # [layers, batch, kv_heads, K] int32, ascending, -1 padded
     counts: torch.Tensor                 # [layers, batch, kv_heads] int32
     dense_layers: frozenset[int] = frozenset()   # layers that attend to every page regardless
+    token_level: bool = False            # `pages` holds token positions (Vegas) instead of pages
 
     def pages_for(self, layer: int, q: torch.Tensor, view) -> tuple[torch.Tensor, torch.Tensor]:
         """The page lists of one layer for this step: [batch, kv_heads, K] and counts [batch, kv_heads]."""
@@ -30,7 +31,8 @@ class PageSelection:
     def tokens_selected(self, page_size: int) -> int:
         """Token slots the draft attention reads per step, summed over sparse layers, sequences and KV heads."""
         sparse = [layer for layer in range(self.counts.shape[0]) if layer not in self.dense_layers]
-        return int(self.counts[sparse].sum().item()) * page_size if sparse else 0
+        per_item = 1 if self.token_level else page_size
+        return int(self.counts[sparse].sum().item()) * per_item if sparse else 0
 
 
 def top_pages(score: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor, k: int,
@@ -53,6 +55,7 @@ class QuestSelection:
     """Quest drafting: at every step and layer, the pages whose key min/max bound q.k highest for the current
     query (per KV head: max over its query heads), plus the forced sinks and window."""
     budget_pages: int
+    token_level = False
     forced: torch.Tensor                 # [batch, max_pages]
     valid: torch.Tensor                  # [batch, max_pages]
     key_min: torch.Tensor                # [layers, pages, kv_heads, dim], the cache's page bounds
@@ -85,6 +88,7 @@ class SelectionPolicy:
     """Base: dense drafting (the `full` control; acceptance must be 100% under greedy decoding)."""
     name = "full"
     wants_page_mass = False
+    wants_token_scores = False
     needs_key_bounds = False
 
     def reset(self, cache: PagedKVCache) -> None:
@@ -95,6 +99,9 @@ class SelectionPolicy:
 
     def observe(self, page_mass: torch.Tensor) -> None:
         """page_mass: [layers, batch, kv_heads, max_pages] from the round's verification."""
+
+    def observe_token_scores(self, scores: torch.Tensor, verify_start: list[int]) -> None:
+        """scores: [layers, batch, max_tokens] (Vegas); verify_start: first position of the verify window."""
 
 
 class ScoredPagePolicy(SelectionPolicy):
@@ -180,5 +187,44 @@ class QuestPolicy(ScoredPagePolicy):
         return QuestSelection(k, forced, valid, cache.key_min, cache.key_max, cache.page_size, self.dense_layers)
 
 
+class VegasPolicy(SelectionPolicy):
+    """The recipe of Vegas (SpecAttn-Y v2) as its code does it: scores of the first and last verify rows,
+    softmax-normalised, averaged over all heads; one token-level top-k per layer shared by every head over the
+    context before the last verify window; that window and this round's drafts always attended; budget
+    ceil(ratio x length), at least `min_tokens`; one selection for all gamma draft steps. The first round,
+    before any verification, drafts densely."""
+    name = "vegas"
+    wants_token_scores = True
+
+    def __init__(self, ratio: float = 0.05, min_tokens: int = 256, dense_layers: tuple[int, ...] = ()):
+        if not 0 < ratio <= 1 or min_tokens < 0:
+            raise InvalidInputError(f"vegas budget ratio {ratio} must be in (0, 1] and min tokens >= 0")
+        self.ratio, self.min_tokens, self.dense_layers = ratio, min_tokens, frozenset(dense_layers)
+        self._scores, self._verify_start = None, None
+
+    def reset(self, cache: PagedKVCache) -> None:
+        self._scores, self._verify_start = None, None
+
+    def observe_token_scores(self, scores: torch.Tensor, verify_start: list[int]) -> None:
+        self._scores, self._verify_start = scores, verify_start
+
+    def select(self, cache: PagedKVCache, gamma: int) -> PageSelection | None:
+        if self._scores is None:
+            return None
+        layers, batch, max_tokens = self._scores.shape
+        lens = cache.host_lens()
+        start = torch.tensor(self._verify_start, device=cache.device)
+        end = torch.tensor(lens, device=cache.device) + gamma
+        pos = torch.arange(max_tokens, device=cache.device)
+        context = pos[None, :] < start[:, None]                                        # [batch, tokens]
+        recent = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
+        k = max(self.min_tokens, math.ceil(self.ratio * max(lens)))
+        tokens, counts = top_pages(self._scores[:, :, None], recent, context | recent,
+                                   k + int(recent.sum(-1).max()))                      # [layers, batch, 1, K]
+        heads = cache.cfg.num_kv_heads                                                  # shared by every head
+        return PageSelection(tokens.expand(-1, -1, heads, -1).contiguous(), counts.expand(-1, -1, heads).contiguous(),
+                             self.dense_layers, token_level=True)
+
+
 POLICIES = {"full": SelectionPolicy, "streaming": StreamingPolicy, "verification-guided": VerificationGuidedPolicy,
-            "quest": QuestPolicy}
+            "quest": QuestPolicy, "vegas": VegasPolicy}

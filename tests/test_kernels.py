@@ -195,3 +195,25 @@ def test_quest_scores_match_reference_and_bound_every_key(group):
     page_max = qk.view(2, kv_heads, -1, page_size).amax(-1)
     assert (got[:, :, :5] >= page_max[:, :, :5] - 1e-4).all()
     assert torch.isinf(got[0, :, 5:]).all()                                        # past the 70-token sequence
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES[:4], ids=[f"b{c[0]}-q{c[1]}-g{c[3]}" for c in SPARSE_CASES[:4]])
+def test_token_lists_match_reference(case):
+    torch.manual_seed(30 + case[1])
+    q, k, v, table, lens = make_inputs(*case, torch.float32)
+    batch, q_len, kv_heads = case[0], case[1], case[2]
+    n_max = max(case[5])
+    sel = torch.full((batch, kv_heads, n_max), -1, dtype=torch.int32)
+    counts = torch.zeros(batch, kv_heads, dtype=torch.int32)
+    for b, n in enumerate(case[5]):
+        for h in range(kv_heads):
+            old = torch.nonzero(torch.rand(n - q_len) < 0.3).flatten()           # some of the context
+            tokens = torch.cat([old, torch.arange(n - q_len, n)]).int()          # + every new token
+            sel[b, h, :len(tokens)] = tokens
+            counts[b, h] = len(tokens)
+    scale = case[4] ** -0.5
+    ref = reference.paged_attention(q, k, v, table, lens, scale, selected_pages=sel, selected_counts=counts,
+                                    token_level=True)
+    out = paged_attention.paged_attention(q, k, v, table, lens, scale, selected_pages=sel, selected_counts=counts,
+                                          token_level=True)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4

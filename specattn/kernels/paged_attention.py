@@ -58,10 +58,11 @@ def _paged_attn_split_kernel(
     Q_LEN: tl.constexpr, Q_BLOCK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    SPARSE: tl.constexpr, PAGE_MASS: tl.constexpr,
+    SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr,
 ):
     # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
-    # row j % PAGE_SIZE of the (j // PAGE_SIZE)-th page in this (sequence, KV head)'s list of logical pages.
+    # row j % PAGE_SIZE of the (j // PAGE_SIZE)-th page in this (sequence, KV head)'s list of logical pages,
+    # or with TOKEN_LIST the j-th token position of its list.
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     t_lo = tl.program_id(2) * Q_BLOCK            # first new token of this query block
@@ -71,7 +72,7 @@ def _paged_attn_split_kernel(
 
     seq_len = tl.load(lens_ptr + b)
     if SPARSE:
-        n_keys = tl.load(sel_count_ptr + pid_bh) * PAGE_SIZE
+        n_keys = tl.load(sel_count_ptr + pid_bh) * (1 if TOKEN_LIST else PAGE_SIZE)
     else:
         # Keys past the block's last query are invisible (causal), so prefill blocks stop early.
         n_keys = tl.minimum(seq_len, seq_len - Q_LEN + t_lo + Q_BLOCK)
@@ -97,11 +98,15 @@ def _paged_attn_split_kernel(
     for blk in range(block_lo, block_hi):
         j = blk * BLOCK_N + cols
         in_range = j < n_keys
-        if SPARSE:
-            logical = tl.load(sel_ptr + pid_bh * sel_len + j // PAGE_SIZE, mask=in_range, other=0)
+        if TOKEN_LIST:
+            key_pos = tl.load(sel_ptr + pid_bh * sel_len + j, mask=in_range, other=0)
+            logical = key_pos // PAGE_SIZE
         else:
-            logical = j // PAGE_SIZE
-        key_pos = logical * PAGE_SIZE + j % PAGE_SIZE
+            if SPARSE:
+                logical = tl.load(sel_ptr + pid_bh * sel_len + j // PAGE_SIZE, mask=in_range, other=0)
+            else:
+                logical = j // PAGE_SIZE
+            key_pos = logical * PAGE_SIZE + j % PAGE_SIZE
         key_ok = in_range & (key_pos < seq_len)
         page = tl.load(page_table_ptr + b * stride_ptb + logical, mask=key_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kp + (key_pos % PAGE_SIZE) * stride_kr + kvh * stride_kh
@@ -224,13 +229,15 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
                     page_table: torch.Tensor, lens_after: torch.Tensor, scale: float,
                     max_kv_len: int | None = None, num_splits: int | None = None,
                     launch: LaunchConfig | None = None, page_mass: bool = False,
-                    selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None):
+                    selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None,
+                    token_level: bool = False):
     """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim.
 
     selected_pages [batch, kv_heads, K] int32 (logical page numbers, -1 padded) and selected_counts
     [batch, kv_heads]: attend only to those pages (sparse). page_mass=True also returns the softmax mass
     each page received, summed over the query heads of a KV head and the new rows: [batch, kv_heads, pages]
     (dense: indexed by logical page; sparse: by position in the selection list). q_len <= 16 for page_mass.
+    token_level=True: selected_pages holds ascending token positions instead of pages (no page_mass then).
     """
     batch, q_len, heads, dim = q.shape
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
@@ -238,10 +245,13 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     sparse = selected_pages is not None
     block_m, q_block = query_tiling(q_len, group)
     q_blocks = -(-q_len // q_block)
-    if page_mass and q_blocks != 1:
-        raise ValueError("page_mass is computed for decode/verify blocks (one query block), not prefill chunks")
+    if page_mass and (q_blocks != 1 or token_level):
+        raise ValueError("page_mass is computed for decode/verify blocks over pages, not prefill or token lists")
     launch = launch or choose_launch(batch * kv_heads * q_blocks, dim)
-    cap = selected_pages.shape[2] * page_size if sparse else (max_kv_len or page_table.shape[1] * page_size)
+    if sparse:
+        cap = selected_pages.shape[2] * (1 if token_level else page_size)
+    else:
+        cap = max_kv_len or page_table.shape[1] * page_size
     if num_splits is None:
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
         num_splits = choose_num_splits(batch * q_blocks, kv_heads, cap, sms, launch)
@@ -270,7 +280,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         page_table.stride(0), sel.shape[-1] if sparse else 0, mass_pages, mass_blocks, num_splits,
         Q_LEN=q_len, Q_BLOCK=q_block, GROUP=group, HEADS=heads, PAGE_SIZE=page_size, HEAD_DIM=dim,
-        BLOCK_M=block_m, BLOCK_N=launch.block_n, UPCAST_DOT=INTERPRETED, SPARSE=sparse, PAGE_MASS=page_mass,
+        BLOCK_M=block_m, BLOCK_N=launch.block_n, UPCAST_DOT=INTERPRETED, SPARSE=sparse,
+        TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     out = torch.empty_like(q)

@@ -26,7 +26,8 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
 def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                     page_table: torch.Tensor, lens_after: torch.Tensor, scale: float,
                     max_kv_len: int | None = None, page_mass: bool = False,
-                    selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None):
+                    selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None,
+                    token_level: bool = False):
     """Attention of new queries over the paged cache, causal inside the new block.
 
     q: [batch, q_len, heads, dim]; the q_len new tokens are the last q_len of each sequence, so query t
@@ -37,7 +38,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     """
     if page_mass or selected_pages is not None:
         return _explicit_attention(q, k_pages, v_pages, page_table, lens_after, scale, page_mass,
-                                   selected_pages, selected_counts)
+                                   selected_pages, selected_counts, token_level)
     batch, q_len, heads, dim = q.shape
     kv_len = max_kv_len or page_table.shape[1] * k_pages.shape[1]
     k = gather_pages(k_pages, page_table, kv_len)
@@ -55,7 +56,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
 
 
 def _explicit_attention(q, k_pages, v_pages, page_table, lens_after, scale, page_mass, selected_pages,
-                        selected_counts):
+                        selected_counts, token_level=False):
     """The same attention with explicit probabilities, for the page-mass by-product and sparse pages."""
     batch, q_len, heads, dim = q.shape
     page_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
@@ -71,11 +72,14 @@ def _explicit_attention(q, k_pages, v_pages, page_table, lens_after, scale, page
     if selected_pages is not None:
         n_sel = selected_pages.shape[2]
         valid = torch.arange(n_sel, device=q.device) < selected_counts[..., None]  # [b, hkv, K]
-        # scatter_add, not scatter: padding entries point at page 0 too and must not overwrite it.
-        chosen = torch.zeros(batch, kv_heads, page_table.shape[1], dtype=torch.int32, device=q.device)
+        # scatter_add, not scatter: padding entries point at item 0 too and must not overwrite it.
+        items = kv_len if token_level else page_table.shape[1]
+        chosen = torch.zeros(batch, kv_heads, items, dtype=torch.int32, device=q.device)
         chosen.scatter_add_(2, torch.where(valid, selected_pages.long(), 0), valid.int())
         chosen = chosen > 0
-        allowed = allowed & chosen.repeat_interleave(page_size, dim=2)[:, :, None, None, :]
+        if not token_level:
+            chosen = chosen.repeat_interleave(page_size, dim=2)
+        allowed = allowed & chosen[:, :, None, None, :]
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     out = torch.einsum("bhgtl,bhld->bhgtd", probs, v).permute(0, 3, 1, 2, 4).reshape(q.shape).to(q.dtype)
     if not page_mass:
@@ -114,3 +118,20 @@ def quest_page_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Ten
     n_pages = (lens.long() + page_size - 1) // page_size
     past = torch.arange(page_table.shape[1], device=q.device)[None, :] >= n_pages[:, None]
     return bound.masked_fill(past[:, :, None], float("-inf")).transpose(1, 2)
+
+
+def two_row_token_scores(q: torch.Tensor, k_pages: torch.Tensor, page_table: torch.Tensor, lens_after: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """Vegas's selection scores: softmax weights of the first and the last new row, averaged over all query
+    heads and both rows. q: [batch, q_len, heads, dim] -> [batch, page_table.shape[1] * page_size] fp32."""
+    batch, q_len, heads, dim = q.shape
+    kv_len = page_table.shape[1] * k_pages.shape[1]
+    kv_heads = k_pages.shape[2]
+    k = gather_pages(k_pages, page_table, kv_len).float()                      # [b, hkv, L, d]
+    rows = torch.tensor([0, q_len - 1], device=q.device)
+    qr = q[:, rows].float().view(batch, 2, kv_heads, heads // kv_heads, dim)
+    scores = torch.einsum("brhgd,bhld->brhgl", qr, k) * scale
+    query_pos = lens_after.long()[:, None] - q_len + rows                      # [b, 2]
+    visible = torch.arange(kv_len, device=q.device)[None, None, :] <= query_pos[:, :, None]
+    probs = torch.softmax(scores.masked_fill(~visible[:, :, None, None], float("-inf")), dim=-1)
+    return probs.mean(dim=(1, 2, 3))
