@@ -19,14 +19,14 @@ from benchmarks.common import RESULTS, environment, gutenberg_tokens  # noqa: E4
 from specattn.api import METHODS, SpeculationParams, make_policy  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
-from specattn.decoding.self_speculative import generate_self_speculative  # noqa: E402
+from specattn.decoding.self_speculative import cache_tokens_needed, generate_self_speculative  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.loader import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 
 
 def run(model, method: str, prompts: list[list[int]], new_tokens: int, spec: SpeculationParams):
     params = GenerationParams(max_new_tokens=new_tokens)
-    need = len(prompts[0]) + new_tokens + spec.gamma + 1
+    need = cache_tokens_needed(len(prompts[0]), new_tokens, spec.gamma)
     if METHODS[method] is None:
         cache = PagedKVCache(model.cfg, len(prompts), need, dtype=torch.bfloat16, device="cuda")
         generate_ar(model, cache, prompts, params)                      # warm-up (compile, graph capture)

@@ -108,9 +108,9 @@ class Session:
             cache = self.make_cache(len(ids), max(len(i) for i in ids) + max_new_tokens)
             result = generate_ar(self.model, cache, ids, params)
         else:
-            from .decoding.self_speculative import generate_self_speculative
+            from .decoding.self_speculative import cache_tokens_needed, generate_self_speculative
             policy = make_policy(method, spec, self.model.cfg.num_layers)
-            cache = self.make_cache(len(ids), max(len(i) for i in ids) + max_new_tokens + spec.gamma + 1,
+            cache = self.make_cache(len(ids), cache_tokens_needed(max(len(i) for i in ids), max_new_tokens, spec.gamma),
                                     track_key_bounds=policy.needs_key_bounds)
             result = generate_self_speculative(self.model, cache, ids, params, policy, spec.gamma)
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]

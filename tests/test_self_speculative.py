@@ -202,3 +202,16 @@ def test_vegas_selection_is_token_level_head_shared_and_keeps_the_recent_window(
         assert set(liked) <= set(tokens) and tokens == sorted(tokens)
         assert set(range(395, 403)) <= set(tokens)                # last verify window + this round's drafts
         assert len(tokens) <= k + 8 and max(tokens) == 402
+
+
+def test_a_batch_with_different_acceptance_fits_the_advertised_cache(model_and_prompts):
+    """Sequences that finish early stop growing: the run fits in cache_tokens_needed() per sequence."""
+    from specattn.decoding.self_speculative import cache_tokens_needed
+    model, prompts, ar = model_and_prompts
+    cap = cache_tokens_needed(max(len(p) for p in prompts), 64, 4)
+    cache = PagedKVCache(model.cfg, 3, cap, page_size=1)        # page size 1: no slack from rounding up
+    res = generate_self_speculative(model, cache, prompts, GenerationParams(max_new_tokens=64),
+                                    VerificationGuidedPolicy(64), gamma=4)
+    assert res.tokens == ar
+    for n, prompt in zip(cache.host_lens(), prompts, strict=True):    # nobody grew after finishing
+        assert n <= len(prompt) + 64 + 4

@@ -22,13 +22,19 @@ from .runner import check_prompts, prefill
 from .sampling import probabilities, sample
 
 
+def cache_tokens_needed(prompt_tokens: int, max_new_tokens: int, gamma: int) -> int:
+    """Per-sequence cache capacity a run needs: a sequence that is done stops growing, but it can be done
+    with up to gamma tokens to spare and still takes part in one more round of gamma + 1 tokens."""
+    return prompt_tokens + max_new_tokens + 2 * gamma + 1
+
+
 @torch.no_grad()
 def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: list[list[int]],
                               params: GenerationParams, policy: SelectionPolicy,
                               gamma: int = 4) -> GenerationResult:
     if gamma <= 0:
         raise InvalidInputError(f"gamma (draft tokens per round) must be > 0, got {gamma}")
-    check_prompts(model, cache, prompts, params.max_new_tokens + gamma + 1)
+    check_prompts(model, cache, prompts, cache_tokens_needed(0, params.max_new_tokens, gamma))
     device, batch = cache.device, len(prompts)
     sampling = params.sampling
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -86,7 +92,9 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
             accepted, emitted = accept_sampling(drafts_t, torch.stack(draft_probs, dim=1),
                                                 probabilities(target_logits, sampling), generator)
         accepted_list = accepted.tolist()
-        cache.truncate([n + 1 + a for n, a in zip(start_lens, accepted_list, strict=True)])
+        # Sequences that already have their tokens keep their length while the others catch up.
+        done = [len(o) >= params.max_new_tokens for o in out]
+        cache.truncate([n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)])
         if view.page_mass is not None:
             policy.observe(view.page_mass)
         if view.token_scores is not None:
@@ -94,8 +102,10 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         timers["verify_s"] += _lap(device, t)
 
         for b, row in enumerate(emitted.tolist()):
-            out[b].extend(x for x in row if x >= 0)
-        next_tok = emitted.gather(1, accepted[:, None]).squeeze(1)
+            if not done[b]:
+                out[b].extend(x for x in row if x >= 0)
+        next_tok = torch.where(torch.tensor(done, device=device), next_tok,
+                               emitted.gather(1, accepted[:, None]).squeeze(1))
         accepted_hist.extend(accepted_list)
         for a in accepted_list:
             per_position[:a] += 1
