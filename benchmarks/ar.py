@@ -76,6 +76,17 @@ def decode_step_row(model, name: str, batch: int, ctx: int, copy_gbs: float) -> 
     return row
 
 
+def decode_step_rows(model, name: str, contexts: tuple[int, ...], copy_gbs: float,
+                     batches: tuple[int, ...] = (1, 8, 32)) -> list[dict]:
+    rows = []
+    for ctx in contexts:
+        for batch in batches:
+            rows.append(decode_step_row(model, name, batch, ctx, copy_gbs))
+            torch.cuda.empty_cache()
+            print(rows[-1], flush=True)
+    return rows
+
+
 def e2e_row(model, prompts: list[list[int]], new_tokens: int, reps: int = 3) -> dict:
     """Tokens/s of a whole generate call (prefill included), graph captured beforehand, median of reps."""
     cache = PagedKVCache(model.cfg, len(prompts), len(prompts[0]) + new_tokens, dtype=model.embed.weight.dtype,
@@ -128,23 +139,13 @@ def main() -> None:
         row = e2e_row(model, prompts, 128)
         out["rows"].append(row)
         print(row, flush=True)
-    for ctx in (1024, 8064):
-        for batch in (1, 8, 32):
-            row = decode_step_row(model, "real", batch, ctx, copy)
-            torch.cuda.empty_cache()
-            out["rows"].append(row)
-            print(row, flush=True)
+    out["rows"] += decode_step_rows(model, "real", (1024, 8064), copy)
     del model
     torch.cuda.empty_cache()
 
     if not args.skip_8b:
         model8b = random_model(LLAMA3_8B)
-        for ctx in (1024, 8192, 32768):
-            for batch in (1, 8, 32):
-                row = decode_step_row(model8b, "llama3-8b-random", batch, ctx, copy)
-                torch.cuda.empty_cache()
-                out["rows"].append(row)
-                print(row, flush=True)
+        out["rows"] += decode_step_rows(model8b, "llama3-8b-random", (1024, 8192, 32768), copy)
         del model8b
 
     def find(**kw):

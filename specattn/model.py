@@ -137,9 +137,3 @@ class Transformer(nn.Module):
         if not all_logits:
             x = x[:, -1:]
         return fns["final_logits"](x, self.norm.weight, self.cfg.rms_norm_eps, self.lm_head.weight)
-
-    @torch.no_grad()
-    def load_hf_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy weights named as in HF Llama/Qwen2 checkpoints, fusing q/k/v and gate/up."""
-        from .loader import take_hf_weights
-        take_hf_weights(self, tensors)
