@@ -45,8 +45,9 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     out = [[t] for t in next_tok.tolist()]
     policy.reset(cache)
     accepted_hist, per_position = [], torch.zeros(gamma, dtype=torch.long)
-    draft_bytes = 0
+    draft_bytes = rounds = 0
     while min(len(o) for o in out) < params.max_new_tokens:
+        rounds += 1
         if params.stop_token_ids and all(any(t in params.stop_token_ids for t in o) for o in out):
             break
         start_lens = cache.host_lens()
@@ -55,27 +56,13 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         timers["select_s"] += _lap(device, t)
 
         t = time.perf_counter()
-        cache.reserve(gamma + 1)
-        drafts, draft_probs, tok = [], [], next_tok
-        for _ in range(gamma):
-            view = cache.step_view(1)
-            view.selection = selection
-            logits = model(tok[:, None], cache, view)[:, -1]
-            cache.advance(1)
-            if sampling.greedy:
-                tok = logits.argmax(-1)
-            else:
-                probs = probabilities(logits, sampling)
-                tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-                draft_probs.append(probs)
-            drafts.append(tok)
+        drafts_t, draft_probs = _draft(model, cache, selection, next_tok, gamma, sampling, generator)
         draft_bytes += _draft_bytes_read(cache, selection, start_lens, gamma)
         cache.truncate(start_lens)       # the drafts' K/V came from sparse attention: verification rewrites them
         timers["draft_s"] += _lap(device, t)
 
         t = time.perf_counter()
         cache.reserve(gamma + 1)         # truncate gave the drafts' trailing pages back
-        drafts_t = torch.stack(drafts, dim=1)                                   # [batch, gamma]
         view = cache.step_view(gamma + 1)
         if policy.wants_page_mass:
             view.page_mass = torch.zeros(model.cfg.num_layers, batch, model.cfg.num_kv_heads,
@@ -89,8 +76,8 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         if sampling.greedy:
             accepted, emitted = accept_greedy(drafts_t, target_logits)
         else:
-            accepted, emitted = accept_sampling(drafts_t, torch.stack(draft_probs, dim=1),
-                                                probabilities(target_logits, sampling), generator)
+            accepted, emitted = accept_sampling(drafts_t, draft_probs, probabilities(target_logits, sampling),
+                                                generator)
         accepted_list = accepted.tolist()
         # Sequences that already have their tokens keep their length while the others catch up.
         done = [len(o) >= params.max_new_tokens for o in out]
@@ -106,13 +93,12 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
                 out[b].extend(x for x in row if x >= 0)
         next_tok = torch.where(torch.tensor(done, device=device), next_tok,
                                emitted.gather(1, accepted[:, None]).squeeze(1))
-        accepted_hist.extend(accepted_list)
-        for a in accepted_list:
+        for a in (a for a, d in zip(accepted_list, done, strict=True) if not d):   # idle rounds do not count
+            accepted_hist.append(a)
             per_position[:a] += 1
     _sync(device)
     total = time.perf_counter() - t0
     tokens = [cut_at_stop(o[: params.max_new_tokens], params.stop_token_ids) for o in out]
-    rounds = len(accepted_hist) // batch
     new = sum(len(t) for t in tokens)
     return GenerationResult(tokens, {
         "method": f"self-spec:{policy.name}", "gamma": gamma, "new_tokens": new, "total_s": total,
@@ -122,6 +108,27 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         "acceptance_per_position": (per_position.float() / max(1, len(accepted_hist))).tolist(),
         "kv_bytes_read_verify": cache.kv_bytes_read, "kv_bytes_read_draft": draft_bytes, **timers,
     })
+
+
+def _draft(model: Transformer, cache: PagedKVCache, selection, first_tok: torch.Tensor, gamma: int,
+           sampling, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """gamma sparse decode steps from first_tok: drafts [batch, gamma] and, when sampling, the draft's
+    distributions [batch, gamma, vocab]. Leaves the drafts' K/V in the cache for the caller to roll back."""
+    cache.reserve(gamma + 1)
+    drafts, probs_list, tok = [], [], first_tok
+    for _ in range(gamma):
+        view = cache.step_view(1)
+        view.selection = selection
+        logits = model(tok[:, None], cache, view)[:, -1]
+        cache.advance(1)
+        if sampling.greedy:
+            tok = logits.argmax(-1)
+        else:
+            probs = probabilities(logits, sampling)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            probs_list.append(probs)
+        drafts.append(tok)
+    return torch.stack(drafts, dim=1), (torch.stack(probs_list, dim=1) if probs_list else None)
 
 
 def _lap(device: torch.device, start: float) -> float:
