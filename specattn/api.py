@@ -40,11 +40,11 @@ def make_policy(method: str, spec: SpeculationParams, num_layers: int):
     kind = METHODS[method]
     if kind == "full":
         return POLICIES["full"]()
+    if any(not 0 <= layer < num_layers for layer in spec.dense_layers):
+        raise InvalidInputError(f"dense layers {spec.dense_layers} must be within 0..{num_layers - 1}")
     if kind == "vegas":   # --budget below 1: Vegas's ratio (floor 256 tokens); otherwise the floor, ratio 0.05
         ratio, floor = (spec.budget, 256) if spec.budget < 1 else (0.05, int(spec.budget))
         return POLICIES["vegas"](ratio, floor, dense_layers=spec.dense_layers)
-    if any(not 0 <= layer < num_layers for layer in spec.dense_layers):
-        raise InvalidInputError(f"dense layers {spec.dense_layers} must be within 0..{num_layers - 1}")
     return POLICIES[kind](spec.budget, dense_layers=spec.dense_layers)
 
 

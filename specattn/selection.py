@@ -73,7 +73,11 @@ class QuestSelection:
         return top_pages(scores, self.forced, self.valid, self.budget_pages)
 
     def tokens_selected(self, page_size: int) -> int:
-        return 0   # decided per step; accounted as the budget by the caller
+        """Token slots listed per step: min(budget, pages that exist) per sequence, KV head and sparse layer
+        (which pages is decided per step; how many is not)."""
+        sparse_layers = self.key_min.shape[0] - len(self.dense_layers)
+        per_seq = self.valid.sum(-1).clamp(max=self.budget_pages)
+        return int(per_seq.sum().item()) * self.key_min.shape[2] * sparse_layers * page_size
 
 
 def budget_pages(budget: float, context_tokens: int, page_size: int) -> int:
@@ -118,14 +122,18 @@ class ScoredPagePolicy(SelectionPolicy):
         """[layers, batch, kv_heads, max_pages] or None (no preference: sinks + window only)."""
         return None
 
+    def recent_window_tokens(self, cache: PagedKVCache, gamma: int) -> int:
+        return self.window_tokens
+
     def forced_pages(self, cache: PagedKVCache, gamma: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(forced [batch, pages]: sinks + recent window incl. the draft tokens, valid [batch, pages], k)."""
         ps = cache.page_size
+        window_tokens = self.recent_window_tokens(cache, gamma)
         lens = torch.tensor(cache.host_lens(), device=cache.device)
         n_pages = (lens + gamma + ps - 1) // ps        # pages that exist once the draft steps ran
         page = torch.arange(cache.max_pages_per_seq, device=cache.device)
         sink = page[None, :] < -(-self.sink_tokens // ps)
-        window = page[None, :] >= ((lens - self.window_tokens).clamp(min=0) // ps)[:, None]
+        window = page[None, :] >= ((lens - window_tokens).clamp(min=0) // ps)[:, None]
         valid = page[None, :] < n_pages[:, None]
         forced = (sink | window) & valid
         k = max(budget_pages(self.budget, int(lens.max()), ps), int(forced.sum(-1).max()))
@@ -148,11 +156,10 @@ class StreamingPolicy(ScoredPagePolicy):
     def __init__(self, budget: float, sink_tokens: int = 16, dense_layers: tuple[int, ...] = ()):
         super().__init__(budget, sink_tokens, 0, dense_layers)
 
-    def select(self, cache: PagedKVCache, gamma: int) -> PageSelection:
-        context = max(cache.host_lens())
-        self.window_tokens = max(0, budget_pages(self.budget, context, cache.page_size) * cache.page_size
-                                 - self.sink_tokens - gamma)
-        return super().select(cache, gamma)
+    def recent_window_tokens(self, cache: PagedKVCache, gamma: int) -> int:
+        """Whatever of the budget the sinks and this round's drafts leave."""
+        budget_tokens = budget_pages(self.budget, max(cache.host_lens()), cache.page_size) * cache.page_size
+        return max(0, budget_tokens - self.sink_tokens - gamma)
 
 
 class VerificationGuidedPolicy(ScoredPagePolicy):

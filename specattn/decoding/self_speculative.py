@@ -47,9 +47,9 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     accepted_hist, per_position = [], torch.zeros(gamma, dtype=torch.long)
     draft_bytes = rounds = 0
     while min(len(o) for o in out) < params.max_new_tokens:
-        rounds += 1
         if params.stop_token_ids and all(any(t in params.stop_token_ids for t in o) for o in out):
             break
+        rounds += 1
         start_lens = cache.host_lens()
         t = time.perf_counter()
         selection = policy.select(cache, gamma)
@@ -106,7 +106,7 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         "mean_accepted_len": 1 + sum(accepted_hist) / max(1, len(accepted_hist)),   # incl. the bonus token
         "acceptance_rate": sum(accepted_hist) / max(1, len(accepted_hist) * gamma),
         "acceptance_per_position": (per_position.float() / max(1, len(accepted_hist))).tolist(),
-        "kv_bytes_read_verify": cache.kv_bytes_read, "kv_bytes_read_draft": draft_bytes, **timers,
+        "kv_bytes_read_prefill_and_verify": cache.kv_bytes_read, "kv_bytes_read_draft": draft_bytes, **timers,
     })
 
 
