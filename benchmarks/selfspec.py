@@ -1,8 +1,10 @@
-"""Self-speculative decoding on the GPU, real default model: every method against AR in the same run.
+"""Self-speculative decoding on the GPU: every method against AR in the same run, plus per-step costs.
 
-Preliminary (issue 5 is open): the speculative loop runs eagerly (no CUDA graphs for draft/verify steps yet),
-so its tokens/s are not yet comparable with the graph-captured AR; acceptance, match with AR and KV bytes are.
-Writes benchmarks/results/selfspec.json (or --out).
+Part 1, real default model (SmolLM2-135M, bf16): decode tokens/s of ar, magicdec, quest, specattn-y and vegas at
+each (batch, context) cell and budget, greedy (tokens checked against AR) and with sampling (T 0.6, top-p 0.95);
+acceptance and the draft / verify / select split. Part 2, Llama-3-8B-shaped random model at 32K: graph-timed
+cost of a dense decode step, a verify step with and without the page-mass by-product, sparse draft steps by
+budget, and selection. Writes benchmarks/results/selfspec.json (or --out); the last lines printed are a table.
 """
 from __future__ import annotations
 
@@ -15,66 +17,233 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, environment, gutenberg_tokens  # noqa: E402
+from benchmarks.common import LLAMA3_8B, RESULTS, environment, graph_ms, gutenberg_tokens, random_model  # noqa: E402
 from specattn.api import METHODS, SpeculationParams, make_policy  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
+from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import cache_tokens_needed, generate_self_speculative  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.loader import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
+from specattn.selection import StreamingPolicy, VerificationGuidedPolicy  # noqa: E402
+
+SPARSE_METHODS = ("magicdec", "quest", "specattn-y", "vegas")
+STATS = ("mean_accepted_len", "acceptance_rate", "acceptance_per_position", "draft_s", "verify_s", "select_s",
+         "kv_bytes_read_draft", "kv_bytes_read_prefill_and_verify", "rounds", "prefill_s")
 
 
-def run(model, method: str, prompts: list[list[int]], new_tokens: int, spec: SpeculationParams):
-    params = GenerationParams(max_new_tokens=new_tokens)
-    need = cache_tokens_needed(len(prompts[0]), new_tokens, spec.gamma)
-    if METHODS[method] is None:
-        cache = PagedKVCache(model.cfg, len(prompts), need, dtype=torch.bfloat16, device="cuda")
-        generate_ar(model, cache, prompts, params)                      # warm-up (compile, graph capture)
+DEVICE = "cuda"      # the CPU smoke test in tests/ sets "cpu"
+
+
+def _sync():
+    if DEVICE == "cuda":
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        res = generate_ar(model, cache, prompts, params)
-    else:
-        policy = make_policy(method, spec, model.cfg.num_layers)
-        cache = PagedKVCache(model.cfg, len(prompts), need, dtype=torch.bfloat16, device="cuda",
-                             track_key_bounds=policy.needs_key_bounds)
-        generate_self_speculative(model, cache, prompts, GenerationParams(max_new_tokens=8), policy, spec.gamma)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        res = generate_self_speculative(model, cache, prompts, params, policy, spec.gamma)
-    torch.cuda.synchronize()
+
+
+def timed(fn):
+    _sync()
+    t0 = time.perf_counter()
+    res = fn()
+    _sync()
     return res, time.perf_counter() - t0
+
+
+def run_method(model, caches, method: str, prompts, new_tokens: int, spec: SpeculationParams,
+               sampling: SamplingParams):
+    """Warm-up run (compiles, captures graphs), then the measured run reusing those graphs."""
+    params = GenerationParams(max_new_tokens=new_tokens, sampling=sampling)
+    warm = GenerationParams(max_new_tokens=4 * spec.gamma, sampling=sampling)
+    if METHODS[method] is None:
+        runner = generate_ar(model, caches["plain"], prompts, warm).runner
+        return timed(lambda: generate_ar(model, caches["plain"], prompts, params, runner))
+    policy = make_policy(method, spec, model.cfg.num_layers)
+    cache = caches["bounds" if policy.needs_key_bounds else "plain"]
+    steps = generate_self_speculative(model, cache, prompts, warm, policy, spec.gamma).runner
+    return timed(lambda: generate_self_speculative(model, cache, prompts, params, policy, spec.gamma, steps))
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
+def cell_prompts(text: list[int], batch: int, ctx: int) -> list[list[int]]:
+    """Different windows of the book per sequence (they overlap when batch x ctx exceeds the book)."""
+    stride = max(1, (len(text) - ctx) // batch)
+    return [text[i * stride: i * stride + ctx] for i in range(batch)]
+
+
+def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, methods, log) -> list[dict]:
+    rows = []
+    for batch, ctx in cells:
+        prompts = cell_prompts(text, batch, ctx)
+        need = cache_tokens_needed(ctx, new_tokens, gamma)
+        caches = {"plain": PagedKVCache(model.cfg, batch, need, dtype=model.embed.weight.dtype, device=DEVICE)}
+        if "quest" in methods:
+            caches["bounds"] = PagedKVCache(model.cfg, batch, need, dtype=model.embed.weight.dtype, device=DEVICE,
+                                            track_key_bounds=True)
+        configs = [("ar", None)] + [(m, b) for m in methods for b in (budgets if m != "vegas" else [256])]
+        ar = None
+        for method, budget in configs:
+            spec = SpeculationParams(budget or 256, gamma, (0,))
+            res, secs = run_method(model, caches, method, prompts, new_tokens, spec, sampling)
+            if method == "ar":
+                ar = res
+            same = [first_difference(x, y) for x, y in zip(res.tokens, ar.tokens, strict=True)]
+            row = {"method": method, "budget": budget, "batch": batch, "context": ctx, "gamma": gamma,
+                   "greedy": sampling.greedy, "seconds": secs,
+                   "tokens_per_s": sum(len(t) for t in res.tokens) / secs,
+                   "decode_tokens_per_s": res.stats["decode_tokens_per_s"],
+                   "same_tokens_as_ar": min(same) == new_tokens if sampling.greedy else None,
+                   **{k: res.stats[k] for k in STATS if k in res.stats}}
+            row["decode_speedup_vs_ar"] = row["decode_tokens_per_s"] / ar.stats["decode_tokens_per_s"]
+            rows.append(row)
+            log(row)
+        del caches
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def step_costs_8b(ctx: int, batch: int, gamma: int, budgets: list[int]) -> dict:
+    """Graph-timed per-step costs on the 8B-shaped random model: what one round of each method costs."""
+    model = random_model(LLAMA3_8B)
+    model.compile_steps()
+    cache = PagedKVCache(model.cfg, batch, ctx + 2 * gamma + 2, dtype=torch.bfloat16, device="cuda")
+    cache.reset(batch)
+    cache.reserve(ctx)
+    cache.advance(ctx)                   # K/V contents do not change the cost; lengths do
+    cache.reserve(gamma + 1)
+    tok1 = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    tokv = torch.zeros(batch, gamma + 1, dtype=torch.long, device="cuda")
+    mass = torch.zeros(model.cfg.num_layers, batch, model.cfg.num_kv_heads, cache.max_pages_per_seq, device="cuda")
+
+    def step(tokens, selection=None, page_mass=None):
+        view = cache.step_view(tokens.shape[1], static=True)
+        view.selection, view.page_mass = selection, page_mass
+        return model(tokens, cache, view, all_logits=tokens.shape[1] > 1)
+
+    out = {"context": ctx, "batch": batch, "gamma": gamma,
+           "decode_ms": graph_ms(lambda: step(tok1), calls=5),
+           "verify_ms": graph_ms(lambda: step(tokv), calls=5),
+           "verify_page_mass_ms": graph_ms(lambda: step(tokv, page_mass=mass), calls=5)}
+    guided = VerificationGuidedPolicy(budgets[0], dense_layers=(0,))
+    guided.observe(torch.rand_like(mass))
+    out["select_ms"] = _eager_ms(lambda: guided.select(cache, gamma))
+    for budget in budgets:
+        sel = StreamingPolicy(budget, dense_layers=(0,)).select(cache, gamma)
+        out[f"draft_ms_budget_{budget}"] = graph_ms(lambda: step(tok1, sel), calls=5)
+    return out
+
+
+def _eager_ms(fn, reps: int = 20) -> float:
+    """Wall time of an eager host+device call (selection runs eagerly between graphs)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1000
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Best budgets per cell, SpecAttn-Y's speedups, acceptance per method and budget."""
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["greedy"], r["batch"], r["context"]), []).append(r)
+
+    def best(cell, methods):
+        cand = [r for r in cell if r["method"] in methods]
+        return max(cand, key=lambda r: r["decode_tokens_per_s"]) if cand else None
+
+    per_cell = []
+    for (greedy, batch, ctx), cell in sorted(cells.items()):
+        ar = best(cell, ("ar",))
+        ours, vegas, base = best(cell, ("specattn-y",)), best(cell, ("vegas",)), best(cell, ("magicdec", "quest"))
+        y = best(cell, ("specattn-y", "vegas"))
+        entry = {"greedy": greedy, "batch": batch, "context": ctx,
+                 "ar_decode_tokens_per_s": ar["decode_tokens_per_s"]}
+        for name, r in (("specattn_y", ours), ("vegas", vegas), ("best_baseline", base), ("best_specattn_y_mode", y)):
+            if r:
+                entry[f"{name}_method"], entry[f"{name}_budget"] = r["method"], r["budget"]
+                entry[f"{name}_over_ar"] = r["decode_tokens_per_s"] / ar["decode_tokens_per_s"]
+        if y and base:
+            entry["specattn_y_over_best_baseline"] = y["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        per_cell.append(entry)
+    greedy_cells = [c for c in per_cell if c["greedy"] and "best_specattn_y_mode_over_ar" in c]
+    top = max(greedy_cells, key=lambda c: c["best_specattn_y_mode_over_ar"]) if greedy_cells else {}
+    acceptance = {}
+    for r in rows:
+        if r["method"] != "ar":
+            key = f"{r['method']}@{r['budget']}" + ("" if r["greedy"] else ":sampling")
+            acceptance.setdefault(key, {})[f"b{r['batch']}_ctx{r['context']}"] = round(r["mean_accepted_len"], 3)
+    return {
+        "specattn_y_over_ar": top.get("best_specattn_y_mode_over_ar"),
+        "specattn_y_over_ar_cell": {k: top.get(k) for k in ("batch", "context", "best_specattn_y_mode_method",
+                                                              "best_specattn_y_mode_budget")},
+        "specattn_y_over_best_baseline": top.get("specattn_y_over_best_baseline"),
+        "specattn_y_over_best_baseline_max": max((c.get("specattn_y_over_best_baseline", 0) for c in per_cell),
+                                                 default=None),
+        "all_greedy_runs_match_ar": all(r["same_tokens_as_ar"] for r in rows if r["greedy"]),
+        "acceptance": acceptance, "per_cell": per_cell,
+        "metric": "decode tokens/s (prefill excluded), ratios within one cell of one run",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.environ.get("SPECATTN_DEFAULT_GGUF", DEFAULT_MODEL))
     ap.add_argument("--out", default=str(RESULTS / "selfspec.json"))
+    ap.add_argument("--cells", default="1x4096,1x8000,8x8000,32x4096,32x8000,64x8000",
+                    help="batch x context pairs")
+    ap.add_argument("--sampling-cells", default="1x8000,32x8000")
+    ap.add_argument("--budgets", default="256,512")
+    ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--methods", default=",".join(SPARSE_METHODS))
+    ap.add_argument("--skip-8b", action="store_true")
     args = ap.parse_args()
+
+    def cells(s):
+        return [tuple(int(x) for x in c.split("x")) for c in s.split(",") if c]
+
+    budgets = [int(b) for b in args.budgets.split(",")]
+    methods = args.methods.split(",")
+    env = environment()
     model = load_model(args.model, "cuda", "bf16", progress=False)
     text = gutenberg_tokens(load_tokenizer(args.model))
-    out = {**environment(), "config": {"dtype": "bf16", "greedy": True, "new_tokens": 64, "gamma": 4,
-                                      "budget_tokens": 256, "note": "eager speculative loop (no CUDA graphs yet)"},
-           "rows": []}
-    for batch, ctx in [(1, 4096), (8, 4096)]:
-        prompts = [text[i * ctx: i * ctx + ctx] for i in range(batch)]
-        ar_tokens = None
-        for method in ("ar", "selfspec-full", "magicdec", "quest", "specattn-y", "vegas"):
-            res, secs = run(model, method, prompts, 64, SpeculationParams(256, 4, (0,)))
-            if method == "ar":
-                ar_tokens = res.tokens
-            same = [first_difference(x, y) for x, y in zip(res.tokens, ar_tokens, strict=True)]
-            row = {"method": method, "batch": batch, "context": ctx, "seconds": secs,
-                   "tokens_per_s": sum(len(t) for t in res.tokens) / secs, "same_prefix_as_ar_min": min(same),
-                   **{k: res.stats[k] for k in ("mean_accepted_len", "acceptance_rate", "acceptance_per_position",
-                                                "draft_s", "verify_s", "select_s", "kv_bytes_read_draft")
-                      if k in res.stats}}
-            out["rows"].append(row)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    partial = Path(args.out).with_suffix(".partial.json")
+    table: list[dict] = []
+
+    def log(row):
+        table.append(row)          # written as it goes, so a run cut short still leaves its rows
+        write_json_atomic(partial, {**env, "rows": table})
+        print(f"{'greedy' if row['greedy'] else 'T0.6':6} b{row['batch']:<3} ctx{row['context']:<5} "
+              f"{row['method']:>10}@{row['budget'] or '-':<4} decode {row['decode_tokens_per_s']:9.1f} tok/s "
+              f"x{row['decode_speedup_vs_ar']:.2f} acc {row.get('mean_accepted_len', 1):.2f} "
+              f"same={row['same_tokens_as_ar']}", flush=True)
+
+    rows = real_model_rows(model, text, cells(args.cells), budgets, args.gamma, args.new_tokens,
+                           SamplingParams(), methods, log)
+    rows += real_model_rows(model, text, cells(args.sampling_cells), budgets, args.gamma, args.new_tokens,
+                            SamplingParams(0.6, 0.95, seed=0), methods, log)
+    del model
+    torch.cuda.empty_cache()
+    costs = []
+    for batch in () if args.skip_8b else (1, 8):
+        costs.append(step_costs_8b(32768, batch, args.gamma, [512, 1024, 2048]))
+        torch.cuda.empty_cache()
+    out = {**env, "config": {"dtype": "bf16", "gamma": args.gamma, "new_tokens": args.new_tokens,
+                             "budgets_tokens": budgets, "dense_layers": [0], "vegas": "5% of context, >= 256 tokens",
+                             "sampling": "T 0.6, top-p 0.95", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF -> bf16)"},
+           "summary": summarize(rows), "rows": rows, "step_costs_llama3_8b_shape": costs}
     write_json_atomic(args.out, out)
+    for c in costs:
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in c.items()})
+    s = out["summary"]
+    print(f"specattn_y_over_ar {s['specattn_y_over_ar']} at {s['specattn_y_over_ar_cell']}; "
+          f"over best baseline {s['specattn_y_over_best_baseline']}; all greedy == AR: {s['all_greedy_runs_match_ar']}")
 
 
 if __name__ == "__main__":

@@ -28,11 +28,12 @@ class PageSelection:
         """The page lists of one layer for this step: [batch, kv_heads, K] and counts [batch, kv_heads]."""
         return self.pages[layer], self.counts[layer]
 
-    def tokens_selected(self, page_size: int) -> int:
-        """Token slots the draft attention reads per step, summed over sparse layers, sequences and KV heads."""
+    def tokens_selected(self, page_size: int) -> torch.Tensor:
+        """Token slots the draft attention reads per step, summed over sparse layers, sequences and KV heads
+        (a device scalar: reading it would sync the loop)."""
         sparse = [layer for layer in range(self.counts.shape[0]) if layer not in self.dense_layers]
         per_item = 1 if self.token_level else page_size
-        return int(self.counts[sparse].sum().item()) * per_item if sparse else 0
+        return self.counts[sparse].sum() * per_item if sparse else torch.zeros((), device=self.counts.device)
 
 
 def top_pages(score: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor, k: int,
@@ -72,12 +73,12 @@ class QuestSelection:
                                    view.page_table, view.lens_after, self.page_size)
         return top_pages(scores, self.forced, self.valid, self.budget_pages)
 
-    def tokens_selected(self, page_size: int) -> int:
+    def tokens_selected(self, page_size: int) -> torch.Tensor:
         """Token slots listed per step: min(budget, pages that exist) per sequence, KV head and sparse layer
-        (which pages is decided per step; how many is not)."""
+        (which pages is decided per step; how many is not). A device scalar."""
         sparse_layers = self.key_min.shape[0] - len(self.dense_layers)
         per_seq = self.valid.sum(-1).clamp(max=self.budget_pages)
-        return int(per_seq.sum().item()) * self.key_min.shape[2] * sparse_layers * page_size
+        return per_seq.sum() * (self.key_min.shape[2] * sparse_layers * page_size)
 
 
 def budget_pages(budget: float, context_tokens: int, page_size: int) -> int:
@@ -129,14 +130,19 @@ class ScoredPagePolicy(SelectionPolicy):
         """(forced [batch, pages]: sinks + recent window incl. the draft tokens, valid [batch, pages], k)."""
         ps = cache.page_size
         window_tokens = self.recent_window_tokens(cache, gamma)
-        lens = torch.tensor(cache.host_lens(), device=cache.device)
-        n_pages = (lens + gamma + ps - 1) // ps        # pages that exist once the draft steps ran
+        host_lens = cache.host_lens()
+        sink_pages = -(-self.sink_tokens // ps)
+        first_window = [max(0, n - window_tokens) // ps for n in host_lens]
+        n_pages = [-(-(n + gamma) // ps) for n in host_lens]        # pages that exist once the draft steps ran
+        # Counted on the host (a device count would sync the loop): pages that are sink or window or both.
+        most_forced = max(min(sink_pages, f) + (p - f) for f, p in zip(first_window, n_pages, strict=True))
         page = torch.arange(cache.max_pages_per_seq, device=cache.device)
-        sink = page[None, :] < -(-self.sink_tokens // ps)
-        window = page[None, :] >= ((lens - window_tokens).clamp(min=0) // ps)[:, None]
-        valid = page[None, :] < n_pages[:, None]
-        forced = (sink | window) & valid
-        k = max(budget_pages(self.budget, int(lens.max()), ps), int(forced.sum(-1).max()))
+        first_window_t = torch.tensor(first_window, device=cache.device)
+        n_pages_t = torch.tensor(n_pages, device=cache.device)
+        window = page[None, :] >= first_window_t[:, None]
+        valid = page[None, :] < n_pages_t[:, None]
+        forced = ((page[None, :] < sink_pages) | window) & valid
+        k = max(budget_pages(self.budget, max(host_lens), ps), most_forced)
         return forced, valid, k
 
     def select(self, cache: PagedKVCache, gamma: int) -> PageSelection:
@@ -220,6 +226,7 @@ class VegasPolicy(SelectionPolicy):
             return None
         layers, batch, max_tokens = self._scores.shape
         lens = cache.host_lens()
+        most_recent = max(n + gamma - s for n, s in zip(lens, self._verify_start, strict=True))
         start = torch.tensor(self._verify_start, device=cache.device)
         end = torch.tensor(lens, device=cache.device) + gamma
         pos = torch.arange(max_tokens, device=cache.device)
@@ -227,7 +234,7 @@ class VegasPolicy(SelectionPolicy):
         recent = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
         k = max(self.min_tokens, math.ceil(self.ratio * max(lens)))
         tokens, counts = top_pages(self._scores[:, :, None], recent, context | recent,
-                                   k + int(recent.sum(-1).max()))                      # [layers, batch, 1, K]
+                                   k + most_recent)                      # [layers, batch, 1, K]
         heads = cache.cfg.num_kv_heads                                                  # shared by every head
         return PageSelection(tokens.expand(-1, -1, heads, -1).contiguous(), counts.expand(-1, -1, heads).contiguous(),
                              self.dense_layers, token_level=True)

@@ -96,3 +96,21 @@ def test_bad_requests_are_clear_errors(tiny_cfg):
         SamplingParams(1.0, 1.5)
     with pytest.raises(InvalidInputError, match="temperature"):
         SamplingParams(-1.0)
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_tokens():
+    """The graph-friendly sampler: chi-square against the distribution; tokens of probability 0 never drawn,
+    also at the edges u -> 0 and u = 1."""
+    from specattn.decoding.sampling import sample_inverse_cdf
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    n = 20000
+    u = 1 - torch.rand(n, generator=torch.Generator().manual_seed(1))
+    draws = sample_inverse_cdf(probs.expand(n, -1), u)
+    counts = torch.bincount(draws, minlength=6).float()
+    assert counts[[0, 2, 5]].sum() == 0
+    expected = probs * n
+    keep = expected > 0
+    chi2 = (((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum().item()
+    assert chi2 < 13.8                            # 2 degrees of freedom, p = 0.001
+    edges = sample_inverse_cdf(probs.expand(2, -1), torch.tensor([1e-9, 1.0]))
+    assert edges.tolist() == [1, 4]

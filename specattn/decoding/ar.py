@@ -34,6 +34,7 @@ class GenerationParams:
 class GenerationResult:
     tokens: list[list[int]]                      # new tokens per sequence, cut after the first stop token
     stats: dict = field(default_factory=dict)
+    runner: object | None = None    # the run's step runner (CUDA graphs): pass it to a next run of the same shape
 
 
 def cut_at_stop(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:
@@ -86,4 +87,4 @@ def generate_ar(model: Transformer, cache: PagedKVCache, prompts: list[list[int]
         "method": "ar", "new_tokens": new, "prefill_s": t_prefill, "total_s": t_total,
         "tokens_per_s": new / t_total, "decode_tokens_per_s": decode_tokens / max(t_total - t_prefill, 1e-9),
         "kv_bytes_read": cache.kv_bytes_read,
-    })
+    }, runner)

@@ -43,3 +43,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.greedy:
         return logits.argmax(dim=-1)
     return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row of probs [batch, vocab] from uniforms u [batch] in (0, 1], by inverse CDF.
+
+    Same distribution as torch.multinomial, but the randomness comes in as a tensor, so a CUDA graph can
+    replay it with fresh numbers copied in. u > 0 never lands on a zero-probability token.
+    """
+    cdf = probs.cumsum(-1)
+    index = (cdf < u[:, None] * cdf[:, -1:]).sum(-1)
+    return index.clamp(max=probs.shape[-1] - 1)

@@ -1,25 +1,29 @@
 """Self-speculative decoding: the model drafts with a sparse subset of its own KV cache and verifies the
 drafts with the full cache in one pass (SpecAttn-Y / MagicDec-style drafting, by selection policy).
 
-One round: select -> gamma sparse draft steps -> roll the drafts' K/V back (they were computed with sparse
-attention) -> one dense verify pass over [last token, drafts] that rewrites them and, as a by-product,
-gives the attention mass per page -> accept -> truncate to the accepted length -> feed the mass back to
-the policy. Output equals dense AR decoding: token for token under greedy, in distribution when sampling.
+One round: select -> gamma sparse draft steps -> one dense verify pass over [last token, drafts] that
+overwrites the drafts' K/V (computed with sparse attention) and, as a by-product, gives the attention mass
+per page -> accept -> truncate to the accepted length -> feed the mass back to the policy. Output equals
+dense AR decoding: token for token under greedy, in distribution when sampling.
+
+On the GPU the gamma draft steps are one CUDA graph and the verify step another (`RoundSteps`); the draft
+steps move only the device copy of the lengths and put it back, so the host does one sync per round.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
 from ..cache import PagedKVCache
 from ..errors import InvalidInputError
-from ..model import Transformer
-from ..selection import SelectionPolicy
+from ..model import EAGER, Transformer
+from ..selection import PageSelection, QuestSelection, SelectionPolicy
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop
 from .runner import check_prompts, prefill
-from .sampling import probabilities, sample
+from .sampling import SamplingParams, probabilities, sample, sample_inverse_cdf
 
 
 def cache_tokens_needed(prompt_tokens: int, max_new_tokens: int, gamma: int) -> int:
@@ -28,49 +32,235 @@ def cache_tokens_needed(prompt_tokens: int, max_new_tokens: int, gamma: int) -> 
     return prompt_tokens + max_new_tokens + 2 * gamma + 1
 
 
+def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: torch.Tensor, gamma: int,
+                sampling: SamplingParams, uniforms: torch.Tensor | None,
+                kv_len_hint: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """gamma sparse decode steps from first_tok: drafts [batch, gamma] and, when sampling, the draft's
+    distributions [batch, gamma, vocab]. Pages for gamma + 1 tokens must be reserved. Only the device lengths
+    move, and they are put back at the end: the drafts' K/V stay past each sequence's end for the verify
+    step to overwrite. Graph-capturable (kv_len_hint None) and the eager path alike."""
+    batch = first_tok.shape[0]
+    drafts, probs_list, tok = [], [], first_tok
+    for i in range(gamma):
+        view = cache.step_view(1, static=True)
+        view.max_kv_len = None if kv_len_hint is None else kv_len_hint + i + 1
+        view.selection = selection
+        logits = model(tok[:, None], cache, view)[:, -1]
+        cache.lens[:batch] += 1
+        if sampling.greedy:
+            tok = logits.argmax(-1)
+        else:
+            probs = probabilities(logits, sampling)
+            tok = sample_inverse_cdf(probs, uniforms[:, i])
+            probs_list.append(probs)
+        drafts.append(tok)
+    cache.lens[:batch] -= gamma
+    return torch.stack(drafts, dim=1), (torch.stack(probs_list, dim=1) if probs_list else None)
+
+
+class RoundSteps:
+    """The two forward parts of a round, eager or (CUDA) as captured graphs.
+
+    A draft graph is captured per kind of selection (dense, page lists of a capacity, Quest with a page
+    budget); each round copies the policy's fresh selection into that graph's static tensors. The verify
+    graph writes the page mass (or Vegas token scores) into buffers the policy then reads.
+    """
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, policy: SelectionPolicy, batch: int, gamma: int,
+                 sampling: SamplingParams, use_cuda_graph: bool = True):
+        self.model, self.cache, self.batch, self.gamma, self.sampling = model, cache, batch, gamma, sampling
+        self.policy = policy
+        self.use_graph = use_cuda_graph and cache.device.type == "cuda"
+        if self.use_graph and model.step_fns is EAGER:
+            model.compile_steps()
+        cfg, dev = model.cfg, cache.device
+        self.page_mass = self.token_scores = None
+        if policy.wants_page_mass:
+            self.page_mass = torch.zeros(cfg.num_layers, batch, cfg.num_kv_heads, cache.max_pages_per_seq, device=dev)
+        if policy.wants_token_scores:
+            self.token_scores = torch.zeros(cfg.num_layers, batch, cache.max_pages_per_seq * cache.page_size,
+                                            device=dev)
+        self.first_tok = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.uniforms = torch.ones(batch, gamma, device=dev)
+        self.verify_in = torch.zeros(batch, gamma + 1, dtype=torch.long, device=dev)
+        self._draft_graphs: dict[tuple, tuple] = {}
+        self._verify_graph = None
+
+    # ---- draft -----------------------------------------------------------------------------
+    def fits(self, model, cache, policy, batch: int, gamma: int, sampling: SamplingParams) -> bool:
+        """Whether these graphs can serve a run (kept across runs so capture is paid once)."""
+        return (model is self.model and cache is self.cache and policy is self.policy and batch == self.batch
+                and gamma == self.gamma and sampling == self.sampling)
+
+    def draft(self, selection, first_tok: torch.Tensor, generator: torch.Generator):
+        uniforms = None
+        if not self.sampling.greedy:   # (0, 1]: see sample_inverse_cdf
+            uniforms = 1 - torch.rand(self.uniforms.shape, device=self.cache.device, generator=generator)
+        if not self.use_graph:
+            hint = max(self.cache.host_lens())
+            return draft_steps(self.model, self.cache, selection, first_tok, self.gamma, self.sampling, uniforms, hint)
+        key = _selection_key(selection)
+        if key not in self._draft_graphs:
+            self._draft_graphs[key] = self._capture_draft(selection, key)
+        graph, static_sel, out = self._draft_graphs[key]
+        _load_selection(static_sel, selection)
+        self.first_tok.copy_(first_tok)
+        if uniforms is not None:
+            self.uniforms.copy_(uniforms)
+        graph.replay()
+        return out
+
+    def _capture_draft(self, selection, key):
+        static_sel = _static_selection(selection, key)
+        _load_selection(static_sel, selection)
+        graph, out = _capture(lambda: draft_steps(self.model, self.cache, static_sel, self.first_tok, self.gamma,
+                                                  self.sampling, self.uniforms, None))
+        return graph, static_sel, out
+
+    # ---- verify ----------------------------------------------------------------------------
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Dense step over [last token, drafts]: logits [batch, gamma + 1, vocab]; fills the mass buffers."""
+        if not self.use_graph:
+            if self.page_mass is not None:
+                self.page_mass.zero_()
+            view = self.cache.step_view(self.gamma + 1)
+            return self._verify_body(tokens, view)
+        if self._verify_graph is None:
+            self._verify_graph = _capture(
+                lambda: self._verify_body(self.verify_in, self.cache.step_view(self.gamma + 1, static=True)))
+        graph, out = self._verify_graph
+        self.verify_in.copy_(tokens)
+        graph.replay()
+        return out
+
+    def _verify_body(self, tokens, view):
+        view.page_mass, view.token_scores = self.page_mass, self.token_scores
+        return self.model(tokens, self.cache, view, all_logits=True)
+
+
+def _capture(step):
+    """Capture step() as a CUDA graph after two warm-up runs on a side stream (they compile the kernels;
+    their cache writes land past each sequence's end and are overwritten). Returns (graph, step's output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+def _capacity(k: int) -> int:
+    """List capacity a draft graph is captured for: k rounded up to 16 x a power of two, so a budget that grows
+    with the context (a fraction, Vegas's 5%) seldom needs a new capture."""
+    return 16 << max(0, math.ceil(math.log2(max(k, 1) / 16)))
+
+
+def _selection_key(selection) -> tuple:
+    if selection is None:
+        return ("dense",)
+    if isinstance(selection, QuestSelection):
+        return ("quest", selection.budget_pages, selection.dense_layers)
+    return ("pages", _capacity(selection.pages.shape[-1]), selection.dense_layers, selection.token_level)
+
+
+def _static_selection(selection, key: tuple):
+    """Tensors a draft graph reads its selection from, shaped for every round of this key."""
+    if selection is None:
+        return None
+    if isinstance(selection, QuestSelection):
+        return QuestSelection(selection.budget_pages, selection.forced.clone(), selection.valid.clone(),
+                              selection.key_min, selection.key_max, selection.page_size, selection.dense_layers)
+    shape = (*selection.pages.shape[:-1], key[1])
+    return PageSelection(torch.full(shape, -1, dtype=torch.int32, device=selection.pages.device),
+                         selection.counts.clone(), selection.dense_layers, selection.token_level)
+
+
+def _load_selection(static, selection) -> None:
+    if selection is None:
+        return
+    if isinstance(selection, QuestSelection):
+        static.forced.copy_(selection.forced)
+        static.valid.copy_(selection.valid)
+        return
+    k = selection.pages.shape[-1]
+    static.pages[..., :k].copy_(selection.pages)
+    static.pages[..., k:].fill_(-1)
+    static.counts.copy_(selection.counts)
+
+
+class _PhaseTimer:
+    """Draft / verify / select time without syncing inside the loop: CUDA events, read once at the end."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object, object]] = []
+        self.host = {"draft_s": 0.0, "verify_s": 0.0, "select_s": 0.0}
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, phase: str, start) -> None:
+        if self.cuda:
+            self.marks.append((phase, start, self.start()))
+        else:
+            self.host[phase] += time.perf_counter() - start
+
+    def totals(self) -> dict[str, float]:
+        out = dict(self.host)
+        for phase, a, b in self.marks:
+            out[phase] += a.elapsed_time(b) / 1000
+        return out
+
+
 @torch.no_grad()
 def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: list[list[int]],
                               params: GenerationParams, policy: SelectionPolicy,
-                              gamma: int = 4) -> GenerationResult:
+                              gamma: int = 4, steps: RoundSteps | None = None) -> GenerationResult:
+    """Generate up to `params.max_new_tokens` tokens per prompt. `steps`: the RoundSteps (CUDA graphs) of an
+    earlier run of the same model, cache, policy, batch, gamma and sampling, to skip capturing again."""
     if gamma <= 0:
         raise InvalidInputError(f"gamma (draft tokens per round) must be > 0, got {gamma}")
     check_prompts(model, cache, prompts, cache_tokens_needed(0, params.max_new_tokens, gamma))
     device, batch = cache.device, len(prompts)
     sampling = params.sampling
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    timers = {"draft_s": 0.0, "verify_s": 0.0, "select_s": 0.0}
+    timer = _PhaseTimer(device)
     _sync(device)
     t0 = time.perf_counter()
     next_tok = sample(prefill(model, cache, prompts, params.prefill_chunk), sampling, generator)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    if steps is None or not steps.fits(model, cache, policy, batch, gamma, sampling):
+        steps = RoundSteps(model, cache, policy, batch, gamma, sampling, params.use_cuda_graph)
     out = [[t] for t in next_tok.tolist()]
     policy.reset(cache)
     accepted_hist, per_position = [], torch.zeros(gamma, dtype=torch.long)
-    draft_bytes = rounds = 0
+    draft_bytes, rounds = torch.zeros((), dtype=torch.long, device=device), 0
     while min(len(o) for o in out) < params.max_new_tokens:
         if params.stop_token_ids and all(any(t in params.stop_token_ids for t in o) for o in out):
             break
         rounds += 1
         start_lens = cache.host_lens()
-        t = time.perf_counter()
+        t = timer.start()
         selection = policy.select(cache, gamma)
-        timers["select_s"] += _lap(device, t)
+        timer.stop("select_s", t)
 
-        t = time.perf_counter()
-        drafts_t, draft_probs = _draft(model, cache, selection, next_tok, gamma, sampling, generator)
+        t = timer.start()
+        cache.reserve(gamma + 1)
+        drafts_t, draft_probs = steps.draft(selection, next_tok, generator)
         draft_bytes += _draft_bytes_read(cache, selection, start_lens, gamma)
-        cache.truncate(start_lens)       # the drafts' K/V came from sparse attention: verification rewrites them
-        timers["draft_s"] += _lap(device, t)
+        timer.stop("draft_s", t)
 
-        t = time.perf_counter()
-        cache.reserve(gamma + 1)         # truncate gave the drafts' trailing pages back
-        view = cache.step_view(gamma + 1)
-        if policy.wants_page_mass:
-            view.page_mass = torch.zeros(model.cfg.num_layers, batch, model.cfg.num_kv_heads,
-                                         cache.max_pages_per_seq, device=device)
-        if policy.wants_token_scores:
-            view.token_scores = torch.zeros(model.cfg.num_layers, batch, cache.max_pages_per_seq * cache.page_size,
-                                            device=device)
-        target_logits = model(torch.cat([next_tok[:, None], drafts_t], dim=1), cache, view, all_logits=True)
+        t = timer.start()
+        target_logits = steps.verify(torch.cat([next_tok[:, None], drafts_t], dim=1))
         cache.advance(gamma + 1)
         cache.count_read(sum(start_lens) + batch * (gamma + 1))
         if sampling.greedy:
@@ -78,19 +268,20 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         else:
             accepted, emitted = accept_sampling(drafts_t, draft_probs, probabilities(target_logits, sampling),
                                                 generator)
-        accepted_list = accepted.tolist()
+        timer.stop("verify_s", t)
+        host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
+        accepted_list = [row[0] for row in host]
         # Sequences that already have their tokens keep their length while the others catch up.
         done = [len(o) >= params.max_new_tokens for o in out]
         cache.truncate([n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)])
-        if view.page_mass is not None:
-            policy.observe(view.page_mass)
-        if view.token_scores is not None:
-            policy.observe_token_scores(view.token_scores, start_lens)
-        timers["verify_s"] += _lap(device, t)
+        if steps.page_mass is not None:
+            policy.observe(steps.page_mass)
+        if steps.token_scores is not None:
+            policy.observe_token_scores(steps.token_scores, start_lens)
 
-        for b, row in enumerate(emitted.tolist()):
+        for b, row in enumerate(host):
             if not done[b]:
-                out[b].extend(x for x in row if x >= 0)
+                out[b].extend(x for x in row[1:] if x >= 0)
         next_tok = torch.where(torch.tensor(done, device=device), next_tok,
                                emitted.gather(1, accepted[:, None]).squeeze(1))
         for a in (a for a, d in zip(accepted_list, done, strict=True) if not d):   # idle rounds do not count
@@ -102,43 +293,19 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     new = sum(len(t) for t in tokens)
     return GenerationResult(tokens, {
         "method": f"self-spec:{policy.name}", "gamma": gamma, "new_tokens": new, "total_s": total,
-        "tokens_per_s": new / total, "rounds": rounds,
+        "tokens_per_s": new / total, "prefill_s": prefill_s,
+        "decode_tokens_per_s": (new - batch) / max(total - prefill_s, 1e-9), "rounds": rounds,
         "mean_accepted_len": 1 + sum(accepted_hist) / max(1, len(accepted_hist)),   # incl. the bonus token
         "acceptance_rate": sum(accepted_hist) / max(1, len(accepted_hist) * gamma),
         "acceptance_per_position": (per_position.float() / max(1, len(accepted_hist))).tolist(),
-        "kv_bytes_read_prefill_and_verify": cache.kv_bytes_read, "kv_bytes_read_draft": draft_bytes, **timers,
-    })
+        "kv_bytes_read_prefill_and_verify": cache.kv_bytes_read, "kv_bytes_read_draft": int(draft_bytes),
+        **timer.totals(),
+    }, steps)
 
 
-def _draft(model: Transformer, cache: PagedKVCache, selection, first_tok: torch.Tensor, gamma: int,
-           sampling, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """gamma sparse decode steps from first_tok: drafts [batch, gamma] and, when sampling, the draft's
-    distributions [batch, gamma, vocab]. Leaves the drafts' K/V in the cache for the caller to roll back."""
-    cache.reserve(gamma + 1)
-    drafts, probs_list, tok = [], [], first_tok
-    for _ in range(gamma):
-        view = cache.step_view(1)
-        view.selection = selection
-        logits = model(tok[:, None], cache, view)[:, -1]
-        cache.advance(1)
-        if sampling.greedy:
-            tok = logits.argmax(-1)
-        else:
-            probs = probabilities(logits, sampling)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            probs_list.append(probs)
-        drafts.append(tok)
-    return torch.stack(drafts, dim=1), (torch.stack(probs_list, dim=1) if probs_list else None)
-
-
-def _lap(device: torch.device, start: float) -> float:
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def _draft_bytes_read(cache: PagedKVCache, selection, start_lens: list[int], gamma: int) -> int:
+def _draft_bytes_read(cache: PagedKVCache, selection, start_lens: list[int], gamma: int) -> int | torch.Tensor:
     """KV bytes the gamma draft steps read: the selected pages (counted whole) for sparse layers, every token
-    so far for dense ones."""
+    so far for dense ones. A device scalar when a selection is involved."""
     layer_bytes = cache.bytes_per_token // cache.cfg.num_layers          # one token, one layer, all KV heads
     dense_tokens = sum(n * gamma + gamma * (gamma + 1) // 2 for n in start_lens)   # over the gamma steps
     if selection is None:
