@@ -128,8 +128,8 @@ def two_row_token_scores(q: torch.Tensor, k_pages: torch.Tensor, page_table: tor
     kv_len = page_table.shape[1] * k_pages.shape[1]
     kv_heads = k_pages.shape[2]
     k = gather_pages(k_pages, page_table, kv_len).float()                      # [b, hkv, L, d]
-    rows = torch.tensor([0, q_len - 1], device=q.device)
-    qr = q[:, rows].float().view(batch, 2, kv_heads, heads // kv_heads, dim)
+    rows = torch.arange(2, device=q.device) * (q_len - 1)          # first and last (no host tensor: graphs)
+    qr = torch.stack([q[:, 0], q[:, -1]], dim=1).float().view(batch, 2, kv_heads, heads // kv_heads, dim)
     scores = torch.einsum("brhgd,bhld->brhgl", qr, k) * scale
     query_pos = lens_after.long()[:, None] - q_len + rows                      # [b, 2]
     visible = torch.arange(kv_len, device=q.device)[None, None, :] <= query_pos[:, :, None]
