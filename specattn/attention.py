@@ -36,6 +36,8 @@ class Attention:
 
     def __call__(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                  view: StepView, scale: float, layer: int = 0) -> torch.Tensor:
+        if view.attention_probs is not None or view.key_masks is not None:
+            return self._study(q, k_pages, v_pages, view, scale, layer)
         options = {}
         sel = view.selection
         if sel is not None and layer not in sel.dense_layers:
@@ -56,4 +58,14 @@ class Attention:
             # Exact, but a second read of K for two rows; Vegas writes these scores from its attention kernel.
             scores = reference.two_row_token_scores(q, k_pages, view.page_table, view.lens_after, scale)
             view.token_scores[layer, :, : scores.shape[-1]] = scores
+        return out
+
+    def _study(self, q, k_pages, v_pages, view: StepView, scale: float, layer: int) -> torch.Tensor:
+        mask = (view.key_masks or {}).get(layer)
+        if callable(mask):
+            mask = mask(layer, q, k_pages, view)
+        out, probs = reference.attention_with_probs(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
+                                                    view.max_kv_len, mask)
+        if view.attention_probs is not None:
+            view.attention_probs[layer] = probs
         return out

@@ -45,6 +45,11 @@ class StepView:
     selection: object | None = None        # a selection.PageSelection: sparse attention (draft steps)
     page_mass: torch.Tensor | None = None  # [layers, batch, kv_heads, max_pages], filled by a verify step
     token_scores: torch.Tensor | None = None   # [layers, batch, max_tokens]: Vegas scores of a verify step
+    # Studies (reference attention, any device): record head-averaged probabilities per layer into this dict,
+    # and/or restrict keys per layer: key_masks[layer] is a [batch, 1 | kv_heads, q_len, kv_len] bool mask or a
+    # function (layer, q, k_pages, view) -> such a mask.
+    attention_probs: dict | None = None
+    key_masks: dict | None = None
 
 
 class PagedKVCache:

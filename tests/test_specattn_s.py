@@ -1,0 +1,131 @@
+"""SpecAttn-S: layer alignment, top-p key sets, draft-model speculation (lossless and approximate)."""
+import pytest
+import torch
+
+from specattn.alignment import LayerMap, align_layers, kl_matrix, monotone_map, save_heatmap
+from specattn.cache import PagedKVCache
+from specattn.config import ModelConfig
+from specattn.decoding.ar import GenerationParams, generate_ar
+from specattn.decoding.draft_speculative import SparseVerification, generate_draft_speculative
+from specattn.decoding.sampling import SamplingParams
+from specattn.errors import InvalidInputError
+from specattn.evaluation.sparse_ppl import sparse_perplexity_study, topp_key_mask
+
+from .conftest import random_model
+
+TARGET = ModelConfig("LlamaForCausalLM", 97, 64, 128, 4, 4, 2, 16, max_positions=512)
+DRAFT = ModelConfig("LlamaForCausalLM", 97, 32, 64, 3, 2, 1, 16, max_positions=512)
+
+
+def test_layer_map_finds_planted_identical_layers():
+    """A 3-layer draft that copies the verifier's first three layers (its last MLP scrambled, which cannot change
+    that layer's attention): verifier layers 0-2 have KL ~0 to draft layers 0-2 and both maps pick them."""
+    torch.manual_seed(0)
+    target = random_model(TARGET, std=0.3)
+    shallow = ModelConfig("LlamaForCausalLM", 97, 64, 128, 3, 4, 2, 16, max_positions=512)
+    draft = random_model(shallow, std=0.3)
+    draft.load_state_dict({k: v for k, v in target.state_dict().items() if not k.startswith("blocks.3.")})
+    for p in (*draft.blocks[2].gate_up.parameters(), *draft.blocks[2].down.parameters()):
+        p.data.normal_(0, 0.3)
+    tokens = torch.randint(0, 97, (96,), generator=torch.Generator().manual_seed(1)).tolist()
+    for mode in ("closest", "monotone"):
+        lm = align_layers(draft, target, tokens, mode)
+        kl = torch.tensor(lm.kl)
+        assert lm.draft_layer[:3] == [0, 1, 2]
+        assert kl[2, 2] < 1e-4 < min(kl[2, 0], kl[2, 1])
+
+
+def test_monotone_map_is_the_cheapest_non_decreasing_map():
+    cost = torch.tensor([[0.0, 5, 5], [5, 5, 0], [5, 0, 5], [5, 5, 0]])
+    assert monotone_map(cost) in ([0, 1, 1, 2], [0, 2, 2, 2])        # both cost 5; closest would be [0,2,1,2]
+    best = sum(cost[j, i] for j, i in enumerate(monotone_map(cost)))
+    import itertools
+    brute = min(sum(cost[j, m[j]] for j in range(4)) for m in itertools.product(range(3), repeat=4)
+                if all(a <= b for a, b in zip(m, m[1:])))
+    assert best == brute
+
+
+def test_kl_matrix_is_zero_on_identical_attention_and_positive_elsewhere():
+    a = torch.softmax(torch.randn(2, 40, 40).tril() * 3 + torch.triu(torch.full((40, 40), -1e9), 1), -1)
+    kl = kl_matrix(a, a.flip(0))
+    assert kl[0, 1].abs() < 1e-5 and kl[0, 0] > 1e-3
+
+
+def test_layer_map_round_trip_and_heatmap(tmp_path):
+    lm = LayerMap([0, 1, 1], "monotone", [[0.1, 0.2], [0.3, 0.1], [0.2, 0.05]], 128)
+    lm.save(tmp_path / "m.json")
+    assert LayerMap.load(tmp_path / "m.json", 3, 2).draft_layer == [0, 1, 1]
+    with pytest.raises(InvalidInputError, match="another model pair"):
+        LayerMap.load(tmp_path / "m.json", 4, 2)
+    save_heatmap(lm, tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_topp_key_mask_holds_mass_p_and_is_minimal():
+    probs = torch.softmax(torch.randn(5, 300) * 2, -1)
+    mask = topp_key_mask(probs, 0.9)
+    kept = (probs * mask).sum(-1)
+    assert (kept >= 0.9 - 1e-5).all()
+    smallest_kept = torch.where(mask, probs, 2.0).min(-1).values
+    assert ((kept - smallest_kept) < 0.9 + 1e-5).all()             # dropping the smallest falls below p
+    assert topp_key_mask(probs, 1.0).all()
+
+
+def _pair():
+    torch.manual_seed(3)
+    return random_model(TARGET, std=0.2), random_model(DRAFT, std=0.2)
+
+
+def test_draft_speculation_is_lossless_under_greedy():
+    target, draft = _pair()
+    prompts = [[1, 5, 9, 2], [7, 3, 3, 8, 1, 4, 4], [2] * 30]
+    params = GenerationParams(max_new_tokens=64)
+    ar = generate_ar(target, PagedKVCache(TARGET, 3, 120, page_size=8), prompts, params).tokens
+    for gamma in (1, 4):
+        res = generate_draft_speculative(target, draft, PagedKVCache(TARGET, 3, 120, page_size=8),
+                                         PagedKVCache(DRAFT, 3, 120, page_size=8), prompts, params, gamma)
+        assert res.tokens == ar
+        assert 1 <= res.stats["mean_accepted_len"] <= gamma + 1
+
+
+def test_draft_equal_to_target_accepts_everything_and_p1_sparse_is_dense():
+    target, _ = _pair()
+    prompts = [[1, 5, 9, 2, 6, 6, 1]]
+    params = GenerationParams(max_new_tokens=24)
+    ar = generate_ar(target, PagedKVCache(TARGET, 1, 80), prompts, params).tokens
+    dense_map = SparseVerification(tuple(range(TARGET.num_layers)), p=1.0, dense_layers=(0,))
+    res = generate_draft_speculative(target, target, PagedKVCache(TARGET, 1, 80), PagedKVCache(TARGET, 1, 80),
+                                     prompts, params, 4, dense_map)
+    assert res.tokens == ar
+    assert res.stats["acceptance_rate"] == 1.0
+    assert res.stats["verifier_keys_read_fraction_sparse_layers"] == 1.0
+    sparse = SparseVerification(tuple(range(TARGET.num_layers)), p=0.5, dense_layers=(0,))
+    res = generate_draft_speculative(target, target, PagedKVCache(TARGET, 1, 80), PagedKVCache(TARGET, 1, 80),
+                                     prompts, params, 4, sparse)
+    assert res.stats["verifier_keys_read_fraction_sparse_layers"] < 0.9
+
+
+def test_sampling_draft_speculation_runs_and_bad_pairs_are_clear_errors():
+    target, draft = _pair()
+    res = generate_draft_speculative(target, draft, PagedKVCache(TARGET, 2, 80), PagedKVCache(DRAFT, 2, 80),
+                                     [[1, 2, 3], [4, 5]], GenerationParams(16, SamplingParams(0.8, 0.95, 1)), 3)
+    assert [len(t) for t in res.tokens] == [16, 16]
+    other = random_model(ModelConfig("LlamaForCausalLM", 50, 32, 64, 2, 2, 1, 16, max_positions=512))
+    with pytest.raises(InvalidInputError, match="vocabulary"):
+        generate_draft_speculative(target, other, PagedKVCache(TARGET, 1, 80), PagedKVCache(other.cfg, 1, 80),
+                                   [[1, 2]], GenerationParams(4))
+    with pytest.raises(InvalidInputError, match="layer map"):
+        generate_draft_speculative(target, draft, PagedKVCache(TARGET, 1, 80), PagedKVCache(DRAFT, 1, 80),
+                                   [[1, 2]], GenerationParams(4), 2, SparseVerification((0, 1)))
+
+
+def test_sparse_perplexity_study_p1_equals_dense_and_budgets_match():
+    target, draft = _pair()
+    tokens = torch.randint(0, 97, (160,), generator=torch.Generator().manual_seed(2)).tolist()
+    lm = align_layers(draft, target, tokens[:80])
+    runs = {r.name: r for r in sparse_perplexity_study(target, draft, lm, tokens, [0.8, 1.0], 0.8, (0,), 40)}
+    assert runs["specattn-s:p=1.0"].ppl == pytest.approx(runs["dense"].ppl, rel=1e-5)
+    frac = runs["specattn-s:p=0.8"].keys_kept_fraction_sparse_layers
+    assert frac < 0.95
+    for name in ("quest", "streaming"):     # same budget, within page rounding
+        assert abs(runs[name].keys_kept_fraction_sparse_layers - frac) < 0.12
