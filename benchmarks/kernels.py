@@ -57,14 +57,17 @@ def attention_rows(copy: float) -> tuple[list[dict], dict]:
             mass_err = ((mass - ref_mass).abs().max() / ref_mass.abs().max()).item()
             plain = time_attention(q, pools, table, lens)
             with_mass = time_attention(q, pools, table, lens, page_mass=True)
+            with_block_mass = time_attention(q, pools, table, lens, page_mass=True, mass_tokens=64)
             row = {"kernel": "verify_attention", "batch": batch, "context": ctx, "q_len": q_len,
                    "us": plain * 1e3, "us_with_page_mass": with_mass * 1e3, "rel_err": err, "mass_rel_err": mass_err,
-                   "bandwidth_fraction": kv_bytes / plain / 1e6 / copy, "page_mass_overhead": with_mass / plain - 1}
+                   "bandwidth_fraction": kv_bytes / plain / 1e6 / copy, "page_mass_overhead": with_mass / plain - 1,
+                   "us_with_block64_mass": with_block_mass * 1e3, "block64_mass_overhead": with_block_mass / plain - 1}
             rows.append(row)
             print(row, flush=True)
             if (batch, ctx, q_len) == (1, 32768, 5):
                 summary["verify_attn_bandwidth_fraction"] = row["bandwidth_fraction"]
                 summary["score_byproduct_overhead"] = row["page_mass_overhead"]
+                summary["score_byproduct_overhead_block64"] = row["block64_mass_overhead"]
             sel, counts = selection(batch, -(-ctx // PAGE), 0.10)
             ref_sparse = reference.paged_attention(q.float(), k.float(), v.float(), table, lens, DIM ** -0.5,
                                                    selected_pages=sel, selected_counts=counts)

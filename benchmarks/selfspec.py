@@ -9,6 +9,7 @@ budget, and selection. Writes benchmarks/results/selfspec.json (or --out); the l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.loader import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 from specattn.selection import StreamingPolicy, VerificationGuidedPolicy  # noqa: E402
 
-SPARSE_METHODS = ("magicdec", "quest", "specattn-y", "vegas")
+SPARSE_METHODS = ("magicdec", "quest", "specattn-y", "specattn-y/blk64", "vegas")
 STATS = ("mean_accepted_len", "acceptance_rate", "acceptance_per_position", "draft_s", "verify_s", "select_s",
          "kv_bytes_read_draft", "kv_bytes_read_prefill_and_verify", "rounds", "prefill_s")
 
@@ -53,6 +54,9 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
                sampling: SamplingParams):
     """Warm-up run (compiles, captures graphs), then the measured run reusing those graphs."""
     params = GenerationParams(max_new_tokens=new_tokens, sampling=sampling)
+    if "/blk" in method:              # specattn-y/blk64: verification mass per 64-key block
+        method, block = method.split("/blk")
+        spec = dataclasses.replace(spec, mass_tokens=int(block))
     warm = GenerationParams(max_new_tokens=4 * spec.gamma, sampling=sampling)
     if METHODS[method] is None:
         runner = generate_ar(model, caches["plain"], prompts, warm).runner
@@ -123,15 +127,17 @@ def step_costs_8b(ctx: int, batch: int, gamma: int, budgets: list[int]) -> dict:
     tokv = torch.zeros(batch, gamma + 1, dtype=torch.long, device="cuda")
     mass = torch.zeros(model.cfg.num_layers, batch, model.cfg.num_kv_heads, cache.max_pages_per_seq, device="cuda")
 
-    def step(tokens, selection=None, page_mass=None):
+    def step(tokens, selection=None, page_mass=None, mass_tokens=None):
         view = cache.step_view(tokens.shape[1], static=True)
         view.selection, view.page_mass = selection, page_mass
+        view.mass_tokens = mass_tokens
         return model(tokens, cache, view, all_logits=tokens.shape[1] > 1)
 
     out = {"context": ctx, "batch": batch, "gamma": gamma,
            "decode_ms": graph_ms(lambda: step(tok1), calls=5),
            "verify_ms": graph_ms(lambda: step(tokv), calls=5),
-           "verify_page_mass_ms": graph_ms(lambda: step(tokv, page_mass=mass), calls=5)}
+           "verify_page_mass_ms": graph_ms(lambda: step(tokv, page_mass=mass), calls=5),
+           "verify_block64_mass_ms": graph_ms(lambda: step(tokv, page_mass=mass, mass_tokens=64), calls=5)}
     guided = VerificationGuidedPolicy(budgets[0], dense_layers=(0,))
     guided.observe(torch.rand_like(mass))
     out["select_ms"] = _eager_ms(lambda: guided.select(cache, gamma))
@@ -170,7 +176,7 @@ def summarize_metric(rows: list[dict], metric: str) -> dict:
         cells.setdefault((r["greedy"], r["batch"], r["context"]), []).append(r)
 
     def best(cell, methods):
-        cand = [r for r in cell if r["method"] in methods]
+        cand = [r for r in cell if r["method"].split("/")[0] in methods]
         return max(cand, key=lambda r: r[metric]) if cand else None
 
     per_cell = []

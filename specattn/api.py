@@ -27,6 +27,7 @@ class SpeculationParams:
     budget: float = 256          # KV budget of a draft step: tokens, or a fraction of the context if < 1
     gamma: int = 4               # draft tokens per verification
     dense_layers: tuple[int, ...] = (0,)   # layers that draft with the full cache (layer 0 is nearly dense)
+    mass_tokens: int | None = None         # specattn-y: verification mass per page (None) or per block of keys
 
     def __post_init__(self):
         if not self.budget > 0:
@@ -45,6 +46,8 @@ def make_policy(method: str, spec: SpeculationParams, num_layers: int):
     if kind == "vegas":   # --budget below 1: Vegas's ratio (floor 256 tokens); otherwise the floor, ratio 0.05
         ratio, floor = (spec.budget, 256) if spec.budget < 1 else (0.05, int(spec.budget))
         return POLICIES["vegas"](ratio, floor, dense_layers=spec.dense_layers)
+    if kind == "verification-guided":
+        return POLICIES[kind](spec.budget, dense_layers=spec.dense_layers, mass_tokens=spec.mass_tokens)
     return POLICIES[kind](spec.budget, dense_layers=spec.dense_layers)
 
 

@@ -44,6 +44,8 @@ class Attention:
             pages, counts = sel.pages_for(layer, q, view)
             options = {"selected_pages": pages, "selected_counts": counts, "token_level": sel.token_level}
         want_mass = view.page_mass is not None and not options
+        if want_mass:
+            options["mass_tokens"] = view.mass_tokens
         if self.backend == "triton":
             from .kernels import paged_attention
             out = paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, view.lens_after, scale,

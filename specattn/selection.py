@@ -176,6 +176,13 @@ class VerificationGuidedPolicy(ScoredPagePolicy):
     wants_page_mass = True
     _mass: torch.Tensor | None = None
 
+    def __init__(self, budget: float, sink_tokens: int = 16, window_tokens: int = 64,
+                 dense_layers: tuple[int, ...] = (), mass_tokens: int | None = None):
+        super().__init__(budget, sink_tokens, window_tokens, dense_layers)
+        if mass_tokens is not None and (mass_tokens <= 0 or mass_tokens % 16):
+            raise InvalidInputError(f"mass block of {mass_tokens} keys must be a positive multiple of 16")
+        self.mass_tokens = mass_tokens     # None: exact mass per page; 64: per 64-key block (free on the GPU)
+
     def reset(self, cache: PagedKVCache) -> None:
         self._mass = None
 

@@ -116,6 +116,23 @@ def test_page_mass_by_product_matches_reference(case, num_splits):
     assert torch.allclose(mass.sum(-1), torch.full_like(mass.sum(-1), group * q_len), atol=1e-4)
 
 
+@pytest.mark.parametrize("case", MASS_CASES[1:3], ids=["b3-q1-g4", "b2-q5-g8"])
+def test_block_page_mass_matches_reference(case):
+    """Mass per 64-key block (the tile's own row sums), spread over its pages: kernel == reference, and the
+    mass of each 4-page block equals the sum of the exact per-page masses."""
+    torch.manual_seed(40 + case[1])
+    q, k, v, table, lens = make_inputs(*case, torch.float32)
+    scale = case[4] ** -0.5
+    _, exact = reference.paged_attention(q, k, v, table, lens, scale, page_mass=True)
+    ref_out, ref_mass = reference.paged_attention(q, k, v, table, lens, scale, page_mass=True, mass_tokens=64)
+    out, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True, mass_tokens=64)
+    assert ((out - ref_out).norm() / ref_out.norm()).item() < 1e-4
+    assert (mass - ref_mass).abs().max().item() < 1e-4
+    pages = exact.shape[-1] // 4 * 4
+    blocks = exact[..., :pages].view(*exact.shape[:2], -1, 4).sum(-1)
+    assert torch.allclose(mass[..., :pages].view(*exact.shape[:2], -1, 4).sum(-1), blocks, atol=1e-4)
+
+
 SPARSE_CASES = MASS_CASES + CASES[4:5]
 
 

@@ -20,6 +20,7 @@ POLICIES = {
     "streaming": lambda: StreamingPolicy(48),
     "verification-guided": lambda: VerificationGuidedPolicy(64, dense_layers=(0,)),
     "verification-guided-fraction": lambda: VerificationGuidedPolicy(0.3),
+    "verification-guided-block-mass": lambda: VerificationGuidedPolicy(64, dense_layers=(0,), mass_tokens=64),
     "quest": lambda: QuestPolicy(48),
     "vegas": lambda: VegasPolicy(0.05, 32),
 }

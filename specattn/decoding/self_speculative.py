@@ -135,6 +135,7 @@ class RoundSteps:
 
     def _verify_body(self, tokens, view):
         view.page_mass, view.token_scores = self.page_mass, self.token_scores
+        view.mass_tokens = getattr(self.policy, "mass_tokens", None)
         return self.model(tokens, self.cache, view, all_logits=True)
 
 

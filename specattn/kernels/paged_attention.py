@@ -9,6 +9,7 @@ Reference: `reference.paged_attention`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ def _paged_attn_split_kernel(
     Q_LEN: tl.constexpr, Q_BLOCK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr,
+    SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
 ):
     # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
     # row j % PAGE_SIZE of the (j // PAGE_SIZE)-th page in this (sequence, KV head)'s list of logical pages,
@@ -123,7 +124,13 @@ def _paged_attn_split_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if PAGE_MASS:
+        if PAGE_MASS and MASS_TILE:
+            # Mass per tile of BLOCK_N keys: the row sums of p are already there for l_i, so this costs one
+            # small store per tile; _page_mass_kernel spreads it evenly over the tile's existing pages.
+            row_base = (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64)
+            tl.store(mass_part_ptr + row_base * mass_blocks + blk, tl.sum(p, 1), mask=row_ok)
+            tl.store(mass_max_ptr + row_base * mass_blocks + blk, m_safe, mask=row_ok)
+        elif PAGE_MASS:
             # Per-row mass of each page of this tile, relative to m_safe; rescaled by exp(m_safe - lse)
             # once the row's log-sum-exp is known (_page_mass_kernel). Rows are (g, t): decode/verify only.
             # Summed per page by a tensor-core product with a page one-hot: a reshape-and-sum of p
@@ -177,7 +184,7 @@ def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_
                       mass_pages, mass_blocks,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                       PAGES_PER_TILE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
-                      SPARSE: tl.constexpr):
+                      SPARSE: tl.constexpr, MASS_TILE: tl.constexpr):
     """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight. All rows of a
     block of pages in one tile: a loop over rows would serialise dependent loads."""
     pid_bh = tl.program_id(0)
@@ -196,9 +203,13 @@ def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_
     lse = tl.load(lse_ptr + (b * Q_LEN + r % Q_LEN) * HEADS + head, mask=row_ok, other=0.0)
     row_base = (pid_bh * GROUP * Q_LEN + r).to(tl.int64)
     both = row_ok[:, None] & ok[None, :]
-    part = tl.load(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], mask=both, other=0.0)
-    m = tl.load(mass_max_ptr + row_base[:, None] * mass_blocks + (vpage // PAGES_PER_TILE)[None, :],
-                mask=both, other=0.0)
+    tile = (vpage // PAGES_PER_TILE)[None, :]
+    if MASS_TILE:
+        part = tl.load(mass_part_ptr + row_base[:, None] * mass_blocks + tile, mask=both, other=0.0)
+        part = part / tl.minimum(PAGES_PER_TILE, n_pages - tile * PAGES_PER_TILE).to(tl.float32)   # pages that exist
+    else:
+        part = tl.load(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], mask=both, other=0.0)
+    m = tl.load(mass_max_ptr + row_base[:, None] * mass_blocks + tile, mask=both, other=0.0)
     total = tl.sum(tl.where(both, part * tl.exp(m - lse[:, None]), 0.0), 0)
     tl.store(mass_ptr + pid_bh * mass_pages + vpage, total, mask=vpage < mass_pages)
 
@@ -230,7 +241,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
                     max_kv_len: int | None = None, num_splits: int | None = None,
                     launch: LaunchConfig | None = None, page_mass: bool = False,
                     selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None,
-                    token_level: bool = False):
+                    token_level: bool = False, mass_tokens: int | None = None):
     """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim.
 
     selected_pages [batch, kv_heads, K] int32 (logical page numbers, -1 padded) and selected_counts
@@ -238,6 +249,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     each page received, summed over the query heads of a KV head and the new rows: [batch, kv_heads, pages]
     (dense: indexed by logical page; sparse: by position in the selection list). q_len <= 16 for page_mass.
     token_level=True: selected_pages holds ascending token positions instead of pages (no page_mass then).
+    mass_tokens (dense page_mass only): a multiple of the page size above it measures mass per block of that
+    many keys, spread evenly over its pages: nearly free, since the kernel sums each tile's weights anyway.
     """
     batch, q_len, heads, dim = q.shape
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
@@ -248,6 +261,11 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     if page_mass and (q_blocks != 1 or token_level):
         raise ValueError("page_mass is computed for decode/verify blocks over pages, not prefill or token lists")
     launch = launch or choose_launch(batch * kv_heads * q_blocks, dim)
+    mass_tile = page_mass and mass_tokens is not None and mass_tokens > page_size
+    if mass_tile:
+        if sparse or mass_tokens % page_size:
+            raise ValueError("block page mass needs dense attention and a multiple of the page size")
+        launch = dataclasses.replace(launch, block_n=mass_tokens)
     if sparse:
         cap = selected_pages.shape[2] * (1 if token_level else page_size)
     else:
@@ -264,7 +282,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     mass_pages = selected_pages.shape[2] if sparse else page_table.shape[1]
     mass_blocks = -(-mass_pages * page_size // launch.block_n)
     if page_mass:
-        mass_part = torch.empty(batch * kv_heads * group * q_len, mass_pages, dtype=torch.float32, device=dev)
+        mass_part = torch.empty(batch * kv_heads * group * q_len, mass_blocks if mass_tile else mass_pages,
+                                dtype=torch.float32, device=dev)
         mass_max = torch.empty(batch * kv_heads * group * q_len, mass_blocks, dtype=torch.float32, device=dev)
     else:
         mass_part = mass_max = lse                 # unused; any tensor will do as a placeholder pointer
@@ -281,7 +300,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         page_table.stride(0), sel.shape[-1] if sparse else 0, mass_pages, mass_blocks, num_splits,
         Q_LEN=q_len, Q_BLOCK=q_block, GROUP=group, HEADS=heads, PAGE_SIZE=page_size, HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=launch.block_n, UPCAST_DOT=INTERPRETED, SPARSE=sparse,
-        TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass,
+        TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     out = torch.empty_like(q)
@@ -297,6 +316,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     _page_mass_kernel[(batch * kv_heads, triton.cdiv(mass_pages, block_p))](
         mass_part, mass_max, lse, lens_after, counts, mass, mass_pages, mass_blocks,
         Q_LEN=q_len, GROUP=group, HEADS=heads, PAGE_SIZE=page_size,
-        PAGES_PER_TILE=launch.block_n // page_size, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse, num_warps=4,
+        PAGES_PER_TILE=launch.block_n // page_size, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
+        MASS_TILE=mass_tile, num_warps=4,
     )
     return out, mass

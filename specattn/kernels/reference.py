@@ -27,7 +27,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
                     page_table: torch.Tensor, lens_after: torch.Tensor, scale: float,
                     max_kv_len: int | None = None, page_mass: bool = False,
                     selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None,
-                    token_level: bool = False):
+                    token_level: bool = False, mass_tokens: int | None = None):
     """Attention of new queries over the paged cache, causal inside the new block.
 
     q: [batch, q_len, heads, dim]; the q_len new tokens are the last q_len of each sequence, so query t
@@ -37,8 +37,11 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     and page_mass (also return [batch, kv_heads, pages] softmax mass per page): see the Triton kernel.
     """
     if page_mass or selected_pages is not None:
-        return _explicit_attention(q, k_pages, v_pages, page_table, lens_after, scale, page_mass,
-                                   selected_pages, selected_counts, token_level)
+        res = _explicit_attention(q, k_pages, v_pages, page_table, lens_after, scale, page_mass,
+                                  selected_pages, selected_counts, token_level)
+        if page_mass and mass_tokens and mass_tokens > k_pages.shape[1]:
+            return res[0], block_mass(res[1], mass_tokens // k_pages.shape[1], lens_after, k_pages.shape[1])
+        return res
     batch, q_len, heads, dim = q.shape
     kv_len = max_kv_len or page_table.shape[1] * k_pages.shape[1]
     k = gather_pages(k_pages, page_table, kv_len)
@@ -163,3 +166,16 @@ def attention_with_probs(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.
     probs = torch.softmax(scores.masked_fill(~allowed[:, :, None], float("-inf")), dim=-1)
     out = torch.einsum("bhgtl,bhld->bhgtd", probs, v).permute(0, 3, 1, 2, 4).reshape(q.shape).to(q.dtype)
     return out, probs.mean(dim=(1, 2))
+
+
+def block_mass(mass: torch.Tensor, pages_per_block: int, lens: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Page mass [b, hkv, pages] -> each existing page gets its block's total / the block's existing pages."""
+    b, h, pages = mass.shape
+    n_pages = (lens.long() + page_size - 1) // page_size                                  # [b]
+    page = torch.arange(pages, device=mass.device)
+    block = page // pages_per_block
+    in_block = (n_pages[:, None] - block[None, :] * pages_per_block).clamp(max=pages_per_block)   # [b, pages]
+    padded = F.pad(mass, (0, -pages % pages_per_block))
+    per_block = padded.view(b, h, -1, pages_per_block).sum(-1)                          # [b, h, blocks]
+    spread = per_block[:, :, block] / in_block.clamp(min=1)[:, None]
+    return torch.where((page[None, :] < n_pages[:, None])[:, None], spread, 0.0)
