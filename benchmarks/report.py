@@ -41,15 +41,16 @@ def kernel_tables(data: dict) -> str:
             f"head_dim 128, pages of 16), bf16. Source: [`benchmarks/results/kernels.json`]"
             f"(benchmarks/results/kernels.json).\n")
     attn = ["| batch | context | new rows | dense µs | fraction of copy bw | + page mass µs | overhead | "
-            "10% pages µs | speedup | fraction on selected bytes |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "+ 64-key block mass | overhead | 10% pages µs | speedup | fraction on selected bytes |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     dense = {(r["batch"], r["context"], r["q_len"]): r for r in data["rows"] if r["kernel"] == "verify_attention"}
     for r in data["rows"]:
         if r["kernel"] == "sparse_attention_10pct":
             d = dense[(r["batch"], r["context"], r["q_len"])]
             attn.append(f"| {r['batch']} | {r['context']} | {r['q_len']} | {d['us']:.1f} | "
                         f"{d['bandwidth_fraction']:.2f} | {d['us_with_page_mass']:.1f} | "
-                        f"{d['page_mass_overhead']:.0%} | {r['us']:.1f} | "
+                        f"{d['page_mass_overhead']:.0%} | {d.get('us_with_block64_mass', float('nan')):.1f} | "
+                        f"{d.get('block64_mass_overhead', float('nan')):.0%} | {r['us']:.1f} | "
                         f"{r['speedup_vs_dense']:.1f}x | {r['bandwidth_fraction_on_selected']:.2f} |")
     topp = ["| rows x keys | ours µs | torch.sort + cumsum µs | speedup | max set-size difference |",
             "|---|---:|---:|---:|---:|"]
@@ -64,10 +65,79 @@ def kernel_tables(data: dict) -> str:
                       f"Summary: {summary}."])
 
 
+def selfspec_tables(data: dict) -> str:
+    """Decode tokens/s per cell: AR and each method at its best budget, with acceptance; plus the 8B step costs."""
+    head = (f"Device: {data['device']}, torch {data['torch']}, triton {data['triton']}, commit {data['commit']}. "
+            f"Real default model, bf16, {data['config']['new_tokens']} new tokens, gamma {data['config']['gamma']}, "
+            f"budgets {data['config']['budgets_tokens']} tokens, layer 0 dense. "
+            f"Source: [`benchmarks/results/selfspec.json`](benchmarks/results/selfspec.json).\n")
+    cells = {}
+    for r in data["rows"]:
+        cells.setdefault((r["greedy"], r["batch"], r["context"]), []).append(r)
+    methods = [m for m in dict.fromkeys(r["method"] for r in data["rows"]) if m != "ar"]
+    lines = ["| decoding | batch | context | AR tok/s | " + " | ".join(methods) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(methods)]
+    for (greedy, batch, ctx), rows in sorted(cells.items(), key=lambda kv: (not kv[0][0], kv[0][1], kv[0][2])):
+        ar = next(r for r in rows if r["method"] == "ar")
+        cols = []
+        for m in methods:
+            cand = [r for r in rows if r["method"] == m]
+            if not cand:
+                cols.append("")
+                continue
+            b = max(cand, key=lambda r: r["decode_tokens_per_s"])
+            cols.append(f"{b['decode_speedup_vs_ar']:.2f}x @{b['budget']} ({b['mean_accepted_len']:.2f})")
+        kind = "greedy" if greedy else "T 0.6, top-p 0.95"
+        lines.append(f"| {kind} | {batch} | {ctx} | {ar['decode_tokens_per_s']:.0f} | " + " | ".join(cols) + " |")
+    s = data["summary"]
+    costs = ["| 8B shape, 32K | decode ms | verify (5 rows) ms | + page mass | + 64-key block mass | draft ms, "
+             "budget 512 / 1024 / 2048 | selection ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for c in data.get("step_costs_llama3_8b_shape", []):
+        costs.append(f"| batch {c['batch']} | {c['decode_ms']:.2f} | {c['verify_ms']:.2f} | "
+                     f"{c['verify_page_mass_ms']:.2f} | {c.get('verify_block64_mass_ms', float('nan')):.2f} | "
+                     f"{c['draft_ms_budget_512']:.2f} / {c['draft_ms_budget_1024']:.2f} / "
+                     f"{c['draft_ms_budget_2048']:.2f} | {c['select_ms']:.2f} |")
+    summary = (f"Summary (fixed batch): `specattn_y_over_ar` = {s['specattn_y_over_ar']} at "
+               f"{s['specattn_y_over_ar_cell']}, `specattn_y_over_best_baseline` = "
+               f"{s['specattn_y_over_best_baseline']}; steady state (continuous batching): "
+               f"{s['specattn_y_over_ar_steady']} over AR, {s['specattn_y_over_best_baseline_steady']} over the best "
+               f"baseline; greedy runs identical to AR: {s['greedy_runs_identical_to_ar']} of {s['greedy_runs']}.")
+    return "\n".join([head, *lines, "", *costs, "", summary])
+
+
+def selfspec_plot(data: dict, path: Path) -> None:
+    """Decode speedup over AR vs batch, one line per method (best budget), greedy, longest context."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in data["rows"] if r["greedy"]]
+    ctx = max(r["context"] for r in rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in [m for m in dict.fromkeys(r["method"] for r in rows) if m != "ar"]:
+        pts = {}
+        for r in rows:
+            if r["method"] == m and r["context"] == ctx:
+                pts[r["batch"]] = max(pts.get(r["batch"], 0), r["decode_speedup_vs_ar"])
+        if pts:
+            xs = sorted(pts)
+            ax.plot(xs, [pts[x] for x in xs], "o-", label=m)
+    ax.axhline(1.0, color="gray", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("decode speedup over AR (best budget)")
+    ax.set_title(f"SmolLM2-135M, {ctx}-token prompts, H100, greedy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "ar"
     data = json.loads((RESULTS / f"{which}.json").read_text())
-    print({"ar": ar_tables, "kernels": kernel_tables}[which](data))
+    if which == "selfspec":
+        selfspec_plot(data, RESULTS / "selfspec_speedup.png")
+    print({"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables}[which](data))
 
 
 if __name__ == "__main__":

@@ -133,6 +133,18 @@ def test_block_page_mass_matches_reference(case):
     assert torch.allclose(mass[..., :pages].view(*exact.shape[:2], -1, 4).sum(-1), blocks, atol=1e-4)
 
 
+def test_block_mass_with_more_tiles_than_a_split_can_hold():
+    """2,500 keys = 40 tiles of 64 and one split requested: the kernel must add splits (32 tiles each at most)."""
+    torch.manual_seed(44)
+    q, k, v, table, lens = make_inputs(2, 5, 1, 2, 16, [2500, 1700], torch.float32)
+    scale = 0.25
+    ref_out, ref_mass = reference.paged_attention(q, k, v, table, lens, scale, page_mass=True, mass_tokens=64)
+    out, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True, mass_tokens=64,
+                                                num_splits=1)
+    assert ((out - ref_out).norm() / ref_out.norm()).item() < 1e-4
+    assert (mass - ref_mass).abs().max().item() < 1e-4
+
+
 SPARSE_CASES = MASS_CASES + CASES[4:5]
 
 
