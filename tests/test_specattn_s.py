@@ -41,7 +41,7 @@ def test_monotone_map_is_the_cheapest_non_decreasing_map():
     best = sum(cost[j, i] for j, i in enumerate(monotone_map(cost)))
     import itertools
     brute = min(sum(cost[j, m[j]] for j in range(4)) for m in itertools.product(range(3), repeat=4)
-                if all(a <= b for a, b in zip(m, m[1:])))
+                if all(a <= b for a, b in zip(m, m[1:], strict=False)))
     assert best == brute
 
 

@@ -230,6 +230,7 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     if gamma <= 0:
         raise InvalidInputError(f"gamma (draft tokens per round) must be > 0, got {gamma}")
     check_prompts(model, cache, prompts, cache_tokens_needed(0, params.max_new_tokens, gamma))
+    policy.check_context(max(len(p) for p in prompts))
     device, batch = cache.device, len(prompts)
     sampling = params.sampling
     generator = torch.Generator(device=device).manual_seed(sampling.seed)

@@ -220,7 +220,8 @@ def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_
     tile = (vpage // PAGES_PER_TILE)[None, :]
     if MASS_TILE:
         part = tl.load(mass_part_ptr + row_base[:, None] * mass_blocks + tile, mask=both, other=0.0)
-        part = part / tl.minimum(PAGES_PER_TILE, n_pages - tile * PAGES_PER_TILE).to(tl.float32)   # pages that exist
+        in_tile = tl.minimum(PAGES_PER_TILE, n_pages - tile * PAGES_PER_TILE)          # pages that exist
+        part = part / tl.maximum(in_tile, 1).to(tl.float32)
     else:
         part = tl.load(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], mask=both, other=0.0)
     m = tl.load(mass_max_ptr + row_base[:, None] * mass_blocks + tile, mask=both, other=0.0)
