@@ -123,6 +123,41 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .api import Session, SpeculationParams
+    from .decoding.sampling import SamplingParams
+    from .evaluation import bench
+    from .evaluation.results import write_json_atomic
+    cfg = bench.BenchConfig(bench.parse_methods(args.methods), bench.parse_sizes(args.context, "context"),
+                            bench.parse_sizes(args.batch, "batch"),
+                            SpeculationParams(args.budget, args.gamma, tuple(args.dense_layers)),
+                            args.new_tokens, SamplingParams(args.temperature, args.top_p, args.seed))
+    if args.new_tokens <= 0:
+        raise InvalidInputError(f"--new-tokens must be > 0, got {args.new_tokens}")
+    text = read_text(args.text)
+    session = Session.load(args.model, args.device, args.dtype, args.attention, progress=not args.quiet)
+    tokens = session.tokenizer(text, add_special_tokens=False)["input_ids"]
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(cfg.methods) * len(cfg.contexts) * len(cfg.batches), disable=args.quiet, unit="run")
+
+    def progress(done, total, what):
+        bar.set_description(what)
+        bar.update(done - bar.n)
+
+    rows = bench.run_matrix(session.model, tokens, cfg, progress)
+    bar.close()
+    print(bench.table(rows))
+    result = {"model": args.model, "device": str(session.device), "dtype": str(session.dtype),
+              "config": {"methods": cfg.methods, "contexts": cfg.contexts, "batches": cfg.batches,
+                         "budget": args.budget, "gamma": args.gamma, "new_tokens": args.new_tokens,
+                         "temperature": args.temperature, "top_p": args.top_p},
+              "summary": bench.summary(rows), "rows": rows}
+    write_json_atomic(args.json, result)
+    bench.plot(rows, Path(args.json).with_suffix(".png"))
+    print(f"wrote {args.json} and {Path(args.json).with_suffix('.png')}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specattn",
                                 description="Long-context decoding with speculation and sparse attention.")
@@ -168,6 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="layermap.json")
     m.add_argument("--png", help="heatmap path (default: next to --out)")
     m.set_defaults(func=cmd_layermap)
+
+    b = sub.add_parser("bench", help="tokens/s of methods x contexts x batches; lossless ones checked against AR")
+    b.add_argument("--model", default=DEFAULT_MODEL)
+    b.add_argument("--text", required=True, help="UTF-8 text the prompts are cut from")
+    b.add_argument("--methods", default="ar,magicdec,quest,specattn-y")
+    b.add_argument("--context", default="1k,4k", help="prompt lengths, e.g. 1k,4k,8000")
+    b.add_argument("--batch", default="1,8")
+    b.add_argument("--budget", type=float, default=256)
+    b.add_argument("--gamma", type=int, default=4)
+    b.add_argument("--dense-layers", type=int, nargs="*", default=[0])
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--top-p", type=float, default=1.0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--dtype", default=None)
+    b.add_argument("--attention", default="auto")
+    b.add_argument("--json", default="bench.json", help="results; the plot goes next to it (.png)")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("ppl", help="verifier perplexity with draft-guided sparse attention vs Quest and streaming")
     pair_args(q)

