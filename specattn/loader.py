@@ -249,6 +249,29 @@ def take_hf_weights(model, tensors: dict[str, torch.Tensor]) -> None:
             block.down.weight.copy_(take(p + "mlp.down_proj.weight"))
 
 
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The inverse of take_hf_weights: HF-named tensors (q/k/v and gate/up split again), e.g. to run the same
+    weights in transformers."""
+    cfg = model.cfg
+    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
+           "lm_head.weight": model.lm_head.weight}
+    q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    for i, block in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = block.attn_norm.weight
+        out[p + "post_attention_layernorm.weight"] = block.mlp_norm.weight
+        for name, part in zip("qkv", block.qkv.weight.split([q_rows, kv_rows, kv_rows]), strict=True):
+            out[p + f"self_attn.{name}_proj.weight"] = part
+        if cfg.qkv_bias:
+            for name, part in zip("qkv", block.qkv.bias.split([q_rows, kv_rows, kv_rows]), strict=True):
+                out[p + f"self_attn.{name}_proj.bias"] = part
+        out[p + "self_attn.o_proj.weight"] = block.o.weight
+        gate, up = block.gate_up.weight.chunk(2)
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+        out[p + "mlp.down_proj.weight"] = block.down.weight
+    return {k: v.detach() for k, v in out.items()}
+
+
 def check_same_tokenizer(draft_tokenizer, target_tokenizer, draft_name: str, target_name: str) -> None:
     """A draft must speak the verifier's token ids: same vocabulary, same ids (merges follow from them)."""
     if draft_tokenizer.get_vocab() != target_tokenizer.get_vocab():
