@@ -82,7 +82,9 @@ class Session:
         dt = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
         if dev.type == "cpu" and dt == torch.float16:
             raise DeviceError("fp16 needs a GPU; use --dtype fp32 or bf16 on the CPU")
-        m = load_model(model, str(dev), dt, attention_backend, progress)   # first: it validates the file
+        from .distributed import init_tensor_parallel
+        tp = init_tensor_parallel()          # under torchrun: this rank's share of every layer
+        m = load_model(model, str(dev), dt, attention_backend, progress and (tp is None or tp.rank == 0), tp)
         return cls(m, load_tokenizer(model), dev, dt)
 
     def encode(self, text: str) -> list[int]:

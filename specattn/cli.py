@@ -35,6 +35,9 @@ def cmd_generate(args) -> int:
     session = Session.load(args.model, args.device, args.dtype, args.attention, progress=not args.quiet)
     texts, result = session.generate([prompt] * args.batch, args.max_new_tokens, args.method, args.temperature,
                                      args.top_p, args.seed, use_cuda_graph=not args.no_cuda_graph, spec=spec)
+    tp = session.model.tp
+    if tp is not None and tp.rank != 0:      # every rank holds the same tokens; rank 0 speaks for them
+        return 0
     print(texts[0])
     s = result.stats
     speed = f"{s['tokens_per_s']:.1f} tok/s incl. prefill"

@@ -67,16 +67,22 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "fp32",
-               attention_backend: str = "auto", progress: bool = True):
-    """Load a checkpoint straight onto `device` in `dtype`. Returns our `Transformer` in eval mode."""
+               attention_backend: str = "auto", progress: bool = True, tp=None):
+    """Load a checkpoint straight onto `device` in `dtype`. Returns our `Transformer` in eval mode.
+    tp (a distributed.TensorParallel): load only this rank's heads and MLP columns (safetensors: read as slices)."""
+    from .distributed import local_config, take_shard
     from .model import Transformer
     source = resolve_model(name_or_path)
     dtype = parse_dtype(dtype)
     if source.kind == "safetensors":
-        cfg = ModelConfig.from_json(source.path / "config.json")
-        tensors = _read_safetensors(source.path, device, progress)
+        full = ModelConfig.from_json(source.path / "config.json")
+        local = local_config(full, tp.world) if tp else full
+        tensors = _read_safetensors(source.path, device, progress, full, tp)
     else:
-        cfg, tensors = _read_gguf(source.path, device, progress)
+        full, tensors = _read_gguf(source.path, device, progress)
+        local = local_config(full, tp.world) if tp else full
+        tensors = {name: take_shard(name, t, full, tp) for name, t in tensors.items()}
+    cfg = local
     with torch.device("meta"):
         model = Transformer(cfg, attention_backend, device)
     model = model.to_empty(device=device).to(dtype)
@@ -86,6 +92,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
         model.lm_head.weight = model.embed.weight
     take_hf_weights(model, tensors)
     model.source = source
+    model.set_tensor_parallel(tp)
     return model.eval()
 
 
@@ -102,8 +109,11 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
 
 
 # ---- safetensors -------------------------------------------------------------------------------
-def _read_safetensors(folder: Path, device: str, progress: bool) -> dict[str, torch.Tensor]:
+def _read_safetensors(folder: Path, device: str, progress: bool, cfg: ModelConfig | None = None,
+                      tp=None) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
+
+    from .distributed import shard_slice
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -119,7 +129,13 @@ def _read_safetensors(folder: Path, device: str, progress: bool) -> dict[str, to
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
+                    part = shard_slice(key, cfg, tp) if tp else None
+                    if part is None:
+                        tensors[key] = f.get_tensor(key)
+                    else:             # this rank's rows or columns only
+                        dim, start, stop = part
+                        piece = f.get_slice(key)
+                        tensors[key] = piece[start:stop] if dim == 0 else piece[:, start:stop]
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             raise ModelLoadError(f"cannot read {path}: {e}; the file is missing, truncated or not safetensors") from e
     return tensors

@@ -85,6 +85,8 @@ class Block(nn.Module):
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    all_reduce = None    # tensor parallel: sums this rank's partial projections over ranks
+
     def forward(self, x, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention, fns: dict):
         cfg = self.cfg
         b, t, _ = x.shape
@@ -92,8 +94,17 @@ class Block(nn.Module):
                                           cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         cache.write(self.layer, k, v, view)
         attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
+        if self.all_reduce is not None:
+            return self._parallel_output_and_mlp(x, attn.reshape(b, t, -1))
         return fns["attention_output_and_mlp"](x, attn.reshape(b, t, -1), self.o.weight, self.mlp_norm.weight,
                                                cfg.rms_norm_eps, self.gate_up.weight, self.down.weight)
+
+    def _parallel_output_and_mlp(self, x, attn):
+        """attention_output_and_mlp with this rank's heads and MLP columns: each projection back to the hidden
+        size is a partial sum, completed by an all-reduce before its residual add."""
+        x = x + self.all_reduce(F.linear(attn, self.o.weight))
+        gate, up = F.linear(rms_norm(x, self.mlp_norm.weight, self.cfg.rms_norm_eps), self.gate_up.weight).chunk(2, -1)
+        return x + self.all_reduce(F.linear(F.silu(gate) * up, self.down.weight))
 
 
 class Transformer(nn.Module):
@@ -111,6 +122,13 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # Replaced by compiled versions on the GPU (see `compile_steps`).
         self.step_fns = self.prefill_fns = EAGER
+
+    tp = None            # distributed.TensorParallel when this model is one rank's shard
+
+    def set_tensor_parallel(self, tp) -> None:
+        self.tp = tp
+        for block in self.blocks:
+            block.all_reduce = tp.all_reduce if tp else None
 
     def set_attention_backend(self, backend: str) -> None:
         self.attention = Attention(backend, self.embed.weight.device)

@@ -1,6 +1,7 @@
 """The command line: a real run on the default model, and bad input as one line on stderr with exit code 2."""
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -159,7 +160,7 @@ def test_unwritable_json_path(capsys, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
 
 
-def _tiny_hf_folder(path, vocab_words):
+def _tiny_hf_folder(path, vocab_words, kv_heads=1):
     """A Llama checkpoint folder (transformers' own save, random weights) with its own word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -170,7 +171,7 @@ def _tiny_hf_folder(path, vocab_words):
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(path)
     torch.manual_seed(len(vocab_words))
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+                      num_attention_heads=2, num_key_value_heads=kv_heads, max_position_embeddings=256)
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
 
@@ -276,3 +277,20 @@ def test_bad_bench_values(capsys, tmp_path, args, words):
     text.write_text("words " * 10)
     code, _, err = run_cli(capsys, "bench", "--text", str(text), "--model", str(tmp_path / "none"), *args)
     assert_one_line_error(code, err, *words)
+
+
+def test_generate_under_torchrun_with_two_ranks_prints_what_one_process_prints(capsys, tmp_path):
+    import subprocess
+    import sys
+    words = [f"w{i}" for i in range(30)]
+    folder = _tiny_hf_folder(tmp_path / "m", words, kv_heads=2)
+    args = ["generate", "--model", str(folder), "--prompt", " ".join(words[:12]), "--max-new-tokens", "10",
+            "--quiet", "--device", "cpu"]
+    code, single, _ = run_cli(capsys, *args)
+    assert code == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "specattn.cli", *args],
+                         capture_output=True, text=True, env=env, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == single            # one copy of the text, from rank 0, equal to the single process

@@ -10,7 +10,7 @@ from ..cache import PagedKVCache
 from ..errors import InvalidInputError
 from ..model import Transformer
 from .runner import DEFAULT_PREFILL_CHUNK, StepRunner, check_prompts, prefill
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, agree, sample
 
 STOP_CHECK_EVERY = 16  # steps between host checks of stop tokens: one sync per 16 tokens, not per token
 
@@ -61,7 +61,8 @@ def generate_ar(model: Transformer, cache: PagedKVCache, prompts: list[list[int]
 
     _sync(device)
     t0 = time.perf_counter()
-    next_tok = sample(prefill(model, cache, prompts, params.prefill_chunk), params.sampling, generator)
+    next_tok = agree(sample(prefill(model, cache, prompts, params.prefill_chunk), params.sampling, generator),
+                     model, params.sampling)
     _sync(device)
     t_prefill = time.perf_counter() - t0
 
@@ -74,7 +75,7 @@ def generate_ar(model: Transformer, cache: PagedKVCache, prompts: list[list[int]
         logits = runner(next_tok[:, None])
         cache.advance(1)
         cache.count_read(sum(cache.host_lens()))
-        next_tok = sample(logits[:, -1], params.sampling, generator)
+        next_tok = agree(sample(logits[:, -1], params.sampling, generator), model, params.sampling)
         if params.stop_token_ids:
             finished |= torch.isin(next_tok, stop_ids)
         out.append(next_tok)

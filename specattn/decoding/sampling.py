@@ -54,3 +54,10 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(-1)
     index = (cdf < u[:, None] * cdf[:, -1:]).sum(-1)
     return index.clamp(max=probs.shape[-1] - 1)
+
+
+def agree(tokens: torch.Tensor, model, params: SamplingParams) -> torch.Tensor:
+    """Under tensor parallelism, tokens drawn at random are rank 0's on every rank (greedy ones agree anyway)."""
+    if model.tp is not None and not params.greedy:
+        model.tp.broadcast(tokens)
+    return tokens

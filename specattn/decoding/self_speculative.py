@@ -23,7 +23,7 @@ from ..selection import PageSelection, QuestSelection, SelectionPolicy
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop
 from .runner import check_prompts, prefill
-from .sampling import SamplingParams, probabilities, sample, sample_inverse_cdf
+from .sampling import SamplingParams, agree, probabilities, sample, sample_inverse_cdf
 
 
 def cache_tokens_needed(prompt_tokens: int, max_new_tokens: int, gamma: int) -> int:
@@ -237,7 +237,7 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     timer = _PhaseTimer(device)
     _sync(device)
     t0 = time.perf_counter()
-    next_tok = sample(prefill(model, cache, prompts, params.prefill_chunk), sampling, generator)
+    next_tok = agree(sample(prefill(model, cache, prompts, params.prefill_chunk), sampling, generator), model, sampling)
     _sync(device)
     prefill_s = time.perf_counter() - t0
     if steps is None or not steps.fits(model, cache, policy, batch, gamma, sampling):
@@ -270,6 +270,8 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         else:
             accepted, emitted = accept_sampling(drafts_t, draft_probs, probabilities(target_logits, sampling),
                                                 generator)
+            agree(accepted, model, sampling)
+            agree(emitted, model, sampling)
         timer.stop("verify_s", t)
         host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
         accepted_list = [row[0] for row in host]

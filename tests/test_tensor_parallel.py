@@ -1,0 +1,97 @@
+"""Tensor parallelism on CPU: 2 processes over gloo give the single-process logits and tokens."""
+import os
+import socket
+
+import pytest
+import torch
+
+from specattn.cache import PagedKVCache
+from specattn.config import ModelConfig
+from specattn.decoding.ar import GenerationParams, generate_ar
+from specattn.decoding.sampling import SamplingParams
+from specattn.decoding.self_speculative import generate_self_speculative
+from specattn.distributed import TensorParallel, check_divisible, shard_slice
+from specattn.errors import InvalidInputError
+from specattn.loader import load_model
+from specattn.selection import VerificationGuidedPolicy
+
+from .conftest import logits_through_cache
+
+PROMPTS = [[5, 9, 14, 3, 3, 8, 21, 40, 2, 11] * 4, [7, 1, 60, 12, 9] * 5]
+
+
+def run_everything(model) -> dict:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 101, (2, 33))
+    cache = lambda: PagedKVCache(model.cfg, 2, 100, page_size=8)  # noqa: E731
+    return {
+        "logits": logits_through_cache(model, ids),
+        "ar": generate_ar(model, cache(), PROMPTS, GenerationParams(24)).tokens,
+        "sampled": generate_ar(model, cache(), PROMPTS, GenerationParams(24, SamplingParams(1.0, seed=3))).tokens,
+        "spec": generate_self_speculative(model, cache(), PROMPTS, GenerationParams(24),
+                                          VerificationGuidedPolicy(16, dense_layers=(0,)), 3).tokens,
+        "kv_heads": model.cfg.num_kv_heads,
+    }
+
+
+def _worker(rank: int, world: int, folder: str, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from specattn.distributed import init_tensor_parallel
+    tp = init_tensor_parallel()
+    result = run_everything(load_model(folder, progress=False, tp=tp))
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    folder = tmp_path_factory.mktemp("tp")
+    hf.save_pretrained(folder)
+    return str(folder)
+
+
+def test_two_gloo_ranks_match_one_process(checkpoint, tmp_path):
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, checkpoint, port, str(tmp_path)), nprocs=2, join=True)
+    single = run_everything(load_model(checkpoint, progress=False))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for res in ranks:
+        assert res["kv_heads"] == 1                                   # each rank owns one of the two KV heads
+        assert (res["logits"] - single["logits"]).abs().max().item() < 1e-4
+        assert res["ar"] == single["ar"] and res["spec"] == single["spec"]
+    assert ranks[0]["sampled"] == ranks[1]["sampled"]                # ranks stay in lockstep when sampling
+    assert single["spec"] == single["ar"]
+
+
+def test_heads_that_do_not_divide_are_a_clear_error():
+    cfg = ModelConfig("LlamaForCausalLM", 101, 64, 96, 2, 4, 2, 16)
+    with pytest.raises(InvalidInputError, match="do not divide by 3"):
+        check_divisible(cfg, 3)
+
+
+def test_shard_slices_cover_each_weight_once():
+    cfg = ModelConfig("LlamaForCausalLM", 101, 64, 96, 2, 8, 4, 8)
+    for name, size, dim in [("model.layers.0.self_attn.q_proj.weight", 64, 0),
+                            ("model.layers.0.self_attn.k_proj.weight", 32, 0),
+                            ("model.layers.0.self_attn.o_proj.weight", 64, 1),
+                            ("model.layers.0.mlp.up_proj.weight", 96, 0),
+                            ("model.layers.0.mlp.down_proj.weight", 96, 1)]:
+        parts = [shard_slice(name, cfg, TensorParallel(r, 4)) for r in range(4)]
+        assert all(p[0] == dim for p in parts)
+        covered = sorted(i for _, a, b in parts for i in range(a, b))
+        assert covered == list(range(size)), name
+    assert shard_slice("model.norm.weight", cfg, TensorParallel(1, 4)) is None
