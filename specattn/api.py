@@ -53,8 +53,8 @@ def make_policy(method: str, spec: SpeculationParams, num_layers: int):
 
 def check_request(method: str, max_new_tokens: int, temperature: float, top_p: float) -> None:
     """Reject bad request values before anything is loaded."""
-    if method not in METHODS:
-        raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in METHODS and method != "auto":
+        raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or auto")
     GenerationParams(max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature, top_p))
 
 
@@ -109,7 +109,10 @@ class Session:
         params = GenerationParams(
             max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature, top_p, seed),
             stop_token_ids=self.model.cfg.eos_token_ids if stop_at_eos else (), use_cuda_graph=use_cuda_graph)
-        if METHODS[method] is None:
+        if method == "auto":
+            from .auto import generate_auto
+            result = generate_auto(self.model, ids, params, spec)
+        elif METHODS[method] is None:
             cache = self.make_cache(len(ids), max(len(i) for i in ids) + max_new_tokens)
             result = generate_ar(self.model, cache, ids, params)
         else:

@@ -45,6 +45,8 @@ def cmd_generate(args) -> int:
         speed += f", {s['decode_tokens_per_s']:.1f} tok/s decode"
     if "mean_accepted_len" in s:
         speed += f", {s['mean_accepted_len']:.2f} tokens per verification"
+    if "auto_choice" in s:
+        speed += f"; auto chose {s['auto_choice']}" + (" (measured now)" if s["auto_probed"] else " (cached)")
     print(f"[{s['method']}] {s['new_tokens']} new tokens in {s['total_s']:.2f} s ({speed}) "
           f"on {session.device} {str(session.dtype).removeprefix('torch.')}", file=sys.stderr)
     if args.json:
@@ -170,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt")
     g.add_argument("--prompt-file")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--method", default="ar", help="ar, specattn-y, vegas, magicdec, quest or selfspec-full")
+    g.add_argument("--method", default="ar",
+                   help="ar, specattn-y, vegas, magicdec, quest, selfspec-full, or auto (the fastest of ar, magicdec "
+                        "and specattn-y for this machine and request shape, measured once and cached)")
     g.add_argument("--budget", type=float, default=256,
                    help="KV budget of a draft step: tokens, or a fraction of the context if below 1")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verification")
