@@ -9,6 +9,16 @@ from .errors import InvalidInputError, SpecAttnError
 from .loader import DEFAULT_MODEL
 
 
+def read_text(path_str: str, what: str = "text file") -> str:
+    path = Path(path_str)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise InvalidInputError(f"cannot read {what} {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(f"{what} {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from e
+
+
 def read_prompt(args) -> str:
     if args.prompt is not None and args.prompt_file is not None:
         raise InvalidInputError("give either --prompt or --prompt-file, not both")
@@ -16,13 +26,7 @@ def read_prompt(args) -> str:
         if args.prompt is None:
             raise InvalidInputError("no prompt: pass --prompt TEXT or --prompt-file FILE")
         return args.prompt
-    path = Path(args.prompt_file)
-    try:
-        return path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise InvalidInputError(f"cannot read prompt file {path}: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise InvalidInputError(f"prompt file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from e
+    return read_text(args.prompt_file, "prompt file")
 
 
 def cmd_generate(args) -> int:
@@ -53,16 +57,6 @@ def cmd_generate(args) -> int:
         from .evaluation.results import write_json_atomic
         write_json_atomic(args.json, {"texts": texts, "tokens": result.tokens, "stats": s})
     return 0
-
-
-def read_text(path_str: str) -> str:
-    path = Path(path_str)
-    try:
-        return path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise InvalidInputError(f"cannot read text file {path}: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise InvalidInputError(f"text file {path} is not UTF-8 (byte {e.start}); convert it to UTF-8") from e
 
 
 def load_pair(args):

@@ -104,15 +104,22 @@ class StepRunner:
             view = self.cache.step_view(q_len, static=True)
             return self.model(static_in, self.cache, view, all_logits=True)
 
-        # Warm up on a side stream (compiles Triton kernels) before capturing; the writes it makes
-        # land in slots past each sequence's length and are overwritten by the real step.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = step()
+        graph, static_out = capture_graph(step)
         return graph, static_in, static_out
+
+
+def capture_graph(step):
+    """Capture step() as a CUDA graph. Returns (graph, step's output tensors, which each replay refills).
+
+    Two warm-up runs on a side stream first compile the kernels; the cache writes they make land in slots past
+    each sequence's length and are overwritten by the real steps."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out

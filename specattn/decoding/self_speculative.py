@@ -22,7 +22,7 @@ from ..model import EAGER, Transformer
 from ..selection import PageSelection, QuestSelection, SelectionPolicy
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop
-from .runner import check_prompts, prefill
+from .runner import capture_graph, check_prompts, prefill
 from .sampling import SamplingParams, agree, probabilities, sample, sample_inverse_cdf
 
 
@@ -113,7 +113,7 @@ class RoundSteps:
     def _capture_draft(self, selection, key):
         static_sel = _static_selection(selection, key)
         _load_selection(static_sel, selection)
-        graph, out = _capture(lambda: draft_steps(self.model, self.cache, static_sel, self.first_tok, self.gamma,
+        graph, out = capture_graph(lambda: draft_steps(self.model, self.cache, static_sel, self.first_tok, self.gamma,
                                                   self.sampling, self.uniforms, None))
         return graph, static_sel, out
 
@@ -126,7 +126,7 @@ class RoundSteps:
             view = self.cache.step_view(self.gamma + 1)
             return self._verify_body(tokens, view)
         if self._verify_graph is None:
-            self._verify_graph = _capture(
+            self._verify_graph = capture_graph(
                 lambda: self._verify_body(self.verify_in, self.cache.step_view(self.gamma + 1, static=True)))
         graph, out = self._verify_graph
         self.verify_in.copy_(tokens)
@@ -137,21 +137,6 @@ class RoundSteps:
         view.page_mass, view.token_scores = self.page_mass, self.token_scores
         view.mass_tokens = getattr(self.policy, "mass_tokens", None)
         return self.model(tokens, self.cache, view, all_logits=True)
-
-
-def _capture(step):
-    """Capture step() as a CUDA graph after two warm-up runs on a side stream (they compile the kernels;
-    their cache writes land past each sequence's end and are overwritten). Returns (graph, step's output)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
 
 
 def _capacity(k: int) -> int:

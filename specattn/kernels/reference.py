@@ -58,20 +58,28 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     return out.transpose(1, 2)
 
 
+def _scores_by_kv_head(q, k_pages, v_pages, page_table, lens_after, scale, kv_len):
+    """fp32 scores [b, hkv, g, t, L] (query heads grouped under their KV head), values [b, hkv, L, d] and the
+    causal mask [b, 1, t, L] of the new rows over the first kv_len keys."""
+    batch, q_len, heads, dim = q.shape
+    kv_heads = k_pages.shape[2]
+    k = gather_pages(k_pages, page_table, kv_len).float()
+    v = gather_pages(v_pages, page_table, kv_len).float()
+    qg = q.float().view(batch, q_len, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4)
+    scores = torch.einsum("bhgtd,bhld->bhgtl", qg, k) * scale
+    key_pos = torch.arange(kv_len, device=q.device)
+    query_pos = lens_after.long()[:, None] - q_len + torch.arange(q_len, device=q.device)
+    return scores, v, (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
+
+
 def _explicit_attention(q, k_pages, v_pages, page_table, lens_after, scale, page_mass, selected_pages,
                         selected_counts, token_level=False):
     """The same attention with explicit probabilities, for the page-mass by-product and sparse pages."""
     batch, q_len, heads, dim = q.shape
     page_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
-    group = heads // kv_heads
     kv_len = page_table.shape[1] * page_size
-    k = gather_pages(k_pages, page_table, kv_len).float()                      # [b, hkv, L, d]
-    v = gather_pages(v_pages, page_table, kv_len).float()
-    qg = q.float().view(batch, q_len, kv_heads, group, dim).permute(0, 2, 3, 1, 4)   # [b, hkv, g, t, d]
-    scores = torch.einsum("bhgtd,bhld->bhgtl", qg, k) * scale
-    key_pos = torch.arange(kv_len, device=q.device)
-    query_pos = lens_after.long()[:, None] - q_len + torch.arange(q_len, device=q.device)
-    allowed = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None, None]      # [b, 1, 1, t, L]
+    scores, v, causal = _scores_by_kv_head(q, k_pages, v_pages, page_table, lens_after, scale, kv_len)
+    allowed = causal[:, :, None]                                                    # [b, 1, 1, t, L]
     if selected_pages is not None:
         n_sel = selected_pages.shape[2]
         valid = torch.arange(n_sel, device=q.device) < selected_counts[..., None]  # [b, hkv, K]
@@ -150,17 +158,11 @@ def attention_with_probs(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.
     averaged over all query heads: [batch, q_len, kv_len] fp32.
     """
     batch, q_len, heads, dim = q.shape
-    kv_heads = k_pages.shape[2]
-    group = heads // kv_heads
     kv_len = max_kv_len or page_table.shape[1] * k_pages.shape[1]
-    k = gather_pages(k_pages, page_table, kv_len).float()                      # [b, hkv, L, d]
-    v = gather_pages(v_pages, page_table, kv_len).float()
-    qg = q.float().view(batch, q_len, kv_heads, group, dim).permute(0, 2, 3, 1, 4)   # [b, hkv, g, t, d]
-    scores = torch.einsum("bhgtd,bhld->bhgtl", qg, k) * scale
-    key_pos = torch.arange(kv_len, device=q.device)
-    query_pos = lens_after.long()[:, None] - q_len + torch.arange(q_len, device=q.device)
-    allowed = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]              # [b, 1, t, L]
+    scores, v, allowed = _scores_by_kv_head(q, k_pages, v_pages, page_table, lens_after, scale, kv_len)
     if key_mask is not None:
+        key_pos = torch.arange(kv_len, device=q.device)
+        query_pos = lens_after.long()[:, None] - q_len + torch.arange(q_len, device=q.device)
         own = key_pos[None, None, :] == query_pos[:, :, None]
         allowed = allowed & (key_mask[..., :kv_len] | own[:, None])
     probs = torch.softmax(scores.masked_fill(~allowed[:, :, None], float("-inf")), dim=-1)
