@@ -28,6 +28,7 @@ class SpeculationParams:
     gamma: int = 4               # draft tokens per verification
     dense_layers: tuple[int, ...] = (0,)   # layers that draft with the full cache (layer 0 is nearly dense)
     mass_tokens: int | None = None         # specattn-y: verification mass per page (None) or per block of keys
+    adaptive_gamma: bool = False           # gamma is then the most drafts per round, fewer when they get rejected
 
     def __post_init__(self):
         if not self.budget > 0:
@@ -120,6 +121,7 @@ class Session:
             policy = make_policy(method, spec, self.model.cfg.num_layers)
             cache = self.make_cache(len(ids), cache_tokens_needed(max(len(i) for i in ids), max_new_tokens, spec.gamma),
                                     track_key_bounds=policy.needs_key_bounds)
-            result = generate_self_speculative(self.model, cache, ids, params, policy, spec.gamma)
+            result = generate_self_speculative(self.model, cache, ids, params, policy, spec.gamma,
+                                               adaptive_gamma=spec.adaptive_gamma)
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
         return texts, result

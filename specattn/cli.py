@@ -35,7 +35,7 @@ def cmd_generate(args) -> int:
     if args.batch <= 0:
         raise InvalidInputError(f"batch must be > 0, got {args.batch}")
     check_request(args.method, args.max_new_tokens, args.temperature, args.top_p)
-    spec = SpeculationParams(args.budget, args.gamma, tuple(args.dense_layers), args.mass_tokens)
+    spec = SpeculationParams(args.budget, args.gamma, tuple(args.dense_layers), args.mass_tokens, args.adaptive_gamma)
     session = Session.load(args.model, args.device, args.dtype, args.attention, progress=not args.quiet)
     texts, result = session.generate([prompt] * args.batch, args.max_new_tokens, args.method, args.temperature,
                                      args.top_p, args.seed, use_cuda_graph=not args.no_cuda_graph, spec=spec)
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verification")
     g.add_argument("--dense-layers", type=int, nargs="*", default=[0],
                    help="layers that draft with the full cache (default: 0)")
+    g.add_argument("--adaptive-gamma", action="store_true",
+                   help="draft up to --gamma tokens per round, fewer while recent drafts get rejected")
     g.add_argument("--mass-tokens", type=int, default=None,
                    help="specattn-y: rank keys by verification mass per block of this many keys (default: per "
                         "page; 64 is nearly free on the GPU)")

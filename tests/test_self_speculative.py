@@ -217,3 +217,33 @@ def test_a_batch_with_different_acceptance_fits_the_advertised_cache(model_and_p
     assert res.tokens == ar
     for n, prompt in zip(cache.host_lens(), prompts, strict=True):    # nobody grew after finishing
         assert n <= len(prompt) + 64 + 4
+
+
+def test_adaptive_gamma_stays_lossless_and_shortens_rejected_drafts(model_and_prompts):
+    """A poor draft (sinks + one recent page) gets most drafts rejected: the adaptive length drops below the
+    maximum, and the output is still AR's."""
+    model, prompts, ar = model_and_prompts
+    res = generate_self_speculative(model, PagedKVCache(model.cfg, 3, 400), prompts,
+                                    GenerationParams(max_new_tokens=64), StreamingPolicy(24), gamma=6,
+                                    adaptive_gamma=True)
+    assert res.tokens == ar
+    assert res.stats["gamma_min"] < 6 and res.stats["gamma_mean"] < 6
+    assert 0 <= res.stats["acceptance_rate"] <= 1
+    fixed = generate_self_speculative(model, PagedKVCache(model.cfg, 3, 400), prompts,
+                                      GenerationParams(max_new_tokens=64), StreamingPolicy(24), gamma=6)
+    assert fixed.stats["gamma_min"] == 6
+    # About as many rounds, far fewer drafts thrown away: 6 per round fixed, ~1 adaptive.
+    assert res.stats["rounds"] <= fixed.stats["rounds"] + 2 and res.stats["gamma_mean"] < 2
+    assert res.stats["acceptance_rate"] > fixed.stats["acceptance_rate"]
+
+
+def test_adaptive_gamma_controller():
+    from specattn.decoding.self_speculative import AdaptiveGamma
+    c = AdaptiveGamma(6)
+    assert c.next() == 6
+    for _ in range(6):
+        c.observe([0, 1, 0])
+    assert c.next() == 1
+    for _ in range(10):
+        c.observe([6, 6])
+    assert c.next() == 6

@@ -206,12 +206,30 @@ class _PhaseTimer:
         return out
 
 
+class AdaptiveGamma:
+    """Draft length from recent acceptance: one more draft than the recent mean accepted (an exponential average
+    over rounds), between 1 and the maximum. Drafts that would mostly be rejected are not computed; when every
+    draft is accepted, the length grows back."""
+
+    def __init__(self, max_gamma: int, decay: float = 0.5):
+        self.max_gamma, self.decay, self.mean = max_gamma, decay, float(max_gamma)
+
+    def next(self) -> int:
+        return max(1, min(self.max_gamma, math.floor(self.mean) + 1))
+
+    def observe(self, accepted: list[int]) -> None:
+        if accepted:
+            self.mean = self.decay * self.mean + (1 - self.decay) * sum(accepted) / len(accepted)
+
+
 @torch.no_grad()
 def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: list[list[int]],
-                              params: GenerationParams, policy: SelectionPolicy,
-                              gamma: int = 4, steps: RoundSteps | None = None) -> GenerationResult:
-    """Generate up to `params.max_new_tokens` tokens per prompt. `steps`: the RoundSteps (CUDA graphs) of an
-    earlier run of the same model, cache, policy, batch, gamma and sampling, to skip capturing again."""
+                              params: GenerationParams, policy: SelectionPolicy, gamma: int = 4,
+                              steps: dict[int, RoundSteps] | RoundSteps | None = None,
+                              adaptive_gamma: bool = False) -> GenerationResult:
+    """Generate up to `params.max_new_tokens` tokens per prompt with gamma drafts per round (with adaptive_gamma:
+    at most gamma, chosen each round by AdaptiveGamma). `steps`: the RoundSteps (CUDA graphs) an earlier run of
+    the same model, cache, policy, batch and sampling returned as its runner, to skip capturing again."""
     if gamma <= 0:
         raise InvalidInputError(f"gamma (draft tokens per round) must be > 0, got {gamma}")
     check_prompts(model, cache, prompts, cache_tokens_needed(0, params.max_new_tokens, gamma))
@@ -225,31 +243,38 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     next_tok = agree(sample(prefill(model, cache, prompts, params.prefill_chunk), sampling, generator), model, sampling)
     _sync(device)
     prefill_s = time.perf_counter() - t0
-    if steps is None or not steps.fits(model, cache, policy, batch, gamma, sampling):
-        steps = RoundSteps(model, cache, policy, batch, gamma, sampling, params.use_cuda_graph)
+    steps_by_gamma = {steps.gamma: steps} if isinstance(steps, RoundSteps) else dict(steps or {})
+    controller = AdaptiveGamma(gamma) if adaptive_gamma else None
     out = [[t] for t in next_tok.tolist()]
     policy.reset(cache)
     accepted_hist, per_position = [], torch.zeros(gamma, dtype=torch.long)
+    drafted, gammas = 0, []
     draft_bytes, rounds = torch.zeros((), dtype=torch.long, device=device), 0
     while min(len(o) for o in out) < params.max_new_tokens:
         if params.stop_token_ids and all(any(t in params.stop_token_ids for t in o) for o in out):
             break
         rounds += 1
+        g = controller.next() if controller else gamma
+        gammas.append(g)
+        round_steps = steps_by_gamma.get(g)
+        if round_steps is None or not round_steps.fits(model, cache, policy, batch, g, sampling):
+            round_steps = steps_by_gamma[g] = RoundSteps(model, cache, policy, batch, g, sampling,
+                                                         params.use_cuda_graph)
         start_lens = cache.host_lens()
         t = timer.start()
-        selection = policy.select(cache, gamma)
+        selection = policy.select(cache, g)
         timer.stop("select_s", t)
 
         t = timer.start()
-        cache.reserve(gamma + 1)
-        drafts_t, draft_probs = steps.draft(selection, next_tok, generator)
-        draft_bytes += _draft_bytes_read(cache, selection, start_lens, gamma)
+        cache.reserve(g + 1)
+        drafts_t, draft_probs = round_steps.draft(selection, next_tok, generator)
+        draft_bytes += _draft_bytes_read(cache, selection, start_lens, g)
         timer.stop("draft_s", t)
 
         t = timer.start()
-        target_logits = steps.verify(torch.cat([next_tok[:, None], drafts_t], dim=1))
-        cache.advance(gamma + 1)
-        cache.count_read(sum(start_lens) + batch * (gamma + 1))
+        target_logits = round_steps.verify(torch.cat([next_tok[:, None], drafts_t], dim=1))
+        cache.advance(g + 1)
+        cache.count_read(sum(start_lens) + batch * (g + 1))
         if sampling.greedy:
             accepted, emitted = accept_greedy(drafts_t, target_logits)
         else:
@@ -263,19 +288,23 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         # Sequences that already have their tokens keep their length while the others catch up.
         done = [len(o) >= params.max_new_tokens for o in out]
         cache.truncate([n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)])
-        if steps.page_mass is not None:
-            policy.observe(steps.page_mass)
-        if steps.token_scores is not None:
-            policy.observe_token_scores(steps.token_scores, start_lens)
+        if round_steps.page_mass is not None:
+            policy.observe(round_steps.page_mass)
+        if round_steps.token_scores is not None:
+            policy.observe_token_scores(round_steps.token_scores, start_lens)
 
         for b, row in enumerate(host):
             if not done[b]:
                 out[b].extend(x for x in row[1:] if x >= 0)
         next_tok = torch.where(torch.tensor(done, device=device), next_tok,
                                emitted.gather(1, accepted[:, None]).squeeze(1))
-        for a in (a for a, d in zip(accepted_list, done, strict=True) if not d):   # idle rounds do not count
+        active = [a for a, d in zip(accepted_list, done, strict=True) if not d]    # idle rounds do not count
+        for a in active:
             accepted_hist.append(a)
             per_position[:a] += 1
+        drafted += g * len(active)
+        if controller:
+            controller.observe(active)
     _sync(device)
     total = time.perf_counter() - t0
     tokens = [cut_at_stop(o[: params.max_new_tokens], params.stop_token_ids) for o in out]
@@ -289,11 +318,12 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         "decode_tokens_per_s_steady": batch * (1 + sum(accepted_hist) / max(1, len(accepted_hist)))
         * rounds / max(total - prefill_s, 1e-9),
         "mean_accepted_len": 1 + sum(accepted_hist) / max(1, len(accepted_hist)),   # incl. the bonus token
-        "acceptance_rate": sum(accepted_hist) / max(1, len(accepted_hist) * gamma),
+        "acceptance_rate": sum(accepted_hist) / max(1, drafted),
+        "gamma_mean": sum(gammas) / max(1, len(gammas)), "gamma_min": min(gammas, default=gamma),
         "acceptance_per_position": (per_position.float() / max(1, len(accepted_hist))).tolist(),
         "kv_bytes_read_prefill_and_verify": cache.kv_bytes_read, "kv_bytes_read_draft": int(draft_bytes),
         **timer.totals(),
-    }, steps)
+    }, steps_by_gamma)
 
 
 def _draft_bytes_read(cache: PagedKVCache, selection, start_lens: list[int], gamma: int) -> int | torch.Tensor:
