@@ -65,9 +65,11 @@ def load_pair(args):
     from .loader import check_same_tokenizer, load_model, load_tokenizer, parse_dtype
     dev = pick_device(args.device)
     dtype = parse_dtype(args.dtype or ("bf16" if dev.type == "cuda" else "fp32"))
-    tok_d, tok_t = load_tokenizer(args.draft), load_tokenizer(args.target)
-    check_same_tokenizer(tok_d, tok_t, args.draft, args.target)
-    draft = load_model(args.draft, str(dev), dtype, "reference", progress=not args.quiet)
+    tok_t = load_tokenizer(args.target)
+    draft = None
+    if args.draft:
+        check_same_tokenizer(load_tokenizer(args.draft), tok_t, args.draft, args.target)
+        draft = load_model(args.draft, str(dev), dtype, "reference", progress=not args.quiet)
     target = load_model(args.target, str(dev), dtype, "reference", progress=not args.quiet)
     return draft, target, tok_t
 
@@ -96,30 +98,71 @@ def cmd_layermap(args) -> int:
 
 def cmd_ppl(args) -> int:
     from .alignment import LayerMap, align_layers
+    from .evaluation.bench import parse_sizes
     from .evaluation.results import write_json_atomic
-    from .evaluation.sparse_ppl import sparse_perplexity_study
-    ps = [float(p) for p in args.ps.split(",")]
-    if any(not 0 < p <= 1 for p in ps):
-        raise InvalidInputError(f"every p must be in (0, 1], got {args.ps}")
+    from .evaluation.sparse_ppl import MethodSpec, parse_methods, run_methods
+    if args.methods:
+        specs = parse_methods(args.methods)
+    else:   # dense, SpecAttn-S at every --ps, and both baselines at SpecAttn-S's budget for --reference-p
+        ps = [float(p) for p in args.ps.split(",")]
+        if any(not 0 < p <= 1 for p in ps) or args.reference_p not in ps:
+            raise InvalidInputError(f"every p must be in (0, 1] and include --reference-p, got {args.ps}")
+        ordered = [args.reference_p] + [p for p in ps if p != args.reference_p]
+        specs = [MethodSpec("dense")] + [MethodSpec("specattn-s", p=p) for p in ordered] + \
+            [MethodSpec("streaming"), MethodSpec("quest")]
+    needs_draft = any(s.kind == "specattn-s" for s in specs)
+    if needs_draft and not args.draft:
+        raise InvalidInputError("specattn-s methods need --draft (a smaller model with the same tokenizer)")
+    context = parse_sizes(args.context, "context")[0]
+    stride = parse_sizes(args.stride, "stride")[0] if args.stride else context
+    if args.windows <= 0:
+        raise InvalidInputError(f"--windows must be > 0, got {args.windows}")
     text = read_text(args.text)
     draft, target, tok = load_pair(args)
-    tokens = window_tokens(tok, text, args.context)
-    if args.layer_map:
+    all_ids = tok(text, add_special_tokens=False)["input_ids"]
+    if len(all_ids) < context:
+        raise InvalidInputError(f"the text has {len(all_ids)} tokens; a {context}-token window needs more")
+    windows = [all_ids[i * stride: i * stride + context] for i in range(args.windows)
+               if i * stride + context <= len(all_ids)]
+    layer_map = None
+    if needs_draft and args.layer_map:
         layer_map = LayerMap.load(args.layer_map, target.cfg.num_layers, draft.cfg.num_layers)
-    else:   # calibrate on the text that follows the evaluated window, never on the window itself
-        calib = window_tokens(tok, text, 2 * args.context)[args.context:]
-        layer_map = align_layers(draft, target, calib[: min(1024, len(calib))])
+    elif needs_draft:   # calibrate on text after the evaluated windows, never on them
+        start = (len(windows) - 1) * stride + context
+        calib = all_ids[start: start + 1024]
+        if len(calib) < 64:
+            raise InvalidInputError("no text is left after the windows to calibrate the layer map; pass --layer-map")
+        layer_map = align_layers(draft, target, calib)
     dense = tuple(args.dense_layers)
-    runs = sparse_perplexity_study(target, draft, layer_map, tokens, ps, args.reference_p, dense,
-                                   progress=lambda name: print(f"  done: {name}", file=sys.stderr))
+    runs = run_methods(target, windows, specs, draft, layer_map, dense,
+                       progress=lambda name: print(f"  done: {name}", file=sys.stderr))
     rows = [vars(r) for r in runs]
     for r in rows:
-        print(f"{r['name']:>20}  ppl {r['ppl']:8.3f}  keys kept {r['keys_kept_fraction']:.3f} "
+        print(f"{r['name']:>24}  ppl {r['ppl']:8.3f}  keys kept {r['keys_kept_fraction']:.3f} "
               f"(sparse layers {r['keys_kept_fraction_sparse_layers']:.3f})")
     if args.json:
-        write_json_atomic(args.json, {"context": args.context, "dense_layers": list(dense),
-                                      "layer_map": layer_map.draft_layer, "runs": rows})
+        write_json_atomic(args.json, {"context": context, "stride": stride, "windows": len(windows),
+                                      "dense_layers": list(dense),
+                                      "layer_map": layer_map.draft_layer if layer_map else None, "runs": rows})
+    if args.plot:
+        _plot_ppl(rows, args.plot)
     return 0
+
+
+def _plot_ppl(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.plot(1 - r["keys_kept_fraction"], r["ppl"], "o")
+        ax.annotate(r["name"], (1 - r["keys_kept_fraction"], r["ppl"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xlabel("KV reads saved (fraction, all layers)")
+    ax.set_ylabel("perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def cmd_bench(args) -> int:
@@ -191,9 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_generate)
 
-    def pair_args(c):
-        c.add_argument("--draft", required=True, help="draft checkpoint (folder or .gguf)")
-        c.add_argument("--target", required=True, help="verifier checkpoint sharing the draft's tokenizer")
+    def pair_args(c, draft_required=True):
+        c.add_argument("--draft", required=draft_required, help="draft checkpoint (folder or .gguf)")
+        c.add_argument("--target", "--model", dest="target", required=True,
+                       help="verifier checkpoint (sharing the draft's tokenizer)")
         c.add_argument("--text", required=True, help="UTF-8 text file")
         c.add_argument("--device", default="auto")
         c.add_argument("--dtype", default=None)
@@ -228,8 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("ppl", help="verifier perplexity with draft-guided sparse attention vs Quest and streaming")
-    pair_args(q)
-    q.add_argument("--context", type=int, default=2048, help="tokens in the evaluated window")
+    pair_args(q, draft_required=False)
+    q.add_argument("--context", default="2048", help="tokens in each evaluated window (e.g. 2048 or 8k)")
+    q.add_argument("--stride", default=None, help="tokens between window starts (default: the context)")
+    q.add_argument("--windows", type=int, default=1, help="how many windows to average over")
+    q.add_argument("--methods", default=None,
+                   help="e.g. dense,specattn-s:p=0.95,quest:budget=512,streaming (default: dense, SpecAttn-S at "
+                        "--ps, and Quest and streaming at SpecAttn-S's budget for --reference-p)")
+    q.add_argument("--plot", help="write a perplexity vs KV-reads-saved plot here (PNG)")
     q.add_argument("--ps", default="0.9,0.95,0.97,0.99,1.0")
     q.add_argument("--reference-p", type=float, default=0.95, help="p whose KV budget Quest and streaming get")
     q.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1])

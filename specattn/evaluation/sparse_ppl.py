@@ -37,16 +37,22 @@ def topp_key_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
     return (probs >= theta[..., None]) & (probs > 0) if p < 1 else probs > 0
 
 
-def streaming_key_mask(t: int, frac: float, device) -> torch.Tensor:
-    """[1, 1, T, T]: sinks + the most recent keys, ceil(frac x visible) keys per query."""
+def keys_per_row(rows: torch.Tensor, budget: float) -> torch.Tensor:
+    """Keys query `row` may read: a fraction of its visible keys (budget < 1) or a token count (budget >= 1)."""
+    visible = rows + 1
+    keys = torch.ceil(budget * visible) if budget < 1 else torch.full_like(visible, int(budget))
+    return torch.minimum(keys, visible).clamp(min=1)
+
+
+def streaming_key_mask(t: int, budget: float, device) -> torch.Tensor:
+    """[T, T]: sinks + the most recent keys, keys_per_row(budget) keys per query."""
     q = torch.arange(t, device=device)[:, None]
     k = torch.arange(t, device=device)[None, :]
-    budget = torch.ceil(frac * (q + 1)).clamp(min=1)
-    window = budget - SINK_TOKENS
+    window = keys_per_row(q, budget) - SINK_TOKENS
     return ((k < SINK_TOKENS) | (k > q - window)) & (k <= q)
 
 
-def quest_mask_fn(frac: float, page_size: int = 16, rows_per_chunk: int = 128):
+def quest_mask_fn(budget: float, page_size: int = 16, rows_per_chunk: int = 128):
     """A key_masks entry computing Quest's page choice from the layer's own queries and keys."""
 
     def mask(layer: int, q: torch.Tensor, k_pages: torch.Tensor, view) -> torch.Tensor:
@@ -69,7 +75,7 @@ def quest_mask_fn(frac: float, page_size: int = 16, rows_per_chunk: int = 128):
             page_idx = torch.arange(pages, device=q.device)
             bound = bound.masked_fill(page_idx[None, None, None, :] > own[None, None, :, None], float("-inf"))
             bound = bound.masked_fill(page_idx[None, None, None, :] == own[None, None, :, None], float("inf"))
-            n_keep = torch.ceil(frac * (rows + 1) / page_size).clamp(min=1).long()   # pages per row
+            n_keep = (-(-keys_per_row(rows, budget) // page_size)).long()             # pages per row
             rank = bound.argsort(dim=-1, descending=True).argsort(dim=-1)
             keep_page = rank < n_keep[None, None, :, None]
             out[:, :, rows] = keep_page.repeat_interleave(page_size, dim=-1)[..., :t]
@@ -110,50 +116,126 @@ def _kept(mask: torch.Tensor, t: int, eval_from: int) -> tuple[float, float]:
     return m.sum().item() / heads, causal.sum().item()
 
 
-@torch.no_grad()
-def sparse_perplexity_study(target: Transformer, draft: Transformer, layer_map: LayerMap, tokens: list[int],
-                            ps: list[float], reference_p: float = 0.95, dense_layers: tuple[int, ...] = (0, 1),
-                            eval_from: int | None = None, progress=None) -> list[SparseRun]:
+@dataclass(frozen=True)
+class MethodSpec:
+    kind: str                      # dense, specattn-s, quest or streaming
+    p: float | None = None         # specattn-s
+    budget: float | None = None    # quest / streaming: tokens, or a fraction below 1; None: SpecAttn-S's share
+
+    @property
+    def name(self) -> str:
+        if self.kind == "specattn-s":
+            return f"specattn-s:p={self.p}"
+        return self.kind if self.budget is None else f"{self.kind}:budget={self.budget:g}"
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    """'dense,specattn-s:p=0.95,quest:budget=512,streaming' -> specs (a baseline without a budget gets the keys
+    the first SpecAttn-S method kept)."""
+    specs = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        kind, _, arg = item.partition(":")
+        key, _, value = arg.partition("=")
+        try:
+            number = float(value) if value else None
+        except ValueError:
+            raise InvalidInputError(f"cannot read {item!r}: {value!r} is not a number") from None
+        if kind == "dense" and not arg:
+            specs.append(MethodSpec("dense"))
+        elif kind == "specattn-s" and key == "p" and number is not None:
+            if not 0 < number <= 1:
+                raise InvalidInputError(f"{item}: p must be in (0, 1]")
+            specs.append(MethodSpec(kind, p=number))
+        elif kind in ("quest", "streaming") and (not arg or (key == "budget" and number is not None)):
+            if number is not None and not number > 0:
+                raise InvalidInputError(f"{item}: budget must be > 0 (tokens, or a fraction below 1)")
+            specs.append(MethodSpec(kind, budget=number))
+        else:
+            raise InvalidInputError(f"unknown method {item!r}; use dense, specattn-s:p=P, quest[:budget=B] or "
+                                    "streaming[:budget=B]")
+    if any(s.kind in ("quest", "streaming") and s.budget is None for s in specs) and \
+            not any(s.kind == "specattn-s" for s in specs):
+        raise InvalidInputError("a quest or streaming method without a budget takes SpecAttn-S's; add a "
+                                "specattn-s:p=P method or give budget=B")
+    return specs
+
+
+def _window_run(target, tokens, spec: MethodSpec, draft_attn, layer_map, sparse_layers, eval_from,
+                matched_budget) -> tuple[float, float, float]:
+    """(mean NLL, kept keys, visible keys) of one method on one window; keys over the sparse layers."""
     t = len(tokens)
+    if spec.kind == "dense":
+        return _nll(target, tokens, None, eval_from), 1.0, 1.0
+    if spec.kind == "specattn-s":
+        masks = {j: topp_key_mask(draft_attn[layer_map.draft_layer[j]], spec.p)[None, None] for j in sparse_layers}
+        kept = [_kept(m, t, eval_from) for m in masks.values()]
+        return _nll(target, tokens, masks, eval_from), sum(k for k, _ in kept), sum(v for _, v in kept)
+    budget = spec.budget if spec.budget is not None else matched_budget
+    if spec.kind == "streaming":
+        mask = streaming_key_mask(t, budget, target.embed.weight.device)[None, None]
+        k, v = _kept(mask, t, eval_from)
+        return _nll(target, tokens, dict.fromkeys(sparse_layers, mask), eval_from), k * len(sparse_layers), \
+            v * len(sparse_layers)
+    quest, kept = quest_mask_fn(budget), []
+
+    def counting(layer, q, k_pages, view):
+        m = quest(layer, q, k_pages, view)
+        kept.append(_kept(m, t, eval_from))
+        return m
+
+    nll = _nll(target, tokens, dict.fromkeys(sparse_layers, counting), eval_from)
+    return nll, sum(k for k, _ in kept), sum(v for _, v in kept)
+
+
+@torch.no_grad()
+def run_methods(target: Transformer, windows: list[list[int]], specs: list[MethodSpec],
+                draft: Transformer | None = None, layer_map: LayerMap | None = None,
+                dense_layers: tuple[int, ...] = (0, 1), eval_from: int | None = None, progress=None) -> list[SparseRun]:
+    """Perplexity of each method over the windows (mean NLL over all evaluated positions of all windows)."""
+    needs_draft = any(s.kind == "specattn-s" for s in specs)
+    if needs_draft and (draft is None or layer_map is None):
+        raise InvalidInputError("specattn-s methods need a draft model (--draft) and a layer map")
+    t = len(windows[0])
     eval_from = t // 4 if eval_from is None else eval_from
     if not 0 <= eval_from < t - 1:
         raise InvalidInputError(f"evaluation start {eval_from} must be within the {t}-token window")
     n_layers = target.cfg.num_layers
     sparse_layers = [j for j in range(n_layers) if j not in dense_layers]
-    runs = [SparseRun("dense", math.exp(_nll(target, tokens, None, eval_from)), 1.0, 1.0)]
-    step = progress or (lambda name: None)
-    step("dense")
-    draft_attn = head_averaged_attention(draft, tokens)                       # [draft layers, T, T]
-    frac_at_ref = None
-    for p in ps:
-        masks = {j: topp_key_mask(draft_attn[layer_map.draft_layer[j]], p)[None, None] for j in sparse_layers}
-        kept = [_kept(m, t, eval_from) for m in masks.values()]
-        frac_sparse = sum(k for k, _ in kept) / sum(v for _, v in kept)
-        frac_all = (frac_sparse * len(sparse_layers) + len(dense_layers)) / n_layers
-        runs.append(SparseRun(f"specattn-s:p={p}", math.exp(_nll(target, tokens, masks, eval_from)),
-                              frac_all, frac_sparse))
-        if abs(p - reference_p) < 1e-9:
-            frac_at_ref = frac_sparse
-        step(f"specattn-s p={p}")
-    if frac_at_ref is None:
-        raise InvalidInputError(f"the reference p {reference_p} for the baselines' budget must be among {ps}")
-    same = {"budget_from": f"specattn-s:p={reference_p}"}
-    stream = streaming_key_mask(t, frac_at_ref, draft_attn.device)[None, None]
-    k_s, v_s = _kept(stream, t, eval_from)
-    runs.append(SparseRun("streaming", math.exp(_nll(target, tokens, dict.fromkeys(sparse_layers, stream),
-                                                      eval_from)),
-                          (k_s / v_s * len(sparse_layers) + len(dense_layers)) / n_layers, k_s / v_s, same))
-    step("streaming")
-    quest = quest_mask_fn(frac_at_ref)
-    kept_q = []
-
-    def quest_counting(layer, q, k_pages, view):
-        m = quest(layer, q, k_pages, view)
-        kept_q.append(_kept(m, t, eval_from))
-        return m
-
-    ppl_q = math.exp(_nll(target, tokens, dict.fromkeys(sparse_layers, quest_counting), eval_from))
-    frac_q = sum(k for k, _ in kept_q) / sum(v for _, v in kept_q)
-    runs.append(SparseRun("quest", ppl_q, (frac_q * len(sparse_layers) + len(dense_layers)) / n_layers, frac_q, same))
-    step("quest")
+    reference = next((s for s in specs if s.kind == "specattn-s"), None)
+    order = sorted(specs, key=lambda s: s != reference)                  # the reference first: it sets the budget
+    totals = {s: [0.0, 0.0, 0.0] for s in specs}
+    for w, tokens in enumerate(windows):
+        draft_attn = head_averaged_attention(draft, tokens) if needs_draft else None
+        matched = None
+        for spec in order:
+            nll, kept, visible = _window_run(target, tokens, spec, draft_attn, layer_map, sparse_layers, eval_from,
+                                             matched)
+            if spec is reference:
+                matched = kept / visible
+            for i, x in enumerate((nll, kept, visible)):
+                totals[spec][i] += x
+            if progress:
+                progress(f"window {w + 1}/{len(windows)}: {spec.name}")
+    runs = []
+    for spec in specs:
+        nll, kept, visible = totals[spec]
+        frac_sparse = kept / visible if spec.kind != "dense" else 1.0
+        frac_all = (frac_sparse * len(sparse_layers) + len(dense_layers)) / n_layers if spec.kind != "dense" else 1.0
+        extra = {"budget_from": reference.name} if spec.kind in ("quest", "streaming") and spec.budget is None else {}
+        runs.append(SparseRun(spec.name, math.exp(nll / len(windows)), frac_all, frac_sparse, extra))
     return runs
+
+
+def sparse_perplexity_study(target: Transformer, draft: Transformer, layer_map: LayerMap, tokens: list[int],
+                            ps: list[float], reference_p: float = 0.95, dense_layers: tuple[int, ...] = (0, 1),
+                            eval_from: int | None = None, progress=None) -> list[SparseRun]:
+    """Dense, SpecAttn-S at each p, and StreamingLLM and Quest with the keys SpecAttn-S kept at reference_p."""
+    if all(abs(p - reference_p) > 1e-9 for p in ps):
+        raise InvalidInputError(f"the reference p {reference_p} for the baselines' budget must be among {ps}")
+    ordered = [reference_p] + [p for p in ps if abs(p - reference_p) > 1e-9]
+    specs = [MethodSpec("dense")] + [MethodSpec("specattn-s", p=p) for p in ordered] + \
+        [MethodSpec("streaming"), MethodSpec("quest")]
+    runs = {r.name: r for r in run_methods(target, [tokens], specs, draft, layer_map, dense_layers, eval_from,
+                                           progress)}
+    names = ["dense"] + [MethodSpec("specattn-s", p=p).name for p in ps] + ["streaming", "quest"]
+    return [runs[n] for n in names]
