@@ -86,12 +86,12 @@ class RoundSteps:
         self._draft_graphs: dict[tuple, tuple] = {}
         self._verify_graph = None
 
-    # ---- draft -----------------------------------------------------------------------------
     def fits(self, model, cache, policy, batch: int, gamma: int, sampling: SamplingParams) -> bool:
         """Whether these graphs can serve a run (kept across runs so capture is paid once)."""
         return (model is self.model and cache is self.cache and policy is self.policy and batch == self.batch
                 and gamma == self.gamma and sampling == self.sampling)
 
+    # ---- draft -----------------------------------------------------------------------------
     def draft(self, selection, first_tok: torch.Tensor, generator: torch.Generator):
         uniforms = None
         if not self.sampling.greedy:   # (0, 1]: see sample_inverse_cdf
@@ -113,8 +113,8 @@ class RoundSteps:
     def _capture_draft(self, selection, key):
         static_sel = _static_selection(selection, key)
         _load_selection(static_sel, selection)
-        graph, out = capture_graph(lambda: draft_steps(self.model, self.cache, static_sel, self.first_tok, self.gamma,
-                                                  self.sampling, self.uniforms, None))
+        graph, out = capture_graph(lambda: draft_steps(self.model, self.cache, static_sel, self.first_tok,
+                                                       self.gamma, self.sampling, self.uniforms, None))
         return graph, static_sel, out
 
     # ---- verify ----------------------------------------------------------------------------
