@@ -129,3 +129,18 @@ def test_sparse_perplexity_study_p1_equals_dense_and_budgets_match():
     assert frac < 0.95
     for name in ("quest", "streaming"):     # same budget, within page rounding
         assert abs(runs[name].keys_kept_fraction_sparse_layers - frac) < 0.12
+
+
+def test_sparse_verification_through_the_triton_kernel_matches_the_reference():
+    """The verifier's token lists go through the sparse kernel (interpreted here): same tokens as the reference."""
+    target, draft = _pair()
+    lm = SparseVerification((0, 1, 2, 2), p=0.6, dense_layers=(0,))
+    prompts = [[1, 5, 9, 2, 6, 6, 1, 3] * 5, [4, 4, 8, 1] * 6]
+    runs = []
+    for backend in ("reference", "triton"):
+        target.set_attention_backend(backend)
+        runs.append(generate_draft_speculative(target, draft, PagedKVCache(TARGET, 2, 100),
+                                               PagedKVCache(DRAFT, 2, 100), prompts, GenerationParams(12), 3, lm))
+    target.set_attention_backend("reference")
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].stats["verifier_keys_read_fraction_sparse_layers"] < 1.0

@@ -7,9 +7,9 @@ roll back in O(1). Lossless: greedy output equals the verifier's AR output token
 SpecAttn-S (`SparseVerification`): while drafting, the draft's head-averaged attention at the layers the layer
 map names is recorded; per verifier layer, the union over the gamma draft steps of the top-p key sets of its
 mapped draft layer is all the verifier attends to (the verified block itself stays visible; the first layers
-stay dense). That verification is approximate: the output follows a sparse-attention verifier.
-This loop runs eagerly and records attention through the reference path: a study and CPU implementation;
-the GPU version (page-level mass from the kernel, graphs) is not built yet.
+stay dense), through the sparse attention kernel's token lists. That verification is approximate: the output
+follows a sparse-attention verifier. The loop runs eagerly and records the draft's attention through the
+reference path; graphs and kernel-side draft scores are not built yet.
 """
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..cache import PagedKVCache
 from ..errors import InvalidInputError
 from ..evaluation.sparse_ppl import topp_key_mask
 from ..model import Transformer
+from ..selection import PageSelection
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop
 from .runner import check_prompts, prefill
@@ -78,11 +80,11 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         target_cache.reserve(gamma + 1)
         view = target_cache.step_view(gamma + 1)
         if sparse:
-            view.key_masks = _verifier_masks(sparse, recorded, start_lens, gamma, target.cfg.num_layers)
-            ends = torch.tensor(start_lens, device=device)[:, None] + gamma + 1
-            for m in view.key_masks.values():       # keys loaded once for the whole verified block
-                keys_read += int((m[:, 0, 0] & (torch.arange(m.shape[-1], device=device) < ends)).sum())
-            keys_dense += (sum(start_lens) + batch * (gamma + 1)) * len(view.key_masks)
+            view.selection = _verifier_selection(sparse, recorded, start_lens, gamma, target.cfg)
+            sparse_layers = [j for j in range(target.cfg.num_layers) if j not in view.selection.dense_layers]
+            # keys loaded once for the whole verified block, per sequence and sparse layer
+            keys_read += int(view.selection.counts[sparse_layers, :, 0].sum())
+            keys_dense += (sum(start_lens) + batch * (gamma + 1)) * len(sparse_layers)
         logits = target(torch.cat([next_tok[:, None], drafts], dim=1), target_cache, view, all_logits=True)
         target_cache.advance(gamma + 1)
         if sampling.greedy:
@@ -159,13 +161,14 @@ def _write_last_draft(draft: Transformer, cache: PagedKVCache, last: torch.Tenso
     cache.advance(1)
 
 
-def _verifier_masks(sparse: SparseVerification, recorded: dict, start_lens: list[int], gamma: int,
-                    num_layers: int) -> dict[int, torch.Tensor]:
-    """Per sparse verifier layer: [batch, 1, gamma + 1, kv_len] keys = union over draft steps of the mapped draft
-    layer's top-p sets, plus the verified block itself."""
+def _verifier_selection(sparse: SparseVerification, recorded: dict, start_lens: list[int], gamma: int,
+                        cfg) -> PageSelection:
+    """Token lists for the verify step: per verifier layer, the union over draft steps of the mapped draft
+    layer's top-p keys plus the verified block itself, shared by the layer's KV heads (sparse kernel, token level).
+    Dense layers get the same lists but the kernel ignores them."""
     kv_len = max(start_lens) + gamma + 1
-    union = {}
     first_new = None
+    lists = {}
     for layer, steps in recorded.items():
         keys = torch.zeros(steps[0].shape[0], kv_len, dtype=torch.bool, device=steps[0].device)
         for probs in steps:                                   # [batch, 1, len_i]
@@ -173,6 +176,16 @@ def _verifier_masks(sparse: SparseVerification, recorded: dict, start_lens: list
             keys[:, : chosen.shape[-1]] |= chosen
         if first_new is None:
             first_new = torch.tensor(start_lens, device=keys.device)[:, None]
-        block = torch.arange(kv_len, device=keys.device)[None, :] >= first_new
-        union[layer] = (keys | block)[:, None, None, :].expand(-1, 1, gamma + 1, -1)
-    return {j: union[sparse.draft_layer[j]] for j in range(num_layers) if j not in sparse.dense_layers}
+        position = torch.arange(kv_len, device=keys.device)[None, :]
+        keys |= (position >= first_new) & (position < first_new + gamma + 1)
+        counts = keys.sum(-1)
+        ordered = torch.where(keys, position, kv_len).sort(dim=-1).values[:, : int(counts.max())]
+        lists[layer] = (torch.where(ordered == kv_len, -1, ordered).int(), counts.int())
+    width = max(t.shape[-1] for t, _ in lists.values())
+    lists = {k: (F.pad(t, (0, width - t.shape[-1]), value=-1), c) for k, (t, c) in lists.items()}
+    pages = torch.stack([lists[sparse.draft_layer[j]][0] for j in range(cfg.num_layers)])       # [L, b, K]
+    counts = torch.stack([lists[sparse.draft_layer[j]][1] for j in range(cfg.num_layers)])      # [L, b]
+    heads = cfg.num_kv_heads
+    return PageSelection(pages[:, :, None].expand(-1, -1, heads, -1).contiguous(),
+                         counts[:, :, None].expand(-1, -1, heads).contiguous(),
+                         frozenset(sparse.dense_layers), token_level=True)
