@@ -36,7 +36,7 @@ class Attention:
 
     def __call__(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                  view: StepView, scale: float, layer: int = 0) -> torch.Tensor:
-        if view.attention_probs is not None or view.key_masks is not None:
+        if recording_wanted(view, layer) or (view.key_masks is not None and layer in view.key_masks):
             return self._study(q, k_pages, v_pages, view, scale, layer)
         options = {}
         sel = view.selection
@@ -68,6 +68,10 @@ class Attention:
             mask = mask(layer, q, k_pages, view)
         out, probs = reference.attention_with_probs(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
                                                     view.max_kv_len, mask)
-        if view.attention_probs is not None:
+        if recording_wanted(view, layer):
             view.attention_probs[layer] = probs
         return out
+
+
+def recording_wanted(view: StepView, layer: int) -> bool:
+    return view.attention_probs is not None and (view.record_layers is None or layer in view.record_layers)

@@ -50,6 +50,7 @@ class StepView:
     # and/or restrict keys per layer: key_masks[layer] is a [batch, 1 | kv_heads, q_len, kv_len] bool mask or a
     # function (layer, q, k_pages, view) -> such a mask.
     attention_probs: dict | None = None
+    record_layers: frozenset | None = None     # record only these layers (None: all); the rest run the fast path
     key_masks: dict | None = None
 
 

@@ -140,7 +140,7 @@ def _draft(draft: Transformer, cache: PagedKVCache, first_tok: torch.Tensor, gam
     for _ in range(gamma):
         view = cache.step_view(1)
         if wanted:
-            view.attention_probs = {}
+            view.attention_probs, view.record_layers = {}, frozenset(wanted)
         logits = draft(tok[:, None], cache, view)[:, -1]
         cache.advance(1)
         for layer in wanted:
