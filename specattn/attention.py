@@ -46,18 +46,25 @@ class Attention:
         want_mass = view.page_mass is not None and not options
         if want_mass:
             options["mass_tokens"] = view.mass_tokens
+        want_scores = view.token_scores is not None
         if self.backend == "triton":
-            from .kernels import paged_attention
+            from .kernels import paged_attention, token_scores
+            fused_scores = want_scores and not options and not want_mass
             out = paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
-                                                  max_kv_len=view.max_kv_len, page_mass=want_mass, **options)
+                                                  max_kv_len=view.max_kv_len, page_mass=want_mass,
+                                                  return_lse=fused_scores, **options)
+            if fused_scores:   # one more read of K, normalised with the verify pass's own log-sum-exp
+                out, lse = out
+                scores = token_scores.two_row_token_scores(q, k_pages, view.page_table, view.lens_after, lse, scale)
+                view.token_scores[layer, :, : scores.shape[-1]] = scores
+                want_scores = False
         else:
             out = reference.paged_attention(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
                                             max_kv_len=view.max_kv_len, page_mass=want_mass, **options)
         if want_mass:
             out, mass = out
             view.page_mass[layer, :, :, : mass.shape[-1]] = mass
-        if view.token_scores is not None:
-            # Exact, but a second read of K for two rows; Vegas writes these scores from its attention kernel.
+        if want_scores:
             scores = reference.two_row_token_scores(q, k_pages, view.page_table, view.lens_after, scale)
             view.token_scores[layer, :, : scores.shape[-1]] = scores
         return out

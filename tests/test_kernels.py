@@ -246,3 +246,19 @@ def test_token_lists_match_reference(case):
     out = paged_attention.paged_attention(q, k, v, table, lens, scale, selected_pages=sel, selected_counts=counts,
                                           token_level=True)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("case", [(2, 5, 2, 4, 16, [100, 37]), (1, 1, 1, 1, 32, [70]), (3, 3, 1, 8, 16, [20, 64, 5])],
+                         ids=["b2-q5-g4", "b1-q1-g1", "b3-q3-g8"])
+def test_vegas_two_row_scores_kernel_matches_reference(case):
+    """Scores from the verify pass's log-sum-exp and one read of K == softmax of the first and last rows."""
+    from specattn.kernels import token_scores
+    torch.manual_seed(60 + case[1])
+    q, k, v, table, lens = make_inputs(*case, torch.float32)
+    scale = case[4] ** -0.5
+    out, lse = paged_attention.paged_attention(q, k, v, table, lens, scale, return_lse=True)
+    got = token_scores.two_row_token_scores(q, k, table, lens, lse, scale)
+    ref = reference.two_row_token_scores(q, k, table, lens, scale)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() < 1e-5
+    assert torch.allclose(got.sum(-1), torch.ones(case[0]), atol=1e-4)      # each row's weights sum to one

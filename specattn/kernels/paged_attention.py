@@ -256,7 +256,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
                     max_kv_len: int | None = None, num_splits: int | None = None,
                     launch: LaunchConfig | None = None, page_mass: bool = False,
                     selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None,
-                    token_level: bool = False, mass_tokens: int | None = None):
+                    token_level: bool = False, mass_tokens: int | None = None, return_lse: bool = False):
     """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim.
 
     selected_pages [batch, kv_heads, K] int32 (logical page numbers, -1 padded) and selected_counts
@@ -264,6 +264,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     each page received, summed over the query heads of a KV head and the new rows: [batch, kv_heads, pages]
     (dense: indexed by logical page; sparse: by position in the selection list). q_len <= 16 for page_mass.
     token_level=True: selected_pages holds ascending token positions instead of pages (no page_mass then).
+    return_lse=True (without page_mass): also return each row's log-sum-exp [batch, q_len, heads] fp32.
     mass_tokens (dense page_mass only): a multiple of the page size above it measures mass per block of that
     many keys, spread evenly over its pages: nearly free, since the kernel sums each tile's weights anyway.
     """
@@ -326,6 +327,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         o_part, m_part, l_part, out, lse, num_splits,
         HEAD_DIM=dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=1,
     )
+    if return_lse:                                # each row's log-sum-exp [batch, q_len, heads]: Vegas scores
+        return out, lse
     if not page_mass:
         return out
     mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=dev)
