@@ -144,3 +144,27 @@ def test_sparse_verification_through_the_triton_kernel_matches_the_reference():
     target.set_attention_backend("reference")
     assert runs[0].tokens == runs[1].tokens
     assert runs[0].stats["verifier_keys_read_fraction_sparse_layers"] < 1.0
+
+
+def test_page_level_sparse_verification_from_the_drafts_page_mass():
+    """Pages chosen from the draft's page mass (the kernel by-product): p = 1 keeps every page (== AR tokens with a
+    perfect draft), p < 1 reads fewer keys, and the interpreted kernels agree with the reference."""
+    target, draft = _pair()
+    prompts = [[1, 5, 9, 2, 6, 6, 1, 3] * 8, [4, 4, 8, 1] * 12]
+    params = GenerationParams(12)
+    ar = generate_ar(target, PagedKVCache(TARGET, 2, 100), prompts, params).tokens
+    full = SparseVerification(tuple(range(TARGET.num_layers)), p=1.0, dense_layers=(0,), page_level=True)
+    res = generate_draft_speculative(target, target, PagedKVCache(TARGET, 2, 100), PagedKVCache(TARGET, 2, 100),
+                                     prompts, params, 3, full)
+    assert res.tokens == ar and res.stats["acceptance_rate"] == 1.0
+    lm = SparseVerification((0, 1, 2, 2), p=0.5, dense_layers=(0,), page_level=True)
+    runs = []
+    for backend in ("reference", "triton"):
+        target.set_attention_backend(backend)
+        draft.set_attention_backend(backend)
+        runs.append(generate_draft_speculative(target, draft, PagedKVCache(TARGET, 2, 100),
+                                               PagedKVCache(DRAFT, 2, 100), prompts, params, 3, lm))
+    target.set_attention_backend("reference")
+    draft.set_attention_backend("reference")
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].stats["verifier_keys_read_fraction_sparse_layers"] < 1.0

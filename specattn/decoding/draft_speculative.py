@@ -36,6 +36,7 @@ class SparseVerification:
     draft_layer: tuple[int, ...]        # layer map: verifier layer j reads draft layer draft_layer[j]'s attention
     p: float = 0.95
     dense_layers: tuple[int, ...] = (0, 1)
+    page_level: bool = False            # choose pages from the draft's page mass (the kernel's by-product)
 
     def __post_init__(self):
         if not 0 < self.p <= 1:
@@ -54,6 +55,8 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     if sparse and len(sparse.draft_layer) != target.cfg.num_layers:
         raise InvalidInputError(f"the layer map has {len(sparse.draft_layer)} entries for a verifier of "
                                 f"{target.cfg.num_layers} layers")
+    if sparse and sparse.page_level and draft_cache.page_size != target_cache.page_size:
+        raise InvalidInputError("page-level SpecAttn-S needs the draft and verifier caches to use the same page size")
     need = cache_tokens_needed(0, params.max_new_tokens, gamma)
     check_prompts(target, target_cache, prompts, need)
     check_prompts(draft, draft_cache, prompts, need)
@@ -80,10 +83,12 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         target_cache.reserve(gamma + 1)
         view = target_cache.step_view(gamma + 1)
         if sparse:
-            view.selection = _verifier_selection(sparse, recorded, start_lens, gamma, target.cfg)
+            view.selection = _verifier_selection(sparse, recorded, start_lens, gamma, target.cfg,
+                                                 target_cache.page_size)
             sparse_layers = [j for j in range(target.cfg.num_layers) if j not in view.selection.dense_layers]
             # keys loaded once for the whole verified block, per sequence and sparse layer
-            keys_read += int(view.selection.counts[sparse_layers, :, 0].sum())
+            unit = 1 if view.selection.token_level else target_cache.page_size
+            keys_read += int(view.selection.counts[sparse_layers, :, 0].sum()) * unit
             keys_dense += (sum(start_lens) + batch * (gamma + 1)) * len(sparse_layers)
         logits = target(torch.cat([next_tok[:, None], drafts], dim=1), target_cache, view, all_logits=True)
         target_cache.advance(gamma + 1)
@@ -139,12 +144,18 @@ def _draft(draft: Transformer, cache: PagedKVCache, first_tok: torch.Tensor, gam
     drafts, probs_list, tok = [], [], first_tok
     for _ in range(gamma):
         view = cache.step_view(1)
-        if wanted:
+        if wanted and sparse.page_level:    # mass per page from the attention pass itself
+            view.page_mass = torch.zeros(draft.cfg.num_layers, cache.batch, draft.cfg.num_kv_heads,
+                                         cache.max_pages_per_seq, device=cache.device)
+        elif wanted:
             view.attention_probs, view.record_layers = {}, frozenset(wanted)
         logits = draft(tok[:, None], cache, view)[:, -1]
         cache.advance(1)
         for layer in wanted:
-            recorded[layer].append(view.attention_probs[layer])
+            if sparse.page_level:            # [batch, 1, pages], a distribution: summed over heads / heads
+                recorded[layer].append(view.page_mass[layer].sum(1, keepdim=True) / draft.cfg.num_heads)
+            else:
+                recorded[layer].append(view.attention_probs[layer])
         if sampling.greedy:
             tok = logits.argmax(-1)
         else:
@@ -162,22 +173,23 @@ def _write_last_draft(draft: Transformer, cache: PagedKVCache, last: torch.Tenso
 
 
 def _verifier_selection(sparse: SparseVerification, recorded: dict, start_lens: list[int], gamma: int,
-                        cfg) -> PageSelection:
-    """Token lists for the verify step: per verifier layer, the union over draft steps of the mapped draft
-    layer's top-p keys plus the verified block itself, shared by the layer's KV heads (sparse kernel, token level).
-    Dense layers get the same lists but the kernel ignores them."""
-    kv_len = max(start_lens) + gamma + 1
+                        cfg, page_size: int) -> PageSelection:
+    """Lists for the verify step: per verifier layer, the union over draft steps of the mapped draft layer's top-p
+    keys (or pages) plus the verified block itself, shared by the layer's KV heads (sparse kernel). Dense layers
+    get the same lists but the kernel ignores them."""
+    unit = page_size if sparse.page_level else 1          # tokens per listed item
+    kv_len = -(-(max(start_lens) + gamma + 1) // unit)
     first_new = None
     lists = {}
     for layer, steps in recorded.items():
         keys = torch.zeros(steps[0].shape[0], kv_len, dtype=torch.bool, device=steps[0].device)
-        for probs in steps:                                   # [batch, 1, len_i]
-            chosen = topp_key_mask(probs[:, 0], sparse.p)
+        for probs in steps:                                   # [batch, 1, items_i]
+            chosen = topp_key_mask(probs[:, 0], sparse.p)[:, :kv_len]
             keys[:, : chosen.shape[-1]] |= chosen
         if first_new is None:
             first_new = torch.tensor(start_lens, device=keys.device)[:, None]
         position = torch.arange(kv_len, device=keys.device)[None, :]
-        keys |= (position >= first_new) & (position < first_new + gamma + 1)
+        keys |= (position >= first_new // unit) & (position <= (first_new + gamma) // unit)
         counts = keys.sum(-1)
         ordered = torch.where(keys, position, kv_len).sort(dim=-1).values[:, : int(counts.max())]
         lists[layer] = (torch.where(ordered == kv_len, -1, ordered).int(), counts.int())
@@ -188,4 +200,4 @@ def _verifier_selection(sparse: SparseVerification, recorded: dict, start_lens: 
     heads = cfg.num_kv_heads
     return PageSelection(pages[:, :, None].expand(-1, -1, heads, -1).contiguous(),
                          counts[:, :, None].expand(-1, -1, heads).contiguous(),
-                         frozenset(sparse.dense_layers), token_level=True)
+                         frozenset(sparse.dense_layers), token_level=unit == 1)
