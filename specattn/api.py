@@ -52,10 +52,14 @@ def make_policy(method: str, spec: SpeculationParams, num_layers: int):
     return POLICIES[kind](spec.budget, dense_layers=spec.dense_layers)
 
 
+DRAFT_METHODS = ("draft-spec", "specattn-s")   # need a draft model: lossless, and SpecAttn-S's sparse verification
+
+
 def check_request(method: str, max_new_tokens: int, temperature: float, top_p: float) -> None:
     """Reject bad request values before anything is loaded."""
-    if method not in METHODS and method != "auto":
-        raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or auto")
+    if method not in METHODS and method != "auto" and method not in DRAFT_METHODS:
+        raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}, auto, "
+                                f"{', '.join(DRAFT_METHODS)}")
     GenerationParams(max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature, top_p))
 
 
@@ -100,7 +104,8 @@ class Session:
     def generate(self, prompts: list[str] | str, max_new_tokens: int = 64, method: str = "ar",
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  stop_at_eos: bool = True, use_cuda_graph: bool = True,
-                 spec: SpeculationParams | None = None) -> tuple[list[str], GenerationResult]:
+                 spec: SpeculationParams | None = None, draft: Session | None = None,
+                 sparse=None) -> tuple[list[str], GenerationResult]:
         """Continue each prompt. Returns the decoded continuations and the raw result (tokens, stats).
         `method`: one of METHODS; self-speculative methods take `spec` (budget, gamma, dense layers)."""
         check_request(method, max_new_tokens, temperature, top_p)
@@ -110,7 +115,9 @@ class Session:
         params = GenerationParams(
             max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature, top_p, seed),
             stop_token_ids=self.model.cfg.eos_token_ids if stop_at_eos else (), use_cuda_graph=use_cuda_graph)
-        if method == "auto":
+        if method in DRAFT_METHODS:
+            result = self._generate_with_draft(method, ids, params, spec, draft, sparse)
+        elif method == "auto":
             from .auto import generate_auto
             result = generate_auto(self.model, ids, params, spec)
         elif METHODS[method] is None:
@@ -125,3 +132,20 @@ class Session:
                                                adaptive_gamma=spec.adaptive_gamma)
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
         return texts, result
+
+    def _generate_with_draft(self, method: str, ids: list[list[int]], params: GenerationParams,
+                             spec: SpeculationParams, draft: Session | None, sparse) -> GenerationResult:
+        """draft-spec: lossless draft-model speculation; specattn-s: the same with `sparse` (a
+        SparseVerification) pruning the verifier's KV reads."""
+        from .decoding.draft_speculative import generate_draft_speculative
+        from .decoding.self_speculative import cache_tokens_needed
+        from .loader import check_same_tokenizer
+        if draft is None:
+            raise InvalidInputError(f"--method {method} needs a draft model (--draft)")
+        if method == "specattn-s" and sparse is None:
+            raise InvalidInputError("specattn-s needs its layer map and p (a SparseVerification)")
+        check_same_tokenizer(draft.tokenizer, self.tokenizer, "draft", "verifier")
+        need = cache_tokens_needed(max(len(i) for i in ids), params.max_new_tokens, spec.gamma)
+        return generate_draft_speculative(self.model, draft.model, self.make_cache(len(ids), need),
+                                          draft.make_cache(len(ids), need), ids, params, spec.gamma,
+                                          sparse if method == "specattn-s" else None)

@@ -37,8 +37,12 @@ def cmd_generate(args) -> int:
     check_request(args.method, args.max_new_tokens, args.temperature, args.top_p)
     spec = SpeculationParams(args.budget, args.gamma, tuple(args.dense_layers), args.mass_tokens, args.adaptive_gamma)
     session = Session.load(args.model, args.device, args.dtype, args.attention, progress=not args.quiet)
+    draft = sparse = None
+    if args.method in ("draft-spec", "specattn-s"):
+        draft, sparse = _load_draft(args, session, prompt)
     texts, result = session.generate([prompt] * args.batch, args.max_new_tokens, args.method, args.temperature,
-                                     args.top_p, args.seed, use_cuda_graph=not args.no_cuda_graph, spec=spec)
+                                     args.top_p, args.seed, use_cuda_graph=not args.no_cuda_graph, spec=spec,
+                                     draft=draft, sparse=sparse)
     tp = session.model.tp
     if tp is not None and tp.rank != 0:      # every rank holds the same tokens; rank 0 speaks for them
         return 0
@@ -57,6 +61,28 @@ def cmd_generate(args) -> int:
         from .evaluation.results import write_json_atomic
         write_json_atomic(args.json, {"texts": texts, "tokens": result.tokens, "stats": s})
     return 0
+
+
+def _load_draft(args, session, prompt: str):
+    """The draft Session and, for specattn-s, its SparseVerification (layer map from --layer-map, or calibrated on
+    the prompt itself)."""
+    from .alignment import LayerMap, align_layers
+    from .api import Session
+    from .decoding.draft_speculative import SparseVerification
+    from .loader import check_same_tokenizer
+    if not args.draft:
+        raise InvalidInputError(f"--method {args.method} needs --draft (a smaller model with the same tokenizer)")
+    draft = Session.load(args.draft, args.device, args.dtype, args.attention, progress=not args.quiet)
+    check_same_tokenizer(draft.tokenizer, session.tokenizer, args.draft, args.model)
+    if args.method != "specattn-s":
+        return draft, None
+    target_layers, draft_layers = session.model.cfg.num_layers, draft.model.cfg.num_layers
+    if args.layer_map:
+        layer_map = LayerMap.load(args.layer_map, target_layers, draft_layers)
+    else:
+        layer_map = align_layers(draft.model, session.model, session.encode(prompt)[:1024])
+    return draft, SparseVerification(tuple(layer_map.draft_layer), args.keys_p, tuple(args.sparse_dense_layers),
+                                     page_level=args.page_level)
 
 
 def load_pair(args):
@@ -210,13 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--method", default="ar",
-                   help="ar, specattn-y, vegas, magicdec, quest, selfspec-full, or auto (the fastest of ar, magicdec "
-                        "and specattn-y for this machine and request shape, measured once and cached)")
+                   help="ar, specattn-y, vegas, magicdec, quest, selfspec-full, auto (the fastest of ar, magicdec "
+                        "and specattn-y for this machine and request shape, measured once and cached), or with "
+                        "--draft: draft-spec (lossless) and specattn-s (draft-guided sparse verification)")
     g.add_argument("--budget", type=float, default=256,
                    help="KV budget of a draft step: tokens, or a fraction of the context if below 1")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verification")
     g.add_argument("--dense-layers", type=int, nargs="*", default=[0],
                    help="layers that draft with the full cache (default: 0)")
+    g.add_argument("--draft", help="draft model for --method draft-spec / specattn-s (same tokenizer)")
+    g.add_argument("--layer-map", help="specattn-s: JSON from `specattn layermap` (default: calibrate on the prompt)")
+    g.add_argument("--keys-p", type=float, default=0.95,
+                   help="specattn-s: the verifier reads the keys holding this much of the draft's attention")
+    g.add_argument("--sparse-dense-layers", type=int, nargs="*", default=[0, 1],
+                   help="specattn-s: verifier layers that stay dense (default: 0 1)")
+    g.add_argument("--page-level", action="store_true",
+                   help="specattn-s: choose pages from the draft's page mass instead of tokens")
     g.add_argument("--adaptive-gamma", action="store_true",
                    help="draft up to --gamma tokens per round, fewer while recent drafts get rejected")
     g.add_argument("--mass-tokens", type=int, default=None,

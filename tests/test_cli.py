@@ -316,3 +316,21 @@ def test_ppl_with_one_model_and_baseline_methods_over_windows(capsys, tmp_path, 
     assert runs["dense"]["ppl"] < runs["streaming:budget=64"]["ppl"]          # dropping keys costs perplexity
     assert 0.2 < runs["quest:budget=0.25"]["keys_kept_fraction_sparse_layers"] < 0.4
     assert (tmp_path / "ppl.png").stat().st_size > 1000 and "quest" in stdout
+
+
+def test_draft_methods_from_the_command_line(capsys, tmp_path):
+    """draft-spec prints AR's text; specattn-s with --keys-p 1 (nothing pruned) does too; without --draft: error."""
+    words = [f"w{i}" for i in range(50)]
+    target = _tiny_hf_folder(tmp_path / "target", words, kv_heads=2)
+    draft = _tiny_hf_folder(tmp_path / "draft", words, kv_heads=1)
+    prompt = " ".join(words[i * 7 % 50] for i in range(80))
+    base = ["generate", "--model", str(target), "--prompt", prompt, "--max-new-tokens", "12", "--quiet",
+            "--device", "cpu"]
+    code, ar, err = run_cli(capsys, *base)
+    assert code == 0, err
+    code, spec, err = run_cli(capsys, *base, "--method", "draft-spec", "--draft", str(draft), "--gamma", "3")
+    assert code == 0 and spec == ar, err
+    code, sparse, err = run_cli(capsys, *base, "--method", "specattn-s", "--draft", str(draft), "--keys-p", "1.0")
+    assert code == 0 and sparse == ar, err
+    code, _, err = run_cli(capsys, *base, "--method", "specattn-s")
+    assert_one_line_error(code, err, "needs --draft")
