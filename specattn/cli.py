@@ -205,6 +205,10 @@ def cmd_bench(args) -> int:
     text = read_text(args.text)
     session = Session.load(args.model, args.device, args.dtype, args.attention, progress=not args.quiet)
     tokens = session.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if any(m in ("draft-spec", "specattn-s") for m in cfg.methods):
+        args.method = "specattn-s" if "specattn-s" in cfg.methods else "draft-spec"
+        draft, cfg.sparse = _load_draft(args, session, text[:20000])
+        cfg.draft = draft.model
     from tqdm.auto import tqdm
     bar = tqdm(total=len(cfg.methods) * len(cfg.contexts) * len(cfg.batches), disable=args.quiet, unit="run")
 
@@ -295,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budget", type=float, default=256)
     b.add_argument("--gamma", type=int, default=4)
     b.add_argument("--dense-layers", type=int, nargs="*", default=[0])
+    b.add_argument("--draft", help="draft model for the draft-spec and specattn-s methods")
+    b.add_argument("--layer-map", help="specattn-s: JSON from `specattn layermap` (default: calibrate on the text)")
+    b.add_argument("--keys-p", type=float, default=0.95)
+    b.add_argument("--sparse-dense-layers", type=int, nargs="*", default=[0, 1])
+    b.add_argument("--page-level", action="store_true")
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--top-p", type=float, default=1.0)

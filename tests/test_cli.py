@@ -334,3 +334,20 @@ def test_draft_methods_from_the_command_line(capsys, tmp_path):
     assert code == 0 and sparse == ar, err
     code, _, err = run_cli(capsys, *base, "--method", "specattn-s")
     assert_one_line_error(code, err, "needs --draft")
+
+
+def test_bench_with_a_draft_model(capsys, tmp_path):
+    words = [f"w{i}" for i in range(50)]
+    target = _tiny_hf_folder(tmp_path / "target", words, kv_heads=2)
+    draft = _tiny_hf_folder(tmp_path / "draft", words, kv_heads=1)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(words[i * 7 % 50] for i in range(600)))
+    out = tmp_path / "b.json"
+    code, stdout, err = run_cli(capsys, "bench", "--model", str(target), "--draft", str(draft), "--text", str(text),
+                                "--methods", "draft-spec,specattn-s", "--context", "200", "--batch", "2",
+                                "--budget", "64", "--gamma", "3", "--new-tokens", "10", "--device", "cpu",
+                                "--quiet", "--json", str(out))
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["draft-spec"]["same_tokens_as_ar"] is True             # lossless
+    assert rows["specattn-s"]["mean_accepted_len"] >= 1.0 and "specattn-s" in stdout

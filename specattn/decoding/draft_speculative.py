@@ -66,6 +66,8 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     t0 = time.perf_counter()
     next_tok = sample(prefill(target, target_cache, prompts, params.prefill_chunk), sampling, generator)
     prefill(draft, draft_cache, prompts, params.prefill_chunk)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
     out = [[t] for t in next_tok.tolist()]
     accepted_hist, per_position = [], torch.zeros(gamma, dtype=torch.long)
     keys_read = keys_dense = rounds = 0
@@ -119,7 +121,8 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     new = sum(len(t) for t in tokens)
     stats = {
         "method": "specattn-s" if sparse else "draft-spec", "gamma": gamma, "new_tokens": new, "total_s": total,
-        "tokens_per_s": new / total, "rounds": rounds,
+        "tokens_per_s": new / total, "prefill_s": prefill_s,
+        "decode_tokens_per_s": (new - batch) / max(total - prefill_s, 1e-9), "rounds": rounds,
         "mean_accepted_len": 1 + sum(accepted_hist) / max(1, len(accepted_hist)),
         "acceptance_rate": sum(accepted_hist) / max(1, len(accepted_hist) * gamma),
         "acceptance_per_position": (per_position.float() / max(1, len(accepted_hist))).tolist(), **timers,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..api import METHODS, SpeculationParams, make_policy
+from ..api import DRAFT_METHODS, METHODS, SpeculationParams, make_policy
 from ..cache import PagedKVCache
 from ..decoding.ar import GenerationParams, generate_ar
 from ..decoding.sampling import SamplingParams
@@ -40,9 +40,10 @@ def parse_sizes(text: str, what: str) -> list[int]:
 
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m not in DRAFT_METHODS]
     if unknown:
-        raise InvalidInputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise InvalidInputError(f"unknown method(s) {', '.join(unknown)}; choose from "
+                                f"{', '.join((*METHODS, *DRAFT_METHODS))}")
     return ["ar"] + [m for m in methods if m != "ar"]          # AR first: the reference of every cell
 
 
@@ -54,6 +55,8 @@ class BenchConfig:
     spec: SpeculationParams
     new_tokens: int = 64
     sampling: SamplingParams = SamplingParams()
+    draft: Transformer | None = None     # draft-spec / specattn-s
+    sparse: object | None = None         # specattn-s: a SparseVerification
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -99,6 +102,8 @@ def run_method(model: Transformer, method: str, prompts: list[list[int]], cfg: B
     params = GenerationParams(max_new_tokens=cfg.new_tokens, sampling=cfg.sampling)
     warm = GenerationParams(max_new_tokens=min(cfg.new_tokens, 4 * cfg.spec.gamma), sampling=cfg.sampling)
     need = cache_tokens_needed(max(len(p) for p in prompts), cfg.new_tokens, cfg.spec.gamma)
+    if method in DRAFT_METHODS:
+        return _run_with_draft(model, method, prompts, cfg, params, warm, need)
     if METHODS[method] is None:
         cache = PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device)
         runner = generate_ar(model, cache, prompts, warm).runner
@@ -109,6 +114,22 @@ def run_method(model: Transformer, method: str, prompts: list[list[int]], cfg: B
     steps = generate_self_speculative(model, cache, prompts, warm, policy, cfg.spec.gamma).runner
     return _timed(device, lambda: generate_self_speculative(model, cache, prompts, params, policy, cfg.spec.gamma,
                                                             steps))
+
+
+def _run_with_draft(model, method, prompts, cfg: BenchConfig, params, warm, need):
+    from ..decoding.draft_speculative import generate_draft_speculative
+    if cfg.draft is None or (method == "specattn-s" and cfg.sparse is None):
+        raise InvalidInputError(f"method {method} needs --draft (and for specattn-s a layer map)")
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    sparse = cfg.sparse if method == "specattn-s" else None
+
+    def caches():
+        return (PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device),
+                PagedKVCache(cfg.draft.cfg, len(prompts), need, dtype=dtype, device=device))
+
+    generate_draft_speculative(model, cfg.draft, *caches(), prompts, warm, cfg.spec.gamma, sparse)
+    return _timed(device, lambda: generate_draft_speculative(model, cfg.draft, *caches(), prompts, params,
+                                                             cfg.spec.gamma, sparse))
 
 
 def prompts_from(text_tokens: list[int], batch: int, context: int) -> list[list[int]]:
@@ -208,7 +229,8 @@ def summary(rows: list[dict]) -> dict:
         "lossless_runs_identical_to_ar": sum(bool(r["same_tokens_as_ar"]) for r in lossless),
         "lossless_runs": len(lossless),
         "skipped_cells": sum("skipped" in r for r in rows),
-        "geomean_speedup": {m: math.exp(sum(math.log(r["speedup_vs_ar"]) for r in measured if r["method"] == m)
+        "geomean_speedup": {m: math.exp(sum(math.log(max(r["speedup_vs_ar"], 1e-9)) for r in measured
+                                            if r["method"] == m)
                                         / max(1, sum(r["method"] == m for r in measured)))
                             for m in dict.fromkeys(r["method"] for r in measured)},
     }
