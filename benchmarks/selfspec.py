@@ -54,6 +54,8 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
                sampling: SamplingParams):
     """Warm-up run (compiles, captures graphs), then the measured run reusing those graphs."""
     params = GenerationParams(max_new_tokens=new_tokens, sampling=sampling)
+    adaptive = method.endswith("+adaptive")      # e.g. magicdec+adaptive: adaptive gamma, at most spec.gamma
+    method = method.removesuffix("+adaptive")
     if "/blk" in method:              # specattn-y/blk64: verification mass per 64-key block
         method, block = method.split("/blk")
         spec = dataclasses.replace(spec, mass_tokens=int(block))
@@ -63,8 +65,9 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
         return timed(lambda: generate_ar(model, caches["plain"], prompts, params, runner))
     policy = make_policy(method, spec, model.cfg.num_layers)
     cache = caches["bounds" if policy.needs_key_bounds else "plain"]
-    steps = generate_self_speculative(model, cache, prompts, warm, policy, spec.gamma).runner
-    return timed(lambda: generate_self_speculative(model, cache, prompts, params, policy, spec.gamma, steps))
+    steps = generate_self_speculative(model, cache, prompts, warm, policy, spec.gamma, adaptive_gamma=adaptive).runner
+    return timed(lambda: generate_self_speculative(model, cache, prompts, params, policy, spec.gamma, steps,
+                                                   adaptive_gamma=adaptive))
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
@@ -176,7 +179,7 @@ def summarize_metric(rows: list[dict], metric: str) -> dict:
         cells.setdefault((r["greedy"], r["batch"], r["context"]), []).append(r)
 
     def best(cell, methods):
-        cand = [r for r in cell if r["method"].split("/")[0] in methods]
+        cand = [r for r in cell if r["method"].split("/")[0].removesuffix("+adaptive") in methods]
         return max(cand, key=lambda r: r[metric]) if cand else None
 
     per_cell = []
