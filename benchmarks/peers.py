@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,19 +40,11 @@ def to_transformers(model):
     return hf
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def hf_generate_tok_s(hf, prompts, new_tokens) -> tuple[float, list[list[int]]]:
     ids = torch.tensor(prompts, device=hf.device)
-    sync(hf.device)
-    t0 = time.perf_counter()
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                      do_sample=False, pad_token_id=0)
-    sync(hf.device)
-    secs = time.perf_counter() - t0
+    out, secs = bench.timed(hf.device, lambda: hf.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0))
     return len(prompts) * new_tokens / secs, out[:, ids.shape[1]:].tolist()
 
 
@@ -62,11 +53,8 @@ def ours_tok_s(model, prompts, new_tokens) -> tuple[float, list[list[int]]]:
                          device=model.embed.weight.device)
     params = GenerationParams(max_new_tokens=new_tokens)
     runner = generate_ar(model, cache, prompts, GenerationParams(max_new_tokens=8)).runner   # compile + capture
-    sync(cache.device)
-    t0 = time.perf_counter()
-    res = generate_ar(model, cache, prompts, params, runner)
-    sync(cache.device)
-    return sum(len(t) for t in res.tokens) / (time.perf_counter() - t0), res.tokens
+    res, secs = bench.timed(cache.device, lambda: generate_ar(model, cache, prompts, params, runner))
+    return sum(len(t) for t in res.tokens) / secs, res.tokens
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import cache_tokens_needed, generate_self_speculative  # noqa: E402
+from specattn.evaluation import bench  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.loader import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 from specattn.selection import StreamingPolicy, VerificationGuidedPolicy  # noqa: E402
@@ -37,17 +38,8 @@ STATS = ("mean_accepted_len", "acceptance_rate", "acceptance_per_position", "dra
 DEVICE = "cuda"      # the CPU smoke test in tests/ sets "cpu"
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn):
-    _sync()
-    t0 = time.perf_counter()
-    res = fn()
-    _sync()
-    return res, time.perf_counter() - t0
+    return bench.timed(torch.device(DEVICE), fn)
 
 
 def run_method(model, caches, method: str, prompts, new_tokens: int, spec: SpeculationParams,
@@ -74,16 +66,10 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def cell_prompts(text: list[int], batch: int, ctx: int) -> list[list[int]]:
-    """Different windows of the book per sequence (they overlap when batch x ctx exceeds the book)."""
-    stride = max(1, (len(text) - ctx) // batch)
-    return [text[i * stride: i * stride + ctx] for i in range(batch)]
-
-
 def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, methods, log) -> list[dict]:
     rows = []
     for batch, ctx in cells:
-        prompts = cell_prompts(text, batch, ctx)
+        prompts = bench.prompts_from(text, batch, ctx)
         need = cache_tokens_needed(ctx, new_tokens, gamma)
         caches = {"plain": PagedKVCache(model.cfg, batch, need, dtype=model.embed.weight.dtype, device=DEVICE)}
         if "quest" in methods:

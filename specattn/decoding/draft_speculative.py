@@ -25,10 +25,10 @@ from ..evaluation.sparse_ppl import topp_key_mask
 from ..model import Transformer
 from ..selection import PageSelection
 from .acceptance import accept_greedy, accept_sampling
-from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop
+from .ar import GenerationParams, GenerationResult, _sync
 from .runner import check_prompts, prefill
 from .sampling import probabilities, sample
-from .self_speculative import cache_tokens_needed
+from .self_speculative import PhaseTimer, RoundLog, cache_tokens_needed
 
 
 @dataclass(frozen=True)
@@ -68,20 +68,17 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     prefill(draft, draft_cache, prompts, params.prefill_chunk)
     _sync(device)
     prefill_s = time.perf_counter() - t0
-    out = [[t] for t in next_tok.tolist()]
-    accepted_hist, per_position = [], torch.zeros(gamma, dtype=torch.long)
+    log = RoundLog(next_tok.tolist(), params, gamma)
+    timer = PhaseTimer(device)
     keys_read = keys_dense = rounds = 0
-    timers = {"draft_s": 0.0, "verify_s": 0.0}
-    while min(len(o) for o in out) < params.max_new_tokens:
-        if params.stop_token_ids and all(any(t in params.stop_token_ids for t in o) for o in out):
-            break
+    while not log.finished():
         rounds += 1
         start_lens = target_cache.host_lens()
-        t = time.perf_counter()
+        t = timer.start()
         drafts, draft_probs, recorded = _draft(draft, draft_cache, next_tok, gamma, sampling, generator, sparse)
-        timers["draft_s"] += _lap(device, t)
+        timer.stop("draft_s", t)
 
-        t = time.perf_counter()
+        t = timer.start()
         target_cache.reserve(gamma + 1)
         view = target_cache.step_view(gamma + 1)
         if sparse:
@@ -99,42 +96,30 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         else:
             accepted, emitted = accept_sampling(drafts, draft_probs, probabilities(logits, sampling), generator)
         accepted_list = accepted.tolist()
-        done = [len(o) >= params.max_new_tokens for o in out]
+        done = log.done()
         keep = [n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)]
         if any(a == gamma for a in accepted_list):
             _write_last_draft(draft, draft_cache, drafts[:, -1])   # the draft never saw its own last token
         draft_cache.truncate(keep)
         target_cache.truncate(keep)
-        timers["verify_s"] += _lap(device, t)
+        timer.stop("verify_s", t)
 
-        for b, row in enumerate(emitted.tolist()):
-            if not done[b]:
-                out[b].extend(x for x in row if x >= 0)
+        log.record(accepted_list, emitted.tolist(), done, gamma)
         next_tok = torch.where(torch.tensor(done, device=device), next_tok,
                                emitted.gather(1, accepted[:, None]).squeeze(1))
-        for a in (a for a, d in zip(accepted_list, done, strict=True) if not d):
-            accepted_hist.append(a)
-            per_position[:a] += 1
     _sync(device)
     total = time.perf_counter() - t0
-    tokens = [cut_at_stop(o[: params.max_new_tokens], params.stop_token_ids) for o in out]
+    tokens = log.tokens()
     new = sum(len(t) for t in tokens)
     stats = {
         "method": "specattn-s" if sparse else "draft-spec", "gamma": gamma, "new_tokens": new, "total_s": total,
         "tokens_per_s": new / total, "prefill_s": prefill_s,
-        "decode_tokens_per_s": (new - batch) / max(total - prefill_s, 1e-9), "rounds": rounds,
-        "mean_accepted_len": 1 + sum(accepted_hist) / max(1, len(accepted_hist)),
-        "acceptance_rate": sum(accepted_hist) / max(1, len(accepted_hist) * gamma),
-        "acceptance_per_position": (per_position.float() / max(1, len(accepted_hist))).tolist(), **timers,
+        "decode_tokens_per_s": (new - batch) / max(total - prefill_s, 1e-9), "rounds": rounds, **log.stats(),
+        **{k: v for k, v in timer.totals().items() if k != "select_s"},   # selection is part of verification here
     }
     if sparse:
         stats["verifier_keys_read_fraction_sparse_layers"] = keys_read / max(1, keys_dense)
     return GenerationResult(tokens, stats)
-
-
-def _lap(device: torch.device, start: float) -> float:
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def _draft(draft: Transformer, cache: PagedKVCache, first_tok: torch.Tensor, gamma: int, sampling, generator,
@@ -182,17 +167,16 @@ def _verifier_selection(sparse: SparseVerification, recorded: dict, start_lens: 
     get the same lists but the kernel ignores them."""
     unit = page_size if sparse.page_level else 1          # tokens per listed item
     kv_len = -(-(max(start_lens) + gamma + 1) // unit)
-    first_new = None
+    device = next(iter(recorded.values()))[0].device
+    first_new = torch.tensor(start_lens, device=device)[:, None]
+    position = torch.arange(kv_len, device=device)[None, :]
+    block = (position >= first_new // unit) & (position <= (first_new + gamma) // unit)    # the verified tokens
     lists = {}
     for layer, steps in recorded.items():
-        keys = torch.zeros(steps[0].shape[0], kv_len, dtype=torch.bool, device=steps[0].device)
+        keys = block.clone()
         for probs in steps:                                   # [batch, 1, items_i]
             chosen = topp_key_mask(probs[:, 0], sparse.p)[:, :kv_len]
             keys[:, : chosen.shape[-1]] |= chosen
-        if first_new is None:
-            first_new = torch.tensor(start_lens, device=keys.device)[:, None]
-        position = torch.arange(kv_len, device=keys.device)[None, :]
-        keys |= (position >= first_new // unit) & (position <= (first_new + gamma) // unit)
         counts = keys.sum(-1)
         ordered = torch.where(keys, position, kv_len).sort(dim=-1).values[:, : int(counts.max())]
         lists[layer] = (torch.where(ordered == kv_len, -1, ordered).int(), counts.int())

@@ -178,7 +178,7 @@ def _load_selection(static, selection) -> None:
     static.counts.copy_(selection.counts)
 
 
-class _PhaseTimer:
+class PhaseTimer:
     """Draft / verify / select time without syncing inside the loop: CUDA events, read once at the end."""
 
     def __init__(self, device: torch.device):
@@ -222,6 +222,46 @@ class AdaptiveGamma:
             self.mean = self.decay * self.mean + (1 - self.decay) * sum(accepted) / len(accepted)
 
 
+class RoundLog:
+    """What both speculative loops record per round: each sequence's emitted tokens, and the accepted counts of
+    the sequences still generating (a finished sequence idles until the batch is done; its rounds do not count)."""
+
+    def __init__(self, first_tokens: list[int], params: GenerationParams, max_gamma: int):
+        self.out = [[t] for t in first_tokens]
+        self.params = params
+        self.accepted: list[int] = []
+        self.per_position = torch.zeros(max_gamma, dtype=torch.long)
+        self.drafted = 0
+
+    def finished(self) -> bool:
+        stop = self.params.stop_token_ids
+        return (min(len(o) for o in self.out) >= self.params.max_new_tokens
+                or bool(stop) and all(any(t in stop for t in o) for o in self.out))
+
+    def done(self) -> list[bool]:
+        """Sequences that already have their tokens (call before record)."""
+        return [len(o) >= self.params.max_new_tokens for o in self.out]
+
+    def record(self, accepted: list[int], emitted: list[list[int]], done: list[bool], gamma: int) -> None:
+        for row, a, d, o in zip(emitted, accepted, done, self.out, strict=True):
+            if not d:
+                o.extend(x for x in row if x >= 0)
+                self.accepted.append(a)
+                self.per_position[:a] += 1
+                self.drafted += gamma
+
+    def tokens(self) -> list[list[int]]:
+        return [cut_at_stop(o[: self.params.max_new_tokens], self.params.stop_token_ids) for o in self.out]
+
+    def mean_accepted_len(self) -> float:
+        return 1 + sum(self.accepted) / max(1, len(self.accepted))      # incl. the bonus token
+
+    def stats(self) -> dict:
+        return {"mean_accepted_len": self.mean_accepted_len(),
+                "acceptance_rate": sum(self.accepted) / max(1, self.drafted),
+                "acceptance_per_position": (self.per_position.float() / max(1, len(self.accepted))).tolist()}
+
+
 @torch.no_grad()
 def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: list[list[int]],
                               params: GenerationParams, policy: SelectionPolicy, gamma: int = 4,
@@ -237,7 +277,7 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     device, batch = cache.device, len(prompts)
     sampling = params.sampling
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    timer = _PhaseTimer(device)
+    timer = PhaseTimer(device)
     _sync(device)
     t0 = time.perf_counter()
     next_tok = agree(sample(prefill(model, cache, prompts, params.prefill_chunk), sampling, generator), model, sampling)
@@ -245,14 +285,11 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     prefill_s = time.perf_counter() - t0
     steps_by_gamma = {steps.gamma: steps} if isinstance(steps, RoundSteps) else dict(steps or {})
     controller = AdaptiveGamma(gamma) if adaptive_gamma else None
-    out = [[t] for t in next_tok.tolist()]
+    log = RoundLog(next_tok.tolist(), params, gamma)
     policy.reset(cache)
-    accepted_hist, per_position = [], torch.zeros(gamma, dtype=torch.long)
-    drafted, gammas = 0, []
+    gammas = []
     draft_bytes, rounds = torch.zeros((), dtype=torch.long, device=device), 0
-    while min(len(o) for o in out) < params.max_new_tokens:
-        if params.stop_token_ids and all(any(t in params.stop_token_ids for t in o) for o in out):
-            break
+    while not log.finished():
         rounds += 1
         g = controller.next() if controller else gamma
         gammas.append(g)
@@ -286,28 +323,21 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
         accepted_list = [row[0] for row in host]
         # Sequences that already have their tokens keep their length while the others catch up.
-        done = [len(o) >= params.max_new_tokens for o in out]
+        done = log.done()
         cache.truncate([n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)])
         if round_steps.page_mass is not None:
             policy.observe(round_steps.page_mass)
         if round_steps.token_scores is not None:
             policy.observe_token_scores(round_steps.token_scores, start_lens)
 
-        for b, row in enumerate(host):
-            if not done[b]:
-                out[b].extend(x for x in row[1:] if x >= 0)
+        log.record(accepted_list, [row[1:] for row in host], done, g)
         next_tok = torch.where(torch.tensor(done, device=device), next_tok,
                                emitted.gather(1, accepted[:, None]).squeeze(1))
-        active = [a for a, d in zip(accepted_list, done, strict=True) if not d]    # idle rounds do not count
-        for a in active:
-            accepted_hist.append(a)
-            per_position[:a] += 1
-        drafted += g * len(active)
         if controller:
-            controller.observe(active)
+            controller.observe([a for a, d in zip(accepted_list, done, strict=True) if not d])
     _sync(device)
     total = time.perf_counter() - t0
-    tokens = [cut_at_stop(o[: params.max_new_tokens], params.stop_token_ids) for o in out]
+    tokens = log.tokens()
     new = sum(len(t) for t in tokens)
     return GenerationResult(tokens, {
         "method": f"self-spec:{policy.name}", "gamma": gamma, "new_tokens": new, "total_s": total,
@@ -315,12 +345,9 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         "decode_tokens_per_s": (new - batch) / max(total - prefill_s, 1e-9), "rounds": rounds,
         # A fixed batch waits for its slowest sequence; with requests refilling finished slots (continuous
         # batching) every round would yield batch x mean accepted length tokens.
-        "decode_tokens_per_s_steady": batch * (1 + sum(accepted_hist) / max(1, len(accepted_hist)))
-        * rounds / max(total - prefill_s, 1e-9),
-        "mean_accepted_len": 1 + sum(accepted_hist) / max(1, len(accepted_hist)),   # incl. the bonus token
-        "acceptance_rate": sum(accepted_hist) / max(1, drafted),
+        "decode_tokens_per_s_steady": batch * log.mean_accepted_len() * rounds / max(total - prefill_s, 1e-9),
+        **log.stats(),
         "gamma_mean": sum(gammas) / max(1, len(gammas)), "gamma_min": min(gammas, default=gamma),
-        "acceptance_per_position": (per_position.float() / max(1, len(accepted_hist))).tolist(),
         "kv_bytes_read_prefill_and_verify": cache.kv_bytes_read, "kv_bytes_read_draft": int(draft_bytes),
         **timer.totals(),
     }, steps_by_gamma)

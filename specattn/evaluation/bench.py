@@ -87,7 +87,8 @@ def skip_reason(model: Transformer, batch: int, context: int, cfg: BenchConfig, 
     return None
 
 
-def _timed(device: torch.device, fn):
+def timed(device: torch.device, fn):
+    """(fn(), wall seconds), with the device synchronised before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -107,12 +108,12 @@ def run_method(model: Transformer, method: str, prompts: list[list[int]], cfg: B
     if METHODS[method] is None:
         cache = PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device)
         runner = generate_ar(model, cache, prompts, warm).runner
-        return _timed(device, lambda: generate_ar(model, cache, prompts, params, runner))
+        return timed(device, lambda: generate_ar(model, cache, prompts, params, runner))
     policy = make_policy(method, cfg.spec, model.cfg.num_layers)
     cache = PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device,
                          track_key_bounds=policy.needs_key_bounds)
     steps = generate_self_speculative(model, cache, prompts, warm, policy, cfg.spec.gamma).runner
-    return _timed(device, lambda: generate_self_speculative(model, cache, prompts, params, policy, cfg.spec.gamma,
+    return timed(device, lambda: generate_self_speculative(model, cache, prompts, params, policy, cfg.spec.gamma,
                                                             steps))
 
 
@@ -128,7 +129,7 @@ def _run_with_draft(model, method, prompts, cfg: BenchConfig, params, warm, need
                 PagedKVCache(cfg.draft.cfg, len(prompts), need, dtype=dtype, device=device))
 
     generate_draft_speculative(model, cfg.draft, *caches(), prompts, warm, cfg.spec.gamma, sparse)
-    return _timed(device, lambda: generate_draft_speculative(model, cfg.draft, *caches(), prompts, params,
+    return timed(device, lambda: generate_draft_speculative(model, cfg.draft, *caches(), prompts, params,
                                                              cfg.spec.gamma, sparse))
 
 
