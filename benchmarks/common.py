@@ -21,6 +21,11 @@ LLAMA3_8B = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128256, hidd
                         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
                         rope_theta=500000.0, max_positions=131072)
 
+# The default real model's shape (SmolLM2-135M), for per-step costs with random weights (no model to carry).
+SMOLLM2_135M = ModelConfig(architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                           num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                           rope_theta=100000.0, tie_embeddings=True, max_positions=8192)
+
 
 def environment() -> dict:
     import triton

@@ -1,7 +1,9 @@
-"""Where one dense decode step's device time goes, per kernel (torch.profiler), on a random model.
+"""Where one decode step's device time goes, per kernel (torch.profiler), on a random model.
 
-Usage: python benchmarks/profile_step.py [--batch 1] [--context 8192]. Prints kernel name, calls and
-microseconds per step, biggest first, and the total against the step's weight + KV bytes at copy speed.
+Usage: python benchmarks/profile_step.py [--shape 8b|smol] [--batch 1] [--context 8192] [--draft-budget N]
+Prints the step's replay time (CUDA graph), its kernel count and sum, and kernel name, calls and microseconds
+per step, biggest first, against the step's weight + KV bytes at copy speed. --draft-budget profiles a sparse
+draft step (sinks + window selection of N tokens per KV head, layer 0 dense) instead of a dense decode step.
 """
 from __future__ import annotations
 
@@ -13,45 +15,79 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import LLAMA3_8B, copy_bandwidth_gbs, random_model, weight_bytes_per_step  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    LLAMA3_8B,
+    SMOLLM2_135M,
+    copy_bandwidth_gbs,
+    median_ms,
+    random_model,
+    weight_bytes_per_step,
+)
+from specattn.api import SpeculationParams, make_policy  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.runner import StepRunner  # noqa: E402
+from specattn.decoding.sampling import SamplingParams  # noqa: E402
+from specattn.decoding.self_speculative import RoundSteps  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--context", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=10)
-    args = ap.parse_args()
-    copy = copy_bandwidth_gbs()
-    model = random_model(LLAMA3_8B)
-    cache = PagedKVCache(model.cfg, args.batch, args.context + 16, dtype=torch.bfloat16, device="cuda")
+def step_fn(model, cache, batch: int, draft_budget: int | None):
+    """A callable running one step (a graph replay), and the KV tokens per sequence it reads."""
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch, 1), device="cuda")
+    if draft_budget is None:
+        runner = StepRunner(model, cache)
+        return (lambda: runner(tokens)), cache.host_lens()[0]
+    policy = make_policy("magicdec", SpeculationParams(draft_budget, 1, (0,)), model.cfg.num_layers)
+    policy.reset(cache)
+    selection = policy.select(cache, 1)
+    steps = RoundSteps(model, cache, policy, batch, 1, SamplingParams())
+    gen = torch.Generator(device="cuda")
+    dense = 1 / model.cfg.num_layers
+    kv_tokens = dense * cache.host_lens()[0] + (1 - dense) * draft_budget
+    return (lambda: steps.draft(selection, tokens[:, 0], gen)), kv_tokens
+
+
+def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float) -> None:
+    model = random_model(LLAMA3_8B if shape == "8b" else SMOLLM2_135M)
+    cache = PagedKVCache(model.cfg, batch, context + 16, dtype=torch.bfloat16, device="cuda")
     cache.k.normal_()
     cache.v.normal_()
-    cache.reset(args.batch)
-    cache.reserve(args.context)
-    cache.advance(args.context)
+    cache.reset(batch)
+    cache.reserve(context)
+    cache.advance(context)
     cache.reserve(1)
-    runner = StepRunner(model, cache)
-    tokens = torch.randint(0, model.cfg.vocab_size, (args.batch, 1), device="cuda")
+    fn, kv_tokens = step_fn(model, cache, batch, draft_budget)
     for _ in range(3):
-        runner(tokens)
+        fn()
     torch.cuda.synchronize()
+    replay_us = median_ms(fn) * 1000       # one graph launch per call: host overhead is small
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            runner(tokens)
+        for _ in range(steps):
+            fn()
         torch.cuda.synchronize()
     per_kernel = defaultdict(lambda: [0, 0.0])
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[ev.name][0] += 1
             per_kernel[ev.name][1] += ev.device_time
-    total = sum(us for _, us in per_kernel.values()) / args.steps
-    moved = weight_bytes_per_step(model, args.batch) + args.batch * args.context * model.cfg.kv_bytes_per_token * 2
-    print(f"copy {copy:.0f} GB/s; floor {moved / copy / 1e3:.0f} us; kernels sum {total:.0f} us per step")
-    for name, (calls, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:25]:
-        print(f"{us / args.steps:9.1f} us {calls // args.steps:5d}x  {name[:110]}")
+    total = sum(us for _, us in per_kernel.values()) / steps
+    count = sum(c for c, _ in per_kernel.values()) // steps
+    moved = weight_bytes_per_step(model, batch) + batch * kv_tokens * model.cfg.kv_bytes_per_token * 2
+    what = "dense step" if draft_budget is None else f"draft step @{draft_budget}"
+    print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
+          f"{total:.0f} us; bytes at copy speed {moved / copy / 1e3:.0f} us")
+    for name, (calls, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:18]:
+        print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=("8b", "smol"), default="8b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--draft-budget", type=int)
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy_bandwidth_gbs())
 
 
 if __name__ == "__main__":

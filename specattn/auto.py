@@ -1,31 +1,43 @@
-"""`--method auto`: speculate only where it pays, decided by measurement on this machine and model.
+"""`--method auto`: speculate only where it pays, decided by a cost model measured on this machine and model.
 
-For a (model, device, batch, context bucket) never seen before, a short probe decodes the request's own prompts
-with each candidate (plain AR and the lossless self-speculative methods at the requested budget and gamma) and
-keeps the fastest by decode tokens/s; the choice is cached in a JSON file, so later requests of the same shape
-go straight to it. Every candidate is lossless, so the output is AR's whatever is chosen.
+The run is one self-speculative loop (SpecAttn-Y drafting) whose controller chooses, before every round, between
+a speculative round of gamma drafts and a chunk of plain dense decoding steps (gamma 0). It predicts tokens per
+second per sequence for both:
 
-This is the measured-once part of issue 9; switching method inside a run as the context grows, and adaptive
-gamma, are not built yet.
+    dense:        1 / t_step(context)
+    speculative:  E[tokens per round] / t_round(context),   E = 1 + a + ... + a^gamma
+
+where a is the per-draft acceptance observed so far (seeded by earlier runs), and t_step, t_round are measured:
+the loop times each round with CUDA events, read after the round's own sync, so calibration costs no extra pass.
+Times are kept per byte moved (weights + the KV entries a step reads), so a cost measured at one context predicts
+another as the context grows. What a shape (model, device, dtype, batch, context bucket, budget, gamma, greedy or
+sampling) has learned is cached in a JSON file: a later run of that shape starts from it instead of exploring.
+
+Every choice is lossless (AR steps or exact verification), so the output is AR's whatever is chosen.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .api import SpeculationParams, make_policy
 from .cache import PagedKVCache
-from .decoding.ar import GenerationParams, GenerationResult, generate_ar
-from .decoding.self_speculative import cache_tokens_needed, generate_self_speculative
+from .decoding.ar import GenerationParams, GenerationResult
+from .decoding.self_speculative import AR_CHUNK, cache_tokens_needed, generate_self_speculative
 from .evaluation.results import write_json_atomic
 from .model import Transformer
 
-CANDIDATES = ("ar", "magicdec", "specattn-y")
-PROBE_TOKENS = 32
+AUTO_POLICY = "specattn-y"
+DEFAULT_ALPHA = 0.7        # per-draft acceptance assumed before any round of this shape was seen
+PRIOR_WEIGHT = 8.0         # how many drafts the cached / default acceptance counts as
+TIME_EMA = 0.5             # weight of a new time observation
+RECHECK_EVERY = 64         # dense steps after which a near-break-even speculation is tried again
+RECHECK_RATIO = 0.9        # "near": predicted speculative rate at least this share of the dense rate
 
 
 def default_cache_path() -> Path:
@@ -34,61 +46,138 @@ def default_cache_path() -> Path:
 
 
 def shape_key(model: Transformer, device: torch.device, batch: int, context: int, spec: SpeculationParams,
-              sampling_greedy: bool) -> str:
+              greedy: bool) -> str:
     source = getattr(model, "source", None)
     cfg = model.cfg
     name = str(getattr(source, "path", "")) or f"{cfg.architecture}-{cfg.num_layers}x{cfg.hidden_size}"
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     bucket = 1 << max(0, math.ceil(math.log2(max(context, 1))))
-    mode = "greedy" if sampling_greedy else "sampling"
+    mode = "greedy" if greedy else "sampling"
     return f"{name}|{dev}|{model.embed.weight.dtype}|b{batch}|ctx<={bucket}|budget{spec.budget:g}|g{spec.gamma}|{mode}"
 
 
-def _run(model: Transformer, method: str, prompts: list[list[int]], params: GenerationParams,
-         spec: SpeculationParams) -> GenerationResult:
-    device, dtype = model.embed.weight.device, model.embed.weight.dtype
-    need = cache_tokens_needed(max(len(p) for p in prompts), params.max_new_tokens, spec.gamma)
-    if method == "ar":
-        return generate_ar(model, PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device), prompts,
-                           params)
-    policy = make_policy(method, spec, model.cfg.num_layers)
-    cache = PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device,
-                         track_key_bounds=policy.needs_key_bounds)
-    return generate_self_speculative(model, cache, prompts, params, policy, spec.gamma)
+@dataclass(frozen=True)
+class ByteModel:
+    """Bytes a dense step and a speculative round move at a given mean context (all sequences of the batch)."""
+    weight_bytes: int
+    kv_bytes_per_token: int      # one token, all layers
+    batch: int
+    budget: float                # draft KV budget: tokens, or a fraction of the context if < 1
+    dense_fraction: float        # share of layers that draft with the full cache
+    gamma: int
+
+    @classmethod
+    def of(cls, model: Transformer, cache: PagedKVCache, batch: int, spec: SpeculationParams) -> ByteModel:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        dense = len(set(spec.dense_layers)) / model.cfg.num_layers
+        return cls(weights, cache.bytes_per_token, batch, spec.budget, dense, spec.gamma)
+
+    def step(self, context: float) -> float:
+        return self.weight_bytes + self.batch * self.kv_bytes_per_token * context
+
+    def round(self, context: float) -> float:
+        budget = self.budget * context if self.budget < 1 else min(self.budget, context)
+        draft_tokens = self.dense_fraction * context + (1 - self.dense_fraction) * budget
+        draft = self.weight_bytes + self.batch * self.kv_bytes_per_token * draft_tokens
+        return self.gamma * draft + self.step(context + self.gamma)
 
 
-def probe(model: Transformer, prompts: list[list[int]], params: GenerationParams,
-          spec: SpeculationParams) -> dict[str, float]:
-    """Decode tokens/s of each candidate on these prompts (after one warm-up run each)."""
-    short = GenerationParams(max_new_tokens=min(PROBE_TOKENS, params.max_new_tokens), sampling=params.sampling,
-                             use_cuda_graph=params.use_cuda_graph, prefill_chunk=params.prefill_chunk)
-    speeds = {}
-    context = min(len(p) for p in prompts)
-    for method in CANDIDATES:
-        if method != "ar" and spec.budget >= 1 and spec.budget >= context:
-            continue                                  # nothing to drop: speculation cannot be sparse here
-        _run(model, method, prompts, short, spec)     # compiles kernels and captures graphs
-        speeds[method] = _run(model, method, prompts, short, spec).stats["decode_tokens_per_s"]
-    return speeds
+class CostModelGamma:
+    """The controller of an auto run (AdaptiveGamma's interface): gamma or 0 (dense steps) per round."""
+
+    def __init__(self, gamma: int, bytes_model: ByteModel, known: dict | None = None):
+        known = known or {}
+        self.gamma, self.bytes = gamma, bytes_model
+        self.step_s_per_byte = known.get("step_s_per_byte")
+        self.round_s_per_byte = known.get("round_s_per_byte")
+        alpha = known.get("alpha", DEFAULT_ALPHA)
+        self.accepted, self.rejected = PRIOR_WEIGHT * alpha, PRIOR_WEIGHT * (1 - alpha)
+        self.context = 0.0
+        self.dense_since_spec = 0
+
+    def alpha(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def tokens_per_round(self) -> float:
+        a = min(self.alpha(), 1 - 1e-9)
+        return (1 - a ** (self.gamma + 1)) / (1 - a)
+
+    def rates(self, context: float) -> tuple[float, float]:
+        """Predicted tokens/s per sequence: (dense steps, speculative rounds)."""
+        dense = 1 / (self.step_s_per_byte * self.bytes.step(context))
+        spec = self.tokens_per_round() / (self.round_s_per_byte * self.bytes.round(context))
+        return dense, spec
+
+    def next(self, context: float) -> int:
+        self.context = context
+        if self.round_s_per_byte is None:      # nothing known yet: measure a round first, then a dense step
+            return self.gamma
+        if self.step_s_per_byte is None:
+            return 0
+        dense, spec = self.rates(context)
+        if spec >= dense:
+            return self.gamma
+        if self.dense_since_spec >= RECHECK_EVERY and spec >= RECHECK_RATIO * dense:
+            return self.gamma                  # acceptance may have changed since the last round: look again
+        return 0
+
+    def observe(self, gamma: int, accepted: list[int], seconds: float, captured: bool, dense_steps: int = 0) -> None:
+        if gamma == 0:
+            self.dense_since_spec += dense_steps
+            if not captured and dense_steps:
+                self.step_s_per_byte = _ema(self.step_s_per_byte, seconds / dense_steps / self.bytes.step(self.context))
+            return
+        self.dense_since_spec = 0
+        self.accepted += sum(accepted)
+        self.rejected += sum(a < gamma for a in accepted)
+        if not captured:
+            self.round_s_per_byte = _ema(self.round_s_per_byte, seconds / self.bytes.round(self.context))
+
+    def state(self) -> dict:
+        return {"step_s_per_byte": self.step_s_per_byte, "round_s_per_byte": self.round_s_per_byte,
+                "alpha": self.alpha()}
 
 
-def generate_auto(model: Transformer, prompts: list[list[int]], params: GenerationParams,
-                  spec: SpeculationParams, cache_path: Path | None = None) -> GenerationResult:
-    cache_path = cache_path or default_cache_path()
-    key = shape_key(model, model.embed.weight.device, len(prompts), max(len(p) for p in prompts), spec,
-                    params.sampling.greedy)
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - TIME_EMA) * old + TIME_EMA * new
+
+
+def auto_cache(model: Transformer, prompts: list[list[int]], params: GenerationParams,
+               spec: SpeculationParams) -> PagedKVCache:
+    """A KV cache with room for a run of speculative rounds and dense-step chunks."""
+    need = cache_tokens_needed(max(len(p) for p in prompts), params.max_new_tokens, spec.gamma) + AR_CHUNK
+    return PagedKVCache(model.cfg, len(prompts), need, dtype=model.embed.weight.dtype, device=model.embed.weight.device)
+
+
+def _read(path: Path) -> dict:
     try:
-        known = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+        return json.loads(path.read_text()) if path.exists() else {}
     except ValueError:
-        known = {}                                    # a damaged cache file is re-measured, not fatal
-    probed = key not in known
-    if probed:
-        speeds = probe(model, prompts, params, spec)
-        known[key] = {"choice": max(speeds, key=speeds.get), "decode_tokens_per_s": speeds}
-        write_json_atomic(cache_path, known)
-    choice = known[key]["choice"]
-    result = _run(model, choice, prompts, params, spec)
-    result.stats.update({"auto_choice": choice, "auto_probed": probed,
-                         "auto_probe_decode_tokens_per_s": known[key]["decode_tokens_per_s"], "auto_key": key})
-    result.stats["method"] = f"auto:{result.stats['method']}"
+        return {}                                    # a damaged cache file is re-measured, not fatal
+
+
+def generate_auto(model: Transformer, prompts: list[list[int]], params: GenerationParams, spec: SpeculationParams,
+                  cache_path: Path | None = None, cache: PagedKVCache | None = None,
+                  steps: dict | None = None) -> GenerationResult:
+    """Decode with cost-model-driven switching between SpecAttn-Y rounds and dense steps (see the module doc).
+    `cache` (from auto_cache) and `steps` (an earlier result's runner) let repeated runs skip allocation and
+    graph capture."""
+    cache_path = cache_path or default_cache_path()
+    device = model.embed.weight.device
+    key = shape_key(model, device, len(prompts), max(len(p) for p in prompts), spec, params.sampling.greedy)
+    known = _read(cache_path)
+    had_costs = key in known
+    policy = make_policy(AUTO_POLICY, spec, model.cfg.num_layers)
+    cache = cache or auto_cache(model, prompts, params, spec)
+    controller = CostModelGamma(spec.gamma, ByteModel.of(model, cache, len(prompts), spec), known.get(key))
+    result = generate_self_speculative(model, cache, prompts, params, policy, spec.gamma, steps, controller=controller)
+    known = _read(cache_path)                        # another process may have written meanwhile
+    known[key] = controller.state()
+    write_json_atomic(cache_path, known)
+    s = result.stats
+    speculative_tokens = s["new_tokens"] - len(prompts) - s["dense_steps"] * len(prompts)
+    s.update({"method": "auto", "auto_key": key, "auto_had_costs": had_costs,
+              "auto_speculative_rounds": s["rounds"], "auto_dense_steps": s["dense_steps"],
+              "auto_speculative_share": max(0.0, speculative_tokens) / max(1, s["new_tokens"] - len(prompts)),
+              "auto_alpha": controller.alpha()})
     return result

@@ -53,8 +53,9 @@ def cmd_generate(args) -> int:
         speed += f", {s['decode_tokens_per_s']:.1f} tok/s decode"
     if "mean_accepted_len" in s:
         speed += f", {s['mean_accepted_len']:.2f} tokens per verification"
-    if "auto_choice" in s:
-        speed += f"; auto chose {s['auto_choice']}" + (" (measured now)" if s["auto_probed"] else " (cached)")
+    if s["method"] == "auto":
+        speed += (f"; auto: {s['auto_speculative_rounds']} speculative rounds, {s['auto_dense_steps']} dense steps, "
+                  + ("costs from the cache" if s["auto_had_costs"] else "costs measured in this run"))
     print(f"[{s['method']}] {s['new_tokens']} new tokens in {s['total_s']:.2f} s ({speed}) "
           f"on {session.device} {str(session.dtype).removeprefix('torch.')}", file=sys.stderr)
     if args.json:
@@ -240,9 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--method", default="ar",
-                   help="ar, specattn-y, vegas, magicdec, quest, selfspec-full, auto (the fastest of ar, magicdec "
-                        "and specattn-y for this machine and request shape, measured once and cached), or with "
-                        "--draft: draft-spec (lossless) and specattn-s (draft-guided sparse verification)")
+                   help="ar, specattn-y, vegas, magicdec, quest, selfspec-full, auto (specattn-y rounds or "
+                        "dense steps, whichever a cost model measured on this machine predicts faster, round by "
+                        "round), or with --draft: draft-spec (lossless) and specattn-s (draft-guided sparse "
+                        "verification)")
     g.add_argument("--budget", type=float, default=256,
                    help="KV budget of a draft step: tokens, or a fraction of the context if below 1")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verification")

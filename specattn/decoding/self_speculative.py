@@ -22,7 +22,7 @@ from ..model import EAGER, Transformer
 from ..selection import PageSelection, QuestSelection, SelectionPolicy
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop
-from .runner import capture_graph, check_prompts, prefill
+from .runner import StepRunner, capture_graph, check_prompts, prefill
 from .sampling import SamplingParams, agree, probabilities, sample, sample_inverse_cdf
 
 
@@ -90,6 +90,9 @@ class RoundSteps:
         """Whether these graphs can serve a run (kept across runs so capture is paid once)."""
         return (model is self.model and cache is self.cache and policy is self.policy and batch == self.batch
                 and gamma == self.gamma and sampling == self.sampling)
+
+    def graph_count(self) -> int:
+        return len(self._draft_graphs) + (self._verify_graph is not None)
 
     # ---- draft -----------------------------------------------------------------------------
     def draft(self, selection, first_tok: torch.Tensor, generator: torch.Generator):
@@ -179,45 +182,59 @@ def _load_selection(static, selection) -> None:
 
 
 class PhaseTimer:
-    """Draft / verify / select time without syncing inside the loop: CUDA events, read once at the end."""
+    """Draft / verify / select / dense-step time without syncing inside the loop: CUDA events, read after the
+    round's own sync (or at the end)."""
+
+    PHASES = ("draft_s", "verify_s", "select_s", "ar_steps_s")
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.marks: list[tuple[str, object, object]] = []
-        self.host = {"draft_s": 0.0, "verify_s": 0.0, "select_s": 0.0}
 
-    def start(self):
+    def _now(self):
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             return ev
         return time.perf_counter()
 
+    def start(self):
+        return self._now()
+
     def stop(self, phase: str, start) -> None:
-        if self.cuda:
-            self.marks.append((phase, start, self.start()))
-        else:
-            self.host[phase] += time.perf_counter() - start
+        self.marks.append((phase, start, self._now()))
+
+    def seconds(self, first_mark: int = 0) -> float:
+        """Time of the marks from `first_mark` on (their events must have completed)."""
+        return sum(self._elapsed(a, b) for _, a, b in self.marks[first_mark:])
+
+    def _elapsed(self, a, b) -> float:
+        return a.elapsed_time(b) / 1000 if self.cuda else b - a
 
     def totals(self) -> dict[str, float]:
-        out = dict(self.host)
+        out = dict.fromkeys(self.PHASES, 0.0)
         for phase, a, b in self.marks:
-            out[phase] += a.elapsed_time(b) / 1000
+            out[phase] += self._elapsed(a, b)
         return out
 
 
 class AdaptiveGamma:
     """Draft length from recent acceptance: one more draft than the recent mean accepted (an exponential average
     over rounds), between 1 and the maximum. Drafts that would mostly be rejected are not computed; when every
-    draft is accepted, the length grows back."""
+    draft is accepted, the length grows back.
+
+    The loop's controller interface: next(context) -> drafts for the next round (0: a few dense AR steps
+    instead), observe(gamma, accepted, seconds, captured, dense_steps) after each round with the accepted counts of
+    the sequences still generating, the round's measured time, whether it captured a graph (its time is then not
+    a step cost) and, for gamma 0, how many dense steps it ran."""
 
     def __init__(self, max_gamma: int, decay: float = 0.5):
         self.max_gamma, self.decay, self.mean = max_gamma, decay, float(max_gamma)
 
-    def next(self) -> int:
+    def next(self, context: float) -> int:
         return max(1, min(self.max_gamma, math.floor(self.mean) + 1))
 
-    def observe(self, accepted: list[int]) -> None:
+    def observe(self, gamma: int, accepted: list[int], seconds: float, captured: bool, dense_steps: int = 0) -> None:
         if accepted:
             self.mean = self.decay * self.mean + (1 - self.decay) * sum(accepted) / len(accepted)
 
@@ -250,6 +267,12 @@ class RoundLog:
                 self.per_position[:a] += 1
                 self.drafted += gamma
 
+    def extend(self, emitted: list[list[int]], done: list[bool]) -> None:
+        """Tokens of plain decoding steps: no drafts, nothing accepted or rejected."""
+        for row, d, o in zip(emitted, done, self.out, strict=True):
+            if not d:
+                o.extend(row)
+
     def tokens(self) -> list[list[int]]:
         return [cut_at_stop(o[: self.params.max_new_tokens], self.params.stop_token_ids) for o in self.out]
 
@@ -262,41 +285,95 @@ class RoundLog:
                 "acceptance_per_position": (self.per_position.float() / max(1, len(self.accepted))).tolist()}
 
 
+AR_CHUNK = 16   # dense steps between host syncs when a controller chooses plain decoding (gamma 0)
+
+
 @torch.no_grad()
 def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: list[list[int]],
                               params: GenerationParams, policy: SelectionPolicy, gamma: int = 4,
-                              steps: dict[int, RoundSteps] | RoundSteps | None = None,
-                              adaptive_gamma: bool = False) -> GenerationResult:
-    """Generate up to `params.max_new_tokens` tokens per prompt with gamma drafts per round (with adaptive_gamma:
-    at most gamma, chosen each round by AdaptiveGamma). `steps`: the RoundSteps (CUDA graphs) an earlier run of
-    the same model, cache, policy, batch and sampling returned as its runner, to skip capturing again."""
+                              steps: dict | RoundSteps | None = None, adaptive_gamma: bool = False,
+                              controller=None) -> GenerationResult:
+    """Generate up to `params.max_new_tokens` tokens per prompt with gamma drafts per round.
+
+    adaptive_gamma: at most gamma drafts, chosen each round by AdaptiveGamma. controller: any object with
+    AdaptiveGamma's interface (auto.CostModelGamma chooses between gamma and 0, plain dense steps). `steps`: the
+    runner an earlier run of the same model, cache, policy, batch and sampling returned, to skip graph capture."""
     if gamma <= 0:
         raise InvalidInputError(f"gamma (draft tokens per round) must be > 0, got {gamma}")
     check_prompts(model, cache, prompts, cache_tokens_needed(0, params.max_new_tokens, gamma))
     policy.check_context(max(len(p) for p in prompts))
-    device, batch = cache.device, len(prompts)
-    sampling = params.sampling
+    device, sampling = cache.device, params.sampling
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    timer = PhaseTimer(device)
     _sync(device)
     t0 = time.perf_counter()
     next_tok = agree(sample(prefill(model, cache, prompts, params.prefill_chunk), sampling, generator), model, sampling)
     _sync(device)
     prefill_s = time.perf_counter() - t0
-    steps_by_gamma = {steps.gamma: steps} if isinstance(steps, RoundSteps) else dict(steps or {})
-    controller = AdaptiveGamma(gamma) if adaptive_gamma else None
-    log = RoundLog(next_tok.tolist(), params, gamma)
+    loop = _Loop(model, cache, policy, params, generator, next_tok, gamma,
+                 {steps.gamma: steps} if isinstance(steps, RoundSteps) else dict(steps or {}))
+    controller = controller or (AdaptiveGamma(gamma) if adaptive_gamma else None)
     policy.reset(cache)
     gammas = []
-    draft_bytes, rounds = torch.zeros((), dtype=torch.long, device=device), 0
-    while not log.finished():
-        rounds += 1
-        g = controller.next() if controller else gamma
+    while not loop.log.finished():
+        g = controller.next(sum(cache.host_lens()) / len(prompts)) if controller else gamma
+        first_mark, graphs_before = len(loop.timer.marks), loop.graph_count()
+        if g == 0:
+            accepted, n_dense = [], loop.dense_steps()
+        else:
+            accepted, n_dense = loop.speculate(g), 0
         gammas.append(g)
-        round_steps = steps_by_gamma.get(g)
-        if round_steps is None or not round_steps.fits(model, cache, policy, batch, g, sampling):
-            round_steps = steps_by_gamma[g] = RoundSteps(model, cache, policy, batch, g, sampling,
-                                                         params.use_cuda_graph)
+        if controller:
+            controller.observe(g, accepted, loop.timer.seconds(first_mark), loop.graph_count() != graphs_before,
+                               n_dense)
+    _sync(device)
+    total = time.perf_counter() - t0
+    tokens = loop.log.tokens()
+    new = sum(len(t) for t in tokens)
+    rounds = sum(g > 0 for g in gammas)
+    return GenerationResult(tokens, {
+        "method": f"self-spec:{policy.name}", "gamma": gamma, "new_tokens": new, "total_s": total,
+        "tokens_per_s": new / total, "prefill_s": prefill_s,
+        "decode_tokens_per_s": (new - len(prompts)) / max(total - prefill_s, 1e-9), "rounds": rounds,
+        # A fixed batch waits for its slowest sequence; with requests refilling finished slots (continuous
+        # batching) every round would yield batch x mean accepted length tokens.
+        "decode_tokens_per_s_steady": len(prompts) * loop.log.mean_accepted_len() * rounds
+        / max(total - prefill_s, 1e-9),
+        **loop.log.stats(),
+        "gamma_mean": sum(gammas) / max(1, len(gammas)), "gamma_min": min(gammas, default=gamma),
+        "dense_step_chunks": len(gammas) - rounds, "dense_steps": loop.dense_step_count,
+        "kv_bytes_read_prefill_and_verify": cache.kv_bytes_read, "kv_bytes_read_draft": int(loop.draft_bytes),
+        **loop.timer.totals(),
+    }, loop.steps)
+
+
+class _Loop:
+    """State the rounds of one run share: the cache, the policy, the token log, the step graphs by gamma (0: the
+    dense decode StepRunner), the RNG and the last emitted token of every sequence."""
+
+    def __init__(self, model, cache, policy, params: GenerationParams, generator, next_tok, max_gamma: int,
+                 steps: dict):
+        self.model, self.cache, self.policy, self.params, self.generator = model, cache, policy, params, generator
+        self.batch, self.next_tok, self.steps = next_tok.shape[0], next_tok, steps
+        self.timer = PhaseTimer(cache.device)
+        self.log = RoundLog(next_tok.tolist(), params, max_gamma)
+        self.draft_bytes = torch.zeros((), dtype=torch.long, device=cache.device)
+        self.dense_step_count = 0
+
+    def round_steps(self, g: int) -> RoundSteps:
+        s, p = self.steps.get(g), self.params
+        if s is None or not s.fits(self.model, self.cache, self.policy, self.batch, g, p.sampling):
+            s = self.steps[g] = RoundSteps(self.model, self.cache, self.policy, self.batch, g, p.sampling,
+                                           p.use_cuda_graph)
+        return s
+
+    def graph_count(self) -> int:
+        return sum(s.graph_count() for s in self.steps.values())
+
+    def speculate(self, g: int) -> list[int]:
+        """One round: select, g sparse drafts, dense verify, accept. Returns the accepted counts of the sequences
+        still generating."""
+        cache, policy, sampling, timer = self.cache, self.policy, self.params.sampling, self.timer
+        round_steps = self.round_steps(g)
         start_lens = cache.host_lens()
         t = timer.start()
         selection = policy.select(cache, g)
@@ -304,53 +381,63 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
 
         t = timer.start()
         cache.reserve(g + 1)
-        drafts_t, draft_probs = round_steps.draft(selection, next_tok, generator)
-        draft_bytes += _draft_bytes_read(cache, selection, start_lens, g)
+        drafts_t, draft_probs = round_steps.draft(selection, self.next_tok, self.generator)
+        self.draft_bytes += _draft_bytes_read(cache, selection, start_lens, g)
         timer.stop("draft_s", t)
 
         t = timer.start()
-        target_logits = round_steps.verify(torch.cat([next_tok[:, None], drafts_t], dim=1))
+        target_logits = round_steps.verify(torch.cat([self.next_tok[:, None], drafts_t], dim=1))
         cache.advance(g + 1)
-        cache.count_read(sum(start_lens) + batch * (g + 1))
+        cache.count_read(sum(start_lens) + self.batch * (g + 1))
         if sampling.greedy:
             accepted, emitted = accept_greedy(drafts_t, target_logits)
         else:
             accepted, emitted = accept_sampling(drafts_t, draft_probs, probabilities(target_logits, sampling),
-                                                generator)
-            agree(accepted, model, sampling)
-            agree(emitted, model, sampling)
+                                                self.generator)
+            agree(accepted, self.model, sampling)
+            agree(emitted, self.model, sampling)
         timer.stop("verify_s", t)
         host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
         accepted_list = [row[0] for row in host]
         # Sequences that already have their tokens keep their length while the others catch up.
-        done = log.done()
+        done = self.log.done()
         cache.truncate([n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)])
         if round_steps.page_mass is not None:
             policy.observe(round_steps.page_mass)
         if round_steps.token_scores is not None:
             policy.observe_token_scores(round_steps.token_scores, start_lens)
+        self.log.record(accepted_list, [row[1:] for row in host], done, g)
+        self.next_tok = torch.where(torch.tensor(done, device=cache.device), self.next_tok,
+                                    emitted.gather(1, accepted[:, None]).squeeze(1))
+        return [a for a, d in zip(accepted_list, done, strict=True) if not d]
 
-        log.record(accepted_list, [row[1:] for row in host], done, g)
-        next_tok = torch.where(torch.tensor(done, device=device), next_tok,
-                               emitted.gather(1, accepted[:, None]).squeeze(1))
-        if controller:
-            controller.observe([a for a, d in zip(accepted_list, done, strict=True) if not d])
-    _sync(device)
-    total = time.perf_counter() - t0
-    tokens = log.tokens()
-    new = sum(len(t) for t in tokens)
-    return GenerationResult(tokens, {
-        "method": f"self-spec:{policy.name}", "gamma": gamma, "new_tokens": new, "total_s": total,
-        "tokens_per_s": new / total, "prefill_s": prefill_s,
-        "decode_tokens_per_s": (new - batch) / max(total - prefill_s, 1e-9), "rounds": rounds,
-        # A fixed batch waits for its slowest sequence; with requests refilling finished slots (continuous
-        # batching) every round would yield batch x mean accepted length tokens.
-        "decode_tokens_per_s_steady": batch * log.mean_accepted_len() * rounds / max(total - prefill_s, 1e-9),
-        **log.stats(),
-        "gamma_mean": sum(gammas) / max(1, len(gammas)), "gamma_min": min(gammas, default=gamma),
-        "kv_bytes_read_prefill_and_verify": cache.kv_bytes_read, "kv_bytes_read_draft": int(draft_bytes),
-        **timer.totals(),
-    }, steps_by_gamma)
+    def dense_steps(self) -> int:
+        """Plain AR decoding for a few steps (one host sync at the end), as generate_ar does them. The count
+        keeps every sequence within the cache and stops once the slowest sequence has its tokens."""
+        cache, sampling = self.cache, self.params.sampling
+        runner = self.steps.get(0)
+        if runner is None:
+            runner = self.steps[0] = StepRunner(self.model, cache, self.params.use_cuda_graph)
+        start_lens, done = cache.host_lens(), self.log.done()
+        room = cache.max_pages_per_seq * cache.page_size - max(start_lens)
+        missing = self.params.max_new_tokens - min(len(o) for o, d in zip(self.log.out, done, strict=True) if not d)
+        n = max(1, min(AR_CHUNK, room, missing)) if runner.ready(self.batch, 1) else 1   # 1: the capture step
+        t = self.timer.start()
+        cache.reserve(n)
+        out, tok = [], self.next_tok
+        for _ in range(n):
+            logits = runner(tok[:, None])
+            cache.advance(1)
+            cache.count_read(sum(cache.host_lens()))
+            tok = agree(sample(logits[:, -1], sampling, self.generator), self.model, sampling)
+            out.append(tok)
+        self.timer.stop("ar_steps_s", t)
+        emitted = torch.stack(out, dim=1).tolist()
+        cache.truncate([s if d else s + n for s, d in zip(start_lens, done, strict=True)])
+        self.log.extend(emitted, done)
+        self.next_tok = torch.where(torch.tensor(done, device=cache.device), self.next_tok, tok)
+        self.dense_step_count += n
+        return n
 
 
 def _draft_bytes_read(cache: PagedKVCache, selection, start_lens: list[int], gamma: int) -> int | torch.Tensor:

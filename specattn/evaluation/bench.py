@@ -40,10 +40,10 @@ def parse_sizes(text: str, what: str) -> list[int]:
 
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS and m not in DRAFT_METHODS]
+    unknown = [m for m in methods if m not in METHODS and m not in DRAFT_METHODS and m != "auto"]
     if unknown:
         raise InvalidInputError(f"unknown method(s) {', '.join(unknown)}; choose from "
-                                f"{', '.join((*METHODS, *DRAFT_METHODS))}")
+                                f"{', '.join((*METHODS, *DRAFT_METHODS, 'auto'))}")
     return ["ar"] + [m for m in methods if m != "ar"]          # AR first: the reference of every cell
 
 
@@ -105,6 +105,11 @@ def run_method(model: Transformer, method: str, prompts: list[list[int]], cfg: B
     need = cache_tokens_needed(max(len(p) for p in prompts), cfg.new_tokens, cfg.spec.gamma)
     if method in DRAFT_METHODS:
         return _run_with_draft(model, method, prompts, cfg, params, warm, need)
+    if method == "auto":     # its first run is the calibration a user's first run of this shape pays
+        from ..auto import auto_cache, generate_auto
+        cache = auto_cache(model, prompts, params, cfg.spec)
+        steps = generate_auto(model, prompts, params, cfg.spec, cache=cache).runner
+        return timed(device, lambda: generate_auto(model, prompts, params, cfg.spec, cache=cache, steps=steps))
     if METHODS[method] is None:
         cache = PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device)
         runner = generate_ar(model, cache, prompts, warm).runner
@@ -170,7 +175,8 @@ def run_matrix(model: Transformer, text_tokens: list[int], cfg: BenchConfig, pro
                 "mean_accepted_len": s.get("mean_accepted_len", 1.0),
                 "acceptance_per_position": s.get("acceptance_per_position"),
                 "kv_bytes_per_token": _kv_bytes(s) / max(1, sum(len(t) for t in res.tokens)),
-                **{k: s[k] for k in ("draft_s", "verify_s", "select_s") if k in s},
+                **{k: s[k] for k in ("draft_s", "verify_s", "select_s", "ar_steps_s", "auto_speculative_share",
+                                     "auto_alpha") if k in s},
             })
             done += 1
             if progress:
@@ -185,7 +191,7 @@ def _kv_bytes(stats: dict) -> int:
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'batch':>5} {'context':>7} {'method':>14} {'tok/s':>9} {'vs ar':>6} {'tok/verify':>10} "
-             f"{'KV MB/token':>11} {'same as ar':>10}"]
+             f"{'KV MB/token':>11} {'same as ar':>10} {'note':>4}"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['batch']:>5} {r['context']:>7} {'(skipped)':>14}  {r['skipped']}")
@@ -193,8 +199,14 @@ def table(rows: list[dict]) -> str:
         same = "" if r["same_tokens_as_ar"] is None else ("yes" if r["same_tokens_as_ar"] else "NO")
         lines.append(f"{r['batch']:>5} {r['context']:>7} {r['method']:>14} {r['decode_tokens_per_s']:>9.1f} "
                      f"{r['speedup_vs_ar']:>5.2f}x {r['mean_accepted_len']:>10.2f} "
-                     f"{r['kv_bytes_per_token'] / 1e6:>11.2f} {same:>10}")
+                     f"{r['kv_bytes_per_token'] / 1e6:>11.2f} {same:>10} {_note(r)}")
     return "\n".join(lines)
+
+
+def _note(row: dict) -> str:
+    if "auto_speculative_share" in row:
+        return f"{100 * row['auto_speculative_share']:.0f}% of tokens from speculation"
+    return ""
 
 
 def plot(rows: list[dict], path) -> None:
@@ -226,6 +238,7 @@ def summary(rows: list[dict]) -> dict:
     best = max(measured, key=lambda r: r["speedup_vs_ar"], default=None)
     lossless = [r for r in measured if r["same_tokens_as_ar"] is not None]
     return {
+        **_auto_summary(rows),
         "best": None if best is None else {k: best[k] for k in ("method", "batch", "context", "speedup_vs_ar")},
         "lossless_runs_identical_to_ar": sum(bool(r["same_tokens_as_ar"]) for r in lossless),
         "lossless_runs": len(lossless),
@@ -235,3 +248,16 @@ def summary(rows: list[dict]) -> dict:
                                         / max(1, sum(r["method"] == m for r in measured)))
                             for m in dict.fromkeys(r["method"] for r in measured)},
     }
+
+
+def _auto_summary(rows: list[dict]) -> dict:
+    """auto against the best fixed method (AR included) and against AR, cell by cell; the minimum over cells."""
+    cells: dict[tuple[int, int], dict[str, float]] = {}
+    for r in rows:
+        if "skipped" not in r:
+            cells.setdefault((r["batch"], r["context"]), {})[r["method"]] = r["decode_tokens_per_s"]
+    ratios = [(c["auto"] / max(v for m, v in c.items() if m != "auto"), c["auto"] / c["ar"])
+              for c in cells.values() if "auto" in c and len(c) > 1]
+    if not ratios:
+        return {}
+    return {"auto_over_best_fixed_min": min(r[0] for r in ratios), "auto_over_ar_min": min(r[1] for r in ratios)}
