@@ -46,8 +46,19 @@ def step_fn(model, cache, batch: int, draft_budget: int | None):
     return (lambda: steps.draft(selection, tokens[:, 0], gen)), kv_tokens
 
 
-def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float) -> None:
+def transpose_weights(model, names: list[str]) -> None:
+    """Store these projections' weights column-major (a transposed view of a contiguous transpose): F.linear
+    then hands cuBLAS the other operand layout, which picks other kernels."""
+    for block in model.blocks:
+        for name in names:
+            w = getattr(block, name).weight
+            w.data = w.data.t().contiguous().t()
+
+
+def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
+            transpose: list[str], top: int) -> None:
     model = random_model(LLAMA3_8B if shape == "8b" else SMOLLM2_135M)
+    transpose_weights(model, transpose)
     cache = PagedKVCache(model.cfg, batch, context + 16, dtype=torch.bfloat16, device="cuda")
     cache.k.normal_()
     cache.v.normal_()
@@ -73,9 +84,10 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     count = sum(c for c, _ in per_kernel.values()) // steps
     moved = weight_bytes_per_step(model, batch) + batch * kv_tokens * model.cfg.kv_bytes_per_token * 2
     what = "dense step" if draft_budget is None else f"draft step @{draft_budget}"
+    what += f", transposed {','.join(transpose)}" if transpose else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
           f"{total:.0f} us; bytes at copy speed {moved / copy / 1e3:.0f} us")
-    for name, (calls, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:18]:
+    for name, (calls, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
 
 
@@ -86,8 +98,11 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--draft-budget", type=int)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--transpose", default="", help="comma list of qkv,o,gate_up,down stored column-major")
+    ap.add_argument("--top", type=int, default=18, help="kernels listed")
     args = ap.parse_args()
-    profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy_bandwidth_gbs())
+    profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy_bandwidth_gbs(),
+            [n for n in args.transpose.split(",") if n], args.top)
 
 
 if __name__ == "__main__":

@@ -177,6 +177,10 @@ class PagedKVCache:
             write_kv(self.k[layer], self.v[layer], k, v, view.slots)
         else:
             reference.write_kv(self.k[layer], self.v[layer], k, v, view.slots)
+        self.wrote(layer, view)
+
+    def wrote(self, layer: int, view: StepView) -> None:
+        """Bookkeeping after the new tokens' K/V landed in their slots (by `write` or a fused kernel)."""
         if self.track_key_bounds:
             self._update_key_bounds(layer, view)
 

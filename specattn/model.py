@@ -41,25 +41,42 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dt
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def attention_inputs(x, norm_w, eps: float, qkv_w, qkv_b, cos, sin, heads: int, kv_heads: int, head_dim: int):
-    """x: [batch, q_len, hidden] -> q [b, t, heads, dim], k, v [b, t, kv_heads, dim] (q, k rotated)."""
-    b, t, _ = x.shape
-    qkv = F.linear(rms_norm(x, norm_w, eps), qkv_w, qkv_b)
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = apply_rope(q.view(b, t, heads, head_dim), cos, sin)
-    k = apply_rope(k.view(b, t, kv_heads, head_dim), cos, sin)
-    return q, k, v.reshape(b, t, kv_heads, head_dim)
+def attention_inputs(x, mlp_out, norm_w, eps: float, qkv_w, qkv_b):
+    """The previous block's MLP output joins the residual stream here (not at the end of that block), so the add
+    fuses with this norm: x, mlp_out: [batch, q_len, hidden] (mlp_out None for the first block) -> the residual
+    stream x and the fused q/k/v projection [batch, q_len, (heads + 2 kv_heads) * head_dim]."""
+    if mlp_out is not None:
+        x = x + mlp_out
+    return x, F.linear(rms_norm(x, norm_w, eps), qkv_w, qkv_b)
 
 
 def attention_output_and_mlp(x, attn, o_w, norm_w, eps: float, gate_up_w, down_w):
-    """Residual + output projection, then the SwiGLU MLP with its residual. attn: [b, t, heads * dim]."""
+    """Residual + output projection, then the SwiGLU MLP. attn: [b, t, heads * dim]. Returns the residual stream
+    and the MLP output, which the next block (or the final norm) adds."""
     x = x + F.linear(attn, o_w)
     gate, up = F.linear(rms_norm(x, norm_w, eps), gate_up_w).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_w)
+    return x, F.linear(F.silu(gate) * up, down_w)
 
 
-def final_logits(x, norm_w, eps: float, head_w):
-    return F.linear(rms_norm(x, norm_w, eps), head_w).float()
+def final_logits(x, mlp_out, norm_w, eps: float, head_w):
+    return F.linear(rms_norm(x + mlp_out, norm_w, eps), head_w).float()
+
+
+def rotate_and_store(qkv: torch.Tensor, cos, sin, cache: PagedKVCache, layer: int, view: StepView, heads: int,
+                     kv_heads: int) -> torch.Tensor:
+    """Rotary embedding of q and k; k and v go to the cache. Returns q [batch, q_len, heads, head_dim]. On the GPU
+    one Triton kernel does it all (three kernels otherwise)."""
+    if cache.device.type == "cuda" and qkv.dtype == cache.dtype:
+        from .kernels.rope_kv import rope_and_write_kv
+        q = rope_and_write_kv(qkv, cos, sin, cache.k[layer], cache.v[layer], view.slots, heads, kv_heads)
+        cache.wrote(layer, view)
+        return q
+    b, t, width = qkv.shape
+    dim = width // (heads + 2 * kv_heads)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q = apply_rope(q.reshape(b, t, heads, dim), cos, sin)
+    cache.write(layer, apply_rope(k.reshape(b, t, kv_heads, dim), cos, sin), v.reshape(b, t, kv_heads, dim), view)
+    return q
 
 
 EAGER = {"rope_tables": rope_tables, "attention_inputs": attention_inputs,
@@ -87,12 +104,13 @@ class Block(nn.Module):
 
     all_reduce = None    # tensor parallel: sums this rank's partial projections over ranks
 
-    def forward(self, x, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention, fns: dict):
+    def forward(self, x, mlp_out, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention, fns: dict):
+        """(residual stream, previous block's MLP output or None) -> the same pair after this block."""
         cfg = self.cfg
         b, t, _ = x.shape
-        q, k, v = fns["attention_inputs"](x, self.attn_norm.weight, cfg.rms_norm_eps, self.qkv.weight, self.qkv.bias,
-                                          cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        cache.write(self.layer, k, v, view)
+        x, qkv = fns["attention_inputs"](x, mlp_out, self.attn_norm.weight, cfg.rms_norm_eps, self.qkv.weight,
+                                         self.qkv.bias)
+        q = rotate_and_store(qkv, cos, sin, cache, self.layer, view, cfg.num_heads, cfg.num_kv_heads)
         attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
         if self.all_reduce is not None:
             return self._parallel_output_and_mlp(x, attn.reshape(b, t, -1))
@@ -104,7 +122,7 @@ class Block(nn.Module):
         size is a partial sum, completed by an all-reduce before its residual add."""
         x = x + self.all_reduce(F.linear(attn, self.o.weight))
         gate, up = F.linear(rms_norm(x, self.mlp_norm.weight, self.cfg.rms_norm_eps), self.gate_up.weight).chunk(2, -1)
-        return x + self.all_reduce(F.linear(F.silu(gate) * up, self.down.weight))
+        return x, self.all_reduce(F.linear(F.silu(gate) * up, self.down.weight))
 
 
 class Transformer(nn.Module):
@@ -148,10 +166,10 @@ class Transformer(nn.Module):
         Writes the new tokens' K/V into the cache at `view.slots`; the caller advances the cache.
         """
         fns = self.step_fns if view.q_len <= STEP_MAX_Q_LEN else self.prefill_fns
-        x = self.embed(tokens)
+        x, mlp_out = self.embed(tokens), None
         cos, sin = fns["rope_tables"](view.positions, self.inv_freq, x.dtype)
         for block in self.blocks:
-            x = block(x, cos, sin, cache, view, self.attention, fns)
+            x, mlp_out = block(x, mlp_out, cos, sin, cache, view, self.attention, fns)
         if not all_logits:
-            x = x[:, -1:]
-        return fns["final_logits"](x, self.norm.weight, self.cfg.rms_norm_eps, self.lm_head.weight)
+            x, mlp_out = x[:, -1:], mlp_out[:, -1:]
+        return fns["final_logits"](x, mlp_out, self.norm.weight, self.cfg.rms_norm_eps, self.lm_head.weight)

@@ -262,3 +262,41 @@ def test_vegas_two_row_scores_kernel_matches_reference(case):
     assert got.shape == ref.shape
     assert (got - ref).abs().max().item() < 1e-5
     assert torch.allclose(got.sum(-1), torch.ones(case[0]), atol=1e-4)      # each row's weights sum to one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 2, 16), (9, 3, 64), (6, 1, 40)])
+def test_fused_rope_and_kv_write_matches_reference(dtype, heads, kv_heads, dim):
+    from specattn.kernels import rope_kv
+    from specattn.model import rope_tables
+    torch.manual_seed(heads)
+    b, t, pages, page_size = 2, 3, 6, 4
+    qkv_full = torch.randn(b, t, (heads + 2 * kv_heads) * dim + 8, dtype=dtype)
+    qkv = qkv_full[..., 8:]                                     # rows strided, as a slice of a bigger output
+    positions = torch.tensor([[5, 6, 7], [0, 1, 2]])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    cos, sin = rope_tables(positions, inv_freq, dtype)
+    slots = torch.randperm(pages * page_size)[: b * t]
+    pools = [torch.zeros(pages, page_size, kv_heads, dim, dtype=dtype) for _ in range(4)]
+    want_q = reference.rope_and_write_kv(qkv, cos, sin, pools[0], pools[1], slots, heads, kv_heads)
+    got_q = rope_kv.rope_and_write_kv(qkv, cos, sin, pools[2], pools[3], slots, heads, kv_heads)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got_q.float(), want_q.float(), atol=tol, rtol=tol)
+    assert torch.allclose(pools[2].float(), pools[0].float(), atol=tol, rtol=tol)
+    assert torch.equal(pools[3], pools[1])                      # values are copied, not computed
+    assert pools[2].abs().sum() > 0
+
+
+def test_reference_rope_and_write_equals_the_models_rotation():
+    from specattn.model import apply_rope, rope_tables
+    torch.manual_seed(0)
+    heads, kv_heads, dim = 4, 2, 16
+    qkv = torch.randn(1, 5, (heads + 2 * kv_heads) * dim)
+    cos, sin = rope_tables(torch.arange(5)[None], 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)),
+                           torch.float32)
+    k_pool, v_pool = torch.zeros(2, 4, kv_heads, dim), torch.zeros(2, 4, kv_heads, dim)
+    q = reference.rope_and_write_kv(qkv, cos, sin, k_pool, v_pool, torch.arange(5), heads, kv_heads)
+    q_want, k_want, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    assert torch.allclose(q, apply_rope(q_want.reshape(1, 5, heads, dim), cos, sin), atol=1e-6)
+    assert torch.allclose(k_pool.reshape(-1, kv_heads, dim)[:5], apply_rope(k_want.reshape(1, 5, kv_heads, dim),
+                                                                            cos, sin)[0], atol=1e-6)

@@ -23,6 +23,23 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
     v_pool.view(-1, heads, dim).index_copy_(0, slots, v.reshape(-1, heads, dim).to(v_pool.dtype))
 
 
+def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
+                      v_pool: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """Rotate q and k of the fused projection qkv [batch, q_len, (heads + 2 kv_heads) * dim], store k and v at
+    `slots`, return q [batch, q_len, heads, dim]. The rotation is computed in fp32 and rounded once."""
+    b, t, width = qkv.shape
+    dim = width // (heads + 2 * kv_heads)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+
+    def rotate(x, n):
+        x = x.reshape(b, t, n, dim).float()
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos.float() + torch.cat((-x2, x1), dim=-1) * sin.float()
+
+    write_kv(k_pool, v_pool, rotate(k, kv_heads), v.reshape(b, t, kv_heads, dim), slots)
+    return rotate(q, heads).to(qkv.dtype)
+
+
 def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                     page_table: torch.Tensor, lens_after: torch.Tensor, scale: float,
                     max_kv_len: int | None = None, page_mass: bool = False,
