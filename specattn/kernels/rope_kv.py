@@ -63,6 +63,7 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
     cos2, sin2 = cos.reshape(b * t, dim).contiguous(), sin.reshape(b * t, dim).contiguous()
     q = torch.empty(b, t, heads, dim, dtype=qkv.dtype, device=qkv.device)
     _rope_write_kernel[(b * t,)](qkv2, cos2, sin2, q, k_pool, v_pool, slots, qkv2.stride(0), cos2.stride(0),
-                                 heads, kv_heads, HALF=dim // 2, BLOCK_D=triton.next_power_of_2(dim // 2), BLOCK_Q=triton.next_power_of_2(heads),
-                                 BLOCK_KV=triton.next_power_of_2(kv_heads), num_warps=4)
+                                 heads, kv_heads, HALF=dim // 2, BLOCK_D=triton.next_power_of_2(dim // 2),
+                                 BLOCK_Q=triton.next_power_of_2(heads), BLOCK_KV=triton.next_power_of_2(kv_heads),
+                                 num_warps=4)
     return q
