@@ -23,6 +23,7 @@ from specattn.loader import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=os.environ.get("SPECATTN_DEFAULT_GGUF", DEFAULT_MODEL))
     ap.add_argument("--context", default="1k,8k")
     ap.add_argument("--batch", default="1,8,32,64")
     ap.add_argument("--methods", default="ar,magicdec,specattn-y,auto")
@@ -32,8 +33,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "auto.json"))
     args = ap.parse_args()
     os.environ["SPECATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="specattn-auto-")
-    model = load_model(DEFAULT_MODEL, "cuda", "bf16", progress=False)
-    tokens = gutenberg_tokens(load_tokenizer(DEFAULT_MODEL))
+    model = load_model(args.model, "cuda", "bf16", progress=False)
+    tokens = gutenberg_tokens(load_tokenizer(args.model))
     cfg = bench.BenchConfig(bench.parse_methods(args.methods), bench.parse_sizes(args.context, "context"),
                             bench.parse_sizes(args.batch, "batch"),
                             SpeculationParams(args.budget, args.gamma, (0,)), args.new_tokens)

@@ -30,9 +30,9 @@ from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import RoundSteps  # noqa: E402
 
 
-def step_fn(model, cache, batch: int, draft_budget: int | None):
+def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1):
     """A callable running one step (a graph replay), and the KV tokens per sequence it reads."""
-    tokens = torch.randint(0, model.cfg.vocab_size, (batch, 1), device="cuda")
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch, q_len), device="cuda")
     if draft_budget is None:
         runner = StepRunner(model, cache)
         return (lambda: runner(tokens)), cache.host_lens()[0]
@@ -46,19 +46,11 @@ def step_fn(model, cache, batch: int, draft_budget: int | None):
     return (lambda: steps.draft(selection, tokens[:, 0], gen)), kv_tokens
 
 
-def transpose_weights(model, names: list[str]) -> None:
-    """Store these projections' weights column-major (a transposed view of a contiguous transpose): F.linear
-    then hands cuBLAS the other operand layout, which picks other kernels."""
-    for block in model.blocks:
-        for name in names:
-            w = getattr(block, name).weight
-            w.data = w.data.t().contiguous().t()
-
-
 def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
-            transpose: list[str], top: int) -> None:
+            column_major: bool, q_len: int, top: int) -> None:
+    import specattn.model
+    specattn.model.COLUMN_MAJOR_WEIGHTS = column_major
     model = random_model(LLAMA3_8B if shape == "8b" else SMOLLM2_135M)
-    transpose_weights(model, transpose)
     cache = PagedKVCache(model.cfg, batch, context + 16, dtype=torch.bfloat16, device="cuda")
     cache.k.normal_()
     cache.v.normal_()
@@ -66,7 +58,8 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     cache.reserve(context)
     cache.advance(context)
     cache.reserve(1)
-    fn, kv_tokens = step_fn(model, cache, batch, draft_budget)
+    cache.reserve(q_len)
+    fn, kv_tokens = step_fn(model, cache, batch, draft_budget, q_len)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -84,7 +77,8 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     count = sum(c for c, _ in per_kernel.values()) // steps
     moved = weight_bytes_per_step(model, batch) + batch * kv_tokens * model.cfg.kv_bytes_per_token * 2
     what = "dense step" if draft_budget is None else f"draft step @{draft_budget}"
-    what += f", transposed {','.join(transpose)}" if transpose else ""
+    what += f", q_len {q_len}" if q_len > 1 else ""
+    what += ", weights column-major" if column_major else ", weights row-major"
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
           f"{total:.0f} us; bytes at copy speed {moved / copy / 1e3:.0f} us")
     for name, (calls, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]:
@@ -98,11 +92,12 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--draft-budget", type=int)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--transpose", default="", help="comma list of qkv,o,gate_up,down stored column-major")
+    ap.add_argument("--row-major", action="store_true", help="keep projection weights row-major (as loaded)")
+    ap.add_argument("--q-len", type=int, default=1, help="new tokens per sequence of a dense step (verify: gamma+1)")
     ap.add_argument("--top", type=int, default=18, help="kernels listed")
     args = ap.parse_args()
     profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy_bandwidth_gbs(),
-            [n for n in args.transpose.split(",") if n], args.top)
+            not args.row_major, args.q_len, args.top)
 
 
 if __name__ == "__main__":

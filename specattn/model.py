@@ -18,6 +18,7 @@ from .cache import PagedKVCache, StepView
 from .config import ModelConfig, rope_inv_freq
 
 STEP_MAX_Q_LEN = 16  # decode and verify steps; longer blocks are prefill chunks
+COLUMN_MAJOR_WEIGHTS = True   # on the GPU (compile_steps): see Transformer.store_weights_column_major
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -151,10 +152,21 @@ class Transformer(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         self.attention = Attention(backend, self.embed.weight.device)
 
+    def store_weights_column_major(self) -> None:
+        """Keep each block's projection weights as the transposed view of a contiguous transpose (same values,
+        same shape). F.linear then hands cuBLAS the other operand layout, for which it picks GEMV kernels that
+        fill the H100 better at decode shapes (8B-shaped model, batch 1: step 6.65 -> 6.47 ms)."""
+        for block in self.blocks:
+            for linear in (block.qkv, block.o, block.gate_up, block.down):
+                if linear.weight.is_contiguous():
+                    linear.weight.data = linear.weight.data.t().contiguous().t()
+
     def compile_steps(self) -> None:
         """Fuse the pointwise parts of every forward with torch.compile (GPU). Decode/verify steps compile
         once per (batch, q_len) for the fastest kernels; prefill chunks share one dynamic-shape version."""
         import torch._dynamo
+        if COLUMN_MAJOR_WEIGHTS:
+            self.store_weights_column_major()
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.step_fns = {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in EAGER.items()}
         self.prefill_fns = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in EAGER.items()}
