@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=512)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per method and cell (median kept)")
     ap.add_argument("--out", default=str(RESULTS / "auto.json"))
     args = ap.parse_args()
     os.environ["SPECATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="specattn-auto-")
@@ -37,11 +38,12 @@ def main() -> None:
     tokens = gutenberg_tokens(load_tokenizer(args.model))
     cfg = bench.BenchConfig(bench.parse_methods(args.methods), bench.parse_sizes(args.context, "context"),
                             bench.parse_sizes(args.batch, "batch"),
-                            SpeculationParams(args.budget, args.gamma, (0,)), args.new_tokens)
+                            SpeculationParams(args.budget, args.gamma, (0,)), args.new_tokens, repeats=args.repeats)
     rows = bench.run_matrix(model, tokens, cfg, lambda d, t, what: print(f"[{d}/{t}] {what}", flush=True))
     result = {**environment(), "model": DEFAULT_MODEL, "dtype": "bf16",
               "config": {"methods": cfg.methods, "contexts": cfg.contexts, "batches": cfg.batches,
                          "budget": args.budget, "gamma": args.gamma, "new_tokens": args.new_tokens,
+                         "repeats": args.repeats,
                          "sampling": "greedy", "auto": "timed run after one calibrating run of the same shape"},
               "summary": bench.summary(rows), "rows": rows}
     write_json_atomic(args.out, result)

@@ -200,9 +200,12 @@ def cmd_bench(args) -> int:
     cfg = bench.BenchConfig(bench.parse_methods(args.methods), bench.parse_sizes(args.context, "context"),
                             bench.parse_sizes(args.batch, "batch"),
                             SpeculationParams(args.budget, args.gamma, tuple(args.dense_layers)),
-                            args.new_tokens, SamplingParams(args.temperature, args.top_p, args.seed))
+                            args.new_tokens, SamplingParams(args.temperature, args.top_p, args.seed),
+                            repeats=args.repeats)
     if args.new_tokens <= 0:
         raise InvalidInputError(f"--new-tokens must be > 0, got {args.new_tokens}")
+    if args.repeats <= 0:
+        raise InvalidInputError(f"--repeats must be > 0, got {args.repeats}")
     text = read_text(args.text)
     session = Session.load(args.model, args.device, args.dtype, args.attention, progress=not args.quiet)
     tokens = session.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -223,7 +226,7 @@ def cmd_bench(args) -> int:
     result = {"model": args.model, "device": str(session.device), "dtype": str(session.dtype),
               "config": {"methods": cfg.methods, "contexts": cfg.contexts, "batches": cfg.batches,
                          "budget": args.budget, "gamma": args.gamma, "new_tokens": args.new_tokens,
-                         "temperature": args.temperature, "top_p": args.top_p},
+                         "temperature": args.temperature, "top_p": args.top_p, "repeats": args.repeats},
               "summary": bench.summary(rows), "rows": rows}
     write_json_atomic(args.json, result)
     bench.plot(rows, Path(args.json).with_suffix(".png"))
@@ -307,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sparse-dense-layers", type=int, nargs="*", default=[0, 1])
     b.add_argument("--page-level", action="store_true")
     b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=1, help="timed runs per method and cell; the median is kept")
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--top-p", type=float, default=1.0)
     b.add_argument("--seed", type=int, default=0)

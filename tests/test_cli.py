@@ -279,6 +279,7 @@ def test_bench_runs_the_matrix_checks_ar_and_skips_what_cannot_fit(capsys, tmp_p
     (["--methods", "ar,beam"], ["unknown method"]),
     (["--context", "4q"], ["cannot read context"]),
     (["--batch", "0"], ["batch must be > 0"]),
+    (["--repeats", "0"], ["--repeats must be > 0"]),
 ])
 def test_bad_bench_values(capsys, tmp_path, args, words):
     text = tmp_path / "t.txt"

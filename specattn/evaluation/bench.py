@@ -57,6 +57,7 @@ class BenchConfig:
     sampling: SamplingParams = SamplingParams()
     draft: Transformer | None = None     # draft-spec / specattn-s
     sparse: object | None = None         # specattn-s: a SparseVerification
+    repeats: int = 1                     # timed runs per method and cell; the median (by decode tokens/s) is kept
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -98,8 +99,19 @@ def timed(device: torch.device, fn):
     return res, time.perf_counter() - t0
 
 
+def timed_median(device: torch.device, fn, repeats: int):
+    """timed(fn) `repeats` times; the run with the median decode tokens/s."""
+    runs = sorted((timed(device, fn) for _ in range(max(1, repeats))),
+                  key=lambda run: run[0].stats.get("decode_tokens_per_s", 0.0))
+    return runs[len(runs) // 2]
+
+
 def run_method(model: Transformer, method: str, prompts: list[list[int]], cfg: BenchConfig, dtype: torch.dtype):
     device = model.embed.weight.device
+
+    def timed(device, fn):
+        return timed_median(device, fn, cfg.repeats)
+
     params = GenerationParams(max_new_tokens=cfg.new_tokens, sampling=cfg.sampling)
     warm = GenerationParams(max_new_tokens=min(cfg.new_tokens, 4 * cfg.spec.gamma), sampling=cfg.sampling)
     need = cache_tokens_needed(max(len(p) for p in prompts), cfg.new_tokens, cfg.spec.gamma)

@@ -3,7 +3,7 @@
 One program handles one (sequence, KV head, split, query block): all query heads of that KV head
 and a block of new tokens at once, so each K/V tile is read once per KV head (GQA reuse). Decode and
 verify (q_len <= 16) fit one query block; prefill chunks are tiled into many. Splits let batch 1 at
-long context fill every SM; the last split to finish merges them with their log-sum-exp. Lengths
+long context fill every SM; a second small kernel merges the splits with their log-sum-exp. Lengths
 are read from the device, so a launch can be replayed in a CUDA graph while sequences grow.
 Reference: `reference.paged_attention`.
 """
@@ -52,7 +52,6 @@ MAX_MASS_TILES = 32    # block mass: tiles one split may hold (more splits are u
 def _paged_attn_split_kernel(
     q_ptr, k_ptr, v_ptr, page_table_ptr, lens_ptr, sel_ptr, sel_count_ptr,
     o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, mass_max_ptr,
-    out_ptr, lse_ptr, counter_ptr,
     scale,
     stride_qb, stride_qt, stride_qh,
     stride_kp, stride_kr, stride_kh,
@@ -170,44 +169,28 @@ def _paged_attn_split_kernel(
         keep = row_ok[:, None] & (tile_idx < block_hi)[None, :]
         tl.store(mass_part_ptr + where, tile_sum, mask=keep)
         tl.store(mass_max_ptr + where, tile_max, mask=keep)
-    out_row = (b * Q_LEN + t) * HEADS + head     # flat (b, t, h)
-    part = out_row * num_splits + split           # [B, T, H, S] flat
+    part = ((b * Q_LEN + t) * HEADS + head) * num_splits + split     # [B, T, H, S] flat
     tl.store(m_part_ptr + part, m_i, mask=row_ok)
     tl.store(l_part_ptr + part, l_i, mask=row_ok)
     tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
-    # The last split of these rows to finish merges them (no second kernel): the atomic orders every split's
-    # stores above before the count the merging program reads, which then resets the counter for the next call.
-    counter = counter_ptr + pid_bh * tl.num_programs(2) + tl.program_id(2)
-    if tl.atomic_add(counter, 1) == num_splits - 1:
-        _merge_rows(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, out_row, row_ok, num_splits,
-                    BLOCK_M, HEAD_DIM)
-        tl.store(counter, 0)
 
 
 @triton.jit
-def _merge_rows(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, out_row, row_ok, num_splits,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Combine the splits' partial softmax states of these rows (log-sum-exp rescaling), in split order."""
+def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, num_splits,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)                       # flat (b, t, h)
+    splits = tl.arange(0, BLOCK_S)
+    ok = splits < num_splits
+    m = tl.load(m_part_ptr + row * num_splits + splits, mask=ok, other=float("-inf"))
+    l_part = tl.load(l_part_ptr + row * num_splits + splits, mask=ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(ok & (m > float("-inf")), tl.exp(m - m_max), 0.0)
     dims = tl.arange(0, HEAD_DIM)
-    m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_run = tl.zeros([BLOCK_M], tl.float32)
-    o_run = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for s in range(num_splits):
-        part = out_row * num_splits + s
-        m_s = tl.load(m_part_ptr + part, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(l_part_ptr + part, mask=row_ok, other=0.0, cache_modifier=".cg")
-        o_s = tl.load(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None], other=0.0,
-                      cache_modifier=".cg")
-        m_new = tl.maximum(m_run, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)      # splits that saw no visible key add nothing
-        w_run, w_s = tl.exp(m_run - m_safe), tl.exp(m_s - m_safe)
-        l_run = l_run * w_run + l_s * w_s
-        o_run = o_run * w_run[:, None] + o_s * w_s[:, None]
-        m_run = m_new
-    l_run = tl.where(row_ok, l_run, 1.0)          # padding rows: nothing stored, no log(0) either
-    tl.store(out_ptr + out_row[:, None] * HEAD_DIM + dims[None, :],
-             (o_run / l_run[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + out_row, m_run + tl.log(l_run), mask=row_ok)
+    o = tl.load(o_part_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
+                mask=ok[:, None], other=0.0)
+    l_total = tl.sum(l_part * w, 0)
+    tl.store(out_ptr + row * HEAD_DIM + dims, (tl.sum(o * w[:, None], 0) / l_total).to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + row, m_max + tl.log(l_total))
 
 
 @triton.jit
@@ -244,22 +227,6 @@ def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_
     m = tl.load(mass_max_ptr + row_base[:, None] * mass_blocks + tile, mask=both, other=0.0)
     total = tl.sum(tl.where(both, part * tl.exp(m - lse[:, None]), 0.0), 0)
     tl.store(mass_ptr + pid_bh * mass_pages + vpage, total, mask=vpage < mass_pages)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (sequence, KV head, query block), that the kernel leaves zeroed again.
-    Kept per device across calls, so a captured CUDA graph keeps pointing at live memory; grown (outside
-    capture: the warm-up runs before capture reach every size) when a launch needs more."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("paged attention needs more split counters inside a CUDA graph capture; "
-                               "run the step once before capturing it")
-        _COUNTERS[device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return have
 
 
 @functools.cache
@@ -343,11 +310,9 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         counts = selected_counts.to(torch.int32).contiguous()
     else:
         sel = counts = lens_after
-    out = torch.empty_like(q)
-    counters = _split_counters(dev, batch * kv_heads * q_blocks)
     _paged_attn_split_kernel[(batch * kv_heads, num_splits, q_blocks)](
         q, k_pages, v_pages, page_table, lens_after, sel, counts,
-        o_part, m_part, l_part, mass_part, mass_max, out, lse, counters, scale,
+        o_part, m_part, l_part, mass_part, mass_max, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         page_table.stride(0), sel.shape[-1] if sparse else 0, mass_pages, mass_blocks, num_splits,
@@ -356,6 +321,11 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=MAX_MASS_TILES if mass_tile else 1,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )
+    out = torch.empty_like(q)
+    _merge_splits_kernel[(batch * q_len * heads,)](
+        o_part, m_part, l_part, out, lse, num_splits,
+        HEAD_DIM=dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=1,
     )
     if return_lse:                                # each row's log-sum-exp [batch, q_len, heads]: Vegas scores
         return out, lse
