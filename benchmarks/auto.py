@@ -24,7 +24,7 @@ from specattn.loader import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=os.environ.get("SPECATTN_DEFAULT_GGUF", DEFAULT_MODEL))
-    ap.add_argument("--context", default="1k,8k")
+    ap.add_argument("--context", default="1k,8000")   # 8000 + 128 new tokens fit its 8,192 positions
     ap.add_argument("--batch", default="1,8,32,64")
     ap.add_argument("--methods", default="ar,magicdec,specattn-y,auto")
     ap.add_argument("--budget", type=float, default=512)
