@@ -54,6 +54,15 @@ class StepView:
     key_masks: dict | None = None
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without stalling the host: on CUDA through pinned memory and an
+    asynchronous copy (a pageable copy would wait for every kernel queued before it)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class PagedKVCache:
     def __init__(self, cfg: ModelConfig, max_batch: int, max_seq_len: int, *,
                  page_size: int = DEFAULT_PAGE_SIZE, num_pages: int | None = None,
@@ -123,7 +132,8 @@ class PagedKVCache:
                 changed.append((b, len(self._pages[b]) - 1, self._pages[b][-1]))
         if changed:
             rows, cols, ids = zip(*changed, strict=False)
-            self.page_table[list(rows), list(cols)] = torch.tensor(ids, dtype=torch.int32).to(self.device)
+            rows_t, cols_t = to_device(rows, torch.long, self.device), to_device(cols, torch.long, self.device)
+            self.page_table[rows_t, cols_t] = to_device(ids, torch.int32, self.device)
 
     def advance(self, q_len: int, rows: slice | None = None) -> None:
         """Record that every active sequence (or only `rows`) gained `q_len` tokens, once a step wrote them."""
@@ -148,7 +158,7 @@ class PagedKVCache:
                 raise InvalidInputError(f"cannot truncate sequence {b} from {self._host_lens[b]} to {n} tokens")
             self._host_lens[b] = n
             self._release_pages(b, -(-n // self.page_size))
-        self.lens[: self.batch] = torch.tensor(new_lens, dtype=torch.int32).to(self.device)
+        self.lens[: self.batch] = to_device(new_lens, torch.int32, self.device)
 
     def _release_pages(self, b: int, keep: int) -> None:
         while len(self._pages[b]) > keep:

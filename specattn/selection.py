@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import PagedKVCache
+from .cache import PagedKVCache, to_device
 from .errors import InvalidInputError
 
 
@@ -146,8 +146,8 @@ class ScoredPagePolicy(SelectionPolicy):
         # Counted on the host (a device count would sync the loop): pages that are sink or window or both.
         most_forced = max(min(sink_pages, f) + (p - f) for f, p in zip(first_window, n_pages, strict=True))
         page = torch.arange(cache.max_pages_per_seq, device=cache.device)
-        first_window_t = torch.tensor(first_window, device=cache.device)
-        n_pages_t = torch.tensor(n_pages, device=cache.device)
+        first_window_t = to_device(first_window, torch.long, cache.device)
+        n_pages_t = to_device(n_pages, torch.long, cache.device)
         window = page[None, :] >= first_window_t[:, None]
         valid = page[None, :] < n_pages_t[:, None]
         forced = ((page[None, :] < sink_pages) | window) & valid
@@ -243,8 +243,8 @@ class VegasPolicy(SelectionPolicy):
         layers, batch, max_tokens = self._scores.shape
         lens = cache.host_lens()
         most_recent = max(n + gamma - s for n, s in zip(lens, self._verify_start, strict=True))
-        start = torch.tensor(self._verify_start, device=cache.device)
-        end = torch.tensor(lens, device=cache.device) + gamma
+        start = to_device(self._verify_start, torch.long, cache.device)
+        end = to_device(lens, torch.long, cache.device) + gamma
         pos = torch.arange(max_tokens, device=cache.device)
         context = pos[None, :] < start[:, None]                                        # [batch, tokens]
         recent = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ..cache import PagedKVCache
+from ..cache import PagedKVCache, to_device
 from ..errors import InvalidInputError
 from ..model import EAGER, Transformer
 from ..selection import PageSelection, QuestSelection, SelectionPolicy
@@ -204,9 +204,13 @@ class PhaseTimer:
     def stop(self, phase: str, start) -> None:
         self.marks.append((phase, start, self._now()))
 
-    def seconds(self, first_mark: int = 0) -> float:
-        """Time of the marks from `first_mark` on (their events must have completed)."""
-        return sum(self._elapsed(a, b) for _, a, b in self.marks[first_mark:])
+    def seconds(self, first_mark: int = 0, end_mark: int | None = None) -> float:
+        """Time of the marks first_mark .. end_mark - 1 (their events must have completed)."""
+        return sum(self._elapsed(a, b) for _, a, b in self.marks[first_mark:end_mark])
+
+    def complete(self, end_mark: int) -> bool:
+        """Whether the GPU has passed the marks before end_mark (never waits)."""
+        return not self.cuda or end_mark == 0 or self.marks[end_mark - 1][2].query()
 
     def _elapsed(self, a, b) -> float:
         return a.elapsed_time(b) / 1000 if self.cuda else b - a
@@ -241,7 +245,9 @@ class AdaptiveGamma:
 
 class RoundLog:
     """What both speculative loops record per round: each sequence's emitted tokens, and the accepted counts of
-    the sequences still generating (a finished sequence idles until the batch is done; its rounds do not count)."""
+    the sequences still generating (a finished sequence idles until the batch is done; its rounds do not count).
+    Tokens of dense steps may stay on the device until something needs their values (`extend_later`), so a
+    run of dense chunks never waits for the GPU; lengths are known on the host all along."""
 
     def __init__(self, first_tokens: list[int], params: GenerationParams, max_gamma: int):
         self.out = [[t] for t in first_tokens]
@@ -249,17 +255,27 @@ class RoundLog:
         self.accepted: list[int] = []
         self.per_position = torch.zeros(max_gamma, dtype=torch.long)
         self.drafted = 0
+        self._pending: list[tuple[torch.Tensor, list[bool]]] = []
+        self._pending_len = [0] * len(first_tokens)
+
+    def lengths(self) -> list[int]:
+        return [len(o) + p for o, p in zip(self.out, self._pending_len, strict=True)]
 
     def finished(self) -> bool:
         stop = self.params.stop_token_ids
-        return (min(len(o) for o in self.out) >= self.params.max_new_tokens
-                or bool(stop) and all(any(t in stop for t in o) for o in self.out))
+        if min(self.lengths()) >= self.params.max_new_tokens:
+            return True
+        if not stop:
+            return False
+        self.flush()
+        return all(any(t in stop for t in o) for o in self.out)
 
     def done(self) -> list[bool]:
         """Sequences that already have their tokens (call before record)."""
-        return [len(o) >= self.params.max_new_tokens for o in self.out]
+        return [n >= self.params.max_new_tokens for n in self.lengths()]
 
     def record(self, accepted: list[int], emitted: list[list[int]], done: list[bool], gamma: int) -> None:
+        self.flush()
         for row, a, d, o in zip(emitted, accepted, done, self.out, strict=True):
             if not d:
                 o.extend(x for x in row if x >= 0)
@@ -267,13 +283,21 @@ class RoundLog:
                 self.per_position[:a] += 1
                 self.drafted += gamma
 
-    def extend(self, emitted: list[list[int]], done: list[bool]) -> None:
-        """Tokens of plain decoding steps: no drafts, nothing accepted or rejected."""
-        for row, d, o in zip(emitted, done, self.out, strict=True):
-            if not d:
-                o.extend(row)
+    def extend_later(self, emitted: torch.Tensor, done: list[bool]) -> None:
+        """Tokens of plain decoding steps, [batch, n] on the device: no drafts, nothing accepted or rejected."""
+        self._pending.append((emitted, done))
+        self._pending_len = [p + (0 if d else emitted.shape[1]) for p, d in zip(self._pending_len, done, strict=True)]
+
+    def flush(self) -> None:
+        for emitted, done in self._pending:
+            for row, d, o in zip(emitted.tolist(), done, self.out, strict=True):
+                if not d:
+                    o.extend(row)
+        self._pending.clear()
+        self._pending_len = [0] * len(self.out)
 
     def tokens(self) -> list[list[int]]:
+        self.flush()
         return [cut_at_stop(o[: self.params.max_new_tokens], self.params.stop_token_ids) for o in self.out]
 
     def mean_accepted_len(self) -> float:
@@ -313,7 +337,7 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
                  {steps.gamma: steps} if isinstance(steps, RoundSteps) else dict(steps or {}))
     controller = controller or (AdaptiveGamma(gamma) if adaptive_gamma else None)
     policy.reset(cache)
-    gammas = []
+    gammas, unobserved = [], []
     while not loop.log.finished():
         g = controller.next(sum(cache.host_lens()) / len(prompts)) if controller else gamma
         first_mark, graphs_before = len(loop.timer.marks), loop.graph_count()
@@ -322,9 +346,12 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         else:
             accepted, n_dense = loop.speculate(g), 0
         gammas.append(g)
-        if controller:
-            controller.observe(g, accepted, loop.timer.seconds(first_mark), loop.graph_count() != graphs_before,
-                               n_dense)
+        if controller:   # a dense chunk's time is known once the GPU got there: observed then, without waiting
+            unobserved.append((g, accepted, first_mark, len(loop.timer.marks), loop.graph_count() != graphs_before,
+                               n_dense))
+            while unobserved and loop.timer.complete(unobserved[0][3]):
+                g_, acc, first, last, captured, n = unobserved.pop(0)
+                controller.observe(g_, acc, loop.timer.seconds(first, last), captured, n)
     _sync(device)
     total = time.perf_counter() - t0
     tokens = loop.log.tokens()
@@ -407,20 +434,21 @@ class _Loop:
         if round_steps.token_scores is not None:
             policy.observe_token_scores(round_steps.token_scores, start_lens)
         self.log.record(accepted_list, [row[1:] for row in host], done, g)
-        self.next_tok = torch.where(torch.tensor(done, device=cache.device), self.next_tok,
+        self.next_tok = torch.where(to_device(done, torch.bool, cache.device), self.next_tok,
                                     emitted.gather(1, accepted[:, None]).squeeze(1))
         return [a for a, d in zip(accepted_list, done, strict=True) if not d]
 
     def dense_steps(self) -> int:
-        """Plain AR decoding for a few steps (one host sync at the end), as generate_ar does them. The count
-        keeps every sequence within the cache and stops once the slowest sequence has its tokens."""
+        """Plain AR decoding for a few steps, as generate_ar does them, without waiting for the GPU (the tokens
+        are read when something needs them). The count keeps every sequence within the cache and stops once
+        the slowest sequence has its tokens."""
         cache, sampling = self.cache, self.params.sampling
         runner = self.steps.get(0)
         if runner is None:
             runner = self.steps[0] = StepRunner(self.model, cache, self.params.use_cuda_graph)
-        start_lens, done = cache.host_lens(), self.log.done()
+        start_lens, done, lengths = cache.host_lens(), self.log.done(), self.log.lengths()
         room = cache.max_pages_per_seq * cache.page_size - max(start_lens)
-        missing = self.params.max_new_tokens - min(len(o) for o, d in zip(self.log.out, done, strict=True) if not d)
+        missing = self.params.max_new_tokens - min(n for n, d in zip(lengths, done, strict=True) if not d)
         n = max(1, min(AR_CHUNK, room, missing)) if runner.ready(self.batch, 1) else 1   # 1: the capture step
         t = self.timer.start()
         cache.reserve(n)
@@ -432,10 +460,9 @@ class _Loop:
             tok = agree(sample(logits[:, -1], sampling, self.generator), self.model, sampling)
             out.append(tok)
         self.timer.stop("ar_steps_s", t)
-        emitted = torch.stack(out, dim=1).tolist()
         cache.truncate([s if d else s + n for s, d in zip(start_lens, done, strict=True)])
-        self.log.extend(emitted, done)
-        self.next_tok = torch.where(torch.tensor(done, device=cache.device), self.next_tok, tok)
+        self.log.extend_later(torch.stack(out, dim=1), done)     # no sync: the next chunk queues behind this one
+        self.next_tok = torch.where(to_device(done, torch.bool, cache.device), self.next_tok, tok)
         self.dense_step_count += n
         return n
 
