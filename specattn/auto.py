@@ -5,9 +5,11 @@ a speculative round of gamma drafts and a chunk of plain dense decoding steps (g
 second per sequence for both:
 
     dense:        1 / t_step(context)
-    speculative:  E[tokens per round] / t_round(context),   E = 1 + a + ... + a^gamma
+    speculative:  E[tokens per round] / t_round(context)
 
-where a is the per-draft acceptance observed so far (seeded by earlier runs), and t_step, t_round are measured:
+with E[tokens per round] (accepted drafts + the bonus token per sequence still generating)
+measured directly as the mean tokens per round of the rounds seen so far (seeded by earlier runs of the shape, or
+by a = 0.8 per draft), and t_step, t_round are measured:
 the loop times each round with CUDA events, read after the round's own sync, so calibration costs no extra pass.
 Times are kept per byte moved (weights + the KV entries a step reads), so a cost measured at one context predicts
 another as the context grows. What a shape (model, device, dtype, batch, context bucket, budget, gamma, greedy or
@@ -28,13 +30,13 @@ import torch
 from .api import SpeculationParams, make_policy
 from .cache import PagedKVCache
 from .decoding.ar import GenerationParams, GenerationResult
-from .decoding.self_speculative import AR_CHUNK, cache_tokens_needed, generate_self_speculative
+from .decoding.self_speculative import cache_tokens_needed, generate_self_speculative
 from .evaluation.results import write_json_atomic
 from .model import Transformer
 
 AUTO_POLICY = "specattn-y"
-DEFAULT_ALPHA = 0.7        # per-draft acceptance assumed before any round of this shape was seen
-PRIOR_WEIGHT = 8.0         # how many drafts the cached / default acceptance counts as
+DEFAULT_ALPHA = 0.8        # per-draft acceptance assumed before any round of this shape was seen
+PRIOR_ROUNDS = 2.0         # how many rounds the cached / default tokens-per-round estimate counts as
 TIME_EMA = 0.5             # weight of a new time observation
 RECHECK_EVERY = 64         # dense steps after which a near-break-even speculation is tried again
 RECHECK_RATIO = 0.9        # "near": predicted speculative rate at least this share of the dense rate
@@ -90,17 +92,20 @@ class CostModelGamma:
         self.gamma, self.bytes = gamma, bytes_model
         self.step_s_per_byte = known.get("step_s_per_byte")
         self.round_s_per_byte = known.get("round_s_per_byte")
-        alpha = known.get("alpha", DEFAULT_ALPHA)
-        self.accepted, self.rejected = PRIOR_WEIGHT * alpha, PRIOR_WEIGHT * (1 - alpha)
+        prior = known.get("tokens_per_round", geometric_tokens_per_round(DEFAULT_ALPHA, gamma))
+        # Measured rather than modelled: acceptance is not independent per draft (a run of easy text accepts
+        # everything), and a geometric fit through few rounds was 25% low on the GPU.
+        self.tokens, self.rounds = PRIOR_ROUNDS * prior, PRIOR_ROUNDS
+        self.accepted = self.drafted = 0
         self.context = 0.0
         self.dense_since_spec = 0
 
     def alpha(self) -> float:
-        return self.accepted / (self.accepted + self.rejected)
+        """Per-draft acceptance seen in this run (reported, not used for decisions)."""
+        return self.accepted / max(1, self.drafted)
 
     def tokens_per_round(self) -> float:
-        a = min(self.alpha(), 1 - 1e-9)
-        return (1 - a ** (self.gamma + 1)) / (1 - a)
+        return self.tokens / self.rounds
 
     def rates(self, context: float) -> tuple[float, float]:
         """Predicted tokens/s per sequence: (dense steps, speculative rounds)."""
@@ -128,14 +133,22 @@ class CostModelGamma:
                 self.step_s_per_byte = _ema(self.step_s_per_byte, seconds / dense_steps / self.bytes.step(self.context))
             return
         self.dense_since_spec = 0
-        self.accepted += sum(accepted)
-        self.rejected += sum(a < gamma for a in accepted)
+        if accepted:
+            self.tokens += 1 + sum(accepted) / len(accepted)
+            self.rounds += 1
+            self.accepted += sum(accepted)
+            self.drafted += gamma * len(accepted)
         if not captured:
             self.round_s_per_byte = _ema(self.round_s_per_byte, seconds / self.bytes.round(self.context))
 
     def state(self) -> dict:
         return {"step_s_per_byte": self.step_s_per_byte, "round_s_per_byte": self.round_s_per_byte,
-                "alpha": self.alpha()}
+                "tokens_per_round": self.tokens_per_round()}
+
+
+def geometric_tokens_per_round(alpha: float, gamma: int) -> float:
+    """1 + a + ... + a^gamma: tokens per round when each draft is accepted with probability a independently."""
+    return sum(alpha ** i for i in range(gamma + 1))
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -144,8 +157,10 @@ def _ema(old: float | None, new: float) -> float:
 
 def auto_cache(model: Transformer, prompts: list[list[int]], params: GenerationParams,
                spec: SpeculationParams) -> PagedKVCache:
-    """A KV cache with room for a run of speculative rounds and dense-step chunks."""
-    need = cache_tokens_needed(max(len(p) for p in prompts), params.max_new_tokens, spec.gamma) + AR_CHUNK
+    """The KV cache a speculative run needs (dense chunks fit in it too: their length respects its room). Sized
+    like AR's cache of the same request, so the attention kernels split the same way and dense chunks give
+    AR's tokens bit for bit."""
+    need = cache_tokens_needed(max(len(p) for p in prompts), params.max_new_tokens, spec.gamma)
     return PagedKVCache(model.cfg, len(prompts), need, dtype=model.embed.weight.dtype, device=model.embed.weight.device)
 
 
@@ -179,5 +194,5 @@ def generate_auto(model: Transformer, prompts: list[list[int]], params: Generati
     s.update({"method": "auto", "auto_key": key, "auto_had_costs": had_costs,
               "auto_speculative_rounds": s["rounds"], "auto_dense_steps": s["dense_steps"],
               "auto_speculative_share": max(0.0, speculative_tokens) / max(1, s["new_tokens"] - len(prompts)),
-              "auto_alpha": controller.alpha()})
+              "auto_alpha": controller.alpha(), "auto_tokens_per_round": controller.tokens_per_round()})
     return result

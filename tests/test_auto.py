@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from specattn.api import SpeculationParams, make_policy
-from specattn.auto import ByteModel, CostModelGamma, generate_auto
+from specattn.auto import ByteModel, CostModelGamma, generate_auto, geometric_tokens_per_round
 from specattn.cache import PagedKVCache
 from specattn.config import ModelConfig
 from specattn.decoding.ar import GenerationParams, generate_ar
@@ -21,7 +21,8 @@ BYTES = ByteModel(weight_bytes=1000, kv_bytes_per_token=10, batch=1, budget=64, 
 def controller(step_s: float, round_s: float, alpha: float) -> CostModelGamma:
     """A controller that already knows a dense step and a round cost these seconds at context 1000."""
     return CostModelGamma(4, BYTES, {"step_s_per_byte": step_s / BYTES.step(1000),
-                                     "round_s_per_byte": round_s / BYTES.round(1000), "alpha": alpha})
+                                     "round_s_per_byte": round_s / BYTES.round(1000),
+                                     "tokens_per_round": geometric_tokens_per_round(alpha, 4)})
 
 
 def test_controller_explores_a_round_then_a_dense_step_when_it_knows_nothing():
@@ -33,6 +34,14 @@ def test_controller_explores_a_round_then_a_dense_step_when_it_knows_nothing():
     assert c.next(500) == 0
     c.observe(0, [], 0.004, captured=False, dense_steps=2)
     assert c.step_s_per_byte == pytest.approx(0.002 / BYTES.step(500))
+
+
+def test_tokens_per_round_is_the_measured_mean_after_a_few_rounds():
+    c = CostModelGamma(4, BYTES)
+    for _ in range(30):
+        c.observe(4, [4, 4, 0], 1.0, captured=False)       # 1 + 8/3 tokens per sequence and round
+    assert c.tokens_per_round() == pytest.approx(1 + 8 / 3, rel=0.05)
+    assert c.alpha() == pytest.approx(8 / 12)
 
 
 def test_controller_speculates_when_it_pays_and_stops_when_drafts_get_rejected():
@@ -48,7 +57,7 @@ def test_controller_switches_as_the_context_grows():
     # KV-heavy shape: a dense step reads the whole context, a draft only its budget. Time ~ bytes, so the same
     # per-byte costs predict dense decoding at a short context and speculation at a long one.
     heavy = ByteModel(weight_bytes=10_000, kv_bytes_per_token=100, batch=8, budget=64, dense_fraction=0.0, gamma=4)
-    c = CostModelGamma(4, heavy, {"step_s_per_byte": 1e-9, "round_s_per_byte": 1e-9, "alpha": 0.5})
+    c = CostModelGamma(4, heavy, {"step_s_per_byte": 1e-9, "round_s_per_byte": 1e-9, "tokens_per_round": 1.9})
     assert c.next(16) == 0
     assert c.next(16_000) == 4
     dense, spec = c.rates(16_000)
@@ -106,7 +115,8 @@ def test_auto_matches_ar_and_caches_what_it_learned(tmp_path, temperature):
         assert first.tokens == ar
     saved = json.loads(path.read_text())
     (key, state), = saved.items()
-    assert "|b2|ctx<=256|budget48|g3|" in key and state["round_s_per_byte"] > 0 and 0 < state["alpha"] < 1
+    assert "|b2|ctx<=256|budget48|g3|" in key and state["round_s_per_byte"] > 0
+    assert 1 <= state["tokens_per_round"] <= 4 and 0 <= first.stats["auto_alpha"] <= 1
     second = generate_auto(model, prompts, params, spec, path)
     assert second.stats["auto_had_costs"]
     if temperature == 0.0:
