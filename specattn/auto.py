@@ -100,6 +100,11 @@ class CostModelGamma:
         self.context = 0.0
         self.dense_since_spec = 0
 
+    @property
+    def needs_timing(self) -> bool:
+        """Whether a decision waits on a measurement still in flight (the loop then waits for the GPU)."""
+        return self.step_s_per_byte is None or self.round_s_per_byte is None
+
     def alpha(self) -> float:
         """Per-draft acceptance seen in this run (reported, not used for decisions)."""
         return self.accepted / max(1, self.drafted)

@@ -135,3 +135,41 @@ def test_bench_summary_compares_auto_with_the_best_fixed_method_per_cell():
     s = _auto_summary(rows)
     assert s["auto_over_best_fixed_min"] == pytest.approx(0.95)
     assert s["auto_over_ar_min"] == pytest.approx(0.99)
+
+
+@pytest.mark.parametrize("needs_timing", [True, False])
+def test_dense_chunk_timings_reach_the_controller_in_order_even_when_the_gpu_lags(monkeypatch, needs_timing):
+    """On the GPU a dense chunk's events complete after the host moved on; simulate that with a timer that never
+    reports completion: a controller that needs the timing gets it before its next decision, any other gets
+    every observation by the end of the run."""
+    from specattn.decoding import self_speculative
+
+    monkeypatch.setattr(self_speculative.PhaseTimer, "complete", lambda self, end_mark: False)
+    calls = []
+
+    class Spy:
+        def __init__(self):
+            self.needs_timing = needs_timing
+
+        def next(self, context):
+            calls.append("next")
+            return [3, 0][sum(c == "next" for c in calls) % 2]
+
+        def observe(self, gamma, accepted, seconds, captured, dense_steps=0):
+            calls.append(f"observe{gamma}")
+
+    model = random_model(CFG, std=0.3)
+    torch.manual_seed(4)
+    prompts = [torch.randint(0, 97, (60,)).tolist()]
+    params = GenerationParams(max_new_tokens=70)
+    spec = SpeculationParams(32, 3, (0,))
+    cache = PagedKVCache(CFG, 1, cache_tokens_needed(60, 70, 3))
+    res = generate_self_speculative(model, cache, prompts, params, make_policy("specattn-y", spec, CFG.num_layers),
+                                    3, controller=Spy())
+    decisions = calls.count("next")
+    assert calls.count("observe0") + calls.count("observe3") == decisions
+    if needs_timing:
+        assert all(a == "next" and b.startswith("observe") for a, b in zip(calls[::2], calls[1::2], strict=True))
+    else:
+        assert calls[-1].startswith("observe") and calls[1] == "next"      # observed late, all at the end
+    assert res.tokens == generate_ar(model, PagedKVCache(CFG, 1, 200), prompts, params).tokens

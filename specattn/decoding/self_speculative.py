@@ -212,6 +212,10 @@ class PhaseTimer:
         """Whether the GPU has passed the marks before end_mark (never waits)."""
         return not self.cuda or end_mark == 0 or self.marks[end_mark - 1][2].query()
 
+    def wait(self, end_mark: int) -> None:
+        if self.cuda and end_mark:
+            self.marks[end_mark - 1][2].synchronize()
+
     def _elapsed(self, a, b) -> float:
         return a.elapsed_time(b) / 1000 if self.cuda else b - a
 
@@ -230,7 +234,8 @@ class AdaptiveGamma:
     The loop's controller interface: next(context) -> drafts for the next round (0: a few dense AR steps
     instead), observe(gamma, accepted, seconds, captured, dense_steps) after each round with the accepted counts of
     the sequences still generating, the round's measured time, whether it captured a graph (its time is then not
-    a step cost) and, for gamma 0, how many dense steps it ran."""
+    a step cost) and, for gamma 0, how many dense steps it ran. Dense chunks are observed once the GPU finished
+    them, later than they ran, unless the controller's `needs_timing` says it cannot decide without them."""
 
     def __init__(self, max_gamma: int, decay: float = 0.5):
         self.max_gamma, self.decay, self.mean = max_gamma, decay, float(max_gamma)
@@ -346,13 +351,13 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         else:
             accepted, n_dense = loop.speculate(g), 0
         gammas.append(g)
-        if controller:   # a dense chunk's time is known once the GPU got there: observed then, without waiting
+        if controller:
             unobserved.append((g, accepted, first_mark, len(loop.timer.marks), loop.graph_count() != graphs_before,
                                n_dense))
-            while unobserved and loop.timer.complete(unobserved[0][3]):
-                g_, acc, first, last, captured, n = unobserved.pop(0)
-                controller.observe(g_, acc, loop.timer.seconds(first, last), captured, n)
+            _observe(controller, loop.timer, unobserved)
     _sync(device)
+    if controller:
+        _observe(controller, loop.timer, unobserved, finished=True)   # the last chunks, for what it keeps
     total = time.perf_counter() - t0
     tokens = loop.log.tokens()
     new = sum(len(t) for t in tokens)
@@ -371,6 +376,20 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         "kv_bytes_read_prefill_and_verify": cache.kv_bytes_read, "kv_bytes_read_draft": int(loop.draft_bytes),
         **loop.timer.totals(),
     }, loop.steps)
+
+
+def _observe(controller, timer: PhaseTimer, unobserved: list, finished: bool = False) -> None:
+    """Hand the controller each finished round's measurements, in order. A dense chunk's time is known once the
+    GPU got past it: observed then, without waiting, unless the controller cannot decide without it (or the
+    run is over)."""
+    while unobserved:
+        end_mark = unobserved[0][3]
+        if not finished and not timer.complete(end_mark):
+            if not getattr(controller, "needs_timing", False):
+                return
+            timer.wait(end_mark)
+        g, accepted, first, last, captured, n = unobserved.pop(0)
+        controller.observe(g, accepted, timer.seconds(first, last), captured, n)
 
 
 class _Loop:
