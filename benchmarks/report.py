@@ -1,6 +1,6 @@
 """Render README tables from benchmarks/results/*.json, so every number in the README comes from a file.
 
-Usage: python benchmarks/report.py ar   (prints Markdown)
+Usage: python benchmarks/report.py ar|kernels|selfspec|auto   (prints Markdown)
 """
 from __future__ import annotations
 
@@ -132,12 +132,38 @@ def selfspec_plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def auto_tables(data: dict) -> str:
+    head = (f"Device: {data['device']}, torch {data['torch']}, triton {data['triton']}, commit {data['commit']}; "
+            f"{data['config']['new_tokens']} new tokens, greedy, budget {data['config']['budget']:g}, gamma "
+            f"{data['config']['gamma']}, median of {data['config']['repeats']} timed runs. "
+            "Source: [`benchmarks/results/auto.json`](benchmarks/results/auto.json).\n")
+    cells: dict[tuple[int, int], dict[str, dict]] = {}
+    for r in data["rows"]:
+        if "skipped" not in r:
+            cells.setdefault((r["batch"], r["context"]), {})[r["method"]] = r
+    methods = [m for m in data["config"]["methods"] if m != "auto"]
+    lines = ["| batch | context | " + " | ".join(f"{m} tok/s" for m in methods)
+             + " | auto tok/s | auto / best fixed | auto / ar | auto's tokens from speculation | auto = ar tokens |",
+             "|---:|---:|" + "---:|" * (len(methods) + 4) + "---|"]
+    for (batch, context), c in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        auto = c["auto"]
+        best = max(c[m]["decode_tokens_per_s"] for m in methods)
+        lines.append(f"| {batch} | {context} | " + " | ".join(f"{c[m]['decode_tokens_per_s']:.0f}" for m in methods)
+                     + f" | {auto['decode_tokens_per_s']:.0f} | {auto['decode_tokens_per_s'] / best:.3f} | "
+                     f"{auto['speedup_vs_ar']:.3f} | {100 * auto['auto_speculative_share']:.0f}% | "
+                     f"{'yes' if auto['same_tokens_as_ar'] else 'no'} |")
+    s = data["summary"]
+    tail = (f"auto_over_best_fixed_min = {s['auto_over_best_fixed_min']:.3f} (target 0.95), "
+            f"auto_over_ar_min = {s['auto_over_ar_min']:.3f} (target 0.98).")
+    return "\n".join([head, *lines, "", tail])
+
+
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "ar"
     data = json.loads((RESULTS / f"{which}.json").read_text())
     if which == "selfspec":
         selfspec_plot(data, RESULTS / "selfspec_speedup.png")
-    print({"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables}[which](data))
+    print({"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables}[which](data))
 
 
 if __name__ == "__main__":
