@@ -1,19 +1,18 @@
 """`--method auto`: speculate only where it pays, decided by a cost model measured on this machine and model.
 
-The run is one self-speculative loop (SpecAttn-Y drafting) whose controller chooses, before every round, between
-a speculative round of gamma drafts and a chunk of plain dense decoding steps (gamma 0). It predicts tokens per
-second per sequence for both:
+The run is one self-speculative loop whose controller chooses, before every round, between a speculative round of
+gamma drafts (drafting with SpecAttn-Y's or MagicDec's selection) and a chunk of plain dense decoding steps (gamma
+0). It predicts tokens per second per sequence for each:
 
     dense:        1 / t_step(context)
     speculative:  E[tokens per round] / t_round(context)
 
-with E[tokens per round] (accepted drafts + the bonus token per sequence still generating)
-measured directly as the mean tokens per round of the rounds seen so far (seeded by earlier runs of the shape, or
-by a = 0.8 per draft), and t_step, t_round are measured:
-the loop times each round with CUDA events, read after the round's own sync, so calibration costs no extra pass.
-Times are kept per byte moved (weights + the KV entries a step reads), so a cost measured at one context predicts
-another as the context grows. What a shape (model, device, dtype, batch, context bucket, budget, gamma, greedy or
-sampling) has learned is cached in a JSON file: a later run of that shape starts from it instead of exploring.
+with E[tokens per round] (accepted drafts + the bonus token, per sequence still generating) the mean of the rounds
+seen so far, seeded by earlier runs of the shape or by 0.8 acceptance per draft, and t_step, t_round measured by
+the loop's own CUDA events (read once the GPU got there, so calibration costs no extra pass). Times are kept per
+byte moved (weights + the KV entries a step reads), so a cost measured at one context predicts another as the
+context grows. What a shape (model, device, dtype, batch, context bucket, budget, gamma, greedy or sampling) has
+learned is cached in a JSON file: a later run of that shape starts from it instead of exploring.
 
 Every choice is lossless (AR steps or exact verification), so the output is AR's whatever is chosen.
 """
@@ -34,7 +33,7 @@ from .decoding.self_speculative import cache_tokens_needed, generate_self_specul
 from .evaluation.results import write_json_atomic
 from .model import Transformer
 
-AUTO_POLICY = "specattn-y"
+AUTO_POLICIES = ("specattn-y", "magicdec")   # the drafting policies auto chooses between, round by round
 DEFAULT_ALPHA = 0.8        # per-draft acceptance assumed before any round of this shape was seen
 PRIOR_ROUNDS = 2.0         # how many rounds the cached / default tokens-per-round estimate counts as
 TIME_EMA = 0.5             # weight of a new time observation
@@ -84,71 +83,92 @@ class ByteModel:
         return self.gamma * draft + self.step(context + self.gamma)
 
 
-class CostModelGamma:
-    """The controller of an auto run (AdaptiveGamma's interface): gamma or 0 (dense steps) per round."""
+@dataclass
+class Arm:
+    """What auto knows of one way to run a round: seconds per byte moved and, when it speculates, tokens per
+    round (a mean over rounds, seeded by a prior worth PRIOR_ROUNDS rounds)."""
+    s_per_byte: float | None = None
+    tokens: float = 0.0
+    rounds: float = 0.0
 
-    def __init__(self, gamma: int, bytes_model: ByteModel, known: dict | None = None):
+    def tokens_per_round(self) -> float:
+        return self.tokens / self.rounds if self.rounds else 1.0
+
+
+class CostModel:
+    """The controller of an auto run (AdaptiveGamma's interface): per round, a chunk of dense steps (0) or a
+    speculative round with one of the drafting policies, (gamma, name), whichever predicts more tokens/s."""
+
+    def __init__(self, gamma: int, bytes_model: ByteModel, policies: tuple[str, ...], known: dict | None = None):
         known = known or {}
         self.gamma, self.bytes = gamma, bytes_model
-        self.step_s_per_byte = known.get("step_s_per_byte")
-        self.round_s_per_byte = known.get("round_s_per_byte")
-        prior = known.get("tokens_per_round", geometric_tokens_per_round(DEFAULT_ALPHA, gamma))
-        # Measured rather than modelled: acceptance is not independent per draft (a run of easy text accepts
-        # everything), and a geometric fit through few rounds was 25% low on the GPU.
-        self.tokens, self.rounds = PRIOR_ROUNDS * prior, PRIOR_ROUNDS
+        self.dense = Arm(known.get("step_s_per_byte"))
+        default = geometric_tokens_per_round(DEFAULT_ALPHA, gamma)
+        self.spec = {}
+        for name in policies:
+            seen = known.get("arms", {}).get(name, {})
+            # Tokens per round measured rather than modelled: acceptance is not independent per draft (a run of
+            # easy text accepts everything), and a geometric fit through few rounds was 25% low on the GPU.
+            prior = seen.get("tokens_per_round", default)
+            self.spec[name] = Arm(seen.get("round_s_per_byte"), PRIOR_ROUNDS * prior, PRIOR_ROUNDS)
         self.accepted = self.drafted = 0
+        self.rounds_run = dict.fromkeys(policies, 0)      # this run's speculative rounds per policy
         self.context = 0.0
         self.dense_since_spec = 0
 
     @property
     def needs_timing(self) -> bool:
         """Whether a decision waits on a measurement still in flight (the loop then waits for the GPU)."""
-        return self.step_s_per_byte is None or self.round_s_per_byte is None
+        return self.dense.s_per_byte is None or any(a.s_per_byte is None for a in self.spec.values())
 
     def alpha(self) -> float:
         """Per-draft acceptance seen in this run (reported, not used for decisions)."""
         return self.accepted / max(1, self.drafted)
 
-    def tokens_per_round(self) -> float:
-        return self.tokens / self.rounds
+    def rates(self, context: float) -> tuple[float, dict[str, float]]:
+        """Predicted tokens/s per sequence: dense steps, and each policy's speculative rounds."""
+        dense = 1 / (self.dense.s_per_byte * self.bytes.step(context))
+        round_bytes = self.bytes.round(context)
+        return dense, {n: a.tokens_per_round() / (a.s_per_byte * round_bytes) for n, a in self.spec.items()}
 
-    def rates(self, context: float) -> tuple[float, float]:
-        """Predicted tokens/s per sequence: (dense steps, speculative rounds)."""
-        dense = 1 / (self.step_s_per_byte * self.bytes.step(context))
-        spec = self.tokens_per_round() / (self.round_s_per_byte * self.bytes.round(context))
-        return dense, spec
-
-    def next(self, context: float) -> int:
+    def next(self, context: float) -> int | tuple[int, str]:
         self.context = context
-        if self.round_s_per_byte is None:      # nothing known yet: measure a round first, then a dense step
-            return self.gamma
-        if self.step_s_per_byte is None:
+        for name, arm in self.spec.items():    # nothing known yet: measure each kind of round, then dense steps
+            if arm.s_per_byte is None:
+                return self.gamma, name
+        if self.dense.s_per_byte is None:
             return 0
         dense, spec = self.rates(context)
-        if spec >= dense:
-            return self.gamma
-        if self.dense_since_spec >= RECHECK_EVERY and spec >= RECHECK_RATIO * dense:
-            return self.gamma                  # acceptance may have changed since the last round: look again
+        best = max(spec, key=spec.get)
+        if spec[best] >= dense:
+            return self.gamma, best
+        if self.dense_since_spec >= RECHECK_EVERY and spec[best] >= RECHECK_RATIO * dense:
+            return self.gamma, best            # acceptance may have changed since the last round: look again
         return 0
 
-    def observe(self, gamma: int, accepted: list[int], seconds: float, captured: bool, dense_steps: int = 0) -> None:
-        if gamma == 0:
+    def observe(self, choice, accepted: list[int], seconds: float, captured: bool, dense_steps: int = 0) -> None:
+        if choice == 0:
             self.dense_since_spec += dense_steps
             if not captured and dense_steps:
-                self.step_s_per_byte = _ema(self.step_s_per_byte, seconds / dense_steps / self.bytes.step(self.context))
+                per_step = seconds / dense_steps / self.bytes.step(self.context)
+                self.dense.s_per_byte = _ema(self.dense.s_per_byte, per_step)
             return
+        gamma, name = choice
+        arm = self.spec[name]
+        self.rounds_run[name] += 1
         self.dense_since_spec = 0
         if accepted:
-            self.tokens += 1 + sum(accepted) / len(accepted)
-            self.rounds += 1
+            arm.tokens += 1 + sum(accepted) / len(accepted)
+            arm.rounds += 1
             self.accepted += sum(accepted)
             self.drafted += gamma * len(accepted)
         if not captured:
-            self.round_s_per_byte = _ema(self.round_s_per_byte, seconds / self.bytes.round(self.context))
+            arm.s_per_byte = _ema(arm.s_per_byte, seconds / self.bytes.round(self.context))
 
     def state(self) -> dict:
-        return {"step_s_per_byte": self.step_s_per_byte, "round_s_per_byte": self.round_s_per_byte,
-                "tokens_per_round": self.tokens_per_round()}
+        return {"step_s_per_byte": self.dense.s_per_byte,
+                "arms": {n: {"round_s_per_byte": a.s_per_byte, "tokens_per_round": a.tokens_per_round()}
+                         for n, a in self.spec.items()}}
 
 
 def geometric_tokens_per_round(alpha: float, gamma: int) -> float:
@@ -187,10 +207,11 @@ def generate_auto(model: Transformer, prompts: list[list[int]], params: Generati
     key = shape_key(model, device, len(prompts), max(len(p) for p in prompts), spec, params.sampling.greedy)
     known = _read(cache_path)
     had_costs = key in known
-    policy = make_policy(AUTO_POLICY, spec, model.cfg.num_layers)
+    policies = {name: make_policy(name, spec, model.cfg.num_layers) for name in AUTO_POLICIES}
     cache = cache or auto_cache(model, prompts, params, spec)
-    controller = CostModelGamma(spec.gamma, ByteModel.of(model, cache, len(prompts), spec), known.get(key))
-    result = generate_self_speculative(model, cache, prompts, params, policy, spec.gamma, steps, controller=controller)
+    controller = CostModel(spec.gamma, ByteModel.of(model, cache, len(prompts), spec), AUTO_POLICIES, known.get(key))
+    result = generate_self_speculative(model, cache, prompts, params, policies, spec.gamma, steps,
+                                       controller=controller)
     known = _read(cache_path)                        # another process may have written meanwhile
     known[key] = controller.state()
     write_json_atomic(cache_path, known)
@@ -199,5 +220,5 @@ def generate_auto(model: Transformer, prompts: list[list[int]], params: Generati
     s.update({"method": "auto", "auto_key": key, "auto_had_costs": had_costs,
               "auto_speculative_rounds": s["rounds"], "auto_dense_steps": s["dense_steps"],
               "auto_speculative_share": max(0.0, speculative_tokens) / max(1, s["new_tokens"] - len(prompts)),
-              "auto_alpha": controller.alpha(), "auto_tokens_per_round": controller.tokens_per_round()})
+              "auto_alpha": controller.alpha(), "auto_rounds_by_policy": dict(controller.rounds_run)})
     return result

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from specattn.api import SpeculationParams, make_policy
-from specattn.auto import ByteModel, CostModelGamma, generate_auto, geometric_tokens_per_round
+from specattn.auto import ByteModel, CostModel, generate_auto, geometric_tokens_per_round
 from specattn.cache import PagedKVCache
 from specattn.config import ModelConfig
 from specattn.decoding.ar import GenerationParams, generate_ar
@@ -18,37 +18,44 @@ CFG = ModelConfig("LlamaForCausalLM", 97, 64, 96, 2, 8, 2, 8, max_positions=1024
 BYTES = ByteModel(weight_bytes=1000, kv_bytes_per_token=10, batch=1, budget=64, dense_fraction=0.0, gamma=4)
 
 
-def controller(step_s: float, round_s: float, alpha: float) -> CostModelGamma:
+def known(step_s: float, round_s: float, tokens: float) -> dict:
+    return {"round_s_per_byte": round_s / BYTES.round(1000), "tokens_per_round": tokens}
+
+
+def controller(step_s: float, round_s: float, alpha: float) -> CostModel:
     """A controller that already knows a dense step and a round cost these seconds at context 1000."""
-    return CostModelGamma(4, BYTES, {"step_s_per_byte": step_s / BYTES.step(1000),
-                                     "round_s_per_byte": round_s / BYTES.round(1000),
-                                     "tokens_per_round": geometric_tokens_per_round(alpha, 4)})
+    return CostModel(4, BYTES, ("y",), {"step_s_per_byte": step_s / BYTES.step(1000),
+                                        "arms": {"y": known(step_s, round_s, geometric_tokens_per_round(alpha, 4))}})
 
 
-def test_controller_explores_a_round_then_a_dense_step_when_it_knows_nothing():
-    c = CostModelGamma(4, BYTES)
-    assert c.next(500) == 4
-    c.observe(4, [4], 0.01, captured=True)         # a capture round: acceptance counts, its time does not
-    assert c.round_s_per_byte is None and c.next(500) == 4
-    c.observe(4, [4], 0.01, captured=False)
+def test_controller_explores_each_policy_then_dense_steps_when_it_knows_nothing():
+    c = CostModel(4, BYTES, ("y", "m"))
+    assert c.needs_timing and c.next(500) == (4, "y")
+    c.observe((4, "y"), [4], 0.01, captured=True)         # a capture round: acceptance counts, its time does not
+    assert c.spec["y"].s_per_byte is None and c.next(500) == (4, "y")
+    c.observe((4, "y"), [4], 0.01, captured=False)
+    assert c.next(500) == (4, "m")
+    c.observe((4, "m"), [1], 0.01, captured=False)
     assert c.next(500) == 0
-    c.observe(0, [], 0.004, captured=False, dense_steps=2)
-    assert c.step_s_per_byte == pytest.approx(0.002 / BYTES.step(500))
+    c.observe(0, [], 0.01, captured=False, dense_steps=2)
+    assert c.dense.s_per_byte == pytest.approx(0.005 / BYTES.step(500)) and not c.needs_timing
+    assert c.next(500) == (4, "y")                        # same round cost as "m", more tokens per round
+    assert c.rounds_run == {"y": 2, "m": 1}
 
 
 def test_tokens_per_round_is_the_measured_mean_after_a_few_rounds():
-    c = CostModelGamma(4, BYTES)
+    c = CostModel(4, BYTES, ("y",))
     for _ in range(30):
-        c.observe(4, [4, 4, 0], 1.0, captured=False)       # 1 + 8/3 tokens per sequence and round
-    assert c.tokens_per_round() == pytest.approx(1 + 8 / 3, rel=0.05)
+        c.observe((4, "y"), [4, 4, 0], 1.0, captured=False)       # 1 + 8/3 tokens per sequence and round
+    assert c.spec["y"].tokens_per_round() == pytest.approx(1 + 8 / 3, rel=0.05)
     assert c.alpha() == pytest.approx(8 / 12)
 
 
 def test_controller_speculates_when_it_pays_and_stops_when_drafts_get_rejected():
     c = controller(step_s=1.0, round_s=2.0, alpha=0.9)       # 4.1 tokens per round for the time of 2 steps
-    assert c.next(1000) == 4
+    assert c.next(1000) == (4, "y")
     for _ in range(10):                                     # every draft rejected: 1 token per round
-        c.observe(4, [0, 0, 0, 0], 2.0, captured=False)
+        c.observe((4, "y"), [0, 0, 0, 0], 2.0, captured=False)
     assert c.alpha() < 0.2 and c.next(1000) == 0
     assert controller(step_s=1.0, round_s=6.0, alpha=0.9).next(1000) == 0      # drafting too slow to pay
 
@@ -57,23 +64,24 @@ def test_controller_switches_as_the_context_grows():
     # KV-heavy shape: a dense step reads the whole context, a draft only its budget. Time ~ bytes, so the same
     # per-byte costs predict dense decoding at a short context and speculation at a long one.
     heavy = ByteModel(weight_bytes=10_000, kv_bytes_per_token=100, batch=8, budget=64, dense_fraction=0.0, gamma=4)
-    c = CostModelGamma(4, heavy, {"step_s_per_byte": 1e-9, "round_s_per_byte": 1e-9, "tokens_per_round": 1.9})
+    c = CostModel(4, heavy, ("y",), {"step_s_per_byte": 1e-9,
+                                     "arms": {"y": {"round_s_per_byte": 1e-9, "tokens_per_round": 1.9}}})
     assert c.next(16) == 0
-    assert c.next(16_000) == 4
+    assert c.next(16_000) == (4, "y")
     dense, spec = c.rates(16_000)
-    assert spec > dense
+    assert spec["y"] > dense
 
 
 def test_controller_looks_again_after_long_dense_stretches_near_break_even():
     c = controller(step_s=1.0, round_s=2.4, alpha=0.6)      # 2.3 tokens per round for the time of 2.4 steps
     dense, spec = c.rates(1000)
-    assert 0.9 * dense <= spec < dense
+    assert 0.9 * dense <= spec["y"] < dense
     assert c.next(1000) == 0
     c.observe(0, [], 16.0, captured=False, dense_steps=16)
     assert c.next(1000) == 0
     for _ in range(4):
         c.observe(0, [], 16.0, captured=False, dense_steps=16)
-    assert c.next(1000) == 4
+    assert c.next(1000) == (4, "y")
 
 
 def test_a_controller_that_always_chooses_dense_steps_reproduces_ar(tmp_path):
@@ -115,8 +123,10 @@ def test_auto_matches_ar_and_caches_what_it_learned(tmp_path, temperature):
         assert first.tokens == ar
     saved = json.loads(path.read_text())
     (key, state), = saved.items()
-    assert "|b2|ctx<=256|budget48|g3|" in key and state["round_s_per_byte"] > 0
-    assert 1 <= state["tokens_per_round"] <= 4 and 0 <= first.stats["auto_alpha"] <= 1
+    assert "|b2|ctx<=256|budget48|g3|" in key and state["step_s_per_byte"] > 0
+    assert set(state["arms"]) == {"specattn-y", "magicdec"}
+    assert all(a["round_s_per_byte"] > 0 and 1 <= a["tokens_per_round"] <= 4 for a in state["arms"].values())
+    assert 0 <= first.stats["auto_alpha"] <= 1 and set(first.stats["auto_rounds_by_policy"]) == set(state["arms"])
     second = generate_auto(model, prompts, params, spec, path)
     assert second.stats["auto_had_costs"]
     if temperature == 0.0:

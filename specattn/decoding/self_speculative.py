@@ -319,18 +319,22 @@ AR_CHUNK = 64   # dense steps between host syncs when a controller chooses plain
 
 @torch.no_grad()
 def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: list[list[int]],
-                              params: GenerationParams, policy: SelectionPolicy, gamma: int = 4,
-                              steps: dict | RoundSteps | None = None, adaptive_gamma: bool = False,
+                              params: GenerationParams, policy: SelectionPolicy | dict[str, SelectionPolicy],
+                              gamma: int = 4, steps: dict | RoundSteps | None = None, adaptive_gamma: bool = False,
                               controller=None) -> GenerationResult:
     """Generate up to `params.max_new_tokens` tokens per prompt with gamma drafts per round.
 
     adaptive_gamma: at most gamma drafts, chosen each round by AdaptiveGamma. controller: any object with
-    AdaptiveGamma's interface (auto.CostModelGamma chooses between gamma and 0, plain dense steps). `steps`: the
-    runner an earlier run of the same model, cache, policy, batch and sampling returned, to skip graph capture."""
+    AdaptiveGamma's interface (auto.CostModel chooses between gamma and 0, plain dense steps). `policy` may be
+    several policies by name; the controller's next() then returns (gamma, name) to pick one per round. `steps`:
+    the runner an earlier run of the same model, cache, policies, batch and sampling returned, to skip graph
+    capture."""
     if gamma <= 0:
         raise InvalidInputError(f"gamma (draft tokens per round) must be > 0, got {gamma}")
     check_prompts(model, cache, prompts, cache_tokens_needed(0, params.max_new_tokens, gamma))
-    policy.check_context(max(len(p) for p in prompts))
+    policies = dict(policy) if isinstance(policy, dict) else {policy.name: policy}
+    for p in policies.values():
+        p.check_context(max(len(q) for q in prompts))
     device, sampling = cache.device, params.sampling
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     _sync(device)
@@ -338,22 +342,26 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     next_tok = agree(sample(prefill(model, cache, prompts, params.prefill_chunk), sampling, generator), model, sampling)
     _sync(device)
     prefill_s = time.perf_counter() - t0
-    loop = _Loop(model, cache, policy, params, generator, next_tok, gamma,
-                 {steps.gamma: steps} if isinstance(steps, RoundSteps) else dict(steps or {}))
+    if isinstance(steps, RoundSteps):
+        steps = {(steps.policy.name, steps.gamma): steps}
+    loop = _Loop(model, cache, params, generator, next_tok, gamma, dict(steps or {}))
     controller = controller or (AdaptiveGamma(gamma) if adaptive_gamma else None)
-    policy.reset(cache)
+    for p in policies.values():
+        p.reset(cache)
+    default = next(iter(policies))
     gammas, unobserved = [], []
     while not loop.log.finished():
-        g = controller.next(sum(cache.host_lens()) / len(prompts)) if controller else gamma
+        choice = controller.next(sum(cache.host_lens()) / len(prompts)) if controller else gamma
+        g, name = choice if isinstance(choice, tuple) else (choice, default)
         first_mark, graphs_before = len(loop.timer.marks), loop.graph_count()
         if g == 0:
             accepted, n_dense = [], loop.dense_steps()
         else:
-            accepted, n_dense = loop.speculate(g), 0
+            accepted, n_dense = loop.speculate(g, policies[name]), 0
         gammas.append(g)
         if controller:
-            unobserved.append((g, accepted, first_mark, len(loop.timer.marks), loop.graph_count() != graphs_before,
-                               n_dense))
+            unobserved.append((choice, accepted, first_mark, len(loop.timer.marks),
+                               loop.graph_count() != graphs_before, n_dense))
             _observe(controller, loop.timer, unobserved)
     _sync(device)
     if controller:
@@ -363,7 +371,7 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     new = sum(len(t) for t in tokens)
     rounds = sum(g > 0 for g in gammas)
     return GenerationResult(tokens, {
-        "method": f"self-spec:{policy.name}", "gamma": gamma, "new_tokens": new, "total_s": total,
+        "method": "self-spec:" + "+".join(policies), "gamma": gamma, "new_tokens": new, "total_s": total,
         "tokens_per_s": new / total, "prefill_s": prefill_s,
         "decode_tokens_per_s": (new - len(prompts)) / max(total - prefill_s, 1e-9), "rounds": rounds,
         # A fixed batch waits for its slowest sequence; with requests refilling finished slots (continuous
@@ -393,33 +401,33 @@ def _observe(controller, timer: PhaseTimer, unobserved: list, finished: bool = F
 
 
 class _Loop:
-    """State the rounds of one run share: the cache, the policy, the token log, the step graphs by gamma (0: the
+    """State the rounds of one run share: the cache, the token log, the step graphs by (policy name, gamma) (0: the
     dense decode StepRunner), the RNG and the last emitted token of every sequence."""
 
-    def __init__(self, model, cache, policy, params: GenerationParams, generator, next_tok, max_gamma: int,
-                 steps: dict):
-        self.model, self.cache, self.policy, self.params, self.generator = model, cache, policy, params, generator
+    def __init__(self, model, cache, params: GenerationParams, generator, next_tok, max_gamma: int, steps: dict):
+        self.model, self.cache, self.params, self.generator = model, cache, params, generator
         self.batch, self.next_tok, self.steps = next_tok.shape[0], next_tok, steps
         self.timer = PhaseTimer(cache.device)
         self.log = RoundLog(next_tok.tolist(), params, max_gamma)
         self.draft_bytes = torch.zeros((), dtype=torch.long, device=cache.device)
         self.dense_step_count = 0
 
-    def round_steps(self, g: int) -> RoundSteps:
-        s, p = self.steps.get(g), self.params
-        if s is None or not s.fits(self.model, self.cache, self.policy, self.batch, g, p.sampling):
-            s = self.steps[g] = RoundSteps(self.model, self.cache, self.policy, self.batch, g, p.sampling,
-                                           p.use_cuda_graph)
+    def round_steps(self, g: int, policy: SelectionPolicy) -> RoundSteps:
+        key, p = (policy.name, g), self.params
+        s = self.steps.get(key)
+        if s is None or not s.fits(self.model, self.cache, policy, self.batch, g, p.sampling):
+            s = self.steps[key] = RoundSteps(self.model, self.cache, policy, self.batch, g, p.sampling,
+                                             p.use_cuda_graph)
         return s
 
     def graph_count(self) -> int:
         return sum(s.graph_count() for s in self.steps.values())
 
-    def speculate(self, g: int) -> list[int]:
+    def speculate(self, g: int, policy: SelectionPolicy) -> list[int]:
         """One round: select, g sparse drafts, dense verify, accept. Returns the accepted counts of the sequences
         still generating."""
-        cache, policy, sampling, timer = self.cache, self.policy, self.params.sampling, self.timer
-        round_steps = self.round_steps(g)
+        cache, sampling, timer = self.cache, self.params.sampling, self.timer
+        round_steps = self.round_steps(g, policy)
         start_lens = cache.host_lens()
         t = timer.start()
         selection = policy.select(cache, g)
