@@ -33,7 +33,11 @@ class PageSelection:
         (a device scalar: reading it would sync the loop)."""
         sparse = [layer for layer in range(self.counts.shape[0]) if layer not in self.dense_layers]
         per_item = 1 if self.token_level else page_size
-        return self.counts[sparse].sum() * per_item if sparse else torch.zeros((), device=self.counts.device)
+        if not sparse:
+            return torch.zeros((), device=self.counts.device)
+        # Indexing with a host list would copy it synchronously, stalling the host until the queued draft ran.
+        layers = to_device(sparse, torch.long, self.counts.device)
+        return self.counts.index_select(0, layers).sum() * per_item
 
 
 def top_pages(score: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor, k: int,

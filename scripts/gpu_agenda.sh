@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# On the GPU machine, right after `source scripts/gpu_setup.sh part01`: the benchmarks whose numbers the README
+# quotes, each under its own time limit so one slow part cannot take the others down. Results go to $OUT.
+#   bash scripts/gpu_agenda.sh auto selfspec ar      (any subset, in that order)
+set -u
+for part in "$@"; do
+  case "$part" in
+    auto)     timeout 260 python3 benchmarks/auto.py --out "$OUT/auto.json" 2>&1 | grep -v -i warn | grep -v "^\[" | tail -14 ;;
+    selfspec) timeout 300 python3 benchmarks/selfspec.py --cells 8x8000,32x8000,64x8000 --sampling-cells 32x8000 \
+                --budgets 512 --methods magicdec,specattn-y,specattn-y/blk64 --skip-8b --out "$OUT/selfspec.json" \
+                2>&1 | grep -v -i warn | tail -12 ;;
+    ar)       timeout 240 python3 benchmarks/ar.py --out "$OUT/ar.json" 2>&1 | grep -v -i warn | tail -20 ;;
+    *)        echo "unknown part $part (auto, selfspec, ar)" >&2 ;;
+  esac
+done
