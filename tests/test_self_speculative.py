@@ -263,3 +263,16 @@ def test_vegas_through_the_triton_kernels_equals_ar():
     finally:
         model.set_attention_backend("reference")
     assert res.tokens == ar and res.stats["rounds"] > 1
+
+
+def test_round_log_counts_only_sequences_still_generating_and_acceptance_per_position():
+    from specattn.decoding.ar import GenerationParams
+    from specattn.decoding.self_speculative import RoundLog
+    log = RoundLog([7, 8], GenerationParams(max_new_tokens=6), max_gamma=3)
+    log.record([3, 1], [[1, 2, 3, 4], [5, 6, -1, -1]], [False, False], 3)
+    log.record([0, 2], [[9, -1, -1, -1], [1, 2, 3, -1]], [True, False], 3)     # sequence 0 already done
+    assert log.out == [[7, 1, 2, 3, 4], [8, 5, 6, 1, 2, 3]]
+    stats = log.stats()
+    assert stats["mean_accepted_len"] == pytest.approx(1 + 6 / 3)
+    assert stats["acceptance_per_position"] == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert stats["acceptance_rate"] == pytest.approx(6 / 9)

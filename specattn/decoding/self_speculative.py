@@ -258,7 +258,7 @@ class RoundLog:
         self.out = [[t] for t in first_tokens]
         self.params = params
         self.accepted: list[int] = []
-        self.per_position = torch.zeros(max_gamma, dtype=torch.long)
+        self.max_gamma = max_gamma
         self.drafted = 0
         self._pending: list[tuple[torch.Tensor, list[bool]]] = []
         self._pending_len = [0] * len(first_tokens)
@@ -285,7 +285,6 @@ class RoundLog:
             if not d:
                 o.extend(x for x in row if x >= 0)
                 self.accepted.append(a)
-                self.per_position[:a] += 1
                 self.drafted += gamma
 
     def extend_later(self, emitted: torch.Tensor, done: list[bool]) -> None:
@@ -311,7 +310,8 @@ class RoundLog:
     def stats(self) -> dict:
         return {"mean_accepted_len": self.mean_accepted_len(),
                 "acceptance_rate": sum(self.accepted) / max(1, self.drafted),
-                "acceptance_per_position": (self.per_position.float() / max(1, len(self.accepted))).tolist()}
+                "acceptance_per_position": [sum(a > i for a in self.accepted) / max(1, len(self.accepted))
+                                            for i in range(self.max_gamma)]}
 
 
 AR_CHUNK = 64   # dense steps between host syncs when a controller chooses plain decoding (gamma 0): 16 cost 6%
