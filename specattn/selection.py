@@ -41,14 +41,17 @@ class PageSelection:
 
 
 def top_pages(score: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor, k: int,
-              forced_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              forced_only: bool = False, k_device: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best pages by score, forced pages first, never an invalid one. score: [..., batch, kv_heads, pages];
-    forced, valid: [batch, pages]. Returns ascending page lists [..., K] (-1 padded) and counts [...]."""
+    forced, valid: [batch, pages]. Returns ascending page lists [..., K] (-1 padded) and counts [...].
+    k_device (a device scalar): keep only that many of the k, for a list width fixed in advance."""
     max_pages = score.shape[-1]
     score = torch.where(forced[:, None], float("inf"), score.float())
     score = torch.where(valid[:, None], score, float("-inf"))
     top = score.topk(min(k, max_pages), dim=-1)
     keep = top.values > float("-inf")
+    if k_device is not None:
+        keep &= torch.arange(top.values.shape[-1], device=score.device) < k_device
     if forced_only:
         keep &= torch.isinf(top.values)
     pages = torch.where(keep, top.indices, max_pages).sort(dim=-1).values
@@ -159,13 +162,40 @@ class ScoredPagePolicy(SelectionPolicy):
         return forced, valid, k
 
     def select(self, cache: PagedKVCache, gamma: int) -> PageSelection:
-        cfg = cache.cfg
         forced, valid, k = self.forced_pages(cache, gamma)
-        raw = self.scores(cache)
+        return self._top(cache, self.scores(cache), forced, valid, k)
+
+    def _top(self, cache: PagedKVCache, raw, forced, valid, k: int, k_device=None) -> PageSelection:
+        cfg = cache.cfg
         shape = (cfg.num_layers, cache.batch, cfg.num_kv_heads, cache.max_pages_per_seq)
         score = torch.zeros(shape, device=cache.device) if raw is None else raw[..., : cache.max_pages_per_seq]
-        pages, counts = top_pages(score, forced, valid, k, forced_only=raw is None)
+        pages, counts = top_pages(score, forced, valid, k, forced_only=raw is None, k_device=k_device)
         return PageSelection(pages, counts, self.dense_layers)
+
+    def device_list_width(self, cache: PagedKVCache, gamma: int) -> int | None:
+        """Width of the page lists `select_on_device` returns: fixed when the budget is in tokens; None when it is
+        a fraction of a context that grows (then only the host path, `select`, serves)."""
+        if self.budget < 1:
+            return None
+        ps = cache.page_size
+        window = self.recent_window_tokens(cache, gamma)
+        most_forced = -(-self.sink_tokens // ps) + -(-(window + gamma) // ps) + 1     # + 1: a window straddles
+        return min(cache.max_pages_per_seq, max(budget_pages(self.budget, 0, ps), most_forced))
+
+    def select_on_device(self, cache: PagedKVCache, gamma: int, width: int, raw) -> PageSelection:
+        """select() computed from the device lengths alone, so that it can run inside the draft steps' CUDA graph
+        (no host work, no copy per round). The same pages as select(); `raw`: the scores to rank by, or None."""
+        ps = cache.page_size
+        lens = cache.lens[: cache.batch].long()
+        sink_pages = -(-self.sink_tokens // ps)
+        first_window = (lens - self.recent_window_tokens(cache, gamma)).clamp(min=0) // ps
+        n_pages = (lens + gamma + ps - 1) // ps
+        page = torch.arange(cache.max_pages_per_seq, device=cache.device)
+        valid = page[None, :] < n_pages[:, None]
+        forced = ((page[None, :] < sink_pages) | (page[None, :] >= first_window[:, None])) & valid
+        most_forced = (first_window.clamp(max=sink_pages) + n_pages - first_window).max()
+        k = most_forced.clamp(min=budget_pages(self.budget, 0, ps))
+        return self._top(cache, raw, forced, valid, width, k_device=k)
 
 
 class StreamingPolicy(ScoredPagePolicy):
@@ -211,6 +241,9 @@ class QuestPolicy(ScoredPagePolicy):
     the cache's per-page key min/max; needs a cache built with track_key_bounds=True."""
     name = "quest"
     needs_key_bounds = True
+
+    def device_list_width(self, cache: PagedKVCache, gamma: int) -> None:
+        return None                  # its pages are chosen per draft step, from that step's query
 
     def select(self, cache: PagedKVCache, gamma: int) -> QuestSelection:
         if not cache.track_key_bounds:

@@ -143,6 +143,27 @@ def test_verification_guided_follows_mass_per_head_and_respects_budget():
     assert (sel.pages[..., sel.counts.max():] == -1).all()
 
 
+@pytest.mark.parametrize("make", [lambda: StreamingPolicy(64, sink_tokens=16),
+                                  lambda: VerificationGuidedPolicy(96, sink_tokens=16, window_tokens=40),
+                                  lambda: VerificationGuidedPolicy(32, sink_tokens=16, window_tokens=64)])
+@pytest.mark.parametrize("with_mass", [False, True])
+def test_selection_on_the_device_equals_the_host_selection(make, with_mass):
+    """The draft graph selects from device lengths alone (select_on_device, fixed list width); it must pick the
+    pages the host path picks, for ragged lengths and budgets below and above the forced sinks + window."""
+    torch.manual_seed(7)
+    cache, policy = selection_for(make(), [1000, 300, 77, 16])
+    if with_mass:
+        policy.observe(torch.rand(3, 4, 2, cache.max_pages_per_seq))
+    for gamma in (1, 4):
+        host = policy.select(cache, gamma)
+        width = policy.device_list_width(cache, gamma)
+        device = policy.select_on_device(cache, gamma, width, policy.scores(cache))
+        assert width >= host.pages.shape[-1]
+        assert torch.equal(device.counts, host.counts)
+        assert torch.equal(device.pages[..., : host.pages.shape[-1]], host.pages)
+        assert (device.pages[..., host.pages.shape[-1]:] == -1).all()
+
+
 def test_budget_and_gamma_errors():
     with pytest.raises(InvalidInputError, match="budget"):
         selection_for(StreamingPolicy(0), [100])[1].select(selection_for(StreamingPolicy(0), [100])[0], 4)

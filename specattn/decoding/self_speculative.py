@@ -80,6 +80,9 @@ class RoundSteps:
         if policy.wants_token_scores:
             self.token_scores = torch.zeros(cfg.num_layers, batch, cache.max_pages_per_seq * cache.page_size,
                                             device=dev)
+        # Policies that can select from device state alone do so inside the draft graph (see draft_selecting).
+        width = getattr(policy, "device_list_width", None)
+        self.device_select_width = width(cache, gamma) if width else None
         self.first_tok = torch.zeros(batch, dtype=torch.long, device=dev)
         self.uniforms = torch.ones(batch, gamma, device=dev)
         self.verify_in = torch.zeros(batch, gamma + 1, dtype=torch.long, device=dev)
@@ -107,6 +110,36 @@ class RoundSteps:
             self._draft_graphs[key] = self._capture_draft(selection, key)
         graph, static_sel, out = self._draft_graphs[key]
         _load_selection(static_sel, selection)
+        self.first_tok.copy_(first_tok)
+        if uniforms is not None:
+            self.uniforms.copy_(uniforms)
+        graph.replay()
+        return out
+
+    def draft_selecting(self, first_tok: torch.Tensor, generator: torch.Generator):
+        """Selection and the gamma draft steps as one graph: (drafts, draft distributions, the selection). The
+        selection ranks by this RoundSteps' page-mass buffer (the policy's latest scores are copied in if they
+        came from another one)."""
+        uniforms = None
+        if not self.sampling.greedy:
+            uniforms = 1 - torch.rand(self.uniforms.shape, device=self.cache.device, generator=generator)
+        raw = self.policy.scores(self.cache)
+        if raw is not None and self.page_mass is not None and raw.data_ptr() != self.page_mass.data_ptr():
+            self.page_mass.copy_(raw)
+        if raw is not None and self.page_mass is not None:
+            raw = self.page_mass
+
+        def body(first, unif, hint):
+            selection = self.policy.select_on_device(self.cache, self.gamma, self.device_select_width, raw)
+            drafts, probs = draft_steps(self.model, self.cache, selection, first, self.gamma, self.sampling, unif, hint)
+            return drafts, probs, selection
+
+        if not self.use_graph:
+            return body(first_tok, uniforms, max(self.cache.host_lens()))
+        key = ("device-select", raw is not None)
+        if key not in self._draft_graphs:
+            self._draft_graphs[key] = (*capture_graph(lambda: body(self.first_tok, self.uniforms, None)),)
+        graph, out = self._draft_graphs[key]
         self.first_tok.copy_(first_tok)
         if uniforms is not None:
             self.uniforms.copy_(uniforms)
@@ -429,13 +462,17 @@ class _Loop:
         cache, sampling, timer = self.cache, self.params.sampling, self.timer
         round_steps = self.round_steps(g, policy)
         start_lens = cache.host_lens()
-        t = timer.start()
-        selection = policy.select(cache, g)
-        timer.stop("select_s", t)
-
-        t = timer.start()
-        cache.reserve(g + 1)
-        drafts_t, draft_probs = round_steps.draft(selection, self.next_tok, self.generator)
+        if round_steps.device_select_width is not None:     # selection inside the draft graph: no select phase
+            t = timer.start()
+            cache.reserve(g + 1)
+            drafts_t, draft_probs, selection = round_steps.draft_selecting(self.next_tok, self.generator)
+        else:
+            t = timer.start()
+            selection = policy.select(cache, g)
+            timer.stop("select_s", t)
+            t = timer.start()
+            cache.reserve(g + 1)
+            drafts_t, draft_probs = round_steps.draft(selection, self.next_tok, self.generator)
         self.draft_bytes += _draft_bytes_read(cache, selection, start_lens, g)
         timer.stop("draft_s", t)
 
