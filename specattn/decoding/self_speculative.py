@@ -347,7 +347,7 @@ class RoundLog:
                                             for i in range(self.max_gamma)]}
 
 
-AR_CHUNK = 64   # dense steps between host syncs when a controller chooses plain decoding (gamma 0): 16 cost 6%
+AR_CHUNK = 64   # dense steps per controller decision when it chooses plain decoding (gamma 0)
 
 
 @torch.no_grad()
@@ -397,9 +397,9 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
                                loop.graph_count() != graphs_before, n_dense))
             _observe(controller, loop.timer, unobserved)
     _sync(device)
+    total = time.perf_counter() - t0
     if controller:
         _observe(controller, loop.timer, unobserved, finished=True)   # the last chunks, for what it keeps
-    total = time.perf_counter() - t0
     tokens = loop.log.tokens()
     new = sum(len(t) for t in tokens)
     rounds = sum(g > 0 for g in gammas)
