@@ -199,7 +199,7 @@ def _read(path: Path) -> dict:
 def generate_auto(model: Transformer, prompts: list[list[int]], params: GenerationParams, spec: SpeculationParams,
                   cache_path: Path | None = None, cache: PagedKVCache | None = None,
                   steps: dict | None = None) -> GenerationResult:
-    """Decode with cost-model-driven switching between SpecAttn-Y rounds and dense steps (see the module doc).
+    """Decode choosing per round between dense steps and SpecAttn-Y or MagicDec rounds (see the module doc).
     `cache` (from auto_cache) and `steps` (an earlier result's runner) let repeated runs skip allocation and
     graph capture."""
     cache_path = cache_path or default_cache_path()
