@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..cache import PagedKVCache
+from ..cache import PagedKVCache, to_device
 from ..errors import InvalidInputError
 from ..evaluation.sparse_ppl import topp_key_mask
 from ..model import Transformer
@@ -70,7 +70,8 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     prefill_s = time.perf_counter() - t0
     log = RoundLog(next_tok.tolist(), params, gamma)
     timer = PhaseTimer(device)
-    keys_read = keys_dense = rounds = 0
+    keys_read = torch.zeros((), dtype=torch.long, device=device)     # on the device: counting must not sync
+    keys_dense = rounds = 0
     while not log.finished():
         rounds += 1
         start_lens = target_cache.host_lens()
@@ -87,7 +88,8 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
             sparse_layers = [j for j in range(target.cfg.num_layers) if j not in view.selection.dense_layers]
             # keys loaded once for the whole verified block, per sequence and sparse layer
             unit = 1 if view.selection.token_level else target_cache.page_size
-            keys_read += int(view.selection.counts[sparse_layers, :, 0].sum()) * unit
+            layers = to_device(sparse_layers, torch.long, device)
+            keys_read += view.selection.counts.index_select(0, layers)[:, :, 0].sum() * unit
             keys_dense += (sum(start_lens) + batch * (gamma + 1)) * len(sparse_layers)
         logits = target(torch.cat([next_tok[:, None], drafts], dim=1), target_cache, view, all_logits=True)
         target_cache.advance(gamma + 1)
@@ -95,7 +97,8 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
             accepted, emitted = accept_greedy(drafts, logits)
         else:
             accepted, emitted = accept_sampling(drafts, draft_probs, probabilities(logits, sampling), generator)
-        accepted_list = accepted.tolist()
+        host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
+        accepted_list = [row[0] for row in host]
         done = log.done()
         keep = [n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)]
         if any(a == gamma for a in accepted_list):
@@ -104,8 +107,8 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         target_cache.truncate(keep)
         timer.stop("verify_s", t)
 
-        log.record(accepted_list, emitted.tolist(), done, gamma)
-        next_tok = torch.where(torch.tensor(done, device=device), next_tok,
+        log.record(accepted_list, [row[1:] for row in host], done, gamma)
+        next_tok = torch.where(to_device(done, torch.bool, device), next_tok,
                                emitted.gather(1, accepted[:, None]).squeeze(1))
     _sync(device)
     total = time.perf_counter() - t0
@@ -118,7 +121,7 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         **{k: v for k, v in timer.totals().items() if k in ("draft_s", "verify_s")},   # selection is part of verify
     }
     if sparse:
-        stats["verifier_keys_read_fraction_sparse_layers"] = keys_read / max(1, keys_dense)
+        stats["verifier_keys_read_fraction_sparse_layers"] = int(keys_read) / max(1, keys_dense)
     return GenerationResult(tokens, stats)
 
 
@@ -168,7 +171,7 @@ def _verifier_selection(sparse: SparseVerification, recorded: dict, start_lens: 
     unit = page_size if sparse.page_level else 1          # tokens per listed item
     kv_len = -(-(max(start_lens) + gamma + 1) // unit)
     device = next(iter(recorded.values()))[0].device
-    first_new = torch.tensor(start_lens, device=device)[:, None]
+    first_new = to_device(start_lens, torch.long, device)[:, None]
     position = torch.arange(kv_len, device=device)[None, :]
     block = (position >= first_new // unit) & (position <= (first_new + gamma) // unit)    # the verified tokens
     lists = {}
@@ -178,7 +181,7 @@ def _verifier_selection(sparse: SparseVerification, recorded: dict, start_lens: 
             chosen = topp_key_mask(probs[:, 0], sparse.p)[:, :kv_len]
             keys[:, : chosen.shape[-1]] |= chosen
         counts = keys.sum(-1)
-        ordered = torch.where(keys, position, kv_len).sort(dim=-1).values[:, : int(counts.max())]
+        ordered = torch.where(keys, position, kv_len).sort(dim=-1).values     # full width: no sync for the max
         lists[layer] = (torch.where(ordered == kv_len, -1, ordered).int(), counts.int())
     width = max(t.shape[-1] for t, _ in lists.values())
     lists = {k: (F.pad(t, (0, width - t.shape[-1]), value=-1), c) for k, (t, c) in lists.items()}
