@@ -244,9 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--method", default="ar",
-                   help="ar, specattn-y, vegas, magicdec, quest, selfspec-full, auto (specattn-y rounds or "
-                        "dense steps, whichever a cost model measured on this machine predicts faster, round by "
-                        "round), or with --draft: draft-spec (lossless) and specattn-s (draft-guided sparse "
+                   help="ar, specattn-y, vegas, magicdec, quest, selfspec-full, auto (dense steps, specattn-y "
+                        "or magicdec rounds, whichever a cost model measured on this machine predicts faster, round "
+                        "by round), or with --draft: draft-spec (lossless) and specattn-s (draft-guided sparse "
                         "verification)")
     g.add_argument("--budget", type=float, default=256,
                    help="KV budget of a draft step: tokens, or a fraction of the context if below 1")
