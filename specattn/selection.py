@@ -152,14 +152,18 @@ class ScoredPagePolicy(SelectionPolicy):
         n_pages = [-(-(n + gamma) // ps) for n in host_lens]        # pages that exist once the draft steps ran
         # Counted on the host (a device count would sync the loop): pages that are sink or window or both.
         most_forced = max(min(sink_pages, f) + (p - f) for f, p in zip(first_window, n_pages, strict=True))
-        page = torch.arange(cache.max_pages_per_seq, device=cache.device)
-        first_window_t = to_device(first_window, torch.long, cache.device)
-        n_pages_t = to_device(n_pages, torch.long, cache.device)
-        window = page[None, :] >= first_window_t[:, None]
-        valid = page[None, :] < n_pages_t[:, None]
-        forced = ((page[None, :] < sink_pages) | window) & valid
+        forced, valid = self._page_masks(cache, to_device(first_window, torch.long, cache.device),
+                                         to_device(n_pages, torch.long, cache.device))
         k = max(budget_pages(self.budget, max(host_lens), ps), most_forced)
         return forced, valid, k
+
+    def _page_masks(self, cache: PagedKVCache, first_window: torch.Tensor,
+                    n_pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forced, valid) [batch, pages] from each sequence's first recent-window page and page count [batch]."""
+        page = torch.arange(cache.max_pages_per_seq, device=cache.device)[None, :]
+        valid = page < n_pages[:, None]
+        sink_pages = -(-self.sink_tokens // cache.page_size)
+        return ((page < sink_pages) | (page >= first_window[:, None])) & valid, valid
 
     def select(self, cache: PagedKVCache, gamma: int) -> PageSelection:
         forced, valid, k = self.forced_pages(cache, gamma)
@@ -190,9 +194,7 @@ class ScoredPagePolicy(SelectionPolicy):
         sink_pages = -(-self.sink_tokens // ps)
         first_window = (lens - self.recent_window_tokens(cache, gamma)).clamp(min=0) // ps
         n_pages = (lens + gamma + ps - 1) // ps
-        page = torch.arange(cache.max_pages_per_seq, device=cache.device)
-        valid = page[None, :] < n_pages[:, None]
-        forced = ((page[None, :] < sink_pages) | (page[None, :] >= first_window[:, None])) & valid
+        forced, valid = self._page_masks(cache, first_window, n_pages)
         most_forced = (first_window.clamp(max=sink_pages) + n_pages - first_window).max()
         k = most_forced.clamp(min=budget_pages(self.budget, 0, ps))
         return self._top(cache, raw, forced, valid, width, k_device=k)

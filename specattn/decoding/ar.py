@@ -49,6 +49,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def decode_step(model: Transformer, cache: PagedKVCache, runner: StepRunner, tok: torch.Tensor,
+                sampling: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """One dense step for every active sequence from its last token [batch]: the next tokens [batch]. Pages must
+    be reserved; the step advances the cache and counts the KV it read."""
+    logits = runner(tok[:, None])
+    cache.advance(1)
+    cache.count_read(sum(cache.host_lens()))
+    return agree(sample(logits[:, -1], sampling, generator), model, sampling)
+
+
 @torch.no_grad()
 def generate_ar(model: Transformer, cache: PagedKVCache, prompts: list[list[int]],
                 params: GenerationParams, runner: StepRunner | None = None) -> GenerationResult:
@@ -72,10 +82,7 @@ def generate_ar(model: Transformer, cache: PagedKVCache, prompts: list[list[int]
     for step in range(1, params.max_new_tokens):
         if params.stop_token_ids and step % STOP_CHECK_EVERY == 0 and bool(finished.all()):
             break
-        logits = runner(next_tok[:, None])
-        cache.advance(1)
-        cache.count_read(sum(cache.host_lens()))
-        next_tok = agree(sample(logits[:, -1], params.sampling, generator), model, params.sampling)
+        next_tok = decode_step(model, cache, runner, next_tok, params.sampling, generator)
         if params.stop_token_ids:
             finished |= torch.isin(next_tok, stop_ids)
         out.append(next_tok)

@@ -85,12 +85,11 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         if sparse:
             view.selection = _verifier_selection(sparse, recorded, start_lens, gamma, target.cfg,
                                                  target_cache.page_size)
-            sparse_layers = [j for j in range(target.cfg.num_layers) if j not in view.selection.dense_layers]
-            # keys loaded once for the whole verified block, per sequence and sparse layer
-            unit = 1 if view.selection.token_level else target_cache.page_size
-            layers = to_device(sparse_layers, torch.long, device)
-            keys_read += view.selection.counts.index_select(0, layers)[:, :, 0].sum() * unit
-            keys_dense += (sum(start_lens) + batch * (gamma + 1)) * len(sparse_layers)
+            # keys loaded once for the whole verified block, per sequence and sparse layer (the KV heads share
+            # one list)
+            keys_read += view.selection.tokens_selected(target_cache.page_size) // target.cfg.num_kv_heads
+            sparse_layers = sum(j not in view.selection.dense_layers for j in range(target.cfg.num_layers))
+            keys_dense += (sum(start_lens) + batch * (gamma + 1)) * sparse_layers
         logits = target(torch.cat([next_tok[:, None], drafts], dim=1), target_cache, view, all_logits=True)
         target_cache.advance(gamma + 1)
         if sampling.greedy:

@@ -21,7 +21,7 @@ from ..errors import InvalidInputError
 from ..model import EAGER, Transformer
 from ..selection import PageSelection, QuestSelection, SelectionPolicy
 from .acceptance import accept_greedy, accept_sampling
-from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop
+from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop, decode_step
 from .runner import StepRunner, capture_graph, check_prompts, prefill
 from .sampling import SamplingParams, agree, probabilities, sample, sample_inverse_cdf
 
@@ -99,9 +99,7 @@ class RoundSteps:
 
     # ---- draft -----------------------------------------------------------------------------
     def draft(self, selection, first_tok: torch.Tensor, generator: torch.Generator):
-        uniforms = None
-        if not self.sampling.greedy:   # (0, 1]: see sample_inverse_cdf
-            uniforms = 1 - torch.rand(self.uniforms.shape, device=self.cache.device, generator=generator)
+        uniforms = self._uniforms(generator)
         if not self.use_graph:
             hint = max(self.cache.host_lens())
             return draft_steps(self.model, self.cache, selection, first_tok, self.gamma, self.sampling, uniforms, hint)
@@ -110,6 +108,15 @@ class RoundSteps:
             self._draft_graphs[key] = self._capture_draft(selection, key)
         graph, static_sel, out = self._draft_graphs[key]
         _load_selection(static_sel, selection)
+        return self._replay(graph, out, first_tok, uniforms)
+
+    def _uniforms(self, generator: torch.Generator) -> torch.Tensor | None:
+        """The draft sampler's randomness for this round, in (0, 1] (see sample_inverse_cdf); None when greedy."""
+        if self.sampling.greedy:
+            return None
+        return 1 - torch.rand(self.uniforms.shape, device=self.cache.device, generator=generator)
+
+    def _replay(self, graph, out, first_tok: torch.Tensor, uniforms: torch.Tensor | None):
         self.first_tok.copy_(first_tok)
         if uniforms is not None:
             self.uniforms.copy_(uniforms)
@@ -120,13 +127,11 @@ class RoundSteps:
         """Selection and the gamma draft steps as one graph: (drafts, draft distributions, the selection). The
         selection ranks by this RoundSteps' page-mass buffer (the policy's latest scores are copied in if they
         came from another one)."""
-        uniforms = None
-        if not self.sampling.greedy:
-            uniforms = 1 - torch.rand(self.uniforms.shape, device=self.cache.device, generator=generator)
+        uniforms = self._uniforms(generator)
         raw = self.policy.scores(self.cache)
-        if raw is not None and self.page_mass is not None and raw.data_ptr() != self.page_mass.data_ptr():
-            self.page_mass.copy_(raw)
         if raw is not None and self.page_mass is not None:
+            if raw.data_ptr() != self.page_mass.data_ptr():
+                self.page_mass.copy_(raw)
             raw = self.page_mass
 
         def body(first, unif, hint):
@@ -138,13 +143,9 @@ class RoundSteps:
             return body(first_tok, uniforms, max(self.cache.host_lens()))
         key = ("device-select", raw is not None)
         if key not in self._draft_graphs:
-            self._draft_graphs[key] = (*capture_graph(lambda: body(self.first_tok, self.uniforms, None)),)
+            self._draft_graphs[key] = capture_graph(lambda: body(self.first_tok, self.uniforms, None))
         graph, out = self._draft_graphs[key]
-        self.first_tok.copy_(first_tok)
-        if uniforms is not None:
-            self.uniforms.copy_(uniforms)
-        graph.replay()
-        return out
+        return self._replay(graph, out, first_tok, uniforms)
 
     def _capture_draft(self, selection, key):
         static_sel = _static_selection(selection, key)
@@ -224,18 +225,15 @@ class PhaseTimer:
         self.cuda = device.type == "cuda"
         self.marks: list[tuple[str, object, object]] = []
 
-    def _now(self):
+    def start(self):
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             return ev
         return time.perf_counter()
 
-    def start(self):
-        return self._now()
-
     def stop(self, phase: str, start) -> None:
-        self.marks.append((phase, start, self._now()))
+        self.marks.append((phase, start, self.start()))
 
     def seconds(self, first_mark: int = 0, end_mark: int | None = None) -> float:
         """Time of the marks first_mark .. end_mark - 1 (their events must have completed)."""
@@ -518,10 +516,7 @@ class _Loop:
         cache.reserve(n)
         out, tok = [], self.next_tok
         for _ in range(n):
-            logits = runner(tok[:, None])
-            cache.advance(1)
-            cache.count_read(sum(cache.host_lens()))
-            tok = agree(sample(logits[:, -1], sampling, self.generator), self.model, sampling)
+            tok = decode_step(self.model, cache, runner, tok, sampling, self.generator)
             out.append(tok)
         self.timer.stop("ar_steps_s", t)
         cache.truncate([s if d else s + n for s, d in zip(start_lens, done, strict=True)])
