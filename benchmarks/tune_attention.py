@@ -13,7 +13,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, copy_bandwidth_gbs, environment, graph_ms  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
-from specattn.kernels import kv_write, paged_attention, reference  # noqa: E402
+from specattn.kernels import paged_attention, reference  # noqa: E402
 from specattn.kernels.paged_attention import LaunchConfig  # noqa: E402
 
 L2_BEATING_BYTES = 200 << 20   # several times the H100's 50 MB L2
@@ -60,21 +60,6 @@ def attention_sweep(copy: float) -> list[dict]:
     return rows
 
 
-def kv_write_sweep() -> dict:
-    out = {}
-    for name, tokens, kv_heads, dim in [("8b-b1", 1, 8, 128), ("8b-b32", 32, 8, 128), ("smol-b1", 1, 3, 64)]:
-        kp = torch.randn(4096, 16, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
-        vp = torch.randn_like(kp)
-        k = torch.randn(tokens, 1, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        slots = torch.randperm(4096 * 16, device="cuda")[:tokens]
-        t_ref = graph_ms(lambda: reference.write_kv(kp, vp, k, v, slots)) * 1e3
-        t_new = graph_ms(lambda: kv_write.write_kv(kp, vp, k, v, slots)) * 1e3
-        out[name] = {"index_copy_us": t_ref, "triton_us": t_new}
-        print(f"kv write {name}: index_copy x2 {t_ref:.1f} us, triton {t_new:.1f} us", flush=True)
-    return out
-
-
 def gemv_sweep(copy: float) -> list[dict]:
     rows = []
     for name, n, k in [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
@@ -95,7 +80,6 @@ def gemv_sweep(copy: float) -> list[dict]:
 def main() -> None:
     copy = copy_bandwidth_gbs()
     out = {**environment(), "copy_bandwidth_gbs": copy}
-    out["kv_write"] = kv_write_sweep()
     out["gemv"] = gemv_sweep(copy)
     out["attention"] = attention_sweep(copy)
     write_json_atomic(sys.argv[1] if len(sys.argv) > 1 else RESULTS / "tune.json", out)

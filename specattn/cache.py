@@ -181,12 +181,9 @@ class PagedKVCache:
         return StepView(positions, slots, lens + q_len, page_table, q_len, max_kv_len)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, view: StepView) -> None:
-        """Store new keys/values. k, v: [batch, q_len, kv_heads, head_dim]."""
-        if self.device.type == "cuda" and k.dtype == self.dtype and v.dtype == self.dtype:
-            from .kernels.kv_write import write_kv
-            write_kv(self.k[layer], self.v[layer], k, v, view.slots)
-        else:
-            reference.write_kv(self.k[layer], self.v[layer], k, v, view.slots)
+        """Store new keys/values. k, v: [batch, q_len, kv_heads, head_dim]. (The model's GPU path writes through
+        kernels/rope_kv.py, fused with the rotary embedding, and then calls `wrote`.)"""
+        reference.write_kv(self.k[layer], self.v[layer], k, v, view.slots)
         self.wrote(layer, view)
 
     def wrote(self, layer: int, view: StepView) -> None:

@@ -66,22 +66,6 @@ def test_num_splits_fill_the_gpu_but_never_exceed_blocks():
     assert paged_attention.choose_num_splits(1, 3, 100, 132) == 2      # 100 tokens = 2 blocks of 64
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kv_write_matches_index_copy(dtype):
-    from specattn.kernels import kv_write
-    torch.manual_seed(3)
-    pool_shape = (9, 4, 3, 8)                      # pages, page_size, kv_heads, dim
-    k_pool, v_pool = torch.randn(pool_shape).to(dtype), torch.randn(pool_shape).to(dtype)
-    qkv = torch.randn(2, 5, 3 * 8 + 2 * 3 * 8).to(dtype)   # v as a strided view, as the model produces it
-    k = qkv[..., 24:48].reshape(2, 5, 3, 8)
-    v = qkv[..., 48:].view(2, 5, 3, 8)
-    slots = torch.randperm(36)[:10]
-    want_k, want_v = k_pool.clone(), v_pool.clone()
-    reference.write_kv(want_k, want_v, k, v, slots)
-    kv_write.write_kv(k_pool, v_pool, k, v, slots)
-    assert torch.equal(k_pool, want_k) and torch.equal(v_pool, want_v)
-
-
 def random_selection(batch, kv_heads, lens, page_size=16, keep=0.5, seed=0):
     """Per (sequence, KV head) sorted lists of logical pages, always with the last page; -1 padded."""
     g = torch.Generator().manual_seed(seed)
