@@ -28,7 +28,7 @@ import torch
 
 from .api import SpeculationParams, make_policy
 from .cache import PagedKVCache
-from .decoding.ar import GenerationParams, GenerationResult
+from .decoding.ar import GenerationParams, GenerationResult, generate_ar
 from .decoding.self_speculative import cache_tokens_needed, generate_self_speculative
 from .evaluation.results import write_json_atomic
 from .model import Transformer
@@ -205,10 +205,12 @@ def generate_auto(model: Transformer, prompts: list[list[int]], params: Generati
     cache_path = cache_path or default_cache_path()
     device = model.embed.weight.device
     key = shape_key(model, device, len(prompts), max(len(p) for p in prompts), spec, params.sampling.greedy)
+    cache = cache or auto_cache(model, prompts, params, spec)
+    if spec.budget >= 1 and spec.budget >= min(len(p) for p in prompts):
+        return _dense_only(model, cache, prompts, params, key)     # nothing to drop: drafting cannot be sparse
     known = _read(cache_path)
     had_costs = key in known
     policies = {name: make_policy(name, spec, model.cfg.num_layers) for name in AUTO_POLICIES}
-    cache = cache or auto_cache(model, prompts, params, spec)
     controller = CostModel(spec.gamma, ByteModel.of(model, cache, len(prompts), spec), AUTO_POLICIES, known.get(key))
     result = generate_self_speculative(model, cache, prompts, params, policies, spec.gamma, steps,
                                        controller=controller)
@@ -221,4 +223,15 @@ def generate_auto(model: Transformer, prompts: list[list[int]], params: Generati
               "auto_speculative_rounds": s["rounds"], "auto_dense_steps": s["dense_steps"],
               "auto_speculative_share": max(0.0, speculative_tokens) / max(1, s["new_tokens"] - len(prompts)),
               "auto_alpha": controller.alpha(), "auto_rounds_by_policy": dict(controller.rounds_run)})
+    return result
+
+
+def _dense_only(model: Transformer, cache: PagedKVCache, prompts: list[list[int]], params: GenerationParams,
+                key: str) -> GenerationResult:
+    """auto where the draft budget covers a whole prompt: plain AR decoding, with auto's stats."""
+    result = generate_ar(model, cache, prompts, params)
+    steps = max(len(t) for t in result.tokens) - 1
+    result.stats.update({"method": "auto", "auto_key": key, "auto_had_costs": False, "rounds": 0,
+                         "dense_steps": steps, "auto_speculative_rounds": 0, "auto_dense_steps": steps,
+                         "auto_speculative_share": 0.0, "auto_alpha": 0.0, "auto_rounds_by_policy": {}})
     return result

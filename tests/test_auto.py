@@ -183,3 +183,11 @@ def test_dense_chunk_timings_reach_the_controller_in_order_even_when_the_gpu_lag
     else:
         assert calls[-1].startswith("observe") and calls[1] == "next"      # observed late, all at the end
     assert res.tokens == generate_ar(model, PagedKVCache(CFG, 1, 200), prompts, params).tokens
+
+
+def test_auto_decodes_densely_when_the_budget_covers_a_prompt(tmp_path):
+    model = random_model(CFG, std=0.3)
+    prompts, params = [[1, 2, 3, 4, 5, 6]], GenerationParams(max_new_tokens=8)
+    res = generate_auto(model, prompts, params, SpeculationParams(256, 3), tmp_path / "auto.json")
+    assert res.stats["method"] == "auto" and res.stats["auto_speculative_rounds"] == 0
+    assert res.tokens == generate_ar(model, PagedKVCache(CFG, 1, 64), prompts, params).tokens
