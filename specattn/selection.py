@@ -34,7 +34,7 @@ class PageSelection:
         sparse = [layer for layer in range(self.counts.shape[0]) if layer not in self.dense_layers]
         per_item = 1 if self.token_level else page_size
         if not sparse:
-            return torch.zeros((), device=self.counts.device)
+            return torch.zeros((), dtype=torch.long, device=self.counts.device)
         # Indexing with a host list would copy it synchronously, stalling the host until the queued draft ran.
         layers = to_device(sparse, torch.long, self.counts.device)
         return self.counts.index_select(0, layers).sum() * per_item
