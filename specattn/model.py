@@ -54,7 +54,13 @@ def attention_inputs(x, mlp_out, norm_w, eps: float, qkv_w, qkv_b):
 def attention_output_and_mlp(x, attn, o_w, norm_w, eps: float, gate_up_w, down_w):
     """Residual + output projection, then the SwiGLU MLP. attn: [b, t, heads * dim]. Returns the residual stream
     and the MLP output, which the next block (or the final norm) adds."""
-    x = x + F.linear(attn, o_w)
+    return residual_and_mlp(x, F.linear(attn, o_w), norm_w, eps, gate_up_w, down_w)
+
+
+def residual_and_mlp(x, attn_out, norm_w, eps: float, gate_up_w, down_w):
+    """The part of attention_output_and_mlp after the output projection. Tensor parallel runs it on its own, as
+    attn_out is the all-reduced sum of the ranks' partial projections (the MLP output is then a partial sum)."""
+    x = x + attn_out
     gate, up = F.linear(rms_norm(x, norm_w, eps), gate_up_w).chunk(2, dim=-1)
     return x, F.linear(F.silu(gate) * up, down_w)
 
@@ -81,7 +87,8 @@ def rotate_and_store(qkv: torch.Tensor, cos, sin, cache: PagedKVCache, layer: in
 
 
 EAGER = {"rope_tables": rope_tables, "attention_inputs": attention_inputs,
-         "attention_output_and_mlp": attention_output_and_mlp, "final_logits": final_logits}
+         "attention_output_and_mlp": attention_output_and_mlp, "residual_and_mlp": residual_and_mlp,
+         "final_logits": final_logits}
 
 
 class RMSNorm(nn.Module):
@@ -113,17 +120,15 @@ class Block(nn.Module):
                                          self.qkv.bias)
         q = rotate_and_store(qkv, cos, sin, cache, self.layer, view, cfg.num_heads, cfg.num_kv_heads)
         attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
-        if self.all_reduce is not None:
-            return self._parallel_output_and_mlp(x, attn.reshape(b, t, -1))
-        return fns["attention_output_and_mlp"](x, attn.reshape(b, t, -1), self.o.weight, self.mlp_norm.weight,
-                                               cfg.rms_norm_eps, self.gate_up.weight, self.down.weight)
-
-    def _parallel_output_and_mlp(self, x, attn):
-        """attention_output_and_mlp with this rank's heads and MLP columns: each projection back to the hidden
-        size is a partial sum, completed by an all-reduce before its residual add."""
-        x = x + self.all_reduce(F.linear(attn, self.o.weight))
-        gate, up = F.linear(rms_norm(x, self.mlp_norm.weight, self.cfg.rms_norm_eps), self.gate_up.weight).chunk(2, -1)
-        return x, self.all_reduce(F.linear(F.silu(gate) * up, self.down.weight))
+        if self.all_reduce is None:
+            return fns["attention_output_and_mlp"](x, attn.reshape(b, t, -1), self.o.weight, self.mlp_norm.weight,
+                                                   cfg.rms_norm_eps, self.gate_up.weight, self.down.weight)
+        # Tensor parallel: this rank's heads and MLP columns give partial sums of each projection back to the
+        # hidden size; an all-reduce completes each before its residual add.
+        attn_out = self.all_reduce(F.linear(attn.reshape(b, t, -1), self.o.weight))
+        x, mlp_out = fns["residual_and_mlp"](x, attn_out, self.mlp_norm.weight, cfg.rms_norm_eps,
+                                             self.gate_up.weight, self.down.weight)
+        return x, self.all_reduce(mlp_out)
 
 
 class Transformer(nn.Module):

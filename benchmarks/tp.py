@@ -1,0 +1,215 @@
+"""Tensor-parallel decoding on the GPUs of one host, random weights (no checkpoint to carry).
+
+  python benchmarks/tp.py --out $OUT/tp1.json                                # one GPU: the 8B-shaped model
+  torchrun --standalone --nproc-per-node 2 benchmarks/tp.py --out $OUT/tp2.json   # TP=2: 8B- and 70B-shaped
+  python benchmarks/tp.py --merge $OUT/tp1.json $OUT/tp2.json --out benchmarks/results/tp.json
+
+Per (model, batch, context): the graph-captured dense decode step, tokens/s, the bytes one GPU reads per step
+(its weight shard, replicated embeddings/norms/head and its KV heads' cache) against that GPU's measured copy
+bandwidth, and the all-reduce share of the step (the same step captured with the all-reduces left out).
+For the 70B shape also SpecAttn-Y's round parts: gamma sparse draft steps (selection in the graph) and the
+verify step with the page-mass by-product. A cell whose weights + KV do not fit is skipped with its reason.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import LLAMA3_8B, RESULTS, copy_bandwidth_gbs, environment, median_ms  # noqa: E402
+from specattn.api import SpeculationParams, make_policy  # noqa: E402
+from specattn.cache import PagedKVCache  # noqa: E402
+from specattn.config import ModelConfig  # noqa: E402
+from specattn.decoding.runner import StepRunner  # noqa: E402
+from specattn.decoding.sampling import SamplingParams  # noqa: E402
+from specattn.decoding.self_speculative import RoundSteps  # noqa: E402
+from specattn.distributed import init_tensor_parallel, local_config  # noqa: E402
+from specattn.evaluation.results import write_json_atomic  # noqa: E402
+from specattn.model import Transformer  # noqa: E402
+
+LLAMA3_70B = dataclasses.replace(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64)
+
+CELLS_8B = [(1, 8192), (1, 32768), (16, 8192)]
+CELLS_70B = [(1, 8192), (1, 32768), (4, 32768), (16, 8192)]
+SPEC_CELLS_70B = [(1, 32768), (16, 8192)]
+GAMMA, BUDGET = 4, 512
+
+
+def sharded_random_model(cfg: ModelConfig, tp) -> Transformer:
+    """This rank's shard of a random model, built in bf16 on its GPU (a 70B shard never exists in fp32)."""
+    local = local_config(cfg, tp.world) if tp else cfg
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = Transformer(local, "auto", "cuda")
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    model.set_tensor_parallel(tp)
+    return model.eval()
+
+
+def weight_bytes(model: Transformer, batch: int) -> int:
+    """Weight bytes one step reads on this rank: every matrix once, `batch` rows of the (untied) embedding."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    e = model.embed.weight
+    return total - e.numel() * e.element_size() + batch * e.shape[1] * e.element_size()
+
+
+def filled_cache(model: Transformer, batch: int, ctx: int) -> PagedKVCache:
+    cache = PagedKVCache(model.cfg, batch, ctx + 32, dtype=torch.bfloat16, device="cuda")
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.reset(batch)
+    cache.reserve(ctx)
+    cache.advance(ctx)         # "already written": random K/V cost the same to read
+    cache.reserve(GAMMA + 1)
+    return cache
+
+
+def fits(model: Transformer, batch: int, ctx: int, tp) -> str | None:
+    """None if the cache fits this GPU (the smallest free memory over ranks, so all ranks agree), else why not."""
+    kv = batch * (ctx + 32) * model.cfg.kv_bytes_per_token * 2
+    free = torch.tensor([torch.cuda.mem_get_info()[0]], dtype=torch.float64, device="cuda")
+    if tp:
+        import torch.distributed as dist
+        dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    headroom = 8 << 30          # activations, graph pools, logits
+    if kv + headroom > free.item():
+        return f"KV cache {kv / 2**30:.0f} GiB per GPU + 8 GiB headroom > {free.item() / 2**30:.0f} GiB free"
+    return None
+
+
+def dense_step(model, cache, batch: int) -> float:
+    runner = StepRunner(model, cache)
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch, 1), device="cuda")
+    return median_ms(lambda: runner(tokens))
+
+
+def without_all_reduce_ms(model, cache, batch: int) -> float:
+    """The same step with every all-reduce left out (each rank alone): what the communication costs."""
+    tp = model.tp
+    model.set_tensor_parallel(None)
+    for block in model.blocks:
+        block.all_reduce = lambda x: x
+    try:
+        return dense_step(model, cache, batch)
+    finally:
+        model.set_tensor_parallel(tp)
+
+
+def specattn_round(model, cache, batch: int) -> dict:
+    """Device time of SpecAttn-Y's draft graph (selection + gamma sparse steps) and of its verify step."""
+    policy = make_policy("specattn-y", SpeculationParams(BUDGET, GAMMA, (0,)), model.cfg.num_layers)
+    policy.reset(cache)
+    steps = RoundSteps(model, cache, policy, batch, GAMMA, SamplingParams())
+    gen = torch.Generator(device="cuda")
+    first = torch.randint(0, model.cfg.vocab_size, (batch,), device="cuda")
+    block = torch.randint(0, model.cfg.vocab_size, (batch, GAMMA + 1), device="cuda")
+    draft_ms = median_ms(lambda: steps.draft_selecting(first, gen), reps=15)
+    verify_ms = median_ms(lambda: steps.verify(block), reps=15)
+    return {"draft_round_ms": draft_ms, "draft_step_ms": draft_ms / GAMMA, "verify_ms": verify_ms}
+
+
+def cell(model, name: str, batch: int, ctx: int, tp, copy_gbs: float, spec: bool) -> dict:
+    world = tp.world if tp else 1
+    row = {"model": name, "tp": world, "batch": batch, "context": ctx}
+    reason = fits(model, batch, ctx, tp)
+    if reason:
+        return {**row, "skipped": reason}
+    cache = filled_cache(model, batch, ctx)
+    ms = dense_step(model, cache, batch)
+    moved = weight_bytes(model, batch) + batch * ctx * model.cfg.kv_bytes_per_token * 2
+    row.update(step_ms=ms, tokens_per_s=batch / ms * 1e3, bytes_per_gpu=moved, gbs_per_gpu=moved / ms / 1e6,
+               bandwidth_fraction=moved / ms / 1e6 / copy_gbs)
+    if tp:
+        alone = without_all_reduce_ms(model, cache, batch)
+        row.update(step_ms_without_all_reduce=alone, all_reduce_share=max(0.0, (ms - alone) / ms))
+    if spec:
+        round_ = specattn_round(model, cache, batch)
+        row.update(round_, specattn_y={"gamma": GAMMA, "budget": BUDGET, "dense_layers": [0]},
+                   draft_step_over_ar_step=round_["draft_step_ms"] / ms, verify_over_ar_step=round_["verify_ms"] / ms)
+    del cache
+    return row
+
+
+def run(tp) -> dict:
+    world = tp.world if tp else 1
+    copy = copy_bandwidth_gbs()
+    plan = [("llama3-8b", LLAMA3_8B, CELLS_8B, [])]
+    if tp:
+        plan.append(("llama3-70b", LLAMA3_70B, CELLS_70B, SPEC_CELLS_70B))
+    rows = []
+    for name, cfg, cells, spec_cells in plan:
+        model = sharded_random_model(cfg, tp)
+        for batch, ctx in cells:
+            row = cell(model, name, batch, ctx, tp, copy, (batch, ctx) in spec_cells)
+            rows.append(row)
+            if not tp or tp.rank == 0:
+                print(json.dumps(row), flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return {**environment(), "gpus": world, "copy_gbs_per_gpu": copy, "rows": rows,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if world > 1 else None,
+            "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")}}
+
+
+def merge(parts: list[dict]) -> dict:
+    """One result from the one-GPU and the TP runs: rows of both, and the summary ratios."""
+    rows = [r for p in parts for r in p["rows"]]
+    ok = [r for r in rows if "skipped" not in r]
+    one = {(r["batch"], r["context"]): r for r in ok if r["model"] == "llama3-8b" and r["tp"] == 1}
+    two = {(r["batch"], r["context"]): r for r in ok if r["model"] == "llama3-8b" and r["tp"] == 2}
+    speedups = {f"b{b}_{c // 1024}k": two[b, c]["tokens_per_s"] / one[b, c]["tokens_per_s"]
+                for b, c in sorted(one.keys() & two.keys())}
+    big = [r for r in ok if r["model"] == "llama3-70b"]
+    summary = {
+        "tp2_ar_bandwidth_fraction": min((r["bandwidth_fraction"] for r in big), default=None),
+        "tp2_ar_bandwidth_fraction_by_cell": {f"b{r['batch']}_{r['context'] // 1024}k": r["bandwidth_fraction"]
+                                              for r in big},
+        "tp2_over_tp1_8b": min(speedups.values(), default=None),
+        "tp2_over_tp1_8b_by_cell": speedups,
+        "all_reduce_share_70b_by_cell": {f"b{r['batch']}_{r['context'] // 1024}k": r["all_reduce_share"]
+                                         for r in big},
+        "note": "tp2_ar_bandwidth_fraction and tp2_over_tp1_8b are minima over the cells",
+    }
+    head = {k: v for k, v in parts[-1].items() if k != "rows"}
+    return {**head, "copy_gbs_per_gpu": {p["gpus"]: p["copy_gbs_per_gpu"] for p in parts}, "rows": rows,
+            "summary": summary}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(RESULTS / "tp.json"))
+    ap.add_argument("--merge", nargs="+", help="combine the JSON of a one-GPU and a TP run")
+    args = ap.parse_args()
+    if args.merge:
+        result = merge([json.loads(Path(p).read_text()) for p in args.merge])
+        write_json_atomic(args.out, result)
+        print(json.dumps(result["summary"], indent=1))
+        return
+    tp = init_tensor_parallel()
+    result = run(tp)
+    if not tp or tp.rank == 0:
+        write_json_atomic(args.out, result)
+    if tp:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
