@@ -106,6 +106,11 @@ class SelectionPolicy:
     def reset(self, cache: PagedKVCache) -> None:
         pass
 
+    def settings(self) -> tuple:
+        """The class and every setting, without the state a run builds up (underscored attributes): two policies
+        with equal settings select alike, so graphs captured for one serve the other."""
+        return type(self), tuple(sorted((k, v) for k, v in vars(self).items() if not k.startswith("_")))
+
     def check_context(self, context_tokens: int) -> None:
         """Reject a budget that leaves nothing to drop from a context of this many tokens."""
 

@@ -33,14 +33,18 @@ def test_controller_explores_each_policy_then_dense_steps_when_it_knows_nothing(
     assert c.needs_timing and c.next(500) == (4, "y")
     c.observe((4, "y"), [4], 0.01, captured=True)         # a capture round: acceptance counts, its time does not
     assert c.spec["y"].s_per_byte is None and c.next(500) == (4, "y")
+    c.observe((4, "y"), [4], 0.05, captured=False)        # the graphs' first replay also uploads them: not timed
+    assert c.spec["y"].s_per_byte is None and c.next(500) == (4, "y")
     c.observe((4, "y"), [4], 0.01, captured=False)
-    assert c.next(500) == (4, "m")
-    c.observe((4, "m"), [1], 0.01, captured=False)
+    assert c.spec["y"].s_per_byte == pytest.approx(0.01 / BYTES.round(500)) and c.next(500) == (4, "m")
+    for _ in range(2):
+        c.observe((4, "m"), [1], 0.01, captured=False)
     assert c.next(500) == 0
     c.observe(0, [], 0.01, captured=False, dense_steps=2)
     assert c.dense.s_per_byte == pytest.approx(0.005 / BYTES.step(500)) and not c.needs_timing
     assert c.next(500) == (4, "y")                        # same round cost as "m", more tokens per round
-    assert c.rounds_run == {"y": 2, "m": 1}
+    assert c.rounds_run == {"y": 3, "m": 2}
+    assert set(c.predicted) == {"dense", "y", "m"} and c.predicted["y"] > c.predicted["dense"]
 
 
 def test_tokens_per_round_is_the_measured_mean_after_a_few_rounds():
@@ -191,3 +195,21 @@ def test_auto_decodes_densely_when_the_budget_covers_a_prompt(tmp_path):
     res = generate_auto(model, prompts, params, SpeculationParams(256, 3), tmp_path / "auto.json")
     assert res.stats["method"] == "auto" and res.stats["auto_speculative_rounds"] == 0
     assert res.tokens == generate_ar(model, PagedKVCache(CFG, 1, 64), prompts, params).tokens
+
+
+def test_a_later_run_with_equal_but_new_policies_reuses_the_round_steps():
+    """auto builds its policies afresh each call: the graphs captured by an earlier run must still serve (a new
+    capture per run cost 4x the draft time of a fixed method on the GPU), and only for equal settings."""
+    model = random_model(CFG, std=0.3)
+    prompts = [torch.randint(0, 97, (120,)).tolist()]
+    params = GenerationParams(max_new_tokens=12)
+    cache = PagedKVCache(CFG, 1, cache_tokens_needed(120, 12, 3))
+    policy = lambda budget: make_policy("specattn-y", SpeculationParams(budget, 3, (0,)), CFG.num_layers)  # noqa: E731
+    first = generate_self_speculative(model, cache, prompts, params, policy(48), 3)
+    (key, steps), = first.runner.items()
+    again = policy(48)
+    second = generate_self_speculative(model, cache, prompts, params, again, 3, first.runner)
+    assert second.runner[key] is steps and steps.policy is again and second.tokens == first.tokens
+    third = generate_self_speculative(model, cache, prompts, params, policy(32), 3, first.runner)
+    assert third.runner[key] is not steps
+    assert policy(48).settings() == again.settings() != policy(32).settings()

@@ -91,8 +91,8 @@ class RoundSteps:
 
     def fits(self, model, cache, policy, batch: int, gamma: int, sampling: SamplingParams) -> bool:
         """Whether these graphs can serve a run (kept across runs so capture is paid once)."""
-        return (model is self.model and cache is self.cache and policy is self.policy and batch == self.batch
-                and gamma == self.gamma and sampling == self.sampling)
+        return (model is self.model and cache is self.cache and policy.settings() == self.policy.settings()
+                and batch == self.batch and gamma == self.gamma and sampling == self.sampling)
 
     def graph_count(self) -> int:
         return len(self._draft_graphs) + (self._verify_graph is not None)
@@ -449,6 +449,7 @@ class _Loop:
         if s is None or not s.fits(self.model, self.cache, policy, self.batch, g, p.sampling):
             s = self.steps[key] = RoundSteps(self.model, self.cache, policy, self.batch, g, p.sampling,
                                              p.use_cuda_graph)
+        s.policy = policy      # an earlier run's policy of equal settings: the graphs serve this run's object
         return s
 
     def graph_count(self) -> int:
