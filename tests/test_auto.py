@@ -213,3 +213,30 @@ def test_a_later_run_with_equal_but_new_policies_reuses_the_round_steps():
     third = generate_self_speculative(model, cache, prompts, params, policy(32), 3, first.runner)
     assert third.runner[key] is not steps
     assert policy(48).settings() == again.settings() != policy(32).settings()
+
+
+@pytest.mark.parametrize("rounds_first", [3, 8])
+def test_dense_chunks_after_rounds_stay_within_a_tight_cache(rounds_first):
+    """Rounds let some sequences get ahead; a dense chunk steps every sequence, so the ones ahead reach the end of
+    a cache sized for the request (auto sizes it like AR's) and finish while the slowest still decodes. No later
+    chunk or round may grow them past the cache, and the tokens stay AR's."""
+    class RoundsDenseRounds:
+        calls = 0
+
+        def next(self, context):
+            self.calls += 1
+            return 0 if self.calls == rounds_first + 1 else 4      # rounds, one dense chunk, rounds again
+
+        def observe(self, *args):
+            pass
+
+    model = random_model(CFG, std=0.1)
+    torch.manual_seed(2)
+    # Repetitive prompts accept nearly every draft, random ones few: the first get ahead of the others.
+    prompts = [torch.randint(0, 97, (96,)).tolist() for _ in range(3)] + [[5, 9, 7] * 32] * 3
+    params = GenerationParams(max_new_tokens=70)
+    ar = generate_ar(model, PagedKVCache(CFG, 6, 200), prompts, params).tokens
+    policy = make_policy("magicdec", SpeculationParams(16, 4, (0,)), CFG.num_layers)
+    cache = PagedKVCache(CFG, 6, cache_tokens_needed(96, 70, 4), page_size=8)
+    res = generate_self_speculative(model, cache, prompts, params, policy, 4, controller=RoundsDenseRounds())
+    assert res.tokens == ar and res.stats["rounds"] > rounds_first and res.stats["dense_steps"] > 0

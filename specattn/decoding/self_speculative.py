@@ -460,7 +460,7 @@ class _Loop:
         still generating."""
         cache, sampling, timer = self.cache, self.params.sampling, self.timer
         round_steps = self.round_steps(g, policy)
-        start_lens = cache.host_lens()
+        start_lens = self._room_for_done(cache.host_lens(), self.log.done(), g + 1)
         if round_steps.device_select_width is not None:     # selection inside the draft graph: no select phase
             t = timer.start()
             cache.reserve(g + 1)
@@ -501,6 +501,15 @@ class _Loop:
                                     emitted.gather(1, accepted[:, None]).squeeze(1))
         return [a for a, d in zip(accepted_list, done, strict=True) if not d]
 
+    def _room_for_done(self, start_lens: list[int], done: list[bool], n: int) -> list[int]:
+        """A sequence that has its tokens still steps with the batch (its outputs are dropped). After dense steps
+        one that got ahead can sit at the end of the cache: it steps over its own last positions instead."""
+        capacity = self.cache.max_pages_per_seq * self.cache.page_size
+        if any(d and s + n > capacity for s, d in zip(start_lens, done, strict=True)):
+            start_lens = [min(s, capacity - n) if d else s for s, d in zip(start_lens, done, strict=True)]
+            self.cache.truncate(start_lens)
+        return start_lens
+
     def dense_steps(self) -> int:
         """Plain AR decoding for a few steps, as generate_ar does them, without waiting for the GPU (the tokens
         are read when something needs them). The count keeps every sequence within the cache and stops once
@@ -510,9 +519,11 @@ class _Loop:
         if runner is None:
             runner = self.steps[0] = StepRunner(self.model, cache, self.params.use_cuda_graph)
         start_lens, done, lengths = cache.host_lens(), self.log.done(), self.log.lengths()
-        room = cache.max_pages_per_seq * cache.page_size - max(start_lens)
+        capacity = cache.max_pages_per_seq * cache.page_size
+        room = capacity - max(s for s, d in zip(start_lens, done, strict=True) if not d)
         missing = self.params.max_new_tokens - min(n for n, d in zip(lengths, done, strict=True) if not d)
         n = max(1, min(AR_CHUNK, room, missing)) if runner.ready(self.batch, 1) else 1   # 1: the capture step
+        start_lens = self._room_for_done(start_lens, done, n)
         t = self.timer.start()
         cache.reserve(n)
         out, tok = [], self.next_tok
