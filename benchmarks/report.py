@@ -1,6 +1,6 @@
 """Render README tables from benchmarks/results/*.json, so every number in the README comes from a file.
 
-Usage: python benchmarks/report.py ar|kernels|selfspec|auto   (prints Markdown)
+Usage: python benchmarks/report.py ar|kernels|selfspec|auto|tp   (prints Markdown)
 """
 from __future__ import annotations
 
@@ -17,15 +17,18 @@ def ar_tables(data: dict) -> str:
     head = (f"Device: {data['device']}, torch {data['torch']}, triton {data['triton']}, commit {data['commit']}; "
             f"copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s (read + write). "
             f"Source: [`benchmarks/results/ar.json`](benchmarks/results/ar.json).\n")
-    e2e = ["| batch | prompt tokens | tok/s (128 new, prefill included) | gpt-fast, same H100 | ours / gpt-fast |",
-           "|---:|---:|---:|---:|---:|"]
+    # gpt-fast was measured on an H100 only: a ratio against it means something only for an H100 run.
+    same_gpu = "H100" in data["device"]
+    e2e = (["| batch | prompt tokens | tok/s (128 new, prefill included) | gpt-fast, same H100 | ours / gpt-fast |",
+            "|---:|---:|---:|---:|---:|"] if same_gpu else
+           ["| batch | prompt tokens | tok/s (128 new, prefill included) |", "|---:|---:|---:|"])
     step = ["| model | batch | context | tok/s | GB/s moved | fraction of copy bandwidth |",
             "|---|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         if "prompt_tokens" in r:
             ref = GPT_FAST.get((r["batch"], r["prompt_tokens"]))
-            e2e.append(f"| {r['batch']} | {r['prompt_tokens']} | {r['tokens_per_s']:.0f} | {ref} | "
-                       f"{r['tokens_per_s'] / ref:.2f} |")
+            vs = f" {ref} | {r['tokens_per_s'] / ref:.2f} |" if same_gpu else ""
+            e2e.append(f"| {r['batch']} | {r['prompt_tokens']} | {r['tokens_per_s']:.0f} |{vs}")
         elif "skipped" in r:
             step.append(f"| {r['model']} | {r['batch']} | {r['context']} | skipped: {r['skipped']} | | |")
         else:
@@ -102,6 +105,7 @@ def selfspec_tables(data: dict) -> str:
                f"{s['specattn_y_over_best_baseline']}; steady state (continuous batching): "
                f"{s['specattn_y_over_ar_steady']} over AR, {s['specattn_y_over_best_baseline_steady']} over the best "
                f"baseline; greedy runs identical to AR: {s['greedy_runs_identical_to_ar']} of {s['greedy_runs']}.")
+    costs = costs if len(costs) > 2 else []
     return "\n".join([head, *lines, "", *costs, "", summary])
 
 
@@ -125,7 +129,7 @@ def selfspec_plot(data: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch")
     ax.set_ylabel("decode speedup over AR (best budget)")
-    ax.set_title(f"SmolLM2-135M, {ctx}-token prompts, H100, greedy")
+    ax.set_title(f"SmolLM2-135M, {ctx}-token prompts, {data['device'].replace('NVIDIA ', '')}, greedy")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -158,12 +162,40 @@ def auto_tables(data: dict) -> str:
     return "\n".join([head, *lines, "", tail])
 
 
+def tp_tables(data: dict) -> str:
+    """Tensor-parallel decode steps: one GPU vs two, per model, batch and context."""
+    copy = ", ".join(f"{n} GPU{'s' if int(n) > 1 else ''} run: {v:.0f} GB/s"
+                     for n, v in data["copy_gbs_per_gpu"].items())
+    head = (f"Device: {data['device']} (x2, NVLink), torch {data['torch']}, NCCL {data['nccl']}, commit "
+            f"{data['commit']}; copy bandwidth per GPU ({copy}). Random weights, bf16, CUDA graphs. "
+            "Source: [`benchmarks/results/tp.json`](benchmarks/results/tp.json).\n")
+    lines = ["| model | GPUs | batch | context | step ms | tok/s | GB read per GPU per step | fraction of copy bw "
+             "| all-reduce share | SpecAttn-Y draft step ms | verify (5 rows) ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(data["rows"], key=lambda r: (r["model"], r["batch"], r["context"], r["tp"])):
+        cell = f"| {r['model']} | {r['tp']} | {r['batch']} | {r['context']} |"
+        if "skipped" in r:
+            lines.append(f"{cell} skipped: {r['skipped']} | | | | | | |")
+            continue
+        share = f"{r['all_reduce_share']:.1%}" if "all_reduce_share" in r else ""
+        spec = (f"{r['draft_step_ms']:.2f} | {r['verify_ms']:.2f}" if "draft_step_ms" in r else " | ")
+        lines.append(f"{cell} {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | {r['bytes_per_gpu'] / 1e9:.1f} | "
+                     f"{r['bandwidth_fraction']:.2f} | {share} | {spec} |")
+    s = data["summary"]
+    tail = (f"`tp2_ar_bandwidth_fraction` = {s['tp2_ar_bandwidth_fraction']:.3f} (70B shape, minimum over its cells; "
+            f"target 0.75), `tp2_over_tp1_8b` = {s['tp2_over_tp1_8b']:.3f} (8B shape, minimum over its cells: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in s["tp2_over_tp1_8b_by_cell"].items()) + "; target 1.6).")
+    return "\n".join([head, *lines, "", tail])
+
+
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "ar"
     data = json.loads((RESULTS / f"{which}.json").read_text())
     if which == "selfspec":
         selfspec_plot(data, RESULTS / "selfspec_speedup.png")
-    print({"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables}[which](data))
+    tables = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables,
+              "tp": tp_tables}
+    print(tables[which](data))
 
 
 if __name__ == "__main__":
