@@ -119,7 +119,7 @@ def main() -> None:
         same = sum(a == b for a, b in zip(peer_tokens, result.tokens[0], strict=False))
         row = {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": NEW_TOKENS,
                "gptfast_tokens_per_s": batch * NEW_TOKENS / peer_s, "ours_tokens_per_s": batch * NEW_TOKENS / ours_s,
-               "ours_over_gptfast": peer_s / ours_s, "first_sequence_tokens_equal": same}
+               "ours_over_gptfast": peer_s / ours_s, "first_sequence_positions_equal": same}
         rows.append(row)
         print(row, flush=True)
     result = {**environment(), "model": DEFAULT_MODEL, "dtype": "bf16", "repeats": args.repeats,

@@ -1,8 +1,8 @@
 """Peers on the same GPU, model and run: transformers' `generate` (eager) on our exact weights against our AR, and
 our best lossless self-speculation against our AR at batch 32, 8K. Writes benchmarks/results/peers.json (or --out).
 
-gpt-fast cannot run on the GPU machine (no network to fetch it, and its code stays out of this repository); the
-project's own earlier measurement of it on this H100 is quoted in the README, not in this file's summary.
+gpt-fast runs in its own script, benchmarks/gptfast_peer.py (its code is fetched here and carried to the GPU machine,
+never committed); that run's ratio is copied into this file's summary.ar_over_gptfast.
 """
 from __future__ import annotations
 
