@@ -115,6 +115,9 @@ class Session:
         params = GenerationParams(
             max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature, top_p, seed),
             stop_token_ids=self.model.cfg.eos_token_ids if stop_at_eos else (), use_cuda_graph=use_cuda_graph)
+        from .distributed import check_ranks_agree
+        check_ranks_agree(self.model.tp, "the request (prompts, method, sampling, speculation settings)",
+                          (ids, method, params, spec))
         if method in DRAFT_METHODS:
             result = self._generate_with_draft(method, ids, params, spec, draft, sparse)
         elif method == "auto":

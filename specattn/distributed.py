@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,22 @@ def init_tensor_parallel() -> TensorParallel | None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if use_nccl else "gloo")
     return TensorParallel(dist.get_rank(), dist.get_world_size())
+
+
+def check_ranks_agree(tp: TensorParallel | None, what: str, value) -> None:
+    """Every rank must serve the same request on the same model: one rank with another checkpoint or argument
+    would deadlock in a collective or mix results. Compares a digest of `value` over the ranks; every rank raises
+    the same one-line error on a mismatch."""
+    if tp is None:
+        return
+    import torch.distributed as dist
+    digest = zlib.crc32(repr(value).encode())
+    device = "cuda" if dist.get_backend(tp.group) == "nccl" else "cpu"
+    extremes = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=tp.group)     # [max digest, -min digest]
+    if extremes[0].item() != digest or -extremes[1].item() != digest:
+        raise InvalidInputError(f"tensor-parallel ranks disagree on {what}; start every rank with the same model "
+                                "and arguments")
 
 
 def check_divisible(cfg: ModelConfig, world: int) -> None:

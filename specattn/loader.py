@@ -70,10 +70,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
                attention_backend: str = "auto", progress: bool = True, tp=None):
     """Load a checkpoint straight onto `device` in `dtype`. Returns our `Transformer` in eval mode.
     tp (a distributed.TensorParallel): load only this rank's heads and MLP columns (safetensors: read as slices)."""
-    from .distributed import local_config, take_shard
+    from .distributed import check_ranks_agree, local_config, take_shard
     from .model import Transformer
     source = resolve_model(name_or_path)
     dtype = parse_dtype(dtype)
+    check_ranks_agree(tp, "the dtype", dtype)
     if source.kind == "safetensors":
         full = ModelConfig.from_json(source.path / "config.json")
         local = local_config(full, tp.world) if tp else full
@@ -82,6 +83,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
         full, tensors = _read_gguf(source.path, device, progress)
         local = local_config(full, tp.world) if tp else full
         tensors = {name: take_shard(name, t, full, tp) for name, t in tensors.items()}
+    check_ranks_agree(tp, "the model's config", full)
     cfg = local
     with torch.device("meta"):
         model = Transformer(cfg, attention_backend, device)

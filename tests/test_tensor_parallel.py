@@ -95,3 +95,32 @@ def test_shard_slices_cover_each_weight_once():
         covered = sorted(i for _, a, b in parts for i in range(a, b))
         assert covered == list(range(size)), name
     assert shard_slice("model.norm.weight", cfg, TensorParallel(1, 4)) is None
+
+
+def _agree_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+
+    from specattn.distributed import check_ranks_agree, init_tensor_parallel
+    tp = init_tensor_parallel()
+    outcome = []
+    check_ranks_agree(tp, "the budget", 512)                          # the same everywhere: passes
+    try:
+        check_ranks_agree(tp, "the budget", 512 if rank == 0 else 256)
+        outcome.append("passed")
+    except InvalidInputError as e:
+        outcome.append(str(e))
+    with open(os.path.join(out, f"agree{rank}.txt"), "w") as f:
+        f.write(outcome[0])
+    dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_all_get_the_same_clear_error(tmp_path):
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_agree_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    messages = [(tmp_path / f"agree{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1] and "ranks disagree on the budget" in messages[0]
