@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, right after `source scripts/gpu_setup.sh part01`: the benchmarks whose numbers the README
 # quotes, each under its own time limit so one slow part cannot take the others down. Results go to $OUT.
-#   bash scripts/gpu_agenda.sh auto selfspec ar      (any subset, in that order)
+#   bash scripts/gpu_agenda.sh auto selfspec ar peers gptfast     (any subset, in the order given)
+# gptfast needs .peers carried (bash scripts/fetch_gptfast.sh here first).
 set -u
 for part in "$@"; do
   case "$part" in
@@ -10,6 +11,9 @@ for part in "$@"; do
                 --budgets 512 --methods magicdec,specattn-y,specattn-y/blk64 --skip-8b --out "$OUT/selfspec.json" \
                 2>&1 | grep -v -i warn | tail -12 ;;
     ar)       timeout 240 python3 benchmarks/ar.py --out "$OUT/ar.json" 2>&1 | grep -v -i warn | tail -20 ;;
-    *)        echo "unknown part $part (auto, selfspec, ar)" >&2 ;;
+    peers)    timeout 420 python3 benchmarks/peers.py --out "$OUT/peers.json" 2>&1 | grep "^{" | tail -14 ;;
+    gptfast)  timeout 400 python3 benchmarks/gptfast_peer.py --gpt-fast .peers/gpt-fast --out "$OUT/gptfast.json" \
+                2>&1 | grep -v -i warn | grep -v "self.gen" | tail -6 ;;
+    *)        echo "unknown part $part (auto, selfspec, ar, peers, gptfast)" >&2 ;;
   esac
 done
