@@ -88,6 +88,18 @@ def test_draft_speculation_is_lossless_under_greedy():
         assert 1 <= res.stats["mean_accepted_len"] <= gamma + 1
 
 
+def test_a_later_lossless_run_reuses_the_round_runners_and_sampling_stays_in_lockstep():
+    target, draft = _pair()
+    prompts = [[1, 5, 9, 2], [7, 3, 3, 8, 1, 4, 4]]
+    caches = PagedKVCache(TARGET, 2, 120, page_size=8), PagedKVCache(DRAFT, 2, 120, page_size=8)
+    for params in (GenerationParams(40), GenerationParams(40, SamplingParams(0.9, 1.0, 7))):
+        first = generate_draft_speculative(target, draft, *caches, prompts, params, 3)
+        again = generate_draft_speculative(target, draft, *caches, prompts, params, 3, steps=first.runner)
+        assert again.runner is first.runner and again.tokens == first.tokens     # same seed, same tokens
+    other = generate_draft_speculative(target, draft, *caches, prompts, GenerationParams(40), 2, steps=first.runner)
+    assert other.runner is not first.runner                                         # another gamma: new runners
+
+
 def test_draft_equal_to_target_accepts_everything_and_p1_sparse_is_dense():
     target, _ = _pair()
     prompts = [[1, 5, 9, 2, 6, 6, 1]]

@@ -8,8 +8,9 @@ SpecAttn-S (`SparseVerification`): while drafting, the draft's head-averaged att
 map names is recorded; per verifier layer, the union over the gamma draft steps of the top-p key sets of its
 mapped draft layer is all the verifier attends to (the verified block itself stays visible; the first layers
 stay dense), through the sparse attention kernel's token lists. That verification is approximate: the output
-follows a sparse-attention verifier. The loop runs eagerly and records the draft's attention through the
-reference path; graphs and kernel-side draft scores are not built yet.
+follows a sparse-attention verifier. Lossless rounds run as CUDA graphs on the GPU (the gamma draft steps in one
+graph, the verify step in another); SpecAttn-S rounds run eagerly and record the draft's attention through the
+reference path (graphs and kernel-side draft scores for them are not built yet).
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from ..cache import PagedKVCache, to_device
 from ..errors import InvalidInputError
 from ..evaluation.sparse_ppl import topp_key_mask
 from ..model import Transformer
-from ..selection import PageSelection
+from ..selection import PageSelection, SelectionPolicy
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync
-from .runner import check_prompts, prefill
-from .sampling import probabilities, sample
-from .self_speculative import PhaseTimer, RoundLog, cache_tokens_needed
+from .runner import StepRunner, check_prompts, prefill
+from .sampling import SamplingParams, probabilities, sample
+from .self_speculative import PhaseTimer, RoundLog, RoundSteps, cache_tokens_needed
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,10 @@ class SparseVerification:
 @torch.no_grad()
 def generate_draft_speculative(target: Transformer, draft: Transformer, target_cache: PagedKVCache,
                                draft_cache: PagedKVCache, prompts: list[list[int]], params: GenerationParams,
-                               gamma: int = 4, sparse: SparseVerification | None = None) -> GenerationResult:
+                               gamma: int = 4, sparse: SparseVerification | None = None,
+                               steps: dict | None = None) -> GenerationResult:
+    """`steps`: the runner an earlier lossless run on the same models, caches, batch and sampling returned, so its
+    graphs are not captured again."""
     if gamma <= 0:
         raise InvalidInputError(f"gamma (draft tokens per round) must be > 0, got {gamma}")
     if target.cfg.vocab_size != draft.cfg.vocab_size:
@@ -70,19 +74,29 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     prefill_s = time.perf_counter() - t0
     log = RoundLog(next_tok.tolist(), params, gamma)
     timer = PhaseTimer(device)
+    graphs = None if sparse else _LosslessGraphs.reuse(steps, target, draft, target_cache, draft_cache, batch, gamma,
+                                                       sampling, params.use_cuda_graph)
     keys_read = torch.zeros((), dtype=torch.long, device=device)     # on the device: counting must not sync
     keys_dense = rounds = 0
     while not log.finished():
         rounds += 1
         start_lens = target_cache.host_lens()
         t = timer.start()
-        drafts, draft_probs, recorded = _draft(draft, draft_cache, next_tok, gamma, sampling, generator, sparse)
+        if graphs:
+            draft_cache.reserve(gamma + 1)
+            drafts, draft_probs = graphs.draft.draft(None, next_tok, generator)
+            draft_cache.advance(gamma)              # the drafts' K/V were written at the positions they take
+        else:
+            drafts, draft_probs, recorded = _draft(draft, draft_cache, next_tok, gamma, sampling, generator, sparse)
         timer.stop("draft_s", t)
 
         t = timer.start()
         target_cache.reserve(gamma + 1)
-        view = target_cache.step_view(gamma + 1)
-        if sparse:
+        block = torch.cat([next_tok[:, None], drafts], dim=1)
+        if graphs:
+            logits = graphs.verify(block)
+        else:
+            view = target_cache.step_view(gamma + 1)
             view.selection = _verifier_selection(sparse, recorded, start_lens, gamma, target.cfg,
                                                  target_cache.page_size)
             # keys loaded once for the whole verified block, per sequence and sparse layer (the KV heads share
@@ -90,7 +104,7 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
             keys_read += view.selection.tokens_selected(target_cache.page_size) // target.cfg.num_kv_heads
             sparse_layers = sum(j not in view.selection.dense_layers for j in range(target.cfg.num_layers))
             keys_dense += (sum(start_lens) + batch * (gamma + 1)) * sparse_layers
-        logits = target(torch.cat([next_tok[:, None], drafts], dim=1), target_cache, view, all_logits=True)
+            logits = target(block, target_cache, view, all_logits=True)
         target_cache.advance(gamma + 1)
         if sampling.greedy:
             accepted, emitted = accept_greedy(drafts, logits)
@@ -101,7 +115,7 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         done = log.done()
         keep = [n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)]
         if any(a == gamma for a in accepted_list):
-            _write_last_draft(draft, draft_cache, drafts[:, -1])   # the draft never saw its own last token
+            _write_last_draft(draft, draft_cache, drafts[:, -1], graphs)   # the draft never saw its last token
         draft_cache.truncate(keep)
         target_cache.truncate(keep)
         timer.stop("verify_s", t)
@@ -121,7 +135,28 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     }
     if sparse:
         stats["verifier_keys_read_fraction_sparse_layers"] = int(keys_read) / max(1, keys_dense)
-    return GenerationResult(tokens, stats)
+    return GenerationResult(tokens, stats, graphs)
+
+
+class _LosslessGraphs:
+    """The step runners of a lossless round: the gamma dense draft steps as one graph (RoundSteps with the full
+    policy), the verifier's step over gamma + 1 tokens, and the draft's single step that writes its last token when
+    every draft was accepted. Eager where graphs are off (CPU)."""
+
+    def __init__(self, target, draft, target_cache, draft_cache, batch: int, gamma: int, sampling: SamplingParams,
+                 use_cuda_graph: bool):
+        self.draft = RoundSteps(draft, draft_cache, SelectionPolicy(), batch, gamma, sampling, use_cuda_graph)
+        self.verify = StepRunner(target, target_cache, use_cuda_graph)
+        self.last = StepRunner(draft, draft_cache, use_cuda_graph)
+
+    @classmethod
+    def reuse(cls, steps, target, draft, target_cache, draft_cache, batch: int, gamma: int, sampling,
+              use_cuda_graph: bool) -> _LosslessGraphs:
+        fits = (isinstance(steps, cls) and steps.verify.model is target and steps.verify.cache is target_cache
+                and steps.verify.use_graph == (use_cuda_graph and target_cache.device.type == "cuda")
+                and steps.draft.fits(draft, draft_cache, steps.draft.policy, batch, gamma, sampling))
+        return steps if fits else cls(target, draft, target_cache, draft_cache, batch, gamma, sampling,
+                                      use_cuda_graph)
 
 
 def _draft(draft: Transformer, cache: PagedKVCache, first_tok: torch.Tensor, gamma: int, sampling, generator,
@@ -156,9 +191,13 @@ def _draft(draft: Transformer, cache: PagedKVCache, first_tok: torch.Tensor, gam
     return torch.stack(drafts, 1), (torch.stack(probs_list, 1) if probs_list else None), recorded
 
 
-def _write_last_draft(draft: Transformer, cache: PagedKVCache, last: torch.Tensor) -> None:
+def _write_last_draft(draft: Transformer, cache: PagedKVCache, last: torch.Tensor,
+                      graphs: _LosslessGraphs | None) -> None:
     cache.reserve(1)
-    draft(last[:, None], cache, cache.step_view(1))
+    if graphs:
+        graphs.last(last[:, None])
+    else:
+        draft(last[:, None], cache, cache.step_view(1))
     cache.advance(1)
 
 

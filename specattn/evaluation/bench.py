@@ -141,13 +141,11 @@ def _run_with_draft(model, method, prompts, cfg: BenchConfig, params, warm, need
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     sparse = cfg.sparse if method == "specattn-s" else None
 
-    def caches():
-        return (PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device),
-                PagedKVCache(cfg.draft.cfg, len(prompts), need, dtype=dtype, device=device))
-
-    generate_draft_speculative(model, cfg.draft, *caches(), prompts, warm, cfg.spec.gamma, sparse)
-    return timed(device, lambda: generate_draft_speculative(model, cfg.draft, *caches(), prompts, params,
-                                                             cfg.spec.gamma, sparse))
+    caches = (PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device),
+              PagedKVCache(cfg.draft.cfg, len(prompts), need, dtype=dtype, device=device))
+    steps = generate_draft_speculative(model, cfg.draft, *caches, prompts, warm, cfg.spec.gamma, sparse).runner
+    return timed(device, lambda: generate_draft_speculative(model, cfg.draft, *caches, prompts, params,
+                                                             cfg.spec.gamma, sparse, steps))
 
 
 def prompts_from(text_tokens: list[int], batch: int, context: int) -> list[list[int]]:
