@@ -66,6 +66,9 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     check_prompts(draft, draft_cache, prompts, need)
     device, batch, sampling = target_cache.device, len(prompts), params.sampling
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    # Built before the prefill: building compiles the models' fused functions, which the prefill then uses.
+    graphs = None if sparse else _LosslessGraphs.reuse(steps, target, draft, target_cache, draft_cache, batch, gamma,
+                                                       sampling, params.use_cuda_graph)
     _sync(device)
     t0 = time.perf_counter()
     next_tok = sample(prefill(target, target_cache, prompts, params.prefill_chunk), sampling, generator)
@@ -74,8 +77,6 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     prefill_s = time.perf_counter() - t0
     log = RoundLog(next_tok.tolist(), params, gamma)
     timer = PhaseTimer(device)
-    graphs = None if sparse else _LosslessGraphs.reuse(steps, target, draft, target_cache, draft_cache, batch, gamma,
-                                                       sampling, params.use_cuda_graph)
     keys_read = torch.zeros((), dtype=torch.long, device=device)     # on the device: counting must not sync
     keys_dense = rounds = 0
     while not log.finished():

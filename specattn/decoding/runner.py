@@ -68,6 +68,15 @@ def prefill(model: Transformer, cache: PagedKVCache, prompts: list[list[int]],
     return torch.cat(last)
 
 
+def prepare_graphs(model: Transformer, cache: PagedKVCache, use_cuda_graph: bool) -> bool:
+    """Whether steps on this cache run as CUDA graphs; if so, the model's fused functions are compiled now (call it
+    before a run's prefill, so that the prefill of a later run does not pay their compilation)."""
+    use_graph = use_cuda_graph and cache.device.type == "cuda"
+    if use_graph and model.step_fns is EAGER:
+        model.compile_steps()
+    return use_graph
+
+
 class StepRunner:
     """Runs `model` on q_len new tokens for every active sequence; returns logits [batch, q_len, vocab].
 
@@ -78,9 +87,7 @@ class StepRunner:
 
     def __init__(self, model: Transformer, cache: PagedKVCache, use_cuda_graph: bool = True):
         self.model, self.cache = model, cache
-        self.use_graph = use_cuda_graph and cache.device.type == "cuda"
-        if self.use_graph and model.step_fns is EAGER:
-            model.compile_steps()
+        self.use_graph = prepare_graphs(model, cache, use_cuda_graph)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     def ready(self, batch: int, q_len: int) -> bool:

@@ -18,11 +18,11 @@ import torch
 
 from ..cache import PagedKVCache, to_device
 from ..errors import InvalidInputError
-from ..model import EAGER, Transformer
+from ..model import Transformer
 from ..selection import PageSelection, QuestSelection, SelectionPolicy
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop, decode_step
-from .runner import StepRunner, capture_graph, check_prompts, prefill
+from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs
 from .sampling import SamplingParams, agree, probabilities, sample, sample_inverse_cdf
 
 
@@ -70,9 +70,7 @@ class RoundSteps:
                  sampling: SamplingParams, use_cuda_graph: bool = True):
         self.model, self.cache, self.batch, self.gamma, self.sampling = model, cache, batch, gamma, sampling
         self.policy = policy
-        self.use_graph = use_cuda_graph and cache.device.type == "cuda"
-        if self.use_graph and model.step_fns is EAGER:
-            model.compile_steps()
+        self.use_graph = prepare_graphs(model, cache, use_cuda_graph)
         cfg, dev = model.cfg, cache.device
         self.page_mass = self.token_scores = None
         if policy.wants_page_mass:
@@ -368,6 +366,7 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         p.check_context(max(len(q) for q in prompts))
     device, sampling = cache.device, params.sampling
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    prepare_graphs(model, cache, params.use_cuda_graph)
     _sync(device)
     t0 = time.perf_counter()
     next_tok = agree(sample(prefill(model, cache, prompts, params.prefill_chunk), sampling, generator), model, sampling)
