@@ -54,7 +54,9 @@ def shape_key(model: Transformer, device: torch.device, batch: int, context: int
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     bucket = 1 << max(0, math.ceil(math.log2(max(context, 1))))
     mode = "greedy" if greedy else "sampling"
-    return f"{name}|{dev}|{model.embed.weight.dtype}|b{batch}|ctx<={bucket}|budget{spec.budget:g}|g{spec.gamma}|{mode}"
+    tp = f"|tp{model.tp.world}" if model.tp else ""
+    return (f"{name}|{dev}|{model.embed.weight.dtype}|b{batch}|ctx<={bucket}|budget{spec.budget:g}|g{spec.gamma}"
+            f"|{mode}{tp}")
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,28 @@ class CostModel:
                          for n, a in self.spec.items()}}
 
 
+class RankZeroDecides:
+    """A controller's choices under tensor parallelism: each rank times its own steps, so their cost models may
+    differ; rank 0's choice is broadcast and every rank runs it (ranks that ran different steps would wait
+    forever in each other's all-reduces). Observations still reach every rank's own model."""
+
+    def __init__(self, inner: CostModel, tp, policies: tuple[str, ...], device: torch.device):
+        self.inner, self.tp, self.policies, self.device = inner, tp, policies, device
+
+    @property
+    def needs_timing(self) -> bool:
+        return self.inner.needs_timing
+
+    def next(self, context: float) -> int | tuple[int, str]:
+        choice = self.inner.next(context)
+        code = torch.tensor([0 if choice == 0 else 1 + self.policies.index(choice[1])], device=self.device)
+        code = int(self.tp.broadcast(code).item())
+        return 0 if code == 0 else (self.inner.gamma, self.policies[code - 1])
+
+    def observe(self, *args, **kwargs) -> None:
+        self.inner.observe(*args, **kwargs)
+
+
 def geometric_tokens_per_round(alpha: float, gamma: int) -> float:
     """1 + a + ... + a^gamma: tokens per round when each draft is accepted with probability a independently."""
     return sum(alpha ** i for i in range(gamma + 1))
@@ -220,11 +244,13 @@ def generate_auto(model: Transformer, prompts: list[list[int]], params: Generati
     had_costs = key in known
     policies = {name: make_policy(name, spec, model.cfg.num_layers) for name in AUTO_POLICIES}
     controller = CostModel(spec.gamma, ByteModel.of(model, cache, len(prompts), spec), AUTO_POLICIES, known.get(key))
+    deciding = RankZeroDecides(controller, model.tp, AUTO_POLICIES, device) if model.tp else controller
     result = generate_self_speculative(model, cache, prompts, params, policies, spec.gamma, steps,
-                                       controller=controller)
-    known = _read(cache_path)                        # another process may have written meanwhile
-    known[key] = controller.state()
-    write_json_atomic(cache_path, known)
+                                       controller=deciding)
+    if model.tp is None or model.tp.rank == 0:          # under tensor parallelism rank 0's costs decide
+        known = _read(cache_path)                        # another process may have written meanwhile
+        known[key] = controller.state()
+        write_json_atomic(cache_path, known)
     s = result.stats
     speculative_tokens = s["new_tokens"] - len(prompts) - s["dense_steps"] * len(prompts)
     s.update({"method": "auto", "auto_key": key, "auto_had_costs": had_costs,

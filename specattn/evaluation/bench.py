@@ -60,11 +60,20 @@ class BenchConfig:
     repeats: int = 1                     # timed runs per method and cell; the median (by decode tokens/s) is kept
 
 
-def free_memory_bytes(device: torch.device) -> int:
+def free_memory_bytes(device: torch.device, tp=None) -> int:
+    """Free memory on this device; under tensor parallelism the smallest over the ranks, so that every rank
+    skips the same cells (a rank that ran a cell alone would wait forever in its all-reduces)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import os
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import os
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if tp is not None:
+        import torch.distributed as dist
+        least = torch.tensor([free], dtype=torch.int64, device=device)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN, group=tp.group)
+        free = int(least.item())
+    return free
 
 
 def cell_cache_bytes(model: Transformer, batch: int, context: int, cfg: BenchConfig, dtype: torch.dtype) -> int:
@@ -80,7 +89,7 @@ def skip_reason(model: Transformer, batch: int, context: int, cfg: BenchConfig, 
         return (f"context {context} + {cfg.new_tokens} new tokens exceeds the model's "
                 f"{model.cfg.max_positions} positions")
     need = cell_cache_bytes(model, batch, context, cfg, dtype)
-    free = free_memory_bytes(device)
+    free = free_memory_bytes(device, model.tp)
     if need > MEMORY_HEADROOM * free:
         return f"KV cache of {need / 2**30:.1f} GiB does not fit in {free / 2**30:.1f} GiB free"
     if cfg.spec.budget >= 1 and cfg.spec.budget >= context:
