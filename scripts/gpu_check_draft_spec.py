@@ -1,5 +1,6 @@
-"""GPU check of the graph-captured lossless draft-model loop on small random models (no checkpoint needed):
-greedy output equals AR's token for token (fp32), a second run reuses the first run's graphs, sampling runs.
+"""GPU check of the graph-captured draft-model loops on small random models (no checkpoint needed): lossless
+greedy output equals AR's token for token (fp32), a second run reuses the first run's graphs, sampling runs;
+page-level SpecAttn-S with p = 1 equals AR with the target as its own draft, and with p = 0.9 reads fewer keys.
 Usage on the GPU machine: PYTHONPATH=. python3 scripts/gpu_check_draft_spec.py"""
 import time
 
@@ -8,7 +9,7 @@ import torch
 from specattn.cache import PagedKVCache
 from specattn.config import ModelConfig
 from specattn.decoding.ar import GenerationParams, generate_ar
-from specattn.decoding.draft_speculative import generate_draft_speculative
+from specattn.decoding.draft_speculative import SparseVerification, generate_draft_speculative
 from specattn.decoding.sampling import SamplingParams
 from specattn.model import Transformer
 
@@ -41,3 +42,14 @@ print({"greedy_equals_ar": first.tokens == ar, "second_run_equals_ar": again.tok
        "first_run_s": round(t1 - t0, 2), "second_run_s": round(t2 - t1, 3),
        "mean_accepted_len": round(again.stats["mean_accepted_len"], 2),
        "sampled_lengths": [len(t) for t in sampled.tokens]})
+
+same = PagedKVCache(target.cfg, 2, 400, device="cuda"), PagedKVCache(target.cfg, 2, 400, device="cuda")
+layers = tuple(range(target.cfg.num_layers))
+dense = generate_draft_speculative(target, target, *same, prompts, params, 4,
+                                   SparseVerification(layers, 1.0, (0,), page_level=True))
+pruned = generate_draft_speculative(target, draft, *caches, prompts, params, 4,
+                                    SparseVerification((0, 1, 1, 1), 0.9, (0,), page_level=True))
+print({"specattn_s_p1_equals_ar": dense.tokens == ar, "p1_acceptance": dense.stats["acceptance_rate"],
+       "p09_keys_read": round(pruned.stats["verifier_keys_read_fraction_sparse_layers"], 3),
+       "p09_rounds_s": round(pruned.stats["draft_s"] + pruned.stats["verify_s"], 4),
+       "p09_rounds": pruned.stats["rounds"]})

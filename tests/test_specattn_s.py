@@ -180,3 +180,43 @@ def test_page_level_sparse_verification_from_the_drafts_page_mass():
     draft.set_attention_backend("reference")
     assert runs[0].tokens == runs[1].tokens
     assert runs[0].stats["verifier_keys_read_fraction_sparse_layers"] < 1.0
+
+
+def test_page_sets_on_the_device_select_what_the_host_path_selects():
+    """The graph-capturable page-level selection (sets ORed per draft step, lists from device lengths) against the
+    host-side _verifier_selection on the same recorded page distributions."""
+    from specattn.decoding.draft_speculative import _verifier_selection, add_topp_pages, page_set_selection
+    torch.manual_seed(3)
+    sparse = SparseVerification((0, 1, 2, 2), p=0.7, dense_layers=(0,), page_level=True)
+    layers, batch, pages, gamma, ps = [0, 1, 2], 3, 12, 3, 8
+    start_lens = [37, 64, 71]
+    recorded = {layer: [] for layer in layers}
+    sets = torch.zeros(len(layers), batch, pages, dtype=torch.bool)
+    for step in range(gamma):
+        probs = torch.rand(len(layers), batch, pages) ** 4
+        for b, n in enumerate(start_lens):                    # pages past the step's length hold no mass
+            probs[:, b, -(-(n + step + 1) // ps):] = 0
+        probs /= probs.sum(-1, keepdim=True)
+        add_topp_pages(sets, probs, sparse.p)
+        for i, layer in enumerate(layers):
+            recorded[layer].append(probs[i][:, None])
+    want = _verifier_selection(sparse, recorded, start_lens, gamma, TARGET, ps)
+    got = page_set_selection(sets, torch.tensor(start_lens), gamma, sparse, layers, TARGET, ps)
+    assert torch.equal(got.counts, want.counts) and got.dense_layers == want.dense_layers and not got.token_level
+    for j in range(TARGET.num_layers):
+        for b in range(batch):
+            n = int(want.counts[j, b, 0])
+            assert torch.equal(got.pages[j, b, :, :n], want.pages[j, b, :, :n])
+            assert (got.pages[j, b, :, n:] == -1).all()
+
+
+def test_page_level_runs_reuse_their_round_runners():
+    target, draft = _pair()
+    prompts = [[1, 5, 9, 2, 6, 6, 1, 3] * 8, [4, 4, 8, 1] * 12]
+    lm = SparseVerification((0, 1, 2, 2), p=0.5, dense_layers=(0,), page_level=True)
+    caches = PagedKVCache(TARGET, 2, 100), PagedKVCache(DRAFT, 2, 100)
+    first = generate_draft_speculative(target, draft, *caches, prompts, GenerationParams(12), 3, lm)
+    again = generate_draft_speculative(target, draft, *caches, prompts, GenerationParams(12), 3, lm, first.runner)
+    assert again.runner is first.runner and again.tokens == first.tokens
+    assert again.stats["verifier_keys_read_fraction_sparse_layers"] == first.stats[
+        "verifier_keys_read_fraction_sparse_layers"] < 1.0

@@ -8,9 +8,10 @@ SpecAttn-S (`SparseVerification`): while drafting, the draft's head-averaged att
 map names is recorded; per verifier layer, the union over the gamma draft steps of the top-p key sets of its
 mapped draft layer is all the verifier attends to (the verified block itself stays visible; the first layers
 stay dense), through the sparse attention kernel's token lists. That verification is approximate: the output
-follows a sparse-attention verifier. Lossless rounds run as CUDA graphs on the GPU (the gamma draft steps in one
-graph, the verify step in another); SpecAttn-S rounds run eagerly and record the draft's attention through the
-reference path (graphs and kernel-side draft scores for them are not built yet).
+follows a sparse-attention verifier. On the GPU, lossless rounds and page-level SpecAttn-S rounds (pages chosen
+from the draft's page mass, the attention kernel's by-product) run as CUDA graphs: the gamma draft steps in one,
+the verify step in another. Token-level SpecAttn-S records the draft's attention through the reference path and
+runs eagerly.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from ..model import Transformer
 from ..selection import PageSelection, SelectionPolicy
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync
-from .runner import StepRunner, check_prompts, prefill
-from .sampling import SamplingParams, probabilities, sample
+from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs
+from .sampling import SamplingParams, probabilities, sample, sample_inverse_cdf
 from .self_speculative import PhaseTimer, RoundLog, RoundSteps, cache_tokens_needed
 
 
@@ -67,8 +68,8 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     device, batch, sampling = target_cache.device, len(prompts), params.sampling
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     # Built before the prefill: building compiles the models' fused functions, which the prefill then uses.
-    graphs = None if sparse else _LosslessGraphs.reuse(steps, target, draft, target_cache, draft_cache, batch, gamma,
-                                                       sampling, params.use_cuda_graph)
+    graphs = _round_graphs(steps, target, draft, target_cache, draft_cache, batch, gamma, sampling, sparse,
+                           params.use_cuda_graph)
     _sync(device)
     t0 = time.perf_counter()
     next_tok = sample(prefill(target, target_cache, prompts, params.prefill_chunk), sampling, generator)
@@ -85,7 +86,7 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         t = timer.start()
         if graphs:
             draft_cache.reserve(gamma + 1)
-            drafts, draft_probs = graphs.draft.draft(None, next_tok, generator)
+            drafts, draft_probs = graphs.draft_round(next_tok, generator)
             draft_cache.advance(gamma)              # the drafts' K/V were written at the positions they take
         else:
             drafts, draft_probs, recorded = _draft(draft, draft_cache, next_tok, gamma, sampling, generator, sparse)
@@ -96,6 +97,11 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         block = torch.cat([next_tok[:, None], drafts], dim=1)
         if graphs:
             logits = graphs.verify(block)
+            if sparse:
+                selection = graphs.selection()
+                keys_read += selection.tokens_selected(target_cache.page_size) // target.cfg.num_kv_heads
+                sparse_layers = sum(j not in selection.dense_layers for j in range(target.cfg.num_layers))
+                keys_dense += (sum(start_lens) + batch * (gamma + 1)) * sparse_layers
         else:
             view = target_cache.step_view(gamma + 1)
             view.selection = _verifier_selection(sparse, recorded, start_lens, gamma, target.cfg,
@@ -139,6 +145,19 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     return GenerationResult(tokens, stats, graphs)
 
 
+def _round_graphs(steps, target, draft, target_cache, draft_cache, batch: int, gamma: int, sampling, sparse,
+                  use_cuda_graph: bool):
+    """The runner of this run's rounds: lossless ones and page-level SpecAttn-S ones run as graphs (eagerly on the
+    CPU, same code); token-level SpecAttn-S (None here) records the draft's attention through the reference path."""
+    if sparse is None:
+        return _LosslessGraphs.reuse(steps, target, draft, target_cache, draft_cache, batch, gamma, sampling,
+                                     use_cuda_graph)
+    if sparse.page_level:
+        return _PageSetGraphs.reuse(steps, target, draft, target_cache, draft_cache, batch, gamma, sampling, sparse,
+                                    use_cuda_graph)
+    return None
+
+
 class _LosslessGraphs:
     """The step runners of a lossless round: the gamma dense draft steps as one graph (RoundSteps with the full
     policy), the verifier's step over gamma + 1 tokens, and the draft's single step that writes its last token when
@@ -159,29 +178,145 @@ class _LosslessGraphs:
         return steps if fits else cls(target, draft, target_cache, draft_cache, batch, gamma, sampling,
                                       use_cuda_graph)
 
+    def draft_round(self, first_tok: torch.Tensor, generator: torch.Generator):
+        return self.draft.draft(None, first_tok, generator)
+
+
+class _PageSetGraphs:
+    """Page-level SpecAttn-S rounds as two graphs (eager on the CPU, same code). The draft graph runs the gamma
+    draft steps and ORs, per mapped draft layer, the top-p pages of each step's head-averaged attention (the
+    attention kernel's page mass) into a page set; the verify graph turns the sets and the verified block into
+    the sparse kernel's page lists, from device lengths alone, and runs the verify step over them."""
+
+    def __init__(self, target, draft, target_cache, draft_cache, batch: int, gamma: int, sampling: SamplingParams,
+                 sparse: SparseVerification, use_cuda_graph: bool):
+        self.target, self.draft, self.target_cache, self.draft_cache = target, draft, target_cache, draft_cache
+        self.batch, self.gamma, self.sampling, self.sparse = batch, gamma, sampling, sparse
+        self.use_graph = prepare_graphs(target, target_cache, use_cuda_graph)
+        prepare_graphs(draft, draft_cache, use_cuda_graph)
+        self.layers = sorted(set(sparse.draft_layer))
+        dev, cfg = draft_cache.device, draft.cfg
+        self.mass = torch.zeros(cfg.num_layers, batch, cfg.num_kv_heads, draft_cache.max_pages_per_seq, device=dev)
+        self.sets = torch.zeros(len(self.layers), batch, target_cache.max_pages_per_seq, dtype=torch.bool,
+                                device=dev)
+        self.first_tok = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.uniforms = torch.ones(batch, gamma, device=dev)
+        self.verify_in = torch.zeros(batch, gamma + 1, dtype=torch.long, device=dev)
+        self.last = StepRunner(draft, draft_cache, use_cuda_graph)
+        self._draft_graph = self._verify_graph = None
+        self._selection = None
+
+    @classmethod
+    def reuse(cls, steps, target, draft, target_cache, draft_cache, batch: int, gamma: int, sampling, sparse,
+              use_cuda_graph: bool) -> _PageSetGraphs:
+        fits = (isinstance(steps, cls) and steps.target is target and steps.draft is draft
+                and steps.target_cache is target_cache and steps.draft_cache is draft_cache
+                and (steps.batch, steps.gamma, steps.sampling, steps.sparse) == (batch, gamma, sampling, sparse)
+                and steps.use_graph == (use_cuda_graph and target_cache.device.type == "cuda"))
+        return steps if fits else cls(target, draft, target_cache, draft_cache, batch, gamma, sampling, sparse,
+                                      use_cuda_graph)
+
+    def draft_round(self, first_tok: torch.Tensor, generator: torch.Generator):
+        uniforms = None if self.sampling.greedy else 1 - torch.rand(self.uniforms.shape, device=first_tok.device,
+                                                                    generator=generator)
+        if not self.use_graph:
+            return self._draft_body(first_tok, uniforms)
+        if self._draft_graph is None:
+            self._draft_graph = capture_graph(lambda: self._draft_body(self.first_tok, self.uniforms))
+        graph, out = self._draft_graph
+        self.first_tok.copy_(first_tok)
+        if uniforms is not None:
+            self.uniforms.copy_(uniforms)
+        graph.replay()
+        return out
+
+    def _draft_body(self, first, uniforms):
+        cache, batch, heads = self.draft_cache, self.batch, self.draft.cfg.num_heads
+        self.sets.zero_()
+        drafts, probs_list, tok = [], [], first
+        for i in range(self.gamma):
+            view = cache.step_view(1, static=True)
+            self.mass.zero_()
+            view.page_mass = self.mass
+            logits = self.draft(tok[:, None], cache, view)[:, -1]
+            cache.lens[:batch] += 1
+            add_topp_pages(self.sets, self.mass[self.layers].sum(2) / heads, self.sparse.p)
+            if self.sampling.greedy:
+                tok = logits.argmax(-1)
+            else:
+                probs = probabilities(logits, self.sampling)
+                tok = sample_inverse_cdf(probs, uniforms[:, i])
+                probs_list.append(probs)
+            drafts.append(tok)
+        cache.lens[:batch] -= self.gamma
+        return torch.stack(drafts, dim=1), (torch.stack(probs_list, dim=1) if probs_list else None)
+
+    def verify(self, block: torch.Tensor) -> torch.Tensor:
+        if not self.use_graph:
+            logits, self._selection = self._verify_body(block)
+            return logits
+        if self._verify_graph is None:
+            self._verify_graph = capture_graph(lambda: self._verify_body(self.verify_in))
+        graph, (logits, self._selection) = self._verify_graph
+        self.verify_in.copy_(block)
+        graph.replay()
+        return logits
+
+    def _verify_body(self, block):
+        cache = self.target_cache
+        view = cache.step_view(self.gamma + 1, static=True)
+        view.selection = page_set_selection(self.sets, cache.lens[: self.batch], self.gamma, self.sparse, self.layers,
+                                            self.target.cfg, cache.page_size)
+        return self.target(block, cache, view, all_logits=True), view.selection
+
+    def selection(self) -> PageSelection:
+        """The page lists of the last verify step."""
+        return self._selection
+
+
+def add_topp_pages(sets: torch.Tensor, page_probs: torch.Tensor, p: float) -> None:
+    """sets [layers, batch, pages] |= the smallest top set of pages holding mass >= p, per (layer, sequence), of
+    page_probs [layers, batch, draft pages] (a draft step's head-averaged attention per page)."""
+    width = min(sets.shape[-1], page_probs.shape[-1])
+    sets[..., :width] |= topp_key_mask(page_probs, p)[..., :width]
+
+
+def page_set_selection(sets: torch.Tensor, lens: torch.Tensor, gamma: int, sparse: SparseVerification,
+                       layers: list[int], cfg, page_size: int) -> PageSelection:
+    """_verifier_selection at page level from device state alone (graph-capturable): per verifier layer, the page
+    set of its mapped draft layer plus the pages of the verified block (from each sequence's length `lens`), as
+    ascending page lists of the full page-table width, -1 padded, shared by the layer's KV heads."""
+    pages_total = sets.shape[-1]
+    first = lens.long()[:, None]
+    position = torch.arange(pages_total, device=sets.device)[None, :]
+    block = (position >= first // page_size) & (position <= (first + gamma) // page_size)
+    keys = sets | block[None]                                                     # [mapped layers, batch, pages]
+    ordered = torch.where(keys, position, pages_total).sort(dim=-1).values
+    lists = torch.where(ordered == pages_total, -1, ordered).int()
+    pick = torch.tensor([layers.index(d) for d in sparse.draft_layer], device=sets.device)
+    pages, counts = lists[pick], keys.sum(-1).int()[pick]                        # [target layers, batch, ...]
+    heads = cfg.num_kv_heads
+    return PageSelection(pages[:, :, None].expand(-1, -1, heads, -1).contiguous(),
+                         counts[:, :, None].expand(-1, -1, heads).contiguous(),
+                         frozenset(sparse.dense_layers), token_level=False)
+
 
 def _draft(draft: Transformer, cache: PagedKVCache, first_tok: torch.Tensor, gamma: int, sampling, generator,
-           sparse: SparseVerification | None):
-    """gamma dense draft steps. Returns drafts [batch, gamma], their distributions when sampling, and (SpecAttn-S)
-    the head-averaged attention of each step per recorded draft layer: {layer: [[batch, 1, kv_len], ...]}."""
+           sparse: SparseVerification):
+    """gamma dense draft steps, eager, recording the head-averaged attention of each step per mapped draft layer
+    through the reference path (token-level SpecAttn-S). Returns drafts [batch, gamma], their distributions when
+    sampling, and {layer: [[batch, 1, kv_len], ...]}."""
     cache.reserve(gamma + 1)
-    wanted = set(sparse.draft_layer) if sparse else set()
+    wanted = set(sparse.draft_layer)
     recorded = {layer: [] for layer in wanted}
     drafts, probs_list, tok = [], [], first_tok
     for _ in range(gamma):
         view = cache.step_view(1)
-        if wanted and sparse.page_level:    # mass per page from the attention pass itself
-            view.page_mass = torch.zeros(draft.cfg.num_layers, cache.batch, draft.cfg.num_kv_heads,
-                                         cache.max_pages_per_seq, device=cache.device)
-        elif wanted:
-            view.attention_probs, view.record_layers = {}, frozenset(wanted)
+        view.attention_probs, view.record_layers = {}, frozenset(wanted)
         logits = draft(tok[:, None], cache, view)[:, -1]
         cache.advance(1)
         for layer in wanted:
-            if sparse.page_level:            # [batch, 1, pages], a distribution: summed over heads / heads
-                recorded[layer].append(view.page_mass[layer].sum(1, keepdim=True) / draft.cfg.num_heads)
-            else:
-                recorded[layer].append(view.attention_probs[layer])
+            recorded[layer].append(view.attention_probs[layer])
         if sampling.greedy:
             tok = logits.argmax(-1)
         else:
@@ -192,8 +327,7 @@ def _draft(draft: Transformer, cache: PagedKVCache, first_tok: torch.Tensor, gam
     return torch.stack(drafts, 1), (torch.stack(probs_list, 1) if probs_list else None), recorded
 
 
-def _write_last_draft(draft: Transformer, cache: PagedKVCache, last: torch.Tensor,
-                      graphs: _LosslessGraphs | None) -> None:
+def _write_last_draft(draft: Transformer, cache: PagedKVCache, last: torch.Tensor, graphs) -> None:
     cache.reserve(1)
     if graphs:
         graphs.last(last[:, None])
@@ -206,7 +340,8 @@ def _verifier_selection(sparse: SparseVerification, recorded: dict, start_lens: 
                         cfg, page_size: int) -> PageSelection:
     """Lists for the verify step: per verifier layer, the union over draft steps of the mapped draft layer's top-p
     keys (or pages) plus the verified block itself, shared by the layer's KV heads (sparse kernel). Dense layers
-    get the same lists but the kernel ignores them."""
+    get the same lists but the kernel ignores them. Host-side; the token-level loop uses it, and at page level it
+    is the reference for page_set_selection."""
     unit = page_size if sparse.page_level else 1          # tokens per listed item
     kv_len = -(-(max(start_lens) + gamma + 1) // unit)
     device = next(iter(recorded.values()))[0].device
