@@ -2,7 +2,8 @@
 # On the GPU machine, right after `source scripts/gpu_setup.sh part01`: the benchmarks whose numbers the README
 # quotes, each under its own time limit so one slow part cannot take the others down. Results go to $OUT.
 #   bash scripts/gpu_agenda.sh auto selfspec ar peers gptfast     (any subset, in the order given)
-# gptfast needs .peers carried (bash scripts/fetch_gptfast.sh here first).
+# gptfast needs .peers carried (bash scripts/fetch_gptfast.sh here first); qwen needs the SpecAttn-S pair stored
+# and joined first (scripts/gpu_qwen_pair.sh: SPECATTN_QWEN_DRAFT / SPECATTN_QWEN_TARGET set).
 set -u
 for part in "$@"; do
   case "$part" in
@@ -14,6 +15,10 @@ for part in "$@"; do
     peers)    timeout 420 python3 benchmarks/peers.py --out "$OUT/peers.json" 2>&1 | grep "^{" | tail -14 ;;
     gptfast)  timeout 400 python3 benchmarks/gptfast_peer.py --gpt-fast .peers/gpt-fast --out "$OUT/gptfast.json" \
                 2>&1 | grep -v -i warn | grep -v "self.gen" | tail -6 ;;
-    *)        echo "unknown part $part (auto, selfspec, ar, peers, gptfast)" >&2 ;;
+    qwen)     timeout 500 python3 -m specattn.cli bench --model "$SPECATTN_QWEN_TARGET" --draft "$SPECATTN_QWEN_DRAFT" \
+                --layer-map benchmarks/results/layermap_qwen.json --methods ar,draft-spec,specattn-s --page-level \
+                --keys-p 0.97 --context 1k,4k,8000 --batch 1,8,32 --new-tokens 128 --text .data/gutenberg/pg2554.txt \
+                --quiet --json "$OUT/specattn_s_e2e.json" 2>&1 | grep -v -i warn | tail -14 ;;
+    *)        echo "unknown part $part (auto, selfspec, ar, peers, gptfast, qwen)" >&2 ;;
   esac
 done
