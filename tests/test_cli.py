@@ -302,7 +302,7 @@ def test_generate_under_torchrun_with_two_ranks_prints_what_one_process_prints(c
     assert code == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "specattn.cli", *args],
+                          "-m", "specattn", *args],           # the package runs as its CLI
                          capture_output=True, text=True, env=env, timeout=180)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == single            # one copy of the text, from rank 0, equal to the single process
