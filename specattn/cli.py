@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -347,10 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except SpecAttnError as e:
         print(f"specattn: error: {e}", file=sys.stderr)
         return 2
+    from .distributed import finish_tensor_parallel
+    if finish_tensor_parallel():
+        # A rank under torchrun leaves without the interpreter's teardown: there, now and then, a native thread of
+        # the distributed stack was destroyed while still joinable ("terminate called without an active
+        # exception", SIGABRT, exit -6) after all the work was done and printed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -57,6 +57,17 @@ def init_tensor_parallel() -> TensorParallel | None:
     return TensorParallel(dist.get_rank(), dist.get_world_size())
 
 
+def finish_tensor_parallel() -> bool:
+    """After a command every rank finished: wait for the others, then close the process group. Returns whether
+    there was one to close."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
 def check_ranks_agree(tp: TensorParallel | None, what: str, value) -> None:
     """Every rank must serve the same request on the same model: one rank with another checkpoint or argument
     would deadlock in a collective or mix results. Compares a digest of `value` over the ranks; every rank raises

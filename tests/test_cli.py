@@ -291,6 +291,14 @@ def test_bad_bench_values(capsys, tmp_path, args, words):
     assert_one_line_error(code, err, *words)
 
 
+def _rank_env() -> dict:
+    """The environment of torchrun's ranks: one thread each, and without the Triton interpreter the tests switch on
+    (the ranks' CPU path uses the reference attention)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
 def test_generate_under_torchrun_with_two_ranks_prints_what_one_process_prints(capsys, tmp_path):
     import subprocess
     import sys
@@ -300,7 +308,7 @@ def test_generate_under_torchrun_with_two_ranks_prints_what_one_process_prints(c
             "--quiet", "--device", "cpu"]
     code, single, _ = run_cli(capsys, *args)
     assert code == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = _rank_env()
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "specattn", *args],           # the package runs as its CLI
                          capture_output=True, text=True, env=env, timeout=180)
@@ -317,7 +325,7 @@ def test_bench_under_torchrun_reports_once_with_lossless_methods_equal_to_ar(tmp
     text = tmp_path / "t.txt"
     text.write_text(" ".join(words[i * 7 % 30] for i in range(300)))
     out = tmp_path / "bench.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPECATTN_CACHE_DIR": str(tmp_path / "auto")}
+    env = {**_rank_env(), "SPECATTN_CACHE_DIR": str(tmp_path / "auto")}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "specattn.cli", "bench", "--model", str(folder), "--text", str(text), "--methods",
                           "ar,specattn-y,auto", "--context", "64", "--batch", "2", "--budget", "16", "--new-tokens",
