@@ -351,9 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except SpecAttnError as e:
         print(f"specattn: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     from .distributed import finish_tensor_parallel
-    if finish_tensor_parallel():
+    if finish_tensor_parallel(wait=code != 2):
         # A rank under torchrun leaves without the interpreter's teardown: there, now and then, a native thread of
         # the distributed stack was destroyed while still joinable ("terminate called without an active
         # exception", SIGABRT, exit -6) after all the work was done and printed.

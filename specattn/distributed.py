@@ -57,13 +57,14 @@ def init_tensor_parallel() -> TensorParallel | None:
     return TensorParallel(dist.get_rank(), dist.get_world_size())
 
 
-def finish_tensor_parallel() -> bool:
-    """After a command every rank finished: wait for the others, then close the process group. Returns whether
-    there was one to close."""
+def finish_tensor_parallel(wait: bool = True) -> bool:
+    """After a command: wait for the other ranks (unless this one failed alone, when they may never come), then
+    close the process group. Returns whether there was one to close."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return False
-    dist.barrier()
+    if wait:
+        dist.barrier()
     dist.destroy_process_group()
     return True
 
