@@ -29,8 +29,8 @@ from ..selection import PageSelection, SelectionPolicy
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync
 from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs
-from .sampling import SamplingParams, probabilities, sample, sample_inverse_cdf
-from .self_speculative import PhaseTimer, RoundLog, RoundSteps, cache_tokens_needed
+from .sampling import SamplingParams, probabilities, sample
+from .self_speculative import PhaseTimer, RoundLog, RoundSteps, cache_tokens_needed, draft_steps
 
 
 @dataclass(frozen=True)
@@ -97,21 +97,18 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         block = torch.cat([next_tok[:, None], drafts], dim=1)
         if graphs:
             logits = graphs.verify(block)
-            if sparse:
-                selection = graphs.selection()
-                keys_read += selection.tokens_selected(target_cache.page_size) // target.cfg.num_kv_heads
-                sparse_layers = sum(j not in selection.dense_layers for j in range(target.cfg.num_layers))
-                keys_dense += (sum(start_lens) + batch * (gamma + 1)) * sparse_layers
+            selection = graphs.selection() if sparse else None
         else:
             view = target_cache.step_view(gamma + 1)
-            view.selection = _verifier_selection(sparse, recorded, start_lens, gamma, target.cfg,
-                                                 target_cache.page_size)
+            selection = view.selection = _verifier_selection(sparse, recorded, start_lens, gamma, target.cfg,
+                                                             target_cache.page_size)
+            logits = target(block, target_cache, view, all_logits=True)
+        if selection is not None:
             # keys loaded once for the whole verified block, per sequence and sparse layer (the KV heads share
             # one list)
-            keys_read += view.selection.tokens_selected(target_cache.page_size) // target.cfg.num_kv_heads
-            sparse_layers = sum(j not in view.selection.dense_layers for j in range(target.cfg.num_layers))
+            keys_read += selection.tokens_selected(target_cache.page_size) // target.cfg.num_kv_heads
+            sparse_layers = sum(j not in selection.dense_layers for j in range(target.cfg.num_layers))
             keys_dense += (sum(start_lens) + batch * (gamma + 1)) * sparse_layers
-            logits = target(block, target_cache, view, all_logits=True)
         target_cache.advance(gamma + 1)
         if sampling.greedy:
             accepted, emitted = accept_greedy(drafts, logits)
@@ -231,25 +228,11 @@ class _PageSetGraphs:
         return out
 
     def _draft_body(self, first, uniforms):
-        cache, batch, heads = self.draft_cache, self.batch, self.draft.cfg.num_heads
         self.sets.zero_()
-        drafts, probs_list, tok = [], [], first
-        for i in range(self.gamma):
-            view = cache.step_view(1, static=True)
-            self.mass.zero_()
-            view.page_mass = self.mass
-            logits = self.draft(tok[:, None], cache, view)[:, -1]
-            cache.lens[:batch] += 1
-            add_topp_pages(self.sets, self.mass[self.layers].sum(2) / heads, self.sparse.p)
-            if self.sampling.greedy:
-                tok = logits.argmax(-1)
-            else:
-                probs = probabilities(logits, self.sampling)
-                tok = sample_inverse_cdf(probs, uniforms[:, i])
-                probs_list.append(probs)
-            drafts.append(tok)
-        cache.lens[:batch] -= self.gamma
-        return torch.stack(drafts, dim=1), (torch.stack(probs_list, dim=1) if probs_list else None)
+        heads, p = self.draft.cfg.num_heads, self.sparse.p
+        return draft_steps(self.draft, self.draft_cache, None, first, self.gamma, self.sampling, uniforms, None,
+                           page_mass=self.mass,
+                           after_step=lambda: add_topp_pages(self.sets, self.mass[self.layers].sum(2) / heads, p))
 
     def verify(self, block: torch.Tensor) -> torch.Tensor:
         if not self.use_graph:

@@ -33,20 +33,26 @@ def cache_tokens_needed(prompt_tokens: int, max_new_tokens: int, gamma: int) -> 
 
 
 def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: torch.Tensor, gamma: int,
-                sampling: SamplingParams, uniforms: torch.Tensor | None,
-                kv_len_hint: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                sampling: SamplingParams, uniforms: torch.Tensor | None, kv_len_hint: int | None,
+                page_mass: torch.Tensor | None = None, after_step=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """gamma sparse decode steps from first_tok: drafts [batch, gamma] and, when sampling, the draft's
     distributions [batch, gamma, vocab]. Pages for gamma + 1 tokens must be reserved. Only the device lengths
     move, and they are put back at the end: the drafts' K/V stay past each sequence's end for the verify
-    step to overwrite. Graph-capturable (kv_len_hint None) and the eager path alike."""
+    step to overwrite. Graph-capturable (kv_len_hint None) and the eager path alike. `page_mass`: a buffer each
+    step's attention fills with its mass per page (zeroed first); `after_step()` runs after each step's forward."""
     batch = first_tok.shape[0]
     drafts, probs_list, tok = [], [], first_tok
     for i in range(gamma):
         view = cache.step_view(1, static=True)
         view.max_kv_len = None if kv_len_hint is None else kv_len_hint + i + 1
         view.selection = selection
+        if page_mass is not None:
+            page_mass.zero_()
+            view.page_mass = page_mass
         logits = model(tok[:, None], cache, view)[:, -1]
         cache.lens[:batch] += 1
+        if after_step is not None:
+            after_step()
         if sampling.greedy:
             tok = logits.argmax(-1)
         else:
