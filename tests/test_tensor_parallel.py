@@ -34,14 +34,27 @@ def run_everything(model) -> dict:
     }
 
 
-def _worker(rank: int, world: int, folder: str, port: int, out: str) -> None:
+def _spawn_two(worker, *args) -> None:
+    """worker(rank, world, port, *args) in 2 processes that join one gloo group on a free local port."""
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, *args), nprocs=2, join=True)
+
+
+def _join(rank: int, world: int, port: int):
+    """Inside a spawned worker: torchrun's environment for this rank, then the process group."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    from specattn.distributed import init_tensor_parallel
+    return init_tensor_parallel()
+
+
+def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
-
-    from specattn.distributed import init_tensor_parallel
-    tp = init_tensor_parallel()
+    tp = _join(rank, world, port)
     result = run_everything(load_model(folder, progress=False, tp=tp))
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -62,11 +75,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_two_gloo_ranks_match_one_process(checkpoint, tmp_path):
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, checkpoint, port, str(tmp_path)), nprocs=2, join=True)
+    _spawn_two(_worker, checkpoint, str(tmp_path))
     single = run_everything(load_model(checkpoint, progress=False))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for res in ranks:
@@ -98,12 +107,10 @@ def test_shard_slices_cover_each_weight_once():
 
 
 def _agree_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
     import torch.distributed as dist
 
-    from specattn.distributed import check_ranks_agree, init_tensor_parallel
-    tp = init_tensor_parallel()
+    from specattn.distributed import check_ranks_agree
+    tp = _join(rank, world, port)
     outcome = []
     check_ranks_agree(tp, "the budget", 512)                          # the same everywhere: passes
     try:
@@ -117,22 +124,15 @@ def _agree_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ranks_that_disagree_all_get_the_same_clear_error(tmp_path):
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_agree_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    _spawn_two(_agree_worker, str(tmp_path))
     messages = [(tmp_path / f"agree{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1] and "ranks disagree on the budget" in messages[0]
 
 
 def _decide_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
     import torch.distributed as dist
 
     from specattn.auto import RankZeroDecides
-    from specattn.distributed import init_tensor_parallel
 
     class Opinionated:                 # each rank's own cost model would choose differently
         gamma, needs_timing = 4, False
@@ -140,7 +140,7 @@ def _decide_worker(rank: int, world: int, port: int, out: str) -> None:
         def next(self, context):
             return [0, (4, "magicdec"), (4, "specattn-y")][(rank + int(context)) % 3]
 
-    tp = init_tensor_parallel()
+    tp = _join(rank, world, port)
     decider = RankZeroDecides(Opinionated(), tp, ("specattn-y", "magicdec"), torch.device("cpu"))
     with open(os.path.join(out, f"decide{rank}.txt"), "w") as f:
         f.write(repr([decider.next(c) for c in range(6)]))
@@ -148,10 +148,6 @@ def _decide_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_auto_under_tensor_parallelism_runs_rank_zeros_choices_on_every_rank(tmp_path):
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_decide_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    _spawn_two(_decide_worker, str(tmp_path))
     choices = [(tmp_path / f"decide{r}.txt").read_text() for r in range(2)]
     assert choices[0] == choices[1] == repr([0, (4, "magicdec"), (4, "specattn-y")] * 2)
