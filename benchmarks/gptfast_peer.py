@@ -37,7 +37,7 @@ CELLS = [(1, 512), (1, 4096), (16, 4096)]
 NEW_TOKENS = 128
 
 
-def gptfast_weights(model, args) -> dict[str, torch.Tensor]:
+def gptfast_weights(model) -> dict[str, torch.Tensor]:
     """Our weights under gpt-fast's names; q and k rows reordered for its interleaved rotary (its HF converter's
     permutation), q/k/v fused."""
     hf, cfg = hf_state_dict(model), model.cfg
@@ -71,7 +71,7 @@ def build_gptfast(folder: str, model):
                               n_local_heads=c.num_kv_heads, rope_base=c.rope_theta, norm_eps=c.rms_norm_eps)
     with torch.device("cuda"):
         peer = gf_model.Transformer(args).to(torch.bfloat16)
-    peer.load_state_dict(gptfast_weights(model, args))
+    peer.load_state_dict(gptfast_weights(model))
     peer.eval()
     gf_generate.decode_one_token = torch.compile(gf_generate.decode_one_token, mode="reduce-overhead",
                                                  fullgraph=True)

@@ -23,7 +23,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import LLAMA3_8B, RESULTS, copy_bandwidth_gbs, environment, median_ms  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    LLAMA3_8B,
+    RESULTS,
+    copy_bandwidth_gbs,
+    environment,
+    median_ms,
+    weight_bytes_per_step,
+)
 from specattn.api import SpeculationParams, make_policy  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.config import ModelConfig  # noqa: E402
@@ -57,13 +64,6 @@ def sharded_random_model(cfg: ModelConfig, tp) -> Transformer:
             p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
     model.set_tensor_parallel(tp)
     return model.eval()
-
-
-def weight_bytes(model: Transformer, batch: int) -> int:
-    """Weight bytes one step reads on this rank: every matrix once, `batch` rows of the (untied) embedding."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    e = model.embed.weight
-    return total - e.numel() * e.element_size() + batch * e.shape[1] * e.element_size()
 
 
 def filled_cache(model: Transformer, batch: int, ctx: int) -> PagedKVCache:
@@ -129,7 +129,7 @@ def cell(model, name: str, batch: int, ctx: int, tp, copy_gbs: float, spec: bool
         return {**row, "skipped": reason}
     cache = filled_cache(model, batch, ctx)
     ms = dense_step(model, cache, batch)
-    moved = weight_bytes(model, batch) + batch * ctx * model.cfg.kv_bytes_per_token * 2
+    moved = weight_bytes_per_step(model, batch) + batch * ctx * model.cfg.kv_bytes_per_token * 2
     row.update(step_ms=ms, tokens_per_s=batch / ms * 1e3, bytes_per_gpu=moved, gbs_per_gpu=moved / ms / 1e6,
                bandwidth_fraction=moved / ms / 1e6 / copy_gbs)
     if tp:
