@@ -185,7 +185,12 @@ def test_page_level_sparse_verification_from_the_drafts_page_mass():
 def test_page_sets_on_the_device_select_what_the_host_path_selects():
     """The graph-capturable page-level selection (sets ORed per draft step, lists from device lengths) against the
     host-side _verifier_selection on the same recorded page distributions."""
-    from specattn.decoding.draft_speculative import _verifier_selection, add_topp_pages, page_set_selection
+    from specattn.decoding.draft_speculative import (
+        _verifier_selection,
+        add_topp_pages,
+        page_set_selection,
+        set_rows_per_target_layer,
+    )
     torch.manual_seed(3)
     sparse = SparseVerification((0, 1, 2, 2), p=0.7, dense_layers=(0,), page_level=True)
     layers, batch, pages, gamma, ps = [0, 1, 2], 3, 12, 3, 8
@@ -201,7 +206,8 @@ def test_page_sets_on_the_device_select_what_the_host_path_selects():
         for i, layer in enumerate(layers):
             recorded[layer].append(probs[i][:, None])
     want = _verifier_selection(sparse, recorded, start_lens, gamma, TARGET, ps)
-    got = page_set_selection(sets, torch.tensor(start_lens), gamma, sparse, layers, TARGET, ps)
+    pick = set_rows_per_target_layer(sparse, layers, 'cpu')
+    got = page_set_selection(sets, torch.tensor(start_lens), gamma, sparse, pick, TARGET, ps)
     assert torch.equal(got.counts, want.counts) and got.dense_layers == want.dense_layers and not got.token_level
     for j in range(TARGET.num_layers):
         for b in range(batch):

@@ -193,6 +193,9 @@ class _PageSetGraphs:
         prepare_graphs(draft, draft_cache, use_cuda_graph)
         self.layers = sorted(set(sparse.draft_layer))
         dev, cfg = draft_cache.device, draft.cfg
+        # Index tensors live on the device before capture: a graph may not copy from host memory.
+        self.layer_index = torch.tensor(self.layers, device=dev)
+        self.pick = set_rows_per_target_layer(sparse, self.layers, dev)
         self.mass = torch.zeros(cfg.num_layers, batch, cfg.num_kv_heads, draft_cache.max_pages_per_seq, device=dev)
         self.sets = torch.zeros(len(self.layers), batch, target_cache.max_pages_per_seq, dtype=torch.bool,
                                 device=dev)
@@ -232,7 +235,7 @@ class _PageSetGraphs:
         heads, p = self.draft.cfg.num_heads, self.sparse.p
         return draft_steps(self.draft, self.draft_cache, None, first, self.gamma, self.sampling, uniforms, None,
                            page_mass=self.mass,
-                           after_step=lambda: add_topp_pages(self.sets, self.mass[self.layers].sum(2) / heads, p))
+                           after_step=lambda: add_topp_pages(self.sets, self.mass[self.layer_index].sum(2) / heads, p))
 
     def verify(self, block: torch.Tensor) -> torch.Tensor:
         if not self.use_graph:
@@ -248,7 +251,7 @@ class _PageSetGraphs:
     def _verify_body(self, block):
         cache = self.target_cache
         view = cache.step_view(self.gamma + 1, static=True)
-        view.selection = page_set_selection(self.sets, cache.lens[: self.batch], self.gamma, self.sparse, self.layers,
+        view.selection = page_set_selection(self.sets, cache.lens[: self.batch], self.gamma, self.sparse, self.pick,
                                             self.target.cfg, cache.page_size)
         return self.target(block, cache, view, all_logits=True), view.selection
 
@@ -264,11 +267,17 @@ def add_topp_pages(sets: torch.Tensor, page_probs: torch.Tensor, p: float) -> No
     sets[..., :width] |= topp_key_mask(page_probs, p)[..., :width]
 
 
+def set_rows_per_target_layer(sparse: SparseVerification, layers: list[int], device) -> torch.Tensor:
+    """For each verifier layer, the row of the page-set tensor (one row per mapped draft layer in `layers`)."""
+    return torch.tensor([layers.index(d) for d in sparse.draft_layer], device=device)
+
+
 def page_set_selection(sets: torch.Tensor, lens: torch.Tensor, gamma: int, sparse: SparseVerification,
-                       layers: list[int], cfg, page_size: int) -> PageSelection:
+                       pick: torch.Tensor, cfg, page_size: int) -> PageSelection:
     """_verifier_selection at page level from device state alone (graph-capturable): per verifier layer, the page
-    set of its mapped draft layer plus the pages of the verified block (from each sequence's length `lens`), as
-    ascending page lists of the full page-table width, -1 padded, shared by the layer's KV heads."""
+    set of its mapped draft layer (row pick[layer] of `sets`) plus the pages of the verified block (from each
+    sequence's length `lens`), as ascending page lists of the full page-table width, -1 padded, shared by the
+    layer's KV heads."""
     pages_total = sets.shape[-1]
     first = lens.long()[:, None]
     position = torch.arange(pages_total, device=sets.device)[None, :]
@@ -276,7 +285,6 @@ def page_set_selection(sets: torch.Tensor, lens: torch.Tensor, gamma: int, spars
     keys = sets | block[None]                                                     # [mapped layers, batch, pages]
     ordered = torch.where(keys, position, pages_total).sort(dim=-1).values
     lists = torch.where(ordered == pages_total, -1, ordered).int()
-    pick = torch.tensor([layers.index(d) for d in sparse.draft_layer], device=sets.device)
     pages, counts = lists[pick], keys.sum(-1).int()[pick]                        # [target layers, batch, ...]
     heads = cfg.num_kv_heads
     return PageSelection(pages[:, :, None].expand(-1, -1, heads, -1).contiguous(),
