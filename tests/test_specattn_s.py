@@ -111,6 +111,14 @@ def test_draft_equal_to_target_accepts_everything_and_p1_sparse_is_dense():
     assert res.tokens == ar
     assert res.stats["acceptance_rate"] == 1.0
     assert res.stats["verifier_keys_read_fraction_sparse_layers"] == 1.0
+    lossless = generate_draft_speculative(target, target, PagedKVCache(TARGET, 1, 80), PagedKVCache(TARGET, 1, 80),
+                                          prompts, params, 4)
+    # Each round reads the prompt so far plus the 5-token block, every layer; the draft reads len + 1..4.
+    rounds, cache = lossless.stats["rounds"], PagedKVCache(TARGET, 1, 80)
+    lens = [len(prompts[0]) + 5 * r for r in range(rounds)]
+    assert lossless.stats["kv_bytes_read_verify"] == sum(n + 5 for n in lens) * cache.bytes_per_token
+    assert lossless.stats["kv_bytes_read_draft"] == sum(4 * n + 10 for n in lens) * cache.bytes_per_token
+    assert res.stats["kv_bytes_read_verify"] == lossless.stats["kv_bytes_read_verify"]   # p = 1 reads everything
     sparse = SparseVerification(tuple(range(TARGET.num_layers)), p=0.5, dense_layers=(0,))
     res = generate_draft_speculative(target, target, PagedKVCache(TARGET, 1, 80), PagedKVCache(TARGET, 1, 80),
                                      prompts, params, 4, sparse)

@@ -79,10 +79,12 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     log = RoundLog(next_tok.tolist(), params, gamma)
     timer = PhaseTimer(device)
     keys_read = torch.zeros((), dtype=torch.long, device=device)     # on the device: counting must not sync
-    keys_dense = rounds = 0
+    keys_dense = rounds = verify_tokens = draft_tokens = 0      # tokens read by one layer, summed over sequences
     while not log.finished():
         rounds += 1
         start_lens = target_cache.host_lens()
+        verify_tokens += sum(start_lens) + batch * (gamma + 1)
+        draft_tokens += gamma * sum(start_lens) + batch * gamma * (gamma + 1) // 2   # draft step i reads len + i + 1
         t = timer.start()
         if graphs:
             draft_cache.reserve(gamma + 1)
@@ -107,8 +109,7 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
             # keys loaded once for the whole verified block, per sequence and sparse layer (the KV heads share
             # one list)
             keys_read += selection.tokens_selected(target_cache.page_size) // target.cfg.num_kv_heads
-            sparse_layers = sum(j not in selection.dense_layers for j in range(target.cfg.num_layers))
-            keys_dense += (sum(start_lens) + batch * (gamma + 1)) * sparse_layers
+            keys_dense += (sum(start_lens) + batch * (gamma + 1)) * _sparse_layers(selection, target.cfg)
         target_cache.advance(gamma + 1)
         if sampling.greedy:
             accepted, emitted = accept_greedy(drafts, logits)
@@ -137,9 +138,17 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         "decode_tokens_per_s": (new - batch) / max(total - prefill_s, 1e-9), "rounds": rounds, **log.stats(),
         **{k: v for k, v in timer.totals().items() if k in ("draft_s", "verify_s")},   # selection is part of verify
     }
+    layer_bytes = target_cache.bytes_per_token // target.cfg.num_layers
+    stats["kv_bytes_read_verify"] = layer_bytes * (int(keys_read) + verify_tokens * target.cfg.num_layers
+                                                   - (keys_dense if sparse else 0))
+    stats["kv_bytes_read_draft"] = draft_tokens * draft_cache.bytes_per_token
     if sparse:
         stats["verifier_keys_read_fraction_sparse_layers"] = int(keys_read) / max(1, keys_dense)
     return GenerationResult(tokens, stats, graphs)
+
+
+def _sparse_layers(selection: PageSelection, cfg) -> int:
+    return sum(j not in selection.dense_layers for j in range(cfg.num_layers))
 
 
 def _round_graphs(steps, target, draft, target_cache, draft_cache, batch: int, gamma: int, sampling, sparse,

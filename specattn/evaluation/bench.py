@@ -195,7 +195,9 @@ def run_matrix(model: Transformer, text_tokens: list[int], cfg: BenchConfig, pro
                 "acceptance_per_position": s.get("acceptance_per_position"),
                 "kv_bytes_per_token": _kv_bytes(s) / max(1, sum(len(t) for t in res.tokens)),
                 **{k: s[k] for k in ("draft_s", "verify_s", "select_s", "ar_steps_s", "auto_speculative_share",
-                                     "auto_alpha") if k in s},
+                                     "auto_alpha", "verifier_keys_read_fraction_sparse_layers") if k in s},
+                **({"verify_kv_bytes_per_token": s["kv_bytes_read_verify"] / max(1, sum(len(t) for t in res.tokens))}
+                   if "kv_bytes_read_verify" in s else {}),
             })
             done += 1
             if progress:
@@ -205,7 +207,7 @@ def run_matrix(model: Transformer, text_tokens: list[int], cfg: BenchConfig, pro
 
 def _kv_bytes(stats: dict) -> int:
     return stats.get("kv_bytes_read", 0) + stats.get("kv_bytes_read_prefill_and_verify", 0) + \
-        stats.get("kv_bytes_read_draft", 0)
+        stats.get("kv_bytes_read_verify", 0) + stats.get("kv_bytes_read_draft", 0)
 
 
 def table(rows: list[dict]) -> str:
