@@ -1,14 +1,12 @@
 """Shared pieces of the GPU benchmarks: environment record, copy bandwidth, random models, timing."""
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
 from specattn.config import ModelConfig
+from specattn.evaluation.results import environment  # noqa: F401  (re-exported for the benchmarks)
 from specattn.model import Transformer
 
 RESULTS = Path(__file__).parent / "results"
@@ -25,19 +23,6 @@ LLAMA3_8B = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128256, hidd
 SMOLLM2_135M = ModelConfig(architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                            num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
                            rope_theta=100000.0, tie_embeddings=True, max_positions=8192)
-
-
-def environment() -> dict:
-    import triton
-    commit = os.environ.get("SPECATTN_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": commit}
 
 
 def median_ms(fn, warmup: int = 5, reps: int = 30) -> float:

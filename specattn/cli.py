@@ -229,10 +229,12 @@ def cmd_bench(args) -> int:
     if not speaker:
         return 0
     print(bench.table(rows))
-    result = {"model": args.model, "device": str(session.device), "dtype": str(session.dtype),
+    from .evaluation.results import environment
+    sparse = {"draft": args.draft, "keys_p": args.keys_p, "page_level": args.page_level} if args.draft else {}
+    result = {**environment(), "model": args.model, "dtype": str(session.dtype),
               "config": {"methods": cfg.methods, "contexts": cfg.contexts, "batches": cfg.batches,
                          "budget": args.budget, "gamma": args.gamma, "new_tokens": args.new_tokens,
-                         "temperature": args.temperature, "top_p": args.top_p, "repeats": args.repeats},
+                         "temperature": args.temperature, "top_p": args.top_p, "repeats": args.repeats, **sparse},
               "summary": bench.summary(rows), "rows": rows}
     write_json_atomic(args.json, result)
     bench.plot(rows, Path(args.json).with_suffix(".png"))

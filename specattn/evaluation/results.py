@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -23,3 +25,19 @@ def write_json_atomic(path: str | Path, data) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def environment() -> dict:
+    """Device name, torch and triton versions and the commit (SPECATTN_COMMIT, else git): every result file
+    says where its numbers come from."""
+    import torch
+    import triton
+    commit = os.environ.get("SPECATTN_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    check=True, cwd=Path(__file__).parent).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": commit}
