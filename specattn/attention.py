@@ -43,7 +43,8 @@ class Attention:
         if sel is not None and layer not in sel.dense_layers:
             pages, counts = sel.pages_for(layer, q, view)
             options = {"selected_pages": pages, "selected_counts": counts, "token_level": sel.token_level}
-        want_mass = view.page_mass is not None and not options
+        want_mass = (view.page_mass is not None and not options
+                     and (view.mass_layers is None or layer in view.mass_layers))
         if want_mass:
             options["mass_tokens"] = view.mass_tokens
         want_scores = view.token_scores is not None

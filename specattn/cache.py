@@ -45,6 +45,7 @@ class StepView:
     selection: object | None = None        # a selection.PageSelection: sparse attention (draft steps)
     page_mass: torch.Tensor | None = None  # [layers, batch, kv_heads, max_pages], filled by a verify step
     mass_tokens: int | None = None         # measure that mass per block of this many keys (None: per page)
+    mass_layers: frozenset | None = None   # only these layers fill page_mass (None: all)
     token_scores: torch.Tensor | None = None   # [layers, batch, max_tokens]: Vegas scores of a verify step
     # Studies (reference attention, any device): record head-averaged probabilities per layer into this dict,
     # and/or restrict keys per layer: key_masks[layer] is a [batch, 1 | kv_heads, q_len, kv_len] bool mask or a

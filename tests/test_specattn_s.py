@@ -113,6 +113,8 @@ def test_draft_equal_to_target_accepts_everything_and_p1_sparse_is_dense():
     assert res.stats["verifier_keys_read_fraction_sparse_layers"] == 1.0
     lossless = generate_draft_speculative(target, target, PagedKVCache(TARGET, 1, 80), PagedKVCache(TARGET, 1, 80),
                                           prompts, params, 4)
+    # Every draft accepted: each round's first draft step must have caught up on the last draft's K/V.
+    assert lossless.tokens == ar and lossless.stats["acceptance_rate"] == 1.0
     # Each round reads the prompt so far plus the 5-token block, every layer; the draft reads len + 1..4.
     rounds, cache = lossless.stats["rounds"], PagedKVCache(TARGET, 1, 80)
     lens = [len(prompts[0]) + 5 * r for r in range(rounds)]

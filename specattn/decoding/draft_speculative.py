@@ -77,6 +77,9 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     _sync(device)
     prefill_s = time.perf_counter() - t0
     log = RoundLog(next_tok.tolist(), params, gamma)
+    # The token before each sequence's end: the graph rounds' first draft step rewrites its K/V along with the
+    # first token's, so a round whose drafts were all accepted needs no extra draft step for the last one.
+    prev_tok = torch.tensor([p[-1] for p in prompts], device=device)
     timer = PhaseTimer(device)
     keys_read = torch.zeros((), dtype=torch.long, device=device)     # on the device: counting must not sync
     keys_dense = rounds = verify_tokens = draft_tokens = 0      # tokens read by one layer, summed over sequences
@@ -88,8 +91,10 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         t = timer.start()
         if graphs:
             draft_cache.reserve(gamma + 1)
-            drafts, draft_probs = graphs.draft_round(next_tok, generator)
-            draft_cache.advance(gamma)              # the drafts' K/V were written at the positions they take
+            drafts, draft_probs = graphs.draft_round(torch.stack([prev_tok, next_tok], dim=1), generator)
+            # The drafts' K/V were written at the positions they take; the last draft's slot counts too: it is
+            # kept when every draft is accepted, and the next round's catch-up step writes its K/V.
+            draft_cache.advance(gamma + 1)
         else:
             drafts, draft_probs, recorded = _draft(draft, draft_cache, next_tok, gamma, sampling, generator, sparse)
         timer.stop("draft_s", t)
@@ -119,14 +124,16 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
         accepted_list = [row[0] for row in host]
         done = log.done()
         keep = [n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)]
-        if any(a == gamma for a in accepted_list):
-            _write_last_draft(draft, draft_cache, drafts[:, -1], graphs)   # the draft never saw its last token
+        if not graphs and any(a == gamma for a in accepted_list):
+            _write_last_draft(draft, draft_cache, drafts[:, -1])          # the draft never saw its last token
         draft_cache.truncate(keep)
         target_cache.truncate(keep)
         timer.stop("verify_s", t)
 
         log.record(accepted_list, [row[1:] for row in host], done, gamma)
-        next_tok = torch.where(to_device(done, torch.bool, device), next_tok,
+        done_dev = to_device(done, torch.bool, device)
+        prev_tok = torch.where(done_dev, prev_tok, block.gather(1, accepted[:, None]).squeeze(1))
+        next_tok = torch.where(done_dev, next_tok,
                                emitted.gather(1, accepted[:, None]).squeeze(1))
     _sync(device)
     total = time.perf_counter() - t0
@@ -171,21 +178,21 @@ class _LosslessGraphs:
 
     def __init__(self, target, draft, target_cache, draft_cache, batch: int, gamma: int, sampling: SamplingParams,
                  use_cuda_graph: bool):
-        self.draft = RoundSteps(draft, draft_cache, SelectionPolicy(), batch, gamma, sampling, use_cuda_graph)
+        self.draft = RoundSteps(draft, draft_cache, SelectionPolicy(), batch, gamma, sampling, use_cuda_graph,
+                                catch_up=True)
         self.verify = StepRunner(target, target_cache, use_cuda_graph)
-        self.last = StepRunner(draft, draft_cache, use_cuda_graph)
 
     @classmethod
     def reuse(cls, steps, target, draft, target_cache, draft_cache, batch: int, gamma: int, sampling,
               use_cuda_graph: bool) -> _LosslessGraphs:
         fits = (isinstance(steps, cls) and steps.verify.model is target and steps.verify.cache is target_cache
                 and steps.verify.use_graph == (use_cuda_graph and target_cache.device.type == "cuda")
-                and steps.draft.fits(draft, draft_cache, steps.draft.policy, batch, gamma, sampling))
+                and steps.draft.fits(draft, draft_cache, steps.draft.policy, batch, gamma, sampling, catch_up=True))
         return steps if fits else cls(target, draft, target_cache, draft_cache, batch, gamma, sampling,
                                       use_cuda_graph)
 
-    def draft_round(self, first_tok: torch.Tensor, generator: torch.Generator):
-        return self.draft.draft(None, first_tok, generator)
+    def draft_round(self, first_toks: torch.Tensor, generator: torch.Generator):
+        return self.draft.draft(None, first_toks, generator)
 
 
 class _PageSetGraphs:
@@ -200,7 +207,8 @@ class _PageSetGraphs:
         self.batch, self.gamma, self.sampling, self.sparse = batch, gamma, sampling, sparse
         self.use_graph = prepare_graphs(target, target_cache, use_cuda_graph)
         prepare_graphs(draft, draft_cache, use_cuda_graph)
-        self.layers = sorted(set(sparse.draft_layer))
+        # Draft layers whose attention some sparse verifier layer uses: only these measure page mass.
+        self.layers = sorted({d for j, d in enumerate(sparse.draft_layer) if j not in sparse.dense_layers}) or [0]
         dev, cfg = draft_cache.device, draft.cfg
         # Index tensors live on the device before capture: a graph may not copy from host memory.
         self.layer_index = torch.tensor(self.layers, device=dev)
@@ -208,10 +216,9 @@ class _PageSetGraphs:
         self.mass = torch.zeros(cfg.num_layers, batch, cfg.num_kv_heads, draft_cache.max_pages_per_seq, device=dev)
         self.sets = torch.zeros(len(self.layers), batch, target_cache.max_pages_per_seq, dtype=torch.bool,
                                 device=dev)
-        self.first_tok = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.first_tok = torch.zeros(batch, 2, dtype=torch.long, device=dev)      # catch-up pairs (draft_steps)
         self.uniforms = torch.ones(batch, gamma, device=dev)
         self.verify_in = torch.zeros(batch, gamma + 1, dtype=torch.long, device=dev)
-        self.last = StepRunner(draft, draft_cache, use_cuda_graph)
         self._draft_graph = self._verify_graph = None
         self._selection = None
 
@@ -225,15 +232,15 @@ class _PageSetGraphs:
         return steps if fits else cls(target, draft, target_cache, draft_cache, batch, gamma, sampling, sparse,
                                       use_cuda_graph)
 
-    def draft_round(self, first_tok: torch.Tensor, generator: torch.Generator):
-        uniforms = None if self.sampling.greedy else 1 - torch.rand(self.uniforms.shape, device=first_tok.device,
+    def draft_round(self, first_toks: torch.Tensor, generator: torch.Generator):
+        uniforms = None if self.sampling.greedy else 1 - torch.rand(self.uniforms.shape, device=first_toks.device,
                                                                     generator=generator)
         if not self.use_graph:
-            return self._draft_body(first_tok, uniforms)
+            return self._draft_body(first_toks, uniforms)
         if self._draft_graph is None:
             self._draft_graph = capture_graph(lambda: self._draft_body(self.first_tok, self.uniforms))
         graph, out = self._draft_graph
-        self.first_tok.copy_(first_tok)
+        self.first_tok.copy_(first_toks)
         if uniforms is not None:
             self.uniforms.copy_(uniforms)
         graph.replay()
@@ -243,7 +250,7 @@ class _PageSetGraphs:
         self.sets.zero_()
         heads, p = self.draft.cfg.num_heads, self.sparse.p
         return draft_steps(self.draft, self.draft_cache, None, first, self.gamma, self.sampling, uniforms, None,
-                           page_mass=self.mass,
+                           page_mass=self.mass, mass_layers=frozenset(self.layers),
                            after_step=lambda: add_topp_pages(self.sets, self.mass[self.layer_index].sum(2) / heads, p))
 
     def verify(self, block: torch.Tensor) -> torch.Tensor:
@@ -277,8 +284,9 @@ def add_topp_pages(sets: torch.Tensor, page_probs: torch.Tensor, p: float) -> No
 
 
 def set_rows_per_target_layer(sparse: SparseVerification, layers: list[int], device) -> torch.Tensor:
-    """For each verifier layer, the row of the page-set tensor (one row per mapped draft layer in `layers`)."""
-    return torch.tensor([layers.index(d) for d in sparse.draft_layer], device=device)
+    """For each verifier layer, the row of the page-set tensor (one row per draft layer in `layers`); dense verifier
+    layers, whose draft layer may have no row, ignore theirs."""
+    return torch.tensor([layers.index(d) if d in layers else 0 for d in sparse.draft_layer], device=device)
 
 
 def page_set_selection(sets: torch.Tensor, lens: torch.Tensor, gamma: int, sparse: SparseVerification,
@@ -327,12 +335,9 @@ def _draft(draft: Transformer, cache: PagedKVCache, first_tok: torch.Tensor, gam
     return torch.stack(drafts, 1), (torch.stack(probs_list, 1) if probs_list else None), recorded
 
 
-def _write_last_draft(draft: Transformer, cache: PagedKVCache, last: torch.Tensor, graphs) -> None:
+def _write_last_draft(draft: Transformer, cache: PagedKVCache, last: torch.Tensor) -> None:
     cache.reserve(1)
-    if graphs:
-        graphs.last(last[:, None])
-    else:
-        draft(last[:, None], cache, cache.step_view(1))
+    draft(last[:, None], cache, cache.step_view(1))
     cache.advance(1)
 
 

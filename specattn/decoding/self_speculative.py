@@ -34,23 +34,30 @@ def cache_tokens_needed(prompt_tokens: int, max_new_tokens: int, gamma: int) -> 
 
 def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: torch.Tensor, gamma: int,
                 sampling: SamplingParams, uniforms: torch.Tensor | None, kv_len_hint: int | None,
-                page_mass: torch.Tensor | None = None, after_step=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                page_mass: torch.Tensor | None = None, after_step=None,
+                mass_layers: frozenset | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """gamma sparse decode steps from first_tok: drafts [batch, gamma] and, when sampling, the draft's
     distributions [batch, gamma, vocab]. Pages for gamma + 1 tokens must be reserved. Only the device lengths
     move, and they are put back at the end: the drafts' K/V stay past each sequence's end for the verify
     step to overwrite. Graph-capturable (kv_len_hint None) and the eager path alike. `page_mass`: a buffer each
-    step's attention fills with its mass per page (zeroed first); `after_step()` runs after each step's forward."""
+    step's attention fills with its mass per page (zeroed first; only `mass_layers` if given); `after_step()`
+    runs after each step's forward.
+
+    first_tok [batch, 2] (a draft model's catch-up): the token before each sequence's end, whose K/V the draft
+    may not have yet, and the first token; the first step then runs over both, writing (or rewriting) both."""
     batch = first_tok.shape[0]
     drafts, probs_list, tok = [], [], first_tok
     for i in range(gamma):
-        view = cache.step_view(1, static=True)
+        q_len = tok.shape[1] if tok.dim() == 2 else 1
+        cache.lens[:batch] -= q_len - 1                       # the catch-up token sits at the last position
+        view = cache.step_view(q_len, static=True)
         view.max_kv_len = None if kv_len_hint is None else kv_len_hint + i + 1
         view.selection = selection
         if page_mass is not None:
             page_mass.zero_()
-            view.page_mass = page_mass
-        logits = model(tok[:, None], cache, view)[:, -1]
-        cache.lens[:batch] += 1
+            view.page_mass, view.mass_layers = page_mass, mass_layers
+        logits = model(tok.view(batch, q_len), cache, view)[:, -1]
+        cache.lens[:batch] += q_len
         if after_step is not None:
             after_step()
         if sampling.greedy:
@@ -73,8 +80,9 @@ class RoundSteps:
     """
 
     def __init__(self, model: Transformer, cache: PagedKVCache, policy: SelectionPolicy, batch: int, gamma: int,
-                 sampling: SamplingParams, use_cuda_graph: bool = True):
+                 sampling: SamplingParams, use_cuda_graph: bool = True, catch_up: bool = False):
         self.model, self.cache, self.batch, self.gamma, self.sampling = model, cache, batch, gamma, sampling
+        self.catch_up = catch_up         # first tokens come in pairs (see draft_steps)
         self.policy = policy
         self.use_graph = prepare_graphs(model, cache, use_cuda_graph)
         cfg, dev = model.cfg, cache.device
@@ -87,16 +95,18 @@ class RoundSteps:
         # Policies that can select from device state alone do so inside the draft graph (see draft_selecting).
         width = getattr(policy, "device_list_width", None)
         self.device_select_width = width(cache, gamma) if width else None
-        self.first_tok = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.first_tok = torch.zeros((batch, 2) if catch_up else (batch,), dtype=torch.long, device=dev)
         self.uniforms = torch.ones(batch, gamma, device=dev)
         self.verify_in = torch.zeros(batch, gamma + 1, dtype=torch.long, device=dev)
         self._draft_graphs: dict[tuple, tuple] = {}
         self._verify_graph = None
 
-    def fits(self, model, cache, policy, batch: int, gamma: int, sampling: SamplingParams) -> bool:
+    def fits(self, model, cache, policy, batch: int, gamma: int, sampling: SamplingParams,
+             catch_up: bool = False) -> bool:
         """Whether these graphs can serve a run (kept across runs so capture is paid once)."""
         return (model is self.model and cache is self.cache and policy.settings() == self.policy.settings()
-                and batch == self.batch and gamma == self.gamma and sampling == self.sampling)
+                and batch == self.batch and gamma == self.gamma and sampling == self.sampling
+                and catch_up == self.catch_up)
 
     def graph_count(self) -> int:
         return len(self._draft_graphs) + (self._verify_graph is not None)
