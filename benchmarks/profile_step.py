@@ -47,9 +47,10 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1):
 
 
 def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
-            column_major: bool, q_len: int, top: int) -> None:
+            column_major: bool, q_len: int, top: int, fused: bool = True) -> None:
     import specattn.model
     specattn.model.COLUMN_MAJOR_WEIGHTS = column_major
+    specattn.model.FUSED_STEPS = fused
     model = random_model(LLAMA3_8B if shape == "8b" else SMOLLM2_135M)
     cache = PagedKVCache(model.cfg, batch, context + 16, dtype=torch.bfloat16, device="cuda")
     cache.k.normal_()
@@ -79,6 +80,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what = "dense step" if draft_budget is None else f"draft step @{draft_budget}"
     what += f", q_len {q_len}" if q_len > 1 else ""
     what += ", weights column-major" if column_major else ", weights row-major"
+    what += "" if fused else ", unfused"
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
           f"{total:.0f} us; bytes at copy speed {moved / copy / 1e3:.0f} us")
     for name, (calls, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]:
@@ -95,9 +97,10 @@ def main() -> None:
     ap.add_argument("--row-major", action="store_true", help="keep projection weights row-major (as loaded)")
     ap.add_argument("--q-len", type=int, default=1, help="new tokens per sequence of a dense step (verify: gamma+1)")
     ap.add_argument("--top", type=int, default=18, help="kernels listed")
+    ap.add_argument("--unfused", action="store_true", help="small steps without kernels.fused_linear")
     args = ap.parse_args()
     profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy_bandwidth_gbs(),
-            not args.row_major, args.q_len, args.top)
+            not args.row_major, args.q_len, args.top, not args.unfused)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from .config import ModelConfig, rope_inv_freq
 
 STEP_MAX_Q_LEN = 16  # decode and verify steps; longer blocks are prefill chunks
 COLUMN_MAJOR_WEIGHTS = True   # on the GPU (compile_steps): see Transformer.store_weights_column_major
+FUSED_STEPS = True            # on the GPU (compile_steps): small steps use kernels.fused_linear (Block.forward_fused)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -130,6 +131,22 @@ class Block(nn.Module):
                                              self.gate_up.weight, self.down.weight)
         return x, self.all_reduce(mlp_out)
 
+    def forward_fused(self, x, mlp_out, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention):
+        """`forward` for a small step (batch x new tokens <= fused_linear.MAX_ROWS) in 7 launches: residual add +
+        norm + q/k/v projection, rotary + cache write, attention (2), output projection, residual add + norm +
+        gate/up projection, SwiGLU + down projection."""
+        from .kernels.fused_linear import norm_linear, swiglu_linear
+        cfg = self.cfg
+        b, t, hidden = x.shape
+        res = None if mlp_out is None else mlp_out.reshape(b * t, hidden)
+        x2, qkv = norm_linear(x.reshape(b * t, hidden), res, self.attn_norm.weight, cfg.rms_norm_eps,
+                              self.qkv.weight, self.qkv.bias)
+        q = rotate_and_store(qkv.view(b, t, -1), cos, sin, cache, self.layer, view, cfg.num_heads, cfg.num_kv_heads)
+        attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
+        x2, gate_up = norm_linear(x2, F.linear(attn.reshape(b * t, -1), self.o.weight), self.mlp_norm.weight,
+                                  cfg.rms_norm_eps, self.gate_up.weight)
+        return x2.view(b, t, hidden), swiglu_linear(gate_up, self.down.weight).view(b, t, hidden)
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, attention_backend: str = "auto", device: str | torch.device = "cpu"):
@@ -146,6 +163,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # Replaced by compiled versions on the GPU (see `compile_steps`).
         self.step_fns = self.prefill_fns = EAGER
+        self.fused_steps = False   # small steps through Block.forward_fused (GPU, or tests in Triton's interpreter)
 
     tp = None            # distributed.TensorParallel when this model is one rank's shard
 
@@ -174,6 +192,7 @@ class Transformer(nn.Module):
             self.store_weights_column_major()
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.step_fns = {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in EAGER.items()}
+        self.fused_steps = FUSED_STEPS
         self.prefill_fns = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in EAGER.items()}
 
     def forward(self, tokens: torch.Tensor, cache: PagedKVCache, view: StepView,
@@ -185,8 +204,17 @@ class Transformer(nn.Module):
         fns = self.step_fns if view.q_len <= STEP_MAX_Q_LEN else self.prefill_fns
         x, mlp_out = self.embed(tokens), None
         cos, sin = fns["rope_tables"](view.positions, self.inv_freq, x.dtype)
+        fused = self.fused_steps and view.q_len <= STEP_MAX_Q_LEN and self.tp is None and _fused_rows(tokens.numel())
         for block in self.blocks:
-            x, mlp_out = block(x, mlp_out, cos, sin, cache, view, self.attention, fns)
+            if fused:
+                x, mlp_out = block.forward_fused(x, mlp_out, cos, sin, cache, view, self.attention)
+            else:
+                x, mlp_out = block(x, mlp_out, cos, sin, cache, view, self.attention, fns)
         if not all_logits:
             x, mlp_out = x[:, -1:], mlp_out[:, -1:]
         return fns["final_logits"](x, mlp_out, self.norm.weight, self.cfg.rms_norm_eps, self.lm_head.weight)
+
+
+def _fused_rows(rows: int) -> bool:
+    from .kernels.fused_linear import fits
+    return fits(rows)
