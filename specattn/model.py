@@ -19,7 +19,7 @@ from .config import ModelConfig, rope_inv_freq
 
 STEP_MAX_Q_LEN = 16  # decode and verify steps; longer blocks are prefill chunks
 COLUMN_MAJOR_WEIGHTS = True   # on the GPU (compile_steps): see Transformer.store_weights_column_major
-FUSED_STEPS = True            # on the GPU (compile_steps): small steps use kernels.fused_linear (Block.forward_fused)
+FUSED_STEPS = False           # off: fused_linear measured slower than cuBLAS on the H200 (benchmarks/NOTES.md)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

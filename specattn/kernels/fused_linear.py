@@ -14,6 +14,7 @@ Reference: `norm_linear_reference` / `swiglu_linear_reference` (the model's own 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,17 @@ import triton
 import triton.language as tl
 
 MAX_ROWS = 64          # batch x new tokens handled here; larger steps use cuBLAS through the compiled functions
-BLOCK_N, BLOCK_K = 32, 256
+
+
+@dataclass(frozen=True)
+class Tiling:
+    block_n: int = 32
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+TILING = Tiling()
 # Triton 3.6's interpreter gets tl.dot wrong on bf16/fp16 operands (see paged_attention.INTERPRETED).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -98,30 +109,34 @@ def _block_m(rows: int) -> int:
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
-                weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                weight: torch.Tensor, bias: torch.Tensor | None = None,
+                tiling: Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [M, K] (residual None: nothing to add); weight [N, K] (any strides). Returns (x + residual,
     F.linear(rms_norm(x + residual) * norm_w, weight, bias)) as [M, K], [M, N]."""
     m, k = x.shape
     n = weight.shape[0]
+    t = tiling or TILING
     x = x.contiguous()
     x_out = torch.empty_like(x) if residual is not None else x
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _norm_linear_kernel[(triton.cdiv(n, BLOCK_N),)](
+    _norm_linear_kernel[(triton.cdiv(n, t.block_n),)](
         x, residual.contiguous() if residual is not None else x, norm_w, weight,
         bias if bias is not None else norm_w, x_out, y, m, n, k, eps, weight.stride(0), weight.stride(1),
         HAS_RES=residual is not None, HAS_BIAS=bias is not None, UPCAST_DOT=INTERPRETED,
-        BLOCK_M=_block_m(m), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
+        BLOCK_M=_block_m(m), BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages)
     return x_out, y
 
 
-def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
     """gate_up: [M, 2I] (gate then up); weight [N, I]. Returns F.linear(silu(gate) * up, weight): [M, N]."""
     m, two_k = gate_up.shape
     n = weight.shape[0]
+    t = tiling or TILING
     y = torch.empty(m, n, dtype=gate_up.dtype, device=gate_up.device)
-    _swiglu_linear_kernel[(triton.cdiv(n, BLOCK_N),)](
+    _swiglu_linear_kernel[(triton.cdiv(n, t.block_n),)](
         gate_up.contiguous(), weight, y, m, n, two_k // 2, weight.stride(0), weight.stride(1),
-        UPCAST_DOT=INTERPRETED, BLOCK_M=_block_m(m), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
+        UPCAST_DOT=INTERPRETED, BLOCK_M=_block_m(m), BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
+        num_stages=t.num_stages)
     return y
 
 
