@@ -94,11 +94,30 @@ def attention_times(keep: float) -> list[dict]:
     return rows
 
 
+def e2e_summary(path: Path) -> dict:
+    """SpecAttn-S vs lossless draft-model speculation, decode tokens/s in the same cell of one `specattn bench`
+    run (methods ar, draft-spec, specattn-s)."""
+    if not path.exists():
+        return {"e2e_over_plain_spec": None, "e2e_note": f"not measured: {path.name} is missing"}
+    run = json.loads(path.read_text())
+    tok_s = {(r["method"], r["batch"], r["context"]): r["decode_tokens_per_s"] for r in run["rows"]}
+    by_cell = {f"b{b}_ctx{c}": tok_s[("specattn-s", b, c)] / tok_s[("draft-spec", b, c)]
+               for (m, b, c) in tok_s if m == "specattn-s" and ("draft-spec", b, c) in tok_s}
+    best = max(by_cell, key=by_cell.get)
+    return {"e2e_over_plain_spec": by_cell[best], "e2e_over_plain_spec_cell": best,
+            "e2e_over_plain_spec_by_cell": by_cell,
+            "e2e_note": (f"{path.name}: {run['device']}, commit {run['commit']}, top-p {run['config']['keys_p']} at "
+                         f"page level, gamma {run['config']['gamma']}, {run['config']['new_tokens']} new tokens, "
+                         "greedy; decode tokens/s of specattn-s / draft-spec in the same cell")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ppl", default=str(RESULTS / "ppl_qwen_2048.json"), help="JSON from `specattn ppl --json`")
     ap.add_argument("--attention", action="store_true", help="also time verify attention on the GPU")
     ap.add_argument("--out", default=str(RESULTS / "specattn_s.json"))
+    ap.add_argument("--e2e", default=str(RESULTS / "specattn_s_e2e.json"),
+                    help="JSON from `specattn bench --methods ar,draft-spec,specattn-s` on the GPU")
     args = ap.parse_args()
     study = json.loads(Path(args.ppl).read_text())
     summary = summary_from_ppl(study)
@@ -110,9 +129,7 @@ def main() -> None:
         attention = attention_times(keep)
     if attention:
         summary["attn_speedup_p097"] = next(r["speedup"] for r in attention if (r["batch"], r["context"]) == (1, 2048))
-    summary["e2e_over_plain_spec"] = None
-    summary["e2e_note"] = ("not measured: the verifier's GPU path (draft attention as page mass from the kernel, "
-                           "graphs) is not built, and the pair needs ~26 device calls to reach the GPU")
+    summary.update(e2e_summary(Path(args.e2e)))
     out = {**environment(), "ppl_study": study, "attention_p097": attention, "summary": summary}
     write_json_atomic(out_path, out)
     plot(study, out_path.with_name("specattn_s_ppl.png"))
