@@ -4,8 +4,7 @@ Non-negative floats order like their bit patterns read as integers, so the selec
 by bisection on the integer domain: the largest theta with mass(a >= theta) >= p * total (top-p) or
 count(a >= theta) >= k (top-k). About 30 halvings give the exact threshold, an element of the row; the
 set is then {a >= theta}: ties at theta are all kept, deterministically. One program per row. Rows of up to
-ROW_IN_REGISTERS keys are loaded once and bisected in registers until the interval holds at most COMPACT keys;
-those are copied out and the remaining halvings scan them alone. Longer rows are re-read from L2 on each
+ROW_IN_REGISTERS keys are loaded once and bisected in registers; longer rows are re-read from L2 on each
 halving. Reference: `reference.topp_threshold` (torch.sort + cumsum).
 """
 from __future__ import annotations
@@ -16,25 +15,21 @@ import triton.language as tl
 
 BLOCK = 4096
 ROW_IN_REGISTERS = 32768
-# Once the bisection interval holds at most this many keys, they are copied out and the remaining halvings run
-# over them alone (the keys above the interval count as a constant).
-COMPACT = 2048
 
 
 @triton.jit
-def _above(a, theta, TOP_K: tl.constexpr):
-    """(what the keys >= theta add up to: their mass, or their count for top-k; their count). Padding is loaded
-    as 0 and theta > 0 on every halving, so padding never counts."""
-    keep = a >= theta
-    count = tl.sum(keep.to(tl.int32), 0)
+def _reaches(a, theta, goal, TOP_K: tl.constexpr):
+    # Padding is loaded as 0 and theta > 0 on every halving, so padding never counts.
     if TOP_K:
-        return count.to(tl.float32), count
-    return tl.sum(tl.where(keep, a, 0.0), 0), count
+        got = tl.sum(tl.where(a >= theta, 1.0, 0.0), 0)
+    else:
+        got = tl.sum(tl.where(a >= theta, a, 0.0), 0)
+    return got >= goal
 
 
 @triton.jit
-def _threshold_kernel(x_ptr, thr_ptr, scratch_ptr, n, stride, target_frac, k, TOP_K: tl.constexpr,
-                      IN_REGISTERS: tl.constexpr, BLOCK: tl.constexpr, COMPACT: tl.constexpr):
+def _threshold_kernel(x_ptr, thr_ptr, n, stride, target_frac, k, TOP_K: tl.constexpr, IN_REGISTERS: tl.constexpr,
+                      BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * stride
     if IN_REGISTERS:
@@ -60,46 +55,18 @@ def _threshold_kernel(x_ptr, thr_ptr, scratch_ptr, n, stride, target_frac, k, TO
     if not TOP_K:
         lo = ((total - goal) / n * 0.5).to(tl.int32, bitcast=True)
     hi = top.to(tl.int32, bitcast=True) + 1
-    if IN_REGISTERS:
-        # Halvings over the whole row while the interval [lo, hi) holds many keys; count_lo, count_hi and got_hi
-        # describe the sets {a >= lo} and {a >= hi}.
-        got_hi = tl.zeros([], tl.float32)
-        count_hi = tl.zeros([], tl.int32)
-        count_lo = tl.sum((row_vals >= lo.to(tl.float32, bitcast=True)).to(tl.int32), 0)
-        while (hi - lo > 1) & (count_lo - count_hi > COMPACT):
-            mid = lo + (hi - lo) // 2
-            got, count = _above(row_vals, mid.to(tl.float32, bitcast=True), TOP_K)
-            reached = got >= goal
-            lo = tl.where(reached, mid, lo)
-            count_lo = tl.where(reached, count, count_lo)
-            hi = tl.where(reached, hi, mid)
-            count_hi = tl.where(reached, count_hi, count)
-            got_hi = tl.where(reached, got_hi, got)
-        # The rest over the interval's keys alone, copied to this row's scratch (positions by a prefix count).
-        inside = (row_vals >= lo.to(tl.float32, bitcast=True)) & (row_vals < hi.to(tl.float32, bitcast=True))
-        slot = tl.cumsum(inside.to(tl.int32), 0) - 1
-        scratch = scratch_ptr + row.to(tl.int64) * COMPACT
-        tl.store(scratch + slot, row_vals, mask=inside & (hi - lo > 1))
-        tl.debug_barrier()
-        spots = tl.arange(0, COMPACT)
-        cands = tl.load(scratch + spots, mask=(spots < count_lo - count_hi) & (hi - lo > 1), other=0.0)
-        while hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            below_hi = tl.where(cands < hi.to(tl.float32, bitcast=True), cands, 0.0)   # keys in [mid, hi) add
-            got, _ = _above(below_hi, mid.to(tl.float32, bitcast=True), TOP_K)
-            reached = got_hi + got >= goal
-            lo = tl.where(reached, mid, lo)
-            hi = tl.where(reached, hi, mid)
-            got_hi = tl.where(reached, got_hi, got_hi + got)
-    while hi - lo > 1:     # rows longer than ROW_IN_REGISTERS: every halving streams the row again
+    while hi - lo > 1:
         mid = lo + (hi - lo) // 2
         theta = mid.to(tl.float32, bitcast=True)
-        got = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            a = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32)
-            got += tl.where(a >= theta, 1.0 if TOP_K else a, 0.0)
-        reached = tl.sum(got, 0) >= goal
+        if IN_REGISTERS:
+            reached = _reaches(row_vals, theta, goal, TOP_K)
+        else:
+            got = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, n, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                a = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32)
+                got += tl.where(a >= theta, 1.0 if TOP_K else a, 0.0)
+            reached = tl.sum(got, 0) >= goal
         lo = tl.where(reached, mid, lo)
         hi = tl.where(reached, hi, mid)
     tl.store(thr_ptr + row, lo.to(tl.float32, bitcast=True))
@@ -112,10 +79,8 @@ def _thresholds(x: torch.Tensor, top_k: bool, frac: float, k: int) -> torch.Tens
     in_registers = n <= ROW_IN_REGISTERS
     block = triton.next_power_of_2(n) if in_registers else BLOCK
     warps = 16 if block >= 16384 else 8
-    compact = min(COMPACT, block)
-    scratch = torch.empty(rows.shape[0] * compact if in_registers else 1, dtype=torch.float32, device=x.device)
-    _threshold_kernel[(rows.shape[0],)](rows, thr, scratch, n, rows.stride(0), frac, k, TOP_K=top_k,
-                                        IN_REGISTERS=in_registers, BLOCK=block, COMPACT=compact, num_warps=warps)
+    _threshold_kernel[(rows.shape[0],)](rows, thr, n, rows.stride(0), frac, k, TOP_K=top_k,
+                                        IN_REGISTERS=in_registers, BLOCK=block, num_warps=warps)
     return thr.view(x.shape[:-1])
 
 
