@@ -17,7 +17,7 @@ for part in "$@"; do
                 2>&1 | grep -v -i warn | grep -v "self.gen" | tail -6 ;;
     qwen)     timeout 500 python3 -m specattn.cli bench --model "$SPECATTN_QWEN_TARGET" --draft "$SPECATTN_QWEN_DRAFT" \
                 --layer-map benchmarks/results/layermap_qwen.json --methods ar,draft-spec,specattn-s --page-level \
-                --keys-p 0.97 --context 1k,4k,8000 --batch 1,8,32 --new-tokens 128 --text .data/gutenberg/pg2554.txt \
+                --keys-p 0.95 --context 8000 --batch 1,8,32 --new-tokens 128 --text .data/gutenberg/pg2554.txt \
                 --quiet --json "$OUT/specattn_s_e2e.json" 2>&1 | grep -v -i warn | tail -14 ;;
     *)        echo "unknown part $part (auto, selfspec, ar, peers, gptfast, qwen)" >&2 ;;
   esac
