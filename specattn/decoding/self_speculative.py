@@ -49,7 +49,8 @@ def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: t
     drafts, probs_list, tok = [], [], first_tok
     for i in range(gamma):
         q_len = tok.shape[1] if tok.dim() == 2 else 1
-        cache.lens[:batch] -= q_len - 1                       # the catch-up token sits at the last position
+        if q_len > 1:                 # the catch-up token sits at the last position (no extra kernel otherwise)
+            cache.lens[:batch] -= q_len - 1
         view = cache.step_view(q_len, static=True)
         view.max_kv_len = None if kv_len_hint is None else kv_len_hint + i + 1
         view.selection = selection
