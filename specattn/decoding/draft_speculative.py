@@ -86,7 +86,8 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     while not log.finished():
         rounds += 1
         start_lens = target_cache.host_lens()
-        verify_tokens += sum(start_lens) + batch * (gamma + 1)
+        block_tokens = sum(start_lens) + batch * (gamma + 1)     # keys one verifier layer reads this round
+        verify_tokens += block_tokens
         draft_tokens += gamma * sum(start_lens) + batch * gamma * (gamma + 1) // 2   # draft step i reads len + i + 1
         t = timer.start()
         if graphs:
@@ -114,7 +115,7 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
             # keys loaded once for the whole verified block, per sequence and sparse layer (the KV heads share
             # one list)
             keys_read += selection.tokens_selected(target_cache.page_size) // target.cfg.num_kv_heads
-            keys_dense += (sum(start_lens) + batch * (gamma + 1)) * _sparse_layers(selection, target.cfg)
+            keys_dense += block_tokens * _sparse_layers(selection, target.cfg)
         target_cache.advance(gamma + 1)
         if sampling.greedy:
             accepted, emitted = accept_greedy(drafts, logits)
