@@ -38,6 +38,16 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _add_tile_product(acc, a, w_ptr, cols, ks, k_ok, col_ok, stride_wn, stride_wk, UPCAST_DOT: tl.constexpr):
+    """acc + a [BLOCK_M, BLOCK_K] @ the weight tile W[cols, ks]^T (fp32 accumulation)."""
+    w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0)
+    if UPCAST_DOT:
+        return acc + tl.dot(a.to(tl.float32), w.to(tl.float32))
+    return acc + tl.dot(a.to(w.dtype), w)
+
+
+@triton.jit
 def _norm_linear_kernel(x_ptr, res_ptr, g_ptr, w_ptr, bias_ptr, x_out_ptr, y_ptr, M, N, K, eps,
                         stride_wn, stride_wk,
                         HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -60,13 +70,7 @@ def _norm_linear_kernel(x_ptr, res_ptr, g_ptr, w_ptr, bias_ptr, x_out_ptr, y_ptr
         xf = x.to(tl.float32)
         sum_sq += tl.sum(xf * xf, 1)
         g = tl.load(g_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        a = xf * g[None, :]
-        if UPCAST_DOT:
-            acc += tl.dot(a, w.to(tl.float32))
-        else:
-            acc += tl.dot(a.to(w.dtype), w)
+        acc = _add_tile_product(acc, xf * g[None, :], w_ptr, cols, ks, k_ok, col_ok, stride_wn, stride_wk, UPCAST_DOT)
     y = acc * tl.rsqrt(sum_sq / K + eps)[:, None]
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -90,12 +94,7 @@ def _swiglu_linear_kernel(h_ptr, w_ptr, y_ptr, M, N, K, stride_wn, stride_wk, UP
         up = tl.load(h_ptr + rows[:, None] * (2 * K) + K + ks[None, :], mask=here, other=0.0).to(tl.float32)
         # silu(gate) * up rounded once to the model dtype, as the compiled eager function does
         a = (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST_DOT:
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
-        else:
-            acc += tl.dot(a, w)
+        acc = _add_tile_product(acc, a, w_ptr, cols, ks, k_ok, col_ok, stride_wn, stride_wk, UPCAST_DOT)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 

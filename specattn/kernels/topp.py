@@ -20,11 +20,7 @@ ROW_IN_REGISTERS = 32768
 @triton.jit
 def _reaches(a, theta, goal, TOP_K: tl.constexpr):
     # Padding is loaded as 0 and theta > 0 on every halving, so padding never counts.
-    if TOP_K:
-        got = tl.sum(tl.where(a >= theta, 1.0, 0.0), 0)
-    else:
-        got = tl.sum(tl.where(a >= theta, a, 0.0), 0)
-    return got >= goal
+    return tl.sum(tl.where(a >= theta, 1.0 if TOP_K else a, 0.0), 0) >= goal
 
 
 @triton.jit
