@@ -24,6 +24,15 @@ SMOLLM2_135M = ModelConfig(architecture="LlamaForCausalLM", vocab_size=49152, hi
                            num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
                            rope_theta=100000.0, tie_embeddings=True, max_positions=8192)
 
+# The real SpecAttn-S pair's shapes (Qwen2.5-Coder 0.5B drafting for 1.5B), for per-step costs without carrying it.
+QWEN25_05B = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6,
+                         rope_theta=1000000.0, tie_embeddings=True, qkv_bias=True, max_positions=32768)
+QWEN25_15B = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-6,
+                         rope_theta=1000000.0, tie_embeddings=True, qkv_bias=True, max_positions=32768)
+SHAPES = {"8b": LLAMA3_8B, "smol": SMOLLM2_135M, "qwen0.5b": QWEN25_05B, "qwen1.5b": QWEN25_15B}
+
 
 def median_ms(fn, warmup: int = 5, reps: int = 30) -> float:
     """Median wall time of fn() in ms, timed with CUDA events around each call."""

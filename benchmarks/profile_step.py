@@ -1,6 +1,7 @@
 """Where one decode step's device time goes, per kernel (torch.profiler), on a random model.
 
-Usage: python benchmarks/profile_step.py [--shape 8b|smol] [--batch 1] [--context 8192] [--draft-budget N]
+Usage: python benchmarks/profile_step.py [--shape 8b|smol|qwen0.5b|qwen1.5b] [--batch 1] [--context 8192]
+[--draft-budget N]
 Prints the step's replay time (CUDA graph), its kernel count and sum, and kernel name, calls and microseconds
 per step, biggest first, against the step's weight + KV bytes at copy speed. --draft-budget profiles a sparse
 draft step (sinks + window selection of N tokens per KV head, layer 0 dense) instead of a dense decode step.
@@ -16,8 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
-    LLAMA3_8B,
-    SMOLLM2_135M,
+    SHAPES,
     copy_bandwidth_gbs,
     median_ms,
     random_model,
@@ -51,7 +51,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     import specattn.model
     specattn.model.COLUMN_MAJOR_WEIGHTS = column_major
     specattn.model.FUSED_STEPS = fused
-    model = random_model(LLAMA3_8B if shape == "8b" else SMOLLM2_135M)
+    model = random_model(SHAPES[shape])
     cache = PagedKVCache(model.cfg, batch, context + 16, dtype=torch.bfloat16, device="cuda")
     cache.k.normal_()
     cache.v.normal_()
@@ -89,7 +89,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=("8b", "smol"), default="8b")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="8b")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--draft-budget", type=int)

@@ -1,6 +1,7 @@
 """Sweeps for the decode step's pieces on the GPU: attention launch configs, the K/V write, and whether
 cuBLAS is faster on pre-transposed weights for skinny (decode) products. Device times from CUDA graphs
-(as the decode step runs). Writes results/tune.json."""
+(as the decode step runs). Writes results/tune.json (or argv[1]); `--only-sparse` sweeps the sparse and verify
+attention of kernels.py instead."""
 from __future__ import annotations
 
 import itertools
@@ -77,12 +78,59 @@ def gemv_sweep(copy: float) -> list[dict]:
     return rows
 
 
+def sparse_sweep(copy: float) -> list[dict]:
+    """Sparse (10% of pages, as kernels.py) and dense verify attention, 8B heads, over tile configs and explicit
+    split counts: with few selected keys each split may hold a single tile, and nothing is pipelined."""
+    from benchmarks.kernels import kv_pools, selection
+    rows = []
+    kv_heads, group, dim = 8, 4, 128
+    for batch, ctx, q_len, sparse in [(1, 32768, 1, True), (1, 32768, 5, True), (8, 8192, 5, True),
+                                      (1, 32768, 5, False)]:
+        pools, table, lens, kv_bytes = kv_pools(batch, ctx)
+        q = torch.randn(batch, q_len, kv_heads * group, dim, device="cuda", dtype=torch.bfloat16)
+        kw = {}
+        if sparse:
+            sel, counts = selection(batch, -(-ctx // 16), 0.10)
+            kw = {"selected_pages": sel, "selected_counts": counts}
+            kv_bytes = kv_bytes * counts.sum().item() / (batch * kv_heads * -(-ctx // 16))
+        kp, vp = pools[0]
+        ref = reference.paged_attention(q.float(), kp.float(), vp.float(), table, lens, dim ** -0.5, **kw)
+        results = []
+        for (bn, w, st), splits in itertools.product(
+                itertools.product((32, 64, 128), (4, 8), (2, 3, 4)), (2, 4, 8, 16, 33, 64)):
+            cfg = LaunchConfig(bn, w, st)
+            try:
+                def call(k, v, cfg=cfg, splits=splits):
+                    return paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5, launch=cfg,
+                                                           num_splits=splits, **kw)
+                err = ((call(kp, vp).float() - ref).norm() / ref.norm()).item()
+                ms = graph_ms(lambda call=call: [call(k, v) for k, v in pools]) / len(pools)
+            except Exception as e:  # some tilings do not fit in shared memory
+                results.append({"config": cfg.__dict__, "splits": splits, "error": str(e).splitlines()[0][:120]})
+                continue
+            results.append({"config": cfg.__dict__, "splits": splits, "us": ms * 1e3, "rel_err": err,
+                            "bandwidth_fraction": kv_bytes / ms / 1e6 / copy})
+        auto_ms = graph_ms(lambda: [paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5, **kw)
+                                    for k, v in pools]) / len(pools)
+        ok = sorted((r for r in results if "us" in r and r["rel_err"] < 1e-2), key=lambda r: r["us"])
+        name = f"{'sparse10' if sparse else 'dense'}-b{batch}-{ctx // 1024}k-q{q_len}"
+        rows.append({"shape": name, "kv_bytes": kv_bytes, "auto_us": auto_ms * 1e3, "best": ok[:8]})
+        print(f"{name:22s} auto {auto_ms * 1e3:6.1f} us ({kv_bytes / auto_ms / 1e6 / copy:.2f}); best "
+              + "; ".join(f"{r['us']:.1f} us ({r['bandwidth_fraction']:.2f}) {tuple(r['config'].values())[:3]} "
+                          f"s{r['splits']}" for r in ok[:4]), flush=True)
+    return rows
+
+
 def main() -> None:
     copy = copy_bandwidth_gbs()
     out = {**environment(), "copy_bandwidth_gbs": copy}
-    out["gemv"] = gemv_sweep(copy)
-    out["attention"] = attention_sweep(copy)
-    write_json_atomic(sys.argv[1] if len(sys.argv) > 1 else RESULTS / "tune.json", out)
+    if "--only-sparse" in sys.argv:
+        out["sparse"] = sparse_sweep(copy)
+    else:
+        out["gemv"] = gemv_sweep(copy)
+        out["attention"] = attention_sweep(copy)
+    paths = [a for a in sys.argv[1:] if not a.startswith("--")]
+    write_json_atomic(paths[0] if paths else RESULTS / "tune.json", out)
 
 
 if __name__ == "__main__":
