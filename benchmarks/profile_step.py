@@ -47,7 +47,7 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1):
 
 
 def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
-            column_major: bool, q_len: int, top: int, fused: bool = True) -> None:
+            column_major: bool, q_len: int, top: int, fused: bool = False) -> None:
     import specattn.model
     specattn.model.COLUMN_MAJOR_WEIGHTS = column_major
     specattn.model.FUSED_STEPS = fused
@@ -80,7 +80,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what = "dense step" if draft_budget is None else f"draft step @{draft_budget}"
     what += f", q_len {q_len}" if q_len > 1 else ""
     what += ", weights column-major" if column_major else ", weights row-major"
-    what += "" if fused else ", unfused"
+    what += ", fused_linear" if fused else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
           f"{total:.0f} us; bytes at copy speed {moved / copy / 1e3:.0f} us")
     for name, (calls, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]:
@@ -97,10 +97,11 @@ def main() -> None:
     ap.add_argument("--row-major", action="store_true", help="keep projection weights row-major (as loaded)")
     ap.add_argument("--q-len", type=int, default=1, help="new tokens per sequence of a dense step (verify: gamma+1)")
     ap.add_argument("--top", type=int, default=18, help="kernels listed")
-    ap.add_argument("--unfused", action="store_true", help="small steps without kernels.fused_linear")
+    ap.add_argument("--fused", action="store_true", help="small steps through kernels.fused_linear (off in the model: "
+                    "slower than cuBLAS)")
     args = ap.parse_args()
     profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy_bandwidth_gbs(),
-            not args.row_major, args.q_len, args.top, not args.unfused)
+            not args.row_major, args.q_len, args.top, args.fused)
 
 
 if __name__ == "__main__":
