@@ -34,13 +34,13 @@ def time_attention(q, pools, table, lens, **kw) -> float:
                              for k, v in pools]) / len(pools)
 
 
-def selection(batch: int, pages: int, frac: float):
+def selection(batch: int, pages: int, frac: float, kv_heads: int = KV_HEADS):
     """Per (sequence, KV head): a random sorted `frac` of the pages, always with the last one."""
     keep = max(1, int(frac * pages))
     sel = torch.stack([torch.stack([torch.cat([torch.randperm(pages - 1)[:keep - 1].sort().values,
-                                               torch.tensor([pages - 1])]) for _ in range(KV_HEADS)])
+                                               torch.tensor([pages - 1])]) for _ in range(kv_heads)])
                        for _ in range(batch)]).int().cuda()
-    return sel, torch.full((batch, KV_HEADS), keep, dtype=torch.int32, device="cuda")
+    return sel, torch.full((batch, kv_heads), keep, dtype=torch.int32, device="cuda")
 
 
 def attention_rows(copy: float) -> tuple[list[dict], dict]:

@@ -1,7 +1,7 @@
 """Sweeps for the decode step's pieces on the GPU: attention launch configs, the K/V write, and whether
 cuBLAS is faster on pre-transposed weights for skinny (decode) products. Device times from CUDA graphs
-(as the decode step runs). Writes results/tune.json (or argv[1]); `--only-sparse` sweeps the sparse and verify
-attention of kernels.py instead."""
+(as the decode step runs). Writes results/tune.json (or argv[1]); `--splits` sweeps tile configs and split counts
+for sparse and dense decode/verify attention instead."""
 from __future__ import annotations
 
 import itertools
@@ -78,26 +78,37 @@ def gemv_sweep(copy: float) -> list[dict]:
     return rows
 
 
-def sparse_sweep(copy: float) -> list[dict]:
-    """Sparse (10% of pages, as kernels.py) and dense verify attention, 8B heads, over tile configs and explicit
-    split counts: with few selected keys each split may hold a single tile, and nothing is pipelined."""
-    from benchmarks.kernels import kv_pools, selection
+# (batch, context, q_len, kv_heads, group, head_dim, sparse 10%): the kernels.py shapes (8B heads) and the Qwen2.5
+# pair's decode / verify steps (0.5B: 2 KV heads x 7, dim 64; 1.5B: 2 x 6, dim 128).
+SPLIT_SHAPES = [(1, 32768, 1, 8, 4, 128, True), (1, 32768, 5, 8, 4, 128, True), (8, 8192, 5, 8, 4, 128, True),
+                (1, 32768, 5, 8, 4, 128, False), (1, 8192, 1, 2, 7, 64, False), (8, 8192, 1, 2, 7, 64, False),
+                (1, 8192, 5, 2, 6, 128, False), (8, 8192, 5, 2, 6, 128, False)]
+
+
+def split_sweep(copy: float) -> list[dict]:
+    """Tile configs x explicit split counts: with few keys per program each split may hold a single tile (nothing
+    pipelined) and the merge reads many partials."""
+    from benchmarks.kernels import selection
     rows = []
-    kv_heads, group, dim = 8, 4, 128
-    for batch, ctx, q_len, sparse in [(1, 32768, 1, True), (1, 32768, 5, True), (8, 8192, 5, True),
-                                      (1, 32768, 5, False)]:
-        pools, table, lens, kv_bytes = kv_pools(batch, ctx)
+    for batch, ctx, q_len, kv_heads, group, dim, sparse in SPLIT_SHAPES:
+        pages = -(-ctx // 16)
+        kv_bytes = 2 * batch * ctx * kv_heads * dim * 2
+        pools = [(torch.randn(batch * pages, 16, kv_heads, dim, device="cuda", dtype=torch.bfloat16),
+                  torch.randn(batch * pages, 16, kv_heads, dim, device="cuda", dtype=torch.bfloat16))
+                 for _ in range(-(-L2_BEATING_BYTES // kv_bytes))]
+        table = torch.randperm(batch * pages, device="cuda").view(batch, pages).int()
+        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
         q = torch.randn(batch, q_len, kv_heads * group, dim, device="cuda", dtype=torch.bfloat16)
         kw = {}
         if sparse:
-            sel, counts = selection(batch, -(-ctx // 16), 0.10)
+            sel, counts = selection(batch, pages, 0.10, kv_heads)
             kw = {"selected_pages": sel, "selected_counts": counts}
-            kv_bytes = kv_bytes * counts.sum().item() / (batch * kv_heads * -(-ctx // 16))
+            kv_bytes = kv_bytes * counts.sum().item() / (batch * kv_heads * pages)
         kp, vp = pools[0]
         ref = reference.paged_attention(q.float(), kp.float(), vp.float(), table, lens, dim ** -0.5, **kw)
         results = []
         for (bn, w, st), splits in itertools.product(
-                itertools.product((32, 64, 128), (4, 8), (2, 3, 4)), (2, 4, 8, 16, 33, 64)):
+                itertools.product((32, 64, 128), (4,), (2, 3)), (2, 4, 8, 16, 32, 64)):
             cfg = LaunchConfig(bn, w, st)
             try:
                 def call(k, v, cfg=cfg, splits=splits):
@@ -112,10 +123,18 @@ def sparse_sweep(copy: float) -> list[dict]:
                             "bandwidth_fraction": kv_bytes / ms / 1e6 / copy})
         auto_ms = graph_ms(lambda: [paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5, **kw)
                                     for k, v in pools]) / len(pools)
+        merge_us = {}
+        for warps in (1, 2, 4, 8):      # the merge kernel's warps, at the automatic tiling
+            paged_attention.MERGE_WARPS = warps
+            merge_us[warps] = 1e3 * graph_ms(lambda: [paged_attention.paged_attention(
+                q, k, v, table, lens, dim ** -0.5, **kw) for k, v in pools]) / len(pools)
+        paged_attention.MERGE_WARPS = 1
         ok = sorted((r for r in results if "us" in r and r["rel_err"] < 1e-2), key=lambda r: r["us"])
-        name = f"{'sparse10' if sparse else 'dense'}-b{batch}-{ctx // 1024}k-q{q_len}"
-        rows.append({"shape": name, "kv_bytes": kv_bytes, "auto_us": auto_ms * 1e3, "best": ok[:8]})
-        print(f"{name:22s} auto {auto_ms * 1e3:6.1f} us ({kv_bytes / auto_ms / 1e6 / copy:.2f}); best "
+        name = f"{'sparse10' if sparse else 'dense'}-b{batch}-{ctx // 1024}k-q{q_len}-h{kv_heads}x{group}-d{dim}"
+        rows.append({"shape": name, "kv_bytes": kv_bytes, "auto_us": auto_ms * 1e3, "auto_us_by_merge_warps": merge_us,
+                     "best": ok[:8]})
+        print(f"{name:32s} auto {auto_ms * 1e3:6.1f} us ({kv_bytes / auto_ms / 1e6 / copy:.2f}), merge warps "
+              + " ".join(f"{w}:{u:.1f}" for w, u in merge_us.items()) + "; best "
               + "; ".join(f"{r['us']:.1f} us ({r['bandwidth_fraction']:.2f}) {tuple(r['config'].values())[:3]} "
                           f"s{r['splits']}" for r in ok[:4]), flush=True)
     return rows
@@ -124,8 +143,8 @@ def sparse_sweep(copy: float) -> list[dict]:
 def main() -> None:
     copy = copy_bandwidth_gbs()
     out = {**environment(), "copy_bandwidth_gbs": copy}
-    if "--only-sparse" in sys.argv:
-        out["sparse"] = sparse_sweep(copy)
+    if "--splits" in sys.argv:
+        out["splits"] = split_sweep(copy)
     else:
         out["gemv"] = gemv_sweep(copy)
         out["attention"] = attention_sweep(copy)

@@ -46,6 +46,7 @@ def choose_launch(programs: int, head_dim: int) -> LaunchConfig:
 # operands; there the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_MASS_TILES = 32    # block mass: tiles one split may hold (more splits are used if needed)
+MERGE_WARPS = 1        # warps of the split-merge kernel (one program per query row and head)
 
 
 @triton.jit
@@ -325,7 +326,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     out = torch.empty_like(q)
     _merge_splits_kernel[(batch * q_len * heads,)](
         o_part, m_part, l_part, out, lse, num_splits,
-        HEAD_DIM=dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=1,
+        HEAD_DIM=dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=MERGE_WARPS,
     )
     if return_lse:                                # each row's log-sum-exp [batch, q_len, heads]: Vegas scores
         return out, lse
