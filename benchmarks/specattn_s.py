@@ -1,7 +1,7 @@
 """SpecAttn-S results: the perplexity study (from `specattn ppl --json`), the attention-time speedup of draft-guided
 sparse verification with our kernel, and the summary fields of the issue.
 
-    python3 benchmarks/specattn_s.py --ppl benchmarks/results/ppl_qwen_2048.json          # summary + plot (CPU)
+    python3 benchmarks/specattn_s.py                      # summary + plot from results/ppl_qwen_*.json (CPU)
     python3 benchmarks/specattn_s.py --ppl ... --attention --out $OUT/specattn_s.json      # + GPU attention times
 
 The attention part times one verify step (gamma + 1 = 5 rows) of the verifier's attention shape (Qwen2.5-1.5B:
@@ -24,7 +24,9 @@ from specattn.evaluation.results import write_json_atomic  # noqa: E402
 HEADS, KV_HEADS, DIM, PAGE = 12, 2, 128, 16
 
 
-def summary_from_ppl(study: dict) -> dict:
+def study_summary(study: dict) -> dict:
+    """One `specattn ppl` study: SpecAttn-S at p = 0.95, the baselines at the budget they were matched to, and
+    the most KV reads SpecAttn-S saves within +10% perplexity (the issue's target point)."""
     runs = {r["name"]: r for r in study["runs"]}
     dense = runs["dense"]["ppl"]
 
@@ -32,37 +34,60 @@ def summary_from_ppl(study: dict) -> dict:
         return runs[name]["ppl"] / dense - 1
 
     ref = runs["specattn-s:p=0.95"]
+    ours = [r for r in study["runs"] if r["name"].startswith("specattn-s")]
+    within = max((r for r in ours if increase(r["name"]) <= 0.10), key=lambda r: 1 - r["keys_kept_fraction"])
     return {
+        "context": study["context"],
+        "dense_ppl": dense,
         "kv_reduction_at_p095": 1 - ref["keys_kept_fraction"],
         "kv_reduction_at_p095_sparse_layers": 1 - ref["keys_kept_fraction_sparse_layers"],
         "ppl_increase_at_p095": increase("specattn-s:p=0.95"),
         "quest_ppl_increase_same_budget": increase("quest"),
         "streaming_ppl_increase_same_budget": increase("streaming"),
-        "dense_ppl": dense,
-        "note": "KV reduction over all layers (the first two stay dense); per-query key sets in one window",
+        "baselines_budget_from": runs["quest"].get("extra", {}).get("budget_from", "specattn-s:p=0.95"),
+        "best_within_10pct": {"method": within["name"], "kv_reduction": 1 - within["keys_kept_fraction"],
+                              "ppl_increase": increase(within["name"])},
     }
 
 
-def plot(study: dict, path: Path) -> None:
+def summary_from_ppl(studies: list[dict]) -> dict:
+    """The headline fields come from the longest window; every study is listed by context."""
+    by_context = {str(s["context"]): study_summary(s) for s in studies}
+    main = by_context[str(max(s["context"] for s in studies))]
+    return {**{k: v for k, v in main.items() if k != "best_within_10pct"},
+            "kv_reduction_within_10pct": main["best_within_10pct"],
+            "ppl_by_context": by_context,
+            "note": "KV reduction over all layers (the first two stay dense); per-query key sets in one window; "
+                    "headline fields from the longest window"}
+
+
+def plot(studies: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = study["runs"]
-    dense = next(r for r in runs if r["name"] == "dense")["ppl"]
-    ours = sorted((r for r in runs if r["name"].startswith("specattn-s")), key=lambda r: r["keys_kept_fraction"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([1 - r["keys_kept_fraction"] for r in ours], [r["ppl"] for r in ours], "o-", label="SpecAttn-S (p)")
-    for r in ours:
-        ax.annotate(r["name"].split("=")[1], (1 - r["keys_kept_fraction"], r["ppl"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, 4))
-    for name, marker in (("quest", "s"), ("streaming", "^")):
-        r = next(x for x in runs if x["name"] == name)
-        ax.plot(1 - r["keys_kept_fraction"], r["ppl"], marker, label=f"{name} (same budget as p=0.95)")
-    ax.axhline(dense, color="gray", ls="--", lw=1, label="dense")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for study, color in zip(sorted(studies, key=lambda s: s["context"]), ("tab:blue", "tab:red", "tab:green"),
+                            strict=False):
+        runs = study["runs"]
+        dense = next(r for r in runs if r["name"] == "dense")["ppl"]
+        ctx = study["context"]
+        ours = sorted((r for r in runs if r["name"].startswith("specattn-s")), key=lambda r: r["keys_kept_fraction"])
+        ax.plot([1 - r["keys_kept_fraction"] for r in ours], [r["ppl"] / dense - 1 for r in ours], "o-",
+                color=color, label=f"SpecAttn-S, {ctx} tokens (p)")
+        for r in ours:
+            ax.annotate(r["name"].split("=")[1], (1 - r["keys_kept_fraction"], r["ppl"] / dense - 1), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+        budget = next(x for x in runs if x["name"] == "quest").get("extra", {}).get("budget_from", "p=0.95")
+        for name, marker in (("quest", "s"), ("streaming", "^")):
+            r = next(x for x in runs if x["name"] == name)
+            ax.plot(1 - r["keys_kept_fraction"], r["ppl"] / dense - 1, marker, color=color, mfc="none",
+                    label=f"{name}, {ctx} tokens (budget of {budget.split(':')[-1]})")
+    ax.axhline(0.10, color="gray", ls=":", lw=1, label="+10% perplexity")
+    ax.axvline(0.85, color="gray", ls="--", lw=1, label="85% fewer KV reads")
     ax.set_xlabel("KV reads saved (fraction, all layers)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(f"Qwen2.5-Coder-1.5B guided by 0.5B, {study['context']}-token window")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("perplexity increase over dense")
+    ax.set_title("Qwen2.5-Coder-1.5B with keys chosen by 0.5B's attention")
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -94,45 +119,52 @@ def attention_times(keep: float) -> list[dict]:
     return rows
 
 
-def e2e_summary(path: Path) -> dict:
+def e2e_summary(paths: list[Path]) -> dict:
     """SpecAttn-S vs lossless draft-model speculation, decode tokens/s in the same cell of one `specattn bench`
-    run (methods ar, draft-spec, specattn-s)."""
-    if not path.exists():
-        return {"e2e_over_plain_spec": None, "e2e_note": f"not measured: {path.name} is missing"}
-    run = json.loads(path.read_text())
-    tok_s = {(r["method"], r["batch"], r["context"]): r["decode_tokens_per_s"] for r in run["rows"]}
-    by_cell = {f"b{b}_ctx{c}": tok_s[("specattn-s", b, c)] / tok_s[("draft-spec", b, c)]
-               for (m, b, c) in tok_s if m == "specattn-s" and ("draft-spec", b, c) in tok_s}
+    run (methods ar, draft-spec, specattn-s); cells of several runs are pooled."""
+    by_cell, notes = {}, []
+    for path in paths:
+        if not path.exists():
+            continue
+        run = json.loads(path.read_text())
+        tok_s = {(r["method"], r["batch"], r["context"]): r["decode_tokens_per_s"] for r in run["rows"]}
+        by_cell.update({f"b{b}_ctx{c}": tok_s[("specattn-s", b, c)] / tok_s[("draft-spec", b, c)]
+                        for (m, b, c) in tok_s if m == "specattn-s" and ("draft-spec", b, c) in tok_s})
+        notes.append(f"{path.name}: {run['device']}, commit {run['commit']}, top-p {run['config']['keys_p']} at "
+                     f"page level, gamma {run['config']['gamma']}, {run['config']['new_tokens']} new tokens")
+    if not by_cell:
+        return {"e2e_over_plain_spec": None, "e2e_note": "not measured: no specattn bench JSON found"}
     best = max(by_cell, key=by_cell.get)
     return {"e2e_over_plain_spec": by_cell[best], "e2e_over_plain_spec_cell": best,
             "e2e_over_plain_spec_by_cell": by_cell,
-            "e2e_note": (f"{path.name}: {run['device']}, commit {run['commit']}, top-p {run['config']['keys_p']} at "
-                         f"page level, gamma {run['config']['gamma']}, {run['config']['new_tokens']} new tokens, "
-                         "greedy; decode tokens/s of specattn-s / draft-spec in the same cell")}
+            "e2e_note": "; ".join(notes) + "; greedy; decode tokens/s of specattn-s / draft-spec in the same cell"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ppl", default=str(RESULTS / "ppl_qwen_2048.json"), help="JSON from `specattn ppl --json`")
+    ap.add_argument("--ppl", action="append", help="JSON from `specattn ppl --json` (repeat for several windows; "
+                    "default: results/ppl_qwen_*.json)")
     ap.add_argument("--attention", action="store_true", help="also time verify attention on the GPU")
     ap.add_argument("--out", default=str(RESULTS / "specattn_s.json"))
-    ap.add_argument("--e2e", default=str(RESULTS / "specattn_s_e2e.json"),
-                    help="JSON from `specattn bench --methods ar,draft-spec,specattn-s` on the GPU")
+    ap.add_argument("--e2e", action="append", help="JSON from `specattn bench --methods ar,draft-spec,specattn-s` "
+                    "on the GPU (repeat; default: results/specattn_s_e2e*.json)")
     args = ap.parse_args()
-    study = json.loads(Path(args.ppl).read_text())
-    summary = summary_from_ppl(study)
+    ppl_paths = args.ppl or sorted(RESULTS.glob("ppl_qwen_*.json"))
+    studies = [json.loads(Path(p).read_text()) for p in ppl_paths]
+    summary = summary_from_ppl(studies)
     out_path = Path(args.out)
     previous = json.loads(out_path.read_text()) if out_path.exists() else {}
     attention = previous.get("attention_p097", [])
     if args.attention:
-        keep = next(r for r in study["runs"] if r["name"] == "specattn-s:p=0.97")["keys_kept_fraction_sparse_layers"]
+        short = min(studies, key=lambda s: s["context"])
+        keep = next(r for r in short["runs"] if r["name"] == "specattn-s:p=0.97")["keys_kept_fraction_sparse_layers"]
         attention = attention_times(keep)
     if attention:
         summary["attn_speedup_p097"] = next(r["speedup"] for r in attention if (r["batch"], r["context"]) == (1, 2048))
-    summary.update(e2e_summary(Path(args.e2e)))
-    out = {**environment(), "ppl_study": study, "attention_p097": attention, "summary": summary}
+    summary.update(e2e_summary([Path(p) for p in args.e2e or sorted(RESULTS.glob("specattn_s_e2e*.json"))]))
+    out = {**environment(), "ppl_studies": studies, "attention_p097": attention, "summary": summary}
     write_json_atomic(out_path, out)
-    plot(study, out_path.with_name("specattn_s_ppl.png"))
+    plot(studies, out_path.with_name("specattn_s_ppl.png"))
     print(json.dumps(summary, indent=1))
 
 
