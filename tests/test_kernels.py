@@ -129,6 +129,23 @@ def test_block_mass_with_more_tiles_than_a_split_can_hold():
     assert (mass - ref_mass).abs().max().item() < 1e-4
 
 
+def test_page_mass_with_more_tiles_than_a_split_can_hold():
+    """2,500 keys in one requested split: page mass waits in registers for at most MAX_PAGE_MASS_TILES tiles, so
+    the kernel must add splits; dense and over a page list."""
+    torch.manual_seed(45)
+    q, k, v, table, lens = make_inputs(2, 5, 1, 2, 16, [2500, 1700], torch.float32)
+    ref_out, ref_mass = reference.paged_attention(q, k, v, table, lens, 0.25, page_mass=True)
+    out, mass = paged_attention.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, num_splits=1)
+    assert ((out - ref_out).norm() / ref_out.norm()).item() < 1e-4
+    assert (mass - ref_mass).abs().max().item() < 1e-4
+    sel, counts = random_selection(2, 1, [2500, 1700], keep=0.9)
+    _, ref_mass = reference.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, selected_pages=sel,
+                                            selected_counts=counts)
+    _, mass = paged_attention.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, selected_pages=sel,
+                                              selected_counts=counts, num_splits=1)
+    assert (mass - ref_mass).abs().max().item() < 1e-4
+
+
 SPARSE_CASES = MASS_CASES + CASES[4:5]
 
 

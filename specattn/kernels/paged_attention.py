@@ -46,6 +46,7 @@ def choose_launch(programs: int, head_dim: int) -> LaunchConfig:
 # operands; there the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_MASS_TILES = 32    # block mass: tiles one split may hold (more splits are used if needed)
+MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
 MERGE_WARPS = 1        # warps of the split-merge kernel (one program per query row and head)
 
 
@@ -62,7 +63,7 @@ def _paged_attn_split_kernel(
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
-    MAX_TILES: tl.constexpr,
+    MAX_TILES: tl.constexpr, MASS_COLS: tl.constexpr,
 ):
     # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
     # row j % PAGE_SIZE of the (j // PAGE_SIZE)-th page in this (sequence, KV head)'s list of logical pages,
@@ -99,11 +100,13 @@ def _paged_attn_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    # Block mass: each tile's row sums (and row max) wait in registers and are stored once after the loop,
-    # since a store inside the loop slowed the whole kernel by 15-50% on the H100 whatever its size.
+    # Page mass waits in registers and is stored once after the loop, since a store inside the loop slowed the
+    # whole kernel by 15-50% on the H100 whatever its size: per tile its row max, and its row sums (block mass)
+    # or its per-page row sums (page mass).
     slots = tl.arange(0, MAX_TILES)
     tile_sum = tl.zeros([BLOCK_M, MAX_TILES], tl.float32)
     tile_max = tl.zeros([BLOCK_M, MAX_TILES], tl.float32)
+    page_sums = tl.zeros([BLOCK_M, MAX_TILES, MASS_COLS], tl.float32)
     for blk in range(block_lo, block_hi):
         j = blk * BLOCK_N + cols
         in_range = j < n_keys
@@ -141,21 +144,16 @@ def _paged_attn_split_kernel(
         elif PAGE_MASS:
             # Per-row mass of each page of this tile, relative to m_safe; rescaled by exp(m_safe - lse)
             # once the row's log-sum-exp is known (_page_mass_kernel). Rows are (g, t): decode/verify only.
-            # Summed per page by a tensor-core product with a page one-hot: a reshape-and-sum of p
-            # costs a layout conversion every tile (measured +16% kernel time vs +24% in all before).
-            pages_per_tile: tl.constexpr = BLOCK_N // PAGE_SIZE
-            mass_cols: tl.constexpr = 16 if pages_per_tile < 16 else pages_per_tile   # tl.dot needs N >= 16
-            col_page = tl.arange(0, mass_cols)
-            onehot = (cols[:, None] // PAGE_SIZE) == col_page[None, :]
+            # Summed per page by a tensor-core product with a page one-hot (MASS_COLS >= 16 columns, as
+            # tl.dot needs): a reshape-and-sum of p costs a layout conversion every tile.
+            onehot = (cols[:, None] // PAGE_SIZE) == tl.arange(0, MASS_COLS)[None, :]
             if UPCAST_DOT:
                 tile_mass = tl.dot(p, onehot.to(tl.float32))
             else:
                 tile_mass = tl.dot(p.to(k.dtype), onehot.to(k.dtype))
-            vpage = blk * pages_per_tile + col_page
-            row_base = (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64)
-            tl.store(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], tile_mass,
-                     mask=row_ok[:, None] & (col_page[None, :] < pages_per_tile) & (vpage[None, :] < mass_pages))
-            tl.store(mass_max_ptr + row_base * mass_blocks + blk, m_safe, mask=row_ok)
+            here = slots == blk - block_lo
+            page_sums = tl.where(here[None, :, None], tile_mass[:, None, :], page_sums)
+            tile_max = tl.where(here[None, :], m_safe[:, None], tile_max)
         v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
@@ -170,6 +168,16 @@ def _paged_attn_split_kernel(
         keep = row_ok[:, None] & (tile_idx < block_hi)[None, :]
         tl.store(mass_part_ptr + where, tile_sum, mask=keep)
         tl.store(mass_max_ptr + where, tile_max, mask=keep)
+    if PAGE_MASS and not MASS_TILE:
+        pages_per_tile: tl.constexpr = BLOCK_N // PAGE_SIZE
+        row_base = (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64)
+        tile_idx = block_lo + slots
+        tile_ok = row_ok[:, None] & (tile_idx < block_hi)[None, :]
+        col_page = tl.arange(0, MASS_COLS)
+        vpage = tile_idx[None, :, None] * pages_per_tile + col_page[None, None, :]
+        keep = tile_ok[:, :, None] & (col_page < pages_per_tile)[None, None, :] & (vpage < mass_pages)
+        tl.store(mass_part_ptr + row_base[:, None, None] * mass_pages + vpage, page_sums, mask=keep)
+        tl.store(mass_max_ptr + row_base[:, None] * mass_blocks + tile_idx[None, :], tile_max, mask=tile_ok)
     part = ((b * Q_LEN + t) * HEADS + head) * num_splits + split     # [B, T, H, S] flat
     tl.store(m_part_ptr + part, m_i, mask=row_ok)
     tl.store(l_part_ptr + part, l_i, mask=row_ok)
@@ -290,8 +298,9 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     if num_splits is None:
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
         num_splits = choose_num_splits(batch * q_blocks, kv_heads, cap, sms, launch)
-    if mass_tile:      # every split's tiles must fit the registers that hold their mass
-        num_splits = max(num_splits, -(-cap // (launch.block_n * MAX_MASS_TILES)))
+    max_tiles = (MAX_MASS_TILES if mass_tile else MAX_PAGE_MASS_TILES) if page_mass else 1
+    if page_mass:      # every split's tiles must fit the registers that hold their mass
+        num_splits = max(num_splits, -(-cap // (launch.block_n * max_tiles)))
     q = q.contiguous()
     dev = q.device
     o_part = torch.empty(batch, q_len, heads, num_splits, dim, dtype=torch.float32, device=dev)
@@ -320,7 +329,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         Q_LEN=q_len, Q_BLOCK=q_block, GROUP=group, HEADS=heads, PAGE_SIZE=page_size, HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=launch.block_n, UPCAST_DOT=INTERPRETED, SPARSE=sparse,
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
-        MAX_TILES=MAX_MASS_TILES if mass_tile else 1,
+        MAX_TILES=max_tiles, MASS_COLS=max(16, launch.block_n // page_size) if page_mass and not mass_tile else 1,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     out = torch.empty_like(q)
