@@ -87,12 +87,16 @@ MASS_CASES = [(1, 1, 2, 1, 16, [200]), (3, 1, 1, 4, 32, [37, 5, 64]), (2, 5, 2, 
 
 @pytest.mark.parametrize("case", MASS_CASES, ids=[f"b{c[0]}-q{c[1]}-g{c[3]}" for c in MASS_CASES])
 @pytest.mark.parametrize("num_splits", [None, 2])
-def test_page_mass_by_product_matches_reference(case, num_splits):
+@pytest.mark.parametrize("launch", [paged_attention.FEW_PROGRAMS, paged_attention.DEFAULT_LAUNCH],
+                         ids=["mass-stored-per-tile", "mass-deferred"])
+def test_page_mass_by_product_matches_reference(case, num_splits, launch):
+    assert paged_attention.defer_page_mass(launch) == (launch is paged_attention.DEFAULT_LAUNCH)
     torch.manual_seed(MASS_CASES.index(case) + 10)
     q, k, v, table, lens = make_inputs(*case, torch.float32)
     scale = case[4] ** -0.5
     ref_out, ref_mass = reference.paged_attention(q, k, v, table, lens, scale, page_mass=True)
-    out, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True, num_splits=num_splits)
+    out, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True, num_splits=num_splits,
+                                                launch=launch)
     assert ((out - ref_out).norm() / ref_out.norm()).item() < 1e-4
     assert (mass - ref_mass).abs().max().item() < 1e-4
     # Every row's probabilities sum to one: the mass of a KV head sums to (query heads per KV head) x rows.
@@ -130,19 +134,21 @@ def test_block_mass_with_more_tiles_than_a_split_can_hold():
 
 
 def test_page_mass_with_more_tiles_than_a_split_can_hold():
-    """2,500 keys in one requested split: page mass waits in registers for at most MAX_PAGE_MASS_TILES tiles, so
-    the kernel must add splits; dense and over a page list."""
+    """2,500 keys in one requested split: deferred page mass waits in registers for at most MAX_PAGE_MASS_TILES
+    tiles, so the kernel must add splits; dense and over a page list."""
     torch.manual_seed(45)
     q, k, v, table, lens = make_inputs(2, 5, 1, 2, 16, [2500, 1700], torch.float32)
+    deferred = paged_attention.DEFAULT_LAUNCH
     ref_out, ref_mass = reference.paged_attention(q, k, v, table, lens, 0.25, page_mass=True)
-    out, mass = paged_attention.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, num_splits=1)
+    out, mass = paged_attention.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, num_splits=1,
+                                                launch=deferred)
     assert ((out - ref_out).norm() / ref_out.norm()).item() < 1e-4
     assert (mass - ref_mass).abs().max().item() < 1e-4
     sel, counts = random_selection(2, 1, [2500, 1700], keep=0.9)
     _, ref_mass = reference.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, selected_pages=sel,
                                             selected_counts=counts)
     _, mass = paged_attention.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, selected_pages=sel,
-                                              selected_counts=counts, num_splits=1)
+                                              selected_counts=counts, num_splits=1, launch=deferred)
     assert (mass - ref_mass).abs().max().item() < 1e-4
 
 

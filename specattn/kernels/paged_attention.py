@@ -37,6 +37,14 @@ FEW_PROGRAMS = LaunchConfig(block_n=128, num_warps=4, num_stages=3, split_factor
 MANY_PROGRAMS_SMALL_HEADS = LaunchConfig(block_n=64, num_warps=4, num_stages=4, split_factor=4)
 
 
+def defer_page_mass(launch: LaunchConfig) -> bool:
+    """Whether page mass waits in registers until after the loop (else: stored every tile). H200, kernels.py,
+    overhead of page mass over plain attention (commit ad1b820 stores every tile, 29bcad2 defers): many programs
+    with 64-key tiles (batch 8, 8K) 0.65 -> 0.31 with 5 rows, 0.10 -> 0.11 with 1; few programs with 128-key tiles
+    (batch 1) 0.32 -> 0.41 at 32K and 0.40 -> 0.48 at 8K with 5 rows, 0.17 -> 0.13 at 32K with 1."""
+    return launch.block_n <= 64
+
+
 def choose_launch(programs: int, head_dim: int) -> LaunchConfig:
     """programs = batch * kv_heads * query blocks, before splitting the KV length."""
     if programs < 32:
@@ -63,7 +71,7 @@ def _paged_attn_split_kernel(
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
-    MAX_TILES: tl.constexpr, MASS_COLS: tl.constexpr,
+    MAX_TILES: tl.constexpr, MASS_COLS: tl.constexpr, DEFER_MASS: tl.constexpr,
 ):
     # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
     # row j % PAGE_SIZE of the (j // PAGE_SIZE)-th page in this (sequence, KV head)'s list of logical pages,
@@ -100,9 +108,9 @@ def _paged_attn_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    # Page mass waits in registers and is stored once after the loop, since a store inside the loop slowed the
-    # whole kernel by 15-50% on the H100 whatever its size: per tile its row max, and its row sums (block mass)
-    # or its per-page row sums (page mass).
+    # Block mass, and page mass with DEFER_MASS, wait in registers and are stored once after the loop: per tile
+    # its row max, and its row sums (block mass) or per-page row sums (page mass). A store inside the loop slowed
+    # the whole kernel by 15-50% on the H100; deferring page mass measured mixed on the H200 (see choose_defer).
     slots = tl.arange(0, MAX_TILES)
     tile_sum = tl.zeros([BLOCK_M, MAX_TILES], tl.float32)
     tile_max = tl.zeros([BLOCK_M, MAX_TILES], tl.float32)
@@ -146,14 +154,23 @@ def _paged_attn_split_kernel(
             # once the row's log-sum-exp is known (_page_mass_kernel). Rows are (g, t): decode/verify only.
             # Summed per page by a tensor-core product with a page one-hot (MASS_COLS >= 16 columns, as
             # tl.dot needs): a reshape-and-sum of p costs a layout conversion every tile.
-            onehot = (cols[:, None] // PAGE_SIZE) == tl.arange(0, MASS_COLS)[None, :]
+            col_page = tl.arange(0, MASS_COLS)
+            onehot = (cols[:, None] // PAGE_SIZE) == col_page[None, :]
             if UPCAST_DOT:
                 tile_mass = tl.dot(p, onehot.to(tl.float32))
             else:
                 tile_mass = tl.dot(p.to(k.dtype), onehot.to(k.dtype))
-            here = slots == blk - block_lo
-            page_sums = tl.where(here[None, :, None], tile_mass[:, None, :], page_sums)
-            tile_max = tl.where(here[None, :], m_safe[:, None], tile_max)
+            if DEFER_MASS:
+                here = slots == blk - block_lo
+                page_sums = tl.where(here[None, :, None], tile_mass[:, None, :], page_sums)
+                tile_max = tl.where(here[None, :], m_safe[:, None], tile_max)
+            else:
+                pages_per_tile: tl.constexpr = BLOCK_N // PAGE_SIZE
+                vpage = blk * pages_per_tile + col_page
+                row_base = (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64)
+                tl.store(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], tile_mass,
+                         mask=row_ok[:, None] & (col_page[None, :] < pages_per_tile) & (vpage[None, :] < mass_pages))
+                tl.store(mass_max_ptr + row_base * mass_blocks + blk, m_safe, mask=row_ok)
         v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
@@ -168,7 +185,7 @@ def _paged_attn_split_kernel(
         keep = row_ok[:, None] & (tile_idx < block_hi)[None, :]
         tl.store(mass_part_ptr + where, tile_sum, mask=keep)
         tl.store(mass_max_ptr + where, tile_max, mask=keep)
-    if PAGE_MASS and not MASS_TILE:
+    if PAGE_MASS and DEFER_MASS:
         pages_per_tile: tl.constexpr = BLOCK_N // PAGE_SIZE
         row_base = (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64)
         tile_idx = block_lo + slots
@@ -298,8 +315,9 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     if num_splits is None:
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
         num_splits = choose_num_splits(batch * q_blocks, kv_heads, cap, sms, launch)
-    max_tiles = (MAX_MASS_TILES if mass_tile else MAX_PAGE_MASS_TILES) if page_mass else 1
-    if page_mass:      # every split's tiles must fit the registers that hold their mass
+    defer = page_mass and not mass_tile and defer_page_mass(launch)
+    max_tiles = MAX_MASS_TILES if mass_tile else (MAX_PAGE_MASS_TILES if defer else 1)
+    if mass_tile or defer:      # every split's tiles must fit the registers that hold their mass
         num_splits = max(num_splits, -(-cap // (launch.block_n * max_tiles)))
     q = q.contiguous()
     dev = q.device
@@ -329,7 +347,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         Q_LEN=q_len, Q_BLOCK=q_block, GROUP=group, HEADS=heads, PAGE_SIZE=page_size, HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=launch.block_n, UPCAST_DOT=INTERPRETED, SPARSE=sparse,
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
-        MAX_TILES=max_tiles, MASS_COLS=max(16, launch.block_n // page_size) if page_mass and not mass_tile else 1,
+        MAX_TILES=max_tiles, MASS_COLS=max(16, launch.block_n // page_size) if page_mass and not mass_tile else 16,
+        DEFER_MASS=defer,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     out = torch.empty_like(q)
