@@ -84,7 +84,7 @@ def _load_draft(args, session, prompt: str):
     else:
         layer_map = align_layers(draft.model, session.model, session.encode(prompt)[:1024])
     return draft, SparseVerification(tuple(layer_map.draft_layer), args.keys_p, tuple(args.sparse_dense_layers),
-                                     page_level=args.page_level)
+                                     page_level=args.page_level, key_steps=args.keys_from_steps)
 
 
 def load_pair(args):
@@ -230,7 +230,8 @@ def cmd_bench(args) -> int:
         return 0
     print(bench.table(rows))
     from .evaluation.results import environment
-    sparse = {"draft": args.draft, "keys_p": args.keys_p, "page_level": args.page_level} if args.draft else {}
+    sparse = ({"draft": args.draft, "keys_p": args.keys_p, "page_level": args.page_level,
+               "keys_from_steps": args.keys_from_steps} if args.draft else {})
     result = {**environment(), "model": args.model, "dtype": str(session.dtype),
               "config": {"methods": cfg.methods, "contexts": cfg.contexts, "batches": cfg.batches,
                          "budget": args.budget, "gamma": args.gamma, "new_tokens": args.new_tokens,
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="specattn-s: verifier layers that stay dense (default: 0 1)")
     g.add_argument("--page-level", action="store_true",
                    help="specattn-s: choose pages from the draft's page mass instead of tokens")
+    g.add_argument("--keys-from-steps", choices=("all", "first", "last"), default="all",
+                   help="specattn-s: draft steps whose attention chooses the verifier's keys (default: all, the "
+                        "paper's union; one step spends less draft time on page mass)")
     g.add_argument("--adaptive-gamma", action="store_true",
                    help="draft up to --gamma tokens per round, fewer while recent drafts get rejected")
     g.add_argument("--mass-tokens", type=int, default=None,
@@ -317,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--keys-p", type=float, default=0.95)
     b.add_argument("--sparse-dense-layers", type=int, nargs="*", default=[0, 1])
     b.add_argument("--page-level", action="store_true")
+    b.add_argument("--keys-from-steps", choices=("all", "first", "last"), default="all")
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--repeats", type=int, default=1, help="timed runs per method and cell; the median is kept")
     b.add_argument("--temperature", type=float, default=0.0)

@@ -236,3 +236,28 @@ def test_page_level_runs_reuse_their_round_runners():
     assert again.runner is first.runner and again.tokens == first.tokens
     assert again.stats["verifier_keys_read_fraction_sparse_layers"] == first.stats[
         "verifier_keys_read_fraction_sparse_layers"] < 1.0
+
+
+@pytest.mark.parametrize("page_level", [False, True], ids=["tokens", "pages"])
+def test_keys_chosen_by_one_draft_step(page_level):
+    """key_steps first / last: the verifier's keys come from one draft step's attention, a subset of the union
+    over all steps (one round, same drafts); p = 1 still equals AR."""
+    target, draft = _pair()
+    prompts = [[1, 5, 9, 2, 6, 6, 1, 3] * 8, [4, 4, 8, 1] * 12]
+    reads = {}
+    for steps in ("all", "first", "last"):
+        lm = SparseVerification((0, 1, 2, 2), p=0.5, dense_layers=(0,), page_level=page_level, key_steps=steps)
+        res = generate_draft_speculative(target, draft, PagedKVCache(TARGET, 2, 100), PagedKVCache(DRAFT, 2, 100),
+                                         prompts, GenerationParams(2), 3, lm)
+        assert res.stats["rounds"] == 1
+        reads[steps] = res.stats["verifier_keys_read_fraction_sparse_layers"]
+    assert reads["first"] <= reads["all"] and reads["last"] <= reads["all"]
+    assert min(reads["first"], reads["last"]) < reads["all"]
+    ar = generate_ar(target, PagedKVCache(TARGET, 2, 100), prompts, GenerationParams(12)).tokens
+    full = SparseVerification(tuple(range(TARGET.num_layers)), p=1.0, dense_layers=(0,), page_level=page_level,
+                              key_steps="last")
+    res = generate_draft_speculative(target, target, PagedKVCache(TARGET, 2, 100), PagedKVCache(TARGET, 2, 100),
+                                     prompts, GenerationParams(12), 3, full)
+    assert res.tokens == ar
+    with pytest.raises(InvalidInputError, match="key steps"):
+        SparseVerification((0, 1, 2, 2), key_steps="middle")

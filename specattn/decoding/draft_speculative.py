@@ -39,10 +39,22 @@ class SparseVerification:
     p: float = 0.95
     dense_layers: tuple[int, ...] = (0, 1)
     page_level: bool = False            # choose pages from the draft's page mass (the kernel's by-product)
+    key_steps: str = "all"              # draft steps whose attention chooses keys: all (the paper), first or last
 
     def __post_init__(self):
         if not 0 < self.p <= 1:
             raise InvalidInputError(f"top-p {self.p} must be in (0, 1]")
+        if self.key_steps not in KEY_STEPS:
+            raise InvalidInputError(f"key steps {self.key_steps!r}: choose one of {', '.join(KEY_STEPS)}")
+
+    def steps(self, gamma: int) -> frozenset[int]:
+        """The draft steps (0 .. gamma - 1) whose attention is recorded. Fewer steps: less of the draft's time
+        goes to page mass and top-p, and the verifier's sets come from fewer queries."""
+        return {"all": frozenset(range(gamma)), "first": frozenset({0}), "last": frozenset({gamma - 1})}[
+            self.key_steps]
+
+
+KEY_STEPS = ("all", "first", "last")
 
 
 @torch.no_grad()
@@ -252,7 +264,8 @@ class _PageSetGraphs:
         heads, p = self.draft.cfg.num_heads, self.sparse.p
         return draft_steps(self.draft, self.draft_cache, None, first, self.gamma, self.sampling, uniforms, None,
                            page_mass=self.mass, mass_layers=frozenset(self.layers),
-                           after_step=lambda: add_topp_pages(self.sets, self.mass[self.layer_index].sum(2) / heads, p))
+                           after_step=lambda: add_topp_pages(self.sets, self.mass[self.layer_index].sum(2) / heads, p),
+                           mass_steps=self.sparse.steps(self.gamma))
 
     def verify(self, block: torch.Tensor) -> torch.Tensor:
         if not self.use_graph:
@@ -319,12 +332,14 @@ def _draft(draft: Transformer, cache: PagedKVCache, first_tok: torch.Tensor, gam
     wanted = set(sparse.draft_layer)
     recorded = {layer: [] for layer in wanted}
     drafts, probs_list, tok = [], [], first_tok
-    for _ in range(gamma):
+    steps = sparse.steps(gamma)
+    for i in range(gamma):
         view = cache.step_view(1)
-        view.attention_probs, view.record_layers = {}, frozenset(wanted)
+        if i in steps:
+            view.attention_probs, view.record_layers = {}, frozenset(wanted)
         logits = draft(tok[:, None], cache, view)[:, -1]
         cache.advance(1)
-        for layer in wanted:
+        for layer in wanted if i in steps else ():
             recorded[layer].append(view.attention_probs[layer])
         if sampling.greedy:
             tok = logits.argmax(-1)

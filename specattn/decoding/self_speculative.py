@@ -35,13 +35,14 @@ def cache_tokens_needed(prompt_tokens: int, max_new_tokens: int, gamma: int) -> 
 def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: torch.Tensor, gamma: int,
                 sampling: SamplingParams, uniforms: torch.Tensor | None, kv_len_hint: int | None,
                 page_mass: torch.Tensor | None = None, after_step=None,
-                mass_layers: frozenset | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                mass_layers: frozenset | None = None,
+                mass_steps: frozenset | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """gamma sparse decode steps from first_tok: drafts [batch, gamma] and, when sampling, the draft's
     distributions [batch, gamma, vocab]. Pages for gamma + 1 tokens must be reserved. Only the device lengths
     move, and they are put back at the end: the drafts' K/V stay past each sequence's end for the verify
     step to overwrite. Graph-capturable (kv_len_hint None) and the eager path alike. `page_mass`: a buffer each
-    step's attention fills with its mass per page (zeroed first; only `mass_layers` if given); `after_step()`
-    runs after each step's forward.
+    step's attention fills with its mass per page (zeroed first; only `mass_layers` if given, only the steps
+    numbered in `mass_steps` if given); `after_step()` runs after the forward of each of those steps.
 
     first_tok [batch, 2] (a draft model's catch-up): the token before each sequence's end, whose K/V the draft
     may not have yet, and the first token; the first step then runs over both, writing (or rewriting) both."""
@@ -54,12 +55,13 @@ def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: t
         view = cache.step_view(q_len, static=True)
         view.max_kv_len = None if kv_len_hint is None else kv_len_hint + i + 1
         view.selection = selection
-        if page_mass is not None:
+        measured = mass_steps is None or i in mass_steps
+        if page_mass is not None and measured:
             page_mass.zero_()
             view.page_mass, view.mass_layers = page_mass, mass_layers
         logits = model(tok.view(batch, q_len), cache, view)[:, -1]
         cache.lens[:batch] += q_len
-        if after_step is not None:
+        if after_step is not None and measured:
             after_step()
         if sampling.greedy:
             tok = logits.argmax(-1)
