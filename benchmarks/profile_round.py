@@ -8,6 +8,7 @@ round (gamma draft steps, one verify step over gamma + 1 tokens, acceptance, rol
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import QWEN25_05B, QWEN25_15B, random_model  # noqa: E402
+from benchmarks.common import QWEN25_05B, QWEN25_15B, RESULTS, random_model  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding import draft_speculative as dspec  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
@@ -47,8 +48,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=32)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--sparse-p", type=float, help="page-level SpecAttn-S (every verifier layer maps to draft "
-                                                      "layer j * 24 // 28) instead of lossless rounds")
+    ap.add_argument("--sparse-p", type=float, help="page-level SpecAttn-S (layer map of results/layermap_qwen.json) "
+                                                      "instead of lossless rounds")
+    ap.add_argument("--keys-from-steps", choices=("all", "first", "last"), default="all")
     args = ap.parse_args()
     torch.manual_seed(0)
     target, draft = random_model(QWEN25_15B), random_model(QWEN25_05B)
@@ -62,7 +64,8 @@ def main() -> None:
     params = GenerationParams(max_new_tokens=n_new)
     sparse = None
     if args.sparse_p:
-        sparse = SparseVerification(tuple(j * 24 // 28 for j in range(28)), args.sparse_p, page_level=True)
+        layer_map = json.loads((RESULTS / "layermap_qwen.json").read_text())["draft_layer"]
+        sparse = SparseVerification(tuple(layer_map), args.sparse_p, page_level=True, key_steps=args.keys_from_steps)
 
     def spec(steps=None):
         return generate_draft_speculative(target, draft, tcache, dcache, prompts, params, args.gamma, sparse, steps)
