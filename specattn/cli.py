@@ -169,8 +169,10 @@ def cmd_ppl(args) -> int:
         print(f"{r['name']:>24}  ppl {r['ppl']:8.3f}  keys kept {r['keys_kept_fraction']:.3f} "
               f"(sparse layers {r['keys_kept_fraction_sparse_layers']:.3f})")
     if args.json:
-        write_json_atomic(args.json, {"context": context, "stride": stride, "windows": len(windows),
-                                      "dense_layers": list(dense),
+        from .evaluation.results import environment
+        write_json_atomic(args.json, {**environment(), "text": Path(args.text).name,
+                                      "dtype": str(target.embed.weight.dtype), "context": context, "stride": stride,
+                                      "windows": len(windows), "dense_layers": list(dense),
                                       "layer_map": layer_map.draft_layer if layer_map else None, "runs": rows})
     if args.plot:
         _plot_ppl(rows, args.plot)

@@ -348,7 +348,9 @@ def test_ppl_with_one_model_and_baseline_methods_over_windows(capsys, tmp_path, 
                                 "dense,streaming:budget=64,quest:budget=0.25", "--quiet", "--json", str(out),
                                 "--plot", str(tmp_path / "ppl.png"))
     assert code == 0, err
-    runs = {r["name"]: r for r in json.loads(out.read_text())["runs"]}
+    result = json.loads(out.read_text())
+    assert result["text"] == "book.txt" and result["dtype"] == "torch.float32" and "torch" in result
+    runs = {r["name"]: r for r in result["runs"]}
     assert set(runs) == {"dense", "streaming:budget=64", "quest:budget=0.25"}
     assert runs["dense"]["ppl"] < runs["streaming:budget=64"]["ppl"]          # dropping keys costs perplexity
     assert 0.2 < runs["quest:budget=0.25"]["keys_kept_fraction_sparse_layers"] < 0.4
