@@ -110,7 +110,7 @@ def _paged_attn_split_kernel(
     cols = tl.arange(0, BLOCK_N)
     # Block mass, and page mass with DEFER_MASS, wait in registers and are stored once after the loop: per tile
     # its row max, and its row sums (block mass) or per-page row sums (page mass). A store inside the loop slowed
-    # the whole kernel by 15-50% on the H100; deferring page mass measured mixed on the H200 (see choose_defer).
+    # the whole kernel by 15-50% on the H100; deferring page mass measured mixed on the H200 (see defer_page_mass).
     slots = tl.arange(0, MAX_TILES)
     tile_sum = tl.zeros([BLOCK_M, MAX_TILES], tl.float32)
     tile_max = tl.zeros([BLOCK_M, MAX_TILES], tl.float32)
@@ -315,7 +315,10 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     if num_splits is None:
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
         num_splits = choose_num_splits(batch * q_blocks, kv_heads, cap, sms, launch)
-    defer = page_mass and not mass_tile and defer_page_mass(launch)
+    # Deferred page mass holds MAX_PAGE_MASS_TILES tiles per split: past 256 splits (very long contexts) the
+    # merge would hold too many partials, so the mass is stored per tile there.
+    defer = (page_mass and not mass_tile and defer_page_mass(launch)
+             and -(-cap // (launch.block_n * MAX_PAGE_MASS_TILES)) <= 256)
     max_tiles = MAX_MASS_TILES if mass_tile else (MAX_PAGE_MASS_TILES if defer else 1)
     if mass_tile or defer:      # every split's tiles must fit the registers that hold their mass
         num_splits = max(num_splits, -(-cap // (launch.block_n * max_tiles)))
