@@ -52,8 +52,11 @@ def study_summary(study: dict) -> dict:
 
 def summary_from_ppl(studies: list[dict]) -> dict:
     """The headline fields come from the longest window; every study is listed by context."""
-    by_context = {str(s["context"]): study_summary(s) for s in studies}
-    main = by_context[str(max(s["context"] for s in studies))]
+    def key(study):                          # the text is recorded since `specattn ppl` wrote it (session 6)
+        return f"{study['context']} {study['text']}" if "text" in study else str(study["context"])
+
+    by_context = {key(s): study_summary(s) for s in studies}
+    main = by_context[key(max(studies, key=lambda s: s["context"]))]
     return {**{k: v for k, v in main.items() if k != "best_within_10pct"},
             "kv_reduction_within_10pct": main["best_within_10pct"],
             "ppl_by_context": by_context,
@@ -66,11 +69,11 @@ def plot(studies: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for study, color in zip(sorted(studies, key=lambda s: s["context"]), ("tab:blue", "tab:red", "tab:green"),
-                            strict=False):
+    for study, color in zip(sorted(studies, key=lambda s: s["context"]),
+                            ("tab:blue", "tab:green", "tab:purple", "tab:red", "tab:orange"), strict=False):
         runs = study["runs"]
         dense = next(r for r in runs if r["name"] == "dense")["ppl"]
-        ctx = study["context"]
+        ctx = f"{study['context']}" + (f" ({study['text'].removesuffix('.txt')})" if "text" in study else "")
         ours = sorted((r for r in runs if r["name"].startswith("specattn-s")), key=lambda r: r["keys_kept_fraction"])
         ax.plot([1 - r["keys_kept_fraction"] for r in ours], [r["ppl"] / dense - 1 for r in ours], "o-",
                 color=color, label=f"SpecAttn-S, {ctx} tokens (p)")
