@@ -1,6 +1,7 @@
 """Shared pieces of the GPU benchmarks: environment record, copy bandwidth, random models, timing."""
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -63,6 +64,36 @@ def graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
         for _ in range(calls):
             fn()
     return median_ms(graph.replay, warmup=2, reps=reps) / calls
+
+
+def replay_us(fn, calls: int = 20) -> float:
+    """Device time of one call in us: fn(i) for i < calls captured in one CUDA graph (fn(i) can rotate buffers
+    by i so that each call reads from HBM), median of 7 replays."""
+    fn(0)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    times = []
+    for _ in range(7):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return sorted(times)[3]
+
+
+def cuda_kernel_totals(prof) -> dict[str, list]:
+    """torch.profiler result -> {kernel name: [calls, device us]} over everything profiled."""
+    per_kernel = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[ev.name][0] += 1
+            per_kernel[ev.name][1] += ev.device_time
+    return per_kernel
 
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:

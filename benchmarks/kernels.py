@@ -17,11 +17,11 @@ L2_BEATING_BYTES = 200 << 20
 KV_HEADS, GROUP, DIM, PAGE = 8, 4, 128, 16          # Llama-3-8B attention shape
 
 
-def kv_pools(batch: int, ctx: int):
+def kv_pools(batch: int, ctx: int, kv_heads: int = KV_HEADS, dim: int = DIM):
     pages = -(-ctx // PAGE)
-    kv_bytes = 2 * batch * ctx * KV_HEADS * DIM * 2
-    pools = [(torch.randn(batch * pages, PAGE, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16),
-              torch.randn(batch * pages, PAGE, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16))
+    kv_bytes = 2 * batch * ctx * kv_heads * dim * 2
+    pools = [(torch.randn(batch * pages, PAGE, kv_heads, dim, device="cuda", dtype=torch.bfloat16),
+              torch.randn(batch * pages, PAGE, kv_heads, dim, device="cuda", dtype=torch.bfloat16))
              for _ in range(-(-L2_BEATING_BYTES // kv_bytes))]
     table = torch.randperm(batch * pages, device="cuda").view(batch, pages).int()
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment  # noqa: E402
 from specattn.alignment import LayerMap, head_averaged_attention  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
-from specattn.evaluation.sparse_ppl import _kept, _nll, quest_mask_fn, topp_key_mask  # noqa: E402
+from specattn.evaluation.sparse_ppl import _nll, masked_nll, quest_mask_fn, topp_key_mask  # noqa: E402
 from specattn.loader import load_model, load_tokenizer  # noqa: E402
 
 DENSE_LAYERS = (0, 1)
@@ -33,24 +33,15 @@ def sinks_and_window(t: int, sinks: int, window: int, device) -> torch.Tensor:
 
 
 def evaluate(target, ids: list[int], masks: dict, eval_from: int, dense_nll: float, n_layers: int) -> dict:
-    t = len(ids)
-    if all(callable(m) for m in masks.values()):
-        kept = []
+    nll, kept, visible = masked_nll(target, ids, masks, eval_from)
+    kept_all = (kept / visible * len(masks) + len(DENSE_LAYERS)) / n_layers
+    return {"ppl": math.exp(nll), "ppl_increase": math.exp(nll - dense_nll) - 1,
+            "keys_kept_sparse_layers": kept / visible, "kv_reduction": 1 - kept_all}
 
-        def counting(fn):
-            def mask(layer, q, k_pages, view):
-                m = fn(layer, q, k_pages, view)
-                kept.append(_kept(m, t, eval_from))
-                return m
-            return mask
-        nll = _nll(target, ids, {j: counting(m) for j, m in masks.items()}, eval_from)
-    else:
-        kept = [_kept(m, t, eval_from) for m in masks.values()]
-        nll = _nll(target, ids, masks, eval_from)
-    frac = sum(k for k, _ in kept) / sum(v for _, v in kept)
-    kept_all = (frac * len(masks) + len(DENSE_LAYERS)) / n_layers
-    return {"ppl": math.exp(nll), "ppl_increase": math.exp(nll - dense_nll) - 1, "keys_kept_sparse_layers": frac,
-            "kv_reduction": 1 - kept_all}
+
+def print_row(row: dict) -> None:
+    print(f"  {row['method']:44s} ppl {row['ppl']:8.3f} (+{row['ppl_increase']:.1%})  KV reduction "
+          f"{row['kv_reduction']:.3f}", flush=True)
 
 
 def study(draft, target, ids: list[int], layer_map: list[int]) -> list[dict]:
@@ -74,15 +65,13 @@ def study(draft, target, ids: list[int], layer_map: list[int]) -> list[dict]:
         row = {"method": name, **evaluate(target, ids, {j: make(j)[None, None] for j in sparse}, eval_from,
                                           dense_nll, n_layers)}
         rows.append(row)
-        print(f"  {name:44s} ppl {row['ppl']:8.3f} (+{row['ppl_increase']:.1%})  KV reduction "
-              f"{row['kv_reduction']:.3f}", flush=True)
+        print_row(row)
     for p in (0.9, 0.95):
         budget = next(r for r in rows if r["method"] == f"specattn-s p={p}")["keys_kept_sparse_layers"]
         row = {"method": f"quest (budget of specattn-s p={p})",
                **evaluate(target, ids, dict.fromkeys(sparse, quest_mask_fn(budget)), eval_from, dense_nll, n_layers)}
         rows.append(row)
-        print(f"  {row['method']:44s} ppl {row['ppl']:8.3f} (+{row['ppl_increase']:.1%})  KV reduction "
-              f"{row['kv_reduction']:.3f}", flush=True)
+        print_row(row)
     return rows
 
 

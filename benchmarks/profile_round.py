@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import QWEN25_05B, QWEN25_15B, RESULTS, random_model  # noqa: E402
+from benchmarks.common import QWEN25_05B, QWEN25_15B, RESULTS, cuda_kernel_totals, random_model  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding import draft_speculative as dspec  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
@@ -31,11 +30,7 @@ def skip_prefill(model, cache: PagedKVCache, prompts: list[list[int]], chunk: in
 
 
 def kernel_table(prof, divide: int, top: int) -> tuple[float, int]:
-    per = defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name][0] += 1
-            per[ev.name][1] += ev.device_time
+    per = cuda_kernel_totals(prof)
     for name, (calls, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"{us / divide:9.1f} us {calls / divide:7.1f}x  {name[:90]}")
     return sum(us for _, us in per.values()) / divide, sum(c for c, _ in per.values()) // divide

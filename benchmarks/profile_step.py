@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     SHAPES,
     copy_bandwidth_gbs,
+    cuda_kernel_totals,
     median_ms,
     random_model,
     weight_bytes_per_step,
@@ -69,11 +69,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    per_kernel = defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[ev.name][0] += 1
-            per_kernel[ev.name][1] += ev.device_time
+    per_kernel = cuda_kernel_totals(prof)
     total = sum(us for _, us in per_kernel.values()) / steps
     count = sum(c for c, _ in per_kernel.values()) // steps
     moved = weight_bytes_per_step(model, batch) + batch * kv_tokens * model.cfg.kv_bytes_per_token * 2

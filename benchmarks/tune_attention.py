@@ -88,16 +88,11 @@ SPLIT_SHAPES = [(1, 32768, 1, 8, 4, 128, True), (1, 32768, 5, 8, 4, 128, True), 
 def split_sweep(copy: float) -> list[dict]:
     """Tile configs x explicit split counts: with few keys per program each split may hold a single tile (nothing
     pipelined) and the merge reads many partials."""
-    from benchmarks.kernels import selection
+    from benchmarks.kernels import kv_pools, selection
     rows = []
     for batch, ctx, q_len, kv_heads, group, dim, sparse in SPLIT_SHAPES:
         pages = -(-ctx // 16)
-        kv_bytes = 2 * batch * ctx * kv_heads * dim * 2
-        pools = [(torch.randn(batch * pages, 16, kv_heads, dim, device="cuda", dtype=torch.bfloat16),
-                  torch.randn(batch * pages, 16, kv_heads, dim, device="cuda", dtype=torch.bfloat16))
-                 for _ in range(-(-L2_BEATING_BYTES // kv_bytes))]
-        table = torch.randperm(batch * pages, device="cuda").view(batch, pages).int()
-        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+        pools, table, lens, kv_bytes = kv_pools(batch, ctx, kv_heads, dim)
         q = torch.randn(batch, q_len, kv_heads * group, dim, device="cuda", dtype=torch.bfloat16)
         kw = {}
         if sparse:

@@ -10,30 +10,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import replay_us  # noqa: E402
 from specattn.kernels import fused_linear as fl  # noqa: E402
 
 SHAPES = {"8b gate_up": (28672, 4096, "norm"), "8b down": (4096, 14336, "swiglu"), "8b qkv": (6144, 4096, "norm"),
           "smol gate_up": (3072, 576, "norm"), "smol down": (576, 1536, "swiglu")}
 TILINGS = [fl.Tiling(32, 256, 4, 3), fl.Tiling(64, 128, 4, 4), fl.Tiling(128, 64, 4, 4), fl.Tiling(64, 256, 8, 3),
            fl.Tiling(16, 512, 4, 3), fl.Tiling(128, 128, 8, 3), fl.Tiling(32, 128, 4, 6), fl.Tiling(256, 64, 8, 3)]
-
-
-def graph_us(fn, calls: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i)
-    times = []
-    for _ in range(7):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return sorted(times)[3]
 
 
 def main() -> None:
@@ -52,13 +35,13 @@ def main() -> None:
                     cublas = lambda i=0: torch.nn.functional.linear(rms_norm(x + res, g, 1e-5), ws[i % copies])
                 else:
                     cublas = lambda i=0: fl.swiglu_linear_reference(x, ws[i % copies])
-                line.append(f"cublas-{layout} {graph_us(cublas):7.1f}")
+                line.append(f"cublas-{layout} {replay_us(cublas):7.1f}")
                 for t in TILINGS:
                     if kind == "norm":
                         f = lambda i=0: fl.norm_linear(x, res, g, 1e-5, ws[i % copies], tiling=t)
                     else:
                         f = lambda i=0: fl.swiglu_linear(x, ws[i % copies], tiling=t)
-                    line.append(f"{layout}{t.block_n}x{t.block_k}w{t.num_warps}s{t.num_stages} {graph_us(f):7.1f}")
+                    line.append(f"{layout}{t.block_n}x{t.block_k}w{t.num_warps}s{t.num_stages} {replay_us(f):7.1f}")
             print(f"{name} M={rows} ({n * k * 2 / 1e6:.0f} MB): " + " | ".join(line), flush=True)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import copy_bandwidth_gbs, environment  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbs, environment, replay_us  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import gemv  # noqa: E402
 
@@ -23,24 +23,6 @@ SHAPES = {  # name: (N, K)
     "1.5b qkv": (2048, 1536), "1.5b o": (1536, 1536), "1.5b gate_up": (17920, 1536), "1.5b down": (1536, 8960),
     "0.5b qkv": (1152, 896), "0.5b o": (896, 896), "0.5b gate_up": (9728, 896), "0.5b down": (896, 4864),
 }
-
-
-def graph_us(fn, calls: int = 20) -> float:
-    fn(0)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i)
-    times = []
-    for _ in range(7):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return sorted(times)[3]
 
 
 def tilings(k: int):
@@ -66,12 +48,12 @@ def shape_rows(name: str, n: int, k: int, copy: float) -> list[dict]:
     ws = [torch.randn(k, n, device="cuda", dtype=torch.bfloat16).t() / k ** 0.5 for _ in range(copies)]
     for m in (1, 4):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        cublas = graph_us(lambda i: F.linear(x, ws[i % copies]))
+        cublas = replay_us(lambda i: F.linear(x, ws[i % copies]))
         want = F.linear(x.float(), ws[0].float())
         best = None
         for t in tilings(k):
             try:
-                us = graph_us(lambda i, t=t: gemv.gemv_partials(x, ws[i % copies], t))
+                us = replay_us(lambda i, t=t: gemv.gemv_partials(x, ws[i % copies], t))
             except Exception as e:          # a tiling the compiler rejects (registers, shared memory)
                 print(f"{name} m={m} {t}: {type(e).__name__}", flush=True)
                 continue
@@ -80,9 +62,9 @@ def shape_rows(name: str, n: int, k: int, copy: float) -> list[dict]:
         us, t = best
         got = gemv.gemv_partials(x, ws[0], t).sum(0)
         parts = gemv.gemv_partials(x, ws[0], t)
-        sum_us = graph_us(lambda i: parts.sum(0))
+        sum_us = replay_us(lambda i: parts.sum(0))
         auto = gemv.choose_tiling(n, k)
-        auto_us = graph_us(lambda i: gemv.gemv_partials(x, ws[i % copies], auto))
+        auto_us = replay_us(lambda i: gemv.gemv_partials(x, ws[i % copies], auto))
         row = {"shape": name, "n": n, "k": k, "m": m, "cublas_us": cublas, "gemv_us": us, "sum_us": sum_us,
                "auto_us": auto_us, "best": vars(t), "gemv_over_cublas": cublas / us,
                "gemv_bw_fraction": n * k * 2 / us / 1e3 / copy,

@@ -246,6 +246,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .decoding.draft_speculative import KEY_STEPS
     p = argparse.ArgumentParser(prog="specattn",
                                 description="Long-context decoding with speculation and sparse attention.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="specattn-s: verifier layers that stay dense (default: 0 1)")
     g.add_argument("--page-level", action="store_true",
                    help="specattn-s: choose pages from the draft's page mass instead of tokens")
-    g.add_argument("--keys-from-steps", choices=("all", "first", "last"), default="all",
+    g.add_argument("--keys-from-steps", choices=KEY_STEPS, default="all",
                    help="specattn-s: draft steps whose attention chooses the verifier's keys (default: all, the "
                         "paper's union; one step spends less draft time on page mass)")
     g.add_argument("--adaptive-gamma", action="store_true",
@@ -323,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--keys-p", type=float, default=0.95)
     b.add_argument("--sparse-dense-layers", type=int, nargs="*", default=[0, 1])
     b.add_argument("--page-level", action="store_true")
-    b.add_argument("--keys-from-steps", choices=("all", "first", "last"), default="all")
+    b.add_argument("--keys-from-steps", choices=KEY_STEPS, default="all")
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--repeats", type=int, default=1, help="timed runs per method and cell; the median is kept")
     b.add_argument("--temperature", type=float, default=0.0)

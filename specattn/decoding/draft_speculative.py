@@ -339,8 +339,9 @@ def _draft(draft: Transformer, cache: PagedKVCache, first_tok: torch.Tensor, gam
             view.attention_probs, view.record_layers = {}, frozenset(wanted)
         logits = draft(tok[:, None], cache, view)[:, -1]
         cache.advance(1)
-        for layer in wanted if i in steps else ():
-            recorded[layer].append(view.attention_probs[layer])
+        if i in steps:
+            for layer in wanted:
+                recorded[layer].append(view.attention_probs[layer])
         if sampling.greedy:
             tok = logits.argmax(-1)
         else:

@@ -160,6 +160,26 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return specs
 
 
+def masked_nll(model: Transformer, tokens: list[int], masks: dict, eval_from: int) -> tuple[float, float, float]:
+    """(mean NLL, kept keys, visible keys summed over the masked layers) of one window whose layers read only the
+    keys of their masks: [.., T, T] tensors, or callables computing one from the layer's own queries and keys."""
+    t, kept = len(tokens), []
+
+    def counted(mask):
+        if not callable(mask):
+            kept.append(_kept(mask, t, eval_from))
+            return mask
+
+        def computed(layer, q, k_pages, view):
+            m = mask(layer, q, k_pages, view)
+            kept.append(_kept(m, t, eval_from))
+            return m
+        return computed
+
+    nll = _nll(model, tokens, {j: counted(m) for j, m in masks.items()}, eval_from)
+    return nll, sum(k for k, _ in kept), sum(v for _, v in kept)
+
+
 def _window_run(target, tokens, spec: MethodSpec, draft_attn, layer_map, sparse_layers, eval_from,
                 matched_budget) -> tuple[float, float, float]:
     """(mean NLL, kept keys, visible keys) of one method on one window; keys over the sparse layers."""
@@ -168,23 +188,12 @@ def _window_run(target, tokens, spec: MethodSpec, draft_attn, layer_map, sparse_
         return _nll(target, tokens, None, eval_from), 1.0, 1.0
     if spec.kind == "specattn-s":
         masks = {j: topp_key_mask(draft_attn[layer_map.draft_layer[j]], spec.p)[None, None] for j in sparse_layers}
-        kept = [_kept(m, t, eval_from) for m in masks.values()]
-        return _nll(target, tokens, masks, eval_from), sum(k for k, _ in kept), sum(v for _, v in kept)
+        return masked_nll(target, tokens, masks, eval_from)
     budget = spec.budget if spec.budget is not None else matched_budget
     if spec.kind == "streaming":
         mask = streaming_key_mask(t, budget, target.embed.weight.device)[None, None]
-        k, v = _kept(mask, t, eval_from)
-        return _nll(target, tokens, dict.fromkeys(sparse_layers, mask), eval_from), k * len(sparse_layers), \
-            v * len(sparse_layers)
-    quest, kept = quest_mask_fn(budget), []
-
-    def counting(layer, q, k_pages, view):
-        m = quest(layer, q, k_pages, view)
-        kept.append(_kept(m, t, eval_from))
-        return m
-
-    nll = _nll(target, tokens, dict.fromkeys(sparse_layers, counting), eval_from)
-    return nll, sum(k for k, _ in kept), sum(v for _, v in kept)
+        return masked_nll(target, tokens, dict.fromkeys(sparse_layers, mask), eval_from)
+    return masked_nll(target, tokens, dict.fromkeys(sparse_layers, quest_mask_fn(budget)), eval_from)
 
 
 @torch.no_grad()

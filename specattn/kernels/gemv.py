@@ -10,6 +10,7 @@ Reference: `partials_reference` (and F.linear on their sum).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +56,7 @@ def choose_tiling(n: int, k: int, num_sms: int = 132) -> GemvTiling:
     """Enough (column block, K slice) programs to fill the SMs about twice, K slices no shorter than 512."""
     tiling = GemvTiling()
     col_blocks = triton.cdiv(n, tiling.block_n)
-    splits = max(1, min(triton.cdiv(2 * num_sms, col_blocks), k // 512))
-    return GemvTiling(tiling.block_n, tiling.block_k, splits, tiling.num_warps, tiling.num_stages)
+    return dataclasses.replace(tiling, splits=max(1, min(triton.cdiv(2 * num_sms, col_blocks), k // 512)))
 
 
 def gemv_partials(x: torch.Tensor, weight: torch.Tensor, tiling: GemvTiling | None = None) -> torch.Tensor:
