@@ -1,6 +1,7 @@
 """Tensor parallelism on CPU: 2 processes over gloo give the single-process logits and tokens."""
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -51,13 +52,24 @@ def _join(rank: int, world: int, port: int):
     return init_tensor_parallel()
 
 
+def _leave() -> None:
+    """End a spawned worker once its result is on disk. Both ranks meet first, then the process exits without
+    interpreter teardown: gloo's worker threads can abort the process while torch is being finalised (seen once
+    in CI as SIGABRT, 'terminate called without an active exception'), which would fail a test whose ranks
+    already agreed."""
+    import torch.distributed as dist
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
     torch.set_num_threads(1)
-    import torch.distributed as dist
     tp = _join(rank, world, port)
     result = run_everything(load_model(folder, progress=False, tp=tp))
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    _leave()
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +119,6 @@ def test_shard_slices_cover_each_weight_once():
 
 
 def _agree_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
 
     from specattn.distributed import check_ranks_agree
     tp = _join(rank, world, port)
@@ -120,7 +131,7 @@ def _agree_worker(rank: int, world: int, port: int, out: str) -> None:
         outcome.append(str(e))
     with open(os.path.join(out, f"agree{rank}.txt"), "w") as f:
         f.write(outcome[0])
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_ranks_that_disagree_all_get_the_same_clear_error(tmp_path):
@@ -130,7 +141,6 @@ def test_ranks_that_disagree_all_get_the_same_clear_error(tmp_path):
 
 
 def _decide_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
 
     from specattn.auto import RankZeroDecides
 
@@ -144,7 +154,7 @@ def _decide_worker(rank: int, world: int, port: int, out: str) -> None:
     decider = RankZeroDecides(Opinionated(), tp, ("specattn-y", "magicdec"), torch.device("cpu"))
     with open(os.path.join(out, f"decide{rank}.txt"), "w") as f:
         f.write(repr([decider.next(c) for c in range(6)]))
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_auto_under_tensor_parallelism_runs_rank_zeros_choices_on_every_rank(tmp_path):
