@@ -122,6 +122,17 @@ def attention_times(keep: float) -> list[dict]:
     return rows
 
 
+def e2e_cell(batch: int, context: int, config: dict) -> str:
+    """A cell's name: batch and context, plus top-p and key steps where they differ from the defaults (0.95, all),
+    so runs with other settings add cells instead of overwriting them."""
+    name = f"b{batch}_ctx{context}"
+    if config.get("keys_p", 0.95) != 0.95:
+        name += f"_p{config['keys_p']}"
+    if config.get("keys_from_steps", "all") != "all":
+        name += f"_keys-{config['keys_from_steps']}"
+    return name
+
+
 def e2e_summary(paths: list[Path]) -> dict:
     """SpecAttn-S vs lossless draft-model speculation, decode tokens/s in the same cell of one `specattn bench`
     run (methods ar, draft-spec, specattn-s); cells of several runs are pooled."""
@@ -131,10 +142,11 @@ def e2e_summary(paths: list[Path]) -> dict:
             continue
         run = json.loads(path.read_text())
         tok_s = {(r["method"], r["batch"], r["context"]): r["decode_tokens_per_s"] for r in run["rows"]}
-        by_cell.update({f"b{b}_ctx{c}": tok_s[("specattn-s", b, c)] / tok_s[("draft-spec", b, c)]
+        by_cell.update({e2e_cell(b, c, run["config"]): tok_s[("specattn-s", b, c)] / tok_s[("draft-spec", b, c)]
                         for (m, b, c) in tok_s if m == "specattn-s" and ("draft-spec", b, c) in tok_s})
         notes.append(f"{path.name}: {run['device']}, commit {run['commit']}, top-p {run['config']['keys_p']} at "
-                     f"page level, gamma {run['config']['gamma']}, {run['config']['new_tokens']} new tokens")
+                     f"page level, keys from {run['config'].get('keys_from_steps', 'all')} draft steps, gamma "
+                     f"{run['config']['gamma']}, {run['config']['new_tokens']} new tokens")
     if not by_cell:
         return {"e2e_over_plain_spec": None, "e2e_note": "not measured: no specattn bench JSON found"}
     best = max(by_cell, key=by_cell.get)
