@@ -207,15 +207,18 @@ def attention_like(rows, n, seed):
     return w
 
 
+TOPP_PATHS = [("bisect", True), ("bisect", False), ("interpolate", True)]   # (search, row held in registers)
+
+
 @pytest.mark.parametrize("n", [7, 300, 5000])
-@pytest.mark.parametrize("p", [0.5, 0.9, 0.97, 1.0])
-@pytest.mark.parametrize("in_registers", [True, False])
-def test_topp_selects_the_minimal_set_reaching_p(n, p, in_registers, monkeypatch):
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.97, 0.999, 1.0])
+@pytest.mark.parametrize("search,in_registers", TOPP_PATHS)
+def test_topp_selects_the_minimal_set_reaching_p(n, p, search, in_registers, monkeypatch):
     from specattn.kernels import topp
     if not in_registers:      # rows longer than this are streamed from memory on every halving
         monkeypatch.setattr(topp, "ROW_IN_REGISTERS", 4)
     w = attention_like(6, n, seed=n)
-    theta = topp.topp_threshold(w, p)
+    theta = topp.topp_threshold(w, p, search)
     keep = w >= theta[:, None]
     mass = (w * keep).sum(-1)
     assert (mass >= p * w.sum(-1) * (1 - 1e-6)).all()                    # reaches p
@@ -228,14 +231,46 @@ def test_topp_selects_the_minimal_set_reaching_p(n, p, in_registers, monkeypatch
 
 
 @pytest.mark.parametrize("k", [1, 10, 64])
-@pytest.mark.parametrize("in_registers", [True, False])
-def test_topk_threshold_matches_torch_topk(k, in_registers, monkeypatch):
+@pytest.mark.parametrize("search,in_registers", TOPP_PATHS)
+def test_topk_threshold_matches_torch_topk(k, search, in_registers, monkeypatch):
     from specattn.kernels import topp
     if not in_registers:
         monkeypatch.setattr(topp, "ROW_IN_REGISTERS", 4)
     w = attention_like(4, 1000, seed=k)
-    theta = topp.topk_threshold(w, k)
+    theta = topp.topk_threshold(w, k, search)
     assert torch.equal(theta, reference.topk_threshold(w, k))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 6.0])
+def test_interpolating_search_gives_the_bisection_threshold(scale):
+    """The same threshold on rows from flat (one distinct value) to very peaked, where probes placed by
+    interpolation behave least like halvings; where fp32 sums of the two kernels round differently at the
+    boundary both sets must still reach p."""
+    from specattn.kernels import topp
+    g = torch.Generator().manual_seed(int(scale * 10))
+    w = torch.softmax(torch.randn(8, 2000, generator=g) * scale, dim=-1)
+    for p in (0.3, 0.9, 0.95):
+        a, b = topp.topp_threshold(w, p, "bisect"), topp.topp_threshold(w, p, "interpolate")
+        same = a == b
+        assert same.float().mean().item() >= 0.75
+        assert ((w * (w >= b[:, None])).sum(-1) >= p * (1 - 1e-6)).all()
+
+
+def test_one_reduction_of_three_gives_the_same_threshold(monkeypatch):
+    """On the GPU the interpolating search reduces sum, min and max in one tl.reduce; the interpreter runs
+    three (its custom combines are slow). Both here, on a short row."""
+    from specattn.kernels import topp
+    w = attention_like(3, 300, seed=3)
+    three = topp.topp_threshold(w, 0.9, "interpolate")
+    monkeypatch.setattr(topp, "INTERPRETED", False)
+    assert torch.equal(topp.topp_threshold(w, 0.9, "interpolate"), three)
+    assert torch.equal(topp.topk_threshold(w, 10, "interpolate"), reference.topk_threshold(w, 10))
+
+
+def test_unknown_search_is_a_clear_error():
+    from specattn.kernels import topp
+    with pytest.raises(ValueError, match="search must be one of"):
+        topp.topp_threshold(torch.rand(2, 10), 0.9, "sorting")
 
 
 @pytest.mark.parametrize("group", [1, 4])
