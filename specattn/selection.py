@@ -281,23 +281,49 @@ class VegasPolicy(SelectionPolicy):
     def observe_token_scores(self, scores: torch.Tensor, verify_start: list[int]) -> None:
         self._scores, self._verify_start = scores, verify_start
 
+    def verify_start(self) -> list[int]:
+        return self._verify_start
+
     def select(self, cache: PagedKVCache, gamma: int) -> PageSelection | None:
         if self._scores is None:
             return None
-        layers, batch, max_tokens = self._scores.shape
         lens = cache.host_lens()
         most_recent = max(n + gamma - s for n, s in zip(lens, self._verify_start, strict=True))
-        start = to_device(self._verify_start, torch.long, cache.device)
-        end = to_device(lens, torch.long, cache.device) + gamma
-        pos = torch.arange(max_tokens, device=cache.device)
+        k = max(self.min_tokens, math.ceil(self.ratio * max(lens)))
+        return self._top(cache, self._scores, to_device(self._verify_start, torch.long, cache.device),
+                         to_device(lens, torch.long, cache.device) + gamma, k + most_recent)
+
+    def _top(self, cache: PagedKVCache, scores: torch.Tensor, start: torch.Tensor, end: torch.Tensor, k: int,
+             k_device: torch.Tensor | None = None) -> PageSelection:
+        """Token lists: the verify window and drafts [start, end) forced, then the best-scored earlier tokens."""
+        pos = torch.arange(scores.shape[-1], device=cache.device)
         context = pos[None, :] < start[:, None]                                        # [batch, tokens]
         recent = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
-        k = max(self.min_tokens, math.ceil(self.ratio * max(lens)))
-        tokens, counts = top_pages(self._scores[:, :, None], recent, context | recent,
-                                   k + most_recent)                      # [layers, batch, 1, K]
+        tokens, counts = top_pages(scores[:, :, None], recent, context | recent, k, k_device=k_device)
         heads = cache.cfg.num_kv_heads                                                  # shared by every head
         return PageSelection(tokens.expand(-1, -1, heads, -1).contiguous(), counts.expand(-1, -1, heads).contiguous(),
                              self.dense_layers, token_level=True)
+
+    def device_list_width(self, cache: PagedKVCache, gamma: int) -> int:
+        """Widest list a run in this cache can need: the budget at the cache's full length plus the verify window
+        and drafts (at most 2 gamma + 1 tokens: a round adds at most gamma + 1)."""
+        capacity = cache.max_pages_per_seq * cache.page_size
+        return min(capacity, max(self.min_tokens, math.ceil(self.ratio * capacity)) + 2 * gamma + 1)
+
+    def select_on_device(self, cache: PagedKVCache, gamma: int, width: int, raw) -> PageSelection | None:
+        """select() from device state alone, for the draft graph: raw = (token scores, verify start [batch]) as the
+        verify step left them, or None before the first verification (dense drafting). Same lists as select()."""
+        if raw is None:
+            return None
+        scores, verify_start = raw
+        lens = cache.lens[: cache.batch].long()
+        start, end = verify_start.long(), lens + gamma
+        # float64, as the host path's math.ceil on a Python float: the same budget to the token
+        k = (lens.max().double() * self.ratio).ceil().long().clamp(min=self.min_tokens) + (end - start).max()
+        return self._top(cache, scores, start, end, width, k_device=k)
+
+    def scores(self, cache: PagedKVCache) -> torch.Tensor | None:
+        return self._scores
 
 
 POLICIES = {"full": SelectionPolicy, "streaming": StreamingPolicy, "verification-guided": VerificationGuidedPolicy,

@@ -227,6 +227,27 @@ def test_vegas_selection_is_token_level_head_shared_and_keeps_the_recent_window(
         assert len(tokens) <= k + 8 and max(tokens) == 402
 
 
+@pytest.mark.parametrize("ratio,min_tokens", [(0.05, 8), (0.05, 256), (0.3, 16)])
+def test_vegas_selection_on_the_device_equals_the_host_selection(ratio, min_tokens):
+    """Vegas selects inside the draft graph from the verify step's scores, its start positions and the device
+    lengths (fixed list width); the lists must be the host path's, for ragged lengths and accepted counts."""
+    torch.manual_seed(11)
+    lens = [1000, 300, 77, 16]
+    cache, policy = selection_for(VegasPolicy(ratio, min_tokens), lens, layers=2, heads=2)
+    assert policy.select_on_device(cache, 4, policy.device_list_width(cache, 4), None) is None   # first round
+    scores = torch.rand(2, len(lens), cache.max_pages_per_seq * 16)
+    for gamma in (1, 4):
+        start = [n - a for n, a in zip(lens, [1, gamma + 1, 3 % (gamma + 1) + 1, 1], strict=True)]
+        policy.observe_token_scores(scores, start)
+        host = policy.select(cache, gamma)
+        width = policy.device_list_width(cache, gamma)
+        device = policy.select_on_device(cache, gamma, width, (scores, torch.tensor(start, dtype=torch.int32)))
+        assert device.token_level and width >= host.pages.shape[-1]
+        assert torch.equal(device.counts, host.counts)
+        assert torch.equal(device.pages[..., : host.pages.shape[-1]], host.pages)
+        assert (device.pages[..., host.pages.shape[-1]:] == -1).all()
+
+
 def test_a_batch_with_different_acceptance_fits_the_advertised_cache(model_and_prompts):
     """Sequences that finish early stop growing: the run fits in cache_tokens_needed() per sequence."""
     from specattn.decoding.self_speculative import cache_tokens_needed
@@ -256,6 +277,39 @@ def test_adaptive_gamma_stays_lossless_and_shortens_rejected_drafts(model_and_pr
     # About as many rounds, far fewer drafts thrown away: 6 per round fixed, ~1 adaptive.
     assert res.stats["rounds"] <= fixed.stats["rounds"] + 2 and res.stats["gamma_mean"] < 2
     assert res.stats["acceptance_rate"] > fixed.stats["acceptance_rate"]
+
+
+def test_vegas_with_adaptive_gamma_hands_its_scores_between_round_graphs(model_and_prompts):
+    """Each gamma has its own round steps; a round whose scores came from another one's verify step copies
+    them and their verify start in before selecting on the device. Lossless either way."""
+    model, prompts, ar = model_and_prompts
+    res = generate_self_speculative(model, PagedKVCache(model.cfg, 3, 400), prompts,
+                                    GenerationParams(max_new_tokens=64), VegasPolicy(0.05, 16), gamma=6,
+                                    adaptive_gamma=True)
+    assert res.tokens == ar
+    assert res.stats["gamma_min"] < 6                              # more than one round steps took part
+
+
+def test_vegas_round_steps_select_from_scores_another_verify_step_left(model_and_prompts):
+    """The hand-off itself: scores (and their verify start) that are not this round steps' own buffers are copied
+    in, and the draft graph's selection equals the host path's."""
+    from specattn.decoding.runner import prefill
+    from specattn.decoding.self_speculative import RoundSteps
+    model, prompts, _ = model_and_prompts
+    cache = PagedKVCache(model.cfg, 3, 400)
+    next_tok = prefill(model, cache, prompts, 64).argmax(-1)
+    policy = VegasPolicy(0.05, 16)
+    steps = RoundSteps(model, cache, policy, 3, 3, SamplingParams(), use_cuda_graph=False)
+    torch.manual_seed(4)
+    scores = torch.rand_like(steps.token_scores)                    # as if another round steps had verified
+    policy.observe_token_scores(scores, [n - 2 for n in cache.host_lens()])
+    want = policy.select(cache, 3)
+    cache.reserve(4)
+    _, _, got = steps.draft_selecting(next_tok, torch.Generator())
+    assert torch.equal(steps.token_scores, scores)
+    assert steps.verify_start.tolist() == [n - 2 for n in cache.host_lens()]
+    assert torch.equal(got.counts, want.counts)
+    assert torch.equal(got.pages[..., : want.pages.shape[-1]], want.pages)
 
 
 def test_adaptive_gamma_controller():

@@ -95,6 +95,7 @@ class RoundSteps:
         if policy.wants_token_scores:
             self.token_scores = torch.zeros(cfg.num_layers, batch, cache.max_pages_per_seq * cache.page_size,
                                             device=dev)
+            self.verify_start = torch.zeros(batch, dtype=torch.int32, device=dev)   # written by the verify step
         # Policies that can select from device state alone do so inside the draft graph (see draft_selecting).
         width = getattr(policy, "device_list_width", None)
         self.device_select_width = width(cache, gamma) if width else None
@@ -150,6 +151,11 @@ class RoundSteps:
             if raw.data_ptr() != self.page_mass.data_ptr():
                 self.page_mass.copy_(raw)
             raw = self.page_mass
+        elif raw is not None and self.token_scores is not None:       # Vegas: scores and where they were taken
+            if raw.data_ptr() != self.token_scores.data_ptr():        # another RoundSteps verified last
+                self.token_scores.copy_(raw)
+                self.verify_start.copy_(to_device(self.policy.verify_start(), torch.int32, self.cache.device))
+            raw = (self.token_scores, self.verify_start)
 
         def body(first, unif, hint):
             selection = self.policy.select_on_device(self.cache, self.gamma, self.device_select_width, raw)
@@ -189,6 +195,8 @@ class RoundSteps:
 
     def _verify_body(self, tokens, view):
         view.page_mass, view.token_scores = self.page_mass, self.token_scores
+        if self.token_scores is not None:             # the window the scores come from starts at today's lengths
+            self.verify_start.copy_(self.cache.lens[: self.batch])
         view.mass_tokens = getattr(self.policy, "mass_tokens", None)
         return self.model(tokens, self.cache, view, all_logits=True)
 
