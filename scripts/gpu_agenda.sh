@@ -8,8 +8,8 @@ set -u
 for part in "$@"; do
   case "$part" in
     auto)     timeout 260 python3 benchmarks/auto.py --out "$OUT/auto.json" 2>&1 | grep -v -i warn | grep -v "^\[" | tail -14 ;;
-    selfspec) timeout 300 python3 benchmarks/selfspec.py --cells 8x8000,32x8000,64x8000 --sampling-cells 32x8000 \
-                --budgets 512 --methods magicdec,specattn-y,specattn-y/blk64 --skip-8b --out "$OUT/selfspec.json" \
+    selfspec) timeout 400 python3 benchmarks/selfspec.py --cells 8x8000,32x8000,64x8000 --sampling-cells 32x8000 \
+                --budgets 512 --methods magicdec,specattn-y,specattn-y/blk64,vegas --skip-8b --out "$OUT/selfspec.json" \
                 2>&1 | grep -v -i warn | tail -12 ;;
     ar)       timeout 240 python3 benchmarks/ar.py --out "$OUT/ar.json" 2>&1 | grep -v -i warn | tail -20 ;;
     peers)    timeout 420 python3 benchmarks/peers.py --out "$OUT/peers.json" 2>&1 | grep "^{" | tail -14 ;;
