@@ -123,6 +123,10 @@ class SelectionPolicy:
     def observe_token_scores(self, scores: torch.Tensor, verify_start: list[int]) -> None:
         """scores: [layers, batch, max_tokens] (Vegas); verify_start: first position of the verify window."""
 
+    def fits_device_lists(self, cache: PagedKVCache, gamma: int, width: int) -> bool:
+        """Whether this round's selection fits lists of `width` (select_on_device's); if not, select() serves."""
+        return True
+
 
 class ScoredPagePolicy(SelectionPolicy):
     """Top pages by a per-(layer, sequence, KV head) score within a budget, plus sinks and a recent window."""
@@ -305,10 +309,18 @@ class VegasPolicy(SelectionPolicy):
                              self.dense_layers, token_level=True)
 
     def device_list_width(self, cache: PagedKVCache, gamma: int) -> int:
-        """Widest list a run in this cache can need: the budget at the cache's full length plus the verify window
-        and drafts (at most 2 gamma + 1 tokens: a round adds at most gamma + 1)."""
+        """List width for the draft graph: the budget at the cache's full length plus the verify window and drafts
+        when the last round had this gamma (at most 2 gamma + 1 tokens). Longer windows (after a round of a larger
+        gamma, or dense steps) fail fits_device_lists and take the host path."""
         capacity = cache.max_pages_per_seq * cache.page_size
         return min(capacity, max(self.min_tokens, math.ceil(self.ratio * capacity)) + 2 * gamma + 1)
+
+    def fits_device_lists(self, cache: PagedKVCache, gamma: int, width: int) -> bool:
+        if self._scores is None:
+            return True
+        lens = cache.host_lens()
+        most_recent = max(n + gamma - s for n, s in zip(lens, self._verify_start, strict=True))
+        return max(self.min_tokens, math.ceil(self.ratio * max(lens))) + most_recent <= width
 
     def select_on_device(self, cache: PagedKVCache, gamma: int, width: int, raw) -> PageSelection | None:
         """select() from device state alone, for the draft graph: raw = (token scores, verify start [batch]) as the

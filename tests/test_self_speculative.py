@@ -241,11 +241,15 @@ def test_vegas_selection_on_the_device_equals_the_host_selection(ratio, min_toke
         policy.observe_token_scores(scores, start)
         host = policy.select(cache, gamma)
         width = policy.device_list_width(cache, gamma)
+        assert policy.fits_device_lists(cache, gamma, width)
         device = policy.select_on_device(cache, gamma, width, (scores, torch.tensor(start, dtype=torch.int32)))
         assert device.token_level and width >= host.pages.shape[-1]
         assert torch.equal(device.counts, host.counts)
         assert torch.equal(device.pages[..., : host.pages.shape[-1]], host.pages)
         assert (device.pages[..., host.pages.shape[-1]:] == -1).all()
+    # Scores from a verify window far behind (dense steps since, or a larger gamma): the lists would not fit.
+    policy.observe_token_scores(scores, [max(0, n - 700) for n in lens])
+    assert not policy.fits_device_lists(cache, 4, policy.device_list_width(cache, 4))
 
 
 def test_a_batch_with_different_acceptance_fits_the_advertised_cache(model_and_prompts):

@@ -487,7 +487,8 @@ class _Loop:
         cache, sampling, timer = self.cache, self.params.sampling, self.timer
         round_steps = self.round_steps(g, policy)
         start_lens = self._room_for_done(cache.host_lens(), self.log.done(), g + 1)
-        if round_steps.device_select_width is not None:     # selection inside the draft graph: no select phase
+        width = round_steps.device_select_width
+        if width is not None and policy.fits_device_lists(cache, g, width):   # selection inside the draft graph
             t = timer.start()
             cache.reserve(g + 1)
             drafts_t, draft_probs, selection = round_steps.draft_selecting(self.next_tok, self.generator)
