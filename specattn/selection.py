@@ -291,11 +291,15 @@ class VegasPolicy(SelectionPolicy):
     def select(self, cache: PagedKVCache, gamma: int) -> PageSelection | None:
         if self._scores is None:
             return None
+        start = to_device(self._verify_start, torch.long, cache.device)
+        end = to_device(cache.host_lens(), torch.long, cache.device) + gamma
+        return self._top(cache, self._scores, start, end, self._list_length(cache, gamma))
+
+    def _list_length(self, cache: PagedKVCache, gamma: int) -> int:
+        """Tokens listed per sequence this round: the budget plus the longest verify window and drafts."""
         lens = cache.host_lens()
         most_recent = max(n + gamma - s for n, s in zip(lens, self._verify_start, strict=True))
-        k = max(self.min_tokens, math.ceil(self.ratio * max(lens)))
-        return self._top(cache, self._scores, to_device(self._verify_start, torch.long, cache.device),
-                         to_device(lens, torch.long, cache.device) + gamma, k + most_recent)
+        return max(self.min_tokens, math.ceil(self.ratio * max(lens))) + most_recent
 
     def _top(self, cache: PagedKVCache, scores: torch.Tensor, start: torch.Tensor, end: torch.Tensor, k: int,
              k_device: torch.Tensor | None = None) -> PageSelection:
@@ -316,11 +320,7 @@ class VegasPolicy(SelectionPolicy):
         return min(capacity, max(self.min_tokens, math.ceil(self.ratio * capacity)) + 2 * gamma + 1)
 
     def fits_device_lists(self, cache: PagedKVCache, gamma: int, width: int) -> bool:
-        if self._scores is None:
-            return True
-        lens = cache.host_lens()
-        most_recent = max(n + gamma - s for n, s in zip(lens, self._verify_start, strict=True))
-        return max(self.min_tokens, math.ceil(self.ratio * max(lens))) + most_recent <= width
+        return self._scores is None or self._list_length(cache, gamma) <= width
 
     def select_on_device(self, cache: PagedKVCache, gamma: int, width: int, raw) -> PageSelection | None:
         """select() from device state alone, for the draft graph: raw = (token scores, verify start [batch]) as the
