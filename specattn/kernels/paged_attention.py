@@ -99,6 +99,8 @@ def _paged_attn_split_kernel(
     t = t_lo + rows % Q_BLOCK
     row_ok = (rows < GROUP * Q_BLOCK) & (t < Q_LEN)
     head = kvh * GROUP + g
+    row_base = (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64)      # this row's line of the mass buffers
+    pages_per_tile: tl.constexpr = BLOCK_N // PAGE_SIZE
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -165,9 +167,7 @@ def _paged_attn_split_kernel(
                 page_sums = tl.where(here[None, :, None], tile_mass[:, None, :], page_sums)
                 tile_max = tl.where(here[None, :], m_safe[:, None], tile_max)
             else:
-                pages_per_tile: tl.constexpr = BLOCK_N // PAGE_SIZE
                 vpage = blk * pages_per_tile + col_page
-                row_base = (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64)
                 tl.store(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], tile_mass,
                          mask=row_ok[:, None] & (col_page[None, :] < pages_per_tile) & (vpage[None, :] < mass_pages))
                 tl.store(mass_max_ptr + row_base * mass_blocks + blk, m_safe, mask=row_ok)
@@ -179,15 +179,12 @@ def _paged_attn_split_kernel(
         m_i = m_new
 
     if PAGE_MASS and MASS_TILE:
-        row_base = (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64)
         tile_idx = block_lo + slots
         where = row_base[:, None] * mass_blocks + tile_idx[None, :]
         keep = row_ok[:, None] & (tile_idx < block_hi)[None, :]
         tl.store(mass_part_ptr + where, tile_sum, mask=keep)
         tl.store(mass_max_ptr + where, tile_max, mask=keep)
     if PAGE_MASS and DEFER_MASS:
-        pages_per_tile: tl.constexpr = BLOCK_N // PAGE_SIZE
-        row_base = (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64)
         tile_idx = block_lo + slots
         tile_ok = row_ok[:, None] & (tile_idx < block_hi)[None, :]
         col_page = tl.arange(0, MASS_COLS)
