@@ -188,14 +188,16 @@ def tp_tables(data: dict) -> str:
     return "\n".join([head, *lines, "", tail])
 
 
+TABLES = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables,
+          "tp": tp_tables}      # results/<name>.json -> its README tables
+
+
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "ar"
     data = json.loads((RESULTS / f"{which}.json").read_text())
     if which == "selfspec":
         selfspec_plot(data, RESULTS / "selfspec_speedup.png")
-    tables = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables,
-              "tp": tp_tables}
-    print(tables[which](data))
+    print(TABLES[which](data))
 
 
 if __name__ == "__main__":
