@@ -13,13 +13,14 @@ Reference: `norm_linear_reference` / `swiglu_linear_reference` (the model's own 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .paged_attention import INTERPRETED  # the interpreter gets tl.dot wrong on bf16/fp16 operands
 
 MAX_ROWS = 64          # batch x new tokens handled here; larger steps use cuBLAS through the compiled functions
 
@@ -33,8 +34,6 @@ class Tiling:
 
 
 TILING = Tiling()
-# Triton 3.6's interpreter gets tl.dot wrong on bf16/fp16 operands (see paged_attention.INTERPRETED).
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

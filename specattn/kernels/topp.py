@@ -16,15 +16,14 @@ up to the order of fp32 sums at the boundary.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .paged_attention import INTERPRETED  # CPU tests: see ONE_REDUCTION
+
 BLOCK = 4096
 ROW_IN_REGISTERS = 32768
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # CPU tests: see ONE_REDUCTION
 SEARCHES = ("bisect", "interpolate")
 SEARCH = "bisect"        # "interpolate" is tested; it becomes the default once the GPU has timed both
 
