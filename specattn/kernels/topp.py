@@ -10,9 +10,9 @@ halving. Reference: `reference.topp_threshold` (torch.sort + cumsum).
 SEARCH = "interpolate" (rows in registers) needs fewer passes over the row: each probe is placed by
 interpolating the mass between the bounds (Illinois rule; a plain halving when the interval shrinks slowly), and
 the same reduction also returns the smallest value at or above the probe and the largest below it, to which the
-bounds snap. It ends when the bounds hold one distinct value: at most 13 passes instead of 28 on 32 softmax rows
-of 32K (counted in the interpreter), each pass reducing three quantities instead of one. The answer is the same
-up to the order of fp32 sums at the boundary.
+bounds snap. It ends when the bounds hold one distinct value: at most 9-14 passes instead of 26-28 on 32 softmax
+rows of 8K-32K (benchmarks/topp_passes.py), each pass reducing three quantities instead of one. The answer is the
+same up to the order of fp32 sums at the boundary.
 """
 from __future__ import annotations
 
