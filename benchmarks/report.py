@@ -58,7 +58,9 @@ def kernel_tables(data: dict) -> str:
     topp = ["| rows x keys | search | ours µs | torch.sort + cumsum µs | speedup | max set-size difference |",
             "|---|---|---:|---:|---:|---:|"]
     for r in data["rows"]:
-        if r["kernel"] == "topp_threshold":     # runs before the interpolating search had only bisection
+        if r["kernel"] == "topp_threshold" and "error" in r:
+            topp.append(f"| {r['n']} keys | {r['search']} | failed to build: {r['error'][:80]} | | | |")
+        elif r["kernel"] == "topp_threshold":     # runs before the interpolating search had only bisection
             topp.append(f"| {r['rows']} x {r['n']} | {r.get('search', 'bisect')} | {r['us']:.1f} | "
                         f"{r['sort_us']:.1f} | {r['speedup_vs_sort']:.1f}x | {r['max_set_size_diff']} |")
     q = next(r for r in data["rows"] if r["kernel"] == "quest_page_scores")
