@@ -29,7 +29,14 @@ for part in "$@"; do
                   --context 8000,32000 --batch 8 --new-tokens 128 --text .data/gutenberg/pg2554.txt --quiet \
                   --json "$OUT/specattn_s_e2e_last_p$p.json" 2>&1 | grep -v -i warn | tail -8
               done ;;
+    qwen-repeat)   # the cell where keys from the last step at p 0.9 did best, three timed runs each (median)
+              timeout 300 python3 -m specattn.cli bench --model "$SPECATTN_QWEN_TARGET" --draft "$SPECATTN_QWEN_DRAFT" \
+                --layer-map benchmarks/results/layermap_qwen.json --methods ar,draft-spec,specattn-s --page-level \
+                --keys-p 0.9 --keys-from-steps last --context 8000 --batch 8 --new-tokens 128 --repeats 3 \
+                --text .data/gutenberg/pg2554.txt --quiet --json "$OUT/specattn_s_e2e_last_p0.9_r3.json" \
+                2>&1 | grep -v -i warn | tail -5 ;;
+    topp-warps) timeout 120 python3 benchmarks/topp_warps.py "$OUT/topp_warps.json" 2>&1 | tail -18 ;;
     kernels)  timeout 150 python3 benchmarks/kernels.py "$OUT/kernels.json" 2>&1 | tail -2 ;;
-    *)        echo "unknown part $part (auto, selfspec, ar, peers, gptfast, qwen, qwen-keysteps, kernels)" >&2 ;;
+    *)        echo "unknown part $part (auto, selfspec, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels)" >&2 ;;
   esac
 done
