@@ -146,7 +146,8 @@ def e2e_summary(paths: list[Path]) -> dict:
                         for (m, b, c) in tok_s if m == "specattn-s" and ("draft-spec", b, c) in tok_s})
         notes.append(f"{path.name}: {run['device']}, commit {run['commit']}, top-p {run['config']['keys_p']} at "
                      f"page level, keys from {run['config'].get('keys_from_steps', 'all')} draft steps, gamma "
-                     f"{run['config']['gamma']}, {run['config']['new_tokens']} new tokens")
+                     f"{run['config']['gamma']}, {run['config']['new_tokens']} new tokens, median of "
+                     f"{run['config'].get('repeats', 1)} timed run(s)")
     if not by_cell:
         return {"e2e_over_plain_spec": None, "e2e_note": "not measured: no specattn bench JSON found"}
     best = max(by_cell, key=by_cell.get)
