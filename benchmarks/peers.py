@@ -119,6 +119,8 @@ def main() -> None:
         for peer in peers:
             rows.append(hf_peer_row(peer, hf, prompts, args.new_tokens, ours, ours_tokens))
             print(rows[-1], flush=True)
+            # compiling a peer can take minutes: rows so far survive a time limit
+            write_json_atomic(args.out, {**environment(), "partial": True, "rows": rows})
     del hf
     batch, ctx = (int(x) for x in args.spec_cell.split("x"))
     cfg = bench.BenchConfig(["ar", "magicdec", "specattn-y"], [ctx], [batch], SpeculationParams(512, 4, (0,)),
