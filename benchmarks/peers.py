@@ -51,6 +51,17 @@ HF_PEERS = {
 }
 
 
+def graph_safe(compiled):
+    """A forward compiled with CUDA graphs returns logits that the next replay overwrites, while `generate` still
+    holds them (the first H200 run failed so): mark each call as a new step and hand out a copy of the logits."""
+    def forward(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(*args, **kwargs)
+        out.logits = out.logits.clone()
+        return out
+    return forward
+
+
 def hf_generate_tok_s(hf, prompts, new_tokens, extra: dict | None = None,
                       warm_up: bool = False) -> tuple[float, list[list[int]]]:
     ids = torch.tensor(prompts, device=hf.device)
@@ -73,7 +84,7 @@ def hf_peer_row(peer: str, hf, prompts, new_tokens, ours: float, ours_tokens) ->
         extra = {"assistant_early_exit": max(1, hf.config.num_hidden_layers // 4)}
     if peer == "static-compile":     # compiled for this peer only: the others run the plain forward
         if not hasattr(hf, "_compiled_forward"):
-            hf._compiled_forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+            hf._compiled_forward = graph_safe(torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True))
         hf.forward = hf._compiled_forward
     try:
         theirs, hf_tokens = hf_generate_tok_s(hf, prompts, new_tokens, extra, warm_up=peer == "static-compile")
@@ -100,7 +111,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "peers.json"))
     ap.add_argument("--cells", default="1x512,1x4096,16x4096")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--spec-cell", default="32x8000")
+    ap.add_argument("--spec-cell", default="32x8000", help="batch x context of the speculation cell, or none")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--peers", default="eager,static-compile,assisted", help=f"of {', '.join(HF_PEERS)}")
     args = ap.parse_args()
@@ -122,10 +133,12 @@ def main() -> None:
             # compiling a peer can take minutes: rows so far survive a time limit
             write_json_atomic(args.out, {**environment(), "partial": True, "rows": rows})
     del hf
-    batch, ctx = (int(x) for x in args.spec_cell.split("x"))
-    cfg = bench.BenchConfig(["ar", "magicdec", "specattn-y"], [ctx], [batch], SpeculationParams(512, 4, (0,)),
-                            args.new_tokens)
-    spec_rows = bench.run_matrix(model, text, cfg)
+    spec_rows = []
+    if args.spec_cell != "none":
+        batch, ctx = (int(x) for x in args.spec_cell.split("x"))
+        cfg = bench.BenchConfig(["ar", "magicdec", "specattn-y"], [ctx], [batch], SpeculationParams(512, 4, (0,)),
+                                args.new_tokens)
+        spec_rows = bench.run_matrix(model, text, cfg)
     for r in spec_rows:
         print({k: r.get(k) for k in ("method", "batch", "context", "decode_tokens_per_s", "speedup_vs_ar",
                                      "same_tokens_as_ar")}, flush=True)

@@ -12,7 +12,10 @@ for part in "$@"; do
                 --budgets 512 --methods magicdec,specattn-y,specattn-y/blk64,vegas --skip-8b --out "$OUT/selfspec.json" \
                 2>&1 | grep -v -i warn | tail -12 ;;
     ar)       timeout 240 python3 benchmarks/ar.py --out "$OUT/ar.json" 2>&1 | grep -v -i warn | tail -20 ;;
-    peers)    timeout 420 python3 benchmarks/peers.py --out "$OUT/peers.json" 2>&1 | grep "^{" | tail -14 ;;
+    peers)    timeout 300 python3 benchmarks/peers.py --peers eager,assisted --out "$OUT/peers.json" 2>&1 | grep "^{" | tail -14 ;;
+    peers-compile)   # transformers' static cache + torch.compile: minutes of compiling per shape, so on its own
+              timeout 400 python3 benchmarks/peers.py --peers static-compile --cells 1x512,16x4096 --spec-cell none \
+                --out "$OUT/peers_compile.json" 2>&1 | grep "^{" | tail -6 ;;
     gptfast)  timeout 400 python3 benchmarks/gptfast_peer.py --gpt-fast .peers/gpt-fast --out "$OUT/gptfast.json" \
                 2>&1 | grep -v -i warn | grep -v "self.gen" | tail -6 ;;
     qwen)     timeout 500 python3 -m specattn.cli bench --model "$SPECATTN_QWEN_TARGET" --draft "$SPECATTN_QWEN_DRAFT" \
@@ -37,6 +40,6 @@ for part in "$@"; do
                 2>&1 | grep -v -i warn | tail -5 ;;
     topp-warps) timeout 120 python3 benchmarks/topp_warps.py "$OUT/topp_warps.json" 2>&1 | tail -18 ;;
     kernels)  timeout 150 python3 benchmarks/kernels.py "$OUT/kernels.json" 2>&1 | tail -2 ;;
-    *)        echo "unknown part $part (auto, selfspec, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels)" >&2 ;;
+    *)        echo "unknown part $part (auto, selfspec, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels, peers-compile)" >&2 ;;
   esac
 done

@@ -27,6 +27,7 @@ case "${1:-}" in
         return 1 2>/dev/null || exit 1
       fi
     done
+    [ -z "${SPECATTN_COMMIT:-}" ] && [ -f .commit ] && export SPECATTN_COMMIT=$(cat .commit)
     export SPECATTN_QWEN_DRAFT=/root/q/draft.gguf SPECATTN_QWEN_TARGET=/root/q/target.gguf ;;
   *) echo "usage: $0 split | store | join" >&2; exit 2 ;;
 esac

@@ -20,6 +20,8 @@ else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
   export SPECATTN_DEFAULT_GGUF=/root/m/smol.gguf
+  # the commit results report: carry ".commit" (written here by .git/hooks/post-commit, see benchmarks/NOTES.md)
+  [ -z "${SPECATTN_COMMIT:-}" ] && [ -f .commit ] && export SPECATTN_COMMIT=$(cat .commit)
   export PYTHONUNBUFFERED=1
 fi
 set +e
