@@ -39,6 +39,15 @@ class TensorParallel:
         return x
 
 
+def mean_over_ranks(tp: TensorParallel | None, x: torch.Tensor) -> torch.Tensor:
+    """x averaged over the ranks, in place: a quantity averaged over this rank's heads becomes the average over
+    all heads (every rank owns as many), as selection shared by all heads (Vegas, SpecAttn-S) needs. No-op for
+    one process."""
+    if tp is None:
+        return x
+    return tp.all_reduce(x).div_(tp.world)
+
+
 def init_tensor_parallel() -> TensorParallel | None:
     """From torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK); None for a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -9,28 +9,47 @@ import torch
 from specattn.cache import PagedKVCache
 from specattn.config import ModelConfig
 from specattn.decoding.ar import GenerationParams, generate_ar
+from specattn.decoding.draft_speculative import SparseVerification, generate_draft_speculative
 from specattn.decoding.sampling import SamplingParams
 from specattn.decoding.self_speculative import generate_self_speculative
 from specattn.distributed import TensorParallel, check_divisible, shard_slice
 from specattn.errors import InvalidInputError
 from specattn.loader import load_model
-from specattn.selection import VerificationGuidedPolicy
+from specattn.selection import QuestPolicy, StreamingPolicy, VegasPolicy, VerificationGuidedPolicy
 
 from .conftest import logits_through_cache
 
 PROMPTS = [[5, 9, 14, 3, 3, 8, 21, 40, 2, 11] * 4, [7, 1, 60, 12, 9] * 5]
 
 
-def run_everything(model) -> dict:
+def run_everything(model, draft) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(0, 101, (2, 33))
-    cache = lambda: PagedKVCache(model.cfg, 2, 100, page_size=8)  # noqa: E731
+    cache = lambda m=model: PagedKVCache(m.cfg, 2, 100, page_size=8)  # noqa: E731
+    greedy, sampled = GenerationParams(24), GenerationParams(24, SamplingParams(1.0, seed=3))
+    vegas = generate_self_speculative(model, cache(), PROMPTS, greedy, VegasPolicy(0.1, min_tokens=8), 3)
+
+    def with_draft(params, sparse=None):
+        res = generate_draft_speculative(model, draft, cache(), cache(draft), PROMPTS, params, 3, sparse)
+        return res.tokens, res.stats["mean_accepted_len"], res.stats.get("verifier_keys_read_fraction_sparse_layers")
+
     return {
         "logits": logits_through_cache(model, ids),
-        "ar": generate_ar(model, cache(), PROMPTS, GenerationParams(24)).tokens,
-        "sampled": generate_ar(model, cache(), PROMPTS, GenerationParams(24, SamplingParams(1.0, seed=3))).tokens,
-        "spec": generate_self_speculative(model, cache(), PROMPTS, GenerationParams(24),
+        "ar": generate_ar(model, cache(), PROMPTS, greedy).tokens,
+        "sampled": generate_ar(model, cache(), PROMPTS, sampled).tokens,
+        "spec": generate_self_speculative(model, cache(), PROMPTS, greedy,
                                           VerificationGuidedPolicy(16, dense_layers=(0,)), 3).tokens,
+        "vegas": (vegas.tokens, vegas.stats["mean_accepted_len"]),
+        "magicdec": generate_self_speculative(model, cache(), PROMPTS, greedy, StreamingPolicy(16, sink_tokens=8),
+                                              3).tokens,
+        "quest": generate_self_speculative(model, PagedKVCache(model.cfg, 2, 100, page_size=8, track_key_bounds=True),
+                                           PROMPTS, greedy, QuestPolicy(16), 3).tokens,
+        "draft_greedy": with_draft(greedy),
+        "draft_sampled": with_draft(sampled),
+        # SpecAttn-S: key sets from the draft's attention averaged over all its heads, so every rank's verifier
+        # layers get the sets one process would (page level: the kernel's page mass; token level: recorded probs)
+        "specattn_s_pages": with_draft(greedy, SparseVerification((0, 1), p=0.3, dense_layers=(0,), page_level=True)),
+        "specattn_s_tokens": with_draft(greedy, SparseVerification((1, 1), p=0.6, dense_layers=(0,))),
         "kv_heads": model.cfg.num_kv_heads,
     }
 
@@ -64,38 +83,52 @@ def _leave() -> None:
     os._exit(0)
 
 
-def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, folders: tuple[str, str], out: str) -> None:
     torch.set_num_threads(1)
     tp = _join(rank, world, port)
-    result = run_everything(load_model(folder, progress=False, tp=tp))
+    result = run_everything(*(load_model(f, progress=False, tp=tp) for f in folders))
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     _leave()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def _save_random_llama(folder, hidden: int, heads: int, seed: int) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=256))
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.2)
-    folder = tmp_path_factory.mktemp("tp")
     hf.save_pretrained(folder)
     return str(folder)
 
 
-def test_two_gloo_ranks_match_one_process(checkpoint, tmp_path):
-    _spawn_two(_worker, checkpoint, str(tmp_path))
-    single = run_everything(load_model(checkpoint, progress=False))
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _save_random_llama(tmp_path_factory.mktemp("tp"), 64, 4, 0)
+
+
+@pytest.fixture(scope="module")
+def draft_checkpoint(tmp_path_factory):
+    """A smaller model of the same vocabulary and head size drafts for `checkpoint` (SpecAttn-S, draft-spec)."""
+    return _save_random_llama(tmp_path_factory.mktemp("tp_draft"), 32, 2, 1)
+
+
+def test_two_gloo_ranks_match_one_process(checkpoint, draft_checkpoint, tmp_path):
+    folders = (checkpoint, draft_checkpoint)
+    _spawn_two(_worker, folders, str(tmp_path))
+    single = run_everything(*(load_model(f, progress=False) for f in folders))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for res in ranks:
         assert res["kv_heads"] == 1                                   # each rank owns one of the two KV heads
         assert (res["logits"] - single["logits"]).abs().max().item() < 1e-4
-        assert res["ar"] == single["ar"] and res["spec"] == single["spec"]
-    assert ranks[0]["sampled"] == ranks[1]["sampled"]                # ranks stay in lockstep when sampling
-    assert single["spec"] == single["ar"]
+        assert res["ar"] == single["ar"] == res["spec"] == res["magicdec"] == res["quest"]
+        for method in ("vegas", "draft_greedy", "specattn_s_pages", "specattn_s_tokens"):
+            assert res[method] == single[method], method              # same tokens, acceptance and keys read
+    for method in ("sampled", "draft_sampled"):
+        assert ranks[0][method] == ranks[1][method], method          # ranks stay in lockstep when sampling
+    assert single["spec"] == single["ar"] == single["vegas"][0] == single["draft_greedy"][0]
+    assert single["specattn_s_pages"][2] < 1 and single["specattn_s_tokens"][2] < 1   # the sets did prune
 
 
 def test_heads_that_do_not_divide_are_a_clear_error():

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import PagedKVCache, to_device
+from ..distributed import mean_over_ranks
 from ..errors import InvalidInputError
 from ..evaluation.sparse_ppl import topp_key_mask
 from ..model import Transformer
@@ -29,7 +30,7 @@ from ..selection import PageSelection, SelectionPolicy
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync
 from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs
-from .sampling import SamplingParams, probabilities, sample
+from .sampling import SamplingParams, agree, probabilities, sample
 from .self_speculative import PhaseTimer, RoundLog, RoundSteps, cache_tokens_needed, draft_steps
 
 
@@ -133,6 +134,8 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
             accepted, emitted = accept_greedy(drafts, logits)
         else:
             accepted, emitted = accept_sampling(drafts, draft_probs, probabilities(logits, sampling), generator)
+            agree(accepted, target, sampling)
+            agree(emitted, target, sampling)
         host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
         accepted_list = [row[0] for row in host]
         done = log.done()
@@ -264,8 +267,13 @@ class _PageSetGraphs:
         heads, p = self.draft.cfg.num_heads, self.sparse.p
         return draft_steps(self.draft, self.draft_cache, None, first, self.gamma, self.sampling, uniforms, None,
                            page_mass=self.mass, mass_layers=frozenset(self.layers),
-                           after_step=lambda: add_topp_pages(self.sets, self.mass[self.layer_index].sum(2) / heads, p),
+                           after_step=lambda: add_topp_pages(self.sets, self._mean_mass(heads), p),
                            mass_steps=self.sparse.steps(self.gamma))
+
+    def _mean_mass(self, heads: int) -> torch.Tensor:
+        """Each mapped draft layer's page mass averaged over all its query heads (over the ranks too, so every rank
+        of a tensor-parallel draft picks the pages one process would): [mapped layers, batch, pages]."""
+        return mean_over_ranks(self.draft.tp, self.mass[self.layer_index].sum(2) / heads)
 
     def verify(self, block: torch.Tensor) -> torch.Tensor:
         if not self.use_graph:
@@ -341,7 +349,7 @@ def _draft(draft: Transformer, cache: PagedKVCache, first_tok: torch.Tensor, gam
         cache.advance(1)
         if i in steps:
             for layer in wanted:
-                recorded[layer].append(view.attention_probs[layer])
+                recorded[layer].append(mean_over_ranks(draft.tp, view.attention_probs[layer]))
         if sampling.greedy:
             tok = logits.argmax(-1)
         else:

@@ -17,6 +17,7 @@ import time
 import torch
 
 from ..cache import PagedKVCache, to_device
+from ..distributed import mean_over_ranks
 from ..errors import InvalidInputError
 from ..model import Transformer
 from ..selection import PageSelection, QuestSelection, SelectionPolicy
@@ -198,7 +199,10 @@ class RoundSteps:
         if self.token_scores is not None:             # the window the scores come from starts at today's lengths
             self.verify_start.copy_(self.cache.lens[: self.batch])
         view.mass_tokens = getattr(self.policy, "mass_tokens", None)
-        return self.model(tokens, self.cache, view, all_logits=True)
+        logits = self.model(tokens, self.cache, view, all_logits=True)
+        if self.token_scores is not None:             # Vegas ranks by the mean over all heads, every rank's too
+            mean_over_ranks(self.model.tp, self.token_scores)
+        return logits
 
 
 def _capacity(k: int) -> int:
