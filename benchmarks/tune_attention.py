@@ -78,32 +78,36 @@ def gemv_sweep(copy: float) -> list[dict]:
     return rows
 
 
-# (batch, context, q_len, kv_heads, group, head_dim, sparse 10%): the kernels.py shapes (8B heads) and the Qwen2.5
-# pair's decode / verify steps (0.5B: 2 KV heads x 7, dim 64; 1.5B: 2 x 6, dim 128).
-SPLIT_SHAPES = [(1, 32768, 1, 8, 4, 128, True), (1, 32768, 5, 8, 4, 128, True), (8, 8192, 5, 8, 4, 128, True),
-                (1, 32768, 5, 8, 4, 128, False), (1, 8192, 1, 2, 7, 64, False), (8, 8192, 1, 2, 7, 64, False),
-                (1, 8192, 5, 2, 6, 128, False), (8, 8192, 5, 2, 6, 128, False)]
+# (batch, context, q_len, kv_heads, group, head_dim, fraction of pages attended; 0 = dense): the kernels.py shapes
+# (8B heads), the Qwen2.5 pair's decode / verify steps (0.5B: 2 KV heads x 7, dim 64; 1.5B: 2 x 6, dim 128) and
+# the default model's sparse draft step at batch 32 and 64, 8K, budget 512 (3 KV heads x 3, dim 64: 1/16 of pages).
+SPLIT_SHAPES = [(1, 32768, 1, 8, 4, 128, 0.1), (1, 32768, 5, 8, 4, 128, 0.1), (8, 8192, 5, 8, 4, 128, 0.1),
+                (1, 32768, 5, 8, 4, 128, 0.0), (1, 8192, 1, 2, 7, 64, 0.0), (8, 8192, 1, 2, 7, 64, 0.0),
+                (1, 8192, 5, 2, 6, 128, 0.0), (8, 8192, 5, 2, 6, 128, 0.0),
+                (32, 8192, 1, 3, 3, 64, 1 / 16), (64, 8192, 1, 3, 3, 64, 1 / 16)]
 
 
-def split_sweep(copy: float) -> list[dict]:
+def split_sweep(copy: float, batches: set[int] | None = None) -> list[dict]:
     """Tile configs x explicit split counts: with few keys per program each split may hold a single tile (nothing
     pipelined) and the merge reads many partials."""
     from benchmarks.kernels import kv_pools, selection
     rows = []
-    for batch, ctx, q_len, kv_heads, group, dim, sparse in SPLIT_SHAPES:
+    for batch, ctx, q_len, kv_heads, group, dim, fraction in SPLIT_SHAPES:
+        if batches and batch not in batches:
+            continue
         pages = -(-ctx // 16)
         pools, table, lens, kv_bytes = kv_pools(batch, ctx, kv_heads, dim)
         q = torch.randn(batch, q_len, kv_heads * group, dim, device="cuda", dtype=torch.bfloat16)
         kw = {}
-        if sparse:
-            sel, counts = selection(batch, pages, 0.10, kv_heads)
+        if fraction:
+            sel, counts = selection(batch, pages, fraction, kv_heads)
             kw = {"selected_pages": sel, "selected_counts": counts}
             kv_bytes = kv_bytes * counts.sum().item() / (batch * kv_heads * pages)
         kp, vp = pools[0]
         ref = reference.paged_attention(q.float(), kp.float(), vp.float(), table, lens, dim ** -0.5, **kw)
         results = []
         for (bn, w, st), splits in itertools.product(
-                itertools.product((32, 64, 128), (4,), (2, 3)), (2, 4, 8, 16, 32, 64)):
+                itertools.product((32, 64, 128), (4,), (2, 3)), (1, 2, 4, 8, 16, 32, 64)):
             cfg = LaunchConfig(bn, w, st)
             try:
                 def call(k, v, cfg=cfg, splits=splits):
@@ -125,7 +129,8 @@ def split_sweep(copy: float) -> list[dict]:
                 q, k, v, table, lens, dim ** -0.5, **kw) for k, v in pools]) / len(pools)
         paged_attention.MERGE_WARPS = 1
         ok = sorted((r for r in results if "us" in r and r["rel_err"] < 1e-2), key=lambda r: r["us"])
-        name = f"{'sparse10' if sparse else 'dense'}-b{batch}-{ctx // 1024}k-q{q_len}-h{kv_heads}x{group}-d{dim}"
+        kind = f"sparse{round(100 * fraction)}" if fraction else "dense"
+        name = f"{kind}-b{batch}-{ctx // 1024}k-q{q_len}-h{kv_heads}x{group}-d{dim}"
         rows.append({"shape": name, "kv_bytes": kv_bytes, "auto_us": auto_ms * 1e3, "auto_us_by_merge_warps": merge_us,
                      "best": ok[:8]})
         print(f"{name:32s} auto {auto_ms * 1e3:6.1f} us ({kv_bytes / auto_ms / 1e6 / copy:.2f}), merge warps "
@@ -138,8 +143,9 @@ def split_sweep(copy: float) -> list[dict]:
 def main() -> None:
     copy = copy_bandwidth_gbs()
     out = {**environment(), "copy_bandwidth_gbs": copy}
-    if "--splits" in sys.argv:
-        out["splits"] = split_sweep(copy)
+    if "--splits" in sys.argv:     # --batches=32,64: only the shapes of those batch sizes (the draft steps)
+        only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--batches=")), "")
+        out["splits"] = split_sweep(copy, {int(b) for b in only.split(",") if b})
     else:
         out["gemv"] = gemv_sweep(copy)
         out["attention"] = attention_sweep(copy)

@@ -27,7 +27,7 @@ def make_inputs(batch, q_len, kv_heads, group, dim, lens, dtype, page_size=16):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"b{c[0]}-q{c[1]}-kv{c[2]}-g{c[3]}" for c in CASES])
-@pytest.mark.parametrize("num_splits", [None, 3])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])      # 1: the split kernel writes the output, no merge
 def test_fp32_matches_reference(case, num_splits):
     torch.manual_seed(CASES.index(case))
     q, k, v, table, lens = make_inputs(*case, torch.float32)
@@ -104,7 +104,7 @@ MASS_CASES = [(1, 1, 2, 1, 16, [200]), (3, 1, 1, 4, 32, [37, 5, 64]), (2, 5, 2, 
 
 
 @pytest.mark.parametrize("case", MASS_CASES, ids=[f"b{c[0]}-q{c[1]}-g{c[3]}" for c in MASS_CASES])
-@pytest.mark.parametrize("num_splits", [None, 2])
+@pytest.mark.parametrize("num_splits", [None, 1, 2])
 @pytest.mark.parametrize("launch", [paged_attention.FEW_PROGRAMS, paged_attention.DEFAULT_LAUNCH],
                          ids=["mass-stored-per-tile", "mass-deferred"])
 def test_page_mass_by_product_matches_reference(case, num_splits, launch):
@@ -316,13 +316,14 @@ def test_token_lists_match_reference(case):
 
 @pytest.mark.parametrize("case", [(2, 5, 2, 4, 16, [100, 37]), (1, 1, 1, 1, 32, [70]), (3, 3, 1, 8, 16, [20, 64, 5])],
                          ids=["b2-q5-g4", "b1-q1-g1", "b3-q3-g8"])
-def test_vegas_two_row_scores_kernel_matches_reference(case):
+@pytest.mark.parametrize("num_splits", [None, 1])          # 1: the log-sum-exp comes from the split kernel
+def test_vegas_two_row_scores_kernel_matches_reference(case, num_splits):
     """Scores from the verify pass's log-sum-exp and one read of K == softmax of the first and last rows."""
     from specattn.kernels import token_scores
     torch.manual_seed(60 + case[1])
     q, k, v, table, lens = make_inputs(*case, torch.float32)
     scale = case[4] ** -0.5
-    out, lse = paged_attention.paged_attention(q, k, v, table, lens, scale, return_lse=True)
+    out, lse = paged_attention.paged_attention(q, k, v, table, lens, scale, return_lse=True, num_splits=num_splits)
     got = token_scores.two_row_token_scores(q, k, table, lens, lse, scale)
     ref = reference.two_row_token_scores(q, k, table, lens, scale)
     assert got.shape == ref.shape

@@ -61,7 +61,7 @@ MERGE_WARPS = 1        # warps of the split-merge kernel (one program per query 
 @triton.jit
 def _paged_attn_split_kernel(
     q_ptr, k_ptr, v_ptr, page_table_ptr, lens_ptr, sel_ptr, sel_count_ptr,
-    o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, mass_max_ptr,
+    o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, mass_max_ptr, out_ptr, lse_ptr,
     scale,
     stride_qb, stride_qt, stride_qh,
     stride_kp, stride_kr, stride_kh,
@@ -71,7 +71,7 @@ def _paged_attn_split_kernel(
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
-    MAX_TILES: tl.constexpr, MASS_COLS: tl.constexpr, DEFER_MASS: tl.constexpr,
+    MAX_TILES: tl.constexpr, MASS_COLS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
 ):
     # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
     # row j % PAGE_SIZE of the (j // PAGE_SIZE)-th page in this (sequence, KV head)'s list of logical pages,
@@ -193,9 +193,14 @@ def _paged_attn_split_kernel(
         tl.store(mass_part_ptr + row_base[:, None, None] * mass_pages + vpage, page_sums, mask=keep)
         tl.store(mass_max_ptr + row_base[:, None] * mass_blocks + tile_idx[None, :], tile_max, mask=tile_ok)
     part = ((b * Q_LEN + t) * HEADS + head) * num_splits + split     # [B, T, H, S] flat
-    tl.store(m_part_ptr + part, m_i, mask=row_ok)
-    tl.store(l_part_ptr + part, l_i, mask=row_ok)
-    tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+    if DIRECT:       # one split holds every key: the row is final here, no partials and no merge launch
+        tl.store(out_ptr + part[:, None] * HEAD_DIM + dims[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        tl.store(lse_ptr + part, m_i + tl.log(l_i), mask=row_ok)
+    else:
+        tl.store(m_part_ptr + part, m_i, mask=row_ok)
+        tl.store(l_part_ptr + part, l_i, mask=row_ok)
+        tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -321,10 +326,15 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         num_splits = max(num_splits, -(-cap // (launch.block_n * max_tiles)))
     q = q.contiguous()
     dev = q.device
-    o_part = torch.empty(batch, q_len, heads, num_splits, dim, dtype=torch.float32, device=dev)
-    m_part = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=dev)
-    l_part = torch.empty_like(m_part)
+    out = torch.empty_like(q)
     lse = torch.empty(batch, q_len, heads, dtype=torch.float32, device=dev)
+    direct = num_splits == 1
+    if direct:                                 # the split kernel writes out and lse itself
+        o_part = m_part = l_part = lse         # unused placeholders
+    else:
+        o_part = torch.empty(batch, q_len, heads, num_splits, dim, dtype=torch.float32, device=dev)
+        m_part = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=dev)
+        l_part = torch.empty_like(m_part)
     mass_pages = selected_pages.shape[2] if sparse else page_table.shape[1]
     mass_blocks = -(-mass_pages * page_size // launch.block_n)
     if page_mass:
@@ -340,7 +350,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         sel = counts = lens_after
     _paged_attn_split_kernel[(batch * kv_heads, num_splits, q_blocks)](
         q, k_pages, v_pages, page_table, lens_after, sel, counts,
-        o_part, m_part, l_part, mass_part, mass_max, scale,
+        o_part, m_part, l_part, mass_part, mass_max, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         page_table.stride(0), sel.shape[-1] if sparse else 0, mass_pages, mass_blocks, num_splits,
@@ -348,14 +358,14 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         BLOCK_M=block_m, BLOCK_N=launch.block_n, UPCAST_DOT=INTERPRETED, SPARSE=sparse,
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_COLS=max(16, launch.block_n // page_size) if page_mass and not mass_tile else 16,
-        DEFER_MASS=defer,
+        DEFER_MASS=defer, DIRECT=direct,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
-    out = torch.empty_like(q)
-    _merge_splits_kernel[(batch * q_len * heads,)](
-        o_part, m_part, l_part, out, lse, num_splits,
-        HEAD_DIM=dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=MERGE_WARPS,
-    )
+    if not direct:
+        _merge_splits_kernel[(batch * q_len * heads,)](
+            o_part, m_part, l_part, out, lse, num_splits,
+            HEAD_DIM=dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=MERGE_WARPS,
+        )
     if return_lse:                                # each row's log-sum-exp [batch, q_len, heads]: Vegas scores
         return out, lse
     if not page_mass:
