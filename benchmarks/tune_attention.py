@@ -122,6 +122,10 @@ def split_sweep(copy: float, batches: set[int] | None = None) -> list[dict]:
                             "bandwidth_fraction": kv_bytes / ms / 1e6 / copy})
         auto_ms = graph_ms(lambda: [paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5, **kw)
                                     for k, v in pools]) / len(pools)
+        paged_attention.DIRECT_ONE_SPLIT = False      # one split through the merge kernel, as before 3dfb4e6
+        one_split_merged_ms = graph_ms(lambda: [paged_attention.paged_attention(
+            q, k, v, table, lens, dim ** -0.5, num_splits=1, **kw) for k, v in pools]) / len(pools)
+        paged_attention.DIRECT_ONE_SPLIT = True
         merge_us = {}
         for warps in (1, 2, 4, 8):      # the merge kernel's warps, at the automatic tiling
             paged_attention.MERGE_WARPS = warps
@@ -132,6 +136,7 @@ def split_sweep(copy: float, batches: set[int] | None = None) -> list[dict]:
         kind = f"sparse{round(100 * fraction)}" if fraction else "dense"
         name = f"{kind}-b{batch}-{ctx // 1024}k-q{q_len}-h{kv_heads}x{group}-d{dim}"
         rows.append({"shape": name, "kv_bytes": kv_bytes, "auto_us": auto_ms * 1e3, "auto_us_by_merge_warps": merge_us,
+                     "one_split_merged_us": one_split_merged_ms * 1e3,
                      "best": ok[:8]})
         print(f"{name:32s} auto {auto_ms * 1e3:6.1f} us ({kv_bytes / auto_ms / 1e6 / copy:.2f}), merge warps "
               + " ".join(f"{w}:{u:.1f}" for w, u in merge_us.items()) + "; best "

@@ -56,6 +56,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_MASS_TILES = 32    # block mass: tiles one split may hold (more splits are used if needed)
 MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
 MERGE_WARPS = 1        # warps of the split-merge kernel (one program per query row and head)
+DIRECT_ONE_SPLIT = True   # one split writes the output itself (no merge launch); False: always merge (A/B timing)
 
 
 @triton.jit
@@ -328,7 +329,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     dev = q.device
     out = torch.empty_like(q)
     lse = torch.empty(batch, q_len, heads, dtype=torch.float32, device=dev)
-    direct = num_splits == 1
+    direct = num_splits == 1 and DIRECT_ONE_SPLIT
     if direct:                                 # the split kernel writes out and lse itself
         o_part = m_part = l_part = lse         # unused placeholders
     else:
