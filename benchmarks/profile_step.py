@@ -1,7 +1,7 @@
 """Where one decode step's device time goes, per kernel (torch.profiler), on a random model.
 
 Usage: python benchmarks/profile_step.py [--shape 8b|smol|qwen0.5b|qwen1.5b] [--batch 1] [--context 8192]
-[--draft-budget N]
+[--draft-budget N] [--compile-modes default,max-autotune-no-cudagraphs] [--json out.json]
 Prints the step's replay time (CUDA graph), its kernel count and sum, and kernel name, calls and microseconds
 per step, biggest first, against the step's weight + KV bytes at copy speed. --draft-budget profiles a sparse
 draft step (sinks + window selection of N tokens per KV head, layer 0 dense) instead of a dense decode step.
@@ -19,6 +19,7 @@ from benchmarks.common import (  # noqa: E402
     SHAPES,
     copy_bandwidth_gbs,
     cuda_kernel_totals,
+    environment,
     median_ms,
     random_model,
     weight_bytes_per_step,
@@ -28,6 +29,7 @@ from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.runner import StepRunner  # noqa: E402
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import RoundSteps  # noqa: E402
+from specattn.evaluation.results import write_json_atomic  # noqa: E402
 
 
 def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1):
@@ -47,10 +49,14 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1):
 
 
 def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
-            column_major: bool, q_len: int, top: int, fused: bool = False) -> None:
+            column_major: bool, q_len: int, top: int, fused: bool = False, compile_mode: str | None = None) -> dict:
+    import torch._dynamo
+
     import specattn.model
     specattn.model.COLUMN_MAJOR_WEIGHTS = column_major
     specattn.model.FUSED_STEPS = fused
+    specattn.model.STEP_COMPILE_MODE = compile_mode
+    torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])
     cache = PagedKVCache(model.cfg, batch, context + 16, dtype=torch.bfloat16, device="cuda")
     cache.k.normal_()
@@ -77,10 +83,16 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += f", q_len {q_len}" if q_len > 1 else ""
     what += ", weights column-major" if column_major else ", weights row-major"
     what += ", fused_linear" if fused else ""
+    what += f", compiled {compile_mode}" if compile_mode else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
           f"{total:.0f} us; bytes at copy speed {moved / copy / 1e3:.0f} us")
-    for name, (calls, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]:
+    top_kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
+    for name, (calls, us) in top_kernels:
         print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
+    return {"shape": shape, "batch": batch, "context": context, "draft_budget": draft_budget, "q_len": q_len,
+            "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
+            "kernel_sum_us": total, "bytes_at_copy_speed_us": moved / copy / 1e3,
+            "top": [{"kernel": n[:100], "calls": c // steps, "us": u / steps} for n, (c, u) in top_kernels]}
 
 
 def main() -> None:
@@ -95,9 +107,16 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=18, help="kernels listed")
     ap.add_argument("--fused", action="store_true", help="small steps through kernels.fused_linear (off in the model: "
                     "slower than cuBLAS)")
+    ap.add_argument("--compile-modes", default="default", help="comma-separated step compile modes, profiled one "
+                    "after the other in this run: default, max-autotune-no-cudagraphs")
+    ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
-    profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy_bandwidth_gbs(),
-            not args.row_major, args.q_len, args.top, args.fused)
+    copy = copy_bandwidth_gbs()
+    rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy, not args.row_major,
+                    args.q_len, args.top, args.fused, None if mode == "default" else mode)
+            for mode in args.compile_modes.split(",")]
+    if args.json:
+        write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
 
 
 if __name__ == "__main__":

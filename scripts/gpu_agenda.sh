@@ -42,7 +42,15 @@ for part in "$@"; do
     draft-splits)   # tile config x split count (1 = no merge launch) for the default model's sparse draft step
               timeout 240 python3 benchmarks/tune_attention.py --splits --batches=32,64 "$OUT/tune_splits_draft.json" \
                 2>&1 | grep -v -i warn | tail -4 ;;
+    compile-modes)  # the step functions under torch.compile's default mode vs max-autotune-no-cudagraphs, same run
+              i=0
+              for spec in "--shape smol --batch 32 --draft-budget 512" "--shape 8b --batch 1"; do
+                i=$((i + 1))
+                timeout 280 python3 benchmarks/profile_step.py $spec --context 8192 --top 6 \
+                  --compile-modes default,max-autotune-no-cudagraphs --json "$OUT/compile_modes_$i.json" \
+                  2>&1 | grep "^=="
+              done ;;
     kernels)  timeout 150 python3 benchmarks/kernels.py "$OUT/kernels.json" 2>&1 | tail -2 ;;
-    *)        echo "unknown part $part (auto, selfspec, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels, peers-compile, draft-splits)" >&2 ;;
+    *)        echo "unknown part $part (auto, selfspec, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels, peers-compile, draft-splits, compile-modes)" >&2 ;;
   esac
 done

@@ -20,6 +20,11 @@ from .config import ModelConfig, rope_inv_freq
 STEP_MAX_Q_LEN = 16  # decode and verify steps; longer blocks are prefill chunks
 COLUMN_MAJOR_WEIGHTS = True   # on the GPU (compile_steps): see Transformer.store_weights_column_major
 FUSED_STEPS = False           # off: fused_linear measured slower than cuBLAS on the H200 (benchmarks/NOTES.md)
+# torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
+# GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode
+# with Inductor's cudagraphs). benchmarks/profile_step.py --compile-modes times both in one run.
+STEP_COMPILE_MODE: str | None = None
+STEP_COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -188,10 +193,13 @@ class Transformer(nn.Module):
         """Fuse the pointwise parts of every forward with torch.compile (GPU). Decode/verify steps compile
         once per (batch, q_len) for the fastest kernels; prefill chunks share one dynamic-shape version."""
         import torch._dynamo
+        if STEP_COMPILE_MODE not in STEP_COMPILE_MODES:
+            raise ValueError(f"STEP_COMPILE_MODE must be one of {STEP_COMPILE_MODES}, got {STEP_COMPILE_MODE!r}")
         if COLUMN_MAJOR_WEIGHTS:
             self.store_weights_column_major()
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.step_fns = {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in EAGER.items()}
+        self.step_fns = {name: torch.compile(fn, dynamic=False, fullgraph=True, mode=STEP_COMPILE_MODE)
+                         for name, fn in EAGER.items()}
         self.fused_steps = FUSED_STEPS
         self.prefill_fns = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in EAGER.items()}
 

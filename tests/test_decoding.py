@@ -139,3 +139,12 @@ def test_fused_small_steps_match_the_unfused_model(tiny_cfg, qkv_bias):
     ref = run(model, prompts, max_new_tokens=10).tokens
     model.fused_steps = True
     assert run(model, prompts, max_new_tokens=10).tokens == ref
+
+
+def test_a_step_compile_mode_with_inductors_own_cuda_graphs_is_refused(tiny_cfg, monkeypatch):
+    """Our steps are captured as CUDA graphs already; a compile mode that captures its own would nest them."""
+    import specattn.model
+    from specattn.model import Transformer
+    monkeypatch.setattr(specattn.model, "STEP_COMPILE_MODE", "reduce-overhead")
+    with pytest.raises(ValueError, match="STEP_COMPILE_MODE"):
+        Transformer(tiny_cfg).compile_steps()
