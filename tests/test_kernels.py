@@ -207,7 +207,8 @@ def attention_like(rows, n, seed):
     return w
 
 
-TOPP_PATHS = [("bisect", True), ("bisect", False), ("interpolate", True)]   # (search, row held in registers)
+# (search, row held in registers)
+TOPP_PATHS = [("bisect", True), ("bisect", False), ("interpolate", True), ("interpolate-3", True)]
 
 
 @pytest.mark.parametrize("n", [7, 300, 5000])

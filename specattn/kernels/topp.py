@@ -12,7 +12,9 @@ interpolating the mass between the bounds (Illinois rule; a plain halving when t
 the same reduction also returns the smallest value at or above the probe and the largest below it, to which the
 bounds snap. It ends when the bounds hold one distinct value: at most 9-14 passes instead of 26-28 on 32 softmax
 rows of 8K-32K (benchmarks/topp_passes.py), each pass reducing three quantities instead of one. The answer is the
-same up to the order of fp32 sums at the boundary.
+same up to the order of fp32 sums at the boundary. On the H200 a pass of it cost ~2.3 µs against ~0.85 for a
+halving (32 x 32K: 28.5 vs 23.8 µs): "interpolate-3" takes the three as separate built-in reductions instead of
+one tuple reduction, to tell whether the combined reduction is what costs.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .paged_attention import INTERPRETED  # CPU tests: see ONE_REDUCTION
 
 BLOCK = 4096
 ROW_IN_REGISTERS = 32768
-SEARCHES = ("bisect", "interpolate")
+SEARCHES = ("bisect", "interpolate", "interpolate-3")   # -3: sum, min and max as three built-in reductions
 SEARCH = "bisect"        # "interpolate" is tested; it becomes the default once the GPU has timed both
 
 
@@ -139,8 +141,9 @@ def _thresholds(x: torch.Tensor, top_k: bool, frac: float, k: int, search: str |
     block = triton.next_power_of_2(n) if in_registers else BLOCK
     warps = num_warps or 8     # fastest of 4-32 for 8K and 32K rows on the H200: results/topp_warps.json
     _threshold_kernel[(rows.shape[0],)](rows, thr, n, rows.stride(0), frac, k, TOP_K=top_k,
-                                        IN_REGISTERS=in_registers, INTERPOLATE=search == "interpolate",
-                                        ONE_REDUCTION=not INTERPRETED, BLOCK=block, num_warps=warps)
+                                        IN_REGISTERS=in_registers, INTERPOLATE=search != "bisect",
+                                        ONE_REDUCTION=search == "interpolate" and not INTERPRETED, BLOCK=block,
+                                        num_warps=warps)
     return thr.view(x.shape[:-1])
 
 
