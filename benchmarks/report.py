@@ -1,6 +1,6 @@
 """Render README tables from benchmarks/results/*.json, so every number in the README comes from a file.
 
-Usage: python benchmarks/report.py ar|kernels|selfspec|auto|tp   (prints Markdown)
+Usage: python benchmarks/report.py ar|kernels|selfspec|auto|tp|specattn_s_keys_last   (prints Markdown)
 """
 from __future__ import annotations
 
@@ -190,13 +190,41 @@ def tp_tables(data: dict) -> str:
     return "\n".join([head, *lines, "", tail])
 
 
+def keys_last_tables(runs: list[dict]) -> str:
+    """SpecAttn-S with keys from the last draft step: each run's cells, every ratio within its own run."""
+    lines = ["| top-p | context | AR tok/s | draft-spec (vs AR) | specattn-s (vs AR) | specattn-s / draft-spec | "
+             "tokens per verify | verifier keys read (sparse layers) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        cfg = run["config"]
+        label = f"{cfg['keys_p']:.2f}" + (f", median of {cfg['repeats']}" if cfg.get("repeats", 1) > 1 else "")
+        by = {(r["method"], r["context"]): r for r in run["rows"]}
+        for ctx in cfg["contexts"]:
+            ar, spec, ours = by[("ar", ctx)], by[("draft-spec", ctx)], by[("specattn-s", ctx)]
+            tok = {k: r["decode_tokens_per_s"] for k, r in (("ar", ar), ("spec", spec), ("ours", ours))}
+            lines.append(f"| {label} | {ctx} | {tok['ar']:,.0f} | "
+                         f"{tok['spec']:,.0f} ({tok['spec'] / tok['ar']:.2f}x) | "
+                         f"{tok['ours']:,.0f} ({tok['ours'] / tok['ar']:.2f}x) | {tok['ours'] / tok['spec']:.2f} | "
+                         f"{spec['mean_accepted_len']:.2f} / {ours['mean_accepted_len']:.2f} | "
+                         f"{ours['verifier_keys_read_fraction_sparse_layers']:.1%} |")
+    return "\n".join(lines)
+
+
 TABLES = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables,
-          "tp": tp_tables}      # results/<name>.json -> its README tables
+          "tp": tp_tables, "specattn_s_keys_last": keys_last_tables}      # name -> its README tables
+POOLED = {"specattn_s_keys_last": ["specattn_s_e2e_last_p0.95", "specattn_s_e2e_last_p0.9",
+                                   "specattn_s_e2e_last_p0.9_r3"]}      # tables drawn from several results files
+
+
+def load(which: str):
+    """The data TABLES[which] renders: results/<which>.json, or the list of POOLED[which]'s files."""
+    if which in POOLED:
+        return [json.loads((RESULTS / f"{name}.json").read_text()) for name in POOLED[which]]
+    return json.loads((RESULTS / f"{which}.json").read_text())
 
 
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "ar"
-    data = json.loads((RESULTS / f"{which}.json").read_text())
+    data = load(which)
     if which == "selfspec":
         selfspec_plot(data, RESULTS / "selfspec_speedup.png")
     print(TABLES[which](data))

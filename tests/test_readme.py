@@ -1,6 +1,5 @@
 """The README's results tables are the ones benchmarks/report.py renders from benchmarks/results/*.json: every
 table row there appears in the README, so a table cannot silently go stale or go missing in an edit."""
-import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 @pytest.mark.parametrize("which", sorted(report.TABLES))
 def test_every_rendered_table_row_is_in_the_readme(which):
-    text = report.TABLES[which](json.loads((report.RESULTS / f"{which}.json").read_text()))
+    text = report.TABLES[which](report.load(which))
     readme = README.read_text(encoding="utf-8").splitlines()
     rows = [line for line in text.splitlines() if line.startswith("|")]
     assert rows, f"report.py rendered no table for {which}"
