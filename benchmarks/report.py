@@ -1,6 +1,6 @@
 """Render README tables from benchmarks/results/*.json, so every number in the README comes from a file.
 
-Usage: python benchmarks/report.py ar|kernels|selfspec|auto|tp|specattn_s_keys_last   (prints Markdown)
+Usage: python benchmarks/report.py ar|kernels|selfspec|auto|tp|specattn_s_e2e|specattn_s_keys_last   (prints Markdown)
 """
 from __future__ import annotations
 
@@ -209,8 +209,25 @@ def keys_last_tables(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def specattn_s_e2e_tables(run: dict) -> str:
+    """SpecAttn-S end to end on the real pair: one row per batch of one `specattn bench` run."""
+    lines = ["| batch | AR tok/s | draft-spec tok/s (vs AR) | specattn-s tok/s (vs AR) | specattn-s / draft-spec | "
+             "tokens per verify (draft-spec / specattn-s) | verifier KV MB per token (draft-spec / specattn-s) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    by = {(r["method"], r["batch"]): r for r in run["rows"]}
+    for batch in run["config"]["batches"]:
+        ar, spec, ours = by[("ar", batch)], by[("draft-spec", batch)], by[("specattn-s", batch)]
+        tok = {k: r["decode_tokens_per_s"] for k, r in (("ar", ar), ("spec", spec), ("ours", ours))}
+        lines.append(f"| {batch} | {tok['ar']:,.0f} | {tok['spec']:,.0f} ({tok['spec'] / tok['ar']:.2f}x) | "
+                     f"{tok['ours']:,.0f} ({tok['ours'] / tok['ar']:.2f}x) | {tok['ours'] / tok['spec']:.2f} | "
+                     f"{spec['mean_accepted_len']:.2f} / {ours['mean_accepted_len']:.2f} | "
+                     f"{spec['verify_kv_bytes_per_token'] / 1e6:.1f} / {ours['verify_kv_bytes_per_token'] / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
+# name -> its README tables (from results/<name>.json, or the files POOLED names)
 TABLES = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables,
-          "tp": tp_tables, "specattn_s_keys_last": keys_last_tables}      # name -> its README tables
+          "tp": tp_tables, "specattn_s_e2e": specattn_s_e2e_tables, "specattn_s_keys_last": keys_last_tables}
 POOLED = {"specattn_s_keys_last": ["specattn_s_e2e_last_p0.95", "specattn_s_e2e_last_p0.9",
                                    "specattn_s_e2e_last_p0.9_r3"]}      # tables drawn from several results files
 
