@@ -1,6 +1,7 @@
 """Render README tables from benchmarks/results/*.json, so every number in the README comes from a file.
 
-Usage: python benchmarks/report.py ar|kernels|selfspec|auto|tp|specattn_s_e2e|specattn_s_keys_last   (prints Markdown)
+Usage: python benchmarks/report.py NAME   (prints Markdown; NAME: a key of TABLES, e.g. ar, kernels, selfspec,
+auto, tp, specattn_s_e2e, specattn_s_keys_last, ppl_qwen_8192)
 """
 from __future__ import annotations
 
@@ -225,9 +226,33 @@ def specattn_s_e2e_tables(run: dict) -> str:
     return "\n".join(lines)
 
 
+def ppl_tables(study: dict) -> str:
+    """A `specattn ppl` study of the pair: dense, SpecAttn-S per p (below 1), then the baselines at the budget of
+    the SpecAttn-S run whose share of keys they were given."""
+    runs = {r["name"]: r for r in study["runs"]}
+    dense = runs["dense"]["ppl"]
+    ours = sorted((r for n, r in runs.items() if n.startswith("specattn-s:p=") and float(n.split("=")[1]) < 1),
+                  key=lambda r: -float(r["name"].split("=")[1]))
+
+    def row(label: str, r: dict) -> str:
+        vs = "" if r is runs["dense"] else f"{r['ppl'] / dense - 1:+.1%}"
+        return (f"| {label} | {r['ppl']:.3f} | {vs} | {1 - r['keys_kept_fraction']:.1%} | "
+                f"{1 - r['keys_kept_fraction_sparse_layers']:.1%} |")
+
+    lines = ["| method | perplexity | vs dense | KV reads saved (all layers) | (sparse layers) |",
+             "|---|---:|---:|---:|---:|", f"| dense | {dense:.3f} | | 0% | 0% |"]
+    lines += [row(f"SpecAttn-S p = {float(r['name'].split('=')[1]):.2f}", r) for r in ours]
+    for name, label in (("quest", "Quest"), ("streaming", "StreamingLLM")):
+        if name in runs:
+            ref = min(ours, key=lambda r: abs(r["keys_kept_fraction"] - runs[name]["keys_kept_fraction"]))
+            lines.append(row(f"{label}, same budget as p = {float(ref['name'].split('=')[1]):.2f}", runs[name]))
+    return "\n".join(lines)
+
+
 # name -> its README tables (from results/<name>.json, or the files POOLED names)
 TABLES = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables,
-          "tp": tp_tables, "specattn_s_e2e": specattn_s_e2e_tables, "specattn_s_keys_last": keys_last_tables}
+          "tp": tp_tables, "specattn_s_e2e": specattn_s_e2e_tables, "specattn_s_keys_last": keys_last_tables,
+          "ppl_qwen_8192": ppl_tables}
 POOLED = {"specattn_s_keys_last": ["specattn_s_e2e_last_p0.95", "specattn_s_e2e_last_p0.9",
                                    "specattn_s_e2e_last_p0.9_r3"]}      # tables drawn from several results files
 
