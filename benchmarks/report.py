@@ -1,7 +1,7 @@
 """Render README tables from benchmarks/results/*.json, so every number in the README comes from a file.
 
 Usage: python benchmarks/report.py NAME   (prints Markdown; NAME: a key of TABLES, e.g. ar, kernels, selfspec,
-auto, tp, specattn_s_e2e, specattn_s_keys_last, ppl_qwen_8192)
+auto, tp, specattn_s_e2e, specattn_s_keys_last, ppl_qwen_8192, peers, gptfast)
 """
 from __future__ import annotations
 
@@ -249,10 +249,27 @@ def ppl_tables(study: dict) -> str:
     return "\n".join(lines)
 
 
+def peers_tables(data: dict) -> str:
+    """Ours against transformers' eager `generate` (the rows peers.py measured for that peer)."""
+    lines = ["| batch | prompt tokens | ours tok/s | transformers generate tok/s | ours / transformers |",
+             "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['prompt_tokens']} | {r['ours_tok_s']:,.0f} | {r['peer_tok_s']:.1f} | "
+              f"{r['ours_over_peer']:.0f}x |" for r in data["rows"]
+              if r["peer"] == "transformers generate (eager)" and "peer_tok_s" in r]
+    return "\n".join(lines)
+
+
+def gptfast_tables(data: dict) -> str:
+    lines = ["| batch | prompt tokens | gpt-fast tok/s | ours tok/s | ours / gpt-fast |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['prompt_tokens']} | {r['gptfast_tokens_per_s']:.0f} | "
+              f"{r['ours_tokens_per_s']:.0f} | {r['ours_over_gptfast']:.2f} |" for r in data["rows"]]
+    return "\n".join(lines)
+
+
 # name -> its README tables (from results/<name>.json, or the files POOLED names)
 TABLES = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables,
           "tp": tp_tables, "specattn_s_e2e": specattn_s_e2e_tables, "specattn_s_keys_last": keys_last_tables,
-          "ppl_qwen_8192": ppl_tables}
+          "ppl_qwen_8192": ppl_tables, "peers": peers_tables, "gptfast": gptfast_tables}
 POOLED = {"specattn_s_keys_last": ["specattn_s_e2e_last_p0.95", "specattn_s_e2e_last_p0.9",
                                    "specattn_s_e2e_last_p0.9_r3"]}      # tables drawn from several results files
 
