@@ -65,6 +65,31 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
                                steps: dict | None = None) -> GenerationResult:
     """`steps`: the runner an earlier lossless run on the same models, caches, batch and sampling returned, so its
     graphs are not captured again."""
+    _check_pair(target, draft, target_cache, draft_cache, gamma, sparse)
+    need = cache_tokens_needed(0, params.max_new_tokens, gamma)
+    check_prompts(target, target_cache, prompts, need)
+    check_prompts(draft, draft_cache, prompts, need)
+    device, sampling = target_cache.device, params.sampling
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    # Built before the prefill: building compiles the models' fused functions, which the prefill then uses.
+    graphs = _round_graphs(steps, target, draft, target_cache, draft_cache, len(prompts), gamma, sampling, sparse,
+                           params.use_cuda_graph)
+    _sync(device)
+    t0 = time.perf_counter()
+    next_tok = sample(prefill(target, target_cache, prompts, params.prefill_chunk), sampling, generator)
+    prefill(draft, draft_cache, prompts, params.prefill_chunk)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    rounds = _Rounds(target, draft, target_cache, draft_cache, gamma, sampling, sparse, graphs, generator,
+                     RoundLog(next_tok.tolist(), params, gamma), prompts, next_tok)
+    while not rounds.log.finished():
+        rounds.run()
+    _sync(device)
+    return GenerationResult(rounds.log.tokens(), rounds.stats(time.perf_counter() - t0, prefill_s), graphs)
+
+
+def _check_pair(target: Transformer, draft: Transformer, target_cache: PagedKVCache, draft_cache: PagedKVCache,
+                gamma: int, sparse: SparseVerification | None) -> None:
     if gamma <= 0:
         raise InvalidInputError(f"gamma (draft tokens per round) must be > 0, got {gamma}")
     if target.cfg.vocab_size != draft.cfg.vocab_size:
@@ -75,99 +100,110 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
                                 f"{target.cfg.num_layers} layers")
     if sparse and sparse.page_level and draft_cache.page_size != target_cache.page_size:
         raise InvalidInputError("page-level SpecAttn-S needs the draft and verifier caches to use the same page size")
-    need = cache_tokens_needed(0, params.max_new_tokens, gamma)
-    check_prompts(target, target_cache, prompts, need)
-    check_prompts(draft, draft_cache, prompts, need)
-    device, batch, sampling = target_cache.device, len(prompts), params.sampling
-    generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    # Built before the prefill: building compiles the models' fused functions, which the prefill then uses.
-    graphs = _round_graphs(steps, target, draft, target_cache, draft_cache, batch, gamma, sampling, sparse,
-                           params.use_cuda_graph)
-    _sync(device)
-    t0 = time.perf_counter()
-    next_tok = sample(prefill(target, target_cache, prompts, params.prefill_chunk), sampling, generator)
-    prefill(draft, draft_cache, prompts, params.prefill_chunk)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
-    log = RoundLog(next_tok.tolist(), params, gamma)
-    # The token before each sequence's end: the graph rounds' first draft step rewrites its K/V along with the
-    # first token's, so a round whose drafts were all accepted needs no extra draft step for the last one.
-    prev_tok = torch.tensor([p[-1] for p in prompts], device=device)
-    timer = PhaseTimer(device)
-    keys_read = torch.zeros((), dtype=torch.long, device=device)     # on the device: counting must not sync
-    keys_dense = rounds = verify_tokens = draft_tokens = 0      # tokens read by one layer, summed over sequences
-    while not log.finished():
-        rounds += 1
-        start_lens = target_cache.host_lens()
-        block_tokens = sum(start_lens) + batch * (gamma + 1)     # keys one verifier layer reads this round
-        verify_tokens += block_tokens
-        draft_tokens += gamma * sum(start_lens) + batch * gamma * (gamma + 1) // 2   # draft step i reads len + i + 1
-        t = timer.start()
-        if graphs:
-            draft_cache.reserve(gamma + 1)
-            drafts, draft_probs = graphs.draft_round(torch.stack([prev_tok, next_tok], dim=1), generator)
-            # The drafts' K/V were written at the positions they take; the last draft's slot counts too: it is
-            # kept when every draft is accepted, and the next round's catch-up step writes its K/V.
-            draft_cache.advance(gamma + 1)
-        else:
-            drafts, draft_probs, recorded = _draft(draft, draft_cache, next_tok, gamma, sampling, generator, sparse)
-        timer.stop("draft_s", t)
 
-        t = timer.start()
-        target_cache.reserve(gamma + 1)
-        block = torch.cat([next_tok[:, None], drafts], dim=1)
-        if graphs:
-            logits = graphs.verify(block)
-            selection = graphs.selection() if sparse else None
+
+class _Rounds:
+    """One generation's rounds after the prefill: draft gamma tokens, verify them, accept a prefix, roll both caches
+    back; plus what the statistics need (phase times, keys the verifier read)."""
+
+    def __init__(self, target, draft, target_cache, draft_cache, gamma, sampling, sparse, graphs, generator, log,
+                 prompts, next_tok):
+        self.target, self.draft, self.target_cache, self.draft_cache = target, draft, target_cache, draft_cache
+        self.gamma, self.sampling, self.sparse, self.graphs, self.generator = gamma, sampling, sparse, graphs, generator
+        self.log, self.batch, self.device = log, len(prompts), target_cache.device
+        self.next_tok = next_tok
+        # The token before each sequence's end: the graph rounds' first draft step rewrites its K/V along with the
+        # first token's, so a round whose drafts were all accepted needs no extra draft step for the last one.
+        self.prev_tok = torch.tensor([p[-1] for p in prompts], device=self.device)
+        self.timer = PhaseTimer(self.device)
+        self.keys_read = torch.zeros((), dtype=torch.long, device=self.device)   # on the device: must not sync
+        self.keys_dense = self.rounds = self.verify_tokens = self.draft_tokens = 0   # one layer's tokens, summed
+
+    def run(self) -> None:
+        gamma, batch = self.gamma, self.batch
+        self.rounds += 1
+        start_lens = self.target_cache.host_lens()
+        block_tokens = sum(start_lens) + batch * (gamma + 1)     # keys one verifier layer reads this round
+        self.verify_tokens += block_tokens
+        self.draft_tokens += gamma * sum(start_lens) + batch * gamma * (gamma + 1) // 2   # step i reads len + i + 1
+        t = self.timer.start()
+        drafts, draft_probs, recorded = self._draft()
+        self.timer.stop("draft_s", t)
+        t = self.timer.start()
+        block = torch.cat([self.next_tok[:, None], drafts], dim=1)
+        logits = self._verify(block, recorded, start_lens, block_tokens)
+        if self.sampling.greedy:
+            accepted, emitted = accept_greedy(drafts, logits)
         else:
-            view = target_cache.step_view(gamma + 1)
-            selection = view.selection = _verifier_selection(sparse, recorded, start_lens, gamma, target.cfg,
-                                                             target_cache.page_size)
-            logits = target(block, target_cache, view, all_logits=True)
+            accepted, emitted = accept_sampling(drafts, draft_probs, probabilities(logits, self.sampling),
+                                                self.generator)
+            agree(accepted, self.target, self.sampling)
+            agree(emitted, self.target, self.sampling)
+        host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
+        accepted_list = [row[0] for row in host]
+        done = self.log.done()
+        keep = [n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)]
+        if not self.graphs and any(a == gamma for a in accepted_list):
+            _write_last_draft(self.draft, self.draft_cache, drafts[:, -1])      # the draft never saw its last token
+        self.draft_cache.truncate(keep)
+        self.target_cache.truncate(keep)
+        self.timer.stop("verify_s", t)
+        self.log.record(accepted_list, [row[1:] for row in host], done, gamma)
+        done_dev = to_device(done, torch.bool, self.device)
+        self.prev_tok = torch.where(done_dev, self.prev_tok, block.gather(1, accepted[:, None]).squeeze(1))
+        self.next_tok = torch.where(done_dev, self.next_tok, emitted.gather(1, accepted[:, None]).squeeze(1))
+
+    def _draft(self):
+        """The round's drafts [batch, gamma], their distributions when sampling, and (eager token level) the
+        draft's recorded attention."""
+        if not self.graphs:
+            return _draft(self.draft, self.draft_cache, self.next_tok, self.gamma, self.sampling, self.generator,
+                          self.sparse)
+        self.draft_cache.reserve(self.gamma + 1)
+        drafts, draft_probs = self.graphs.draft_round(torch.stack([self.prev_tok, self.next_tok], dim=1),
+                                                      self.generator)
+        # The drafts' K/V were written at the positions they take; the last draft's slot counts too: it is
+        # kept when every draft is accepted, and the next round's catch-up step writes its K/V.
+        self.draft_cache.advance(self.gamma + 1)
+        return drafts, draft_probs, None
+
+    def _verify(self, block: torch.Tensor, recorded, start_lens: list[int], block_tokens: int) -> torch.Tensor:
+        """The verifier's logits over the block (sparse for SpecAttn-S), counting the keys it read."""
+        cache, cfg = self.target_cache, self.target.cfg
+        cache.reserve(self.gamma + 1)
+        if self.graphs:
+            logits = self.graphs.verify(block)
+            selection = self.graphs.selection() if self.sparse else None
+        else:
+            view = cache.step_view(self.gamma + 1)
+            selection = view.selection = _verifier_selection(self.sparse, recorded, start_lens, self.gamma, cfg,
+                                                             cache.page_size)
+            logits = self.target(block, cache, view, all_logits=True)
         if selection is not None:
             # keys loaded once for the whole verified block, per sequence and sparse layer (the KV heads share
             # one list)
-            keys_read += selection.tokens_selected(target_cache.page_size) // target.cfg.num_kv_heads
-            keys_dense += block_tokens * _sparse_layers(selection, target.cfg)
-        target_cache.advance(gamma + 1)
-        if sampling.greedy:
-            accepted, emitted = accept_greedy(drafts, logits)
-        else:
-            accepted, emitted = accept_sampling(drafts, draft_probs, probabilities(logits, sampling), generator)
-            agree(accepted, target, sampling)
-            agree(emitted, target, sampling)
-        host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
-        accepted_list = [row[0] for row in host]
-        done = log.done()
-        keep = [n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)]
-        if not graphs and any(a == gamma for a in accepted_list):
-            _write_last_draft(draft, draft_cache, drafts[:, -1])          # the draft never saw its last token
-        draft_cache.truncate(keep)
-        target_cache.truncate(keep)
-        timer.stop("verify_s", t)
+            self.keys_read += selection.tokens_selected(cache.page_size) // cfg.num_kv_heads
+            self.keys_dense += block_tokens * _sparse_layers(selection, cfg)
+        cache.advance(self.gamma + 1)
+        return logits
 
-        log.record(accepted_list, [row[1:] for row in host], done, gamma)
-        done_dev = to_device(done, torch.bool, device)
-        prev_tok = torch.where(done_dev, prev_tok, block.gather(1, accepted[:, None]).squeeze(1))
-        next_tok = torch.where(done_dev, next_tok,
-                               emitted.gather(1, accepted[:, None]).squeeze(1))
-    _sync(device)
-    total = time.perf_counter() - t0
-    tokens = log.tokens()
-    new = sum(len(t) for t in tokens)
-    stats = {
-        "method": "specattn-s" if sparse else "draft-spec", "gamma": gamma, "new_tokens": new, "total_s": total,
-        "tokens_per_s": new / total, "prefill_s": prefill_s,
-        "decode_tokens_per_s": (new - batch) / max(total - prefill_s, 1e-9), "rounds": rounds, **log.stats(),
-        **{k: v for k, v in timer.totals().items() if k in ("draft_s", "verify_s")},   # selection is part of verify
-    }
-    layer_bytes = target_cache.bytes_per_token // target.cfg.num_layers
-    stats["kv_bytes_read_verify"] = layer_bytes * (int(keys_read) + verify_tokens * target.cfg.num_layers
-                                                   - (keys_dense if sparse else 0))
-    stats["kv_bytes_read_draft"] = draft_tokens * draft_cache.bytes_per_token
-    if sparse:
-        stats["verifier_keys_read_fraction_sparse_layers"] = int(keys_read) / max(1, keys_dense)
-    return GenerationResult(tokens, stats, graphs)
+    def stats(self, total: float, prefill_s: float) -> dict:
+        new = sum(len(t) for t in self.log.tokens())
+        cfg = self.target.cfg
+        stats = {
+            "method": "specattn-s" if self.sparse else "draft-spec", "gamma": self.gamma, "new_tokens": new,
+            "total_s": total, "tokens_per_s": new / total, "prefill_s": prefill_s,
+            "decode_tokens_per_s": (new - self.batch) / max(total - prefill_s, 1e-9), "rounds": self.rounds,
+            **self.log.stats(),
+            **{k: v for k, v in self.timer.totals().items() if k in ("draft_s", "verify_s")},   # select: in verify
+        }
+        layer_bytes = self.target_cache.bytes_per_token // cfg.num_layers
+        stats["kv_bytes_read_verify"] = layer_bytes * (int(self.keys_read) + self.verify_tokens * cfg.num_layers
+                                                       - (self.keys_dense if self.sparse else 0))
+        stats["kv_bytes_read_draft"] = self.draft_tokens * self.draft_cache.bytes_per_token
+        if self.sparse:
+            stats["verifier_keys_read_fraction_sparse_layers"] = int(self.keys_read) / max(1, self.keys_dense)
+        return stats
 
 
 def _sparse_layers(selection: PageSelection, cfg) -> int:
