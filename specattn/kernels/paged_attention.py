@@ -271,6 +271,29 @@ def choose_num_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int =
     return max(1, min(max_blocks, -(-launch.split_factor * num_sms // (batch * kv_heads)), 256))
 
 
+def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, sms: int,
+                 launch: LaunchConfig | None, num_splits: int | None, page_mass: bool, mass_tokens: int | None,
+                 sparse: bool) -> tuple[LaunchConfig, int, bool, bool, int]:
+    """(launch config, splits, per-block mass?, deferred page mass?, tiles a split may hold) for `rows` (batch x
+    query blocks) over at most `cap` keys per (sequence, KV head)."""
+    launch = launch or choose_launch(rows * kv_heads, dim)
+    mass_tile = page_mass and mass_tokens is not None and mass_tokens > page_size
+    if mass_tile:
+        if sparse or mass_tokens % page_size:
+            raise ValueError("block page mass needs dense attention and a multiple of the page size")
+        launch = dataclasses.replace(launch, block_n=mass_tokens)
+    if num_splits is None:
+        num_splits = choose_num_splits(rows, kv_heads, cap, sms, launch)
+    # Deferred page mass holds MAX_PAGE_MASS_TILES tiles per split: past 256 splits (very long contexts) the
+    # merge would hold too many partials, so the mass is stored per tile there.
+    defer = (page_mass and not mass_tile and defer_page_mass(launch)
+             and -(-cap // (launch.block_n * MAX_PAGE_MASS_TILES)) <= 256)
+    max_tiles = MAX_MASS_TILES if mass_tile else (MAX_PAGE_MASS_TILES if defer else 1)
+    if mass_tile or defer:      # every split's tiles must fit the registers that hold their mass
+        num_splits = max(num_splits, -(-cap // (launch.block_n * max_tiles)))
+    return launch, num_splits, mass_tile, defer, max_tiles
+
+
 def query_tiling(q_len: int, group: int) -> tuple[int, int]:
     """(BLOCK_M, Q_BLOCK): rows per program and new tokens per program. Short blocks (decode, verify)
     take all q_len tokens in one program; long ones (prefill) are tiled so rows stay at 64."""
@@ -305,26 +328,13 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     q_blocks = -(-q_len // q_block)
     if page_mass and (q_blocks != 1 or token_level):
         raise ValueError("page_mass is computed for decode/verify blocks over pages, not prefill or token lists")
-    launch = launch or choose_launch(batch * kv_heads * q_blocks, dim)
-    mass_tile = page_mass and mass_tokens is not None and mass_tokens > page_size
-    if mass_tile:
-        if sparse or mass_tokens % page_size:
-            raise ValueError("block page mass needs dense attention and a multiple of the page size")
-        launch = dataclasses.replace(launch, block_n=mass_tokens)
     if sparse:
         cap = selected_pages.shape[2] * (1 if token_level else page_size)
     else:
         cap = max_kv_len or page_table.shape[1] * page_size
-    if num_splits is None:
-        sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
-        num_splits = choose_num_splits(batch * q_blocks, kv_heads, cap, sms, launch)
-    # Deferred page mass holds MAX_PAGE_MASS_TILES tiles per split: past 256 splits (very long contexts) the
-    # merge would hold too many partials, so the mass is stored per tile there.
-    defer = (page_mass and not mass_tile and defer_page_mass(launch)
-             and -(-cap // (launch.block_n * MAX_PAGE_MASS_TILES)) <= 256)
-    max_tiles = MAX_MASS_TILES if mass_tile else (MAX_PAGE_MASS_TILES if defer else 1)
-    if mass_tile or defer:      # every split's tiles must fit the registers that hold their mass
-        num_splits = max(num_splits, -(-cap // (launch.block_n * max_tiles)))
+    sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
+    launch, num_splits, mass_tile, defer, max_tiles = _plan_launch(
+        batch * q_blocks, kv_heads, dim, page_size, cap, sms, launch, num_splits, page_mass, mass_tokens, sparse)
     q = q.contiguous()
     dev = q.device
     out = torch.empty_like(q)
@@ -371,13 +381,22 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         return out, lse
     if not page_mass:
         return out
-    mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=dev)
+    return out, _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch, kv_heads, group, q_len,
+                                  page_size, mass_pages, mass_blocks, launch.block_n, sparse, mass_tile)
+
+
+def _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch: int, kv_heads: int, group: int,
+                      q_len: int, page_size: int, mass_pages: int, mass_blocks: int, block_n: int, sparse: bool,
+                      mass_tile: bool) -> torch.Tensor:
+    """The split kernel's partial page (or block) sums, rescaled with each row's log-sum-exp and summed over the
+    rows of a KV head: [batch, kv_heads, pages]."""
+    mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=lse.device)
     block_r = triton.next_power_of_2(group * q_len)
     block_p = max(16, 4096 // block_r)            # a tile of ~4K (row, page) elements
     _page_mass_kernel[(batch * kv_heads, triton.cdiv(mass_pages, block_p))](
         mass_part, mass_max, lse, lens_after, counts, mass, mass_pages, mass_blocks,
-        Q_LEN=q_len, GROUP=group, HEADS=heads, PAGE_SIZE=page_size,
-        PAGES_PER_TILE=launch.block_n // page_size, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
+        Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size,
+        PAGES_PER_TILE=block_n // page_size, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
         MASS_TILE=mass_tile, num_warps=4,
     )
-    return out, mass
+    return mass
