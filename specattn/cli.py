@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="specattn-s: choose pages from the draft's page mass instead of tokens")
     g.add_argument("--keys-from-steps", choices=KEY_STEPS, default="all",
                    help="specattn-s: draft steps whose attention chooses the verifier's keys (default: all, the "
-                        "paper's union; one step spends less draft time on page mass)")
+                        "paper's union; one step spends less draft time on page mass). Fastest measured on the GPU: "
+                        "--page-level --keys-p 0.9 --keys-from-steps last (README, SpecAttn-S results)")
     g.add_argument("--adaptive-gamma", action="store_true",
                    help="draft up to --gamma tokens per round, fewer while recent drafts get rejected")
     g.add_argument("--mass-tokens", type=int, default=None,
