@@ -48,25 +48,28 @@ class Attention:
         if want_mass:
             options["mass_tokens"] = view.mass_tokens
         want_scores = view.token_scores is not None
+        # Idle sequences (outputs dropped) read only their new block, in dense attention only: a sparse list need
+        # not hold those keys, and a row that sees no key at all would turn into NaN.
+        lens = view.lens_after if "selected_pages" in options else view.attention_lens()
         if self.backend == "triton":
             from .kernels import paged_attention, token_scores
             fused_scores = want_scores and not options and not want_mass
-            out = paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
+            out = paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, lens, scale,
                                                   max_kv_len=view.max_kv_len, page_mass=want_mass,
                                                   return_lse=fused_scores, **options)
             if fused_scores:   # one more read of K, normalised with the verify pass's own log-sum-exp
                 out, lse = out
-                scores = token_scores.two_row_token_scores(q, k_pages, view.page_table, view.lens_after, lse, scale)
+                scores = token_scores.two_row_token_scores(q, k_pages, view.page_table, lens, lse, scale)
                 view.token_scores[layer, :, : scores.shape[-1]] = scores
                 want_scores = False
         else:
-            out = reference.paged_attention(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
+            out = reference.paged_attention(q, k_pages, v_pages, view.page_table, lens, scale,
                                             max_kv_len=view.max_kv_len, page_mass=want_mass, **options)
         if want_mass:
             out, mass = out
             view.page_mass[layer, :, :, : mass.shape[-1]] = mass
         if want_scores:
-            scores = reference.two_row_token_scores(q, k_pages, view.page_table, view.lens_after, scale)
+            scores = reference.two_row_token_scores(q, k_pages, view.page_table, lens, scale)
             view.token_scores[layer, :, : scores.shape[-1]] = scores
         return out
 
@@ -74,7 +77,7 @@ class Attention:
         mask = (view.key_masks or {}).get(layer)
         if callable(mask):
             mask = mask(layer, q, k_pages, view)
-        out, probs = reference.attention_with_probs(q, k_pages, v_pages, view.page_table, view.lens_after, scale,
+        out, probs = reference.attention_with_probs(q, k_pages, v_pages, view.page_table, view.attention_lens(), scale,
                                                     view.max_kv_len, mask)
         if recording_wanted(view, layer):
             view.attention_probs[layer] = probs

@@ -35,6 +35,7 @@ class StepView:
     positions:  [batch, q_len] int64, absolute position of each new token
     slots:      [batch * q_len] int64, flat slot each new token's K/V is written to
     lens_after: [batch] int32, KV length of each sequence once the new tokens are written
+    attend_lens: [batch] int32, keys dense attention reads: lens_after, but only the new block for idle sequences
     """
     positions: torch.Tensor
     slots: torch.Tensor
@@ -53,6 +54,10 @@ class StepView:
     attention_probs: dict | None = None
     record_layers: frozenset | None = None     # record only these layers (None: all); the rest run the fast path
     key_masks: dict | None = None
+    attend_lens: torch.Tensor | None = None    # None: lens_after
+
+    def attention_lens(self) -> torch.Tensor:
+        return self.lens_after if self.attend_lens is None else self.attend_lens
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -87,6 +92,10 @@ class PagedKVCache:
             self.key_max = torch.zeros(bshape, dtype=dtype, device=self.device)
         self.page_table = torch.zeros(max_batch, self.max_pages_per_seq, dtype=torch.int32, device=self.device)
         self.lens = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        # Idle sequences already have their tokens but still step with the batch (outputs dropped): attention
+        # reads only their new block, so a batch's stragglers do not pay for the finished sequences' KV.
+        self.idle = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
+        self._idle_host = [False] * max_batch
         self._free_pages = list(range(self.num_pages - 1, -1, -1))
         self._pages: list[list[int]] = [[] for _ in range(max_batch)]
         self._host_lens = [0] * max_batch
@@ -109,8 +118,16 @@ class PagedKVCache:
             self._release_pages(b, 0)
             self._host_lens[b] = 0
         self.lens.zero_()
+        self.mark_idle([False] * self.max_batch)
         self.batch = batch
         self.kv_bytes_read = 0
+
+    def mark_idle(self, flags: list[bool]) -> None:
+        """Sequences (from the first) whose outputs are no longer used: later steps' attention reads only their
+        new tokens. Copies to the device only when the flags change."""
+        if flags != self._idle_host[: len(flags)]:
+            self._idle_host[: len(flags)] = flags
+            self.idle[: len(flags)] = to_device(flags, torch.bool, self.device)
 
     def reserve(self, new_tokens: int, rows: slice | None = None) -> None:
         """Make room for `new_tokens` more tokens in every active sequence (or only in `rows`).
@@ -179,7 +196,10 @@ class PagedKVCache:
         pages = torch.gather(page_table.long(), 1, positions // self.page_size)
         slots = (pages * self.page_size + positions % self.page_size).reshape(-1)
         max_kv_len = None if static else max(self._host_lens[b] for b in self._seqs(rows)) + q_len
-        return StepView(positions, slots, lens + q_len, page_table, q_len, max_kv_len)
+        lens_after = lens + q_len
+        view = StepView(positions, slots, lens_after, page_table, q_len, max_kv_len)
+        view.attend_lens = torch.where(self.idle[rows], q_len, lens_after)
+        return view
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, view: StepView) -> None:
         """Store new keys/values. k, v: [batch, q_len, kv_heads, head_dim]. (The model's GPU path writes through

@@ -355,3 +355,47 @@ def test_round_log_counts_only_sequences_still_generating_and_acceptance_per_pos
     assert stats["mean_accepted_len"] == pytest.approx(1 + 6 / 3)
     assert stats["acceptance_per_position"] == pytest.approx([1.0, 2 / 3, 1 / 3])
     assert stats["acceptance_rate"] == pytest.approx(6 / 9)
+
+
+@pytest.mark.parametrize("name", ["verification-guided", "vegas"])
+def test_finished_sequences_go_idle_and_the_others_still_equal_ar(model_and_prompts, name, monkeypatch):
+    """A sequence that has its tokens keeps stepping with the batch; its attention then reads only the new block
+    (cache.mark_idle). Rounds with finished and unfinished sequences side by side must leave the others' tokens
+    AR's."""
+    model, prompts, ar = model_and_prompts
+    policy = POLICIES[name]()
+    cache = PagedKVCache(model.cfg, 3, 400, track_key_bounds=policy.needs_key_bounds)
+    marked = []
+    original = cache.mark_idle
+    monkeypatch.setattr(cache, "mark_idle", lambda flags: (marked.append(list(flags)), original(flags)))
+    res = generate_self_speculative(model, cache, prompts, GenerationParams(max_new_tokens=64), policy, gamma=4)
+    assert res.tokens == ar
+    assert any(any(f) and not all(f) for f in marked)           # some round ran with finished and unfinished rows
+    view = cache.step_view(1, static=True)
+    assert torch.equal(view.attend_lens, torch.where(cache.idle[:3], 1, view.lens_after))
+
+
+def test_an_idle_sequence_attends_to_its_new_block_only():
+    cfg = ModelConfig("LlamaForCausalLM", 97, 32, 64, 1, 2, 1, 16, max_positions=256)
+    cache = PagedKVCache(cfg, 2, 64, page_size=8)
+    cache.reset(2)
+    cache.reserve(20)
+    cache.advance(20)
+    cache.reserve(3)
+    cache.mark_idle([False, True])
+    view = cache.step_view(3)
+    assert view.lens_after.tolist() == [23, 23] and view.attend_lens.tolist() == [23, 3]
+    cache.reset(2)                                                   # a new generation starts with none idle
+    assert not cache.idle.any()
+
+
+@pytest.mark.parametrize("policy", [StreamingPolicy(48, sink_tokens=0), VegasPolicy(0.05, 32)],
+                         ids=["streaming-no-sinks", "vegas"])
+def test_sampling_with_idle_rows_stays_finite(model_and_prompts, policy):
+    """Idle rows attend to their new block in dense layers only (a sparse list without the first keys would leave
+    a row nothing to attend to): sampling, which draws from every row's distribution, must not meet a NaN."""
+    model, prompts, _ = model_and_prompts
+    cache = PagedKVCache(model.cfg, 3, 400)
+    res = generate_self_speculative(model, cache, prompts, GenerationParams(64, SamplingParams(0.8, seed=5)),
+                                    policy, gamma=4)
+    assert all(len(t) == 64 for t in res.tokens)

@@ -122,8 +122,12 @@ class _Rounds:
     def run(self) -> None:
         gamma, batch = self.gamma, self.batch
         self.rounds += 1
+        for cache in (self.target_cache, self.draft_cache):    # finished sequences: attention reads only the block
+            cache.mark_idle(self.log.done())
         start_lens = self.target_cache.host_lens()
-        block_tokens = sum(start_lens) + batch * (gamma + 1)     # keys one verifier layer reads this round
+        # keys one verifier layer reads this round (finished, idle rows read only the block in dense layers: an
+        # upper bound then, kept so the sparse layers' fraction compares like with like)
+        block_tokens = sum(start_lens) + batch * (gamma + 1)
         self.verify_tokens += block_tokens
         self.draft_tokens += gamma * sum(start_lens) + batch * gamma * (gamma + 1) // 2   # step i reads len + i + 1
         t = self.timer.start()

@@ -491,6 +491,7 @@ class _Loop:
         cache, sampling, timer = self.cache, self.params.sampling, self.timer
         round_steps = self.round_steps(g, policy)
         start_lens = self._room_for_done(cache.host_lens(), self.log.done(), g + 1)
+        cache.mark_idle(self.log.done())
         width = round_steps.device_select_width
         if width is not None and policy.fits_device_lists(cache, g, width):   # selection inside the draft graph
             t = timer.start()
@@ -509,7 +510,8 @@ class _Loop:
         t = timer.start()
         target_logits = round_steps.verify(torch.cat([self.next_tok[:, None], drafts_t], dim=1))
         cache.advance(g + 1)
-        cache.count_read(sum(start_lens) + self.batch * (g + 1))
+        idle = self.log.done()                        # their verify read only the block (cache.mark_idle)
+        cache.count_read(sum(n for n, d in zip(start_lens, idle, strict=True) if not d) + self.batch * (g + 1))
         if sampling.greedy:
             accepted, emitted = accept_greedy(drafts_t, target_logits)
         else:
@@ -555,6 +557,7 @@ class _Loop:
         missing = self.params.max_new_tokens - min(n for n, d in zip(lengths, done, strict=True) if not d)
         n = max(1, min(AR_CHUNK, room, missing)) if runner.ready(self.batch, 1) else 1   # 1: the capture step
         start_lens = self._room_for_done(start_lens, done, n)
+        cache.mark_idle(done)
         t = self.timer.start()
         cache.reserve(n)
         out, tok = [], self.next_tok
