@@ -129,6 +129,11 @@ class PagedKVCache:
             self._idle_host[: len(flags)] = flags
             self.idle[: len(flags)] = to_device(flags, torch.bool, self.device)
 
+    def mark_idle_on_device(self, flags: torch.Tensor) -> None:
+        """mark_idle from a device tensor [batch] bool, without a sync (AR decoding after stop tokens)."""
+        self.idle[: flags.shape[0]].copy_(flags)
+        self._idle_host = [None] * self.max_batch         # unknown on the host: the next mark_idle copies
+
     def reserve(self, new_tokens: int, rows: slice | None = None) -> None:
         """Make room for `new_tokens` more tokens in every active sequence (or only in `rows`).
         All or nothing: on CacheFullError no page has been taken."""

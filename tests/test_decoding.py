@@ -82,6 +82,25 @@ def test_stop_tokens_cut_output(tiny_cfg):
     assert got == cut_at_stop(free, (stop,)) and got[-1] == stop and len(got) <= 6
 
 
+def test_a_stopped_sequence_goes_idle_without_changing_the_others(tiny_cfg):
+    """After its stop token a sequence's attention reads only its new token (cache.mark_idle_on_device): the
+    other sequences of the batch must still get the tokens they get alone, and the next run starts with none
+    idle."""
+    model = random_model(tiny_cfg)
+    first, second = [1, 2, 3], [9, 8, 7, 6]
+    free = run(model, [first], max_new_tokens=30).tokens[0]
+    stop = free[3]
+    alone = run(model, [second], max_new_tokens=30, stop_token_ids=(stop,)).tokens[0]
+    assert stop not in alone and len(alone) == 30       # (this model and these prompts) the second never stops
+    cache = PagedKVCache(model.cfg, 2, 64)
+    params = GenerationParams(max_new_tokens=30, stop_token_ids=(stop,))
+    both = generate_ar(model, cache, [first, second], params).tokens
+    assert cache.idle.tolist() == [True, False]                    # the first stopped after 4 tokens: idle
+    assert both == [cut_at_stop(free, (stop,)), alone]
+    generate_ar(model, cache, [second, first], GenerationParams(max_new_tokens=2))
+    assert not cache.idle.any()
+
+
 def test_bad_requests_are_clear_errors(tiny_cfg):
     model = random_model(tiny_cfg)
     with pytest.raises(InvalidInputError, match="empty"):

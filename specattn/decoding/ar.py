@@ -85,6 +85,7 @@ def generate_ar(model: Transformer, cache: PagedKVCache, prompts: list[list[int]
         next_tok = decode_step(model, cache, runner, next_tok, params.sampling, generator)
         if params.stop_token_ids:
             finished |= torch.isin(next_tok, stop_ids)
+            cache.mark_idle_on_device(finished)         # stopped sequences: attention reads only the new token
         out.append(next_tok)
     tokens = torch.stack(out, dim=1).tolist()
     t_total = time.perf_counter() - t0
