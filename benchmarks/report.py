@@ -191,6 +191,15 @@ def tp_tables(data: dict) -> str:
     return "\n".join([head, *lines, "", tail])
 
 
+def _speculation_cells(ar: dict, spec: dict, ours: dict) -> str:
+    """AR tok/s | draft-spec (vs AR) | specattn-s (vs AR) | specattn-s / draft-spec | tokens per verify: the cells
+    both SpecAttn-S tables share, from one cell's three `specattn bench` rows."""
+    tok = {k: r["decode_tokens_per_s"] for k, r in (("ar", ar), ("spec", spec), ("ours", ours))}
+    return (f"{tok['ar']:,.0f} | {tok['spec']:,.0f} ({tok['spec'] / tok['ar']:.2f}x) | "
+            f"{tok['ours']:,.0f} ({tok['ours'] / tok['ar']:.2f}x) | {tok['ours'] / tok['spec']:.2f} | "
+            f"{spec['mean_accepted_len']:.2f} / {ours['mean_accepted_len']:.2f}")
+
+
 def keys_last_tables(runs: list[dict]) -> str:
     """SpecAttn-S with keys from the last draft step: each run's cells, every ratio within its own run."""
     lines = ["| top-p | context | AR tok/s | draft-spec (vs AR) | specattn-s (vs AR) | specattn-s / draft-spec | "
@@ -200,12 +209,8 @@ def keys_last_tables(runs: list[dict]) -> str:
         label = f"{cfg['keys_p']:.2f}" + (f", median of {cfg['repeats']}" if cfg.get("repeats", 1) > 1 else "")
         by = {(r["method"], r["context"]): r for r in run["rows"]}
         for ctx in cfg["contexts"]:
-            ar, spec, ours = by[("ar", ctx)], by[("draft-spec", ctx)], by[("specattn-s", ctx)]
-            tok = {k: r["decode_tokens_per_s"] for k, r in (("ar", ar), ("spec", spec), ("ours", ours))}
-            lines.append(f"| {label} | {ctx} | {tok['ar']:,.0f} | "
-                         f"{tok['spec']:,.0f} ({tok['spec'] / tok['ar']:.2f}x) | "
-                         f"{tok['ours']:,.0f} ({tok['ours'] / tok['ar']:.2f}x) | {tok['ours'] / tok['spec']:.2f} | "
-                         f"{spec['mean_accepted_len']:.2f} / {ours['mean_accepted_len']:.2f} | "
+            ours = by[("specattn-s", ctx)]
+            lines.append(f"| {label} | {ctx} | {_speculation_cells(by[('ar', ctx)], by[('draft-spec', ctx)], ours)} | "
                          f"{ours['verifier_keys_read_fraction_sparse_layers']:.1%} |")
     return "\n".join(lines)
 
@@ -217,11 +222,8 @@ def specattn_s_e2e_tables(run: dict) -> str:
              "|---:|---:|---:|---:|---:|---:|---:|"]
     by = {(r["method"], r["batch"]): r for r in run["rows"]}
     for batch in run["config"]["batches"]:
-        ar, spec, ours = by[("ar", batch)], by[("draft-spec", batch)], by[("specattn-s", batch)]
-        tok = {k: r["decode_tokens_per_s"] for k, r in (("ar", ar), ("spec", spec), ("ours", ours))}
-        lines.append(f"| {batch} | {tok['ar']:,.0f} | {tok['spec']:,.0f} ({tok['spec'] / tok['ar']:.2f}x) | "
-                     f"{tok['ours']:,.0f} ({tok['ours'] / tok['ar']:.2f}x) | {tok['ours'] / tok['spec']:.2f} | "
-                     f"{spec['mean_accepted_len']:.2f} / {ours['mean_accepted_len']:.2f} | "
+        spec, ours = by[("draft-spec", batch)], by[("specattn-s", batch)]
+        lines.append(f"| {batch} | {_speculation_cells(by[('ar', batch)], spec, ours)} | "
                      f"{spec['verify_kv_bytes_per_token'] / 1e6:.1f} / {ours['verify_kv_bytes_per_token'] / 1e6:.1f} |")
     return "\n".join(lines)
 
@@ -231,8 +233,9 @@ def ppl_tables(study: dict) -> str:
     the SpecAttn-S run whose share of keys they were given."""
     runs = {r["name"]: r for r in study["runs"]}
     dense = runs["dense"]["ppl"]
-    ours = sorted((r for n, r in runs.items() if n.startswith("specattn-s:p=") and float(n.split("=")[1]) < 1),
-                  key=lambda r: -float(r["name"].split("=")[1]))
+    p_of = lambda r: float(r["name"].split("=")[1])  # noqa: E731   ("specattn-s:p=0.9" -> 0.9)
+    ours = sorted((r for n, r in runs.items() if n.startswith("specattn-s:p=") and p_of(r) < 1), key=p_of,
+                  reverse=True)
 
     def row(label: str, r: dict) -> str:
         vs = "" if r is runs["dense"] else f"{r['ppl'] / dense - 1:+.1%}"
@@ -241,11 +244,11 @@ def ppl_tables(study: dict) -> str:
 
     lines = ["| method | perplexity | vs dense | KV reads saved (all layers) | (sparse layers) |",
              "|---|---:|---:|---:|---:|", f"| dense | {dense:.3f} | | 0% | 0% |"]
-    lines += [row(f"SpecAttn-S p = {float(r['name'].split('=')[1]):.2f}", r) for r in ours]
+    lines += [row(f"SpecAttn-S p = {p_of(r):.2f}", r) for r in ours]
     for name, label in (("quest", "Quest"), ("streaming", "StreamingLLM")):
         if name in runs:
             ref = min(ours, key=lambda r: abs(r["keys_kept_fraction"] - runs[name]["keys_kept_fraction"]))
-            lines.append(row(f"{label}, same budget as p = {float(ref['name'].split('=')[1]):.2f}", runs[name]))
+            lines.append(row(f"{label}, same budget as p = {p_of(ref):.2f}", runs[name]))
     return "\n".join(lines)
 
 
