@@ -122,8 +122,9 @@ class _Rounds:
     def run(self) -> None:
         gamma, batch = self.gamma, self.batch
         self.rounds += 1
-        for cache in (self.target_cache, self.draft_cache):    # finished sequences: attention reads only the block
-            cache.mark_idle(self.log.done())
+        done = self.log.done()      # finished sequences step along: idle, their attention reads only the block
+        for cache in (self.target_cache, self.draft_cache):
+            cache.mark_idle(done)
         start_lens = self.target_cache.host_lens()
         # keys one verifier layer reads this round (finished, idle rows read only the block in dense layers: an
         # upper bound then, kept so the sparse layers' fraction compares like with like)
@@ -145,7 +146,6 @@ class _Rounds:
             agree(emitted, self.target, self.sampling)
         host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
         accepted_list = [row[0] for row in host]
-        done = self.log.done()
         keep = [n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)]
         if not self.graphs and any(a == gamma for a in accepted_list):
             _write_last_draft(self.draft, self.draft_cache, drafts[:, -1])      # the draft never saw its last token

@@ -490,8 +490,11 @@ class _Loop:
         still generating."""
         cache, sampling, timer = self.cache, self.params.sampling, self.timer
         round_steps = self.round_steps(g, policy)
-        start_lens = self._room_for_done(cache.host_lens(), self.log.done(), g + 1)
-        cache.mark_idle(self.log.done())
+        # Sequences that already have their tokens step with the batch (outputs dropped) while the others catch
+        # up: idle, they keep their length and their attention reads only the new block.
+        done = self.log.done()
+        start_lens = self._room_for_done(cache.host_lens(), done, g + 1)
+        cache.mark_idle(done)
         width = round_steps.device_select_width
         if width is not None and policy.fits_device_lists(cache, g, width):   # selection inside the draft graph
             t = timer.start()
@@ -510,8 +513,7 @@ class _Loop:
         t = timer.start()
         target_logits = round_steps.verify(torch.cat([self.next_tok[:, None], drafts_t], dim=1))
         cache.advance(g + 1)
-        idle = self.log.done()                        # their verify read only the block (cache.mark_idle)
-        cache.count_read(sum(n for n, d in zip(start_lens, idle, strict=True) if not d) + self.batch * (g + 1))
+        cache.count_read(sum(n for n, d in zip(start_lens, done, strict=True) if not d) + self.batch * (g + 1))
         if sampling.greedy:
             accepted, emitted = accept_greedy(drafts_t, target_logits)
         else:
@@ -522,8 +524,6 @@ class _Loop:
         timer.stop("verify_s", t)
         host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
         accepted_list = [row[0] for row in host]
-        # Sequences that already have their tokens keep their length while the others catch up.
-        done = self.log.done()
         cache.truncate([n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)])
         if round_steps.page_mass is not None:
             policy.observe(round_steps.page_mass)
