@@ -90,3 +90,16 @@ def test_bytes_read_accounting(tiny_cfg):
     cache = PagedKVCache(tiny_cfg, 1, 16)
     cache.count_read(10)
     assert cache.kv_bytes_read == 10 * tiny_cfg.num_layers * 2 * tiny_cfg.num_kv_heads * tiny_cfg.head_dim * 4
+
+
+def test_an_idle_sequence_attends_to_its_new_block_only(tiny_cfg):
+    cache = PagedKVCache(tiny_cfg, 2, 64, page_size=8)
+    cache.reset(2)
+    cache.reserve(20)
+    cache.advance(20)
+    cache.reserve(3)
+    cache.mark_idle([False, True])
+    view = cache.step_view(3)
+    assert view.lens_after.tolist() == [23, 23] and view.attend_lens.tolist() == [23, 3]
+    cache.reset(2)                                                   # a new generation starts with none idle
+    assert not cache.idle.any()

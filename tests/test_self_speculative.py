@@ -375,20 +375,6 @@ def test_finished_sequences_go_idle_and_the_others_still_equal_ar(model_and_prom
     assert torch.equal(view.attend_lens, torch.where(cache.idle[:3], 1, view.lens_after))
 
 
-def test_an_idle_sequence_attends_to_its_new_block_only():
-    cfg = ModelConfig("LlamaForCausalLM", 97, 32, 64, 1, 2, 1, 16, max_positions=256)
-    cache = PagedKVCache(cfg, 2, 64, page_size=8)
-    cache.reset(2)
-    cache.reserve(20)
-    cache.advance(20)
-    cache.reserve(3)
-    cache.mark_idle([False, True])
-    view = cache.step_view(3)
-    assert view.lens_after.tolist() == [23, 23] and view.attend_lens.tolist() == [23, 3]
-    cache.reset(2)                                                   # a new generation starts with none idle
-    assert not cache.idle.any()
-
-
 @pytest.mark.parametrize("policy", [StreamingPolicy(48, sink_tokens=0), VegasPolicy(0.05, 32)],
                          ids=["streaming-no-sinks", "vegas"])
 def test_sampling_with_idle_rows_stays_finite(model_and_prompts, policy):
