@@ -38,7 +38,7 @@ for part in "$@"; do
                 --keys-p 0.9 --keys-from-steps last --context 8000 --batch 8 --new-tokens 128 --repeats 3 \
                 --text .data/gutenberg/pg2554.txt --quiet --json "$OUT/specattn_s_e2e_last_p0.9_r3.json" \
                 2>&1 | grep -v -i warn | tail -5 ;;
-    topp-warps) timeout 120 python3 benchmarks/topp_warps.py "$OUT/topp_warps.json" 2>&1 | tail -18 ;;
+    topp-warps) timeout 220 python3 benchmarks/topp_warps.py "$OUT/topp_warps.json" 2>&1 | tail -18 ;;
     draft-splits)   # tile config x split count (1 = no merge launch) for the default model's sparse draft step
               timeout 240 python3 benchmarks/tune_attention.py --splits --batches=32,64 "$OUT/tune_splits_draft.json" \
                 2>&1 | grep -v -i warn | tail -4 ;;
