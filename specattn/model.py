@@ -9,6 +9,8 @@ Python overhead rather than bytes set the time of a step. The same functions run
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,8 +24,9 @@ COLUMN_MAJOR_WEIGHTS = True   # on the GPU (compile_steps): see Transformer.stor
 FUSED_STEPS = False           # off: fused_linear measured slower than cuBLAS on the H200 (benchmarks/NOTES.md)
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
 # GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode
-# with Inductor's cudagraphs). benchmarks/profile_step.py --compile-modes times both in one run.
-STEP_COMPILE_MODE: str | None = None
+# with Inductor's cudagraphs). benchmarks/profile_step.py --compile-modes times both in one run; the environment
+# variable SPECATTN_STEP_COMPILE_MODE sets it for a whole benchmark run.
+STEP_COMPILE_MODE: str | None = os.environ.get("SPECATTN_STEP_COMPILE_MODE") or None
 STEP_COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
 
 

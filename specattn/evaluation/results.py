@@ -39,5 +39,9 @@ def environment() -> dict:
                                     check=True, cwd=Path(__file__).parent).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             commit = "unknown"
+    from .. import model
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": commit}
+    out = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": commit}
+    if model.STEP_COMPILE_MODE:     # only when not the default, so older files compare as they are
+        out["step_compile_mode"] = model.STEP_COMPILE_MODE
+    return out
