@@ -3,7 +3,8 @@ at batch 1 x 32K with 10% of the pages (13 MB read in ~9 µs: 0.36 of copy bandw
 contexts at the same 10%, dense alongside, Llama-3-8B attention shape, one and five new rows. Device time from
 CUDA graphs, K/V rotated past L2 (kernels.kv_pools).
 
-Usage: python benchmarks/sparse_scaling.py [out.json]   (default results/sparse_scaling.json)
+Usage: python benchmarks/sparse_scaling.py [--head-major] [out.json]   (default results/sparse_scaling_<layout>.json)
+--head-major: the same run over K/V stored with each (page, KV head)'s rows contiguous (see head_major).
 """
 from __future__ import annotations
 
@@ -21,12 +22,21 @@ CELLS = [(1, 32768), (8, 32768), (1, 131072), (4, 131072)]
 FRACTION = 0.10
 
 
+def head_major(pools):
+    """The same K/V with each (page, KV head)'s 16 rows contiguous (4 KB) instead of interleaved with the other
+    heads' rows (256 B every 2 KB), seen through the [page, row, head, dim] view the kernel takes by strides."""
+    return [tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in kv) for kv in pools]
+
+
 def main() -> None:
     torch.manual_seed(0)
     copy = copy_bandwidth_gbs()
     rows = []
+    layout = "head-major" if "--head-major" in sys.argv else "token-major"
     for batch, ctx in CELLS:
         pools, table, lens, kv_bytes = kv_pools(batch, ctx)
+        if layout == "head-major":
+            pools = head_major(pools)
         pages = -(-ctx // PAGE)
         sel, counts = selection(batch, pages, FRACTION)
         sel_bytes = kv_bytes * counts.sum().item() / (batch * KV_HEADS * pages)
@@ -34,14 +44,16 @@ def main() -> None:
             q = torch.randn(batch, q_len, KV_HEADS * GROUP, DIM, device="cuda", dtype=torch.bfloat16)
             dense = time_attention(q, pools, table, lens)
             sparse = time_attention(q, pools, table, lens, selected_pages=sel, selected_counts=counts)
-            rows.append({"batch": batch, "context": ctx, "q_len": q_len, "selected_mb": sel_bytes / 1e6,
+            rows.append({"layout": layout, "batch": batch, "context": ctx, "q_len": q_len,
+                         "selected_mb": sel_bytes / 1e6,
                          "dense_us": dense * 1e3, "sparse_us": sparse * 1e3, "speedup_vs_dense": dense / sparse,
                          "dense_bandwidth_fraction": kv_bytes / dense / 1e6 / copy,
                          "sparse_bandwidth_fraction": sel_bytes / sparse / 1e6 / copy})
             print(rows[-1], flush=True)
         del pools
         torch.cuda.empty_cache()
-    write_json_atomic(sys.argv[1] if len(sys.argv) > 1 else RESULTS / "sparse_scaling.json",
+    paths = [a for a in sys.argv[1:] if not a.startswith("--")]
+    write_json_atomic(paths[0] if paths else RESULTS / f"sparse_scaling_{layout}.json",
                       {**environment(), "copy_bandwidth_gbs": copy,
                        "config": {"fraction": FRACTION, "kv_heads": KV_HEADS, "group": GROUP, "head_dim": DIM},
                        "rows": rows})
