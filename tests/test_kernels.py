@@ -208,8 +208,7 @@ def attention_like(rows, n, seed):
 
 
 # (search, row held in registers)
-TOPP_PATHS = [("bisect", True), ("bisect", False), ("interpolate", True), ("interpolate-3", True),
-              ("bisect-compact", True)]
+TOPP_PATHS = [("bisect", True), ("bisect", False), ("interpolate", True), ("interpolate-3", True)]
 
 
 @pytest.mark.parametrize("n", [7, 300, 5000])
@@ -267,22 +266,6 @@ def test_one_reduction_of_three_gives_the_same_threshold(monkeypatch):
     monkeypatch.setattr(topp, "INTERPRETED", False)
     assert torch.equal(topp.topp_threshold(w, 0.9, "interpolate"), three)
     assert torch.equal(topp.topk_threshold(w, 10, "interpolate"), reference.topk_threshold(w, 10))
-
-
-@pytest.mark.parametrize("coarse,cap", [(0, 1024), (4, 16), (8, 4)])
-def test_compacting_search_gives_the_bisection_threshold(coarse, cap, monkeypatch):
-    """Gathering the band after few or no halvings over the whole row, into room too small for it (then the
-    search goes on over the whole row) or big enough: the threshold is bisection's, up to fp32 sums in another
-    order at the boundary, for top-p and top-k."""
-    from specattn.kernels import topp
-    monkeypatch.setattr(topp, "COARSE_PASSES", coarse)
-    monkeypatch.setattr(topp, "COMPACT_CAP", cap)
-    w = attention_like(5, 700, seed=coarse)
-    for p in (0.5, 0.95):
-        a, b = topp.topp_threshold(w, p, "bisect"), topp.topp_threshold(w, p, "bisect-compact")
-        assert (a == b).float().mean().item() >= 0.8
-        assert ((w * (w >= b[:, None])).sum(-1) >= p * w.sum(-1) * (1 - 1e-6)).all()
-    assert torch.equal(topp.topk_threshold(w, 20, "bisect-compact"), reference.topk_threshold(w, 20))
 
 
 def test_unknown_search_is_a_clear_error():

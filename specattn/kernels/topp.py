@@ -14,17 +14,13 @@ bounds snap. It ends when the bounds hold one distinct value: at most 9-14 passe
 rows of 8K-32K (benchmarks/topp_passes.py), each pass reducing three quantities instead of one. The answer is the
 same up to the order of fp32 sums at the boundary. On the H200 a pass of it cost ~2.3 µs against ~0.85 for a
 halving (32 x 32K: 28.5 vs 23.8 µs): "interpolate-3" takes the three as separate built-in reductions instead of
-one tuple reduction, to tell whether the combined reduction is what costs.
+one tuple reduction, to tell whether the combined reduction is what costs: it does not (27.1 vs 25.6 µs at
+32 x 32K on the H200, results/kernels.json).
 
-SEARCH = "bisect-compact" (rows in registers) cuts the cost of each halving rather than their number. A halving
-costs ~0.85 µs on a 32K row because every thread tests its 128 keys; after COARSE_PASSES halvings the bounds are
-a narrow band of values (on softmax rows a few dozen to a few hundred keys), so those keys are gathered (one
-prefix sum gives their slots) into a scratch row of COMPACT_CAP, the mass at or above the upper bound is taken as
-a constant, and the remaining ~15-20 halvings test only the gathered keys. A band holding more than COMPACT_CAP
-keys (flat rows) goes on bisecting the whole row: same answer, two reductions dearer. Measured on the H200
-(results/topp_warps.json): slower than plain bisection, 45 vs 23 µs at 32 x 32K and 13.4 vs 11.0 at 32 x 8K:
-the prefix sum over a row held in registers costs more than the halvings it saves. Kept for comparison only.
-interpolate-3 was no faster than interpolate (27.1 vs 25.6 µs at 32 x 32K).
+Tried and removed (commit 07f036e, measured at a9ea7c5: results/topp_warps.json): gathering the narrow band left
+after a few whole-row halvings with a prefix sum and finishing over those keys only. It was slower, 45 vs 23 µs at
+32 x 32K and 13.4 vs 11.0 µs at 32 x 8K: the prefix sum over a row held in registers costs more than the halvings
+it saves.
 """
 from __future__ import annotations
 
@@ -36,10 +32,8 @@ from .paged_attention import INTERPRETED  # CPU tests: see ONE_REDUCTION
 
 BLOCK = 4096
 ROW_IN_REGISTERS = 32768
-SEARCHES = ("bisect", "interpolate", "interpolate-3", "bisect-compact")   # -3: sum, min, max as three reductions
-COARSE_PASSES = 8        # halvings over the whole row before the band is gathered ("bisect-compact")
-COMPACT_CAP = 1024       # the most keys the gathered band may hold
-SEARCH = "bisect"        # fastest of the four on the H200 at 32K keys (results/kernels.json)
+SEARCHES = ("bisect", "interpolate", "interpolate-3")   # -3: sum, min and max as three built-in reductions
+SEARCH = "bisect"        # fastest of the three on the H200 at 32 x 32K (results/kernels.json)
 
 
 @triton.jit
@@ -94,40 +88,8 @@ def _interpolating_search(a, total, goal, lo, hi, TOP_K: tl.constexpr, ONE_REDUC
 
 
 @triton.jit
-def _compacting_search(a, goal, lo, hi, scratch, TOP_K: tl.constexpr, COARSE: tl.constexpr, CAP: tl.constexpr):
-    """Bounds as in the kernel -> (lo, hi) for the last halvings: COARSE halvings over all of `a`, then those left
-    only over the keys in [lo, hi), gathered into `scratch` (CAP floats), when they fit."""
-    for _ in range(COARSE):
-        if hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            reached = _reaches(a, mid.to(tl.float32, bitcast=True), goal, TOP_K)
-            lo = tl.where(reached, mid, lo)
-            hi = tl.where(reached, hi, mid)
-    lo_v = lo.to(tl.float32, bitcast=True)
-    hi_v = hi.to(tl.float32, bitcast=True)
-    band = (a >= lo_v) & (a < hi_v) & (a > 0.0)      # no threshold keeps a 0 (padding included)
-    slot = tl.cumsum(band.to(tl.int32), 0)         # 1-based slot of each key of the band
-    count = tl.max(slot, 0)
-    # Every key >= hi is kept by any threshold in (lo, hi): its share of the goal is settled now.
-    settled = tl.sum(tl.where(a >= hi_v, 1.0 if TOP_K else a, 0.0), 0)
-    tl.store(scratch + slot - 1, a, mask=band & (slot <= CAP))
-    tl.debug_barrier()                              # the band's keys are read back by other threads
-    if count <= CAP:
-        offs = tl.arange(0, CAP)
-        cand = tl.load(scratch + offs, mask=offs < count, other=0.0)
-        left = goal - settled
-        while hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            reached = _reaches(cand, mid.to(tl.float32, bitcast=True), left, TOP_K)
-            lo = tl.where(reached, mid, lo)
-            hi = tl.where(reached, hi, mid)
-    return lo, hi
-
-
-@triton.jit
-def _threshold_kernel(x_ptr, thr_ptr, scratch_ptr, n, stride, target_frac, k, TOP_K: tl.constexpr,
-                      IN_REGISTERS: tl.constexpr, INTERPOLATE: tl.constexpr, ONE_REDUCTION: tl.constexpr,
-                      COMPACT: tl.constexpr, COARSE: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
+def _threshold_kernel(x_ptr, thr_ptr, n, stride, target_frac, k, TOP_K: tl.constexpr, IN_REGISTERS: tl.constexpr,
+                      INTERPOLATE: tl.constexpr, ONE_REDUCTION: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * stride
     if IN_REGISTERS:
@@ -156,9 +118,6 @@ def _threshold_kernel(x_ptr, thr_ptr, scratch_ptr, n, stride, target_frac, k, TO
     if IN_REGISTERS and INTERPOLATE:
         lo = _interpolating_search(row_vals, total, goal, lo, hi, TOP_K, ONE_REDUCTION)
         hi = lo + 1
-    if IN_REGISTERS and COMPACT:
-        lo, hi = _compacting_search(row_vals, goal, lo, hi, scratch_ptr + row.to(tl.int64) * CAP, TOP_K, COARSE,
-                                    CAP)
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2
         theta = mid.to(tl.float32, bitcast=True)
@@ -187,12 +146,10 @@ def _thresholds(x: torch.Tensor, top_k: bool, frac: float, k: int, search: str |
     in_registers = n <= ROW_IN_REGISTERS
     block = triton.next_power_of_2(n) if in_registers else BLOCK
     warps = num_warps or 8     # fastest of 4-32 for 8K and 32K rows on the H200: results/topp_warps.json
-    compact = search == "bisect-compact" and in_registers
-    scratch = torch.empty(rows.shape[0] * COMPACT_CAP if compact else 1, dtype=torch.float32, device=x.device)
-    _threshold_kernel[(rows.shape[0],)](rows, thr, scratch, n, rows.stride(0), frac, k, TOP_K=top_k,
-                                        IN_REGISTERS=in_registers, INTERPOLATE=search.startswith("interpolate"),
-                                        ONE_REDUCTION=search == "interpolate" and not INTERPRETED, COMPACT=compact,
-                                        COARSE=COARSE_PASSES, CAP=COMPACT_CAP, BLOCK=block, num_warps=warps)
+    _threshold_kernel[(rows.shape[0],)](rows, thr, n, rows.stride(0), frac, k, TOP_K=top_k,
+                                        IN_REGISTERS=in_registers, INTERPOLATE=search != "bisect",
+                                        ONE_REDUCTION=search == "interpolate" and not INTERPRETED, BLOCK=block,
+                                        num_warps=warps)
     return thr.view(x.shape[:-1])
 
 
