@@ -5,7 +5,9 @@ about a minute per run at 4K) as well as on the GPU.
 
 Usage: python benchmarks/acceptance_sweep.py --text A.txt --text B.txt [--context 4096] [--new-tokens 128]
 [--budgets 64,128,256,512] [--methods magicdec,quest,specattn-y] [--gamma 4] [--json out.json]
-Each --text gives one sequence of the batch (a window from 40,000 characters in).
+Each --text gives --windows sequences of the batch (windows 60,000 characters apart, from 40,000 in). --modes
+greedy,sampling picks the decoding modes. Rows keep the speculative rounds each sequence took (a fixed batch waits
+for the slowest: `rounds_by_sequence`).
 """
 from __future__ import annotations
 
@@ -70,15 +72,22 @@ def main() -> None:
     ap.add_argument("--budgets", default="64,128,256,512")
     ap.add_argument("--methods", default="magicdec,quest,specattn-y")
     ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=1, help="sequences per text, at different offsets")
+    ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--json")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     model, tok = load_model(args.model, dev, dtype, progress=False), load_tokenizer(args.model)
-    prompts = [tok(Path(t).read_text(encoding="utf-8")[40000:400000])["input_ids"][:args.context] for t in args.text]
+    starts = [40000 + 60000 * w for w in range(args.windows)]
+    prompts = [tok(Path(t).read_text(encoding="utf-8")[a:a + 360000])["input_ids"][:args.context]
+               for t in args.text for a in starts]
+    if any(len(p) < args.context for p in prompts):
+        raise SystemExit(f"a text is too short for {args.windows} windows of {args.context} tokens")
+    modes = {m: MODES[m] for m in args.modes.split(",")}
     budgets, methods = [int(b) for b in args.budgets.split(",")], args.methods.split(",")
     rows = []
-    for mode, sampling in MODES.items():
+    for mode, sampling in modes.items():
         for budget in budgets:
             for method in methods:
                 policy = make_policy(method, SpeculationParams(budget, args.gamma), model.cfg.num_layers)
@@ -89,16 +98,18 @@ def main() -> None:
                                                 policy, args.gamma)
                 rows.append({"mode": mode, "method": method, "budget": budget,
                              "tokens_per_verify": res.stats["mean_accepted_len"], "rounds": res.stats["rounds"],
-                             "acceptance_rate": res.stats.get("acceptance_rate")})
+                             "acceptance_rate": res.stats.get("acceptance_rate"),
+                             "rounds_by_sequence": res.stats["rounds_by_sequence"]})
                 print(rows[-1], flush=True)
     summary = summarize(rows, budgets, methods)
     if args.json:
         write_json_atomic(args.json, {**environment(), "model": args.model, "dtype": str(dtype),
-                                      "texts": [Path(t).name for t in args.text], "context": args.context,
+                                      "texts": [Path(t).name for t in args.text], "windows": args.windows,
+                                      "context": args.context,
                                       "new_tokens": args.new_tokens, "gamma": args.gamma, "dense_layers": [0],
                                       "rows": rows, "summary": summary})
     print("\nmode      budget " + " ".join(f"{m:>11s}" for m in methods))
-    for mode in MODES:
+    for mode in modes:
         for b in budgets:
             tpv = {r["method"]: r["tokens_per_verify"] for r in rows if r["mode"] == mode and r["budget"] == b}
             print(f"{mode:9s} {b:6d} " + " ".join(f"{tpv.get(m, float('nan')):11.3f}" for m in methods))

@@ -32,7 +32,7 @@ from specattn.selection import StreamingPolicy, VerificationGuidedPolicy  # noqa
 
 SPARSE_METHODS = ("magicdec", "quest", "specattn-y", "specattn-y/blk64", "vegas")
 STATS = ("mean_accepted_len", "acceptance_rate", "acceptance_per_position", "draft_s", "verify_s", "select_s",
-         "kv_bytes_read_draft", "kv_bytes_read_prefill_and_verify", "rounds", "prefill_s")
+         "kv_bytes_read_draft", "kv_bytes_read_prefill_and_verify", "rounds", "prefill_s", "rounds_by_sequence")
 
 
 DEVICE = "cuda"      # the CPU smoke test in tests/ sets "cpu"

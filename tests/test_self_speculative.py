@@ -355,6 +355,7 @@ def test_round_log_counts_only_sequences_still_generating_and_acceptance_per_pos
     assert stats["mean_accepted_len"] == pytest.approx(1 + 6 / 3)
     assert stats["acceptance_per_position"] == pytest.approx([1.0, 2 / 3, 1 / 3])
     assert stats["acceptance_rate"] == pytest.approx(6 / 9)
+    assert stats["rounds_by_sequence"] == [1, 2]       # the first had its tokens after one round
 
 
 @pytest.mark.parametrize("name", ["verification-guided", "vegas"])

@@ -318,7 +318,8 @@ class RoundLog:
         self.out = [[t] for t in first_tokens]
         self.params = params
         self.accepted: list[int] = []
-        self.max_gamma = max_gamma
+        self.rounds_by_sequence = [0] * len(first_tokens)   # speculative rounds each took (a fixed batch waits
+        self.max_gamma = max_gamma                          # for the most: the straggler effect)
         self.drafted = 0
         self._pending: list[tuple[torch.Tensor, list[bool]]] = []
         self._pending_len = [0] * len(first_tokens)
@@ -341,11 +342,12 @@ class RoundLog:
 
     def record(self, accepted: list[int], emitted: list[list[int]], done: list[bool], gamma: int) -> None:
         self.flush()
-        for row, a, d, o in zip(emitted, accepted, done, self.out, strict=True):
+        for i, (row, a, d, o) in enumerate(zip(emitted, accepted, done, self.out, strict=True)):
             if not d:
                 o.extend(x for x in row if x >= 0)
                 self.accepted.append(a)
                 self.drafted += gamma
+                self.rounds_by_sequence[i] += 1
 
     def extend_later(self, emitted: torch.Tensor, done: list[bool]) -> None:
         """Tokens of plain decoding steps, [batch, n] on the device: no drafts, nothing accepted or rejected."""
@@ -371,7 +373,8 @@ class RoundLog:
         return {"mean_accepted_len": self.mean_accepted_len(),
                 "acceptance_rate": sum(self.accepted) / max(1, self.drafted),
                 "acceptance_per_position": [sum(a > i for a in self.accepted) / max(1, len(self.accepted))
-                                            for i in range(self.max_gamma)]}
+                                            for i in range(self.max_gamma)],
+                "rounds_by_sequence": list(self.rounds_by_sequence)}
 
 
 AR_CHUNK = 64   # dense steps per controller decision when it chooses plain decoding (gamma 0)

@@ -194,7 +194,8 @@ def run_matrix(model: Transformer, text_tokens: list[int], cfg: BenchConfig, pro
                 "mean_accepted_len": s.get("mean_accepted_len", 1.0),
                 "acceptance_per_position": s.get("acceptance_per_position"),
                 "kv_bytes_per_token": _kv_bytes(s) / max(1, sum(len(t) for t in res.tokens)),
-                **{k: s[k] for k in ("draft_s", "verify_s", "select_s", "ar_steps_s", "auto_speculative_share",
+                **{k: s[k] for k in ("draft_s", "verify_s", "select_s", "ar_steps_s", "rounds_by_sequence",
+                                     "auto_speculative_share",
                                      "auto_alpha", "verifier_keys_read_fraction_sparse_layers") if k in s},
                 **({"verify_kv_bytes_per_token": s["kv_bytes_read_verify"] / max(1, sum(len(t) for t in res.tokens))}
                    if "kv_bytes_read_verify" in s else {}),
