@@ -182,12 +182,30 @@ def test_sparse_pages_match_reference(case):
     ref = reference.paged_attention(q, k, v, table, lens, scale, selected_pages=sel, selected_counts=counts)
     out = paged_attention.paged_attention(q, k, v, table, lens, scale, selected_pages=sel, selected_counts=counts)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    phys = paged_attention.physical_pages(table, sel)          # the same lists, read without the table lookup
+    by_phys = paged_attention.paged_attention(q, k, v, table, lens, scale, selected_pages=sel,
+                                              selected_counts=counts, selected_physical=phys)
+    assert torch.equal(by_phys, out)
     if case[1] <= 16:
         ref_out, ref_mass = reference.paged_attention(q, k, v, table, lens, scale, page_mass=True,
                                                       selected_pages=sel, selected_counts=counts)
         out, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True,
                                                     selected_pages=sel, selected_counts=counts)
         assert (mass - ref_mass).abs().max().item() < 1e-4
+        _, mass_phys = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True,
+                                                       selected_pages=sel, selected_counts=counts,
+                                                       selected_physical=phys)
+        assert torch.equal(mass_phys, mass)
+
+
+def test_physical_lists_must_match_a_page_list():
+    q, k, v, table, lens = make_inputs(1, 1, 2, 2, 16, [40], torch.float32)
+    sel, counts = random_selection(1, 2, [40], keep=1.0)
+    with pytest.raises(ValueError, match="selected_physical"):
+        paged_attention.paged_attention(q, k, v, table, lens, 0.25, selected_physical=sel)
+    with pytest.raises(ValueError, match="selected_physical"):
+        paged_attention.paged_attention(q, k, v, table, lens, 0.25, selected_pages=sel, selected_counts=counts,
+                                        selected_physical=sel[..., :1])
 
 
 def test_selecting_every_page_equals_dense():

@@ -66,7 +66,7 @@ DIRECT_ONE_SPLIT = True   # one split writes the output itself (no merge launch)
 
 @triton.jit
 def _paged_attn_split_kernel(
-    q_ptr, k_ptr, v_ptr, page_table_ptr, lens_ptr, sel_ptr, sel_count_ptr,
+    q_ptr, k_ptr, v_ptr, page_table_ptr, lens_ptr, sel_ptr, sel_count_ptr, sel_phys_ptr,
     o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, mass_max_ptr, out_ptr, lse_ptr,
     scale,
     stride_qb, stride_qt, stride_qh,
@@ -78,6 +78,7 @@ def _paged_attn_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_COLS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
+    PHYS_LIST: tl.constexpr,
 ):
     # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
     # row j % PAGE_SIZE of the (j // PAGE_SIZE)-th page in this (sequence, KV head)'s list of logical pages,
@@ -136,7 +137,10 @@ def _paged_attn_split_kernel(
                 logical = j // PAGE_SIZE
             key_pos = logical * PAGE_SIZE + j % PAGE_SIZE
         key_ok = in_range & (key_pos < seq_len)
-        page = tl.load(page_table_ptr + b * stride_ptb + logical, mask=key_ok, other=0)
+        if PHYS_LIST:      # the list's physical pages, read beside the logical ones: K's address waits on one load
+            page = tl.load(sel_phys_ptr + pid_bh * sel_len + j // PAGE_SIZE, mask=in_range, other=0)
+        else:
+            page = tl.load(page_table_ptr + b * stride_ptb + logical, mask=key_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kp + (key_pos % PAGE_SIZE) * stride_kr + kvh * stride_kh
         k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
@@ -302,6 +306,13 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
     return launch, num_splits, mass_tile, defer, max_tiles
 
 
+def physical_pages(page_table: torch.Tensor, selected_pages: torch.Tensor) -> torch.Tensor:
+    """[batch, kv_heads, K] logical page lists (-1 padded) -> the same lists as physical pages (padding: 0)."""
+    batch, kv_heads, k = selected_pages.shape
+    logical = selected_pages.long().clamp(min=0).reshape(batch, kv_heads * k)
+    return page_table.long().gather(1, logical).view(batch, kv_heads, k).to(torch.int32)
+
+
 def query_tiling(q_len: int, group: int) -> tuple[int, int]:
     """(BLOCK_M, Q_BLOCK): rows per program and new tokens per program. Short blocks (decode, verify)
     take all q_len tokens in one program; long ones (prefill) are tiled so rows stay at 64."""
@@ -316,7 +327,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
                     max_kv_len: int | None = None, num_splits: int | None = None,
                     launch: LaunchConfig | None = None, page_mass: bool = False,
                     selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None,
-                    token_level: bool = False, mass_tokens: int | None = None, return_lse: bool = False):
+                    token_level: bool = False, mass_tokens: int | None = None, return_lse: bool = False,
+                    selected_physical: torch.Tensor | None = None):
     """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim.
 
     selected_pages [batch, kv_heads, K] int32 (logical page numbers, -1 padded) and selected_counts
@@ -325,6 +337,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     (dense: indexed by logical page; sparse: by position in the selection list). q_len <= 16 for page_mass.
     token_level=True: selected_pages holds ascending token positions instead of pages (no page_mass then).
     return_lse=True (without page_mass): also return each row's log-sum-exp [batch, q_len, heads] fp32.
+    selected_physical (page lists only): the same lists as physical pages (`physical_pages`), so the kernel reads
+    them beside the logical ones instead of looking each up in the page table after it.
     mass_tokens (dense page_mass only): a multiple of the page size above it measures mass per block of that
     many keys, spread evenly over its pages: nearly free, since the kernel sums each tile's weights anyway.
     """
@@ -362,13 +376,17 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         mass_max = torch.empty(batch * kv_heads * group * q_len, mass_blocks, dtype=torch.float32, device=dev)
     else:
         mass_part = mass_max = lse                 # unused; any tensor will do as a placeholder pointer
+    if selected_physical is not None and (not sparse or token_level
+                                          or selected_physical.shape != selected_pages.shape):
+        raise ValueError("selected_physical must be the physical pages of a page-level selected_pages list")
     if sparse:
         sel = selected_pages.to(torch.int32).contiguous()
         counts = selected_counts.to(torch.int32).contiguous()
     else:
         sel = counts = lens_after
+    phys = selected_physical.to(torch.int32).contiguous() if selected_physical is not None else sel
     _paged_attn_split_kernel[(batch * kv_heads, num_splits, q_blocks)](
-        q, k_pages, v_pages, page_table, lens_after, sel, counts,
+        q, k_pages, v_pages, page_table, lens_after, sel, counts, phys,
         o_part, m_part, l_part, mass_part, mass_max, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
@@ -377,7 +395,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         BLOCK_M=block_m, BLOCK_N=launch.block_n, UPCAST_DOT=INTERPRETED, SPARSE=sparse,
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_COLS=max(16, launch.block_n // page_size) if page_mass and not mass_tile else 16,
-        DEFER_MASS=defer, DIRECT=direct,
+        DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if not direct:
