@@ -36,10 +36,11 @@ STATS = ("mean_accepted_len", "acceptance_rate", "acceptance_per_position", "dra
 
 
 DEVICE = "cuda"      # the CPU smoke test in tests/ sets "cpu"
+REPEATS = 1          # timed runs per method and cell (--repeats); the one with the median decode tokens/s is kept
 
 
 def timed(fn):
-    return bench.timed(torch.device(DEVICE), fn)
+    return bench.timed_median(torch.device(DEVICE), fn, REPEATS)
 
 
 def run_method(model, caches, method: str, prompts, new_tokens: int, spec: SpeculationParams,
@@ -240,6 +241,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--methods", default=",".join(SPARSE_METHODS))
     ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per method and cell; the median is kept "
+                    "(single runs of one configuration moved by up to ±0.1x)")
     ap.add_argument("--resummarize", metavar="JSON", help="only recompute the summary of a results file")
     args = ap.parse_args()
     if args.resummarize:
@@ -249,6 +252,8 @@ def main() -> None:
     def cells(s):
         return [tuple(int(x) for x in c.split("x")) for c in s.split(",") if c]
 
+    global REPEATS
+    REPEATS = args.repeats
     budgets = [int(b) for b in args.budgets.split(",")]
     methods = args.methods.split(",")
     env = environment()
@@ -275,7 +280,7 @@ def main() -> None:
     for batch in () if args.skip_8b else (1, 8):
         costs.append(step_costs_8b(32768, batch, args.gamma, [512, 1024, 2048]))
         torch.cuda.empty_cache()
-    out = {**env, "config": {"dtype": "bf16", "gamma": args.gamma, "new_tokens": args.new_tokens,
+    out = {**env, "config": {"dtype": "bf16", "gamma": args.gamma, "new_tokens": args.new_tokens, "repeats": REPEATS,
                              "budgets_tokens": budgets, "dense_layers": [0], "vegas": "5% of context, >= 256 tokens",
                              "sampling": "T 0.6, top-p 0.95", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF -> bf16)"},
            "summary": summarize(rows), "rows": rows, "step_costs_llama3_8b_shape": costs}
