@@ -139,6 +139,36 @@ def selfspec_plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def auto_plot(data: dict, path: Path) -> None:
+    """Decode speedup over AR vs batch for each method of the auto matrix, one line style per context."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in data["rows"] if "skipped" not in r and r["method"] != "ar"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    styles = ["--", "-", ":", "-."]
+    colors = {}
+    for i, ctx in enumerate(sorted({r["context"] for r in rows})):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            pts = {r["batch"]: r["speedup_vs_ar"] for r in rows if r["method"] == m and r["context"] == ctx}
+            xs = sorted(pts)
+            line, = ax.plot(xs, [pts[x] for x in xs], styles[i % len(styles)], marker="o", color=colors.get(m),
+                            label=f"{m}, {ctx} tokens")
+            colors[m] = line.get_color()
+    ax.axhline(1.0, color="gray", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    batches = sorted({r["batch"] for r in rows})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_ylabel("decode speedup over AR")
+    ax.set_title(f"SmolLM2-135M, {data['device'].replace('NVIDIA ', '')}, greedy, budget "
+                 f"{data['config']['budget']:g}, gamma {data['config']['gamma']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def auto_tables(data: dict) -> str:
     head = (f"Device: {data['device']}, torch {data['torch']}, triton {data['triton']}, commit {data['commit']}; "
             f"{data['config']['new_tokens']} new tokens, greedy, budget {data['config']['budget']:g}, gamma "
@@ -289,6 +319,8 @@ def main() -> None:
     data = load(which)
     if which == "selfspec":
         selfspec_plot(data, RESULTS / "selfspec_speedup.png")
+    if which == "auto":
+        auto_plot(data, RESULTS / "speedup_context_batch.png")
     print(TABLES[which](data))
 
 
