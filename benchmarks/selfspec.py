@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import LLAMA3_8B, RESULTS, environment, graph_ms, gutenberg_tokens, random_model  # noqa: E402
+from specattn import selection  # noqa: E402
 from specattn.api import METHODS, SpeculationParams, make_policy  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
@@ -45,7 +46,14 @@ def timed(fn):
 
 def run_method(model, caches, method: str, prompts, new_tokens: int, spec: SpeculationParams,
                sampling: SamplingParams):
-    """Warm-up run (compiles, captures graphs), then the measured run reusing those graphs."""
+    """Warm-up run (compiles, captures graphs), then the measured run reusing those graphs. A "+phys" suffix
+    (e.g. magicdec+phys) runs the method with selection.PHYSICAL_LISTS on: an A/B in the same run."""
+    if method.endswith("+phys"):
+        selection.PHYSICAL_LISTS = True
+        try:
+            return run_method(model, caches, method.removesuffix("+phys"), prompts, new_tokens, spec, sampling)
+        finally:
+            selection.PHYSICAL_LISTS = False
     params = GenerationParams(max_new_tokens=new_tokens, sampling=sampling)
     adaptive = method.endswith("+adaptive")      # e.g. magicdec+adaptive: adaptive gamma, at most spec.gamma
     method = method.removesuffix("+adaptive")
@@ -166,7 +174,7 @@ def summarize_metric(rows: list[dict], metric: str) -> dict:
         cells.setdefault((r["greedy"], r["batch"], r["context"]), []).append(r)
 
     def best(cell, methods):
-        cand = [r for r in cell if r["method"].split("/")[0].removesuffix("+adaptive") in methods]
+        cand = [r for r in cell if r["method"].split("/")[0].split("+")[0] in methods]   # +adaptive, +phys
         return max(cand, key=lambda r: r[metric]) if cand else None
 
     per_cell = []

@@ -53,10 +53,14 @@ for part in "$@"; do
     kernels)  timeout 150 python3 benchmarks/kernels.py "$OUT/kernels.json" 2>&1 | tail -2 ;;
     sparse-scaling)   # sparse vs dense with more bytes, logical vs physical page lists (needs no model)
               timeout 120 python3 benchmarks/sparse_scaling.py "$OUT/sparse_scaling_token-major.json" 2>&1 | tail -9 ;;
+    selfspec-phys)   # sparse drafts reading physical page lists (+phys) against the same methods without, same run
+              timeout 400 python3 benchmarks/selfspec.py --cells 32x8000,64x8000 --sampling-cells "" --budgets 512 \
+                --methods magicdec,magicdec+phys,specattn-y/blk64,specattn-y/blk64+phys --skip-8b \
+                --out "$OUT/selfspec_phys.json" 2>&1 | grep -v -i warn | tail -10 ;;
     selfspec-r3)   # the batch-64 cell only, median of 3 timed runs per method (single runs move by ±0.1x)
               timeout 400 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,specattn-y,specattn-y/blk64 --skip-8b --repeats 3 --out "$OUT/selfspec_r3.json" \
                 2>&1 | grep -v -i warn | tail -6 ;;
-    *)        echo "unknown part $part (auto, selfspec, selfspec-r3, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels, sparse-scaling, peers-compile, draft-splits, compile-modes)" >&2 ;;
+    *)        echo "unknown part $part (auto, selfspec, selfspec-r3, selfspec-phys, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels, sparse-scaling, peers-compile, draft-splits, compile-modes)" >&2 ;;
   esac
 done

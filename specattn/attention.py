@@ -54,6 +54,8 @@ class Attention:
         if self.backend == "triton":
             from .kernels import paged_attention, token_scores
             fused_scores = want_scores and not options and not want_mass
+            if sel is not None and sel.physical is not None and "selected_pages" in options:
+                options["selected_physical"] = sel.physical[layer]
             out = paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, lens, scale,
                                                   max_kv_len=view.max_kv_len, page_mass=want_mass,
                                                   return_lse=fused_scores, **options)

@@ -16,6 +16,11 @@ import torch
 from .cache import PagedKVCache, to_device
 from .errors import InvalidInputError
 
+# Selections made on the device (inside the draft graph) also carry their pages as physical page ids, so the
+# sparse kernel loads K without a page-table lookup in between (kernels/paged_attention.py, selected_physical).
+# Off until the GPU has timed it (benchmarks/sparse_scaling.py, kernels.py: us_physical_lists).
+PHYSICAL_LISTS = False
+
 
 @dataclass
 class PageSelection:
@@ -23,6 +28,7 @@ class PageSelection:
     counts: torch.Tensor                 # [layers, batch, kv_heads] int32
     dense_layers: frozenset[int] = frozenset()   # layers that attend to every page regardless
     token_level: bool = False            # `pages` holds token positions (Vegas) instead of pages
+    physical: torch.Tensor | None = None  # `pages` as physical pages (PHYSICAL_LISTS), for the Triton kernel
 
     def pages_for(self, layer: int, q: torch.Tensor, view) -> tuple[torch.Tensor, torch.Tensor]:
         """The page lists of one layer for this step: [batch, kv_heads, K] and counts [batch, kv_heads]."""
@@ -206,7 +212,11 @@ class ScoredPagePolicy(SelectionPolicy):
         forced, valid = self._page_masks(cache, first_window, n_pages)
         most_forced = (first_window.clamp(max=sink_pages) + n_pages - first_window).max()
         k = most_forced.clamp(min=budget_pages(self.budget, 0, ps))
-        return self._top(cache, raw, forced, valid, width, k_device=k)
+        selection = self._top(cache, raw, forced, valid, width, k_device=k)
+        if PHYSICAL_LISTS:     # the drafts' pages are reserved by now, so the page table holds them all
+            from .kernels.paged_attention import physical_pages
+            selection.physical = physical_pages(cache.page_table, selection.pages)
+        return selection
 
 
 class StreamingPolicy(ScoredPagePolicy):

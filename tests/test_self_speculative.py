@@ -386,3 +386,47 @@ def test_sampling_with_idle_rows_stays_finite(model_and_prompts, policy):
     res = generate_self_speculative(model, cache, prompts, GenerationParams(64, SamplingParams(0.8, seed=5)),
                                     policy, gamma=4)
     assert all(len(t) == 64 for t in res.tokens)
+
+
+@pytest.mark.parametrize("policy", [VerificationGuidedPolicy(32, 16, 16), StreamingPolicy(32, 16)],
+                         ids=["specattn-y", "magicdec"])
+def test_physical_page_lists_through_the_triton_kernels_equal_ar(policy, monkeypatch):
+    """Selections made in the draft step carry their pages as physical ids too (selection.PHYSICAL_LISTS); the
+    interpreted kernel reads them instead of the page table. Drafts from wrong pages would still give AR's tokens
+    (verification is dense), so the drafts must be the logical lists' own: the same acceptance, round for round."""
+    import specattn.selection
+    from specattn.kernels import paged_attention
+    cfg = ModelConfig("LlamaForCausalLM", 97, 32, 48, 2, 4, 2, 8, max_positions=512)
+    model = random_model(cfg, std=0.3)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (90, 61)]
+    params = GenerationParams(max_new_tokens=12)
+    ar = generate_ar(model, PagedKVCache(cfg, 2, 140), prompts, params).tokens
+    calls = []
+    kernel = paged_attention.paged_attention
+
+    def spy(*args, **kw):
+        calls.append(kw.get("selected_physical") is not None)
+        return kernel(*args, **kw)
+    monkeypatch.setattr(paged_attention, "paged_attention", spy)
+    model.set_attention_backend("triton")
+    runs = {}
+    try:
+        for physical in (False, True):
+            monkeypatch.setattr(specattn.selection, "PHYSICAL_LISTS", physical)
+            # the second sequence's pages follow the first's: its logical and physical ids differ
+            runs[physical] = generate_self_speculative(model, PagedKVCache(cfg, 2, 140), prompts, params, policy, 3)
+    finally:
+        model.set_attention_backend("reference")
+    assert runs[True].tokens == ar and runs[True].stats["rounds"] > 1
+    assert runs[True].stats["acceptance_per_position"] == runs[False].stats["acceptance_per_position"]
+    assert runs[True].stats["rounds_by_sequence"] == runs[False].stats["rounds_by_sequence"]
+    assert any(calls)                      # the sparse draft steps took the physical lists
+
+
+def test_physical_pages_of_layered_lists():
+    from specattn.kernels.paged_attention import physical_pages
+    table = torch.tensor([[5, 9, 2], [7, 1, 4], [0, 0, 0]], dtype=torch.int32)    # a third, unused row
+    pages = torch.tensor([[[[0, 2, -1]], [[1, -1, -1]]], [[[2, -1, -1]], [[0, 1, 2]]]], dtype=torch.int32)
+    phys = physical_pages(table, pages)                      # [layers 2, batch 2, kv_heads 1, K 3]
+    assert phys.tolist() == [[[[5, 2, 5]], [[1, 7, 7]]], [[[2, 5, 5]], [[7, 1, 4]]]]

@@ -307,10 +307,12 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
 
 
 def physical_pages(page_table: torch.Tensor, selected_pages: torch.Tensor) -> torch.Tensor:
-    """[batch, kv_heads, K] logical page lists (-1 padded) -> the same lists as physical pages (padding: 0)."""
-    batch, kv_heads, k = selected_pages.shape
-    logical = selected_pages.long().clamp(min=0).reshape(batch, kv_heads * k)
-    return page_table.long().gather(1, logical).view(batch, kv_heads, k).to(torch.int32)
+    """[..., batch, kv_heads, K] logical page lists (-1 padded) -> the same lists as physical pages (padding: 0),
+    looked up in page_table [>= batch, pages]."""
+    *lead, batch, kv_heads, k = selected_pages.shape
+    logical = selected_pages.long().clamp(min=0).movedim(-3, 0).reshape(batch, -1)
+    phys = page_table[:batch].long().gather(1, logical)
+    return phys.view(batch, *lead, kv_heads, k).movedim(0, -3).to(torch.int32)
 
 
 def query_tiling(q_len: int, group: int) -> tuple[int, int]:
