@@ -328,19 +328,30 @@ def test_adaptive_gamma_controller():
     assert c.next(100) == 6
 
 
-def test_vegas_through_the_triton_kernels_equals_ar():
-    """Interpreted Triton path: verify with the log-sum-exp out, fused two-row scores, token-list drafts."""
+def triton_case(seed: int, lengths: tuple[int, ...], new_tokens: int, cache_len: int):
+    """AR's tokens for random prompts of `lengths` on a small random model (reference attention), and run(policy):
+    self-speculative decoding of the same prompts through the interpreted Triton kernels."""
     cfg = ModelConfig("LlamaForCausalLM", 97, 32, 48, 2, 4, 2, 8, max_positions=512)
     model = random_model(cfg, std=0.3)
-    torch.manual_seed(2)
-    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (70, 45)]
-    params = GenerationParams(max_new_tokens=16)
-    ar = generate_ar(model, PagedKVCache(cfg, 2, 120), prompts, params).tokens
-    model.set_attention_backend("triton")
-    try:
-        res = generate_self_speculative(model, PagedKVCache(cfg, 2, 120), prompts, params, VegasPolicy(0.05, 16), 3)
-    finally:
-        model.set_attention_backend("reference")
+    torch.manual_seed(seed)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in lengths]
+    params = GenerationParams(max_new_tokens=new_tokens)
+    ar = generate_ar(model, PagedKVCache(cfg, len(prompts), cache_len), prompts, params).tokens
+
+    def run(policy):
+        model.set_attention_backend("triton")
+        try:
+            return generate_self_speculative(model, PagedKVCache(cfg, len(prompts), cache_len), prompts, params,
+                                             policy, 3)
+        finally:
+            model.set_attention_backend("reference")
+    return ar, run
+
+
+def test_vegas_through_the_triton_kernels_equals_ar():
+    """Interpreted Triton path: verify with the log-sum-exp out, fused two-row scores, token-list drafts."""
+    ar, run = triton_case(2, (70, 45), new_tokens=16, cache_len=120)
+    res = run(VegasPolicy(0.05, 16))
     assert res.tokens == ar and res.stats["rounds"] > 1
 
 
@@ -396,12 +407,7 @@ def test_physical_page_lists_through_the_triton_kernels_equal_ar(policy, monkeyp
     (verification is dense), so the drafts must be the logical lists' own: the same acceptance, round for round."""
     import specattn.selection
     from specattn.kernels import paged_attention
-    cfg = ModelConfig("LlamaForCausalLM", 97, 32, 48, 2, 4, 2, 8, max_positions=512)
-    model = random_model(cfg, std=0.3)
-    torch.manual_seed(3)
-    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (90, 61)]
-    params = GenerationParams(max_new_tokens=12)
-    ar = generate_ar(model, PagedKVCache(cfg, 2, 140), prompts, params).tokens
+    ar, run = triton_case(3, (90, 61), new_tokens=12, cache_len=140)
     calls = []
     kernel = paged_attention.paged_attention
 
@@ -409,15 +415,11 @@ def test_physical_page_lists_through_the_triton_kernels_equal_ar(policy, monkeyp
         calls.append(kw.get("selected_physical") is not None)
         return kernel(*args, **kw)
     monkeypatch.setattr(paged_attention, "paged_attention", spy)
-    model.set_attention_backend("triton")
     runs = {}
-    try:
-        for physical in (False, True):
-            monkeypatch.setattr(specattn.selection, "PHYSICAL_LISTS", physical)
-            # the second sequence's pages follow the first's: its logical and physical ids differ
-            runs[physical] = generate_self_speculative(model, PagedKVCache(cfg, 2, 140), prompts, params, policy, 3)
-    finally:
-        model.set_attention_backend("reference")
+    for physical in (False, True):
+        monkeypatch.setattr(specattn.selection, "PHYSICAL_LISTS", physical)
+        # the second sequence's pages follow the first's: its logical and physical ids differ
+        runs[physical] = run(policy)
     assert runs[True].tokens == ar and runs[True].stats["rounds"] > 1
     assert runs[True].stats["acceptance_per_position"] == runs[False].stats["acceptance_per_position"]
     assert runs[True].stats["rounds_by_sequence"] == runs[False].stats["rounds_by_sequence"]

@@ -352,6 +352,9 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     q_blocks = -(-q_len // q_block)
     if page_mass and (q_blocks != 1 or token_level):
         raise ValueError("page_mass is computed for decode/verify blocks over pages, not prefill or token lists")
+    if selected_physical is not None and (not sparse or token_level
+                                          or selected_physical.shape != selected_pages.shape):
+        raise ValueError("selected_physical must be the physical pages of a page-level selected_pages list")
     if sparse:
         cap = selected_pages.shape[2] * (1 if token_level else page_size)
     else:
@@ -378,9 +381,6 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         mass_max = torch.empty(batch * kv_heads * group * q_len, mass_blocks, dtype=torch.float32, device=dev)
     else:
         mass_part = mass_max = lse                 # unused; any tensor will do as a placeholder pointer
-    if selected_physical is not None and (not sparse or token_level
-                                          or selected_physical.shape != selected_pages.shape):
-        raise ValueError("selected_physical must be the physical pages of a page-level selected_pages list")
     if sparse:
         sel = selected_pages.to(torch.int32).contiguous()
         counts = selected_counts.to(torch.int32).contiguous()
