@@ -429,20 +429,13 @@ def test_sparse_small_head_launch_splits_evenly_and_matches_reference():
     """The default model's draft shape (many pairs, head_dim 64, a few hundred listed keys) takes the tuned
     sparse launch with a power-of-two split count; its output is the reference's."""
     torch.manual_seed(0)
-    batch, kv_heads, group, dim, ctx = 32, 3, 3, 64, 700
-    pages = -(-ctx // 16)
-    k = torch.randn(batch * pages, 16, kv_heads, dim)
-    v = torch.randn_like(k)
-    table = torch.randperm(batch * pages).view(batch, pages).int()
-    lens = torch.full((batch,), ctx, dtype=torch.int32)
-    q = torch.randn(batch, 1, kv_heads * group, dim)
-    sel = torch.stack([torch.stack([torch.randperm(pages)[:20].sort().values for _ in range(kv_heads)])
-                       for _ in range(batch)]).int()
-    counts = torch.randint(1, 21, (batch, kv_heads), dtype=torch.int32)
+    batch, kv_heads, dim, lens = 32, 3, 64, [700 - 5 * b for b in range(32)]
+    q, k, v, table, lens_t = make_inputs(batch, 1, kv_heads, 3, dim, lens, torch.float32)
+    sel, counts = random_selection(batch, kv_heads, lens, keep=0.4)
     launch, splits, *_ = paged_attention._plan_launch(batch, kv_heads, dim, 16, sel.shape[2] * 16, 132, None, None,
                                                       False, None, True)
     assert launch == paged_attention.SPARSE_SMALL_HEADS and splits & (splits - 1) == 0
     kw = {"selected_pages": sel, "selected_counts": counts}
-    out = paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5, **kw)
-    want = reference.paged_attention(q, k, v, table, lens, dim ** -0.5, **kw)
+    out = paged_attention.paged_attention(q, k, v, table, lens_t, dim ** -0.5, **kw)
+    want = reference.paged_attention(q, k, v, table, lens_t, dim ** -0.5, **kw)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
