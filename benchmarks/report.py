@@ -112,14 +112,34 @@ def selfspec_tables(data: dict) -> str:
     return "\n".join([head, *lines, "", *costs, "", summary])
 
 
-def selfspec_plot(data: dict, path: Path) -> None:
-    """Decode speedup over AR vs batch, one line per method (best budget), greedy, longest context."""
+def _speedup_axes():
+    """A figure for decode speedup over AR against batch (log2 axis)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    return fig, ax
+
+
+def _save_speedup_plot(fig, ax, ylabel: str, title: str, path: Path) -> None:
+    """The line at 1x (AR), labels and legend; writes the PNG."""
+    import matplotlib.pyplot as plt
+    ax.axhline(1.0, color="gray", ls="--", lw=1)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def selfspec_plot(data: dict, path: Path) -> None:
+    """Decode speedup over AR vs batch, one line per method (best budget), greedy, longest context."""
     rows = [r for r in data["rows"] if r["greedy"]]
     ctx = max(r["context"] for r in rows)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _speedup_axes()
     for m in [m for m in dict.fromkeys(r["method"] for r in rows) if m != "ar"]:
         pts = {}
         for r in rows:
@@ -128,24 +148,14 @@ def selfspec_plot(data: dict, path: Path) -> None:
         if pts:
             xs = sorted(pts)
             ax.plot(xs, [pts[x] for x in xs], "o-", label=m)
-    ax.axhline(1.0, color="gray", ls="--", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch")
-    ax.set_ylabel("decode speedup over AR (best budget)")
-    ax.set_title(f"SmolLM2-135M, {ctx}-token prompts, {data['device'].replace('NVIDIA ', '')}, greedy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_speedup_plot(fig, ax, "decode speedup over AR (best budget)",
+                       f"SmolLM2-135M, {ctx}-token prompts, {data['device'].replace('NVIDIA ', '')}, greedy", path)
 
 
 def auto_plot(data: dict, path: Path) -> None:
     """Decode speedup over AR vs batch for each method of the auto matrix, one line style per context."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     rows = [r for r in data["rows"] if "skipped" not in r and r["method"] != "ar"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _speedup_axes()
     styles = ["--", "-", ":", "-."]
     colors = {}
     for i, ctx in enumerate(sorted({r["context"] for r in rows})):
@@ -155,18 +165,11 @@ def auto_plot(data: dict, path: Path) -> None:
             line, = ax.plot(xs, [pts[x] for x in xs], styles[i % len(styles)], marker="o", color=colors.get(m),
                             label=f"{m}, {ctx} tokens")
             colors[m] = line.get_color()
-    ax.axhline(1.0, color="gray", ls="--", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch")
     batches = sorted({r["batch"] for r in rows})
     ax.set_xticks(batches, [str(b) for b in batches])
-    ax.set_ylabel("decode speedup over AR")
-    ax.set_title(f"SmolLM2-135M, {data['device'].replace('NVIDIA ', '')}, greedy, budget "
-                 f"{data['config']['budget']:g}, gamma {data['config']['gamma']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_speedup_plot(fig, ax, "decode speedup over AR",
+                       f"SmolLM2-135M, {data['device'].replace('NVIDIA ', '')}, greedy, budget "
+                       f"{data['config']['budget']:g}, gamma {data['config']['gamma']}", path)
 
 
 def auto_tables(data: dict) -> str:
