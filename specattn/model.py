@@ -18,6 +18,7 @@ from torch import nn
 from .attention import Attention
 from .cache import PagedKVCache, StepView
 from .config import ModelConfig, rope_inv_freq
+from .errors import InvalidInputError
 
 STEP_MAX_Q_LEN = 16  # decode and verify steps; longer blocks are prefill chunks
 COLUMN_MAJOR_WEIGHTS = True   # on the GPU (compile_steps): see Transformer.store_weights_column_major
@@ -197,7 +198,9 @@ class Transformer(nn.Module):
         once per (batch, q_len) for the fastest kernels; prefill chunks share one dynamic-shape version."""
         import torch._dynamo
         if STEP_COMPILE_MODE not in STEP_COMPILE_MODES:
-            raise ValueError(f"STEP_COMPILE_MODE must be one of {STEP_COMPILE_MODES}, got {STEP_COMPILE_MODE!r}")
+            raise InvalidInputError(f"step compile mode {STEP_COMPILE_MODE!r} is not supported; set "
+                                    f"SPECATTN_STEP_COMPILE_MODE to one of {STEP_COMPILE_MODES[1:]} or unset it "
+                                    "(STEP_COMPILE_MODE)")
         if COLUMN_MAJOR_WEIGHTS:
             self.store_weights_column_major()
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

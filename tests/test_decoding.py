@@ -165,5 +165,5 @@ def test_a_step_compile_mode_with_inductors_own_cuda_graphs_is_refused(tiny_cfg,
     import specattn.model
     from specattn.model import Transformer
     monkeypatch.setattr(specattn.model, "STEP_COMPILE_MODE", "reduce-overhead")
-    with pytest.raises(ValueError, match="STEP_COMPILE_MODE"):
+    with pytest.raises(InvalidInputError, match="STEP_COMPILE_MODE"):
         Transformer(tiny_cfg).compile_steps()
