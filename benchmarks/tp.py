@@ -6,7 +6,10 @@
 
 Per (model, batch, context): the graph-captured dense decode step, tokens/s, the bytes one GPU reads per step
 (its weight shard, replicated embeddings/norms/head and its KV heads' cache) against that GPU's measured copy
-bandwidth, and the all-reduce share of the step (the same step captured with the all-reduces left out).
+bandwidth, and the all-reduce share of the step (the same step captured with the all-reduces left out). TP rows
+time the step with both all-reduce paths in the same run: the library's default (one-shot over symmetric memory
+where it sets up) and NCCL alone, and check that both give the same logits. The 8B shape at b1 8K also runs with
+the output head replicated (as before vocabulary-split heads), and `--profile` lists that cell's kernels.
 For the 70B shape also SpecAttn-Y's round parts: gamma sparse draft steps (selection in the graph) and the
 verify step with the page-mass by-product. A cell whose weights + KV do not fit is skipped with its reason.
 """
@@ -49,9 +52,12 @@ SPEC_CELLS_70B = [(1, 32768), (16, 8192)]
 GAMMA, BUDGET = 4, 512
 
 
-def sharded_random_model(cfg: ModelConfig, tp) -> Transformer:
-    """This rank's shard of a random model, built in bf16 on its GPU (a 70B shard never exists in fp32)."""
+def sharded_random_model(cfg: ModelConfig, tp, whole_head: bool = False) -> Transformer:
+    """This rank's shard of a random model, built in bf16 on its GPU (a 70B shard never exists in fp32).
+    whole_head: every rank holds the whole output head (no vocabulary split)."""
     local = local_config(cfg, tp.world) if tp else cfg
+    if whole_head:
+        local = dataclasses.replace(local, vocab_shards=1)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -90,22 +96,55 @@ def fits(model: Transformer, batch: int, ctx: int, tp) -> str | None:
     return None
 
 
-def dense_step(model, cache, batch: int) -> float:
+def dense_step(model, cache, batch: int, logits_out: list | None = None) -> float:
     runner = StepRunner(model, cache)
-    tokens = torch.randint(0, model.cfg.vocab_size, (batch, 1), device="cuda")
-    return median_ms(lambda: runner(tokens))
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch, 1), device="cuda",
+                           generator=torch.Generator(device="cuda").manual_seed(batch))
+    ms = median_ms(lambda: runner(tokens))
+    if logits_out is not None:
+        logits_out.append(runner(tokens).clone())
+    return ms
+
+
+def with_nccl_only(model, cache, batch: int, logits_out: list) -> float:
+    """The same step with every all-reduce through NCCL (the one-shot path off)."""
+    tp = model.tp
+    model.set_tensor_parallel(dataclasses.replace(tp, one_shot=None))
+    try:
+        return dense_step(model, cache, batch, logits_out)
+    finally:
+        model.set_tensor_parallel(tp)
 
 
 def without_all_reduce_ms(model, cache, batch: int) -> float:
-    """The same step with every all-reduce left out (each rank alone): what the communication costs."""
+    """The same step with every all-reduce left out (each rank alone): what the communication costs. The
+    vocabulary-split head still gathers its logits."""
     tp = model.tp
-    model.set_tensor_parallel(None)
     for block in model.blocks:
         block.all_reduce = lambda x: x
     try:
         return dense_step(model, cache, batch)
     finally:
         model.set_tensor_parallel(tp)
+
+
+def profile_step(model, cache, batch: int, steps: int = 10, top: int = 16) -> dict:
+    """Per-kernel device time of one graph-captured step (torch.profiler; every rank runs it, rank 0 reports)."""
+    from benchmarks.common import cuda_kernel_totals
+    runner = StepRunner(model, cache)
+    tokens = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    for _ in range(3):
+        runner(tokens)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            runner(tokens)
+        torch.cuda.synchronize()
+    per_kernel = cuda_kernel_totals(prof)
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])
+    return {"kernels": sum(c for c, _ in per_kernel.values()) // steps,
+            "kernel_sum_us": sum(us for _, us in per_kernel.values()) / steps,
+            "top": [{"kernel": n[:90], "calls": c // steps, "us": u / steps} for n, (c, u) in ranked[:top]]}
 
 
 def specattn_round(model, cache, batch: int) -> dict:
@@ -121,20 +160,27 @@ def specattn_round(model, cache, batch: int) -> dict:
     return {"draft_round_ms": draft_ms, "draft_step_ms": draft_ms / GAMMA, "verify_ms": verify_ms}
 
 
-def cell(model, name: str, batch: int, ctx: int, tp, copy_gbs: float, spec: bool) -> dict:
+def cell(model, name: str, batch: int, ctx: int, tp, copy_gbs: float, spec: bool, profile: bool = False) -> dict:
     world = tp.world if tp else 1
-    row = {"model": name, "tp": world, "batch": batch, "context": ctx}
+    row = {"model": name, "tp": world, "batch": batch, "context": ctx, "vocab_shards": model.cfg.vocab_shards}
     reason = fits(model, batch, ctx, tp)
     if reason:
         return {**row, "skipped": reason}
     cache = filled_cache(model, batch, ctx)
-    ms = dense_step(model, cache, batch)
+    logits = []
+    ms = dense_step(model, cache, batch, logits)
     moved = weight_bytes_per_step(model, batch) + batch * ctx * model.cfg.kv_bytes_per_token * 2
     row.update(step_ms=ms, tokens_per_s=batch / ms * 1e3, bytes_per_gpu=moved, gbs_per_gpu=moved / ms / 1e6,
                bandwidth_fraction=moved / ms / 1e6 / copy_gbs)
     if tp:
+        row["all_reduce"] = "one-shot" if tp.one_shot is not None else "nccl"
+        if tp.one_shot is not None:
+            row["step_ms_nccl"] = with_nccl_only(model, cache, batch, logits)
+            row["one_shot_vs_nccl_max_logit_diff"] = (logits[0] - logits[1]).abs().max().item()
         alone = without_all_reduce_ms(model, cache, batch)
         row.update(step_ms_without_all_reduce=alone, all_reduce_share=max(0.0, (ms - alone) / ms))
+    if profile:
+        row["profile"] = profile_step(model, cache, batch)
     if spec:
         round_ = specattn_round(model, cache, batch)
         row.update(round_, specattn_y={"gamma": GAMMA, "budget": BUDGET, "dense_layers": [0]},
@@ -143,17 +189,19 @@ def cell(model, name: str, batch: int, ctx: int, tp, copy_gbs: float, spec: bool
     return row
 
 
-def run(tp) -> dict:
+def run(tp, profile: bool = False) -> dict:
     world = tp.world if tp else 1
     copy = copy_bandwidth_gbs()
-    plan = [("llama3-8b", LLAMA3_8B, CELLS_8B, [])]
+    plan = [("llama3-8b", LLAMA3_8B, CELLS_8B, [], False)]
     if tp:
-        plan.append(("llama3-70b", LLAMA3_70B, CELLS_70B, SPEC_CELLS_70B))
+        plan += [("llama3-8b-whole-head", LLAMA3_8B, CELLS_8B[:1], [], True),
+                 ("llama3-70b", LLAMA3_70B, CELLS_70B, SPEC_CELLS_70B, False)]
     rows = []
-    for name, cfg, cells, spec_cells in plan:
-        model = sharded_random_model(cfg, tp)
+    for name, cfg, cells, spec_cells, whole_head in plan:
+        model = sharded_random_model(cfg, tp, whole_head)
         for batch, ctx in cells:
-            row = cell(model, name, batch, ctx, tp, copy, (batch, ctx) in spec_cells)
+            row = cell(model, name, batch, ctx, tp, copy, (batch, ctx) in spec_cells,
+                       profile and name == "llama3-8b" and (batch, ctx) == CELLS_8B[0])
             rows.append(row)
             if not tp or tp.rank == 0:
                 print(json.dumps(row), flush=True)
@@ -164,7 +212,8 @@ def run(tp) -> dict:
         torch.cuda.empty_cache()
     return {**environment(), "gpus": world, "copy_gbs_per_gpu": copy, "rows": rows,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if world > 1 else None,
-            "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")}}
+            "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                                      "SPECATTN_TP_ALL_REDUCE")}}
 
 
 def merge(parts: list[dict]) -> dict:
@@ -175,6 +224,8 @@ def merge(parts: list[dict]) -> dict:
     two = {(r["batch"], r["context"]): r for r in ok if r["model"] == "llama3-8b" and r["tp"] == 2}
     speedups = {f"b{b}_{c // 1024}k": two[b, c]["tokens_per_s"] / one[b, c]["tokens_per_s"]
                 for b, c in sorted(one.keys() & two.keys())}
+    nccl = {f"b{b}_{c // 1024}k": one[b, c]["step_ms"] / two[b, c]["step_ms_nccl"]
+            for b, c in sorted(one.keys() & two.keys()) if "step_ms_nccl" in two[b, c]}
     big = [r for r in ok if r["model"] == "llama3-70b"]
     summary = {
         "tp2_ar_bandwidth_fraction": min((r["bandwidth_fraction"] for r in big), default=None),
@@ -182,6 +233,7 @@ def merge(parts: list[dict]) -> dict:
                                               for r in big},
         "tp2_over_tp1_8b": min(speedups.values(), default=None),
         "tp2_over_tp1_8b_by_cell": speedups,
+        "tp2_over_tp1_8b_nccl_all_reduce_by_cell": nccl,
         "all_reduce_share_70b_by_cell": {f"b{r['batch']}_{r['context'] // 1024}k": r["all_reduce_share"]
                                          for r in big},
         "note": "tp2_ar_bandwidth_fraction and tp2_over_tp1_8b are minima over the cells",
@@ -195,6 +247,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS / "tp.json"))
     ap.add_argument("--merge", nargs="+", help="combine the JSON of a one-GPU and a TP run")
+    ap.add_argument("--profile", action="store_true", help="kernel list of the 8B b1 8K step")
     args = ap.parse_args()
     if args.merge:
         result = merge([json.loads(Path(p).read_text()) for p in args.merge])
@@ -202,7 +255,7 @@ def main() -> None:
         print(json.dumps(result["summary"], indent=1))
         return
     tp = init_tensor_parallel()
-    result = run(tp)
+    result = run(tp, args.profile)
     if not tp or tp.rank == 0:
         write_json_atomic(args.out, result)
     if tp:

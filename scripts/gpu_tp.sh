@@ -4,8 +4,9 @@
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
+[ -z "${SPECATTN_COMMIT:-}" ] && [ -f .commit ] && export SPECATTN_COMMIT=$(cat .commit)
 nvidia-smi topo -m 2>&1 | head -4
 timeout "${TP2_LIMIT:-400}" python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/tp.py \
-  --out "$OUT/tp2.json" 2>&1 | grep -v -i warn | tail -16
+  --profile --out "$OUT/tp2.json" 2>&1 | grep -v -i warn | tail -16
 timeout "${TP1_LIMIT:-150}" python3 benchmarks/tp.py --out "$OUT/tp1.json" 2>&1 | grep -v -i warn | tail -6
 python3 benchmarks/tp.py --merge "$OUT/tp1.json" "$OUT/tp2.json" --out "$OUT/tp.json" 2>&1 | tail -30

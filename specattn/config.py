@@ -45,6 +45,9 @@ class ModelConfig:
     qkv_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Tensor parallel: the output head's rows are split over this many ranks (distributed.local_config); each
+    # rank computes its slice of the logits and they are gathered. 1 = every rank holds the whole head.
+    vocab_shards: int = 1
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

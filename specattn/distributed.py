@@ -3,8 +3,14 @@
 Each rank owns whole KV heads (and the query heads that read them), so its paged cache, page metadata, score
 by-product and selected page lists are local; the MLP is split by intermediate columns. A block then needs two
 all-reduces: after the attention output projection and after the MLP down projection. Embeddings, norms and
-the output head are replicated, so every rank computes the same logits; tokens that come from random draws are
-still taken from rank 0 (`broadcast`) so ranks cannot drift apart.
+the final norm are replicated. An untied output head whose vocabulary divides by the ranks is split by rows
+(`ModelConfig.vocab_shards`): each rank reads its slice of the head and the logit slices are gathered, so every
+rank holds the same logits; tokens that come from random draws are still taken from rank 0 (`broadcast`) so ranks
+cannot drift apart.
+
+On GPUs a decode step's all-reduces are small (batch x hidden) and latency-bound: `OneShotAllReduce` does each in
+one kernel over symmetric memory (every rank reads its peers' partial sums directly over NVLink) instead of
+NCCL's protocol; larger ones and CPU (gloo) runs go through `torch.distributed`.
 
 Weights are sliced at load time by name (`shard_slice`): from safetensors a rank reads only its slices.
 """
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -20,17 +27,54 @@ import torch
 from .config import ModelConfig
 from .errors import InvalidInputError
 
+ALL_REDUCE_MODES = ("auto", "nccl")    # auto: one-shot over symmetric memory where it sets up, else NCCL
+
+
+class OneShotAllReduce:
+    """Sums a small tensor over the ranks in one kernel (torch's symm_mem one_shot_all_reduce_copy): each rank
+    copies its partial sum into its own slot of a symmetric buffer that its peers can address, all meet at a
+    barrier held in device memory, then each reads every slot over NVLink and sums. No host work per call, so it
+    captures into CUDA graphs like any kernel. One buffer serves every call: the kernel's closing barrier keeps a
+    rank from overwriting its slot while a peer still reads it."""
+
+    DTYPES = (torch.bfloat16, torch.float32)     # what the op is built for
+
+    def __init__(self, group_name: str, device: torch.device, max_bytes: int = 2 << 20):
+        import torch.distributed._symmetric_memory as symm_mem
+        self.group_name, self.max_bytes = group_name, max_bytes
+        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+        symm_mem.rendezvous(self.buffer, group_name)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return (x.dtype in self.DTYPES and x.is_contiguous() and x.numel() * x.element_size() <= self.max_bytes
+                and (x.numel() * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        slot = self.buffer.view(x.dtype)[: x.numel()].view(x.shape)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(slot, x, "sum", self.group_name)
+
 
 @dataclass(frozen=True)
 class TensorParallel:
     rank: int
     world: int
     group: object = None
+    one_shot: OneShotAllReduce | None = None   # small all-reduces on GPUs (None: all go through NCCL / gloo)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks (in place, or a new tensor from the one-shot path: use the returned one)."""
+        if self.one_shot is not None and self.one_shot.fits(x):
+            return self.one_shot(x)
         import torch.distributed as dist
         dist.all_reduce(x, group=self.group)
         return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x joined along the last dimension, in rank order (the vocabulary-split logits)."""
+        import torch.distributed as dist
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's values on every rank (in place)."""
@@ -45,7 +89,10 @@ def mean_over_ranks(tp: TensorParallel | None, x: torch.Tensor) -> torch.Tensor:
     one process."""
     if tp is None:
         return x
-    return tp.all_reduce(x).div_(tp.world)
+    mean = tp.all_reduce(x).div_(tp.world)
+    if mean is not x:
+        x.copy_(mean)
+    return x
 
 
 def init_tensor_parallel() -> TensorParallel | None:
@@ -63,7 +110,33 @@ def init_tensor_parallel() -> TensorParallel | None:
         if use_nccl:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if use_nccl else "gloo")
-    return TensorParallel(dist.get_rank(), dist.get_world_size())
+    one_shot = None
+    if dist.get_backend() == "nccl":
+        one_shot = one_shot_all_reduce(os.environ.get("SPECATTN_TP_ALL_REDUCE", "auto"))
+    return TensorParallel(dist.get_rank(), dist.get_world_size(), one_shot=one_shot)
+
+
+def one_shot_all_reduce(mode: str) -> OneShotAllReduce | None:
+    """The symmetric-memory all-reduce for the default group, or None for NCCL only: when `mode` asks for
+    it ("nccl") or when this machine cannot map its peers' memory (every rank must come to the same answer, so
+    a failure on any rank means NCCL on all)."""
+    import torch.distributed as dist
+    if mode not in ALL_REDUCE_MODES:
+        raise InvalidInputError(f"SPECATTN_TP_ALL_REDUCE={mode!r} is not one of {', '.join(ALL_REDUCE_MODES)}")
+    if mode == "nccl":
+        return None
+    try:
+        one_shot = OneShotAllReduce(dist.group.WORLD.group_name, torch.device("cuda", torch.cuda.current_device()))
+        error = ""
+    except Exception as e:  # noqa: BLE001 - any failure to set up means: use NCCL
+        one_shot, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    ok = torch.tensor([0 if one_shot is None else 1], device="cuda")
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item() == 0:
+        if error:
+            print(f"specattn: symmetric-memory all-reduce unavailable ({error}); using NCCL", file=sys.stderr)
+        return None
+    return one_shot
 
 
 def finish_tensor_parallel(wait: bool = True) -> bool:
@@ -102,11 +175,18 @@ def check_divisible(cfg: ModelConfig, world: int) -> None:
                                     "size that divides the KV heads")
 
 
+def vocab_shards(cfg: ModelConfig, world: int) -> int:
+    """Over how many ranks the output head is split: all of them for an untied head whose vocabulary divides
+    by `world` (a tied head is the embedding, which every rank needs whole); otherwise 1 (replicated)."""
+    return world if not cfg.tie_embeddings and cfg.vocab_size % world == 0 else 1
+
+
 def local_config(cfg: ModelConfig, world: int) -> ModelConfig:
-    """The shape one rank holds: its share of heads and MLP width, everything else unchanged."""
+    """The shape one rank holds: its share of heads, MLP width and (see vocab_shards) output head."""
     check_divisible(cfg, world)
     return dataclasses.replace(cfg, num_heads=cfg.num_heads // world, num_kv_heads=cfg.num_kv_heads // world,
-                               intermediate_size=cfg.intermediate_size // world)
+                               intermediate_size=cfg.intermediate_size // world,
+                               vocab_shards=vocab_shards(cfg, world))
 
 
 def shard_slice(name: str, cfg: ModelConfig, tp: TensorParallel) -> tuple[int, int, int] | None:
@@ -125,6 +205,9 @@ def shard_slice(name: str, cfg: ModelConfig, tp: TensorParallel) -> tuple[int, i
         return 0, r * mlp, (r + 1) * mlp
     if name.endswith("mlp.down_proj.weight"):
         return 1, r * mlp, (r + 1) * mlp
+    if name == "lm_head.weight" and vocab_shards(cfg, w) > 1:
+        rows = cfg.vocab_size // w
+        return 0, r * rows, (r + 1) * rows
     return None
 
 

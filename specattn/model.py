@@ -164,7 +164,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // cfg.vocab_shards, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.attention = Attention(attention_backend, torch.device(device))
@@ -226,7 +226,10 @@ class Transformer(nn.Module):
                 x, mlp_out = block(x, mlp_out, cos, sin, cache, view, self.attention, fns)
         if not all_logits:
             x, mlp_out = x[:, -1:], mlp_out[:, -1:]
-        return fns["final_logits"](x, mlp_out, self.norm.weight, self.cfg.rms_norm_eps, self.lm_head.weight)
+        logits = fns["final_logits"](x, mlp_out, self.norm.weight, self.cfg.rms_norm_eps, self.lm_head.weight)
+        if self.cfg.vocab_shards > 1:        # this rank's slice of the vocabulary -> all of it, on every rank
+            logits = self.tp.all_gather_last(logits)
+        return logits
 
 
 def _fused_rows(rows: int) -> bool:

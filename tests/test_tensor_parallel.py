@@ -1,4 +1,5 @@
 """Tensor parallelism on CPU: 2 processes over gloo give the single-process logits and tokens."""
+import dataclasses
 import os
 import socket
 import sys
@@ -12,7 +13,7 @@ from specattn.decoding.ar import GenerationParams, generate_ar
 from specattn.decoding.draft_speculative import SparseVerification, generate_draft_speculative
 from specattn.decoding.sampling import SamplingParams
 from specattn.decoding.self_speculative import generate_self_speculative
-from specattn.distributed import TensorParallel, check_divisible, shard_slice
+from specattn.distributed import TensorParallel, check_divisible, local_config, shard_slice
 from specattn.errors import InvalidInputError
 from specattn.loader import load_model
 from specattn.selection import QuestPolicy, StreamingPolicy, VegasPolicy, VerificationGuidedPolicy
@@ -51,6 +52,7 @@ def run_everything(model, draft) -> dict:
         "specattn_s_pages": with_draft(greedy, SparseVerification((0, 1), p=0.3, dense_layers=(0,), page_level=True)),
         "specattn_s_tokens": with_draft(greedy, SparseVerification((1, 1), p=0.6, dense_layers=(0,))),
         "kv_heads": model.cfg.num_kv_heads,
+        "head_rows": model.lm_head.weight.shape[0],
     }
 
 
@@ -94,7 +96,7 @@ def _worker(rank: int, world: int, port: int, folders: tuple[str, str], out: str
 def _save_random_llama(folder, hidden: int, heads: int, seed: int) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=102, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=256))
     with torch.no_grad():
         for p in hf.parameters():
@@ -121,6 +123,7 @@ def test_two_gloo_ranks_match_one_process(checkpoint, draft_checkpoint, tmp_path
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for res in ranks:
         assert res["kv_heads"] == 1                                   # each rank owns one of the two KV heads
+        assert res["head_rows"] == 51                                 # and half the output head's 102 rows
         assert (res["logits"] - single["logits"]).abs().max().item() < 1e-4
         assert res["ar"] == single["ar"] == res["spec"] == res["magicdec"] == res["quest"]
         for method in ("vegas", "draft_greedy", "specattn_s_pages", "specattn_s_tokens"):
@@ -149,6 +152,16 @@ def test_shard_slices_cover_each_weight_once():
         covered = sorted(i for _, a, b in parts for i in range(a, b))
         assert covered == list(range(size)), name
     assert shard_slice("model.norm.weight", cfg, TensorParallel(1, 4)) is None
+
+
+def test_output_head_is_split_only_when_untied_and_divisible():
+    cfg = ModelConfig("LlamaForCausalLM", 100, 64, 96, 2, 8, 4, 8)
+    parts = [shard_slice("lm_head.weight", cfg, TensorParallel(r, 4)) for r in range(4)]
+    assert parts == [(0, 0, 25), (0, 25, 50), (0, 50, 75), (0, 75, 100)]
+    assert local_config(cfg, 4).vocab_shards == 4
+    for other in (dataclasses.replace(cfg, vocab_size=101), dataclasses.replace(cfg, tie_embeddings=True)):
+        assert shard_slice("lm_head.weight", other, TensorParallel(1, 4)) is None
+        assert local_config(other, 4).vocab_shards == 1
 
 
 def _agree_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -194,3 +207,10 @@ def test_auto_under_tensor_parallelism_runs_rank_zeros_choices_on_every_rank(tmp
     _spawn_two(_decide_worker, str(tmp_path))
     choices = [(tmp_path / f"decide{r}.txt").read_text() for r in range(2)]
     assert choices[0] == choices[1] == repr([0, (4, "magicdec"), (4, "specattn-y")] * 2)
+
+
+def test_unknown_all_reduce_mode_is_a_clear_error():
+    from specattn.distributed import one_shot_all_reduce
+    with pytest.raises(InvalidInputError, match="SPECATTN_TP_ALL_REDUCE='fast' is not one of auto, nccl"):
+        one_shot_all_reduce("fast")
+    assert one_shot_all_reduce("nccl") is None
