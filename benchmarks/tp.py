@@ -96,24 +96,37 @@ def fits(model: Transformer, batch: int, ctx: int, tp) -> str | None:
     return None
 
 
-def dense_step(model, cache, batch: int, logits_out: list | None = None) -> float:
+def step_runner(model, cache, batch: int):
+    """A captured step and its input tokens (the same on every rank)."""
     runner = StepRunner(model, cache)
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, 1), device="cuda",
                            generator=torch.Generator(device="cuda").manual_seed(batch))
-    ms = median_ms(lambda: runner(tokens))
-    if logits_out is not None:
-        logits_out.append(runner(tokens).clone())
-    return ms
+    runner(tokens)
+    return lambda: runner(tokens)
 
 
-def with_nccl_only(model, cache, batch: int, logits_out: list) -> float:
-    """The same step with every all-reduce through NCCL (the one-shot path off)."""
+def dense_step(model, cache, batch: int) -> float:
+    return median_ms(step_runner(model, cache, batch))
+
+
+def one_shot_vs_nccl(model, cache, batch: int, rounds: int = 3) -> dict:
+    """The step captured twice, all-reduces through the one-shot kernel and through NCCL, timed in alternation
+    (medians over `rounds` turns each, so drift between the two falls on both) and their logits compared."""
     tp = model.tp
+    one_shot = step_runner(model, cache, batch)
     model.set_tensor_parallel(dataclasses.replace(tp, one_shot=None))
     try:
-        return dense_step(model, cache, batch, logits_out)
+        nccl = step_runner(model, cache, batch)
     finally:
         model.set_tensor_parallel(tp)
+    times = {"one-shot": [], "nccl": []}
+    for _ in range(rounds):
+        times["one-shot"].append(median_ms(one_shot))
+        times["nccl"].append(median_ms(nccl))
+    diff = (one_shot().clone() - nccl()).abs().max().item()
+    middle = {k: sorted(v)[rounds // 2] for k, v in times.items()}
+    return {"step_ms_one_shot": middle["one-shot"], "step_ms_nccl": middle["nccl"],
+            "one_shot_vs_nccl_max_logit_diff": diff}
 
 
 def without_all_reduce_ms(model, cache, batch: int) -> float:
@@ -167,16 +180,13 @@ def cell(model, name: str, batch: int, ctx: int, tp, copy_gbs: float, spec: bool
     if reason:
         return {**row, "skipped": reason}
     cache = filled_cache(model, batch, ctx)
-    logits = []
-    ms = dense_step(model, cache, batch, logits)
+    ab = one_shot_vs_nccl(model, cache, batch) if tp and tp.one_shot is not None else {}
+    ms = ab.get("step_ms_one_shot") or dense_step(model, cache, batch)
     moved = weight_bytes_per_step(model, batch) + batch * ctx * model.cfg.kv_bytes_per_token * 2
     row.update(step_ms=ms, tokens_per_s=batch / ms * 1e3, bytes_per_gpu=moved, gbs_per_gpu=moved / ms / 1e6,
                bandwidth_fraction=moved / ms / 1e6 / copy_gbs)
     if tp:
-        row["all_reduce"] = "one-shot" if tp.one_shot is not None else "nccl"
-        if tp.one_shot is not None:
-            row["step_ms_nccl"] = with_nccl_only(model, cache, batch, logits)
-            row["one_shot_vs_nccl_max_logit_diff"] = (logits[0] - logits[1]).abs().max().item()
+        row.update(ab, all_reduce="one-shot" if tp.one_shot is not None else "nccl")
         alone = without_all_reduce_ms(model, cache, batch)
         row.update(step_ms_without_all_reduce=alone, all_reduce_share=max(0.0, (ms - alone) / ms))
     if profile:

@@ -84,16 +84,33 @@ def gemv_sweep(copy: float) -> list[dict]:
 SPLIT_SHAPES = [(1, 32768, 1, 8, 4, 128, 0.1), (1, 32768, 5, 8, 4, 128, 0.1), (8, 8192, 5, 8, 4, 128, 0.1),
                 (1, 32768, 5, 8, 4, 128, 0.0), (1, 8192, 1, 2, 7, 64, 0.0), (8, 8192, 1, 2, 7, 64, 0.0),
                 (1, 8192, 5, 2, 6, 128, 0.0), (8, 8192, 5, 2, 6, 128, 0.0),
-                (32, 8192, 1, 3, 3, 64, 1 / 16), (64, 8192, 1, 3, 3, 64, 1 / 16)]
+                (32, 8192, 1, 3, 3, 64, 1 / 16), (64, 8192, 1, 3, 3, 64, 1 / 16),
+                # the 8B shape's decode step at batch 1 on one GPU (8 KV heads) and on each of 2 (TP=2: 4 KV heads)
+                (1, 8192, 1, 8, 4, 128, 0.0), (1, 8192, 1, 4, 4, 128, 0.0), (1, 32768, 1, 4, 4, 128, 0.0)]
+SPLIT_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def split_sweep(copy: float, batches: set[int] | None = None) -> list[dict]:
+def kernel_split_us(call, pools) -> dict[str, float]:
+    """Device µs per call of each kernel the attention launches (split, merge), from torch.profiler."""
+    from benchmarks.common import cuda_kernel_totals
+    reps = 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            for k, v in pools:
+                call(k, v)
+        torch.cuda.synchronize()
+    return {name: us / (reps * len(pools)) for name, (_, us) in cuda_kernel_totals(prof).items()}
+
+
+def split_sweep(copy: float, batches: set[int] | None = None, names: list[str] | None = None) -> list[dict]:
     """Tile configs x explicit split counts: with few keys per program each split may hold a single tile (nothing
     pipelined) and the merge reads many partials."""
     from benchmarks.kernels import kv_pools, selection
     rows = []
     for batch, ctx, q_len, kv_heads, group, dim, fraction in SPLIT_SHAPES:
-        if batches and batch not in batches:
+        kind = f"sparse{round(100 * fraction)}" if fraction else "dense"
+        name = f"{kind}-b{batch}-{ctx // 1024}k-q{q_len}-h{kv_heads}x{group}-d{dim}"
+        if (batches and batch not in batches) or (names and not any(n in name for n in names)):
             continue
         pages = -(-ctx // 16)
         pools, table, lens, kv_bytes = kv_pools(batch, ctx, kv_heads, dim)
@@ -107,8 +124,10 @@ def split_sweep(copy: float, batches: set[int] | None = None) -> list[dict]:
         ref = reference.paged_attention(q.float(), kp.float(), vp.float(), table, lens, dim ** -0.5, **kw)
         results = []
         for (bn, w, st), splits in itertools.product(
-                itertools.product((32, 64, 128), (4,), (2, 3)), (1, 2, 4, 8, 16, 32, 64)):
+                itertools.product((32, 64, 128), (4,), (2, 3)), SPLIT_COUNTS):
             cfg = LaunchConfig(bn, w, st)
+            if splits * bn > 2 * ctx:       # more splits than tiles: the same as fewer
+                continue
             try:
                 def call(k, v, cfg=cfg, splits=splits):
                     return paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5, launch=cfg,
@@ -132,14 +151,15 @@ def split_sweep(copy: float, batches: set[int] | None = None) -> list[dict]:
             merge_us[warps] = 1e3 * graph_ms(lambda: [paged_attention.paged_attention(
                 q, k, v, table, lens, dim ** -0.5, **kw) for k, v in pools]) / len(pools)
         paged_attention.MERGE_WARPS = 1
+        by_kernel = kernel_split_us(lambda k, v: paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5,
+                                                                                 **kw), pools)
         ok = sorted((r for r in results if "us" in r and r["rel_err"] < 1e-2), key=lambda r: r["us"])
-        kind = f"sparse{round(100 * fraction)}" if fraction else "dense"
-        name = f"{kind}-b{batch}-{ctx // 1024}k-q{q_len}-h{kv_heads}x{group}-d{dim}"
         rows.append({"shape": name, "kv_bytes": kv_bytes, "auto_us": auto_ms * 1e3, "auto_us_by_merge_warps": merge_us,
-                     "one_split_merged_us": one_split_merged_ms * 1e3,
+                     "one_split_merged_us": one_split_merged_ms * 1e3, "auto_us_by_kernel": by_kernel,
                      "best": ok[:8]})
         print(f"{name:32s} auto {auto_ms * 1e3:6.1f} us ({kv_bytes / auto_ms / 1e6 / copy:.2f}), merge warps "
-              + " ".join(f"{w}:{u:.1f}" for w, u in merge_us.items()) + "; best "
+              + " ".join(f"{w}:{u:.1f}" for w, u in merge_us.items()) + "; kernels "
+              + " ".join(f"{k[:12]}:{u:.1f}" for k, u in by_kernel.items()) + "; best "
               + "; ".join(f"{r['us']:.1f} us ({r['bandwidth_fraction']:.2f}) {tuple(r['config'].values())[:3]} "
                           f"s{r['splits']}" for r in ok[:4]), flush=True)
     return rows
@@ -148,9 +168,10 @@ def split_sweep(copy: float, batches: set[int] | None = None) -> list[dict]:
 def main() -> None:
     copy = copy_bandwidth_gbs()
     out = {**environment(), "copy_bandwidth_gbs": copy}
-    if "--splits" in sys.argv:     # --batches=32,64: only the shapes of those batch sizes (the draft steps)
+    if "--splits" in sys.argv:     # --batches=32,64 / --names=h4x4,h8x4-d128: only those shapes
         only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--batches=")), "")
-        out["splits"] = split_sweep(copy, {int(b) for b in only.split(",") if b})
+        names = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--names=")), "")
+        out["splits"] = split_sweep(copy, {int(b) for b in only.split(",") if b}, [n for n in names.split(",") if n])
     else:
         out["gemv"] = gemv_sweep(copy)
         out["attention"] = attention_sweep(copy)
