@@ -7,9 +7,10 @@
 Per (model, batch, context): the graph-captured dense decode step, tokens/s, the bytes one GPU reads per step
 (its weight shard, replicated embeddings/norms/head and its KV heads' cache) against that GPU's measured copy
 bandwidth, and the all-reduce share of the step (the same step captured with the all-reduces left out). TP rows
-time the step with both all-reduce paths in the same run: the library's default (one-shot over symmetric memory
-where it sets up) and NCCL alone, and check that both give the same logits. The 8B shape at b1 8K also runs with
-the output head replicated (as before vocabulary-split heads), and `--profile` lists that cell's kernels.
+time the step with NCCL's all-reduce (the default) and, with SPECATTN_TP_ALL_REDUCE=one-shot (scripts/gpu_tp.sh
+sets it), also with the one-shot kernel over symmetric memory in the same run, checking both give the same logits.
+The 8B shape at b1 8K also runs with the output head replicated (as before vocabulary-split heads), and
+`--profile` lists that cell's kernels.
 For the 70B shape also SpecAttn-Y's round parts: gamma sparse draft steps (selection in the graph) and the
 verify step with the page-mass by-product. A cell whose weights + KV do not fit is skipped with its reason.
 """
@@ -181,12 +182,12 @@ def cell(model, name: str, batch: int, ctx: int, tp, copy_gbs: float, spec: bool
         return {**row, "skipped": reason}
     cache = filled_cache(model, batch, ctx)
     ab = one_shot_vs_nccl(model, cache, batch) if tp and tp.one_shot is not None else {}
-    ms = ab.get("step_ms_one_shot") or dense_step(model, cache, batch)
+    ms = ab.get("step_ms_nccl") or dense_step(model, cache, batch)       # the library's default path
     moved = weight_bytes_per_step(model, batch) + batch * ctx * model.cfg.kv_bytes_per_token * 2
     row.update(step_ms=ms, tokens_per_s=batch / ms * 1e3, bytes_per_gpu=moved, gbs_per_gpu=moved / ms / 1e6,
                bandwidth_fraction=moved / ms / 1e6 / copy_gbs)
     if tp:
-        row.update(ab, all_reduce="one-shot" if tp.one_shot is not None else "nccl")
+        row.update(ab, all_reduce="nccl")
         alone = without_all_reduce_ms(model, cache, batch)
         row.update(step_ms_without_all_reduce=alone, all_reduce_share=max(0.0, (ms - alone) / ms))
     if profile:

@@ -3,6 +3,7 @@
 # merged into $OUT/tp.json. NVLink multicast stays off (the device docs say why).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export SPECATTN_TP_ALL_REDUCE=${SPECATTN_TP_ALL_REDUCE:-one-shot}   # times it beside NCCL (the default) in tp.py
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 [ -z "${SPECATTN_COMMIT:-}" ] && [ -f .commit ] && export SPECATTN_COMMIT=$(cat .commit)
 nvidia-smi topo -m 2>&1 | head -4

@@ -8,9 +8,9 @@ the final norm are replicated. An untied output head whose vocabulary divides by
 rank holds the same logits; tokens that come from random draws are still taken from rank 0 (`broadcast`) so ranks
 cannot drift apart.
 
-On GPUs a decode step's all-reduces are small (batch x hidden) and latency-bound: `OneShotAllReduce` does each in
-one kernel over symmetric memory (every rank reads its peers' partial sums directly over NVLink) instead of
-NCCL's protocol; larger ones and CPU (gloo) runs go through `torch.distributed`.
+On GPUs a decode step's all-reduces are small (batch x hidden) and latency-bound: with SPECATTN_TP_ALL_REDUCE=one-shot
+`OneShotAllReduce` does each in one kernel over symmetric memory (every rank reads its peers' partial sums over
+NVLink) instead of NCCL's protocol; larger ones, the default and CPU (gloo) runs go through `torch.distributed`.
 
 Weights are sliced at load time by name (`shard_slice`): from safetensors a rank reads only its slices.
 """
@@ -27,7 +27,10 @@ import torch
 from .config import ModelConfig
 from .errors import InvalidInputError
 
-ALL_REDUCE_MODES = ("auto", "nccl")    # auto: one-shot over symmetric memory where it sets up, else NCCL
+# "one-shot": small all-reduces over symmetric memory where it sets up (else NCCL). Not the default: on 2 H200s
+# (benchmarks/results/tp.json) its kernel took 7.1 µs a call in the 8B step, yet whole steps were no faster than
+# with NCCL's (3.86 vs 3.94 ms at b1 8K, 4.57 vs 4.41 at b1 32K, 6.20 vs 6.02 at b16 8K).
+ALL_REDUCE_MODES = ("nccl", "one-shot")
 
 
 class OneShotAllReduce:
@@ -112,7 +115,7 @@ def init_tensor_parallel() -> TensorParallel | None:
         dist.init_process_group("nccl" if use_nccl else "gloo")
     one_shot = None
     if dist.get_backend() == "nccl":
-        one_shot = one_shot_all_reduce(os.environ.get("SPECATTN_TP_ALL_REDUCE", "auto"))
+        one_shot = one_shot_all_reduce(os.environ.get("SPECATTN_TP_ALL_REDUCE", "nccl"))
     return TensorParallel(dist.get_rank(), dist.get_world_size(), one_shot=one_shot)
 
 

@@ -211,6 +211,6 @@ def test_auto_under_tensor_parallelism_runs_rank_zeros_choices_on_every_rank(tmp
 
 def test_unknown_all_reduce_mode_is_a_clear_error():
     from specattn.distributed import one_shot_all_reduce
-    with pytest.raises(InvalidInputError, match="SPECATTN_TP_ALL_REDUCE='fast' is not one of auto, nccl"):
+    with pytest.raises(InvalidInputError, match="SPECATTN_TP_ALL_REDUCE='fast' is not one of nccl, one-shot"):
         one_shot_all_reduce("fast")
     assert one_shot_all_reduce("nccl") is None
