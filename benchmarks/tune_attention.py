@@ -150,7 +150,7 @@ def split_sweep(copy: float, batches: set[int] | None = None, names: list[str] |
             paged_attention.MERGE_WARPS = warps
             merge_us[warps] = 1e3 * graph_ms(lambda: [paged_attention.paged_attention(
                 q, k, v, table, lens, dim ** -0.5, **kw) for k, v in pools]) / len(pools)
-        paged_attention.MERGE_WARPS = 1
+        paged_attention.MERGE_WARPS = None
         by_kernel = kernel_split_us(lambda k, v: paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5,
                                                                                  **kw), pools)
         ok = sorted((r for r in results if "us" in r and r["rel_err"] < 1e-2), key=lambda r: r["us"])

@@ -60,7 +60,15 @@ def choose_launch(programs: int, head_dim: int) -> LaunchConfig:
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_MASS_TILES = 32    # block mass: tiles one split may hold (more splits are used if needed)
 MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
-MERGE_WARPS = 1        # warps of the split-merge kernel (one program per query row and head)
+MERGE_WARPS: int | None = None   # warps of the split-merge kernel; None: merge_warps() (tune_attention sets it)
+
+
+def merge_warps(block_s: int, head_dim: int) -> int:
+    """Warps for one merge program, which loads all [splits, head_dim] fp32 partials of its row at once: one
+    warp while that tile is small (draft and batched shapes), more as it grows. H200, tune_splits_b1.json (8B
+    heads, batch 1): 64 x 128 partials 13.0 -> 11.5 µs with 2 warps, 128 x 128 at 32K 37.0 -> 25.7 µs with 4;
+    tune_splits.json: shapes of 64 x 64 or fewer partials fastest with 1."""
+    return max(1, min(4, block_s * head_dim // 4096))
 DIRECT_ONE_SPLIT = True   # one split writes the output itself (no merge launch); False: always merge (A/B timing)
 
 
@@ -401,9 +409,10 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if not direct:
+        block_s = max(2, triton.next_power_of_2(num_splits))
         _merge_splits_kernel[(batch * q_len * heads,)](
             o_part, m_part, l_part, out, lse, num_splits,
-            HEAD_DIM=dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=MERGE_WARPS,
+            HEAD_DIM=dim, BLOCK_S=block_s, num_warps=MERGE_WARPS or merge_warps(block_s, dim),
         )
     if return_lse:                                # each row's log-sum-exp [batch, q_len, heads]: Vegas scores
         return out, lse
