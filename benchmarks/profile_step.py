@@ -4,7 +4,8 @@ Usage: python benchmarks/profile_step.py [--shape 8b|smol|qwen0.5b|qwen1.5b] [--
 [--draft-budget N] [--compile-modes default,max-autotune-no-cudagraphs] [--json out.json]
 Prints the step's replay time (CUDA graph), its kernel count and sum, and kernel name, calls and microseconds
 per step, biggest first, against the step's weight + KV bytes at copy speed. --draft-budget profiles a sparse
-draft step (sinks + window selection of N tokens per KV head, layer 0 dense) instead of a dense decode step.
+draft step (sinks + window selection of N tokens per KV head, layer 0 dense) instead of a dense decode step;
+--verify magicdec,specattn-y/blk64 --q-len 5 profiles those methods' verify steps (page-mass by-product included).
 """
 from __future__ import annotations
 
@@ -32,9 +33,17 @@ from specattn.decoding.self_speculative import RoundSteps  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 
 
-def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1):
-    """A callable running one step (a graph replay), and the KV tokens per sequence it reads."""
+def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, verify: str | None = None):
+    """A callable running one step (a graph replay), and the KV tokens per sequence it reads. verify: the verify
+    step of that self-speculation method (q_len = gamma + 1), page-mass by-product and all."""
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, q_len), device="cuda")
+    if verify is not None:
+        method, _, block = verify.partition("/blk")
+        spec = SpeculationParams(512, q_len - 1, (0,), mass_tokens=int(block) if block else None)
+        policy = make_policy(method, spec, model.cfg.num_layers)
+        policy.reset(cache)
+        steps = RoundSteps(model, cache, policy, batch, q_len - 1, SamplingParams())
+        return (lambda: steps.verify(tokens)), cache.host_lens()[0]
     if draft_budget is None:
         runner = StepRunner(model, cache)
         return (lambda: runner(tokens)), cache.host_lens()[0]
@@ -49,7 +58,8 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1):
 
 
 def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
-            column_major: bool, q_len: int, top: int, fused: bool = False, compile_mode: str | None = None) -> dict:
+            column_major: bool, q_len: int, top: int, fused: bool = False, compile_mode: str | None = None,
+            verify: str | None = None) -> dict:
     import torch._dynamo
 
     import specattn.model
@@ -66,7 +76,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     cache.advance(context)
     cache.reserve(1)
     cache.reserve(q_len)
-    fn, kv_tokens = step_fn(model, cache, batch, draft_budget, q_len)
+    fn, kv_tokens = step_fn(model, cache, batch, draft_budget, q_len, verify)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -84,12 +94,14 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += ", weights column-major" if column_major else ", weights row-major"
     what += ", fused_linear" if fused else ""
     what += f", compiled {compile_mode}" if compile_mode else ""
+    what += f", {verify} verify" if verify else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
           f"{total:.0f} us; bytes at copy speed {moved / copy / 1e3:.0f} us")
     top_kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
     for name, (calls, us) in top_kernels:
         print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
-    return {"shape": shape, "batch": batch, "context": context, "draft_budget": draft_budget, "q_len": q_len,
+    return {"shape": shape, "verify": verify, "batch": batch, "context": context, "draft_budget": draft_budget,
+            "q_len": q_len,
             "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
             "kernel_sum_us": total, "bytes_at_copy_speed_us": moved / copy / 1e3,
             "top": [{"kernel": n[:100], "calls": c // steps, "us": u / steps} for n, (c, u) in top_kernels]}
@@ -109,12 +121,18 @@ def main() -> None:
                     "slower than cuBLAS)")
     ap.add_argument("--compile-modes", default="default", help="comma-separated step compile modes, profiled one "
                     "after the other in this run: default, max-autotune-no-cudagraphs")
+    ap.add_argument("--verify", help="comma-separated self-speculation methods whose verify step (q_len = gamma + 1, "
+                    "page mass included) to profile one after the other, e.g. magicdec,specattn-y/blk64")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
-    rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy, not args.row_major,
-                    args.q_len, args.top, args.fused, None if mode == "default" else mode)
-            for mode in args.compile_modes.split(",")]
+    if args.verify:
+        rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
+                        args.q_len, args.top, args.fused, verify=method) for method in args.verify.split(",")]
+    else:
+        rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
+                        not args.row_major, args.q_len, args.top, args.fused, None if mode == "default" else mode)
+                for mode in args.compile_modes.split(",")]
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
 
