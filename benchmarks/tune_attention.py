@@ -165,10 +165,44 @@ def split_sweep(copy: float, batches: set[int] | None = None, names: list[str] |
     return rows
 
 
+# Verify steps whose attention also yields the page-mass by-product: (batch, context, q_len, kv_heads, group, dim).
+# The default model at batch 32 / 64 (SpecAttn-Y's verify at 8K) and the 8B heads at batch 1, 32K (kernels.py).
+BYPRODUCT_SHAPES = [(32, 8000, 5, 3, 3, 64), (64, 8000, 5, 3, 3, 64), (1, 32768, 5, 8, 4, 128)]
+
+
+def byproduct_sweep(copy: float) -> list[dict]:
+    """Plain verify attention against the same with block mass (64-key blocks) under several MAX_MASS_TILES (the
+    tiles one split may hold, which can force more splits than plain attention uses) and with page mass."""
+    from benchmarks.kernels import kv_pools
+    rows = []
+    for batch, ctx, q_len, kv_heads, group, dim in BYPRODUCT_SHAPES:
+        pools, table, lens, kv_bytes = kv_pools(batch, ctx, kv_heads, dim)
+        q = torch.randn(batch, q_len, kv_heads * group, dim, device="cuda", dtype=torch.bfloat16)
+
+        def timed(**kw):
+            return 1e3 * graph_ms(lambda: [paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5, **kw)
+                                           for k, v in pools]) / len(pools)
+        row = {"shape": f"b{batch}-{ctx // 1024}k-q{q_len}-h{kv_heads}x{group}-d{dim}", "plain_us": timed(),
+               "page_mass_us": timed(page_mass=True)}
+        for tiles in (32, 64, 128):
+            paged_attention.MAX_MASS_TILES = tiles
+            plan = paged_attention._plan_launch(batch, kv_heads, dim, 16, ctx, torch.cuda.get_device_properties(0)
+                                                .multi_processor_count, None, None, True, 64, False)
+            row[f"block64_tiles{tiles}_us"] = timed(page_mass=True, mass_tokens=64)
+            row[f"block64_tiles{tiles}_splits"] = plan[1]
+            row[f"plain_at_those_splits_{tiles}_us"] = timed(num_splits=plan[1], launch=plan[0])
+        paged_attention.MAX_MASS_TILES = 32
+        rows.append(row)
+        print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return rows
+
+
 def main() -> None:
     copy = copy_bandwidth_gbs()
     out = {**environment(), "copy_bandwidth_gbs": copy}
-    if "--splits" in sys.argv:     # --batches=32,64 / --names=h4x4,h8x4-d128: only those shapes
+    if "--byproduct" in sys.argv:
+        out["byproduct"] = byproduct_sweep(copy)
+    elif "--splits" in sys.argv:     # --batches=32,64 / --names=h4x4,h8x4-d128: only those shapes
         only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--batches=")), "")
         names = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--names=")), "")
         out["splits"] = split_sweep(copy, {int(b) for b in only.split(",") if b}, [n for n in names.split(",") if n])
