@@ -171,8 +171,9 @@ BYPRODUCT_SHAPES = [(32, 8000, 5, 3, 3, 64), (64, 8000, 5, 3, 3, 64), (1, 32768,
 
 
 def byproduct_sweep(copy: float) -> list[dict]:
-    """Plain verify attention against the same with block mass (64-key blocks) under several MAX_MASS_TILES (the
-    tiles one split may hold, which can force more splits than plain attention uses) and with page mass."""
+    """Plain verify attention against the same with page mass and with block mass (64-key blocks) kept either
+    way (stored per tile, or in registers, which caps the tiles a split may hold and can force more splits), and
+    plain attention at the split count and tiling each block-mass launch used."""
     from benchmarks.kernels import kv_pools
     rows = []
     for batch, ctx, q_len, kv_heads, group, dim in BYPRODUCT_SHAPES:
@@ -184,14 +185,16 @@ def byproduct_sweep(copy: float) -> list[dict]:
                                            for k, v in pools]) / len(pools)
         row = {"shape": f"b{batch}-{ctx // 1024}k-q{q_len}-h{kv_heads}x{group}-d{dim}", "plain_us": timed(),
                "page_mass_us": timed(page_mass=True)}
-        for tiles in (32, 64, 128):
-            paged_attention.MAX_MASS_TILES = tiles
-            plan = paged_attention._plan_launch(batch, kv_heads, dim, 16, ctx, torch.cuda.get_device_properties(0)
-                                                .multi_processor_count, None, None, True, 64, False)
-            row[f"block64_tiles{tiles}_us"] = timed(page_mass=True, mass_tokens=64)
-            row[f"block64_tiles{tiles}_splits"] = plan[1]
-            row[f"plain_at_those_splits_{tiles}_us"] = timed(num_splits=plan[1], launch=plan[0])
-        paged_attention.MAX_MASS_TILES = 32
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for in_loop in (True, False):
+            paged_attention.BLOCK_MASS_IN_LOOP = in_loop
+            way = "stored_per_tile" if in_loop else "in_registers"
+            launch, splits, *_ = paged_attention._plan_launch(batch, kv_heads, dim, 16, ctx, sms, None, None, True,
+                                                              64, False)
+            row[f"block64_{way}_us"] = timed(page_mass=True, mass_tokens=64)
+            row[f"block64_{way}_splits"] = splits
+            row[f"plain_at_{way}_splits_us"] = timed(num_splits=splits, launch=launch)
+        paged_attention.BLOCK_MASS_IN_LOOP = True
         rows.append(row)
         print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return rows

@@ -122,10 +122,12 @@ def test_page_mass_by_product_matches_reference(case, num_splits, launch):
     assert torch.allclose(mass.sum(-1), torch.full_like(mass.sum(-1), group * q_len), atol=1e-4)
 
 
+@pytest.mark.parametrize("in_loop", [True, False], ids=["stored-per-tile", "in-registers"])
 @pytest.mark.parametrize("case", MASS_CASES[1:3], ids=["b3-q1-g4", "b2-q5-g8"])
-def test_block_page_mass_matches_reference(case):
+def test_block_page_mass_matches_reference(case, in_loop, monkeypatch):
     """Mass per 64-key block (the tile's own row sums), spread over its pages: kernel == reference, and the
-    mass of each 4-page block equals the sum of the exact per-page masses."""
+    mass of each 4-page block equals the sum of the exact per-page masses. Both ways of keeping the block sums."""
+    monkeypatch.setattr(paged_attention, "BLOCK_MASS_IN_LOOP", in_loop)
     torch.manual_seed(40 + case[1])
     q, k, v, table, lens = make_inputs(*case, torch.float32)
     scale = case[4] ** -0.5
@@ -139,8 +141,11 @@ def test_block_page_mass_matches_reference(case):
     assert torch.allclose(mass[..., :pages].view(*exact.shape[:2], -1, 4).sum(-1), blocks, atol=1e-4)
 
 
-def test_block_mass_with_more_tiles_than_a_split_can_hold():
-    """2,500 keys = 40 tiles of 64 and one split requested: the kernel must add splits (32 tiles each at most)."""
+@pytest.mark.parametrize("in_loop", [True, False], ids=["stored-per-tile", "in-registers"])
+def test_block_mass_with_more_tiles_than_a_split_can_hold(in_loop, monkeypatch):
+    """2,500 keys = 40 tiles of 64 and one split requested: held in registers, the kernel must add splits (32
+    tiles each at most); stored per tile, one split holds them all."""
+    monkeypatch.setattr(paged_attention, "BLOCK_MASS_IN_LOOP", in_loop)
     torch.manual_seed(44)
     q, k, v, table, lens = make_inputs(2, 5, 1, 2, 16, [2500, 1700], torch.float32)
     scale = 0.25
