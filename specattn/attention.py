@@ -56,6 +56,8 @@ class Attention:
             fused_scores = want_scores and not options and not want_mass
             if sel is not None and sel.physical is not None and "selected_pages" in options:
                 options["selected_physical"] = sel.physical[layer]
+            if want_mass:       # straight into this layer's slot of the buffer (the reference path copies)
+                options["mass_out"] = view.page_mass[layer, : q.shape[0]]
             out = paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, lens, scale,
                                                   max_kv_len=view.max_kv_len, page_mass=want_mass,
                                                   return_lse=fused_scores, **options)
@@ -69,7 +71,8 @@ class Attention:
                                             max_kv_len=view.max_kv_len, page_mass=want_mass, **options)
         if want_mass:
             out, mass = out
-            view.page_mass[layer, :, :, : mass.shape[-1]] = mass
+            if mass.data_ptr() != view.page_mass[layer].data_ptr():
+                view.page_mass[layer, :, :, : mass.shape[-1]] = mass
         if want_scores:
             scores = reference.two_row_token_scores(q, k_pages, view.page_table, lens, scale)
             view.token_scores[layer, :, : scores.shape[-1]] = scores

@@ -141,6 +141,22 @@ def test_block_page_mass_matches_reference(case, in_loop, monkeypatch):
     assert torch.allclose(mass[..., :pages].view(*exact.shape[:2], -1, 4).sum(-1), blocks, atol=1e-4)
 
 
+@pytest.mark.parametrize("mass_tokens", [None, 64], ids=["page", "block64"])
+def test_page_mass_written_into_a_layer_of_a_callers_buffer(mass_tokens):
+    """mass_out: the mass lands in one layer's slot of a bigger [layers, batch, kv_heads, pages] buffer, equal to
+    the mass the kernel returns on its own; the other layers and the pages past the context stay untouched."""
+    torch.manual_seed(46)
+    q, k, v, table, lens = make_inputs(*MASS_CASES[2], torch.float32)
+    scale = MASS_CASES[2][4] ** -0.5
+    _, alone = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True, mass_tokens=mass_tokens)
+    buffer = torch.full((3, q.shape[0], k.shape[2], alone.shape[-1] + 5), -7.0)
+    _, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True, mass_tokens=mass_tokens,
+                                              mass_out=buffer[1])
+    assert mass.data_ptr() == buffer[1].data_ptr()
+    assert torch.equal(buffer[1, :, :, : alone.shape[-1]], alone)
+    assert (buffer[[0, 2]] == -7).all() and (buffer[1, :, :, alone.shape[-1]:] == -7).all()
+
+
 @pytest.mark.parametrize("in_loop", [True, False], ids=["stored-per-tile", "in-registers"])
 def test_block_mass_with_more_tiles_than_a_split_can_hold(in_loop, monkeypatch):
     """2,500 keys = 40 tiles of 64 and one split requested: held in registers, the kernel must add splits (32

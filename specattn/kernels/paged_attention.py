@@ -250,7 +250,7 @@ def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, n
 
 @triton.jit
 def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
-                      mass_pages, mass_blocks,
+                      mass_pages, mass_blocks, stride_mb, stride_mh,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                       PAGES_PER_TILE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
                       SPARSE: tl.constexpr, MASS_TILE: tl.constexpr):
@@ -281,7 +281,7 @@ def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_
         part = tl.load(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], mask=both, other=0.0)
     m = tl.load(mass_max_ptr + row_base[:, None] * mass_blocks + tile, mask=both, other=0.0)
     total = tl.sum(tl.where(both, part * tl.exp(m - lse[:, None]), 0.0), 0)
-    tl.store(mass_ptr + pid_bh * mass_pages + vpage, total, mask=vpage < mass_pages)
+    tl.store(mass_ptr + b * stride_mb + kvh * stride_mh + vpage, total, mask=vpage < mass_pages)
 
 
 @functools.cache
@@ -348,7 +348,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
                     launch: LaunchConfig | None = None, page_mass: bool = False,
                     selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None,
                     token_level: bool = False, mass_tokens: int | None = None, return_lse: bool = False,
-                    selected_physical: torch.Tensor | None = None):
+                    selected_physical: torch.Tensor | None = None, mass_out: torch.Tensor | None = None):
     """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim.
 
     selected_pages [batch, kv_heads, K] int32 (logical page numbers, -1 padded) and selected_counts
@@ -359,6 +359,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     return_lse=True (without page_mass): also return each row's log-sum-exp [batch, q_len, heads] fp32.
     selected_physical (page lists only): the same lists as physical pages (`physical_pages`), so the kernel reads
     them beside the logical ones instead of looking each up in the page table after it.
+    mass_out (page_mass only): write the mass into its first pages instead of a new tensor (fp32 [batch, kv_heads,
+    >= pages], pages contiguous; e.g. one layer of the caller's mass buffer, which saves a copy per layer).
     mass_tokens (dense page_mass only): a multiple of the page size above it measures mass per block of that
     many keys, spread evenly over its pages: nearly free, since the kernel sums each tile's weights anyway.
     """
@@ -430,19 +432,25 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     if not page_mass:
         return out
     return out, _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch, kv_heads, group, q_len,
-                                  page_size, mass_pages, mass_blocks, launch.block_n, sparse, mass_tile)
+                                  page_size, mass_pages, mass_blocks, launch.block_n, sparse, mass_tile, mass_out)
 
 
 def _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch: int, kv_heads: int, group: int,
                       q_len: int, page_size: int, mass_pages: int, mass_blocks: int, block_n: int, sparse: bool,
-                      mass_tile: bool) -> torch.Tensor:
+                      mass_tile: bool, mass_out: torch.Tensor | None = None) -> torch.Tensor:
     """The split kernel's partial page (or block) sums, rescaled with each row's log-sum-exp and summed over the
-    rows of a KV head: [batch, kv_heads, pages]."""
-    mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=lse.device)
+    rows of a KV head: [batch, kv_heads, pages] (a view of mass_out if given)."""
+    if mass_out is None:
+        mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=lse.device)
+    else:
+        if (mass_out.dtype != torch.float32 or mass_out.shape[:2] != (batch, kv_heads)
+                or mass_out.shape[2] < mass_pages or mass_out.stride(2) != 1):
+            raise ValueError(f"mass_out must be fp32 [{batch}, {kv_heads}, >= {mass_pages}] with contiguous pages")
+        mass = mass_out[:, :, :mass_pages]
     block_r = triton.next_power_of_2(group * q_len)
     block_p = max(16, 4096 // block_r)            # a tile of ~4K (row, page) elements
     _page_mass_kernel[(batch * kv_heads, triton.cdiv(mass_pages, block_p))](
-        mass_part, mass_max, lse, lens_after, counts, mass, mass_pages, mass_blocks,
+        mass_part, mass_max, lse, lens_after, counts, mass, mass_pages, mass_blocks, mass.stride(0), mass.stride(1),
         Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size,
         PAGES_PER_TILE=block_n // page_size, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
         MASS_TILE=mass_tile, num_warps=4,
