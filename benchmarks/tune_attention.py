@@ -195,8 +195,17 @@ def byproduct_sweep(copy: float) -> list[dict]:
             row[f"block64_{way}_splits"] = splits
             row[f"plain_at_{way}_splits_us"] = timed(num_splits=splits, launch=launch)
         paged_attention.BLOCK_MASS_IN_LOOP = True
+        finish = {}
+        for tile, warps in itertools.product((512, 1024, 2048, 4096, 8192), (1, 2, 4, 8)):
+            paged_attention.MASS_FINISH_TILE, paged_attention.MASS_FINISH_WARPS = tile, warps
+            finish[f"{tile}x{warps}"] = timed(page_mass=True, mass_tokens=64)
+        paged_attention.MASS_FINISH_TILE, paged_attention.MASS_FINISH_WARPS = 4096, 4
+        row["block64_by_finish_tile_x_warps_us"] = finish
+        best = min(finish, key=finish.get)
+        row["block64_best_finish"] = f"{best}: {finish[best]:.1f}"
         rows.append(row)
-        print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                       if not isinstance(v, dict)), flush=True)
     return rows
 
 

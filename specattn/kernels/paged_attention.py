@@ -64,6 +64,7 @@ MAX_MASS_TILES = 32    # block mass held in registers: tiles one split may hold 
 # head_dim 64 and forced extra splits. H200, tune_attention --byproduct (verify, default model, 8K, 5 rows):
 # batch 64 plain 112.6 µs, block mass in registers 158.6 µs (4 splits); batch 32 58.7 / 69.2 µs.
 BLOCK_MASS_IN_LOOP = True
+MASS_FINISH_TILE, MASS_FINISH_WARPS = 4096, 4   # _page_mass_kernel: (row, page) elements and warps per program
 MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
 MERGE_WARPS: int | None = None   # warps of the split-merge kernel; None: merge_warps() (tune_attention sets it)
 
@@ -448,11 +449,11 @@ def _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch: int, 
             raise ValueError(f"mass_out must be fp32 [{batch}, {kv_heads}, >= {mass_pages}] with contiguous pages")
         mass = mass_out[:, :, :mass_pages]
     block_r = triton.next_power_of_2(group * q_len)
-    block_p = max(16, 4096 // block_r)            # a tile of ~4K (row, page) elements
+    block_p = max(16, MASS_FINISH_TILE // block_r)   # a tile of MASS_FINISH_TILE (row, page) elements
     _page_mass_kernel[(batch * kv_heads, triton.cdiv(mass_pages, block_p))](
         mass_part, mass_max, lse, lens_after, counts, mass, mass_pages, mass_blocks, mass.stride(0), mass.stride(1),
         Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size,
         PAGES_PER_TILE=block_n // page_size, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
-        MASS_TILE=mass_tile, num_warps=4,
+        MASS_TILE=mass_tile, num_warps=MASS_FINISH_WARPS,
     )
     return mass
