@@ -199,7 +199,7 @@ def byproduct_sweep(copy: float) -> list[dict]:
         for tile, warps in itertools.product((512, 1024, 2048, 4096, 8192), (1, 2, 4, 8)):
             paged_attention.MASS_FINISH_TILE, paged_attention.MASS_FINISH_WARPS = tile, warps
             finish[f"{tile}x{warps}"] = timed(page_mass=True, mass_tokens=64)
-        paged_attention.MASS_FINISH_TILE, paged_attention.MASS_FINISH_WARPS = 4096, 4
+        paged_attention.MASS_FINISH_TILE, paged_attention.MASS_FINISH_WARPS = 1024, 4
         row["block64_by_finish_tile_x_warps_us"] = finish
         best = min(finish, key=finish.get)
         row["block64_best_finish"] = f"{best}: {finish[best]:.1f}"

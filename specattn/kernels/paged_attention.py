@@ -64,7 +64,10 @@ MAX_MASS_TILES = 32    # block mass held in registers: tiles one split may hold 
 # head_dim 64 and forced extra splits. H200, tune_attention --byproduct (verify, default model, 8K, 5 rows):
 # batch 64 plain 112.6 µs, block mass in registers 158.6 µs (4 splits); batch 32 58.7 / 69.2 µs.
 BLOCK_MASS_IN_LOOP = True
-MASS_FINISH_TILE, MASS_FINISH_WARPS = 4096, 4   # _page_mass_kernel: (row, page) elements and warps per program
+# _page_mass_kernel: (row, page) elements and warps per program. H200, byproduct_finish.json (block mass, verify
+# of 5 rows): 1024 x 4 against 4096 x 4 takes the whole attention from 132.7 to 121.4 µs at batch 64, 8K (plain
+# attention 110.2) and 68.0 to 63.5 at batch 32; every tile of 512-2048 with 4-8 warps within 1 µs of it.
+MASS_FINISH_TILE, MASS_FINISH_WARPS = 1024, 4
 MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
 MERGE_WARPS: int | None = None   # warps of the split-merge kernel; None: merge_warps() (tune_attention sets it)
 
