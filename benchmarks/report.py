@@ -206,17 +206,21 @@ def tp_tables(data: dict) -> str:
             f"{data['commit']}; copy bandwidth per GPU ({copy}). Random weights, bf16, CUDA graphs. "
             "Source: [`benchmarks/results/tp.json`](benchmarks/results/tp.json).\n")
     lines = ["| model | GPUs | batch | context | step ms | tok/s | GB read per GPU per step | fraction of copy bw "
-             "| all-reduce share | SpecAttn-Y draft step ms | verify (5 rows) ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| all-reduce share | step ms: NCCL / one-shot all-reduce | SpecAttn-Y draft step ms "
+             "| verify (5 rows) ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(data["rows"], key=lambda r: (r["model"], r["batch"], r["context"], r["tp"])):
         cell = f"| {r['model']} | {r['tp']} | {r['batch']} | {r['context']} |"
         if "skipped" in r:
-            lines.append(f"{cell} skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"{cell} skipped: {r['skipped']} | | | | | | | |")
             continue
         share = f"{r['all_reduce_share']:.1%}" if "all_reduce_share" in r else ""
+        path = r.get("all_reduce", "nccl")       # which path step_ms took (runs before 84f2e7d: one-shot)
+        both = {"nccl": r.get("step_ms_nccl"), "one-shot": r.get("step_ms_one_shot"), path: r["step_ms"]}
+        ab = (f"{both['nccl']:.2f} / {both['one-shot']:.2f}" if r["tp"] > 1 and None not in both.values() else "")
         spec = (f"{r['draft_step_ms']:.2f} | {r['verify_ms']:.2f}" if "draft_step_ms" in r else " | ")
         lines.append(f"{cell} {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | {r['bytes_per_gpu'] / 1e9:.1f} | "
-                     f"{r['bandwidth_fraction']:.2f} | {share} | {spec} |")
+                     f"{r['bandwidth_fraction']:.2f} | {share} | {ab} | {spec} |")
     s = data["summary"]
     tail = (f"`tp2_ar_bandwidth_fraction` = {s['tp2_ar_bandwidth_fraction']:.3f} (70B shape, minimum over its cells; "
             f"target 0.75), `tp2_over_tp1_8b` = {s['tp2_over_tp1_8b']:.3f} (8B shape, minimum over its cells: "
