@@ -130,6 +130,11 @@ def one_shot_all_reduce(mode: str) -> OneShotAllReduce | None:
         return None
     try:
         one_shot = OneShotAllReduce(dist.group.WORLD.group_name, torch.device("cuda", torch.cuda.current_device()))
+        # One sum before trusting it (an unsupported world size or peer mapping shows here, not in a graph).
+        probe = torch.full((8,), float(dist.get_rank() + 1), device="cuda")
+        world = dist.get_world_size()
+        if not bool((one_shot(probe) == world * (world + 1) / 2).all()):
+            raise RuntimeError("a test sum came out wrong")
         error = ""
     except Exception as e:  # noqa: BLE001 - any failure to set up means: use NCCL
         one_shot, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
