@@ -68,6 +68,11 @@ BLOCK_MASS_IN_LOOP = True
 # of 5 rows): 1024 x 4 against 4096 x 4 takes the whole attention from 132.7 to 121.4 µs at batch 64, 8K (plain
 # attention 110.2) and 68.0 to 63.5 at batch 32; every tile of 512-2048 with 4-8 warps within 1 µs of it.
 MASS_FINISH_TILE, MASS_FINISH_WARPS = 1024, 4
+# Block mass over tiles wider than a block (128-key tiles, 64-key blocks): keep the launch's tile and store each
+# block's sum from a masked row sum, instead of shrinking the tile to the block (at batch 1 x 32K with 8B heads
+# plain attention takes 43.6 µs at 128-key tiles and 55.0 at 64, block mass 59.3: byproduct_finish.json). Off
+# until timed (tune_attention --byproduct times both).
+BLOCK_MASS_SUBTILES = False
 MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
 MERGE_WARPS: int | None = None   # warps of the split-merge kernel; None: merge_warps() (tune_attention sets it)
 
@@ -95,7 +100,7 @@ def _paged_attn_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_COLS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
-    PHYS_LIST: tl.constexpr, MASS_IN_LOOP: tl.constexpr,
+    PHYS_LIST: tl.constexpr, MASS_IN_LOOP: tl.constexpr, MASS_SUB: tl.constexpr,
 ):
     # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
     # row j % PAGE_SIZE of the (j // PAGE_SIZE)-th page in this (sequence, KV head)'s list of logical pages,
@@ -175,7 +180,15 @@ def _paged_attn_split_kernel(
         if PAGE_MASS and MASS_TILE:
             # Mass per tile of BLOCK_N keys: the row sums of p are already there for l_i;
             # _page_mass_kernel spreads a tile's mass evenly over its existing pages.
-            if MASS_IN_LOOP:
+            if MASS_IN_LOOP and MASS_SUB > 1:       # MASS_SUB blocks per tile, each its own masked row sum
+                for sub in tl.static_range(MASS_SUB):
+                    in_sub = (cols // (BLOCK_N // MASS_SUB)) == sub
+                    mblk = blk * MASS_SUB + sub
+                    keep = row_ok & (mblk < mass_blocks)
+                    tl.store(mass_part_ptr + row_base * mass_blocks + mblk,
+                             tl.sum(tl.where(in_sub[None, :], p, 0.0), 1), mask=keep)
+                    tl.store(mass_max_ptr + row_base * mass_blocks + mblk, m_safe, mask=keep)
+            elif MASS_IN_LOOP:
                 tl.store(mass_part_ptr + row_base * mass_blocks + blk, tl.sum(p, 1), mask=row_ok)
                 tl.store(mass_max_ptr + row_base * mass_blocks + blk, m_safe, mask=row_ok)
             else:
@@ -312,7 +325,8 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
     if mass_tile:
         if sparse or mass_tokens % page_size:
             raise ValueError("block page mass needs dense attention and a multiple of the page size")
-        launch = dataclasses.replace(launch, block_n=mass_tokens)
+        if not (BLOCK_MASS_SUBTILES and BLOCK_MASS_IN_LOOP and launch.block_n % mass_tokens == 0):
+            launch = dataclasses.replace(launch, block_n=mass_tokens)
     if num_splits is None:
         num_splits = choose_num_splits(rows, kv_heads, cap, sms, launch)
         if tuned_sparse:
@@ -398,7 +412,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         m_part = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=dev)
         l_part = torch.empty_like(m_part)
     mass_pages = selected_pages.shape[2] if sparse else page_table.shape[1]
-    mass_blocks = -(-mass_pages * page_size // launch.block_n)
+    mass_sub = launch.block_n // mass_tokens if mass_tile else 1      # blocks of mass per tile of keys
+    mass_blocks = -(-mass_pages * page_size // (launch.block_n // mass_sub))
     if page_mass:
         mass_part = torch.empty(batch * kv_heads * group * q_len, mass_blocks if mass_tile else mass_pages,
                                 dtype=torch.float32, device=dev)
@@ -422,7 +437,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_COLS=max(16, launch.block_n // page_size) if page_mass and not mass_tile else 16,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
-        MASS_IN_LOOP=mass_tile and BLOCK_MASS_IN_LOOP,
+        MASS_IN_LOOP=mass_tile and BLOCK_MASS_IN_LOOP, MASS_SUB=mass_sub,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if not direct:
@@ -436,7 +451,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     if not page_mass:
         return out
     return out, _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch, kv_heads, group, q_len,
-                                  page_size, mass_pages, mass_blocks, launch.block_n, sparse, mass_tile, mass_out)
+                                  page_size, mass_pages, mass_blocks, launch.block_n // mass_sub, sparse, mass_tile,
+                                  mass_out)
 
 
 def _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch: int, kv_heads: int, group: int,
