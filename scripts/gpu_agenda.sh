@@ -51,6 +51,8 @@ for part in "$@"; do
                   2>&1 | grep "^=="
               done ;;
     kernels)  timeout 150 python3 benchmarks/kernels.py "$OUT/kernels.json" 2>&1 | tail -2 ;;
+    byproduct)   # verify attention plain vs page mass vs block mass kept three ways, finishing-kernel tiles (no model)
+              timeout 200 python3 benchmarks/tune_attention.py --byproduct "$OUT/byproduct.json" 2>&1 | grep "^shape" ;;
     sparse-scaling)   # sparse vs dense with more bytes, logical vs physical page lists (needs no model)
               timeout 120 python3 benchmarks/sparse_scaling.py "$OUT/sparse_scaling_token-major.json" 2>&1 | tail -9 ;;
     selfspec-phys)   # sparse drafts reading physical page lists (+phys) against the same methods without, same run
@@ -65,6 +67,6 @@ for part in "$@"; do
               timeout 400 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,specattn-y,specattn-y/blk64 --skip-8b --repeats 3 --out "$OUT/selfspec_r3.json" \
                 2>&1 | grep -v -i warn | tail -6 ;;
-    *)        echo "unknown part $part (auto, selfspec, selfspec-r3, selfspec-phys, selfspec-g8, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels, sparse-scaling, peers-compile, draft-splits, compile-modes)" >&2 ;;
+    *)        echo "unknown part $part (auto, selfspec, selfspec-r3, selfspec-phys, selfspec-g8, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels, byproduct, sparse-scaling, peers-compile, draft-splits, compile-modes)" >&2 ;;
   esac
 done
