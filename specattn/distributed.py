@@ -119,32 +119,48 @@ def init_tensor_parallel() -> TensorParallel | None:
     return TensorParallel(dist.get_rank(), dist.get_world_size(), one_shot=one_shot)
 
 
-def one_shot_all_reduce(mode: str) -> OneShotAllReduce | None:
+def one_shot_all_reduce(mode: str, device: torch.device | None = None) -> OneShotAllReduce | None:
     """The symmetric-memory all-reduce for the default group, or None for NCCL only: when `mode` asks for
     it ("nccl") or when this machine cannot map its peers' memory (every rank must come to the same answer, so
-    a failure on any rank means NCCL on all)."""
+    a failure on any rank means NCCL on all). device: this rank's GPU (default: the current one)."""
     import torch.distributed as dist
     if mode not in ALL_REDUCE_MODES:
         raise InvalidInputError(f"SPECATTN_TP_ALL_REDUCE={mode!r} is not one of {', '.join(ALL_REDUCE_MODES)}")
     if mode == "nccl":
         return None
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    one_shot, error = None, ""
     try:
-        one_shot = OneShotAllReduce(dist.group.WORLD.group_name, torch.device("cuda", torch.cuda.current_device()))
-        # One sum before trusting it (an unsupported world size or peer mapping shows here, not in a graph).
-        probe = torch.full((8,), float(dist.get_rank() + 1), device="cuda")
-        world = dist.get_world_size()
-        if not bool((one_shot(probe) == world * (world + 1) / 2).all()):
-            raise RuntimeError("a test sum came out wrong")
-        error = ""
+        one_shot = OneShotAllReduce(dist.group.WORLD.group_name, device)
     except Exception as e:  # noqa: BLE001 - any failure to set up means: use NCCL
-        one_shot, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    ok = torch.tensor([0 if one_shot is None else 1], device="cuda")
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if ok.item() == 0:
-        if error:
-            print(f"specattn: symmetric-memory all-reduce unavailable ({error}); using NCCL", file=sys.stderr)
-        return None
-    return one_shot
+        error = _one_line(e)
+    if _all_ranks(one_shot is not None, device):
+        # One sum before trusting it (an unsupported world size shows here, not inside a captured graph); only
+        # once every rank has a buffer, since the kernel waits for all of them.
+        world = dist.get_world_size()
+        try:
+            total = one_shot(torch.full((8,), float(dist.get_rank() + 1), device=device))
+            if not bool((total == world * (world + 1) / 2).all()):
+                error = "a test sum came out wrong"
+        except Exception as e:  # noqa: BLE001
+            error = _one_line(e)
+        if _all_ranks(not error, device):
+            return one_shot
+    if error:
+        print(f"specattn: symmetric-memory all-reduce unavailable ({error}); using NCCL", file=sys.stderr)
+    return None
+
+
+def _all_ranks(ok: bool, device: torch.device) -> bool:
+    """Whether `ok` holds on every rank (each rank learns the same answer)."""
+    import torch.distributed as dist
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def finish_tensor_parallel(wait: bool = True) -> bool:

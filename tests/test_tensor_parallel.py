@@ -214,3 +214,34 @@ def test_unknown_all_reduce_mode_is_a_clear_error():
     with pytest.raises(InvalidInputError, match="SPECATTN_TP_ALL_REDUCE='fast' is not one of nccl, one-shot"):
         one_shot_all_reduce("fast")
     assert one_shot_all_reduce("nccl") is None
+
+
+def _one_shot_worker(rank: int, world: int, port: int, out: str, trouble: str) -> None:
+    """Sets up the one-shot all-reduce with a stand-in for the symmetric-memory kernel (gloo underneath), which
+    fails in the way `trouble` names on rank 1 only."""
+    import specattn.distributed as d
+    tp = _join(rank, world, port)
+
+    class StandIn:
+        def __init__(self, group_name, device):
+            if trouble == "setup" and rank == 1:
+                raise RuntimeError("cannot map the peer's memory\nmore detail")
+
+        def __call__(self, x):
+            import torch.distributed as dist
+            total = x.clone()
+            dist.all_reduce(total, group=tp.group)
+            return total + 1 if trouble == "wrong-sum" and rank == 1 else total
+
+    d.OneShotAllReduce = StandIn
+    chosen = d.one_shot_all_reduce("one-shot", torch.device("cpu"))
+    with open(os.path.join(out, f"one_shot{rank}.txt"), "w") as f:
+        f.write(type(chosen).__name__)
+    _leave()
+
+
+@pytest.mark.parametrize("trouble", ["none", "setup", "wrong-sum"])
+def test_one_shot_all_reduce_is_used_only_when_every_rank_has_it_working(trouble, tmp_path):
+    _spawn_two(_one_shot_worker, str(tmp_path), trouble)
+    chosen = [(tmp_path / f"one_shot{r}.txt").read_text() for r in range(2)]
+    assert chosen == (["StandIn"] * 2 if trouble == "none" else ["NoneType"] * 2)
