@@ -171,10 +171,10 @@ BYPRODUCT_SHAPES = [(32, 8000, 5, 3, 3, 64), (64, 8000, 5, 3, 3, 64), (1, 32768,
 
 
 def byproduct_sweep(copy: float) -> list[dict]:
-    """Plain verify attention against the same with page mass and with block mass (64-key blocks) kept each way
-    (stored per tile; in registers, which caps the tiles a split may hold and can force more splits; two blocks
-    per 128-key tile where the launch has them), and plain attention at the split count and tiling each
-    block-mass launch used."""
+    """Plain verify attention against the same with page mass and with block mass (64-key blocks; a tile per
+    block, or two blocks per 128-key tile where the launch has them), and plain attention at the split count and
+    tiling each block-mass launch used. (Block sums held in registers, the way before 597e70f, are in
+    results/byproduct_registers.json.)"""
     from benchmarks.kernels import kv_pools
     rows = []
     for batch, ctx, q_len, kv_heads, group, dim in BYPRODUCT_SHAPES:
@@ -187,15 +187,15 @@ def byproduct_sweep(copy: float) -> list[dict]:
         row = {"shape": f"b{batch}-{ctx // 1024}k-q{q_len}-h{kv_heads}x{group}-d{dim}", "plain_us": timed(),
                "page_mass_us": timed(page_mass=True)}
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for in_loop, subtiles in ((True, False), (False, False), (True, True)):
-            paged_attention.BLOCK_MASS_IN_LOOP, paged_attention.BLOCK_MASS_SUBTILES = in_loop, subtiles
-            way = "subtiles" if subtiles else "stored_per_tile" if in_loop else "in_registers"
+        for subtiles in (False, True):
+            paged_attention.BLOCK_MASS_SUBTILES = subtiles
+            way = "subtiles" if subtiles else "stored_per_tile"
             launch, splits, *_ = paged_attention._plan_launch(batch, kv_heads, dim, 16, ctx, sms, None, None, True,
                                                               64, False)
             row[f"block64_{way}_us"] = timed(page_mass=True, mass_tokens=64)
             row[f"block64_{way}_splits"] = splits
             row[f"plain_at_{way}_splits_us"] = timed(num_splits=splits, launch=launch)
-        paged_attention.BLOCK_MASS_IN_LOOP, paged_attention.BLOCK_MASS_SUBTILES = True, False
+        paged_attention.BLOCK_MASS_SUBTILES = False
         finish = {}
         for tile, warps in itertools.product((512, 1024, 2048, 4096, 8192), (1, 2, 4, 8)):
             paged_attention.MASS_FINISH_TILE, paged_attention.MASS_FINISH_WARPS = tile, warps

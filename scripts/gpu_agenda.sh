@@ -51,7 +51,7 @@ for part in "$@"; do
                   2>&1 | grep "^=="
               done ;;
     kernels)  timeout 150 python3 benchmarks/kernels.py "$OUT/kernels.json" 2>&1 | tail -2 ;;
-    byproduct)   # verify attention plain vs page mass vs block mass kept three ways, finishing-kernel tiles (no model)
+    byproduct)   # verify attention plain vs page mass vs block mass (tile per block, sub-tiles), finishing tiles (no model)
               timeout 200 python3 benchmarks/tune_attention.py --byproduct "$OUT/byproduct.json" 2>&1 | grep "^shape" ;;
     sparse-scaling)   # sparse vs dense with more bytes, logical vs physical page lists (needs no model)
               timeout 120 python3 benchmarks/sparse_scaling.py "$OUT/sparse_scaling_token-major.json" 2>&1 | tail -9 ;;

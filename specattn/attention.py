@@ -56,11 +56,13 @@ class Attention:
             fused_scores = want_scores and not options and not want_mass
             if sel is not None and sel.physical is not None and "selected_pages" in options:
                 options["selected_physical"] = sel.physical[layer]
-            if want_mass:       # straight into this layer's slot of the buffer (the reference path copies)
+            if want_mass:       # straight into this layer's slot of the buffer
                 options["mass_out"] = view.page_mass[layer, : q.shape[0]]
             out = paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, lens, scale,
                                                   max_kv_len=view.max_kv_len, page_mass=want_mass,
                                                   return_lse=fused_scores, **options)
+            if want_mass:
+                out, _ = out
             if fused_scores:   # one more read of K, normalised with the verify pass's own log-sum-exp
                 out, lse = out
                 scores = token_scores.two_row_token_scores(q, k_pages, view.page_table, lens, lse, scale)
@@ -69,9 +71,8 @@ class Attention:
         else:
             out = reference.paged_attention(q, k_pages, v_pages, view.page_table, lens, scale,
                                             max_kv_len=view.max_kv_len, page_mass=want_mass, **options)
-        if want_mass:
-            out, mass = out
-            if mass.data_ptr() != view.page_mass[layer].data_ptr():
+            if want_mass:
+                out, mass = out
                 view.page_mass[layer, :, :, : mass.shape[-1]] = mass
         if want_scores:
             scores = reference.two_row_token_scores(q, k_pages, view.page_table, lens, scale)

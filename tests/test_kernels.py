@@ -122,18 +122,13 @@ def test_page_mass_by_product_matches_reference(case, num_splits, launch):
     assert torch.allclose(mass.sum(-1), torch.full_like(mass.sum(-1), group * q_len), atol=1e-4)
 
 
-BLOCK_MASS_WAYS = {"stored-per-tile": (True, False), "in-registers": (False, False),
-                   "two-blocks-per-128-key-tile": (True, True)}      # (BLOCK_MASS_IN_LOOP, BLOCK_MASS_SUBTILES)
-
-
-@pytest.mark.parametrize("way", BLOCK_MASS_WAYS)
+@pytest.mark.parametrize("subtiles", [False, True], ids=["tile-per-block", "two-blocks-per-128-key-tile"])
 @pytest.mark.parametrize("case", MASS_CASES[1:3], ids=["b3-q1-g4", "b2-q5-g8"])
-def test_block_page_mass_matches_reference(case, way, monkeypatch):
+def test_block_page_mass_matches_reference(case, subtiles, monkeypatch):
     """Mass per 64-key block (the tile's own row sums), spread over its pages: kernel == reference, and the
-    mass of each 4-page block equals the sum of the exact per-page masses. Every way of keeping the block sums
-    (these small batches launch 128-key tiles, so the sub-tile way sums two blocks per tile)."""
-    for name, value in zip(("BLOCK_MASS_IN_LOOP", "BLOCK_MASS_SUBTILES"), BLOCK_MASS_WAYS[way], strict=True):
-        monkeypatch.setattr(paged_attention, name, value)
+    mass of each 4-page block equals the sum of the exact per-page masses. Both tilings (these small batches
+    launch 128-key tiles, so with sub-tiles each tile sums two blocks)."""
+    monkeypatch.setattr(paged_attention, "BLOCK_MASS_SUBTILES", subtiles)
     torch.manual_seed(40 + case[1])
     q, k, v, table, lens = make_inputs(*case, torch.float32)
     scale = case[4] ** -0.5
@@ -163,13 +158,11 @@ def test_page_mass_written_into_a_layer_of_a_callers_buffer(mass_tokens):
     assert (buffer[[0, 2]] == -7).all() and (buffer[1, :, :, alone.shape[-1]:] == -7).all()
 
 
-@pytest.mark.parametrize("way", BLOCK_MASS_WAYS)
-def test_block_mass_with_more_tiles_than_a_split_can_hold(way, monkeypatch):
-    """2,500 keys = 40 tiles of 64 and one split requested: held in registers, the kernel must add splits (32
-    tiles each at most); stored per tile, one split holds them all (with sub-tiles: 20 tiles of 128, the last
-    one's second block past the keys)."""
-    for name, value in zip(("BLOCK_MASS_IN_LOOP", "BLOCK_MASS_SUBTILES"), BLOCK_MASS_WAYS[way], strict=True):
-        monkeypatch.setattr(paged_attention, name, value)
+@pytest.mark.parametrize("subtiles", [False, True], ids=["tile-per-block", "two-blocks-per-128-key-tile"])
+def test_block_mass_of_many_tiles_in_one_split(subtiles, monkeypatch):
+    """2,500 keys = 40 tiles of 64 in the one split requested: each tile stores its own block sums as it goes
+    (with sub-tiles: 20 tiles of 128, the last one's second block past the keys)."""
+    monkeypatch.setattr(paged_attention, "BLOCK_MASS_SUBTILES", subtiles)
     torch.manual_seed(44)
     q, k, v, table, lens = make_inputs(2, 5, 1, 2, 16, [2500, 1700], torch.float32)
     scale = 0.25

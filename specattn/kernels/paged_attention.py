@@ -58,12 +58,10 @@ def choose_launch(programs: int, head_dim: int) -> LaunchConfig:
 # Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU test path) gets tl.dot wrong on bf16/fp16
 # operands; there the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_MASS_TILES = 32    # block mass held in registers: tiles one split may hold (more splits are used if needed)
-# Block mass: each tile stores its row sums and row max as it goes (two [rows] stores), instead of holding them
-# in [rows, MAX_MASS_TILES] registers updated by a select every tile, which cost more than the tile's own work at
-# head_dim 64 and forced extra splits. H200, tune_attention --byproduct (verify, default model, 8K, 5 rows):
-# batch 64 plain 112.6 µs, block mass in registers 158.6 µs (4 splits); batch 32 58.7 / 69.2 µs.
-BLOCK_MASS_IN_LOOP = True
+# Block mass: each tile stores its row sums and row max as it goes (two [rows] stores). Until 597e70f they were
+# held in [rows, 32] registers updated by a select every tile, which cost more than the tile's own work at
+# head_dim 64 and forced extra splits. H200, byproduct_registers.json (verify, default model, 8K, 5 rows): batch
+# 64 plain 112.6 µs, block mass in registers 158.6 µs (4 splits), stored per tile 135.4 µs; batch 32 69 µs both.
 # _page_mass_kernel: (row, page) elements and warps per program. H200, byproduct_finish.json (block mass, verify
 # of 5 rows): 1024 x 4 against 4096 x 4 takes the whole attention from 132.7 to 121.4 µs at batch 64, 8K (plain
 # attention 110.2) and 68.0 to 63.5 at batch 32; every tile of 512-2048 with 4-8 warps within 1 µs of it.
@@ -100,7 +98,7 @@ def _paged_attn_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_COLS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
-    PHYS_LIST: tl.constexpr, MASS_IN_LOOP: tl.constexpr, MASS_SUB: tl.constexpr,
+    PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr,
 ):
     # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
     # row j % PAGE_SIZE of the (j // PAGE_SIZE)-th page in this (sequence, KV head)'s list of logical pages,
@@ -139,11 +137,10 @@ def _paged_attn_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    # Block mass, and page mass with DEFER_MASS, wait in registers and are stored once after the loop: per tile
-    # its row max, and its row sums (block mass) or per-page row sums (page mass). A store inside the loop slowed
-    # the whole kernel by 15-50% on the H100; deferring page mass measured mixed on the H200 (see defer_page_mass).
+    # Page mass with DEFER_MASS waits in registers and is stored once after the loop: per tile its row max and
+    # per-page row sums. A store inside the loop slowed the whole kernel by 15-50% on the H100; deferring page mass
+    # measured mixed on the H200 (see defer_page_mass).
     slots = tl.arange(0, MAX_TILES)
-    tile_sum = tl.zeros([BLOCK_M, MAX_TILES], tl.float32)
     tile_max = tl.zeros([BLOCK_M, MAX_TILES], tl.float32)
     page_sums = tl.zeros([BLOCK_M, MAX_TILES, MASS_COLS], tl.float32)
     for blk in range(block_lo, block_hi):
@@ -180,7 +177,7 @@ def _paged_attn_split_kernel(
         if PAGE_MASS and MASS_TILE:
             # Mass per tile of BLOCK_N keys: the row sums of p are already there for l_i;
             # _page_mass_kernel spreads a tile's mass evenly over its existing pages.
-            if MASS_IN_LOOP and MASS_SUB > 1:       # MASS_SUB blocks per tile, each its own masked row sum
+            if MASS_SUB > 1:       # MASS_SUB blocks per tile, each its own masked row sum
                 for sub in tl.static_range(MASS_SUB):
                     in_sub = (cols // (BLOCK_N // MASS_SUB)) == sub
                     mblk = blk * MASS_SUB + sub
@@ -188,13 +185,9 @@ def _paged_attn_split_kernel(
                     tl.store(mass_part_ptr + row_base * mass_blocks + mblk,
                              tl.sum(tl.where(in_sub[None, :], p, 0.0), 1), mask=keep)
                     tl.store(mass_max_ptr + row_base * mass_blocks + mblk, m_safe, mask=keep)
-            elif MASS_IN_LOOP:
+            else:
                 tl.store(mass_part_ptr + row_base * mass_blocks + blk, tl.sum(p, 1), mask=row_ok)
                 tl.store(mass_max_ptr + row_base * mass_blocks + blk, m_safe, mask=row_ok)
-            else:
-                here = (slots == blk - block_lo)[None, :]
-                tile_sum = tl.where(here, tl.sum(p, 1)[:, None], tile_sum)
-                tile_max = tl.where(here, m_safe[:, None], tile_max)
         elif PAGE_MASS:
             # Per-row mass of each page of this tile, relative to m_safe; rescaled by exp(m_safe - lse)
             # once the row's log-sum-exp is known (_page_mass_kernel). Rows are (g, t): decode/verify only.
@@ -222,12 +215,6 @@ def _paged_attn_split_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    if PAGE_MASS and MASS_TILE and not MASS_IN_LOOP:
-        tile_idx = block_lo + slots
-        where = row_base[:, None] * mass_blocks + tile_idx[None, :]
-        keep = row_ok[:, None] & (tile_idx < block_hi)[None, :]
-        tl.store(mass_part_ptr + where, tile_sum, mask=keep)
-        tl.store(mass_max_ptr + where, tile_max, mask=keep)
     if PAGE_MASS and DEFER_MASS:
         tile_idx = block_lo + slots
         tile_ok = row_ok[:, None] & (tile_idx < block_hi)[None, :]
@@ -325,7 +312,7 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
     if mass_tile:
         if sparse or mass_tokens % page_size:
             raise ValueError("block page mass needs dense attention and a multiple of the page size")
-        if not (BLOCK_MASS_SUBTILES and BLOCK_MASS_IN_LOOP and launch.block_n % mass_tokens == 0):
+        if not (BLOCK_MASS_SUBTILES and launch.block_n % mass_tokens == 0):
             launch = dataclasses.replace(launch, block_n=mass_tokens)
     if num_splits is None:
         num_splits = choose_num_splits(rows, kv_heads, cap, sms, launch)
@@ -335,9 +322,8 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
     # merge would hold too many partials, so the mass is stored per tile there.
     defer = (page_mass and not mass_tile and defer_page_mass(launch)
              and -(-cap // (launch.block_n * MAX_PAGE_MASS_TILES)) <= 256)
-    in_registers = mass_tile and not BLOCK_MASS_IN_LOOP
-    max_tiles = MAX_MASS_TILES if in_registers else (MAX_PAGE_MASS_TILES if defer else 1)
-    if in_registers or defer:      # every split's tiles must fit the registers that hold their mass
+    max_tiles = MAX_PAGE_MASS_TILES if defer else 1
+    if defer:      # every split's tiles must fit the registers that hold their mass
         num_splits = max(num_splits, -(-cap // (launch.block_n * max_tiles)))
     return launch, num_splits, mass_tile, defer, max_tiles
 
@@ -437,7 +423,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_COLS=max(16, launch.block_n // page_size) if page_mass and not mass_tile else 16,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
-        MASS_IN_LOOP=mass_tile and BLOCK_MASS_IN_LOOP, MASS_SUB=mass_sub,
+        MASS_SUB=mass_sub,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if not direct:
@@ -456,10 +442,11 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
 
 
 def _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch: int, kv_heads: int, group: int,
-                      q_len: int, page_size: int, mass_pages: int, mass_blocks: int, block_n: int, sparse: bool,
+                      q_len: int, page_size: int, mass_pages: int, mass_blocks: int, tile_keys: int, sparse: bool,
                       mass_tile: bool, mass_out: torch.Tensor | None = None) -> torch.Tensor:
     """The split kernel's partial page (or block) sums, rescaled with each row's log-sum-exp and summed over the
-    rows of a KV head: [batch, kv_heads, pages] (a view of mass_out if given)."""
+    rows of a KV head: [batch, kv_heads, pages] (a view of mass_out if given). tile_keys: keys per stored row max
+    (the launch's tile; block mass: the block)."""
     if mass_out is None:
         mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=lse.device)
     else:
@@ -472,7 +459,7 @@ def _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch: int, 
     _page_mass_kernel[(batch * kv_heads, triton.cdiv(mass_pages, block_p))](
         mass_part, mass_max, lse, lens_after, counts, mass, mass_pages, mass_blocks, mass.stride(0), mass.stride(1),
         Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size,
-        PAGES_PER_TILE=block_n // page_size, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
+        PAGES_PER_TILE=tile_keys // page_size, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
         MASS_TILE=mass_tile, num_warps=MASS_FINISH_WARPS,
     )
     return mass
