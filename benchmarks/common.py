@@ -96,6 +96,22 @@ def cuda_kernel_totals(prof) -> dict[str, list]:
     return per_kernel
 
 
+def profile_kernels(fn, calls: int) -> dict[str, list]:
+    """cuda_kernel_totals of `calls` calls of fn under torch.profiler (divide by `calls` for one call's share)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return cuda_kernel_totals(prof)
+
+
+def split_block_suffix(method: str) -> tuple[str, int | None]:
+    """'specattn-y/blk64' -> ('specattn-y', 64): the benchmarks' name for SpecAttn-Y ranking 64-key blocks
+    (SpeculationParams.mass_tokens); a name without the suffix -> (name, None)."""
+    name, _, block = method.partition("/blk")
+    return name, int(block) if block else None
+
+
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
     src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device="cuda")

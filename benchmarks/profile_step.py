@@ -19,10 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     SHAPES,
     copy_bandwidth_gbs,
-    cuda_kernel_totals,
     environment,
     median_ms,
+    profile_kernels,
     random_model,
+    split_block_suffix,
     weight_bytes_per_step,
 )
 from specattn.api import SpeculationParams, make_policy  # noqa: E402
@@ -38,8 +39,8 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, 
     step of that self-speculation method (q_len = gamma + 1), page-mass by-product and all."""
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, q_len), device="cuda")
     if verify is not None:
-        method, _, block = verify.partition("/blk")
-        spec = SpeculationParams(512, q_len - 1, (0,), mass_tokens=int(block) if block else None)
+        method, mass_tokens = split_block_suffix(verify)
+        spec = SpeculationParams(512, q_len - 1, (0,), mass_tokens=mass_tokens)
         policy = make_policy(method, spec, model.cfg.num_layers)
         policy.reset(cache)
         steps = RoundSteps(model, cache, policy, batch, q_len - 1, SamplingParams())
@@ -81,11 +82,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
         fn()
     torch.cuda.synchronize()
     replay_us = median_ms(fn) * 1000       # one graph launch per call: host overhead is small
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    per_kernel = cuda_kernel_totals(prof)
+    per_kernel = profile_kernels(fn, steps)
     total = sum(us for _, us in per_kernel.values()) / steps
     count = sum(c for c, _ in per_kernel.values()) // steps
     moved = weight_bytes_per_step(model, batch) + batch * kv_tokens * model.cfg.kv_bytes_per_token * 2

@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import LLAMA3_8B, RESULTS, environment, graph_ms, gutenberg_tokens, random_model  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    LLAMA3_8B,
+    RESULTS,
+    environment,
+    graph_ms,
+    gutenberg_tokens,
+    random_model,
+    split_block_suffix,
+)
 from specattn import selection  # noqa: E402
 from specattn.api import METHODS, SpeculationParams, make_policy  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
@@ -57,9 +65,9 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     params = GenerationParams(max_new_tokens=new_tokens, sampling=sampling)
     adaptive = method.endswith("+adaptive")      # e.g. magicdec+adaptive: adaptive gamma, at most spec.gamma
     method = method.removesuffix("+adaptive")
-    if "/blk" in method:              # specattn-y/blk64: verification mass per 64-key block
-        method, block = method.split("/blk")
-        spec = dataclasses.replace(spec, mass_tokens=int(block))
+    method, mass_tokens = split_block_suffix(method)      # specattn-y/blk64: mass per 64-key block
+    if mass_tokens:
+        spec = dataclasses.replace(spec, mass_tokens=mass_tokens)
     warm = GenerationParams(max_new_tokens=4 * spec.gamma, sampling=sampling)
     if METHODS[method] is None:
         runner = generate_ar(model, caches["plain"], prompts, warm).runner

@@ -33,6 +33,7 @@ from benchmarks.common import (  # noqa: E402
     copy_bandwidth_gbs,
     environment,
     median_ms,
+    profile_kernels,
     weight_bytes_per_step,
 )
 from specattn.api import SpeculationParams, make_policy  # noqa: E402
@@ -144,17 +145,11 @@ def without_all_reduce_ms(model, cache, batch: int) -> float:
 
 def profile_step(model, cache, batch: int, steps: int = 10, top: int = 16) -> dict:
     """Per-kernel device time of one graph-captured step (torch.profiler; every rank runs it, rank 0 reports)."""
-    from benchmarks.common import cuda_kernel_totals
-    runner = StepRunner(model, cache)
-    tokens = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
-    for _ in range(3):
-        runner(tokens)
+    step = step_runner(model, cache, batch)
+    for _ in range(2):
+        step()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            runner(tokens)
-        torch.cuda.synchronize()
-    per_kernel = cuda_kernel_totals(prof)
+    per_kernel = profile_kernels(step, steps)
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])
     return {"kernels": sum(c for c, _ in per_kernel.values()) // steps,
             "kernel_sum_us": sum(us for _, us in per_kernel.values()) / steps,

@@ -92,14 +92,10 @@ SPLIT_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 def kernel_split_us(call, pools) -> dict[str, float]:
     """Device µs per call of each kernel the attention launches (split, merge), from torch.profiler."""
-    from benchmarks.common import cuda_kernel_totals
+    from benchmarks.common import profile_kernels
     reps = 20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            for k, v in pools:
-                call(k, v)
-        torch.cuda.synchronize()
-    return {name: us / (reps * len(pools)) for name, (_, us) in cuda_kernel_totals(prof).items()}
+    totals = profile_kernels(lambda: [call(k, v) for k, v in pools], reps)
+    return {name: us / (reps * len(pools)) for name, (_, us) in totals.items()}
 
 
 def split_sweep(copy: float, batches: set[int] | None = None, names: list[str] | None = None) -> list[dict]:
