@@ -183,6 +183,7 @@ def byproduct_sweep(copy: float) -> list[dict]:
         row = {"shape": f"b{batch}-{ctx // 1024}k-q{q_len}-h{kv_heads}x{group}-d{dim}", "plain_us": timed(),
                "page_mass_us": timed(page_mass=True)}
         sms = torch.cuda.get_device_properties(0).multi_processor_count
+        default_subtiles = paged_attention.BLOCK_MASS_SUBTILES
         for subtiles in (False, True):
             paged_attention.BLOCK_MASS_SUBTILES = subtiles
             way = "subtiles" if subtiles else "stored_per_tile"
@@ -191,7 +192,7 @@ def byproduct_sweep(copy: float) -> list[dict]:
             row[f"block64_{way}_us"] = timed(page_mass=True, mass_tokens=64)
             row[f"block64_{way}_splits"] = splits
             row[f"plain_at_{way}_splits_us"] = timed(num_splits=splits, launch=launch)
-        paged_attention.BLOCK_MASS_SUBTILES = False
+        paged_attention.BLOCK_MASS_SUBTILES = default_subtiles
         finish = {}
         for tile, warps in itertools.product((512, 1024, 2048, 4096, 8192), (1, 2, 4, 8)):
             paged_attention.MASS_FINISH_TILE, paged_attention.MASS_FINISH_WARPS = tile, warps

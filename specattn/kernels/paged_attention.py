@@ -67,10 +67,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # attention 110.2) and 68.0 to 63.5 at batch 32; every tile of 512-2048 with 4-8 warps within 1 µs of it.
 MASS_FINISH_TILE, MASS_FINISH_WARPS = 1024, 4
 # Block mass over tiles wider than a block (128-key tiles, 64-key blocks): keep the launch's tile and store each
-# block's sum from a masked row sum, instead of shrinking the tile to the block (at batch 1 x 32K with 8B heads
-# plain attention takes 43.6 µs at 128-key tiles and 55.0 at 64, block mass 59.3: byproduct_finish.json). Off
-# until timed (tune_attention --byproduct times both).
-BLOCK_MASS_SUBTILES = False
+# block's sum from a masked row sum, instead of shrinking the tile to the block. H200, byproduct.json (bb38795,
+# verify of 5 rows, batch 1 x 32K, 8B heads): plain 43.9 µs, block mass with 64-key tiles 59.1, with sub-tiles
+# 53.0; batch 32 / 64 at head_dim 64 have 64-key tiles already (unchanged).
+BLOCK_MASS_SUBTILES = True
 MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
 MERGE_WARPS: int | None = None   # warps of the split-merge kernel; None: merge_warps() (tune_attention sets it)
 
@@ -91,7 +91,7 @@ def _paged_attn_split_kernel(
     scale,
     stride_qb, stride_qt, stride_qh,
     stride_kp, stride_kr, stride_kh,
-    stride_ptb, sel_len, mass_pages, mass_blocks,
+    stride_ptb, sel_len, mass_pages, mass_blocks, mass_tiles,
     num_splits,
     Q_LEN: tl.constexpr, Q_BLOCK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -173,21 +173,28 @@ def _paged_attn_split_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p_sum = tl.sum(p, 1)
+        l_i = l_i * alpha + p_sum
         if PAGE_MASS and MASS_TILE:
             # Mass per tile of BLOCK_N keys: the row sums of p are already there for l_i;
             # _page_mass_kernel spreads a tile's mass evenly over its existing pages.
-            if MASS_SUB > 1:       # MASS_SUB blocks per tile, each its own masked row sum
+            if MASS_SUB > 1:
+                # MASS_SUB blocks per tile: a masked row sum for all but the last, which is what the tile's row
+                # sum leaves over (one masked sum a tile instead of two at 128-key tiles and 64-key blocks).
+                rest = p_sum
                 for sub in tl.static_range(MASS_SUB):
-                    in_sub = (cols // (BLOCK_N // MASS_SUB)) == sub
                     mblk = blk * MASS_SUB + sub
-                    keep = row_ok & (mblk < mass_blocks)
-                    tl.store(mass_part_ptr + row_base * mass_blocks + mblk,
-                             tl.sum(tl.where(in_sub[None, :], p, 0.0), 1), mask=keep)
-                    tl.store(mass_max_ptr + row_base * mass_blocks + mblk, m_safe, mask=keep)
+                    if sub < MASS_SUB - 1:
+                        in_sub = (cols // (BLOCK_N // MASS_SUB)) == sub
+                        block_sum = tl.sum(tl.where(in_sub[None, :], p, 0.0), 1)
+                        rest = rest - block_sum
+                    else:
+                        block_sum = rest
+                    tl.store(mass_part_ptr + row_base * mass_blocks + mblk, block_sum,
+                             mask=row_ok & (mblk < mass_blocks))
             else:
-                tl.store(mass_part_ptr + row_base * mass_blocks + blk, tl.sum(p, 1), mask=row_ok)
-                tl.store(mass_max_ptr + row_base * mass_blocks + blk, m_safe, mask=row_ok)
+                tl.store(mass_part_ptr + row_base * mass_blocks + blk, p_sum, mask=row_ok)
+            tl.store(mass_max_ptr + row_base * mass_tiles + blk, m_safe, mask=row_ok)     # one max per tile
         elif PAGE_MASS:
             # Per-row mass of each page of this tile, relative to m_safe; rescaled by exp(m_safe - lse)
             # once the row's log-sum-exp is known (_page_mass_kernel). Rows are (g, t): decode/verify only.
@@ -207,7 +214,7 @@ def _paged_attn_split_kernel(
                 vpage = blk * pages_per_tile + col_page
                 tl.store(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], tile_mass,
                          mask=row_ok[:, None] & (col_page[None, :] < pages_per_tile) & (vpage[None, :] < mass_pages))
-                tl.store(mass_max_ptr + row_base * mass_blocks + blk, m_safe, mask=row_ok)
+                tl.store(mass_max_ptr + row_base * mass_tiles + blk, m_safe, mask=row_ok)
         v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
@@ -222,7 +229,7 @@ def _paged_attn_split_kernel(
         vpage = tile_idx[None, :, None] * pages_per_tile + col_page[None, None, :]
         keep = tile_ok[:, :, None] & (col_page < pages_per_tile)[None, None, :] & (vpage < mass_pages)
         tl.store(mass_part_ptr + row_base[:, None, None] * mass_pages + vpage, page_sums, mask=keep)
-        tl.store(mass_max_ptr + row_base[:, None] * mass_blocks + tile_idx[None, :], tile_max, mask=tile_ok)
+        tl.store(mass_max_ptr + row_base[:, None] * mass_tiles + tile_idx[None, :], tile_max, mask=tile_ok)
     part = ((b * Q_LEN + t) * HEADS + head) * num_splits + split     # [B, T, H, S] flat
     if DIRECT:       # one split holds every key: the row is final here, no partials and no merge launch
         tl.store(out_ptr + part[:, None] * HEAD_DIM + dims[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
@@ -254,9 +261,10 @@ def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, n
 
 @triton.jit
 def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
-                      mass_pages, mass_blocks, stride_mb, stride_mh,
+                      mass_pages, mass_blocks, mass_tiles, stride_mb, stride_mh,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                      PAGES_PER_TILE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                      PAGES_PER_BLOCK: tl.constexpr, PAGES_PER_MAX: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_R: tl.constexpr,
                       SPARSE: tl.constexpr, MASS_TILE: tl.constexpr):
     """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight. All rows of a
     block of pages in one tile: a loop over rows would serialise dependent loads."""
@@ -276,14 +284,15 @@ def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_
     lse = tl.load(lse_ptr + (b * Q_LEN + r % Q_LEN) * HEADS + head, mask=row_ok, other=0.0)
     row_base = (pid_bh * GROUP * Q_LEN + r).to(tl.int64)
     both = row_ok[:, None] & ok[None, :]
-    tile = (vpage // PAGES_PER_TILE)[None, :]
+    block = (vpage // PAGES_PER_BLOCK)[None, :]        # block mass: the block holding the page
     if MASS_TILE:
-        part = tl.load(mass_part_ptr + row_base[:, None] * mass_blocks + tile, mask=both, other=0.0)
-        in_tile = tl.minimum(PAGES_PER_TILE, n_pages - tile * PAGES_PER_TILE)          # pages that exist
-        part = part / tl.maximum(in_tile, 1).to(tl.float32)
+        part = tl.load(mass_part_ptr + row_base[:, None] * mass_blocks + block, mask=both, other=0.0)
+        in_block = tl.minimum(PAGES_PER_BLOCK, n_pages - block * PAGES_PER_BLOCK)          # pages that exist
+        part = part / tl.maximum(in_block, 1).to(tl.float32)
     else:
         part = tl.load(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], mask=both, other=0.0)
-    m = tl.load(mass_max_ptr + row_base[:, None] * mass_blocks + tile, mask=both, other=0.0)
+    m = tl.load(mass_max_ptr + row_base[:, None] * mass_tiles + (vpage // PAGES_PER_MAX)[None, :], mask=both,
+                other=0.0)
     total = tl.sum(tl.where(both, part * tl.exp(m - lse[:, None]), 0.0), 0)
     tl.store(mass_ptr + b * stride_mb + kvh * stride_mh + vpage, total, mask=vpage < mass_pages)
 
@@ -400,10 +409,11 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     mass_pages = selected_pages.shape[2] if sparse else page_table.shape[1]
     mass_sub = launch.block_n // mass_tokens if mass_tile else 1      # blocks of mass per tile of keys
     mass_blocks = -(-mass_pages * page_size // (launch.block_n // mass_sub))
+    mass_tiles = -(-mass_pages * page_size // launch.block_n)          # one row max is stored per tile
     if page_mass:
         mass_part = torch.empty(batch * kv_heads * group * q_len, mass_blocks if mass_tile else mass_pages,
                                 dtype=torch.float32, device=dev)
-        mass_max = torch.empty(batch * kv_heads * group * q_len, mass_blocks, dtype=torch.float32, device=dev)
+        mass_max = torch.empty(batch * kv_heads * group * q_len, mass_tiles, dtype=torch.float32, device=dev)
     else:
         mass_part = mass_max = lse                 # unused; any tensor will do as a placeholder pointer
     if sparse:
@@ -417,7 +427,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         o_part, m_part, l_part, mass_part, mass_max, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        page_table.stride(0), sel.shape[-1] if sparse else 0, mass_pages, mass_blocks, num_splits,
+        page_table.stride(0), sel.shape[-1] if sparse else 0, mass_pages, mass_blocks, mass_tiles, num_splits,
         Q_LEN=q_len, Q_BLOCK=q_block, GROUP=group, HEADS=heads, PAGE_SIZE=page_size, HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=launch.block_n, UPCAST_DOT=INTERPRETED, SPARSE=sparse,
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
@@ -437,16 +447,18 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     if not page_mass:
         return out
     return out, _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch, kv_heads, group, q_len,
-                                  page_size, mass_pages, mass_blocks, launch.block_n // mass_sub, sparse, mass_tile,
-                                  mass_out)
+                                  page_size, mass_pages, mass_blocks, mass_tiles, launch.block_n // mass_sub,
+                                  launch.block_n, sparse, mass_tile, mass_out)
 
 
 def _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch: int, kv_heads: int, group: int,
-                      q_len: int, page_size: int, mass_pages: int, mass_blocks: int, tile_keys: int, sparse: bool,
+                      q_len: int, page_size: int, mass_pages: int, mass_blocks: int, mass_tiles: int,
+                      block_keys: int, tile_keys: int, sparse: bool,
                       mass_tile: bool, mass_out: torch.Tensor | None = None) -> torch.Tensor:
     """The split kernel's partial page (or block) sums, rescaled with each row's log-sum-exp and summed over the
-    rows of a KV head: [batch, kv_heads, pages] (a view of mass_out if given). tile_keys: keys per stored row max
-    (the launch's tile; block mass: the block)."""
+    rows of a KV head: [batch, kv_heads, pages] (a view of mass_out if given). block_keys: keys per stored sum
+    (block mass: the block; page mass: the launch's tile, whose sums are per page); tile_keys: keys per stored
+    row max (the launch's tile)."""
     if mass_out is None:
         mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=lse.device)
     else:
@@ -457,9 +469,10 @@ def _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch: int, 
     block_r = triton.next_power_of_2(group * q_len)
     block_p = max(16, MASS_FINISH_TILE // block_r)   # a tile of MASS_FINISH_TILE (row, page) elements
     _page_mass_kernel[(batch * kv_heads, triton.cdiv(mass_pages, block_p))](
-        mass_part, mass_max, lse, lens_after, counts, mass, mass_pages, mass_blocks, mass.stride(0), mass.stride(1),
+        mass_part, mass_max, lse, lens_after, counts, mass, mass_pages, mass_blocks, mass_tiles, mass.stride(0),
+        mass.stride(1),
         Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size,
-        PAGES_PER_TILE=tile_keys // page_size, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
-        MASS_TILE=mass_tile, num_warps=MASS_FINISH_WARPS,
+        PAGES_PER_BLOCK=block_keys // page_size, PAGES_PER_MAX=tile_keys // page_size, BLOCK_P=block_p,
+        BLOCK_R=block_r, SPARSE=sparse, MASS_TILE=mass_tile, num_warps=MASS_FINISH_WARPS,
     )
     return mass
