@@ -1,7 +1,8 @@
 """Sweeps for the decode step's pieces on the GPU: attention launch configs, the K/V write, and whether
 cuBLAS is faster on pre-transposed weights for skinny (decode) products. Device times from CUDA graphs
 (as the decode step runs). Writes results/tune.json (or argv[1]); `--splits` sweeps tile configs and split counts
-for sparse and dense decode/verify attention instead."""
+for sparse and dense decode/verify attention instead (`--batches=32,64`, `--names=sparse6`, `--warps=2,4,8` narrow or
+widen it)."""
 from __future__ import annotations
 
 import itertools
@@ -85,6 +86,8 @@ SPLIT_SHAPES = [(1, 32768, 1, 8, 4, 128, 0.1), (1, 32768, 5, 8, 4, 128, 0.1), (8
                 (1, 32768, 5, 8, 4, 128, 0.0), (1, 8192, 1, 2, 7, 64, 0.0), (8, 8192, 1, 2, 7, 64, 0.0),
                 (1, 8192, 5, 2, 6, 128, 0.0), (8, 8192, 5, 2, 6, 128, 0.0),
                 (32, 8192, 1, 3, 3, 64, 1 / 16), (64, 8192, 1, 3, 3, 64, 1 / 16),
+                # MagicDec's lists before 2026-11-29: 33 pages for a 512-token budget (a fifth, nearly empty tile)
+                (32, 8192, 1, 3, 3, 64, 33 / 512), (64, 8192, 1, 3, 3, 64, 33 / 512),
                 # the 8B shape's decode step at batch 1 on one GPU (8 KV heads) and on each of 2 (TP=2: 4 KV heads)
                 (1, 8192, 1, 8, 4, 128, 0.0), (1, 8192, 1, 4, 4, 128, 0.0), (1, 32768, 1, 4, 4, 128, 0.0)]
 SPLIT_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -98,13 +101,14 @@ def kernel_split_us(call, pools) -> dict[str, float]:
     return {name: us / (reps * len(pools)) for name, (_, us) in totals.items()}
 
 
-def split_sweep(copy: float, batches: set[int] | None = None, names: list[str] | None = None) -> list[dict]:
+def split_sweep(copy: float, batches: set[int] | None = None, names: list[str] | None = None,
+                warps: tuple[int, ...] = (4,)) -> list[dict]:
     """Tile configs x explicit split counts: with few keys per program each split may hold a single tile (nothing
     pipelined) and the merge reads many partials."""
     from benchmarks.kernels import kv_pools, selection
     rows = []
     for batch, ctx, q_len, kv_heads, group, dim, fraction in SPLIT_SHAPES:
-        kind = f"sparse{round(100 * fraction)}" if fraction else "dense"
+        kind = f"sparse{100 * fraction:.3g}" if fraction else "dense"
         name = f"{kind}-b{batch}-{ctx // 1024}k-q{q_len}-h{kv_heads}x{group}-d{dim}"
         if (batches and batch not in batches) or (names and not any(n in name for n in names)):
             continue
@@ -120,7 +124,7 @@ def split_sweep(copy: float, batches: set[int] | None = None, names: list[str] |
         ref = reference.paged_attention(q.float(), kp.float(), vp.float(), table, lens, dim ** -0.5, **kw)
         results = []
         for (bn, w, st), splits in itertools.product(
-                itertools.product((32, 64, 128), (4,), (2, 3)), SPLIT_COUNTS):
+                itertools.product((32, 64, 128), warps, (2, 3)), SPLIT_COUNTS):
             cfg = LaunchConfig(bn, w, st)
             if splits * bn > 2 * ctx:       # more splits than tiles: the same as fewer
                 continue
@@ -215,7 +219,9 @@ def main() -> None:
     elif "--splits" in sys.argv:     # --batches=32,64 / --names=h4x4,h8x4-d128: only those shapes
         only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--batches=")), "")
         names = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--names=")), "")
-        out["splits"] = split_sweep(copy, {int(b) for b in only.split(",") if b}, [n for n in names.split(",") if n])
+        warps = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--warps=")), "4")
+        out["splits"] = split_sweep(copy, {int(b) for b in only.split(",") if b}, [n for n in names.split(",") if n],
+                                    tuple(int(w) for w in warps.split(",")))
     else:
         out["gemv"] = gemv_sweep(copy)
         out["attention"] = attention_sweep(copy)

@@ -94,6 +94,11 @@ class QuestSelection:
         return per_seq.sum() * (self.key_min.shape[2] * sparse_layers * page_size)
 
 
+def _at_least_0(x):
+    """max(x, 0) of an int or elementwise of a tensor."""
+    return max(x, 0) if isinstance(x, int) else x.clamp(min=0)
+
+
 def budget_pages(budget: float, context_tokens: int, page_size: int) -> int:
     """Budget given as tokens (>= 1) or as a fraction of the context (0 < budget < 1) -> pages."""
     if not budget > 0:
@@ -154,17 +159,24 @@ class ScoredPagePolicy(SelectionPolicy):
                 f"KV budget of {self.budget:g} tokens is not below the {context_tokens}-token prompt, so drafting "
                 "would not be sparse; give a smaller --budget (or a fraction below 1), or use --method selfspec-full")
 
-    def recent_window_tokens(self, cache: PagedKVCache, gamma: int) -> int:
-        return self.window_tokens
+    def first_window_page(self, lens, n_pages, gamma: int, ps: int, context_tokens: int):
+        """First page of the recent window of sequences of `lens` tokens whose draft steps fill `n_pages` pages
+        (ints on the host, or tensors on the device): the page holding the window_tokens-th last token.
+        context_tokens: what a fractional budget is a fraction of."""
+        return _at_least_0(lens - self.window_tokens) // ps
+
+    def most_window_pages(self, gamma: int, ps: int) -> int:
+        """Most pages a recent window (drafts included) can span."""
+        return -(-(self.window_tokens + gamma) // ps) + 1     # + 1: a window straddles a page boundary
 
     def forced_pages(self, cache: PagedKVCache, gamma: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(forced [batch, pages]: sinks + recent window incl. the draft tokens, valid [batch, pages], k)."""
         ps = cache.page_size
-        window_tokens = self.recent_window_tokens(cache, gamma)
         host_lens = cache.host_lens()
         sink_pages = -(-self.sink_tokens // ps)
-        first_window = [max(0, n - window_tokens) // ps for n in host_lens]
         n_pages = [-(-(n + gamma) // ps) for n in host_lens]        # pages that exist once the draft steps ran
+        first_window = [self.first_window_page(n, p, gamma, ps, max(host_lens))
+                        for n, p in zip(host_lens, n_pages, strict=True)]
         # Counted on the host (a device count would sync the loop): pages that are sink or window or both.
         most_forced = max(min(sink_pages, f) + (p - f) for f, p in zip(first_window, n_pages, strict=True))
         forced, valid = self._page_masks(cache, to_device(first_window, torch.long, cache.device),
@@ -197,8 +209,7 @@ class ScoredPagePolicy(SelectionPolicy):
         if self.budget < 1:
             return None
         ps = cache.page_size
-        window = self.recent_window_tokens(cache, gamma)
-        most_forced = -(-self.sink_tokens // ps) + -(-(window + gamma) // ps) + 1     # + 1: a window straddles
+        most_forced = -(-self.sink_tokens // ps) + self.most_window_pages(gamma, ps)
         return min(cache.max_pages_per_seq, max(budget_pages(self.budget, 0, ps), most_forced))
 
     def select_on_device(self, cache: PagedKVCache, gamma: int, width: int, raw) -> PageSelection:
@@ -207,8 +218,8 @@ class ScoredPagePolicy(SelectionPolicy):
         ps = cache.page_size
         lens = cache.lens[: cache.batch].long()
         sink_pages = -(-self.sink_tokens // ps)
-        first_window = (lens - self.recent_window_tokens(cache, gamma)).clamp(min=0) // ps
         n_pages = (lens + gamma + ps - 1) // ps
+        first_window = self.first_window_page(lens, n_pages, gamma, ps, 0)     # token budgets only here
         forced, valid = self._page_masks(cache, first_window, n_pages)
         most_forced = (first_window.clamp(max=sink_pages) + n_pages - first_window).max()
         k = most_forced.clamp(min=budget_pages(self.budget, 0, ps))
@@ -220,16 +231,24 @@ class ScoredPagePolicy(SelectionPolicy):
 
 
 class StreamingPolicy(ScoredPagePolicy):
-    """MagicDec's StreamingLLM drafting: attention sinks plus the most recent tokens, budget = sinks + window."""
+    """MagicDec's StreamingLLM drafting: attention sinks plus the most recent tokens, budget = sinks + window.
+    The window is counted in pages: the last (budget - sink) pages, drafts' pages included, so the lists hold
+    exactly the budget's pages, as SpecAttn-Y's do, whatever the page alignment of each sequence."""
     name = "streaming"
 
     def __init__(self, budget: float, sink_tokens: int = 16, dense_layers: tuple[int, ...] = ()):
         super().__init__(budget, sink_tokens, 0, dense_layers)
 
-    def recent_window_tokens(self, cache: PagedKVCache, gamma: int) -> int:
-        """Whatever of the budget the sinks and this round's drafts leave."""
-        budget_tokens = budget_pages(self.budget, max(cache.host_lens()), cache.page_size) * cache.page_size
-        return max(0, budget_tokens - self.sink_tokens - gamma)
+    def window_pages(self, gamma: int, ps: int, context_tokens: int = 0) -> int:
+        """Pages of the recent window: what the budget leaves after the sinks, but at least the drafts' pages."""
+        total = budget_pages(self.budget, context_tokens, ps)
+        return max(total - -(-self.sink_tokens // ps), -(-gamma // ps) + 1)
+
+    def first_window_page(self, lens, n_pages, gamma: int, ps: int, context_tokens: int):
+        return _at_least_0(n_pages - self.window_pages(gamma, ps, context_tokens))
+
+    def most_window_pages(self, gamma: int, ps: int) -> int:
+        return self.window_pages(gamma, ps)
 
 
 class VerificationGuidedPolicy(ScoredPagePolicy):

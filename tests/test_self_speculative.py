@@ -118,13 +118,15 @@ def selection_for(policy, lens, gamma=4, layers=3, heads=2):
 
 
 def test_streaming_keeps_sinks_and_recent_pages_within_budget():
-    cache, policy = selection_for(StreamingPolicy(128, sink_tokens=16), [1000, 300])
+    lens = [1000, 300, 1005, 1020]                         # pages filled by the drafts: 5/16, 16/16, 9/16, 8/16
+    cache, policy = selection_for(StreamingPolicy(128, sink_tokens=16), lens)
     sel = policy.select(cache, gamma=4)
-    for b, n in enumerate([1000, 300]):
+    assert sel.pages.shape[-1] == 8
+    for b, n in enumerate(lens):
         pages = sel.pages[0, b, 0][: sel.counts[0, b, 0]].tolist()
         last_page = (n + 4 - 1) // 16                     # holds the last draft token
         assert pages[0] == 0 and pages[-1] == last_page and pages == sorted(pages)
-        assert len(pages) * 16 <= 128 + 16                # budget, rounded up to a page
+        assert len(pages) * 16 == 128                     # exactly the budget's pages, whatever the alignment
         assert pages[1:] == list(range(pages[1], last_page + 1))   # the rest is one recent window
 
 
