@@ -102,7 +102,7 @@ def kernel_split_us(call, pools) -> dict[str, float]:
 
 
 def split_sweep(copy: float, batches: set[int] | None = None, names: list[str] | None = None,
-                warps: tuple[int, ...] = (4,)) -> list[dict]:
+                tile_warps: tuple[int, ...] = (4,)) -> list[dict]:
     """Tile configs x explicit split counts: with few keys per program each split may hold a single tile (nothing
     pipelined) and the merge reads many partials."""
     from benchmarks.kernels import kv_pools, selection
@@ -124,7 +124,7 @@ def split_sweep(copy: float, batches: set[int] | None = None, names: list[str] |
         ref = reference.paged_attention(q.float(), kp.float(), vp.float(), table, lens, dim ** -0.5, **kw)
         results = []
         for (bn, w, st), splits in itertools.product(
-                itertools.product((32, 64, 128), warps, (2, 3)), SPLIT_COUNTS):
+                itertools.product((32, 64, 128), tile_warps, (2, 3)), SPLIT_COUNTS):
             cfg = LaunchConfig(bn, w, st)
             if splits * bn > 2 * ctx:       # more splits than tiles: the same as fewer
                 continue
