@@ -29,13 +29,22 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits: [..., vocab] -> the distribution tokens are drawn from (temperature, then top-p)."""
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-        keep = (sorted_probs.cumsum(-1) - sorted_probs) < params.top_p
-        sorted_probs = sorted_probs * keep
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
+        probs = nucleus(probs, params.top_p)
     return probs
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [..., vocab] restricted to the smallest top set holding mass >= top_p (tokens tied with the last one
+    kept too), renormalised. On the GPU the set's threshold comes from the sorting-free kernel (kernels/topp.py),
+    not a sort of the vocabulary: every draft step and verification of a sampled run does this."""
+    if probs.is_cuda:
+        from ..kernels.topp import topp_threshold
+    else:
+        from ..kernels.reference import topp_threshold
+    rows = probs.reshape(-1, probs.shape[-1]).contiguous()
+    theta = topp_threshold(rows, top_p).view(probs.shape[:-1])
+    kept = torch.where(probs >= theta[..., None], probs, 0.0)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
