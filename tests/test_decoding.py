@@ -54,6 +54,24 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert (p > 0).sum() == 3
 
 
+def test_nucleus_keeps_the_sorted_prefix_reaching_p():
+    """nucleus (a threshold on the values, as the GPU kernel finds it) keeps what sorting would keep: the shortest
+    top prefix whose mass reaches p, plus tokens tied with its last one."""
+    from specattn.decoding.sampling import nucleus
+    torch.manual_seed(3)
+    probs = torch.softmax(torch.randn(6, 5000) * 3, -1)
+    probs[0, :10] = probs[0, 0]                      # ties
+    probs = probs / probs.sum(-1, keepdim=True)
+    for p in (0.5, 0.9, 0.95):
+        ordered, order = probs.sort(-1, descending=True)
+        keep_sorted = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, (ordered.cumsum(-1) - ordered) < p)
+        edge = torch.where(keep_sorted, probs, 2.0).min(-1, keepdim=True).values      # the last kept value
+        kept = nucleus(probs, p) > 0
+        assert torch.equal(kept, probs >= edge)
+        assert ((probs * kept).sum(-1) >= p - 1e-5).all()
+    assert torch.allclose(nucleus(probs, 0.9).sum(-1), torch.ones(6))
+
+
 def test_sampled_frequencies_follow_the_distribution(tiny_cfg):
     """First sampled token over many seeds ~ softmax(logits / T): a chi-square-style bound."""
     model = random_model(tiny_cfg, std=0.05)

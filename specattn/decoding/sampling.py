@@ -33,15 +33,24 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+# H200, results/sampling.json (top-p 0.95 at T 0.6): the sorting-free kernel holds rows of up to 32K tokens in
+# registers; longer rows are re-read from L2 on each of ~28 halvings, one program a row: ~55 µs for 49K tokens,
+# ~250 µs for 128K, where sorting a few rows is cheaper (1 x 128K: sort 93 µs, kernel 276; 8 x 128K: 352 vs 283;
+# 32 x 49K: 306 vs 82; 160 x 49K: 1217 vs 218). So rows longer than that sort below one row per 16K tokens.
+TOKENS_PER_SORTED_ROW = 16384
+
+
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """probs [..., vocab] restricted to the smallest top set holding mass >= top_p (tokens tied with the last one
-    kept too), renormalised. On the GPU the set's threshold comes from the sorting-free kernel (kernels/topp.py),
-    not a sort of the vocabulary: every draft step and verification of a sampled run does this."""
-    if probs.is_cuda:
-        from ..kernels.topp import topp_threshold
+    kept too), renormalised. On the GPU the set's threshold comes from the sorting-free kernel (kernels/topp.py)
+    rather than a sort of the vocabulary, except for a few very long rows (TOKENS_PER_SORTED_ROW)."""
+    rows = probs.reshape(-1, probs.shape[-1]).contiguous()
+    from ..kernels import topp
+    if probs.is_cuda and (rows.shape[1] <= topp.ROW_IN_REGISTERS
+                          or rows.shape[0] * TOKENS_PER_SORTED_ROW >= rows.shape[1]):
+        topp_threshold = topp.topp_threshold
     else:
         from ..kernels.reference import topp_threshold
-    rows = probs.reshape(-1, probs.shape[-1]).contiguous()
     theta = topp_threshold(rows, top_p).view(probs.shape[:-1])
     kept = torch.where(probs >= theta[..., None], probs, 0.0)
     return kept / kept.sum(-1, keepdim=True)
