@@ -60,12 +60,13 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, 
 
 def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
             column_major: bool, q_len: int, top: int, fused: bool = False, compile_mode: str | None = None,
-            verify: str | None = None) -> dict:
+            verify: str | None = None, fold: bool = True) -> dict:
     import torch._dynamo
 
     import specattn.model
     specattn.model.COLUMN_MAJOR_WEIGHTS = column_major
     specattn.model.FUSED_STEPS = fused
+    specattn.model.FOLD_NORMS = fold
     specattn.model.STEP_COMPILE_MODE = compile_mode
     torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])
@@ -90,6 +91,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += f", q_len {q_len}" if q_len > 1 else ""
     what += ", weights column-major" if column_major else ", weights row-major"
     what += ", fused_linear" if fused else ""
+    what += "" if fold else ", norms not folded"
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
@@ -97,8 +99,8 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     top_kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
     for name, (calls, us) in top_kernels:
         print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
-    return {"shape": shape, "verify": verify, "batch": batch, "context": context, "draft_budget": draft_budget,
-            "q_len": q_len,
+    return {"shape": shape, "verify": verify, "folded_norms": fold, "batch": batch, "context": context,
+            "draft_budget": draft_budget, "q_len": q_len,
             "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
             "kernel_sum_us": total, "bytes_at_copy_speed_us": moved / copy / 1e3,
             "top": [{"kernel": n[:100], "calls": c // steps, "us": u / steps} for n, (c, u) in top_kernels]}
@@ -120,16 +122,21 @@ def main() -> None:
                     "after the other in this run: default, max-autotune-no-cudagraphs")
     ap.add_argument("--verify", help="comma-separated self-speculation methods whose verify step (q_len = gamma + 1, "
                     "page mass included) to profile one after the other, e.g. magicdec,specattn-y/blk64")
+    ap.add_argument("--folds", default="on", help="comma-separated: on (norm weights folded into the projections, "
+                    "the default), off (a norm kernel before each), profiled one after the other")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
+    folds = [f == "on" for f in args.folds.split(",")]
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
-                        args.q_len, args.top, args.fused, verify=method) for method in args.verify.split(",")]
+                        args.q_len, args.top, args.fused, verify=method, fold=fold)
+                for method in args.verify.split(",") for fold in folds]
     else:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
-                        not args.row_major, args.q_len, args.top, args.fused, None if mode == "default" else mode)
-                for mode in args.compile_modes.split(",")]
+                        not args.row_major, args.q_len, args.top, args.fused, None if mode == "default" else mode,
+                        fold=fold)
+                for mode in args.compile_modes.split(",") for fold in folds]
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
 

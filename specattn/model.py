@@ -23,6 +23,9 @@ from .errors import InvalidInputError
 STEP_MAX_Q_LEN = 16  # decode and verify steps; longer blocks are prefill chunks
 COLUMN_MAJOR_WEIGHTS = True   # on the GPU (compile_steps): see Transformer.store_weights_column_major
 FUSED_STEPS = False           # off: fused_linear measured slower than cuBLAS on the H200 (benchmarks/NOTES.md)
+# On the GPU (compile_steps), without tensor parallelism: fold each block's norm weights into the projections after
+# them (Transformer.fold_norms), so a block runs 8 launches instead of 10 (Block.forward_folded).
+FOLD_NORMS = True
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
 # GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode
 # with Inductor's cudagraphs). benchmarks/profile_step.py --compile-modes times both in one run; the environment
@@ -76,24 +79,43 @@ def residual_and_mlp(x, attn_out, norm_w, eps: float, gate_up_w, down_w):
 
 
 def final_logits(x, mlp_out, norm_w, eps: float, head_w):
-    return F.linear(rms_norm(x + mlp_out, norm_w, eps), head_w).float()
+    """mlp_out: the last block's MLP output, or None when the blocks added it to x already (folded norms)."""
+    if mlp_out is not None:
+        x = x + mlp_out
+    return F.linear(rms_norm(x, norm_w, eps), head_w).float()
 
 
 def rotate_and_store(qkv: torch.Tensor, cos, sin, cache: PagedKVCache, layer: int, view: StepView, heads: int,
-                     kv_heads: int) -> torch.Tensor:
+                     kv_heads: int, norm_of: torch.Tensor | None = None, eps: float = 0.0,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary embedding of q and k; k and v go to the cache. Returns q [batch, q_len, heads, head_dim]. On the GPU
-    one Triton kernel does it all (three kernels otherwise)."""
+    one Triton kernel does it all (three kernels otherwise). norm_of: qkv projects these rows before their RMSNorm
+    (weight folded into the projection; bias not yet added): scale each row by its 1 / rms, then add bias."""
     if cache.device.type == "cuda" and qkv.dtype == cache.dtype:
         from .kernels.rope_kv import rope_and_write_kv
-        q = rope_and_write_kv(qkv, cos, sin, cache.k[layer], cache.v[layer], view.slots, heads, kv_heads)
+        q = rope_and_write_kv(qkv, cos, sin, cache.k[layer], cache.v[layer], view.slots, heads, kv_heads,
+                              norm_of, eps, bias)
         cache.wrote(layer, view)
         return q
+    if norm_of is not None:
+        from .kernels.reference import rms_scale
+        scaled = qkv.float() * rms_scale(norm_of, eps)
+        qkv = (scaled if bias is None else scaled + bias.float()).to(qkv.dtype)
     b, t, width = qkv.shape
     dim = width // (heads + 2 * kv_heads)
     q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     q = apply_rope(q.reshape(b, t, heads, dim), cos, sin)
     cache.write(layer, apply_rope(k.reshape(b, t, kv_heads, dim), cos, sin), v.reshape(b, t, kv_heads, dim), view)
     return q
+
+
+def swiglu_of_unnormed(gate_up: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """silu(gate) * up of the gate/up projection of rows x before their (folded) RMSNorm: one kernel on the GPU."""
+    if gate_up.is_cuda:
+        from .kernels.swiglu import swiglu_rms
+    else:
+        from .kernels.reference import swiglu_rms
+    return swiglu_rms(gate_up, x, eps)
 
 
 EAGER = {"rope_tables": rope_tables, "attention_inputs": attention_inputs,
@@ -140,6 +162,22 @@ class Block(nn.Module):
                                              self.gate_up.weight, self.down.weight)
         return x, self.all_reduce(mlp_out)
 
+    def forward_folded(self, x, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention):
+        """`forward` once Transformer.fold_norms has moved each norm's weight into the projection after it: the
+        projections read the residual stream x itself, each row's 1 / rms scales their outputs in the kernels that
+        read them next (rotary + cache write, SwiGLU), and cuBLAS adds the output and down projections into x in
+        place (beta 1), so no kernel is left for a residual add or a norm: 8 launches instead of 10. Returns x."""
+        cfg = self.cfg
+        b, t, hidden = x.shape
+        stream = x.view(b * t, hidden)
+        q = rotate_and_store(F.linear(x, self.qkv.weight), cos, sin, cache, self.layer, view, cfg.num_heads,
+                             cfg.num_kv_heads, norm_of=x, eps=cfg.rms_norm_eps, bias=self.qkv.bias)
+        attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
+        stream.addmm_(attn.reshape(b * t, -1), self.o.weight.t())
+        act = swiglu_of_unnormed(F.linear(x, self.gate_up.weight), x, cfg.rms_norm_eps)
+        stream.addmm_(act.reshape(b * t, -1), self.down.weight.t())
+        return x
+
     def forward_fused(self, x, mlp_out, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention):
         """`forward` for a small step (batch x new tokens <= fused_linear.MAX_ROWS) in 7 launches: residual add +
         norm + q/k/v projection, rotary + cache write, attention (2), output projection, residual add + norm +
@@ -173,6 +211,7 @@ class Transformer(nn.Module):
         # Replaced by compiled versions on the GPU (see `compile_steps`).
         self.step_fns = self.prefill_fns = EAGER
         self.fused_steps = False   # small steps through Block.forward_fused (GPU, or tests in Triton's interpreter)
+        self.norms_folded = False  # see fold_norms
 
     tp = None            # distributed.TensorParallel when this model is one rank's shard
 
@@ -193,6 +232,21 @@ class Transformer(nn.Module):
                 if linear.weight.is_contiguous():
                     linear.weight.data = linear.weight.data.t().contiguous().t()
 
+    @torch.no_grad()
+    def fold_norms(self) -> None:
+        """Multiply each block's attention and MLP norm weights into the q/k/v and gate/up projections' input
+        columns and set those norm weights to one: the same model (the final norm stays), whose projections can
+        read the residual stream directly (Block.forward_folded). Exported weights (loader.hf_state_dict) remain
+        a valid checkpoint of it. In bf16 the folded products are rounded once more."""
+        if self.norms_folded:
+            return
+        for block in self.blocks:
+            for linear, norm in ((block.qkv, block.attn_norm), (block.gate_up, block.mlp_norm)):
+                w = linear.weight
+                w.copy_((w.float() * norm.weight.float()[None, :]).to(w.dtype))
+                norm.weight.fill_(1.0)
+        self.norms_folded = True
+
     def compile_steps(self) -> None:
         """Fuse the pointwise parts of every forward with torch.compile (GPU). Decode/verify steps compile
         once per (batch, q_len) for the fastest kernels; prefill chunks share one dynamic-shape version."""
@@ -203,6 +257,8 @@ class Transformer(nn.Module):
                                     "(STEP_COMPILE_MODE)")
         if COLUMN_MAJOR_WEIGHTS:
             self.store_weights_column_major()
+        if FOLD_NORMS:
+            self.fold_norms()
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.step_fns = {name: torch.compile(fn, dynamic=False, fullgraph=True, mode=STEP_COMPILE_MODE)
                          for name, fn in EAGER.items()}
@@ -218,14 +274,18 @@ class Transformer(nn.Module):
         fns = self.step_fns if view.q_len <= STEP_MAX_Q_LEN else self.prefill_fns
         x, mlp_out = self.embed(tokens), None
         cos, sin = fns["rope_tables"](view.positions, self.inv_freq, x.dtype)
-        fused = self.fused_steps and view.q_len <= STEP_MAX_Q_LEN and self.tp is None and _fused_rows(tokens.numel())
+        fused = (self.fused_steps and not self.norms_folded and view.q_len <= STEP_MAX_Q_LEN and self.tp is None
+                 and _fused_rows(tokens.numel()))
+        folded = self.norms_folded and self.tp is None
         for block in self.blocks:
             if fused:
                 x, mlp_out = block.forward_fused(x, mlp_out, cos, sin, cache, view, self.attention)
+            elif folded:
+                x = block.forward_folded(x, cos, sin, cache, view, self.attention)
             else:
                 x, mlp_out = block(x, mlp_out, cos, sin, cache, view, self.attention, fns)
         if not all_logits:
-            x, mlp_out = x[:, -1:], mlp_out[:, -1:]
+            x, mlp_out = x[:, -1:], None if mlp_out is None else mlp_out[:, -1:]
         logits = fns["final_logits"](x, mlp_out, self.norm.weight, self.cfg.rms_norm_eps, self.lm_head.weight)
         if self.cfg.vocab_shards > 1:        # this rank's slice of the vocabulary -> all of it, on every rank
             logits = self.tp.all_gather_last(logits)

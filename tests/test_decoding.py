@@ -178,6 +178,23 @@ def test_fused_small_steps_match_the_unfused_model(tiny_cfg, qkv_bias):
     assert run(model, prompts, max_new_tokens=10).tokens == ref
 
 
+def test_compiling_the_steps_folds_the_norms_into_the_projections(tiny_cfg):
+    """What the GPU runs (compile_steps): the folded blocks (forward_folded), whose logits the transformers tests
+    check; the same tokens as the model before folding."""
+    from specattn.model import EAGER, Transformer
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn_norm.weight.uniform_(0.5, 1.5)
+            block.mlp_norm.weight.uniform_(0.5, 1.5)
+    before = run(model, [[5, 6, 7]], max_new_tokens=12).tokens
+    model.compile_steps()
+    assert model.norms_folded
+    model.step_fns = model.prefill_fns = EAGER         # eager again: the compiled functions are for the GPU
+    assert run(model, [[5, 6, 7]], max_new_tokens=12).tokens == before
+
+
 def test_a_step_compile_mode_with_inductors_own_cuda_graphs_is_refused(tiny_cfg, monkeypatch):
     """Our steps are captured as CUDA graphs already; a compile mode that captures its own would nest them."""
     import specattn.model

@@ -395,6 +395,46 @@ def test_fused_rope_and_kv_write_matches_reference(dtype, heads, kv_heads, dim):
     assert pools[2].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_rope_and_kv_write_of_an_unnormed_projection_matches_reference(dtype, with_bias):
+    """Folded norms (Transformer.fold_norms): the kernel scales each row by 1 / rms of the rows the projection
+    read, adds the bias, then rotates and writes; values are scaled too."""
+    from specattn.kernels import rope_kv
+    from specattn.model import rope_tables
+    torch.manual_seed(11)
+    heads, kv_heads, dim, hidden, b, t = 6, 2, 16, 72, 2, 3
+    qkv = torch.randn(b, t, (heads + 2 * kv_heads) * dim, dtype=dtype)
+    x = (torch.randn(b, t, hidden) * torch.tensor([0.5, 3.0, 8.0])[None, :, None]).to(dtype)   # rms per row differ
+    bias = torch.randn((heads + 2 * kv_heads) * dim, dtype=dtype) if with_bias else None
+    cos, sin = rope_tables(torch.tensor([[3, 4, 5], [9, 10, 11]]), 1.0 / (10000 ** (torch.arange(0, dim, 2) / dim)),
+                           dtype)
+    slots = torch.randperm(24)[: b * t]
+    pools = [torch.zeros(6, 4, kv_heads, dim, dtype=dtype) for _ in range(4)]
+    want_q = reference.rope_and_write_kv(qkv, cos, sin, pools[0], pools[1], slots, heads, kv_heads, x, 1e-5, bias)
+    got_q = rope_kv.rope_and_write_kv(qkv, cos, sin, pools[2], pools[3], slots, heads, kv_heads, x, 1e-5, bias)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in ((got_q, want_q), (pools[2], pools[0]), (pools[3], pools[1])):
+        assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    unscaled = reference.rope_and_write_kv(qkv, cos, sin, pools[0], pools[1], slots, heads, kv_heads)
+    assert not torch.allclose(unscaled.float(), want_q.float(), atol=0.1)      # the scale matters here
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, hidden, inter", [(3, 64, 96), (1, 200, 1500), (5, 576, 1536)])
+def test_swiglu_of_an_unnormed_projection_matches_reference(dtype, rows, hidden, inter):
+    from specattn.kernels import swiglu
+    torch.manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * inter, dtype=dtype) * 4
+    x = (torch.randn(rows, hidden) * (1 + torch.arange(rows))[:, None]).to(dtype)
+    want = reference.swiglu_rms(gate_up, x, 1e-6)
+    got = swiglu.swiglu_rms(gate_up, x, 1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.shape == (rows, inter) and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    plain = torch.nn.functional.silu(gate_up[:, :inter].float()) * gate_up[:, inter:].float()
+    assert not torch.allclose(plain, want.float(), atol=0.1)
+
+
 def test_reference_rope_and_write_equals_the_models_rotation():
     from specattn.model import apply_rope, rope_tables
     torch.manual_seed(0)

@@ -1,4 +1,6 @@
 """Our runtime against transformers' implementation on small random configs (fp32)."""
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -55,23 +57,48 @@ def test_prefill_logits_match(pair):
     assert (out - ref).abs().max().item() < 1e-4
 
 
+def step_by_step_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """A 7-token prefill chunk, then one token at a time, through a cache of 4-token pages (many page crossings)."""
+    cache = PagedKVCache(model.cfg, 1, 64, page_size=4)
+    cache.reset(1)
+    cache.reserve(7)
+    rows = [model(ids[:, :7], cache, cache.step_view(7), all_logits=True)[0]]
+    cache.advance(7)
+    for t in range(7, ids.shape[1]):
+        cache.reserve(1)
+        rows.append(model(ids[:, t:t + 1], cache, cache.step_view(1), all_logits=True)[0])
+        cache.advance(1)
+    return torch.cat(rows)
+
+
 def test_step_by_step_decode_through_paged_cache_matches(pair):
     hf, ours = pair
     ids = torch.randint(0, 101, (1, 30))
     with torch.no_grad():
         ref = hf(ids).logits[0]
-    cache = PagedKVCache(ours.cfg, 1, 64, page_size=4)    # small pages: many page crossings
-    cache.reset(1)
-    # A 7-token prefill chunk, then one token at a time.
-    cache.reserve(7)
-    first = ours(ids[:, :7], cache, cache.step_view(7), all_logits=True)[0]
-    cache.advance(7)
-    rows = [first]
-    for t in range(7, 30):
-        cache.reserve(1)
-        rows.append(ours(ids[:, t:t + 1], cache, cache.step_view(1), all_logits=True)[0])
-        cache.advance(1)
-    assert (torch.cat(rows) - ref).abs().max().item() < 1e-4
+    assert (step_by_step_logits(ours, ids) - ref).abs().max().item() < 1e-4
+
+
+def test_folded_norms_keep_the_logits(pair):
+    """fold_norms (done on the GPU before steps are compiled) moves the norm weights into the q/k/v and gate/up
+    projections; the blocks then run forward_folded. Same logits as transformers, prefill and step by step, and
+    the exported folded weights are a checkpoint transformers runs to the same logits."""
+    from specattn.loader import hf_state_dict
+    hf, ours = pair
+    folded = copy.deepcopy(ours)
+    folded.fold_norms()
+    assert folded.norms_folded and all(torch.equal(b.mlp_norm.weight, torch.ones_like(b.mlp_norm.weight))
+                                       for b in folded.blocks)
+    assert not torch.allclose(folded.blocks[0].qkv.weight, ours.blocks[0].qkv.weight)
+    ids = torch.randint(0, 101, (2, 37))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert (logits_through_cache(folded, ids) - ref).abs().max().item() < 1e-4
+    assert (step_by_step_logits(folded, ids[:1, :30]) - ref[0, :30]).abs().max().item() < 1e-4
+    refolded = copy.deepcopy(hf)
+    refolded.load_state_dict(hf_state_dict(folded), strict=False)
+    with torch.no_grad():
+        assert (refolded(ids).logits - ref).abs().max().item() < 1e-4
 
 
 def test_greedy_generation_identical(pair):

@@ -23,12 +23,25 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
     v_pool.view(-1, heads, dim).index_copy_(0, slots, v.reshape(-1, heads, dim).to(v_pool.dtype))
 
 
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / rms of each row of x [..., hidden], fp32 [..., 1]: what RMSNorm multiplies a row by before its weight."""
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
 def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
-                      v_pool: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+                      v_pool: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int,
+                      norm_of: torch.Tensor | None = None, eps: float = 0.0,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate q and k of the fused projection qkv [batch, q_len, (heads + 2 kv_heads) * dim], store k and v at
-    `slots`, return q [batch, q_len, heads, dim]. The rotation is computed in fp32 and rounded once."""
+    `slots`, return q [batch, q_len, heads, dim]. The rotation is computed in fp32 and rounded once.
+    norm_of [batch, q_len, hidden]: qkv is the projection of these rows before their RMSNorm (whose weight is
+    folded into the projection), so it is first scaled by each row's 1 / rms, then `bias` is added."""
     b, t, width = qkv.shape
-    dim = width // (heads + 2 * kv_heads)
+    dim, dtype = width // (heads + 2 * kv_heads), qkv.dtype
+    if norm_of is not None:
+        qkv = qkv.float() * rms_scale(norm_of, eps)
+        if bias is not None:
+            qkv = qkv + bias.float()
     q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
 
     def rotate(x, n):
@@ -37,7 +50,14 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
         return x * cos.float() + torch.cat((-x2, x1), dim=-1) * sin.float()
 
     write_kv(k_pool, v_pool, rotate(k, kv_heads), v.reshape(b, t, kv_heads, dim), slots)
-    return rotate(q, heads).to(qkv.dtype)
+    return rotate(q, heads).to(dtype)
+
+
+def swiglu_rms(gate_up: torch.Tensor, norm_of: torch.Tensor, eps: float) -> torch.Tensor:
+    """silu(gate) * up of the gate/up projection [..., 2 * inter] of rows `norm_of` [..., hidden] taken before
+    their RMSNorm (its weight folded into the projection): both halves are first scaled by the row's 1 / rms."""
+    gate, up = (gate_up.float() * rms_scale(norm_of, eps)).chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
 
 
 def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,

@@ -2,7 +2,8 @@
 
 Input is the fused q/k/v projection of the new tokens; output the rotated queries, while the rotated keys and
 the values go straight to their cache slots. Reference: `reference.rope_and_write_kv`. The rotation is computed
-in fp32 and rounded once, as torch.compile's fused version of `model.apply_rope` does.
+in fp32 and rounded once, as torch.compile's fused version of `model.apply_rope` does. With norm weights folded
+into the projection (`Transformer.fold_norms`), it also applies each row's 1 / rms and the projection's bias.
 """
 from __future__ import annotations
 
@@ -12,19 +13,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate(base, heads, cos1, cos2, sin1, sin2, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
-    ok = (h < heads) & (d < HALF)
-    x1 = tl.load(base + h * (2 * HALF) + d, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(base + h * (2 * HALF) + HALF + d, mask=ok, other=0.0).to(tl.float32)
-    return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2, h * (2 * HALF) + d, ok
+def _load_scaled(base, bias_base, off, ok, r, BIAS: tl.constexpr):
+    x = tl.load(base + off, mask=ok, other=0.0).to(tl.float32) * r
+    if BIAS:
+        x += tl.load(bias_base + off, mask=ok, other=0.0).to(tl.float32)
+    return x
 
 
 @triton.jit
-def _rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_pool_ptr, v_pool_ptr, slots_ptr,
-                       stride_row, stride_cs, heads, kv_heads,
-                       HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr):
+def _rotate(base, bias_base, heads, r, cos1, cos2, sin1, sin2, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_H: tl.constexpr, BIAS: tl.constexpr):
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    ok = (h < heads) & (d < HALF)
+    off = h * (2 * HALF) + d
+    x1 = _load_scaled(base, bias_base, off, ok, r, BIAS)
+    x2 = _load_scaled(base, bias_base, off + HALF, ok, r, BIAS)
+    return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2, off, ok
+
+
+@triton.jit
+def _rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_pool_ptr, v_pool_ptr, slots_ptr, x_ptr, bias_ptr,
+                       stride_row, stride_cs, stride_x, heads, kv_heads, hidden, eps,
+                       HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+                       NORM: tl.constexpr, BIAS: tl.constexpr, BLOCK_X: tl.constexpr):
     row = tl.program_id(0)                       # one new token (batch x q_len flattened)
     d = tl.arange(0, BLOCK_D)[None, :]
     d_ok = d < HALF
@@ -33,37 +45,58 @@ def _rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_pool_ptr, v_pool_
     cos2 = tl.load(cos_ptr + cs + HALF + d, mask=d_ok, other=0.0).to(tl.float32)
     sin1 = tl.load(sin_ptr + cs + d, mask=d_ok, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_ptr + cs + HALF + d, mask=d_ok, other=0.0).to(tl.float32)
+    if NORM:     # the projection read the row before its RMSNorm: scale by its 1 / rms here
+        cols = tl.arange(0, BLOCK_X)
+        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=cols < hidden, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, 0) / hidden + eps)
+    else:
+        r = 1.0
     src = qkv_ptr + row.to(tl.int64) * stride_row
     q_dim = heads * 2 * HALF
     kv_dim = kv_heads * 2 * HALF
 
-    a, b, off, ok = _rotate(src, heads, cos1, cos2, sin1, sin2, HALF, BLOCK_D, BLOCK_Q)
+    a, b, off, ok = _rotate(src, bias_ptr, heads, r, cos1, cos2, sin1, sin2, HALF, BLOCK_D, BLOCK_Q, BIAS)
     dst = q_out_ptr + row.to(tl.int64) * q_dim + off
     tl.store(dst, a.to(q_out_ptr.dtype.element_ty), mask=ok)
     tl.store(dst + HALF, b.to(q_out_ptr.dtype.element_ty), mask=ok)
 
     slot = tl.load(slots_ptr + row).to(tl.int64)
-    a, b, off, ok = _rotate(src + q_dim, kv_heads, cos1, cos2, sin1, sin2, HALF, BLOCK_D, BLOCK_KV)
+    a, b, off, ok = _rotate(src + q_dim, bias_ptr + q_dim, kv_heads, r, cos1, cos2, sin1, sin2, HALF, BLOCK_D,
+                            BLOCK_KV, BIAS)
     tl.store(k_pool_ptr + slot * kv_dim + off, a.to(k_pool_ptr.dtype.element_ty), mask=ok)
     tl.store(k_pool_ptr + slot * kv_dim + off + HALF, b.to(k_pool_ptr.dtype.element_ty), mask=ok)
-    v = tl.load(src + q_dim + kv_dim + off, mask=ok)
-    v2 = tl.load(src + q_dim + kv_dim + off + HALF, mask=ok)
-    tl.store(v_pool_ptr + slot * kv_dim + off, v, mask=ok)
-    tl.store(v_pool_ptr + slot * kv_dim + off + HALF, v2, mask=ok)
+    if NORM:
+        v = _load_scaled(src + q_dim + kv_dim, bias_ptr + q_dim + kv_dim, off, ok, r, BIAS)
+        v2 = _load_scaled(src + q_dim + kv_dim, bias_ptr + q_dim + kv_dim, off + HALF, ok, r, BIAS)
+    else:        # copied as they are
+        v = tl.load(src + q_dim + kv_dim + off, mask=ok)
+        v2 = tl.load(src + q_dim + kv_dim + off + HALF, mask=ok)
+    tl.store(v_pool_ptr + slot * kv_dim + off, v.to(v_pool_ptr.dtype.element_ty), mask=ok)
+    tl.store(v_pool_ptr + slot * kv_dim + off + HALF, v2.to(v_pool_ptr.dtype.element_ty), mask=ok)
 
 
 def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
-                      v_pool: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+                      v_pool: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int,
+                      norm_of: torch.Tensor | None = None, eps: float = 0.0,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """qkv: [batch, q_len, (heads + 2 kv_heads) * dim] (rows may be strided, the last dim contiguous);
     cos, sin: [batch, q_len, 1, dim]; pools: one layer's [pages, page_size, kv_heads, dim]; slots:
-    [batch * q_len]. Returns q rotated: [batch, q_len, heads, dim]."""
+    [batch * q_len]. Returns q rotated: [batch, q_len, heads, dim]. norm_of, eps, bias: as in
+    `reference.rope_and_write_kv` (the projection of rows before their folded RMSNorm)."""
     b, t, width = qkv.shape
     dim = width // (heads + 2 * kv_heads)
     qkv2 = qkv.reshape(b * t, width)
     cos2, sin2 = cos.reshape(b * t, dim).contiguous(), sin.reshape(b * t, dim).contiguous()
     q = torch.empty(b, t, heads, dim, dtype=qkv.dtype, device=qkv.device)
-    _rope_write_kernel[(b * t,)](qkv2, cos2, sin2, q, k_pool, v_pool, slots, qkv2.stride(0), cos2.stride(0),
-                                 heads, kv_heads, HALF=dim // 2, BLOCK_D=triton.next_power_of_2(dim // 2),
+    norm = norm_of is not None
+    x = norm_of.reshape(b * t, -1) if norm else qkv2
+    if norm and x.stride(-1) != 1:
+        x = x.contiguous()
+    with_bias = norm and bias is not None
+    _rope_write_kernel[(b * t,)](qkv2, cos2, sin2, q, k_pool, v_pool, slots, x, bias if with_bias else qkv2,
+                                 qkv2.stride(0), cos2.stride(0), x.stride(0), heads, kv_heads, x.shape[-1], eps,
+                                 HALF=dim // 2, BLOCK_D=triton.next_power_of_2(dim // 2),
                                  BLOCK_Q=triton.next_power_of_2(heads), BLOCK_KV=triton.next_power_of_2(kv_heads),
+                                 NORM=norm, BIAS=with_bias, BLOCK_X=triton.next_power_of_2(x.shape[-1]) if norm else 16,
                                  num_warps=4)
     return q
