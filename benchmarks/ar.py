@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import specattn.model  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     LLAMA3_8B,
     RESULTS,
@@ -116,20 +118,10 @@ def check_graph_vs_eager(model, prompt: list[int]) -> dict:
     return {"graph_vs_eager_same_prefix_of_64": same}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=os.environ.get("SPECATTN_DEFAULT_GGUF", DEFAULT_MODEL))
-    ap.add_argument("--out", default=str(RESULTS / "ar.json"))
-    ap.add_argument("--skip-8b", action="store_true")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    out = {**environment(), "config": {"dtype": "bf16", "page_size": 16, "new_tokens": 128}, "rows": []}
-    out["copy_bandwidth_gbs"] = copy = copy_bandwidth_gbs()
-    out["checks"] = check_kernel()
-    print(f"copy bandwidth {copy:.0f} GB/s; checks {out['checks']}", flush=True)
-
-    model = load_model(args.model, "cuda", "bf16", progress=False)
-    tok = load_tokenizer(args.model)
+def real_model_rows(path: str, out: dict, copy: float) -> None:
+    """The default model: perplexity and graph-vs-eager checks, whole generate calls, and decode steps."""
+    model = load_model(path, "cuda", "bf16", progress=False)
+    tok = load_tokenizer(path)
     text = gutenberg_tokens(tok)
     out["checks"]["real_ppl_bf16_2048_pg2554"] = perplexity(model, text[:2048])
     out["checks"].update(check_graph_vs_eager(model, text[:512]))
@@ -143,15 +135,46 @@ def main() -> None:
     del model
     torch.cuda.empty_cache()
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=os.environ.get("SPECATTN_DEFAULT_GGUF", DEFAULT_MODEL))
+    ap.add_argument("--out", default=str(RESULTS / "ar.json"))
+    ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--skip-real", action="store_true", help="only the 8B-shaped random model (nothing to carry)")
+    ap.add_argument("--cells-8b", default="", help="e.g. 1x8192,8x32768 (batch x context): only these 8B steps")
+    ap.add_argument("--folds", default="on", help="on,off: the 8B steps with norms folded (the default) and not, "
+                    "one after the other in this run")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    out = {**environment(), "config": {"dtype": "bf16", "page_size": 16, "new_tokens": 128}, "rows": []}
+    out["copy_bandwidth_gbs"] = copy = copy_bandwidth_gbs()
+    out["checks"] = check_kernel()
+    print(f"copy bandwidth {copy:.0f} GB/s; checks {out['checks']}", flush=True)
+
+    if not args.skip_real:
+        real_model_rows(args.model, out, copy)
     if not args.skip_8b:
-        model8b = random_model(LLAMA3_8B)
-        out["rows"] += decode_step_rows(model8b, "llama3-8b-random", (1024, 8192, 32768), copy)
-        del model8b
+        for fold in (f == "on" for f in args.folds.split(",")):
+            specattn.model.FOLD_NORMS = fold
+            torch._dynamo.reset()
+            model8b = random_model(LLAMA3_8B)
+            if args.cells_8b:
+                cells = [tuple(int(v) for v in c.split("x")) for c in args.cells_8b.split(",")]
+                rows = [decode_step_row(model8b, "llama3-8b-random", b, ctx, copy) for b, ctx in cells]
+                print(*rows, sep="\n", flush=True)
+            else:
+                rows = decode_step_rows(model8b, "llama3-8b-random", (1024, 8192, 32768), copy)
+            out["rows"] += [{**row, "folded_norms": fold} for row in rows]
+            del model8b
+            torch.cuda.empty_cache()
+        specattn.model.FOLD_NORMS = True
 
     def find(**kw):
         return next((r for r in out["rows"] if all(r.get(k) == v for k, v in kw.items()) and "skipped" not in r), {})
     out["summary"] = {
-        "ar_bandwidth_fraction": find(model="llama3-8b-random", batch=1, context=8192).get("bandwidth_fraction"),
+        "ar_bandwidth_fraction": find(model="llama3-8b-random", batch=1, context=8192,
+                                      folded_norms=True).get("bandwidth_fraction"),
         "real_b1_512_tok_s": find(model="real", batch=1, prompt_tokens=512).get("tokens_per_s"),
         "real_b1_4k_tok_s": find(model="real", batch=1, prompt_tokens=4096).get("tokens_per_s"),
         "real_b16_4k_tok_s": find(model="real", batch=16, prompt_tokens=4096).get("tokens_per_s"),
