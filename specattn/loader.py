@@ -269,7 +269,8 @@ def take_hf_weights(model, tensors: dict[str, torch.Tensor]) -> None:
 
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """The inverse of take_hf_weights: HF-named tensors (q/k/v and gate/up split again), e.g. to run the same
-    weights in transformers."""
+    weights in transformers. After `Transformer.fold_norms` (done on the GPU by compile_steps) that is the folded
+    checkpoint: block norm weights one, q/k/v and gate/up multiplied by them; the same model."""
     cfg = model.cfg
     out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
            "lm_head.weight": model.lm_head.weight}
