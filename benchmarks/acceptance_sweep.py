@@ -5,6 +5,7 @@ about a minute per run at 4K) as well as on the GPU.
 
 Usage: python benchmarks/acceptance_sweep.py --text A.txt --text B.txt [--context 4096] [--new-tokens 128]
 [--budgets 64,128,256,512] [--methods magicdec,quest,specattn-y] [--gamma 4] [--json out.json]
+Methods may carry "/blk64" (SpecAttn-Y ranking 64-key blocks) and "/r<k>" (selection refreshed every k rounds).
 Each --text gives --windows sequences of the batch (windows 60,000 characters apart, from 40,000 in). --modes
 greedy,sampling picks the decoding modes. Rows keep the speculative rounds each sequence took (a fixed batch waits
 for the slowest: `rounds_by_sequence`).
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, split_block_suffix  # noqa: E402
 from specattn.api import SpeculationParams, make_policy  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams  # noqa: E402
@@ -63,6 +64,31 @@ def summarize(rows: list[dict], budgets: list[int], methods: list[str]) -> dict:
     return out
 
 
+def refresh_suffix(method: str) -> tuple[str, int]:
+    """"specattn-y/r2" -> ("specattn-y", 2): the selection takes a verification's page mass every 2nd round only."""
+    if "/r" in method:
+        name, every = method.rsplit("/r", 1)
+        return name, int(every)
+    return method, 1
+
+
+def make_sweep_policy(method: str, budget: int, gamma: int, num_layers: int):
+    """The policy of `method` ("/blk64": block mass; "/r<k>": a study of refreshing the selection every k rounds,
+    keeping the previous mass in between; the verification still computes it every round here)."""
+    name, every = refresh_suffix(method)
+    name, mass_tokens = split_block_suffix(name)
+    policy = make_policy(name, SpeculationParams(budget, gamma, mass_tokens=mass_tokens), num_layers)
+    if every > 1:
+        observe, seen = policy.observe, [0]
+
+        def observe_every(page_mass):
+            if seen[0] % every == 0:
+                observe(page_mass.clone())
+            seen[0] += 1
+        policy.observe = observe_every
+    return policy
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--text", action="append", required=True)
@@ -85,12 +111,15 @@ def main() -> None:
     if any(len(p) < args.context for p in prompts):
         raise SystemExit(f"a text is too short for {args.windows} windows of {args.context} tokens")
     modes = {m: MODES[m] for m in args.modes.split(",")}
+    for method in args.methods.split(","):
+        method, _ = refresh_suffix(method)
+        split_block_suffix(method)       # unknown names fail here, before any run
     budgets, methods = [int(b) for b in args.budgets.split(",")], args.methods.split(",")
     rows = []
     for mode, sampling in modes.items():
         for budget in budgets:
             for method in methods:
-                policy = make_policy(method, SpeculationParams(budget, args.gamma), model.cfg.num_layers)
+                policy = make_sweep_policy(method, budget, args.gamma, model.cfg.num_layers)
                 cache = PagedKVCache(model.cfg, len(prompts), cache_tokens_needed(args.context, args.new_tokens,
                                                                                    args.gamma),
                                      dtype=dtype, device=dev, track_key_bounds=policy.needs_key_bounds)
