@@ -58,7 +58,8 @@ def choose_launch(programs: int, head_dim: int) -> LaunchConfig:
 # Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU test path) gets tl.dot wrong on bf16/fp16
 # operands; there the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# Block mass: each tile stores its row sums and row max as it goes (two [rows] stores). Until 597e70f they were
+# Block mass: each tile stores its row sums and row max as it goes, in one [rows, slots] store (mass_slots; two
+# separate stores until 2026-11-29 cost ~35 registers each at head_dim 128: see mass_slots). Until 597e70f they were
 # held in [rows, 32] registers updated by a select every tile, which cost more than the tile's own work at
 # head_dim 64 and forced extra splits. H200, byproduct_registers.json (verify, default model, 8K, 5 rows): batch
 # 64 plain 112.6 µs, block mass in registers 158.6 µs (4 splits), stored per tile 135.4 µs; batch 32 69 µs both.
@@ -87,17 +88,17 @@ DIRECT_ONE_SPLIT = True   # one split writes the output itself (no merge launch)
 @triton.jit
 def _paged_attn_split_kernel(
     q_ptr, k_ptr, v_ptr, page_table_ptr, lens_ptr, sel_ptr, sel_count_ptr, sel_phys_ptr,
-    o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, mass_max_ptr, out_ptr, lse_ptr,
+    o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, out_ptr, lse_ptr,
     scale,
     stride_qb, stride_qt, stride_qh,
     stride_kp, stride_kr, stride_kh,
-    stride_ptb, sel_len, mass_pages, mass_blocks, mass_tiles,
+    stride_ptb, sel_len, mass_tiles,
     num_splits,
     Q_LEN: tl.constexpr, Q_BLOCK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
-    MAX_TILES: tl.constexpr, MASS_COLS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
+    MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
     PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr,
 ):
     # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
@@ -126,8 +127,12 @@ def _paged_attn_split_kernel(
     t = t_lo + rows % Q_BLOCK
     row_ok = (rows < GROUP * Q_BLOCK) & (t < Q_LEN)
     head = kvh * GROUP + g
-    row_base = (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64)      # this row's line of the mass buffers
-    pages_per_tile: tl.constexpr = BLOCK_N // PAGE_SIZE
+    # The mass buffer holds MASS_SLOTS values per (row, tile): the tile's page sums (page mass) or block sums
+    # (block mass) from slot 0, the row max they are relative to in the last slot.
+    mass_rows = mass_part_ptr + (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64) * mass_tiles * MASS_SLOTS
+    slot_ids = tl.arange(0, MASS_SLOTS)
+    values_per_tile: tl.constexpr = MASS_SUB if MASS_TILE else BLOCK_N // PAGE_SIZE
+    slot_used = (slot_ids < values_per_tile) | (slot_ids == MASS_SLOTS - 1)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -137,12 +142,11 @@ def _paged_attn_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    # Page mass with DEFER_MASS waits in registers and is stored once after the loop: per tile its row max and
-    # per-page row sums. A store inside the loop slowed the whole kernel by 15-50% on the H100; deferring page mass
+    # Page mass with DEFER_MASS waits in registers and is stored once after the loop: per tile its per-page row
+    # sums and row max. A store inside the loop slowed the whole kernel by 15-50% on the H100; deferring page mass
     # measured mixed on the H200 (see defer_page_mass).
-    slots = tl.arange(0, MAX_TILES)
-    tile_max = tl.zeros([BLOCK_M, MAX_TILES], tl.float32)
-    page_sums = tl.zeros([BLOCK_M, MAX_TILES, MASS_COLS], tl.float32)
+    tiles_held = tl.arange(0, MAX_TILES)
+    page_sums = tl.zeros([BLOCK_M, MAX_TILES, MASS_SLOTS], tl.float32)
     for blk in range(block_lo, block_hi):
         j = blk * BLOCK_N + cols
         in_range = j < n_keys
@@ -178,43 +182,38 @@ def _paged_attn_split_kernel(
         if PAGE_MASS and MASS_TILE:
             # Mass per tile of BLOCK_N keys: the row sums of p are already there for l_i;
             # _page_mass_kernel spreads a tile's mass evenly over its existing pages.
-            if MASS_SUB > 1:
-                # MASS_SUB blocks per tile: a masked row sum for all but the last, which is what the tile's row
-                # sum leaves over (one masked sum a tile instead of two at 128-key tiles and 64-key blocks).
-                rest = p_sum
-                for sub in tl.static_range(MASS_SUB):
-                    mblk = blk * MASS_SUB + sub
-                    if sub < MASS_SUB - 1:
-                        in_sub = (cols // (BLOCK_N // MASS_SUB)) == sub
-                        block_sum = tl.sum(tl.where(in_sub[None, :], p, 0.0), 1)
-                        rest = rest - block_sum
-                    else:
-                        block_sum = rest
-                    tl.store(mass_part_ptr + row_base * mass_blocks + mblk, block_sum,
-                             mask=row_ok & (mblk < mass_blocks))
-            else:
-                tl.store(mass_part_ptr + row_base * mass_blocks + blk, p_sum, mask=row_ok)
-            tl.store(mass_max_ptr + row_base * mass_tiles + blk, m_safe, mask=row_ok)     # one max per tile
+            # MASS_SUB blocks per tile: a masked row sum for all but the last, which is what the tile's row sum
+            # leaves over (one masked sum a tile at 128-key tiles and 64-key blocks). Sums and the row max go out
+            # in one store (see MASS_SLOTS).
+            packed = tl.where(slot_ids[None, :] == MASS_SLOTS - 1, m_safe[:, None], 0.0)
+            rest = p_sum
+            for sub in tl.static_range(MASS_SUB):
+                if sub < MASS_SUB - 1:
+                    in_sub = (cols // (BLOCK_N // MASS_SUB)) == sub
+                    block_sum = tl.sum(tl.where(in_sub[None, :], p, 0.0), 1)
+                    rest = rest - block_sum
+                else:
+                    block_sum = rest
+                packed = tl.where(slot_ids[None, :] == sub, block_sum[:, None], packed)
+            tl.store(mass_rows[:, None] + blk * MASS_SLOTS + slot_ids[None, :], packed,
+                     mask=row_ok[:, None] & slot_used[None, :])
         elif PAGE_MASS:
             # Per-row mass of each page of this tile, relative to m_safe; rescaled by exp(m_safe - lse)
             # once the row's log-sum-exp is known (_page_mass_kernel). Rows are (g, t): decode/verify only.
-            # Summed per page by a tensor-core product with a page one-hot (MASS_COLS >= 16 columns, as
+            # Summed per page by a tensor-core product with a page one-hot (MASS_SLOTS >= 16 columns, as
             # tl.dot needs): a reshape-and-sum of p costs a layout conversion every tile.
-            col_page = tl.arange(0, MASS_COLS)
-            onehot = (cols[:, None] // PAGE_SIZE) == col_page[None, :]
+            onehot = (cols[:, None] // PAGE_SIZE) == slot_ids[None, :]
             if UPCAST_DOT:
                 tile_mass = tl.dot(p, onehot.to(tl.float32))
             else:
                 tile_mass = tl.dot(p.to(k.dtype), onehot.to(k.dtype))
+            packed = tl.where(slot_ids[None, :] == MASS_SLOTS - 1, m_safe[:, None], tile_mass)
             if DEFER_MASS:
-                here = slots == blk - block_lo
-                page_sums = tl.where(here[None, :, None], tile_mass[:, None, :], page_sums)
-                tile_max = tl.where(here[None, :], m_safe[:, None], tile_max)
+                here = tiles_held == blk - block_lo
+                page_sums = tl.where(here[None, :, None], packed[:, None, :], page_sums)
             else:
-                vpage = blk * pages_per_tile + col_page
-                tl.store(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], tile_mass,
-                         mask=row_ok[:, None] & (col_page[None, :] < pages_per_tile) & (vpage[None, :] < mass_pages))
-                tl.store(mass_max_ptr + row_base * mass_tiles + blk, m_safe, mask=row_ok)
+                tl.store(mass_rows[:, None] + blk * MASS_SLOTS + slot_ids[None, :], packed,
+                         mask=row_ok[:, None] & slot_used[None, :])
         v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
@@ -223,13 +222,10 @@ def _paged_attn_split_kernel(
         m_i = m_new
 
     if PAGE_MASS and DEFER_MASS:
-        tile_idx = block_lo + slots
-        tile_ok = row_ok[:, None] & (tile_idx < block_hi)[None, :]
-        col_page = tl.arange(0, MASS_COLS)
-        vpage = tile_idx[None, :, None] * pages_per_tile + col_page[None, None, :]
-        keep = tile_ok[:, :, None] & (col_page < pages_per_tile)[None, None, :] & (vpage < mass_pages)
-        tl.store(mass_part_ptr + row_base[:, None, None] * mass_pages + vpage, page_sums, mask=keep)
-        tl.store(mass_max_ptr + row_base[:, None] * mass_tiles + tile_idx[None, :], tile_max, mask=tile_ok)
+        tile_idx = block_lo + tiles_held
+        keep = (row_ok[:, None] & (tile_idx < block_hi)[None, :])[:, :, None] & slot_used[None, None, :]
+        tl.store(mass_rows[:, None, None] + tile_idx[None, :, None] * MASS_SLOTS + slot_ids[None, None, :],
+                 page_sums, mask=keep)
     part = ((b * Q_LEN + t) * HEADS + head) * num_splits + split     # [B, T, H, S] flat
     if DIRECT:       # one split holds every key: the row is final here, no partials and no merge launch
         tl.store(out_ptr + part[:, None] * HEAD_DIM + dims[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
@@ -260,14 +256,14 @@ def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, n
 
 
 @triton.jit
-def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
-                      mass_pages, mass_blocks, mass_tiles, stride_mb, stride_mh,
+def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
+                      mass_pages, mass_tiles, stride_mb, stride_mh,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                      PAGES_PER_BLOCK: tl.constexpr, PAGES_PER_MAX: tl.constexpr, BLOCK_P: tl.constexpr,
-                      BLOCK_R: tl.constexpr,
-                      SPARSE: tl.constexpr, MASS_TILE: tl.constexpr):
+                      PAGES_PER_VALUE: tl.constexpr, VALUES_PER_TILE: tl.constexpr, MASS_SLOTS: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr):
     """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight. All rows of a
-    block of pages in one tile: a loop over rows would serialise dependent loads."""
+    block of pages in one tile: a loop over rows would serialise dependent loads. Each page reads the value
+    holding it (its own page sum, or its block's sum spread over the block's pages) and its tile's row max."""
     pid_bh = tl.program_id(0)
     kv_heads = HEADS // GROUP
     b = pid_bh // kv_heads
@@ -282,17 +278,15 @@ def _page_mass_kernel(mass_part_ptr, mass_max_ptr, lse_ptr, lens_ptr, sel_count_
     row_ok = r < GROUP * Q_LEN
     head = kvh * GROUP + r // Q_LEN
     lse = tl.load(lse_ptr + (b * Q_LEN + r % Q_LEN) * HEADS + head, mask=row_ok, other=0.0)
-    row_base = (pid_bh * GROUP * Q_LEN + r).to(tl.int64)
+    rows = mass_part_ptr + (pid_bh * GROUP * Q_LEN + r).to(tl.int64)[:, None] * mass_tiles * MASS_SLOTS
     both = row_ok[:, None] & ok[None, :]
-    block = (vpage // PAGES_PER_BLOCK)[None, :]        # block mass: the block holding the page
-    if MASS_TILE:
-        part = tl.load(mass_part_ptr + row_base[:, None] * mass_blocks + block, mask=both, other=0.0)
-        in_block = tl.minimum(PAGES_PER_BLOCK, n_pages - block * PAGES_PER_BLOCK)          # pages that exist
-        part = part / tl.maximum(in_block, 1).to(tl.float32)
-    else:
-        part = tl.load(mass_part_ptr + row_base[:, None] * mass_pages + vpage[None, :], mask=both, other=0.0)
-    m = tl.load(mass_max_ptr + row_base[:, None] * mass_tiles + (vpage // PAGES_PER_MAX)[None, :], mask=both,
-                other=0.0)
+    value = vpage // PAGES_PER_VALUE
+    tile_at = (value // VALUES_PER_TILE) * MASS_SLOTS
+    part = tl.load(rows + (tile_at + value % VALUES_PER_TILE)[None, :], mask=both, other=0.0)
+    m = tl.load(rows + (tile_at + MASS_SLOTS - 1)[None, :], mask=both, other=0.0)
+    if MASS_TILE:      # block mass: spread evenly over the block's pages that exist
+        in_block = tl.minimum(PAGES_PER_VALUE, n_pages - value * PAGES_PER_VALUE)
+        part = part / tl.maximum(in_block, 1).to(tl.float32)[None, :]
     total = tl.sum(tl.where(both, part * tl.exp(m - lse[:, None]), 0.0), 0)
     tl.store(mass_ptr + b * stride_mb + kvh * stride_mh + vpage, total, mask=vpage < mass_pages)
 
@@ -408,14 +402,12 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         l_part = torch.empty_like(m_part)
     mass_pages = selected_pages.shape[2] if sparse else page_table.shape[1]
     mass_sub = launch.block_n // mass_tokens if mass_tile else 1      # blocks of mass per tile of keys
-    mass_blocks = -(-mass_pages * page_size // (launch.block_n // mass_sub))
-    mass_tiles = -(-mass_pages * page_size // launch.block_n)          # one row max is stored per tile
+    mass_tiles = -(-mass_pages * page_size // launch.block_n)
+    slots = mass_slots(launch.block_n // page_size, mass_sub if mass_tile else None)
     if page_mass:
-        mass_part = torch.empty(batch * kv_heads * group * q_len, mass_blocks if mass_tile else mass_pages,
-                                dtype=torch.float32, device=dev)
-        mass_max = torch.empty(batch * kv_heads * group * q_len, mass_tiles, dtype=torch.float32, device=dev)
+        mass_part = torch.empty(batch * kv_heads * group * q_len, mass_tiles * slots, dtype=torch.float32, device=dev)
     else:
-        mass_part = mass_max = lse                 # unused; any tensor will do as a placeholder pointer
+        mass_part = lse                            # unused; any tensor will do as a placeholder pointer
     if sparse:
         sel = selected_pages.to(torch.int32).contiguous()
         counts = selected_counts.to(torch.int32).contiguous()
@@ -424,14 +416,14 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     phys = selected_physical.to(torch.int32).contiguous() if selected_physical is not None else sel
     _paged_attn_split_kernel[(batch * kv_heads, num_splits, q_blocks)](
         q, k_pages, v_pages, page_table, lens_after, sel, counts, phys,
-        o_part, m_part, l_part, mass_part, mass_max, out, lse, scale,
+        o_part, m_part, l_part, mass_part, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        page_table.stride(0), sel.shape[-1] if sparse else 0, mass_pages, mass_blocks, mass_tiles, num_splits,
+        page_table.stride(0), sel.shape[-1] if sparse else 0, mass_tiles, num_splits,
         Q_LEN=q_len, Q_BLOCK=q_block, GROUP=group, HEADS=heads, PAGE_SIZE=page_size, HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=launch.block_n, UPCAST_DOT=INTERPRETED, SPARSE=sparse,
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
-        MAX_TILES=max_tiles, MASS_COLS=max(16, launch.block_n // page_size) if page_mass and not mass_tile else 16,
+        MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
         MASS_SUB=mass_sub,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
@@ -446,19 +438,31 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         return out, lse
     if not page_mass:
         return out
-    return out, _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch, kv_heads, group, q_len,
-                                  page_size, mass_pages, mass_blocks, mass_tiles, launch.block_n // mass_sub,
-                                  launch.block_n, sparse, mass_tile, mass_out)
+    pages_per_value = launch.block_n // mass_sub // page_size if mass_tile else 1
+    values_per_tile = mass_sub if mass_tile else launch.block_n // page_size
+    return out, _finish_page_mass(mass_part, lse, lens_after, counts, batch, kv_heads, group, q_len, page_size,
+                                  mass_pages, mass_tiles, slots, pages_per_value, values_per_tile, sparse, mass_tile,
+                                  mass_out)
 
 
-def _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch: int, kv_heads: int, group: int,
-                      q_len: int, page_size: int, mass_pages: int, mass_blocks: int, mass_tiles: int,
-                      block_keys: int, tile_keys: int, sparse: bool,
-                      mass_tile: bool, mass_out: torch.Tensor | None = None) -> torch.Tensor:
+def mass_slots(pages_per_tile: int, blocks_per_tile: int | None) -> int:
+    """Values the split kernel stores per (row, tile) of keys: the tile's block sums (block mass) or page sums,
+    then the row max they are relative to, in one store, rounded up to a power of two (at least 16 for page
+    mass, whose sums come from a tensor-core product with a page one-hot). Two separate stores (the sums, the
+    max) each added ~35 registers at batch 8 with 8B heads (offline ptxas count: 128 plain, 198 block mass with
+    two stores, 156 with one), which left 2 programs per SM instead of 3-4."""
+    if blocks_per_tile is not None:
+        return triton.next_power_of_2(blocks_per_tile + 1)
+    return max(16, triton.next_power_of_2(pages_per_tile + 1))
+
+
+def _finish_page_mass(mass_part, lse, lens_after, counts, batch: int, kv_heads: int, group: int, q_len: int,
+                      page_size: int, mass_pages: int, mass_tiles: int, slots: int, pages_per_value: int,
+                      values_per_tile: int, sparse: bool, mass_tile: bool,
+                      mass_out: torch.Tensor | None = None) -> torch.Tensor:
     """The split kernel's partial page (or block) sums, rescaled with each row's log-sum-exp and summed over the
-    rows of a KV head: [batch, kv_heads, pages] (a view of mass_out if given). block_keys: keys per stored sum
-    (block mass: the block; page mass: the launch's tile, whose sums are per page); tile_keys: keys per stored
-    row max (the launch's tile)."""
+    rows of a KV head: [batch, kv_heads, pages] (a view of mass_out if given). mass_part: [rows, tiles x slots]
+    (see mass_slots); pages_per_value: 1 for page mass, the block's pages for block mass."""
     if mass_out is None:
         mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=lse.device)
     else:
@@ -469,10 +473,9 @@ def _finish_page_mass(mass_part, mass_max, lse, lens_after, counts, batch: int, 
     block_r = triton.next_power_of_2(group * q_len)
     block_p = max(16, MASS_FINISH_TILE // block_r)   # a tile of MASS_FINISH_TILE (row, page) elements
     _page_mass_kernel[(batch * kv_heads, triton.cdiv(mass_pages, block_p))](
-        mass_part, mass_max, lse, lens_after, counts, mass, mass_pages, mass_blocks, mass_tiles, mass.stride(0),
-        mass.stride(1),
-        Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size,
-        PAGES_PER_BLOCK=block_keys // page_size, PAGES_PER_MAX=tile_keys // page_size, BLOCK_P=block_p,
-        BLOCK_R=block_r, SPARSE=sparse, MASS_TILE=mass_tile, num_warps=MASS_FINISH_WARPS,
+        mass_part, lse, lens_after, counts, mass, mass_pages, mass_tiles, mass.stride(0), mass.stride(1),
+        Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size, PAGES_PER_VALUE=pages_per_value,
+        VALUES_PER_TILE=values_per_tile, MASS_SLOTS=slots, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
+        MASS_TILE=mass_tile, num_warps=MASS_FINISH_WARPS,
     )
     return mass
