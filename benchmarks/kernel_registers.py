@@ -49,6 +49,11 @@ CONFIGS = {
     "8B heads, batch 1 x 32K: block mass (sub-tiles)": (4, 3, dict(BLOCK_N=128, PAGE_MASS=True, MASS_TILE=True,
                                                                     MASS_SUB=2, MASS_SLOTS=4)),
     "8B heads, batch 1 x 32K: page mass": (4, 3, dict(BLOCK_N=128, PAGE_MASS=True)),
+    "8B heads, batch 1 x 32K: decode (1 row)": (4, 3, dict(BLOCK_N=128, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16)),
+    "8B heads, batch 1 x 32K: sparse decode": (4, 3, dict(BLOCK_N=128, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16,
+                                                          SPARSE=True)),
+    "default model draft, batch 64: sparse": (4, 2, dict(SMALL_HEADS, Q_LEN=1, Q_BLOCK=1, BLOCK_N=128,
+                                                         SPARSE=True)),
 }
 
 
