@@ -23,8 +23,9 @@ from .errors import InvalidInputError
 STEP_MAX_Q_LEN = 16  # decode and verify steps; longer blocks are prefill chunks
 COLUMN_MAJOR_WEIGHTS = True   # on the GPU (compile_steps): see Transformer.store_weights_column_major
 FUSED_STEPS = False           # off: fused_linear measured slower than cuBLAS on the H200 (benchmarks/NOTES.md)
-# On the GPU (compile_steps), without tensor parallelism: fold each block's norm weights into the projections after
-# them (Transformer.fold_norms), so a block runs 8 launches instead of 10 (Block.forward_folded).
+# On the GPU (compile_steps): fold each block's norm weights into the projections after them (Transformer.fold_norms),
+# so a block runs 8 launches instead of 10 (Block.forward_folded). Tensor-parallel blocks keep their own path, which
+# stays exact on folded weights (norm weights of one).
 FOLD_NORMS = True
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
 # GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode
