@@ -195,6 +195,28 @@ def test_compiling_the_steps_folds_the_norms_into_the_projections(tiny_cfg):
     assert run(model, [[5, 6, 7]], max_new_tokens=12).tokens == before
 
 
+def test_folded_weights_through_the_unfolded_blocks_are_the_same_model(tiny_cfg):
+    """Tensor-parallel blocks keep the unfolded code (norm, then projection) after fold_norms: with norm weights of
+    one and the weights folded into the projections it must compute the same logits."""
+    import copy
+
+    from specattn.model import Transformer
+
+    from .conftest import logits_through_cache
+    torch.manual_seed(1)
+    model = Transformer(tiny_cfg)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn_norm.weight.uniform_(-1.5, 1.5)
+            block.mlp_norm.weight.uniform_(-1.5, 1.5)
+    folded = copy.deepcopy(model)
+    folded.fold_norms()
+    folded.norms_folded = False                     # as a tensor-parallel rank runs it: the unfolded block code
+    ids = torch.randint(0, tiny_cfg.vocab_size, (2, 21))
+    want = logits_through_cache(model, ids)
+    assert (logits_through_cache(folded, ids) - want).abs().max().item() < 1e-4
+
+
 def test_a_step_compile_mode_with_inductors_own_cuda_graphs_is_refused(tiny_cfg, monkeypatch):
     """Our steps are captured as CUDA graphs already; a compile mode that captures its own would nest them."""
     import specattn.model
