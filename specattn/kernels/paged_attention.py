@@ -180,12 +180,11 @@ def _paged_attn_split_kernel(
         p_sum = tl.sum(p, 1)
         l_i = l_i * alpha + p_sum
         if PAGE_MASS and MASS_TILE:
-            # Mass per tile of BLOCK_N keys: the row sums of p are already there for l_i;
-            # _page_mass_kernel spreads a tile's mass evenly over its existing pages.
-            # MASS_SUB blocks per tile: a masked row sum for all but the last, which is what the tile's row sum
-            # leaves over (one masked sum a tile at 128-key tiles and 64-key blocks). Sums and the row max go out
-            # in one store (see MASS_SLOTS).
-            packed = tl.where(slot_ids[None, :] == MASS_SLOTS - 1, m_safe[:, None], 0.0)
+            # Mass per block of keys: the row sums of p are already there for l_i; _page_mass_kernel spreads a
+            # block's mass evenly over its existing pages. MASS_SUB blocks per tile: a masked row sum for all but
+            # the last, which is what the tile's row sum leaves over (one masked sum a tile at 128-key tiles and
+            # 64-key blocks).
+            sums = tl.zeros([BLOCK_M, MASS_SLOTS], tl.float32)
             rest = p_sum
             for sub in tl.static_range(MASS_SUB):
                 if sub < MASS_SUB - 1:
@@ -194,9 +193,7 @@ def _paged_attn_split_kernel(
                     rest = rest - block_sum
                 else:
                     block_sum = rest
-                packed = tl.where(slot_ids[None, :] == sub, block_sum[:, None], packed)
-            tl.store(mass_rows[:, None] + blk * MASS_SLOTS + slot_ids[None, :], packed,
-                     mask=row_ok[:, None] & slot_used[None, :])
+                sums = tl.where(slot_ids[None, :] == sub, block_sum[:, None], sums)
         elif PAGE_MASS:
             # Per-row mass of each page of this tile, relative to m_safe; rescaled by exp(m_safe - lse)
             # once the row's log-sum-exp is known (_page_mass_kernel). Rows are (g, t): decode/verify only.
@@ -204,10 +201,11 @@ def _paged_attn_split_kernel(
             # tl.dot needs): a reshape-and-sum of p costs a layout conversion every tile.
             onehot = (cols[:, None] // PAGE_SIZE) == slot_ids[None, :]
             if UPCAST_DOT:
-                tile_mass = tl.dot(p, onehot.to(tl.float32))
+                sums = tl.dot(p, onehot.to(tl.float32))
             else:
-                tile_mass = tl.dot(p.to(k.dtype), onehot.to(k.dtype))
-            packed = tl.where(slot_ids[None, :] == MASS_SLOTS - 1, m_safe[:, None], tile_mass)
+                sums = tl.dot(p.to(k.dtype), onehot.to(k.dtype))
+        if PAGE_MASS:      # the tile's sums and the row max they are relative to, in one store (see MASS_SLOTS)
+            packed = tl.where(slot_ids[None, :] == MASS_SLOTS - 1, m_safe[:, None], sums)
             if DEFER_MASS:
                 here = tiles_held == blk - block_lo
                 page_sums = tl.where(here[None, :, None], packed[:, None, :], page_sums)
@@ -403,7 +401,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     mass_pages = selected_pages.shape[2] if sparse else page_table.shape[1]
     mass_sub = launch.block_n // mass_tokens if mass_tile else 1      # blocks of mass per tile of keys
     mass_tiles = -(-mass_pages * page_size // launch.block_n)
-    slots = mass_slots(launch.block_n // page_size, mass_sub if mass_tile else None)
+    values_per_tile = mass_sub if mass_tile else launch.block_n // page_size      # block sums or page sums
+    slots = mass_slots(values_per_tile, one_hot=not mass_tile)
     if page_mass:
         mass_part = torch.empty(batch * kv_heads * group * q_len, mass_tiles * slots, dtype=torch.float32, device=dev)
     else:
@@ -438,22 +437,20 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         return out, lse
     if not page_mass:
         return out
-    pages_per_value = launch.block_n // mass_sub // page_size if mass_tile else 1
-    values_per_tile = mass_sub if mass_tile else launch.block_n // page_size
+    pages_per_value = launch.block_n // page_size // values_per_tile
     return out, _finish_page_mass(mass_part, lse, lens_after, counts, batch, kv_heads, group, q_len, page_size,
                                   mass_pages, mass_tiles, slots, pages_per_value, values_per_tile, sparse, mass_tile,
                                   mass_out)
 
 
-def mass_slots(pages_per_tile: int, blocks_per_tile: int | None) -> int:
+def mass_slots(values_per_tile: int, one_hot: bool) -> int:
     """Values the split kernel stores per (row, tile) of keys: the tile's block sums (block mass) or page sums,
-    then the row max they are relative to, in one store, rounded up to a power of two (at least 16 for page
-    mass, whose sums come from a tensor-core product with a page one-hot). Two separate stores (the sums, the
-    max) each added ~35 registers at batch 8 with 8B heads (offline ptxas count: 128 plain, 198 block mass with
-    two stores, 156 with one), which left 2 programs per SM instead of 3-4."""
-    if blocks_per_tile is not None:
-        return triton.next_power_of_2(blocks_per_tile + 1)
-    return max(16, triton.next_power_of_2(pages_per_tile + 1))
+    then the row max they are relative to, in one store, rounded up to a power of two (at least 16 with one_hot:
+    page sums come from a tensor-core product with a page one-hot of that many columns). Two separate stores (the
+    sums, the max) each added ~35 registers at batch 8 with 8B heads (offline ptxas count: 128 plain, 198 block
+    mass with two stores, 156 with one), which left 2 programs per SM instead of 3-4."""
+    slots = triton.next_power_of_2(values_per_tile + 1)
+    return max(16, slots) if one_hot else slots
 
 
 def _finish_page_mass(mass_part, lse, lens_after, counts, batch: int, kv_heads: int, group: int, q_len: int,
