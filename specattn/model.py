@@ -19,6 +19,7 @@ from .attention import Attention
 from .cache import PagedKVCache, StepView
 from .config import ModelConfig, rope_inv_freq
 from .errors import InvalidInputError
+from .kernels.reference import rms_scale, unnormed_projection
 
 STEP_MAX_Q_LEN = 16  # decode and verify steps; longer blocks are prefill chunks
 COLUMN_MAJOR_WEIGHTS = True   # on the GPU (compile_steps): see Transformer.store_weights_column_major
@@ -37,9 +38,7 @@ STEP_COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in fp32 like the reference implementation, then scale in the model dtype.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight * (x.float() * rms_scale(x, eps)).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -99,9 +98,7 @@ def rotate_and_store(qkv: torch.Tensor, cos, sin, cache: PagedKVCache, layer: in
         cache.wrote(layer, view)
         return q
     if norm_of is not None:
-        from .kernels.reference import rms_scale
-        scaled = qkv.float() * rms_scale(norm_of, eps)
-        qkv = (scaled if bias is None else scaled + bias.float()).to(qkv.dtype)
+        qkv = unnormed_projection(qkv, norm_of, eps, bias).to(qkv.dtype)
     b, t, width = qkv.shape
     dim = width // (heads + 2 * kv_heads)
     q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)

@@ -28,6 +28,14 @@ def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
 
 
+def unnormed_projection(proj: torch.Tensor, norm_of: torch.Tensor, eps: float,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32: the projection `proj` of rows `norm_of` taken before their RMSNorm (weight folded into the
+    projection) made whole: scaled by each row's 1 / rms, then `bias` added."""
+    scaled = proj.float() * rms_scale(norm_of, eps)
+    return scaled if bias is None else scaled + bias.float()
+
+
 def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
                       v_pool: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int,
                       norm_of: torch.Tensor | None = None, eps: float = 0.0,
@@ -39,9 +47,7 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
     b, t, width = qkv.shape
     dim, dtype = width // (heads + 2 * kv_heads), qkv.dtype
     if norm_of is not None:
-        qkv = qkv.float() * rms_scale(norm_of, eps)
-        if bias is not None:
-            qkv = qkv + bias.float()
+        qkv = unnormed_projection(qkv, norm_of, eps, bias)
     q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
 
     def rotate(x, n):
@@ -56,7 +62,7 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
 def swiglu_rms(gate_up: torch.Tensor, norm_of: torch.Tensor, eps: float) -> torch.Tensor:
     """silu(gate) * up of the gate/up projection [..., 2 * inter] of rows `norm_of` [..., hidden] taken before
     their RMSNorm (its weight folded into the projection): both halves are first scaled by the row's 1 / rms."""
-    gate, up = (gate_up.float() * rms_scale(norm_of, eps)).chunk(2, dim=-1)
+    gate, up = unnormed_projection(gate_up, norm_of, eps).chunk(2, dim=-1)
     return (F.silu(gate) * up).to(gate_up.dtype)
 
 
