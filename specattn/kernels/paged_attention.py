@@ -59,7 +59,7 @@ def choose_launch(programs: int, head_dim: int) -> LaunchConfig:
 # operands; there the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Block mass: each tile stores its row sums and row max as it goes, in one [rows, slots] store (mass_slots; two
-# separate stores until 2026-11-29 cost ~35 registers each at head_dim 128: see mass_slots). Until 597e70f they were
+# separate stores until 2026-11-29 cost registers at head_dim 128: see mass_slots). Until 597e70f they were
 # held in [rows, 32] registers updated by a select every tile, which cost more than the tile's own work at
 # head_dim 64 and forced extra splits. H200, byproduct_registers.json (verify, default model, 8K, 5 rows): batch
 # 64 plain 112.6 µs, block mass in registers 158.6 µs (4 splits), stored per tile 135.4 µs; batch 32 69 µs both.
@@ -446,9 +446,10 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
 def mass_slots(values_per_tile: int, one_hot: bool) -> int:
     """Values the split kernel stores per (row, tile) of keys: the tile's block sums (block mass) or page sums,
     then the row max they are relative to, in one store, rounded up to a power of two (at least 16 with one_hot:
-    page sums come from a tensor-core product with a page one-hot of that many columns). Two separate stores (the
-    sums, the max) each added ~35 registers at batch 8 with 8B heads (offline ptxas count: 128 plain, 198 block
-    mass with two stores, 156 with one), which left 2 programs per SM instead of 3-4."""
+    page sums come from a tensor-core product with a page one-hot of that many columns). With two separate stores
+    (the sums, the max) block mass at batch 8 with 8B heads took 198 registers against 128 plain, 156 with one
+    store (offline ptxas counts: results/kernel_registers_two_stores.json, kernel_registers.json): 2 programs per
+    SM instead of 3."""
     slots = triton.next_power_of_2(values_per_tile + 1)
     return max(16, slots) if one_hot else slots
 
