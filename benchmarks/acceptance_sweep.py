@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, split_block_suffix  # noqa: E402
-from specattn.api import SpeculationParams, make_policy  # noqa: E402
+from specattn.api import METHODS, SpeculationParams, make_policy  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams  # noqa: E402
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
@@ -102,6 +102,9 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--json")
     args = ap.parse_args()
+    unknown = [m for m in args.methods.split(",") if split_block_suffix(refresh_suffix(m)[0])[0] not in METHODS]
+    if unknown:                         # before the model loads
+        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)} (+ /blk64, /r<k>)")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     model, tok = load_model(args.model, dev, dtype, progress=False), load_tokenizer(args.model)
@@ -111,9 +114,6 @@ def main() -> None:
     if any(len(p) < args.context for p in prompts):
         raise SystemExit(f"a text is too short for {args.windows} windows of {args.context} tokens")
     modes = {m: MODES[m] for m in args.modes.split(",")}
-    for method in args.methods.split(","):
-        method, _ = refresh_suffix(method)
-        split_block_suffix(method)       # unknown names fail here, before any run
     budgets, methods = [int(b) for b in args.budgets.split(",")], args.methods.split(",")
     rows = []
     for mode, sampling in modes.items():
