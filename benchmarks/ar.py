@@ -31,7 +31,7 @@ from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
 from specattn.decoding.runner import StepRunner  # noqa: E402
 from specattn.evaluation.perplexity import perplexity  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
-from specattn.kernels import paged_attention, reference  # noqa: E402
+from specattn.kernels import paged_attention, pdl, reference  # noqa: E402
 from specattn.loader import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 
 
@@ -145,6 +145,8 @@ def main() -> None:
     ap.add_argument("--cells-8b", default="", help="e.g. 1x8192,8x32768 (batch x context): only these 8B steps")
     ap.add_argument("--folds", default="on", help="on,off: the 8B steps with norms folded (the default) and not, "
                     "one after the other in this run")
+    ap.add_argument("--pdl", default="on", help="on,off: the 8B steps with our kernels launched with programmatic "
+                    "dependent launch (the default) and without, one after the other (inside each --folds)")
     args = ap.parse_args()
     torch.manual_seed(0)
     out = {**environment(), "config": {"dtype": "bf16", "page_size": 16, "new_tokens": 128}, "rows": []}
@@ -155,8 +157,10 @@ def main() -> None:
     if not args.skip_real:
         real_model_rows(args.model, out, copy)
     if not args.skip_8b:
-        for fold in (f == "on" for f in args.folds.split(",")):
+        variants = [(fold == "on", p == "on") for fold in args.folds.split(",") for p in args.pdl.split(",")]
+        for fold, pdl_on in variants:
             specattn.model.FOLD_NORMS = fold
+            pdl.ENABLED = pdl_on
             torch._dynamo.reset()
             model8b = random_model(LLAMA3_8B)
             if args.cells_8b:
@@ -165,16 +169,17 @@ def main() -> None:
                 print(*rows, sep="\n", flush=True)
             else:
                 rows = decode_step_rows(model8b, "llama3-8b-random", (1024, 8192, 32768), copy)
-            out["rows"] += [{**row, "folded_norms": fold} for row in rows]
+            out["rows"] += [{**row, "folded_norms": fold, "pdl": pdl_on} for row in rows]
             del model8b
             torch.cuda.empty_cache()
+        pdl.ENABLED = True
         specattn.model.FOLD_NORMS = True
 
     def find(**kw):
         return next((r for r in out["rows"] if all(r.get(k) == v for k, v in kw.items()) and "skipped" not in r), {})
     out["summary"] = {
         "ar_bandwidth_fraction": find(model="llama3-8b-random", batch=1, context=8192,
-                                      folded_norms=True).get("bandwidth_fraction"),
+                                      folded_norms=True, pdl=True).get("bandwidth_fraction"),
         "real_b1_512_tok_s": find(model="real", batch=1, prompt_tokens=512).get("tokens_per_s"),
         "real_b1_4k_tok_s": find(model="real", batch=1, prompt_tokens=4096).get("tokens_per_s"),
         "real_b16_4k_tok_s": find(model="real", batch=16, prompt_tokens=4096).get("tokens_per_s"),

@@ -60,13 +60,15 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, 
 
 def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
             column_major: bool, q_len: int, top: int, fused: bool = False, compile_mode: str | None = None,
-            verify: str | None = None, fold: bool = True) -> dict:
+            verify: str | None = None, fold: bool = True, pdl: bool = True) -> dict:
     import torch._dynamo
 
+    import specattn.kernels.pdl
     import specattn.model
     specattn.model.COLUMN_MAJOR_WEIGHTS = column_major
     specattn.model.FUSED_STEPS = fused
     specattn.model.FOLD_NORMS = fold
+    specattn.kernels.pdl.ENABLED = pdl
     specattn.model.STEP_COMPILE_MODE = compile_mode
     torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])
@@ -92,6 +94,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += ", weights column-major" if column_major else ", weights row-major"
     what += ", fused_linear" if fused else ""
     what += "" if fold else ", norms not folded"
+    what += "" if pdl else ", no PDL"
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
@@ -99,7 +102,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     top_kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
     for name, (calls, us) in top_kernels:
         print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
-    return {"shape": shape, "verify": verify, "folded_norms": fold, "batch": batch, "context": context,
+    return {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "batch": batch, "context": context,
             "draft_budget": draft_budget, "q_len": q_len,
             "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
             "kernel_sum_us": total, "bytes_at_copy_speed_us": moved / copy / 1e3,
@@ -124,19 +127,21 @@ def main() -> None:
                     "page mass included) to profile one after the other, e.g. magicdec,specattn-y/blk64")
     ap.add_argument("--folds", default="on", help="comma-separated: on (norm weights folded into the projections, "
                     "the default), off (a norm kernel before each), profiled one after the other")
+    ap.add_argument("--pdl", default="on", help="comma-separated: on (our kernels launched with programmatic "
+                    "dependent launch, the default), off; inside each --folds")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
-    folds = [f == "on" for f in args.folds.split(",")]
+    variants = [(f == "on", p == "on") for f in args.folds.split(",") for p in args.pdl.split(",")]
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
-                        args.q_len, args.top, args.fused, verify=method, fold=fold)
-                for method in args.verify.split(",") for fold in folds]
+                        args.q_len, args.top, args.fused, verify=method, fold=fold, pdl=pdl)
+                for method in args.verify.split(",") for fold, pdl in variants]
     else:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
                         not args.row_major, args.q_len, args.top, args.fused, None if mode == "default" else mode,
-                        fold=fold)
-                for mode in args.compile_modes.split(",") for fold in folds]
+                        fold=fold, pdl=pdl)
+                for mode in args.compile_modes.split(",") for fold, pdl in variants]
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
 

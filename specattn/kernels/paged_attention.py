@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .pdl import INTERPRETED, launch_options, wait_for_predecessor
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,8 @@ def choose_launch(programs: int, head_dim: int) -> LaunchConfig:
     if programs < 32:
         return FEW_PROGRAMS
     return MANY_PROGRAMS_SMALL_HEADS if head_dim <= 64 else DEFAULT_LAUNCH
-# Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU test path) gets tl.dot wrong on bf16/fp16
-# operands; there the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton 3.6's interpreter (pdl.INTERPRETED: the CPU test path) gets tl.dot wrong on bf16/fp16 operands; there
+# the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
 # Block mass: each tile stores its row sums and row max as it goes, in one [rows, slots] store (mass_slots; two
 # separate stores until 2026-11-29 cost registers at head_dim 128: see mass_slots). Until 597e70f they were
 # held in [rows, 32] registers updated by a select every tile, which cost more than the tile's own work at
@@ -99,8 +99,9 @@ def _paged_attn_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
-    PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr,
+    PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
     # row j % PAGE_SIZE of the (j // PAGE_SIZE)-th page in this (sequence, KV head)'s list of logical pages,
     # or with TOKEN_LIST the j-th token position of its list.
@@ -237,7 +238,8 @@ def _paged_attn_split_kernel(
 
 @triton.jit
 def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, num_splits,
-                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0)                       # flat (b, t, h)
     splits = tl.arange(0, BLOCK_S)
     ok = splits < num_splits
@@ -258,10 +260,12 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
                       mass_pages, mass_tiles, stride_mb, stride_mh,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                       PAGES_PER_VALUE: tl.constexpr, VALUES_PER_TILE: tl.constexpr, MASS_SLOTS: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr):
+                      BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr,
+                      PDL: tl.constexpr):
     """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight. All rows of a
     block of pages in one tile: a loop over rows would serialise dependent loads. Each page reads the value
     holding it (its own page sum, or its block's sum spread over the block's pages) and its tile's row max."""
+    wait_for_predecessor(PDL)
     pid_bh = tl.program_id(0)
     kv_heads = HEADS // GROUP
     b = pid_bh // kv_heads
@@ -425,13 +429,13 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
         MASS_SUB=mass_sub,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev),
     )
     if not direct:
         block_s = max(2, triton.next_power_of_2(num_splits))
         _merge_splits_kernel[(batch * q_len * heads,)](
             o_part, m_part, l_part, out, lse, num_splits,
-            HEAD_DIM=dim, BLOCK_S=block_s, num_warps=MERGE_WARPS or merge_warps(block_s, dim),
+            HEAD_DIM=dim, BLOCK_S=block_s, num_warps=MERGE_WARPS or merge_warps(block_s, dim), **launch_options(dev),
         )
     if return_lse:                                # each row's log-sum-exp [batch, q_len, heads]: Vegas scores
         return out, lse
@@ -474,6 +478,6 @@ def _finish_page_mass(mass_part, lse, lens_after, counts, batch: int, kv_heads: 
         mass_part, lse, lens_after, counts, mass, mass_pages, mass_tiles, mass.stride(0), mass.stride(1),
         Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size, PAGES_PER_VALUE=pages_per_value,
         VALUES_PER_TILE=values_per_tile, MASS_SLOTS=slots, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
-        MASS_TILE=mass_tile, num_warps=MASS_FINISH_WARPS,
+        MASS_TILE=mass_tile, num_warps=MASS_FINISH_WARPS, **launch_options(lse.device),
     )
     return mass

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_options, wait_for_predecessor
+
 
 @triton.jit
 def _load_scaled(base, bias_base, off, ok, r, BIAS: tl.constexpr):
@@ -36,7 +38,8 @@ def _rotate(base, bias_base, heads, r, cos1, cos2, sin1, sin2, HALF: tl.constexp
 def _rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_pool_ptr, v_pool_ptr, slots_ptr, x_ptr, bias_ptr,
                        stride_row, stride_cs, stride_x, heads, kv_heads, hidden, eps,
                        HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
-                       NORM: tl.constexpr, BIAS: tl.constexpr, BLOCK_X: tl.constexpr):
+                       NORM: tl.constexpr, BIAS: tl.constexpr, BLOCK_X: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0)                       # one new token (batch x q_len flattened)
     d = tl.arange(0, BLOCK_D)[None, :]
     d_ok = d < HALF
@@ -98,5 +101,5 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
                                  HALF=dim // 2, BLOCK_D=triton.next_power_of_2(dim // 2),
                                  BLOCK_Q=triton.next_power_of_2(heads), BLOCK_KV=triton.next_power_of_2(kv_heads),
                                  NORM=norm, BIAS=with_bias, BLOCK_X=triton.next_power_of_2(x.shape[-1]) if norm else 16,
-                                 num_warps=4)
+                                 num_warps=4, **launch_options(qkv.device))
     return q

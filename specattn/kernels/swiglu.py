@@ -11,12 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_options, wait_for_predecessor
+
 BLOCK_I = 1024       # output columns per program
 
 
 @triton.jit
 def _swiglu_rms_kernel(gu_ptr, x_ptr, out_ptr, stride_gu, stride_x, inter, hidden, eps,
-                       BLOCK_X: tl.constexpr, BLOCK_I: tl.constexpr):
+                       BLOCK_X: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_X)
     x = tl.load(x_ptr + row * stride_x + cols, mask=cols < hidden, other=0.0).to(tl.float32)
@@ -42,5 +45,5 @@ def swiglu_rms(gate_up: torch.Tensor, norm_of: torch.Tensor, eps: float) -> torc
     rows = gu.shape[0]
     _swiglu_rms_kernel[(rows, triton.cdiv(inter, BLOCK_I))](
         gu, x, out, gu.stride(0), x.stride(0), inter, x.shape[1], eps,
-        BLOCK_X=triton.next_power_of_2(x.shape[1]), BLOCK_I=BLOCK_I, num_warps=4)
+        BLOCK_X=triton.next_power_of_2(x.shape[1]), BLOCK_I=BLOCK_I, num_warps=4, **launch_options(gate_up.device))
     return out
