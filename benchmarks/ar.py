@@ -147,6 +147,9 @@ def main() -> None:
                     "one after the other in this run")
     ap.add_argument("--pdl", default="on", help="on,off: the 8B steps with our kernels launched with programmatic "
                     "dependent launch (the default) and without, one after the other (inside each --folds)")
+    ap.add_argument("--gemv", default="+".join(specattn.model.GEMV_PROJECTIONS),
+                    help="comma-separated sets of projections computed by kernels.gemv in small steps, each "
+                    "'+'-joined or 'none'; inside each --pdl (the summary reads the first)")
     args = ap.parse_args()
     torch.manual_seed(0)
     out = {**environment(), "config": {"dtype": "bf16", "page_size": 16, "new_tokens": 128}, "rows": []}
@@ -157,10 +160,13 @@ def main() -> None:
     if not args.skip_real:
         real_model_rows(args.model, out, copy)
     if not args.skip_8b:
-        variants = [(fold == "on", p == "on") for fold in args.folds.split(",") for p in args.pdl.split(",")]
-        for fold, pdl_on in variants:
+        default_gemv = specattn.model.GEMV_PROJECTIONS
+        variants = [(fold == "on", p == "on", g) for fold in args.folds.split(",") for p in args.pdl.split(",")
+                    for g in args.gemv.split(",")]
+        for fold, pdl_on, gemv in variants:
             specattn.model.FOLD_NORMS = fold
             pdl.ENABLED = pdl_on
+            specattn.model.GEMV_PROJECTIONS = () if gemv == "none" else tuple(gemv.split("+"))
             torch._dynamo.reset()
             model8b = random_model(LLAMA3_8B)
             if args.cells_8b:
@@ -169,17 +175,19 @@ def main() -> None:
                 print(*rows, sep="\n", flush=True)
             else:
                 rows = decode_step_rows(model8b, "llama3-8b-random", (1024, 8192, 32768), copy)
-            out["rows"] += [{**row, "folded_norms": fold, "pdl": pdl_on} for row in rows]
+            out["rows"] += [{**row, "folded_norms": fold, "pdl": pdl_on, "gemv": gemv} for row in rows]
             del model8b
             torch.cuda.empty_cache()
         pdl.ENABLED = True
+        specattn.model.GEMV_PROJECTIONS = default_gemv
         specattn.model.FOLD_NORMS = True
 
     def find(**kw):
         return next((r for r in out["rows"] if all(r.get(k) == v for k, v in kw.items()) and "skipped" not in r), {})
     out["summary"] = {
         "ar_bandwidth_fraction": find(model="llama3-8b-random", batch=1, context=8192,
-                                      folded_norms=True, pdl=True).get("bandwidth_fraction"),
+                                      folded_norms=True, pdl=True,
+                                      gemv=args.gemv.split(",")[0]).get("bandwidth_fraction"),
         "real_b1_512_tok_s": find(model="real", batch=1, prompt_tokens=512).get("tokens_per_s"),
         "real_b1_4k_tok_s": find(model="real", batch=1, prompt_tokens=4096).get("tokens_per_s"),
         "real_b16_4k_tok_s": find(model="real", batch=16, prompt_tokens=4096).get("tokens_per_s"),

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import specattn.kernels.pdl  # noqa: E402
+import specattn.model  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     SHAPES,
     copy_bandwidth_gbs,
@@ -60,15 +62,15 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, 
 
 def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
             column_major: bool, q_len: int, top: int, fused: bool = False, compile_mode: str | None = None,
-            verify: str | None = None, fold: bool = True, pdl: bool = True) -> dict:
+            verify: str | None = None, fold: bool = True, pdl: bool = True,
+            gemv: tuple[str, ...] = specattn.model.GEMV_PROJECTIONS) -> dict:
     import torch._dynamo
 
-    import specattn.kernels.pdl
-    import specattn.model
     specattn.model.COLUMN_MAJOR_WEIGHTS = column_major
     specattn.model.FUSED_STEPS = fused
     specattn.model.FOLD_NORMS = fold
     specattn.kernels.pdl.ENABLED = pdl
+    specattn.model.GEMV_PROJECTIONS = gemv
     specattn.model.STEP_COMPILE_MODE = compile_mode
     torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])
@@ -95,6 +97,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += ", fused_linear" if fused else ""
     what += "" if fold else ", norms not folded"
     what += "" if pdl else ", no PDL"
+    what += f", gemv {'+'.join(gemv) or 'none'}"
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
@@ -102,7 +105,8 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     top_kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
     for name, (calls, us) in top_kernels:
         print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
-    return {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "batch": batch, "context": context,
+    return {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "gemv": list(gemv),
+            "batch": batch, "context": context,
             "draft_budget": draft_budget, "q_len": q_len,
             "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
             "kernel_sum_us": total, "bytes_at_copy_speed_us": moved / copy / 1e3,
@@ -129,19 +133,23 @@ def main() -> None:
                     "the default), off (a norm kernel before each), profiled one after the other")
     ap.add_argument("--pdl", default="on", help="comma-separated: on (our kernels launched with programmatic "
                     "dependent launch, the default), off; inside each --folds")
+    ap.add_argument("--gemv", default="+".join(specattn.model.GEMV_PROJECTIONS),
+                    help="comma-separated sets of projections computed by kernels.gemv in small steps, each "
+                    "'+'-joined or 'none' (e.g. qkv+o+down,none); inside each --pdl")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
-    variants = [(f == "on", p == "on") for f in args.folds.split(",") for p in args.pdl.split(",")]
+    variants = [(f == "on", p == "on", () if g == "none" else tuple(g.split("+")))
+                for f in args.folds.split(",") for p in args.pdl.split(",") for g in args.gemv.split(",")]
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
-                        args.q_len, args.top, args.fused, verify=method, fold=fold, pdl=pdl)
-                for method in args.verify.split(",") for fold, pdl in variants]
+                        args.q_len, args.top, args.fused, verify=method, fold=fold, pdl=pdl, gemv=gemv)
+                for method in args.verify.split(",") for fold, pdl, gemv in variants]
     else:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
                         not args.row_major, args.q_len, args.top, args.fused, None if mode == "default" else mode,
-                        fold=fold, pdl=pdl)
-                for mode in args.compile_modes.split(",") for fold, pdl in variants]
+                        fold=fold, pdl=pdl, gemv=gemv)
+                for mode in args.compile_modes.split(",") for fold, pdl, gemv in variants]
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
 

@@ -1,9 +1,10 @@
-"""Tile sweep of kernels.gemv (split-K partials) against cuBLAS (F.linear on the column-major weight view the
-model uses on the GPU), for the decode projections of the 8B shape and the Qwen2.5 0.5B / 1.5B pair.
+"""Tile sweep of kernels.gemv (row-major weights, PDL) against cuBLAS on the same row-major weights and on the
+column-major view the model gives cuBLAS otherwise, for the decode projections of the 8B shape and the Qwen2.5
+0.5B / 1.5B pair, at 1, 2 and 4 rows.
 
 Usage (GPU): python benchmarks/tune_gemv.py [out.json]. Times are medians of CUDA-graph replays of 20 calls with
-the weights rotated past L2, so every call reads its weight from HBM. `sum_us` is a standalone partials.sum(0)
-(an upper bound: in the model the consumer's pointwise kernel would do it)."""
+the weights rotated past L2, so every call reads its weight from HBM; back-to-back gemv calls overlap through PDL
+as they do in a step. The kernel as of 2026-11-29 (earlier split-K version: results/tune_gemv.json)."""
 from __future__ import annotations
 
 import itertools
@@ -25,11 +26,10 @@ SHAPES = {  # name: (N, K)
 }
 
 
-def tilings(k: int):
-    for bn, bk, warps, stages in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 4)):
-        for splits in (1, 2, 4, 8, 16):
-            if k // splits >= bk:
-                yield gemv.GemvTiling(bn, bk, splits, warps, stages)
+def tilings(m: int):
+    for bn, bk, warps in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8)):
+        if m * bn * bk <= 16384 * warps // 4:        # fp32 sums of at most 128 registers a thread
+            yield gemv.GemvTiling(bn, bk, warps)
 
 
 def main() -> None:
@@ -45,35 +45,33 @@ def main() -> None:
 def shape_rows(name: str, n: int, k: int, copy: float) -> list[dict]:
     rows = []
     copies = max(2, int(3e8 // (n * k * 2)) + 1)
-    ws = [torch.randn(k, n, device="cuda", dtype=torch.bfloat16).t() / k ** 0.5 for _ in range(copies)]
-    for m in (1, 4):
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
+    ws_col = [w.t().contiguous().t() for w in ws[:2]] * (copies // 2 + 1)
+    for m in (1, 2, 4):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        cublas = replay_us(lambda i: F.linear(x, ws[i % copies]))
+        cublas_row = replay_us(lambda i: F.linear(x, ws[i % copies]))
+        cublas_col = replay_us(lambda i: F.linear(x, ws_col[i % copies]))
         want = F.linear(x.float(), ws[0].float())
-        best = None
-        for t in tilings(k):
+        timed = []
+        for t in tilings(m):
             try:
-                us = replay_us(lambda i, t=t: gemv.gemv_partials(x, ws[i % copies], t))
+                timed.append((replay_us(lambda i, t=t: gemv.gemv(x, ws[i % copies], tiling=t)), t))
             except Exception as e:          # a tiling the compiler rejects (registers, shared memory)
                 print(f"{name} m={m} {t}: {type(e).__name__}", flush=True)
-                continue
-            if best is None or us < best[0]:
-                best = (us, t)
-        us, t = best
-        got = gemv.gemv_partials(x, ws[0], t).sum(0)
-        parts = gemv.gemv_partials(x, ws[0], t)
-        sum_us = replay_us(lambda i: parts.sum(0))
-        auto = gemv.choose_tiling(n, k)
-        auto_us = replay_us(lambda i: gemv.gemv_partials(x, ws[i % copies], auto))
-        row = {"shape": name, "n": n, "k": k, "m": m, "cublas_us": cublas, "gemv_us": us, "sum_us": sum_us,
-               "auto_us": auto_us, "best": vars(t), "gemv_over_cublas": cublas / us,
-               "gemv_bw_fraction": n * k * 2 / us / 1e3 / copy,
+        us, t = min(timed, key=lambda r: r[0])
+        default_us = replay_us(lambda i: gemv.gemv(x, ws[i % copies]))
+        got = gemv.gemv(x, ws[0], tiling=t).float()
+        cublas = min(cublas_row, cublas_col)
+        row = {"shape": name, "n": n, "k": k, "m": m, "cublas_row_major_us": cublas_row,
+               "cublas_column_major_us": cublas_col, "gemv_us": us, "gemv_default_tiling_us": default_us,
+               "best": vars(t), "gemv_over_best_cublas": cublas / us, "gemv_bw_fraction": n * k * 2 / us / 1e3 / copy,
                "cublas_bw_fraction": n * k * 2 / cublas / 1e3 / copy,
-               "rel_err": ((got - want).norm() / want.norm()).item()}
+               "rel_err": ((got - want).norm() / want.norm()).item(),
+               "all": [{"us": u, **vars(tt)} for u, tt in timed]}
         rows.append(row)
-        print(f"{name:14s} m={m} cublas {cublas:7.1f} us  gemv {us:7.1f} us ({t.block_n},{t.block_k},"
-              f"s{t.splits},w{t.num_warps},st{t.num_stages}) auto {auto_us:7.1f}  sum {sum_us:5.1f}  "
-              f"bw {row['gemv_bw_fraction']:.2f} vs {row['cublas_bw_fraction']:.2f}", flush=True)
+        print(f"{name:14s} m={m} cublas row {cublas_row:6.1f} col {cublas_col:6.1f} us  gemv {us:6.1f} us "
+              f"({t.block_n},{t.block_k},w{t.num_warps}) default {default_us:6.1f}  bw {row['gemv_bw_fraction']:.2f} "
+              f"vs {row['cublas_bw_fraction']:.2f}", flush=True)
     return rows
 
 

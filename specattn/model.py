@@ -28,6 +28,10 @@ FUSED_STEPS = False           # off: fused_linear measured slower than cuBLAS on
 # so a block runs 8 launches instead of 10 (Block.forward_folded). Tensor-parallel blocks keep their own path, which
 # stays exact on folded weights (norm weights of one).
 FOLD_NORMS = True
+# On the GPU (compile_steps), with folded norms: steps of at most gemv.MAX_ROWS rows compute these projections with
+# kernels.gemv (launched early with PDL, no split-K reduction) instead of cuBLAS; their weights stay row-major.
+GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "o", "down")
+GEMV_MAX_ROWS = 4             # at most kernels.gemv.MAX_ROWS
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
 # GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode
 # with Inductor's cudagraphs). benchmarks/profile_step.py --compile-modes times both in one run; the environment
@@ -141,6 +145,15 @@ class Block(nn.Module):
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     all_reduce = None    # tensor parallel: sums this rank's partial projections over ranks
+    gemv_projections: tuple[str, ...] = ()   # Transformer.compile_steps: see GEMV_PROJECTIONS
+
+    def project(self, name: str, rows: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """rows [n, in] @ the named projection's weight.T -> [n, out], or added in place into `into` [n, out]."""
+        weight = getattr(self, name).weight
+        if name in self.gemv_projections and rows.shape[0] <= GEMV_MAX_ROWS:
+            from .kernels.gemv import gemv
+            return gemv(rows, weight, out=into, accumulate=into is not None)
+        return F.linear(rows, weight) if into is None else into.addmm_(rows, weight.t())
 
     def forward(self, x, mlp_out, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention, fns: dict):
         """(residual stream, previous block's MLP output or None) -> the same pair after this block."""
@@ -168,12 +181,12 @@ class Block(nn.Module):
         cfg = self.cfg
         b, t, hidden = x.shape
         stream = x.view(b * t, hidden)
-        q = rotate_and_store(F.linear(x, self.qkv.weight), cos, sin, cache, self.layer, view, cfg.num_heads,
-                             cfg.num_kv_heads, norm_of=x, eps=cfg.rms_norm_eps, bias=self.qkv.bias)
+        q = rotate_and_store(self.project("qkv", stream).view(b, t, -1), cos, sin, cache, self.layer, view,
+                             cfg.num_heads, cfg.num_kv_heads, norm_of=x, eps=cfg.rms_norm_eps, bias=self.qkv.bias)
         attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
-        stream.addmm_(attn.reshape(b * t, -1), self.o.weight.t())
-        act = swiglu_of_unnormed(F.linear(x, self.gate_up.weight), x, cfg.rms_norm_eps)
-        stream.addmm_(act.reshape(b * t, -1), self.down.weight.t())
+        self.project("o", attn.reshape(b * t, -1), into=stream)
+        act = swiglu_of_unnormed(self.project("gate_up", stream).view(b, t, -1), x, cfg.rms_norm_eps)
+        self.project("down", act.reshape(b * t, -1), into=stream)
         return x
 
     def forward_fused(self, x, mlp_out, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention):
@@ -221,13 +234,17 @@ class Transformer(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         self.attention = Attention(backend, self.embed.weight.device)
 
-    def store_weights_column_major(self) -> None:
-        """Keep each block's projection weights as the transposed view of a contiguous transpose (same values,
-        same shape). F.linear then hands cuBLAS the other operand layout, for which it picks GEMV kernels that
-        fill the H100 better at decode shapes (8B-shaped model, batch 1: step 6.65 -> 6.47 ms)."""
+    def store_weights_column_major(self, keep_row_major: tuple[str, ...] = ()) -> None:
+        """Keep each block's projection weights (but those named in keep_row_major) as the transposed view of a
+        contiguous transpose (same values, same shape). F.linear then hands cuBLAS the other operand layout, for
+        which it picks GEMV kernels that fill the H100 better at decode shapes (8B-shaped model, batch 1: step
+        6.65 -> 6.47 ms)."""
         for block in self.blocks:
-            for linear in (block.qkv, block.o, block.gate_up, block.down):
-                if linear.weight.is_contiguous():
+            for name in ("qkv", "o", "gate_up", "down"):
+                linear = getattr(block, name)
+                if name in keep_row_major:
+                    linear.weight.data = linear.weight.data.contiguous()
+                elif linear.weight.is_contiguous():
                     linear.weight.data = linear.weight.data.t().contiguous().t()
 
     @torch.no_grad()
@@ -253,10 +270,13 @@ class Transformer(nn.Module):
             raise InvalidInputError(f"step compile mode {STEP_COMPILE_MODE!r} is not supported; set "
                                     f"SPECATTN_STEP_COMPILE_MODE to one of {STEP_COMPILE_MODES[1:]} or unset it "
                                     "(STEP_COMPILE_MODE)")
+        gemv_projections = GEMV_PROJECTIONS if FOLD_NORMS else ()
         if COLUMN_MAJOR_WEIGHTS:
-            self.store_weights_column_major()
+            self.store_weights_column_major(keep_row_major=gemv_projections)
         if FOLD_NORMS:
             self.fold_norms()
+        for block in self.blocks:
+            block.gemv_projections = gemv_projections
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.step_fns = {name: torch.compile(fn, dynamic=False, fullgraph=True, mode=STEP_COMPILE_MODE)
                          for name, fn in EAGER.items()}

@@ -101,6 +101,20 @@ def test_folded_norms_keep_the_logits(pair):
         assert (refolded(ids).logits - ref).abs().max().item() < 1e-4
 
 
+def test_gemv_projections_keep_the_logits(pair):
+    """Folded blocks with every projection of a small step through kernels.gemv (the o and down products added
+    into the residual stream in place) give transformers' logits step by step; prefill rows stay on F.linear."""
+    hf, ours = pair
+    folded = copy.deepcopy(ours)
+    folded.fold_norms()
+    for block in folded.blocks:
+        block.gemv_projections = ("qkv", "o", "gate_up", "down")
+    ids = torch.randint(0, 101, (1, 24))
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    assert (step_by_step_logits(folded, ids) - ref).abs().max().item() < 1e-4
+
+
 def test_greedy_generation_identical(pair):
     hf, ours = pair
     prompt = torch.randint(0, 101, (1, 9))

@@ -1,87 +1,82 @@
-"""Split-K matrix-vector products for decode steps of a few rows, in Triton.
+"""Matrix-vector products for decode steps of a few rows, in Triton, launched early (PDL).
 
-A decode step at batch 1 multiplies one row by each projection: pure weight streaming. cuBLAS picks split-K
-kernels for these shapes and adds a reduction kernel after them. Here each program owns BLOCK_N output columns
-over one of `splits` slices of K and writes fp32 partial sums [splits, M, N]; whoever consumes the product sums
-the slices as part of its own pointwise work, so no reduction kernel is launched. Deterministic: each partial
-has one writer and the slices are summed in a fixed order. The weight may be stored row-major [N, K] or as the
-transposed view of a [K, N] tensor (`Transformer.store_weights_column_major`); strides handle both.
-Reference: `partials_reference` (and F.linear on their sum).
+A decode step at batch 1 multiplies one row by each projection: pure weight streaming, ~10 kernels a layer, and
+each launch costs its start-up (first loads' latency, a partly idle last wave) on top of its bytes. cuBLAS also
+runs split-K kernels plus a reduction kernel for the output and down projections. Here each program owns
+BLOCK_N output columns over all of K (no split, no reduction launch) and keeps [rows, BLOCK_N, BLOCK_K] partial
+sums in registers, reduced once at the end. Launched with programmatic dependent launch (pdl.py), a program
+loads its first weight tile *before* waiting for the kernel ahead (weights are never written by a step), so the
+stream starts while that kernel finishes. `accumulate=True` adds the product into `out` in place (the residual
+stream: one rounding, as cuBLAS's addmm_ with beta 1). Weights should be row-major [N, K] (K contiguous, each
+program reading whole rows); other strides work but read poorly. Reference: F.linear in fp32.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 4           # rows per product handled here; a wider product loads each weight tile for too many rows
+from .pdl import launch_options, wait_for_predecessor
+
+MAX_ROWS = 4           # rows per product handled here: registers hold [rows, BLOCK_N, BLOCK_K] sums
 
 
 @dataclass(frozen=True)
 class GemvTiling:
-    block_n: int = 64
-    block_k: int = 128
-    splits: int = 4
+    block_n: int = 16      # output columns per program: 8B shapes give 256-1,792 programs, ~2-14 per SM
+    block_k: int = 512
     num_warps: int = 4
-    num_stages: int = 4
 
 
 @triton.jit
-def _gemv_partials_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_wk,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_wk, stride_om,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 PDL: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_hi
-        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows < M)[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
-    out = out_ptr + (split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]
-    tl.store(out, acc, mask=(rows < M)[:, None] & col_ok[None, :])
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ks = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+    wait_for_predecessor(PDL)          # x and out come from the kernels ahead; the first weight tile did not
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        nxt = k0 + BLOCK_K + ks
+        w_next = tl.load(w_rows + nxt[None, :] * stride_wk, mask=col_ok[:, None] & (nxt < K)[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :],
+                    mask=row_ok[:, None] & (k0 + ks < K)[None, :], other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        w = w_next
+    y = tl.sum(acc, 2)
+    dst = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    if ACCUMULATE:
+        y += tl.load(dst, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def choose_tiling(n: int, k: int, num_sms: int = 132) -> GemvTiling:
-    """Enough (column block, K slice) programs to fill the SMs about twice, K slices no shorter than 512."""
-    tiling = GemvTiling()
-    col_blocks = triton.cdiv(n, tiling.block_n)
-    return dataclasses.replace(tiling, splits=max(1, min(triton.cdiv(2 * num_sms, col_blocks), k // 512)))
-
-
-def gemv_partials(x: torch.Tensor, weight: torch.Tensor, tiling: GemvTiling | None = None) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS, contiguous rows), weight [N, K] (any strides) -> fp32 partial products
-    [splits, M, N] whose sum over dim 0 is x @ weight.T."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False,
+         tiling: GemvTiling | None = None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS), weight [N, K] -> x @ weight.T [M, N] in x's dtype, written to `out` if given;
+    accumulate=True adds it to out's values instead (out required)."""
     m, k = x.shape
     n = weight.shape[0]
     if m > MAX_ROWS or weight.shape[1] != k:
-        raise ValueError(f"gemv_partials takes at most {MAX_ROWS} rows of width {weight.shape[1]}, "
-                         f"got {tuple(x.shape)}")
-    tiling = tiling or choose_tiling(n, k)
-    x = x.contiguous()
-    k_per_split = triton.cdiv(triton.cdiv(k, tiling.splits), tiling.block_k) * tiling.block_k
-    splits = triton.cdiv(k, k_per_split)
-    out = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    _gemv_partials_kernel[(triton.cdiv(n, tiling.block_n), splits)](
-        x, weight, out, m, n, k, k_per_split, x.stride(0), weight.stride(0), weight.stride(1),
-        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+        raise ValueError(f"gemv takes at most {MAX_ROWS} rows of width {weight.shape[1]}, got {tuple(x.shape)}")
+    if accumulate and out is None:
+        raise ValueError("accumulate=True adds into out: pass out")
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out.shape != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n}] with contiguous columns, got {tuple(out.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    t = tiling or GemvTiling()
+    _gemv_kernel[(triton.cdiv(n, t.block_n),)](
+        x, weight, out, m, n, k, x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=t.block_n, BLOCK_K=t.block_k, ACCUMULATE=accumulate,
+        num_warps=t.num_warps, **launch_options(x.device))
     return out
-
-
-def partials_reference(x: torch.Tensor, weight: torch.Tensor, splits: int, block_k: int) -> torch.Tensor:
-    """The same slices of K as gemv_partials, in PyTorch fp32."""
-    k = x.shape[1]
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    return torch.stack([x[:, lo: lo + k_per_split].float() @ weight[:, lo: lo + k_per_split].float().T
-                        for lo in range(0, k, k_per_split)])
