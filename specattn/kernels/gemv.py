@@ -25,9 +25,20 @@ MAX_ROWS = 4           # rows per product handled here: registers hold [rows, BL
 
 @dataclass(frozen=True)
 class GemvTiling:
-    block_n: int = 16      # output columns per program: 8B shapes give 256-1,792 programs, ~2-14 per SM
+    block_n: int = 8       # output columns per program
     block_k: int = 512
     num_warps: int = 4
+
+
+def choose_tiling(m: int, n: int, k: int) -> GemvTiling:
+    """The fastest tiling at one and two rows in the H200 sweep (results/tune_gemv_pdl.json): 8 columns a program;
+    a whole row of K <= 1,024 (Qwen2.5 0.5B / 1.5B) in one or two tiles; at K = 4,096 256-key tiles over 8 warps for
+    the wide q/k/v product (6,144 columns, one row: 15.2 against 18.4 us for 512 x 4 warps), 512-key tiles otherwise."""
+    if k <= 2048:
+        return GemvTiling(8, 1024, 4)
+    if n >= 6144:
+        return GemvTiling(8, 256, 8 if m == 1 else 4)
+    return GemvTiling(8, 512 if m <= 2 else 256, 4)
 
 
 @triton.jit
@@ -74,7 +85,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
         raise ValueError(f"out must be [{m}, {n}] with contiguous columns, got {tuple(out.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    t = tiling or GemvTiling()
+    t = tiling or choose_tiling(m, n, k)
     _gemv_kernel[(triton.cdiv(n, t.block_n),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=t.block_n, BLOCK_K=t.block_k, ACCUMULATE=accumulate,
