@@ -63,7 +63,8 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, 
 def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
             column_major: bool, q_len: int, top: int, fused: bool = False, compile_mode: str | None = None,
             verify: str | None = None, fold: bool = True, pdl: bool = True,
-            gemv: tuple[str, ...] = specattn.model.GEMV_PROJECTIONS) -> dict:
+            gemv: tuple[str, ...] = specattn.model.GEMV_PROJECTIONS) -> tuple[dict, object]:
+    """(the row, the step callable: its model and graph stay alive for --rounds)."""
     import torch._dynamo
 
     specattn.model.COLUMN_MAJOR_WEIGHTS = column_major
@@ -105,12 +106,13 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     top_kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
     for name, (calls, us) in top_kernels:
         print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
-    return {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "gemv": list(gemv),
-            "batch": batch, "context": context,
-            "draft_budget": draft_budget, "q_len": q_len,
-            "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
-            "kernel_sum_us": total, "bytes_at_copy_speed_us": moved / copy / 1e3,
-            "top": [{"kernel": n[:100], "calls": c // steps, "us": u / steps} for n, (c, u) in top_kernels]}
+    row = {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "gemv": list(gemv),
+           "batch": batch, "context": context,
+           "draft_budget": draft_budget, "q_len": q_len,
+           "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
+           "kernel_sum_us": total, "bytes_at_copy_speed_us": moved / copy / 1e3,
+           "top": [{"kernel": n[:100], "calls": c // steps, "us": u / steps} for n, (c, u) in top_kernels]}
+    return row, fn
 
 
 def main() -> None:
@@ -136,6 +138,9 @@ def main() -> None:
     ap.add_argument("--gemv", default="+".join(specattn.model.GEMV_PROJECTIONS),
                     help="comma-separated sets of projections computed by kernels.gemv in small steps, each "
                     "'+'-joined or 'none' (e.g. qkv+o+down,none); inside each --pdl")
+    ap.add_argument("--rounds", type=int, default=1, help="after profiling every variant, time them all again this "
+                    "many times round-robin and report the median: variants compared within a round, not one after "
+                    "the other (a variant timed later in a process measured up to 3%% slower)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
@@ -150,8 +155,27 @@ def main() -> None:
                         not args.row_major, args.q_len, args.top, args.fused, None if mode == "default" else mode,
                         fold=fold, pdl=pdl, gemv=gemv)
                 for mode in args.compile_modes.split(",") for fold, pdl, gemv in variants]
+    rows = interleaved(rows, args.rounds)
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
+
+
+def interleaved(built: list[tuple[dict, object]], rounds: int) -> list[dict]:
+    """Rows with replay_us re-timed `rounds` times round-robin over the variants (median), when rounds > 1."""
+    rows = [row for row, _ in built]
+    if rounds > 1:
+        times = [[] for _ in built]
+        for _ in range(rounds):
+            for t, (_, fn) in zip(times, built, strict=True):
+                t.append(median_ms(fn) * 1000)
+        print("\nround-robin medians of", rounds)
+        for row, t in zip(rows, times, strict=True):
+            row["replay_us_first"], row["replay_us_rounds"] = row["replay_us"], t
+            row["replay_us"] = sorted(t)[len(t) // 2]
+            print(f"{row['replay_us']:8.0f} us (first {row['replay_us_first']:.0f}, rounds {min(t):.0f}-{max(t):.0f})"
+                  f"  fold {row['folded_norms']} pdl {row['pdl']} gemv {'+'.join(row['gemv']) or 'none'}"
+                  f" verify {row['verify']} compile {row['compile_mode']}")
+    return rows
 
 
 if __name__ == "__main__":

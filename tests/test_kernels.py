@@ -64,7 +64,7 @@ def test_every_output_element_is_written():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_matches_linear(m, n, k, dtype):
     """The decode GEMV (row-major and column-major weights, K not a multiple of the tile) against F.linear, and
-    accumulate=True against out + F.linear."""
+    accumulating in place (add=out) against out + F.linear."""
     from specattn.kernels import gemv
     torch.manual_seed(m * 100 + n)
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
@@ -77,11 +77,25 @@ def test_gemv_matches_linear(m, n, k, dtype):
         assert ((got.float() - want).norm() / want.norm()).item() < tol
     base = torch.randn(m, n, dtype=dtype)
     out = base.clone()
-    gemv.gemv(x, w, out=out, accumulate=True, tiling=tiling)
+    gemv.gemv(x, w, out=out, add=out, tiling=tiling)          # in place, as into the residual stream
     full = base.float() + want
     assert ((out.float() - full).norm() / full.norm()).item() < tol
-    with pytest.raises(ValueError, match="pass out"):
-        gemv.gemv(x, w, accumulate=True)
+
+
+@pytest.mark.parametrize("m,inter,hidden", [(1, 200, 48), (2, 96, 33)])
+def test_gemv_with_swiglu_input_matches_swiglu_then_linear(m, inter, hidden):
+    """swiglu_rms_of: the product's input computed on the fly from the gate/up rows and the rows' rms equals the
+    SwiGLU reference followed by F.linear, plus the added stream; the stream may not also be the output."""
+    from specattn.kernels import gemv, reference
+    torch.manual_seed(m + inter)
+    gate_up, rows = torch.randn(m, 2 * inter), torch.randn(m, hidden) * 3
+    w, stream = torch.randn(hidden, inter), torch.randn(m, hidden)
+    act = reference.swiglu_rms(gate_up, rows, 1e-5)
+    want = stream + torch.nn.functional.linear(act, w)
+    got = gemv.gemv(gate_up, w, add=stream, swiglu_rms_of=rows, eps=1e-5, tiling=gemv.GemvTiling(8, 64, 4))
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    with pytest.raises(ValueError, match="another out"):
+        gemv.gemv(gate_up, w, out=stream, add=stream, swiglu_rms_of=stream, eps=1e-5)
 
 
 def test_num_splits_fill_the_gpu_but_never_exceed_blocks():

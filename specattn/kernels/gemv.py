@@ -6,9 +6,11 @@ runs split-K kernels plus a reduction kernel for the output and down projections
 BLOCK_N output columns over all of K (no split, no reduction launch) and keeps [rows, BLOCK_N, BLOCK_K] partial
 sums in registers, reduced once at the end. Launched with programmatic dependent launch (pdl.py), a program
 loads its first weight tile *before* waiting for the kernel ahead (weights are never written by a step), so the
-stream starts while that kernel finishes. `accumulate=True` adds the product into `out` in place (the residual
-stream: one rounding, as cuBLAS's addmm_ with beta 1). Weights should be row-major [N, K] (K contiguous, each
-program reading whole rows); other strides work but read poorly. Reference: F.linear in fp32.
+stream starts while that kernel finishes. `add=out` adds the product into `out` in place (the residual stream: one
+rounding, as cuBLAS's addmm_ with beta 1); `swiglu_rms_of` computes the down projection's input (SwiGLU of the
+unnormed gate/up product, see swiglu.py) as it reads it, which saves the SwiGLU launch. Weights should be
+row-major [N, K] (K contiguous, each program reading whole rows); other strides work but read poorly. Reference:
+F.linear in fp32 (and reference.swiglu_rms).
 """
 from __future__ import annotations
 
@@ -42,9 +44,9 @@ def choose_tiling(m: int, n: int, k: int) -> GemvTiling:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_wk, stride_om,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr,
-                 PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, add_ptr, norm_ptr, M, N, K, hidden, eps, stride_xm, stride_wn, stride_wk,
+                 stride_om, stride_am, stride_nm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 ADD: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rows = tl.arange(0, BLOCK_M)
@@ -53,41 +55,61 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_wk
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
     w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
     wait_for_predecessor(PDL)          # x and out come from the kernels ahead; the first weight tile did not
+    if SWIGLU:     # each row's 1 / rms, recomputed by every program from the rows (a few KB from L2)
+        hs = tl.arange(0, BLOCK_H)
+        h = tl.load(norm_ptr + rows[:, None] * stride_nm + hs[None, :], mask=row_ok[:, None] & (hs < hidden)[None, :],
+                    other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(h * h, 1) / hidden + eps)[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         nxt = k0 + BLOCK_K + ks
         w_next = tl.load(w_rows + nxt[None, :] * stride_wk, mask=col_ok[:, None] & (nxt < K)[None, :], other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :],
-                    mask=row_ok[:, None] & (k0 + ks < K)[None, :], other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        x_at = x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :]
+        x_ok = row_ok[:, None] & (k0 + ks < K)[None, :]
+        x = tl.load(x_at, mask=x_ok, other=0.0).to(tl.float32)
+        if SWIGLU:     # x holds the gates, the ups follow K columns later; rounded as the SwiGLU kernel stores them
+            gate = x * r
+            up = tl.load(x_at + K, mask=x_ok, other=0.0).to(tl.float32) * r
+            x = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
         w = w_next
     y = tl.sum(acc, 2)
-    dst = out_ptr + rows[:, None] * stride_om + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
-    if ACCUMULATE:
-        y += tl.load(dst, mask=ok, other=0.0).to(tl.float32)
-    tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=ok)
+    if ADD:
+        y += tl.load(add_ptr + rows[:, None] * stride_am + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False,
-         tiling: GemvTiling | None = None) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS), weight [N, K] -> x @ weight.T [M, N] in x's dtype, written to `out` if given;
-    accumulate=True adds it to out's values instead (out required)."""
-    m, k = x.shape
+def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, add: torch.Tensor | None = None,
+         swiglu_rms_of: torch.Tensor | None = None, eps: float = 0.0, tiling: GemvTiling | None = None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS), weight [N, K] -> x @ weight.T (+ add) [M, N] in x's dtype, written to `out` if
+    given (add may be out itself: accumulate in place).
+
+    swiglu_rms_of [M, hidden]: x is instead the gate/up product [M, 2K] of those rows taken before their folded
+    RMSNorm, and the input is silu(gate / rms) * up / rms (`reference.swiglu_rms`), computed on the fly. The rows
+    are read while other programs write out, so they must not be out."""
+    m = x.shape[0]
+    k = x.shape[1] // 2 if swiglu_rms_of is not None else x.shape[1]
     n = weight.shape[0]
     if m > MAX_ROWS or weight.shape[1] != k:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows of width {weight.shape[1]}, got {tuple(x.shape)}")
-    if accumulate and out is None:
-        raise ValueError("accumulate=True adds into out: pass out")
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if out.shape != (m, n) or out.stride(1) != 1:
-        raise ValueError(f"out must be [{m}, {n}] with contiguous columns, got {tuple(out.shape)}")
+    for name, t in (("out", out), ("add", add)):
+        if t is not None and (t.shape != (m, n) or t.stride(1) != 1):
+            raise ValueError(f"{name} must be [{m}, {n}] with contiguous columns, got {tuple(t.shape)}")
+    if swiglu_rms_of is not None and swiglu_rms_of.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+        raise ValueError("swiglu_rms_of is read while out is written: give the product another out")
     if x.stride(1) != 1:
         x = x.contiguous()
+    norm = swiglu_rms_of if swiglu_rms_of is not None else x
+    if norm.stride(1) != 1:
+        norm = norm.contiguous()
     t = tiling or choose_tiling(m, n, k)
     _gemv_kernel[(triton.cdiv(n, t.block_n),)](
-        x, weight, out, m, n, k, x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
-        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=t.block_n, BLOCK_K=t.block_k, ACCUMULATE=accumulate,
-        num_warps=t.num_warps, **launch_options(x.device))
+        x, weight, out, add if add is not None else out, norm, m, n, k, norm.shape[1], eps, x.stride(0),
+        weight.stride(0), weight.stride(1), out.stride(0), (add if add is not None else out).stride(0), norm.stride(0),
+        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=t.block_n, BLOCK_K=t.block_k, ADD=add is not None,
+        SWIGLU=swiglu_rms_of is not None, BLOCK_H=triton.next_power_of_2(norm.shape[1]) if swiglu_rms_of is not None
+        else 16, num_warps=t.num_warps, **launch_options(x.device))
     return out
