@@ -145,8 +145,9 @@ def main() -> None:
     ap.add_argument("--cells-8b", default="", help="e.g. 1x8192,8x32768 (batch x context): only these 8B steps")
     ap.add_argument("--folds", default="on", help="on,off: the 8B steps with norms folded (the default) and not, "
                     "one after the other in this run")
-    ap.add_argument("--pdl", default="on", help="on,off: the 8B steps with our kernels launched with programmatic "
-                    "dependent launch (the default) and without, one after the other (inside each --folds)")
+    ap.add_argument("--pdl", default=str(pdl.MODE), help="comma-separated pdl.MODE values for the 8B steps (0: no "
+                    "programmatic dependent launch), one after the other inside each --folds (the summary reads the "
+                    "first)")
     ap.add_argument("--gemv", default="+".join(specattn.model.GEMV_PROJECTIONS),
                     help="comma-separated sets of projections computed by kernels.gemv in small steps, each "
                     "'+'-joined or 'none'; inside each --pdl (the summary reads the first)")
@@ -161,11 +162,12 @@ def main() -> None:
         real_model_rows(args.model, out, copy)
     if not args.skip_8b:
         default_gemv = specattn.model.GEMV_PROJECTIONS
-        variants = [(fold == "on", p == "on", g) for fold in args.folds.split(",") for p in args.pdl.split(",")
+        variants = [(fold == "on", int(p), g) for fold in args.folds.split(",") for p in args.pdl.split(",")
                     for g in args.gemv.split(",")]
-        for fold, pdl_on, gemv in variants:
+        default_pdl = pdl.MODE
+        for fold, pdl_mode, gemv in variants:
             specattn.model.FOLD_NORMS = fold
-            pdl.ENABLED = pdl_on
+            pdl.MODE = pdl_mode
             specattn.model.GEMV_PROJECTIONS = () if gemv == "none" else tuple(gemv.split("+"))
             torch._dynamo.reset()
             model8b = random_model(LLAMA3_8B)
@@ -175,10 +177,10 @@ def main() -> None:
                 print(*rows, sep="\n", flush=True)
             else:
                 rows = decode_step_rows(model8b, "llama3-8b-random", (1024, 8192, 32768), copy)
-            out["rows"] += [{**row, "folded_norms": fold, "pdl": pdl_on, "gemv": gemv} for row in rows]
+            out["rows"] += [{**row, "folded_norms": fold, "pdl": pdl_mode, "gemv": gemv} for row in rows]
             del model8b
             torch.cuda.empty_cache()
-        pdl.ENABLED = True
+        pdl.MODE = default_pdl
         specattn.model.GEMV_PROJECTIONS = default_gemv
         specattn.model.FOLD_NORMS = True
 
@@ -186,7 +188,7 @@ def main() -> None:
         return next((r for r in out["rows"] if all(r.get(k) == v for k, v in kw.items()) and "skipped" not in r), {})
     out["summary"] = {
         "ar_bandwidth_fraction": find(model="llama3-8b-random", batch=1, context=8192,
-                                      folded_norms=True, pdl=True,
+                                      folded_norms=True, pdl=int(args.pdl.split(",")[0]),
                                       gemv=args.gemv.split(",")[0]).get("bandwidth_fraction"),
         "real_b1_512_tok_s": find(model="real", batch=1, prompt_tokens=512).get("tokens_per_s"),
         "real_b1_4k_tok_s": find(model="real", batch=1, prompt_tokens=4096).get("tokens_per_s"),

@@ -62,7 +62,7 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, 
 
 def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
             column_major: bool, q_len: int, top: int, fused: bool = False, compile_mode: str | None = None,
-            verify: str | None = None, fold: bool = True, pdl: bool = True,
+            verify: str | None = None, fold: bool = True, pdl: int = 2,
             gemv: tuple[str, ...] = specattn.model.GEMV_PROJECTIONS) -> tuple[dict, object]:
     """(the row, the step callable: its model and graph stay alive for --rounds)."""
     import torch._dynamo
@@ -70,7 +70,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     specattn.model.COLUMN_MAJOR_WEIGHTS = column_major
     specattn.model.FUSED_STEPS = fused
     specattn.model.FOLD_NORMS = fold
-    specattn.kernels.pdl.ENABLED = pdl
+    specattn.kernels.pdl.MODE = pdl
     specattn.model.GEMV_PROJECTIONS = gemv
     specattn.model.STEP_COMPILE_MODE = compile_mode
     torch._dynamo.reset()             # each variant compiles the step functions afresh
@@ -97,7 +97,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += ", weights column-major" if column_major else ", weights row-major"
     what += ", fused_linear" if fused else ""
     what += "" if fold else ", norms not folded"
-    what += "" if pdl else ", no PDL"
+    what += f", PDL mode {pdl}"
     what += f", gemv {'+'.join(gemv) or 'none'}"
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
@@ -133,8 +133,8 @@ def main() -> None:
                     "page mass included) to profile one after the other, e.g. magicdec,specattn-y/blk64")
     ap.add_argument("--folds", default="on", help="comma-separated: on (norm weights folded into the projections, "
                     "the default), off (a norm kernel before each), profiled one after the other")
-    ap.add_argument("--pdl", default="on", help="comma-separated: on (our kernels launched with programmatic "
-                    "dependent launch, the default), off; inside each --folds")
+    ap.add_argument("--pdl", default=str(specattn.kernels.pdl.MODE), help="comma-separated pdl.MODE values (0 off, "
+                    "1 successor launched after the wait, 2 before it); inside each --folds")
     ap.add_argument("--gemv", default="+".join(specattn.model.GEMV_PROJECTIONS),
                     help="comma-separated sets of projections computed by kernels.gemv in small steps, each "
                     "'+'-joined or 'none' (e.g. qkv+o+down,none); inside each --pdl")
@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
-    variants = [(f == "on", p == "on", () if g == "none" else tuple(g.split("+")))
+    variants = [(f == "on", int(p), () if g == "none" else tuple(g.split("+")))
                 for f in args.folds.split(",") for p in args.pdl.split(",") for g in args.gemv.split(",")]
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,

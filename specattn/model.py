@@ -31,7 +31,7 @@ FOLD_NORMS = True
 # On the GPU (compile_steps), with folded norms: steps of at most gemv.MAX_ROWS rows compute these projections with
 # kernels.gemv (launched early with PDL, no split-K reduction) instead of cuBLAS; their weights stay row-major.
 # "swiglu": the down projection's gemv also computes its input (SwiGLU + the norm's 1 / rms): one launch fewer.
-GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "o", "down", "swiglu")
+GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "o", "down")
 GEMV_MAX_ROWS = 2             # at most kernels.gemv.MAX_ROWS; at 4 rows cuBLAS is faster (tune_gemv_pdl.json)
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
 # GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode
