@@ -30,7 +30,7 @@ FUSED_STEPS = False           # off: fused_linear measured slower than cuBLAS on
 FOLD_NORMS = True
 # On the GPU (compile_steps), with folded norms: steps of at most gemv.MAX_ROWS rows compute these projections with
 # kernels.gemv (launched early with PDL, no split-K reduction) instead of cuBLAS; their weights stay row-major.
-# "swiglu": the down projection's gemv also computes its input (SwiGLU + the norm's 1 / rms): one launch fewer.
+# "l2:<name>": that projection's programs also ask for all their weights in L2 before they wait (gemv l2_prefetch).
 GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "o", "down")
 GEMV_MAX_ROWS = 2             # at most kernels.gemv.MAX_ROWS; at 4 rows cuBLAS is faster (tune_gemv_pdl.json)
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
@@ -151,23 +151,10 @@ class Block(nn.Module):
     def project(self, name: str, rows: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         """rows [n, in] @ the named projection's weight.T -> [n, out], or added in place into `into` [n, out]."""
         weight = getattr(self, name).weight
-        if self.small_gemv(name, rows):
+        if name in self.gemv_projections and rows.shape[0] <= GEMV_MAX_ROWS:
             from .kernels.gemv import gemv
-            return gemv(rows, weight, out=into, add=into)
+            return gemv(rows, weight, out=into, add=into, l2_prefetch=f"l2:{name}" in self.gemv_projections)
         return F.linear(rows, weight) if into is None else into.addmm_(rows, weight.t())
-
-    def small_gemv(self, name: str, rows: torch.Tensor) -> bool:
-        return name in self.gemv_projections and rows.shape[0] <= GEMV_MAX_ROWS
-
-    def mlp_down(self, gate_up: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
-        """stream [n, hidden] + down(SwiGLU of the gate/up product of the stream's rows before their folded norm).
-        In place, or (gemv with "swiglu" in gemv_projections) as a new tensor: that kernel reads the stream's rms
-        while its programs write their columns, so it cannot write the stream itself."""
-        if "swiglu" in self.gemv_projections and self.small_gemv("down", stream):
-            from .kernels.gemv import gemv
-            return gemv(gate_up, self.down.weight, add=stream, swiglu_rms_of=stream, eps=self.cfg.rms_norm_eps)
-        act = swiglu_of_unnormed(gate_up, stream, self.cfg.rms_norm_eps)
-        return self.project("down", act, into=stream)
 
     def forward(self, x, mlp_out, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention, fns: dict):
         """(residual stream, previous block's MLP output or None) -> the same pair after this block."""
@@ -192,8 +179,7 @@ class Block(nn.Module):
         projections read the residual stream x itself, each row's 1 / rms scales their outputs in the kernels that
         read them next (rotary + cache write, SwiGLU), and the output and down projections are added into the stream
         (cuBLAS addmm_ with beta 1, or kernels.gemv), so no kernel is left for a residual add or a norm: 8 launches
-        instead of 10 with cuBLAS; 6 at batch 1 with gemv (no split-K reductions, SwiGLU inside the down product).
-        Returns the new stream (x itself, updated in place, unless the down gemv wrote a new tensor)."""
+        instead of 10 with cuBLAS, 6 at batch 1 with gemv (no split-K reductions). Returns x."""
         cfg = self.cfg
         b, t, hidden = x.shape
         stream = x.view(b * t, hidden)
@@ -201,7 +187,9 @@ class Block(nn.Module):
                              cfg.num_heads, cfg.num_kv_heads, norm_of=x, eps=cfg.rms_norm_eps, bias=self.qkv.bias)
         attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
         self.project("o", attn.reshape(b * t, -1), into=stream)
-        return self.mlp_down(self.project("gate_up", stream), stream).view(b, t, hidden)
+        act = swiglu_of_unnormed(self.project("gate_up", stream), stream, cfg.rms_norm_eps)
+        self.project("down", act, into=stream)
+        return x
 
     def forward_fused(self, x, mlp_out, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention):
         """`forward` for a small step (batch x new tokens <= fused_linear.MAX_ROWS) in 7 launches: residual add +

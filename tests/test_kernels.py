@@ -82,22 +82,6 @@ def test_gemv_matches_linear(m, n, k, dtype):
     assert ((out.float() - full).norm() / full.norm()).item() < tol
 
 
-@pytest.mark.parametrize("m,inter,hidden", [(1, 200, 48), (2, 96, 33)])
-def test_gemv_with_swiglu_input_matches_swiglu_then_linear(m, inter, hidden):
-    """swiglu_rms_of: the product's input computed on the fly from the gate/up rows and the rows' rms equals the
-    SwiGLU reference followed by F.linear, plus the added stream; the stream may not also be the output."""
-    from specattn.kernels import gemv, reference
-    torch.manual_seed(m + inter)
-    gate_up, rows = torch.randn(m, 2 * inter), torch.randn(m, hidden) * 3
-    w, stream = torch.randn(hidden, inter), torch.randn(m, hidden)
-    act = reference.swiglu_rms(gate_up, rows, 1e-5)
-    want = stream + torch.nn.functional.linear(act, w)
-    got = gemv.gemv(gate_up, w, add=stream, swiglu_rms_of=rows, eps=1e-5, tiling=gemv.GemvTiling(8, 64, 4))
-    assert ((got - want).norm() / want.norm()).item() < 1e-5
-    with pytest.raises(ValueError, match="another out"):
-        gemv.gemv(gate_up, w, out=stream, add=stream, swiglu_rms_of=stream, eps=1e-5)
-
-
 def test_num_splits_fill_the_gpu_but_never_exceed_blocks():
     assert paged_attention.choose_num_splits(1, 8, 32768, 132) == 33
     assert paged_attention.choose_num_splits(64, 8, 32768, 132) == 1

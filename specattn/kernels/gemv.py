@@ -7,10 +7,13 @@ BLOCK_N output columns over all of K (no split, no reduction launch) and keeps [
 sums in registers, reduced once at the end. Launched with programmatic dependent launch (pdl.py), a program
 loads its first weight tile *before* waiting for the kernel ahead (weights are never written by a step), so the
 stream starts while that kernel finishes. `add=out` adds the product into `out` in place (the residual stream: one
-rounding, as cuBLAS's addmm_ with beta 1); `swiglu_rms_of` computes the down projection's input (SwiGLU of the
-unnormed gate/up product, see swiglu.py) as it reads it, which saves the SwiGLU launch. Weights should be
-row-major [N, K] (K contiguous, each program reading whole rows); other strides work but read poorly. Reference:
-F.linear in fp32 (and reference.swiglu_rms).
+rounding, as cuBLAS's addmm_ with beta 1). Weights should be row-major [N, K] (K contiguous, each program reading
+whole rows); other strides work but read poorly. Reference: F.linear in fp32.
+
+Tried and removed (2026-11-29, results/profile_pdlmode_8b_b1.json): computing the down projection's input (SwiGLU
+of the unnormed gate/up rows and their rms) inside this kernel, to save the SwiGLU launch: 8B-shaped step at batch
+1 4,894 against 4,692 µs without (round-robin medians): each program recomputing the rms before its stream costs
+more than the launch.
 """
 from __future__ import annotations
 
@@ -44,33 +47,33 @@ def choose_tiling(m: int, n: int, k: int) -> GemvTiling:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, add_ptr, norm_ptr, M, N, K, hidden, eps, stride_xm, stride_wn, stride_wk,
-                 stride_om, stride_am, stride_nm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ADD: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+def _prefetch_l2(ptrs):
+    """Ask for the 128-byte lines at ptrs to be brought into L2 (no registers are filled, nothing waits)."""
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, add_ptr, M, N, K, stride_xm, stride_wn, stride_wk, stride_om, stride_am,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ADD: tl.constexpr,
+                 L2_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr, PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    if L2_LINES > 0:       # the rest of this program's weights, into L2 while the kernels ahead run (row-major)
+        lines = (tl.arange(0, L2_LINES) * LINE_ELEMS)[None, :]
+        _prefetch_l2(tl.where(col_ok[:, None] & (lines < K), w_rows + lines, w_ptr))
     w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
-    wait_for_predecessor(PDL)          # x and out come from the kernels ahead; the first weight tile did not
-    if SWIGLU:     # each row's 1 / rms, recomputed by every program from the rows (a few KB from L2)
-        hs = tl.arange(0, BLOCK_H)
-        h = tl.load(norm_ptr + rows[:, None] * stride_nm + hs[None, :], mask=row_ok[:, None] & (hs < hidden)[None, :],
-                    other=0.0).to(tl.float32)
-        r = tl.rsqrt(tl.sum(h * h, 1) / hidden + eps)[:, None]
+    wait_for_predecessor(PDL)          # x and out come from the kernels ahead; the weights do not
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         nxt = k0 + BLOCK_K + ks
         w_next = tl.load(w_rows + nxt[None, :] * stride_wk, mask=col_ok[:, None] & (nxt < K)[None, :], other=0.0)
-        x_at = x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :]
-        x_ok = row_ok[:, None] & (k0 + ks < K)[None, :]
-        x = tl.load(x_at, mask=x_ok, other=0.0).to(tl.float32)
-        if SWIGLU:     # x holds the gates, the ups follow K columns later; rounded as the SwiGLU kernel stores them
-            gate = x * r
-            up = tl.load(x_at + K, mask=x_ok, other=0.0).to(tl.float32) * r
-            x = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :],
+                    mask=row_ok[:, None] & (k0 + ks < K)[None, :], other=0.0).to(tl.float32)
         acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
         w = w_next
     y = tl.sum(acc, 2)
@@ -81,15 +84,11 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, add_ptr, norm_ptr, M, N, K, hidden, eps,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, add: torch.Tensor | None = None,
-         swiglu_rms_of: torch.Tensor | None = None, eps: float = 0.0, tiling: GemvTiling | None = None) -> torch.Tensor:
+         l2_prefetch: bool = False, tiling: GemvTiling | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS), weight [N, K] -> x @ weight.T (+ add) [M, N] in x's dtype, written to `out` if
-    given (add may be out itself: accumulate in place).
-
-    swiglu_rms_of [M, hidden]: x is instead the gate/up product [M, 2K] of those rows taken before their folded
-    RMSNorm, and the input is silu(gate / rms) * up / rms (`reference.swiglu_rms`), computed on the fly. The rows
-    are read while other programs write out, so they must not be out."""
-    m = x.shape[0]
-    k = x.shape[1] // 2 if swiglu_rms_of is not None else x.shape[1]
+    given (add may be out itself: accumulate in place). l2_prefetch (GPU, PDL, row-major weight): each program
+    asks for all of its weight rows to be brought into L2 before it waits for the kernels ahead."""
+    m, k = x.shape
     n = weight.shape[0]
     if m > MAX_ROWS or weight.shape[1] != k:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows of width {weight.shape[1]}, got {tuple(x.shape)}")
@@ -98,18 +97,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
     for name, t in (("out", out), ("add", add)):
         if t is not None and (t.shape != (m, n) or t.stride(1) != 1):
             raise ValueError(f"{name} must be [{m}, {n}] with contiguous columns, got {tuple(t.shape)}")
-    if swiglu_rms_of is not None and swiglu_rms_of.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-        raise ValueError("swiglu_rms_of is read while out is written: give the product another out")
     if x.stride(1) != 1:
         x = x.contiguous()
-    norm = swiglu_rms_of if swiglu_rms_of is not None else x
-    if norm.stride(1) != 1:
-        norm = norm.contiguous()
     t = tiling or choose_tiling(m, n, k)
+    pdl = launch_options(x.device)
+    per_line = 128 // weight.element_size()
+    lines = triton.next_power_of_2(-(-k // per_line)) if l2_prefetch and pdl["PDL"] and weight.stride(1) == 1 else 0
     _gemv_kernel[(triton.cdiv(n, t.block_n),)](
-        x, weight, out, add if add is not None else out, norm, m, n, k, norm.shape[1], eps, x.stride(0),
-        weight.stride(0), weight.stride(1), out.stride(0), (add if add is not None else out).stride(0), norm.stride(0),
-        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=t.block_n, BLOCK_K=t.block_k, ADD=add is not None,
-        SWIGLU=swiglu_rms_of is not None, BLOCK_H=triton.next_power_of_2(norm.shape[1]) if swiglu_rms_of is not None
-        else 16, num_warps=t.num_warps, **launch_options(x.device))
+        x, weight, out, add if add is not None else out, m, n, k, x.stride(0), weight.stride(0), weight.stride(1),
+        out.stride(0), (add if add is not None else out).stride(0), BLOCK_M=max(1, triton.next_power_of_2(m)),
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, ADD=add is not None, L2_LINES=lines, LINE_ELEMS=per_line,
+        num_warps=t.num_warps, **pdl)
     return out
