@@ -30,7 +30,7 @@ FUSED_STEPS = False           # off: fused_linear measured slower than cuBLAS on
 FOLD_NORMS = True
 # On the GPU (compile_steps), with folded norms: steps of at most gemv.MAX_ROWS rows compute these projections with
 # kernels.gemv (launched early with PDL, no split-K reduction) instead of cuBLAS; their weights stay row-major.
-# "l2:<name>": that projection's programs also ask for all their weights in L2 before they wait (gemv l2_prefetch).
+# "rope" (with "qkv"): the q/k/v product also applies the rotary embedding and writes the cache (Block.queries).
 GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "o", "down")
 GEMV_MAX_ROWS = 2             # at most kernels.gemv.MAX_ROWS; at 4 rows cuBLAS is faster (tune_gemv_pdl.json)
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
@@ -153,7 +153,7 @@ class Block(nn.Module):
         weight = getattr(self, name).weight
         if name in self.gemv_projections and rows.shape[0] <= GEMV_MAX_ROWS:
             from .kernels.gemv import gemv
-            return gemv(rows, weight, out=into, add=into, l2_prefetch=f"l2:{name}" in self.gemv_projections)
+            return gemv(rows, weight, out=into, add=into)
         return F.linear(rows, weight) if into is None else into.addmm_(rows, weight.t())
 
     def forward(self, x, mlp_out, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention, fns: dict):
@@ -174,6 +174,23 @@ class Block(nn.Module):
                                              self.gate_up.weight, self.down.weight)
         return x, self.all_reduce(mlp_out)
 
+    def queries(self, x, cos, sin, cache: PagedKVCache, view: StepView) -> torch.Tensor:
+        """Folded blocks: q of the new rows x [batch, q_len, hidden] (the residual stream), their k and v rotated
+        into the cache. With "rope" in gemv_projections a small step does it in one kernel with the product."""
+        cfg = self.cfg
+        b, t, hidden = x.shape
+        stream = x.view(b * t, hidden)
+        if ("rope" in self.gemv_projections and "qkv" in self.gemv_projections and b * t <= GEMV_MAX_ROWS
+                and x.dtype == cache.dtype):
+            from .kernels.rope_kv import project_rope_and_write_kv
+            q = project_rope_and_write_kv(x, self.qkv.weight, cos, sin, cache.k[self.layer], cache.v[self.layer],
+                                          view.slots, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
+                                          self.qkv.bias)
+            cache.wrote(self.layer, view)
+            return q
+        return rotate_and_store(self.project("qkv", stream).view(b, t, -1), cos, sin, cache, self.layer, view,
+                                cfg.num_heads, cfg.num_kv_heads, norm_of=x, eps=cfg.rms_norm_eps, bias=self.qkv.bias)
+
     def forward_folded(self, x, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention):
         """`forward` once Transformer.fold_norms has moved each norm's weight into the projection after it: the
         projections read the residual stream x itself, each row's 1 / rms scales their outputs in the kernels that
@@ -183,8 +200,7 @@ class Block(nn.Module):
         cfg = self.cfg
         b, t, hidden = x.shape
         stream = x.view(b * t, hidden)
-        q = rotate_and_store(self.project("qkv", stream).view(b, t, -1), cos, sin, cache, self.layer, view,
-                             cfg.num_heads, cfg.num_kv_heads, norm_of=x, eps=cfg.rms_norm_eps, bias=self.qkv.bias)
+        q = self.queries(x, cos, sin, cache, view)
         attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
         self.project("o", attn.reshape(b * t, -1), into=stream)
         act = swiglu_of_unnormed(self.project("gate_up", stream), stream, cfg.rms_norm_eps)

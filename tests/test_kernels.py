@@ -425,6 +425,37 @@ def test_rope_and_kv_write_of_an_unnormed_projection_matches_reference(dtype, wi
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("b, t, heads, kv_heads, dim, hidden", [(1, 1, 6, 2, 16, 72), (2, 1, 4, 4, 40, 300),
+                                                               (1, 2, 9, 3, 64, 576)])
+def test_projection_rope_and_kv_write_in_one_kernel_matches_reference(dtype, with_bias, b, t, heads, kv_heads, dim,
+                                                                      hidden):
+    """The q/k/v product of unnormed rows, its 1 / rms scale, bias, rotation and cache write in one kernel (a small
+    step's first launch) against the reference of each part, from the same fp32 product."""
+    from specattn.kernels import rope_kv
+    from specattn.model import rope_tables
+    torch.manual_seed(dim + hidden)
+    width = (heads + 2 * kv_heads) * dim
+    x = (torch.randn(b, t, hidden) * (1 + 3 * torch.arange(b * t)).view(b, t, 1)).to(dtype)
+    w = (torch.randn(width, hidden) / hidden ** 0.5).to(dtype)
+    bias = torch.randn(width, dtype=dtype) if with_bias else None
+    positions = torch.arange(b * t).view(b, t) * 7 + 3
+    cos, sin = rope_tables(positions, 1.0 / (10000 ** (torch.arange(0, dim, 2) / dim)), dtype)
+    slots = torch.randperm(24)[: b * t]
+    pools = [torch.zeros(6, 4, kv_heads, dim, dtype=dtype) for _ in range(4)]
+    product = torch.nn.functional.linear(x.float(), w.float())
+    want_q = reference.rope_and_write_kv(product, cos, sin, pools[0], pools[1], slots, heads, kv_heads, x.float(),
+                                         1e-5, bias)
+    got_q = rope_kv.project_rope_and_write_kv(x, w, cos, sin, pools[2], pools[3], slots, heads, kv_heads, 1e-5,
+                                              bias)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got_q.shape == (b, t, heads, dim) and got_q.dtype == dtype
+    for got, want in ((got_q, want_q), (pools[2], pools[0]), (pools[3], pools[1])):
+        assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    assert pools[2].abs().sum() > 0 and pools[3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, hidden, inter", [(3, 64, 96), (1, 200, 1500), (5, 576, 1536)])
 def test_swiglu_of_an_unnormed_projection_matches_reference(dtype, rows, hidden, inter):
     from specattn.kernels import swiglu

@@ -13,7 +13,9 @@ whole rows); other strides work but read poorly. Reference: F.linear in fp32.
 Tried and removed (2026-11-29, results/profile_pdlmode_8b_b1.json): computing the down projection's input (SwiGLU
 of the unnormed gate/up rows and their rms) inside this kernel, to save the SwiGLU launch: 8B-shaped step at batch
 1 4,894 against 4,692 µs without (round-robin medians): each program recomputing the rms before its stream costs
-more than the launch.
+more than the launch. Also tried (profile_l2_8b_b1.json): each program asking for all its weight rows in L2
+(prefetch.global.L2) before its wait, to stream the output projection's weights during attention: 4,693 against
+4,654 µs without, and 5,661 with every projection doing so.
 """
 from __future__ import annotations
 
@@ -47,25 +49,15 @@ def choose_tiling(m: int, n: int, k: int) -> GemvTiling:
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask for the 128-byte lines at ptrs to be brought into L2 (no registers are filled, nothing waits)."""
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, add_ptr, M, N, K, stride_xm, stride_wn, stride_wk, stride_om, stride_am,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ADD: tl.constexpr,
-                 L2_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr, PDL: tl.constexpr):
+                 PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    if L2_LINES > 0:       # the rest of this program's weights, into L2 while the kernels ahead run (row-major)
-        lines = (tl.arange(0, L2_LINES) * LINE_ELEMS)[None, :]
-        _prefetch_l2(tl.where(col_ok[:, None] & (lines < K), w_rows + lines, w_ptr))
     w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
     wait_for_predecessor(PDL)          # x and out come from the kernels ahead; the weights do not
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
@@ -84,10 +76,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, add_ptr, M, N, K, stride_xm, stride_wn, 
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, add: torch.Tensor | None = None,
-         l2_prefetch: bool = False, tiling: GemvTiling | None = None) -> torch.Tensor:
+         tiling: GemvTiling | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS), weight [N, K] -> x @ weight.T (+ add) [M, N] in x's dtype, written to `out` if
-    given (add may be out itself: accumulate in place). l2_prefetch (GPU, PDL, row-major weight): each program
-    asks for all of its weight rows to be brought into L2 before it waits for the kernels ahead."""
+    given (add may be out itself: accumulate in place)."""
     m, k = x.shape
     n = weight.shape[0]
     if m > MAX_ROWS or weight.shape[1] != k:
@@ -100,12 +91,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
     if x.stride(1) != 1:
         x = x.contiguous()
     t = tiling or choose_tiling(m, n, k)
-    pdl = launch_options(x.device)
-    per_line = 128 // weight.element_size()
-    lines = triton.next_power_of_2(-(-k // per_line)) if l2_prefetch and pdl["PDL"] and weight.stride(1) == 1 else 0
     _gemv_kernel[(triton.cdiv(n, t.block_n),)](
         x, weight, out, add if add is not None else out, m, n, k, x.stride(0), weight.stride(0), weight.stride(1),
         out.stride(0), (add if add is not None else out).stride(0), BLOCK_M=max(1, triton.next_power_of_2(m)),
-        BLOCK_N=t.block_n, BLOCK_K=t.block_k, ADD=add is not None, L2_LINES=lines, LINE_ELEMS=per_line,
-        num_warps=t.num_warps, **pdl)
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, ADD=add is not None, num_warps=t.num_warps, **launch_options(x.device))
     return out

@@ -103,3 +103,88 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
                                  NORM=norm, BIAS=with_bias, BLOCK_X=triton.next_power_of_2(x.shape[-1]) if norm else 16,
                                  num_warps=4, **launch_options(qkv.device))
     return q
+
+
+@triton.jit
+def _qkv_rope_write_kernel(x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_out_ptr, k_pool_ptr, v_pool_ptr, slots_ptr,
+                           M, K, stride_xm, stride_wn, stride_cs, heads, kv_heads, eps,
+                           HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BIAS: tl.constexpr, PDL: tl.constexpr):
+    # Program p computes PAIRS rotation pairs (j, j + HALF) of one head (q heads, then k, then v) as a gemv over all
+    # of K: its 2 * PAIRS weight rows are taken pair by pair, so the rotation needs nothing from other programs.
+    head = tl.program_id(0) // (HALF // PAIRS)
+    j0 = (tl.program_id(0) % (HALF // PAIRS)) * PAIRS
+    j = j0 + tl.arange(0, PAIRS)
+    i = tl.arange(0, 2 * PAIRS)
+    cols = head * (2 * HALF) + (i % 2) * HALF + j0 + i // 2
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ks = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    w = tl.load(w_rows + ks[None, :], mask=(ks < K)[None, :], other=0.0)
+    wait_for_predecessor(PDL)          # x comes from the kernels ahead; the weights do not
+    acc = tl.zeros([BLOCK_M, 2 * PAIRS, BLOCK_K], tl.float32)
+    squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        nxt = k0 + BLOCK_K + ks
+        w_next = tl.load(w_rows + nxt[None, :], mask=(nxt < K)[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :],
+                    mask=row_ok[:, None] & (k0 + ks < K)[None, :], other=0.0).to(tl.float32)
+        squares += x * x               # the row's rms comes with the stream (the norm is folded into w)
+        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
+        w = w_next
+    y = tl.sum(acc, 2) * tl.rsqrt(tl.sum(squares, 1) / K + eps)[:, None]
+    if BIAS:
+        y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    x1, x2 = tl.split(tl.reshape(y, [BLOCK_M, PAIRS, 2]))      # the pairs' first and second halves
+    cs = rows[:, None] * stride_cs + j[None, :]
+    ok = row_ok[:, None]
+    is_q, is_v = head < heads, head >= heads + kv_heads
+    if not is_v:
+        cos1 = tl.load(cos_ptr + cs, mask=ok, other=0.0).to(tl.float32)
+        cos2 = tl.load(cos_ptr + cs + HALF, mask=ok, other=0.0).to(tl.float32)
+        sin1 = tl.load(sin_ptr + cs, mask=ok, other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_ptr + cs + HALF, mask=ok, other=0.0).to(tl.float32)
+        x1, x2 = x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+    if is_q:
+        dst = q_out_ptr + (rows[:, None] * heads + head) * (2 * HALF) + j[None, :]
+    else:
+        kv_dim = kv_heads * 2 * HALF
+        slot = tl.load(slots_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        pool = tl.where(is_v, v_pool_ptr, k_pool_ptr)
+        kvh = head - heads - tl.where(is_v, kv_heads, 0)
+        dst = pool + slot[:, None] * kv_dim + kvh * (2 * HALF) + j[None, :]
+    tl.store(dst, x1.to(q_out_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst + HALF, x2.to(q_out_ptr.dtype.element_ty), mask=ok)
+
+
+def project_rope_and_write_kv(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                              k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, heads: int,
+                              kv_heads: int, eps: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`rope_and_write_kv(F.linear(x, weight), ..., norm_of=x)` for a step of a few rows as one kernel: the q/k/v
+    product of rows x [batch, q_len, hidden] taken before their folded RMSNorm (weight [(heads + 2 kv_heads) *
+    dim, hidden], row-major), scaled by each row's 1 / rms (summed as x streams by), bias added, q and k rotated,
+    k and v stored at `slots`. Nothing is rounded before the rotation. Returns q [batch, q_len, heads, dim]."""
+    from .gemv import MAX_ROWS, choose_tiling
+    b, t, hidden = x.shape
+    width = weight.shape[0]
+    dim = width // (heads + 2 * kv_heads)
+    rows = x.reshape(b * t, hidden)
+    if b * t > MAX_ROWS or weight.shape[1] != hidden or weight.stride(1) != 1 or dim % 2:
+        raise ValueError(f"project_rope_and_write_kv takes at most {MAX_ROWS} rows and a row-major weight "
+                         f"[(heads + 2 kv_heads) * dim, {hidden}], got rows {tuple(rows.shape)}, weight "
+                         f"{tuple(weight.shape)} strides {weight.stride()}")
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    tiling = choose_tiling(b * t, width, hidden)
+    pairs = min(tiling.block_n // 2, dim // 2)
+    while (dim // 2) % pairs:          # a program's pairs lie in one head
+        pairs //= 2
+    cos2, sin2 = cos.reshape(b * t, dim).contiguous(), sin.reshape(b * t, dim).contiguous()
+    q = torch.empty(b, t, heads, dim, dtype=x.dtype, device=x.device)
+    _qkv_rope_write_kernel[(width // (2 * pairs),)](
+        rows, weight, bias if bias is not None else weight, cos2, sin2, q, k_pool, v_pool, slots, b * t, hidden,
+        rows.stride(0), weight.stride(0), cos2.stride(0), heads, kv_heads, eps, HALF=dim // 2, PAIRS=pairs,
+        BLOCK_M=max(1, triton.next_power_of_2(b * t)), BLOCK_K=tiling.block_k, BIAS=bias is not None,
+        num_warps=tiling.num_warps, **launch_options(x.device))
+    return q
