@@ -31,7 +31,7 @@ FOLD_NORMS = True
 # On the GPU (compile_steps), with folded norms: steps of at most gemv.MAX_ROWS rows compute these projections with
 # kernels.gemv (launched early with PDL, no split-K reduction) instead of cuBLAS; their weights stay row-major.
 # "rope" (with "qkv"): the q/k/v product also applies the rotary embedding and writes the cache (Block.queries).
-GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "o", "down")
+GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "rope", "o", "down")
 GEMV_MAX_ROWS = 2             # at most kernels.gemv.MAX_ROWS; at 4 rows cuBLAS is faster (tune_gemv_pdl.json)
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
 # GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode

@@ -133,7 +133,9 @@ def _qkv_rope_write_kernel(x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_out_ptr, 
         squares += x * x               # the row's rms comes with the stream (the norm is folded into w)
         acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
         w = w_next
-    y = tl.sum(acc, 2) * tl.rsqrt(tl.sum(squares, 1) / K + eps)[:, None]
+    # Rounded to the weights' dtype first, as the product F.linear would hand rope_and_write_kv: a small step then
+    # rounds as a verify step of many rows does, and greedy decoding flips fewer near-tied tokens between them.
+    y = tl.sum(acc, 2).to(w_ptr.dtype.element_ty).to(tl.float32) * tl.rsqrt(tl.sum(squares, 1) / K + eps)[:, None]
     if BIAS:
         y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     x1, x2 = tl.split(tl.reshape(y, [BLOCK_M, PAIRS, 2]))      # the pairs' first and second halves
@@ -164,7 +166,7 @@ def project_rope_and_write_kv(x: torch.Tensor, weight: torch.Tensor, cos: torch.
     """`rope_and_write_kv(F.linear(x, weight), ..., norm_of=x)` for a step of a few rows as one kernel: the q/k/v
     product of rows x [batch, q_len, hidden] taken before their folded RMSNorm (weight [(heads + 2 kv_heads) *
     dim, hidden], row-major), scaled by each row's 1 / rms (summed as x streams by), bias added, q and k rotated,
-    k and v stored at `slots`. Nothing is rounded before the rotation. Returns q [batch, q_len, heads, dim]."""
+    k and v stored at `slots`. Returns q [batch, q_len, heads, dim]."""
     from .gemv import MAX_ROWS, choose_tiling
     b, t, hidden = x.shape
     width = weight.shape[0]
