@@ -34,6 +34,7 @@ from specattn.decoding.runner import StepRunner  # noqa: E402
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import RoundSteps  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
+from specattn.kernels import paged_attention  # noqa: E402
 
 
 def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, verify: str | None = None):
@@ -63,7 +64,8 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, 
 def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
             column_major: bool, q_len: int, top: int, fused: bool = False, compile_mode: str | None = None,
             verify: str | None = None, fold: bool = True, pdl: int = 2,
-            gemv: tuple[str, ...] = specattn.model.GEMV_PROJECTIONS) -> tuple[dict, object]:
+            gemv: tuple[str, ...] = specattn.model.GEMV_PROJECTIONS,
+            few_programs: str = "default") -> tuple[dict, object]:
     """(the row, the step callable: its model and graph stay alive for --rounds)."""
     import torch._dynamo
 
@@ -72,6 +74,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     specattn.model.FOLD_NORMS = fold
     specattn.kernels.pdl.MODE = pdl
     specattn.model.GEMV_PROJECTIONS = gemv
+    paged_attention.FEW_PROGRAMS = launch_config(few_programs)
     specattn.model.STEP_COMPILE_MODE = compile_mode
     torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])
@@ -99,6 +102,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += "" if fold else ", norms not folded"
     what += f", PDL mode {pdl}"
     what += f", gemv {'+'.join(gemv) or 'none'}"
+    what += "" if few_programs == "default" else f", attention {few_programs}"
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
@@ -107,12 +111,24 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     for name, (calls, us) in top_kernels:
         print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
     row = {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "gemv": list(gemv),
-           "batch": batch, "context": context,
+           "attention_few_programs": few_programs, "batch": batch, "context": context,
            "draft_budget": draft_budget, "q_len": q_len,
            "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
            "kernel_sum_us": total, "bytes_at_copy_speed_us": moved / copy / 1e3,
            "top": [{"kernel": n[:100], "calls": c // steps, "us": u / steps} for n, (c, u) in top_kernels]}
     return row, fn
+
+
+DEFAULT_FEW_PROGRAMS = paged_attention.FEW_PROGRAMS
+
+
+def launch_config(spec: str) -> paged_attention.LaunchConfig:
+    """'default' or block_n:num_warps:num_stages:split_factor -> the attention launch for few (sequence, KV head)
+    programs (batch 1-3 of 8 KV heads: the 8B shape's decode)."""
+    if spec == "default":
+        return DEFAULT_FEW_PROGRAMS
+    block_n, warps, stages, factor = spec.split(":")
+    return paged_attention.LaunchConfig(int(block_n), int(warps), int(stages), float(factor))
 
 
 def main() -> None:
@@ -138,23 +154,27 @@ def main() -> None:
     ap.add_argument("--gemv", default="+".join(specattn.model.GEMV_PROJECTIONS),
                     help="comma-separated sets of projections computed by kernels.gemv in small steps, each "
                     "'+'-joined or 'none' (e.g. qkv+o+down,none); inside each --pdl")
+    ap.add_argument("--attn-few", default="default", help="comma-separated attention launches for few programs "
+                    "(paged_attention.FEW_PROGRAMS), each 'default' or block_n:warps:stages:split_factor; inside each "
+                    "--gemv")
     ap.add_argument("--rounds", type=int, default=1, help="after profiling every variant, time them all again this "
                     "many times round-robin and report the median: variants compared within a round, not one after "
                     "the other (a variant timed later in a process measured up to 3%% slower)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
-    variants = [(f == "on", int(p), () if g == "none" else tuple(g.split("+")))
-                for f in args.folds.split(",") for p in args.pdl.split(",") for g in args.gemv.split(",")]
+    variants = [(f == "on", int(p), () if g == "none" else tuple(g.split("+")), a)
+                for f in args.folds.split(",") for p in args.pdl.split(",") for g in args.gemv.split(",")
+                for a in args.attn_few.split(",")]
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
-                        args.q_len, args.top, args.fused, verify=method, fold=fold, pdl=pdl, gemv=gemv)
-                for method in args.verify.split(",") for fold, pdl, gemv in variants]
+                        args.q_len, args.top, args.fused, verify=method, fold=fold, pdl=pdl, gemv=gemv, few_programs=a)
+                for method in args.verify.split(",") for fold, pdl, gemv, a in variants]
     else:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
                         not args.row_major, args.q_len, args.top, args.fused, None if mode == "default" else mode,
-                        fold=fold, pdl=pdl, gemv=gemv)
-                for mode in args.compile_modes.split(",") for fold, pdl, gemv in variants]
+                        fold=fold, pdl=pdl, gemv=gemv, few_programs=a)
+                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a in variants]
     rows = interleaved(rows, args.rounds)
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
@@ -174,6 +194,7 @@ def interleaved(built: list[tuple[dict, object]], rounds: int) -> list[dict]:
             row["replay_us"] = sorted(t)[len(t) // 2]
             print(f"{row['replay_us']:8.0f} us (first {row['replay_us_first']:.0f}, rounds {min(t):.0f}-{max(t):.0f})"
                   f"  fold {row['folded_norms']} pdl {row['pdl']} gemv {'+'.join(row['gemv']) or 'none'}"
+                  f" attention {row['attention_few_programs']}"
                   f" verify {row['verify']} compile {row['compile_mode']}")
     return rows
 

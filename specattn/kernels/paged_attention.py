@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ class LaunchConfig:
     block_n: int = 64        # keys per tile (a multiple of the page size)
     num_warps: int = 4
     num_stages: int = 2
-    split_factor: int = 2    # aim for split_factor x SMs programs when splitting the KV length
+    split_factor: float = 2  # aim for split_factor x SMs programs when splitting the KV length
 
 
 DEFAULT_LAUNCH = LaunchConfig()
@@ -303,7 +304,7 @@ def choose_num_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int =
     """Enough splits that batch * kv_heads * splits fills the SMs `split_factor` times over, but no more
     splits than KV tiles."""
     max_blocks = max(1, -(-max_kv_len // launch.block_n))
-    return max(1, min(max_blocks, -(-launch.split_factor * num_sms // (batch * kv_heads)), 256))
+    return max(1, min(max_blocks, math.ceil(launch.split_factor * num_sms / (batch * kv_heads)), 256))
 
 
 def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, sms: int,
