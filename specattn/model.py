@@ -30,7 +30,8 @@ FUSED_STEPS = False           # off: fused_linear measured slower than cuBLAS on
 FOLD_NORMS = True
 # On the GPU (compile_steps), with folded norms: steps of at most gemv.MAX_ROWS rows compute these projections with
 # kernels.gemv (launched early with PDL, no split-K reduction) instead of cuBLAS; their weights stay row-major.
-# "rope" (with "qkv"): the q/k/v product also applies the rotary embedding and writes the cache (Block.queries).
+# "rope" (with "qkv"): the q/k/v product also applies the rotary embedding and writes the cache (Block.queries);
+# "swiglu" (with "gate_up"): the gate/up product also applies the norm's 1 / rms and SwiGLU.
 GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "rope", "o", "down")
 GEMV_MAX_ROWS = 2             # at most kernels.gemv.MAX_ROWS; at 4 rows cuBLAS is faster (tune_gemv_pdl.json)
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
@@ -203,7 +204,11 @@ class Block(nn.Module):
         q = self.queries(x, cos, sin, cache, view)
         attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
         self.project("o", attn.reshape(b * t, -1), into=stream)
-        act = swiglu_of_unnormed(self.project("gate_up", stream), stream, cfg.rms_norm_eps)
+        if {"gate_up", "swiglu"} <= set(self.gemv_projections) and b * t <= GEMV_MAX_ROWS:
+            from .kernels.swiglu import project_swiglu_rms
+            act = project_swiglu_rms(stream, self.gate_up.weight, cfg.rms_norm_eps)
+        else:
+            act = swiglu_of_unnormed(self.project("gate_up", stream), stream, cfg.rms_norm_eps)
         self.project("down", act, into=stream)
         return x
 

@@ -470,6 +470,23 @@ def test_swiglu_of_an_unnormed_projection_matches_reference(dtype, rows, hidden,
     assert not torch.allclose(plain, want.float(), atol=0.1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, hidden, inter", [(1, 72, 100), (2, 300, 64)])
+def test_gate_up_product_with_swiglu_in_one_kernel_matches_reference(dtype, rows, hidden, inter):
+    """The gate/up product of unnormed rows with the rows' 1 / rms and SwiGLU applied in the same kernel (a small
+    step's MLP input) against the SwiGLU reference of the rounded product."""
+    from specattn.kernels import swiglu
+    torch.manual_seed(rows + inter)
+    x = (torch.randn(rows, hidden) * (1 + 4 * torch.arange(rows))[:, None]).to(dtype)
+    w = (torch.randn(2 * inter, hidden) / hidden ** 0.5).to(dtype)
+    product = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+    want = reference.swiglu_rms(product, x, 1e-6)
+    got = swiglu.project_swiglu_rms(x, w, 1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.shape == (rows, inter) and got.dtype == dtype
+    assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+
+
 def test_reference_rope_and_write_equals_the_models_rotation():
     from specattn.model import apply_rope, rope_tables
     torch.manual_seed(0)

@@ -41,11 +41,37 @@ def choose_tiling(m: int, n: int, k: int) -> GemvTiling:
     """The fastest tiling at one and two rows in the H200 sweep (results/tune_gemv_pdl.json): 8 columns a program;
     a whole row of K <= 1,024 (Qwen2.5 0.5B / 1.5B) in one or two tiles; at K = 4,096 256-key tiles over 8 warps for
     the wide q/k/v product (6,144 columns, one row: 15.2 against 18.4 us for 512 x 4 warps), 512-key tiles otherwise."""
+    if n >= 16384:                     # gate/up products: 16 columns at one row (8B: 59.8 us, as cuBLAS)
+        return GemvTiling(16 if m == 1 else 8, 256, 4)
     if k <= 2048:
         return GemvTiling(8, 1024, 4)
     if n >= 6144:
         return GemvTiling(8, 256, 8 if m == 1 else 4)
     return GemvTiling(8, 512 if m <= 2 else 256, 4)
+
+
+@triton.jit
+def stream_rows(x_ptr, stride_xm, w_rows, stride_wk, col_ok, M, K, PDL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The product of rows x [M, K] with this program's BLOCK_N weight rows (pointers w_rows [BLOCK_N, 1]), over all
+    of K: (fp32 [BLOCK_M, BLOCK_N], each row's sum of squares of x [BLOCK_M], for a folded norm's rms). The first
+    weight tile is loaded before the PDL wait: weights are never written by a step, x comes from the kernel ahead."""
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ks = tl.arange(0, BLOCK_K)
+    w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+    wait_for_predecessor(PDL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        nxt = k0 + BLOCK_K + ks
+        w_next = tl.load(w_rows + nxt[None, :] * stride_wk, mask=col_ok[:, None] & (nxt < K)[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :],
+                    mask=row_ok[:, None] & (k0 + ks < K)[None, :], other=0.0).to(tl.float32)
+        squares += x * x
+        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
+        w = w_next
+    return tl.sum(acc, 2), tl.sum(squares, 1)
 
 
 @triton.jit
@@ -55,21 +81,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, add_ptr, M, N, K, stride_xm, stride_wn, 
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
-    wait_for_predecessor(PDL)          # x and out come from the kernels ahead; the weights do not
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        nxt = k0 + BLOCK_K + ks
-        w_next = tl.load(w_rows + nxt[None, :] * stride_wk, mask=col_ok[:, None] & (nxt < K)[None, :], other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :],
-                    mask=row_ok[:, None] & (k0 + ks < K)[None, :], other=0.0).to(tl.float32)
-        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
-        w = w_next
-    y = tl.sum(acc, 2)
-    ok = row_ok[:, None] & col_ok[None, :]
+    y, _ = stream_rows(x_ptr, stride_xm, w_rows, stride_wk, col_ok, M, K, PDL, BLOCK_M, BLOCK_N, BLOCK_K)
+    ok = (rows < M)[:, None] & col_ok[None, :]
     if ADD:
         y += tl.load(add_ptr + rows[:, None] * stride_am + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemv import MAX_ROWS, choose_tiling, stream_rows
 from .pdl import launch_options, wait_for_predecessor
 
 
@@ -119,23 +120,11 @@ def _qkv_rope_write_kernel(x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_out_ptr, 
     cols = head * (2 * HALF) + (i % 2) * HALF + j0 + i // 2
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    w = tl.load(w_rows + ks[None, :], mask=(ks < K)[None, :], other=0.0)
-    wait_for_predecessor(PDL)          # x comes from the kernels ahead; the weights do not
-    acc = tl.zeros([BLOCK_M, 2 * PAIRS, BLOCK_K], tl.float32)
-    squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        nxt = k0 + BLOCK_K + ks
-        w_next = tl.load(w_rows + nxt[None, :], mask=(nxt < K)[None, :], other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :],
-                    mask=row_ok[:, None] & (k0 + ks < K)[None, :], other=0.0).to(tl.float32)
-        squares += x * x               # the row's rms comes with the stream (the norm is folded into w)
-        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
-        w = w_next
+    product, squares = stream_rows(x_ptr, stride_xm, w_rows, 1, cols >= 0, M, K, PDL, BLOCK_M, 2 * PAIRS, BLOCK_K)
     # Rounded to the weights' dtype first, as the product F.linear would hand rope_and_write_kv: a small step then
     # rounds as a verify step of many rows does, and greedy decoding flips fewer near-tied tokens between them.
-    y = tl.sum(acc, 2).to(w_ptr.dtype.element_ty).to(tl.float32) * tl.rsqrt(tl.sum(squares, 1) / K + eps)[:, None]
+    y = product.to(w_ptr.dtype.element_ty).to(tl.float32) * tl.rsqrt(squares / K + eps)[:, None]
     if BIAS:
         y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     x1, x2 = tl.split(tl.reshape(y, [BLOCK_M, PAIRS, 2]))      # the pairs' first and second halves
@@ -167,7 +156,6 @@ def project_rope_and_write_kv(x: torch.Tensor, weight: torch.Tensor, cos: torch.
     product of rows x [batch, q_len, hidden] taken before their folded RMSNorm (weight [(heads + 2 kv_heads) *
     dim, hidden], row-major), scaled by each row's 1 / rms (summed as x streams by), bias added, q and k rotated,
     k and v stored at `slots`. Returns q [batch, q_len, heads, dim]."""
-    from .gemv import MAX_ROWS, choose_tiling
     b, t, hidden = x.shape
     width = weight.shape[0]
     dim = width // (heads + 2 * kv_heads)
