@@ -32,7 +32,11 @@ FOLD_NORMS = True
 # kernels.gemv (launched early with PDL, no split-K reduction) instead of cuBLAS; their weights stay row-major.
 # "rope" (with "qkv"): the q/k/v product also applies the rotary embedding and writes the cache (Block.queries);
 # "swiglu" (with "gate_up"): the gate/up product also applies the norm's 1 / rms and SwiGLU.
-GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "rope", "o", "down")
+GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "rope", "o", "gate_up", "swiglu", "down")
+# ... but gate/up products wider than this stay with cuBLAS: H200 round-robin step times at batch 1 with "gate_up" +
+# "swiglu" against without (results/profile_swiglu_*_b1.json): default model (3,072 columns) 643 vs 681 us,
+# 8B shape (28,672) 5,012 vs 4,622 us.
+GEMV_MAX_GATE_UP = 8192
 GEMV_MAX_ROWS = 2             # at most kernels.gemv.MAX_ROWS; at 4 rows cuBLAS is faster (tune_gemv_pdl.json)
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
 # GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode
@@ -152,10 +156,16 @@ class Block(nn.Module):
     def project(self, name: str, rows: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         """rows [n, in] @ the named projection's weight.T -> [n, out], or added in place into `into` [n, out]."""
         weight = getattr(self, name).weight
-        if name in self.gemv_projections and rows.shape[0] <= GEMV_MAX_ROWS:
+        if self.small_gemv(name, rows):
             from .kernels.gemv import gemv
             return gemv(rows, weight, out=into, add=into)
         return F.linear(rows, weight) if into is None else into.addmm_(rows, weight.t())
+
+    def small_gemv(self, name: str, rows: torch.Tensor) -> bool:
+        """Whether the named projection of these rows runs as kernels.gemv (see GEMV_PROJECTIONS)."""
+        if name == "gate_up" and self.gate_up.weight.shape[0] > GEMV_MAX_GATE_UP:
+            return False
+        return name in self.gemv_projections and rows.shape[0] <= GEMV_MAX_ROWS
 
     def forward(self, x, mlp_out, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention, fns: dict):
         """(residual stream, previous block's MLP output or None) -> the same pair after this block."""
@@ -181,8 +191,7 @@ class Block(nn.Module):
         cfg = self.cfg
         b, t, hidden = x.shape
         stream = x.view(b * t, hidden)
-        if ("rope" in self.gemv_projections and "qkv" in self.gemv_projections and b * t <= GEMV_MAX_ROWS
-                and x.dtype == cache.dtype):
+        if "rope" in self.gemv_projections and self.small_gemv("qkv", stream) and x.dtype == cache.dtype:
             from .kernels.rope_kv import project_rope_and_write_kv
             q = project_rope_and_write_kv(x, self.qkv.weight, cos, sin, cache.k[self.layer], cache.v[self.layer],
                                           view.slots, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
@@ -204,7 +213,7 @@ class Block(nn.Module):
         q = self.queries(x, cos, sin, cache, view)
         attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
         self.project("o", attn.reshape(b * t, -1), into=stream)
-        if {"gate_up", "swiglu"} <= set(self.gemv_projections) and b * t <= GEMV_MAX_ROWS:
+        if "swiglu" in self.gemv_projections and self.small_gemv("gate_up", stream):
             from .kernels.swiglu import project_swiglu_rms
             act = project_swiglu_rms(stream, self.gate_up.weight, cfg.rms_norm_eps)
         else:
