@@ -51,6 +51,12 @@ for part in "$@"; do
                   2>&1 | grep "^=="
               done ;;
     kernels)  timeout 150 python3 benchmarks/kernels.py "$OUT/kernels.json" 2>&1 | tail -2 ;;
+    token-checks)   # PDL on/off and small-step kernels vs cuBLAS: greedy tokens on random models (no model files)
+              timeout 150 python3 benchmarks/token_checks.py --out "$OUT/pdl_check.json" 2>&1 | grep -v -i warn | tail -2 ;;
+    step-variants)   # the 8B-shaped batch-1 step: small-step kernels and PDL modes, timed round-robin (no model)
+              timeout 200 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 --pdl 2,0 \
+                --gemv qkv+rope+o+down,none --rounds 5 --top 3 --json "$OUT/profile_variants_8b_b1.json" 2>&1 \
+                | grep -A 5 "round-robin" ;;
     byproduct)   # verify attention plain vs page mass vs block mass (tile per block, sub-tiles), finishing tiles (no model)
               timeout 200 python3 benchmarks/tune_attention.py --byproduct "$OUT/byproduct.json" 2>&1 | grep "^shape" ;;
     sparse-scaling)   # sparse vs dense with more bytes, logical vs physical page lists (needs no model)
