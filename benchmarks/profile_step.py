@@ -62,7 +62,7 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, 
 
 
 def profile(shape: str, batch: int, context: int, draft_budget: int | None, steps: int, copy: float,
-            column_major: bool, q_len: int, top: int, fused: bool = False, compile_mode: str | None = None,
+            column_major: bool, q_len: int, top: int, compile_mode: str | None = None,
             verify: str | None = None, fold: bool = True, pdl: int = 2,
             gemv: tuple[str, ...] = specattn.model.GEMV_PROJECTIONS,
             few_programs: str = "default") -> tuple[dict, object]:
@@ -70,7 +70,6 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     import torch._dynamo
 
     specattn.model.COLUMN_MAJOR_WEIGHTS = column_major
-    specattn.model.FUSED_STEPS = fused
     specattn.model.FOLD_NORMS = fold
     specattn.kernels.pdl.MODE = pdl
     specattn.model.GEMV_PROJECTIONS = gemv
@@ -98,7 +97,6 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what = "dense step" if draft_budget is None else f"draft step @{draft_budget}"
     what += f", q_len {q_len}" if q_len > 1 else ""
     what += ", weights column-major" if column_major else ", weights row-major"
-    what += ", fused_linear" if fused else ""
     what += "" if fold else ", norms not folded"
     what += f", PDL mode {pdl}"
     what += f", gemv {'+'.join(gemv) or 'none'}"
@@ -141,8 +139,6 @@ def main() -> None:
     ap.add_argument("--row-major", action="store_true", help="keep projection weights row-major (as loaded)")
     ap.add_argument("--q-len", type=int, default=1, help="new tokens per sequence of a dense step (verify: gamma+1)")
     ap.add_argument("--top", type=int, default=18, help="kernels listed")
-    ap.add_argument("--fused", action="store_true", help="small steps through kernels.fused_linear (off in the model: "
-                    "slower than cuBLAS)")
     ap.add_argument("--compile-modes", default="default", help="comma-separated step compile modes, profiled one "
                     "after the other in this run: default, max-autotune-no-cudagraphs")
     ap.add_argument("--verify", help="comma-separated self-speculation methods whose verify step (q_len = gamma + 1, "
@@ -168,11 +164,11 @@ def main() -> None:
                 for a in args.attn_few.split(",")]
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
-                        args.q_len, args.top, args.fused, verify=method, fold=fold, pdl=pdl, gemv=gemv, few_programs=a)
+                        args.q_len, args.top, verify=method, fold=fold, pdl=pdl, gemv=gemv, few_programs=a)
                 for method in args.verify.split(",") for fold, pdl, gemv, a in variants]
     else:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
-                        not args.row_major, args.q_len, args.top, args.fused, None if mode == "default" else mode,
+                        not args.row_major, args.q_len, args.top, None if mode == "default" else mode,
                         fold=fold, pdl=pdl, gemv=gemv, few_programs=a)
                 for mode in args.compile_modes.split(",") for fold, pdl, gemv, a in variants]
     rows = interleaved(rows, args.rounds)

@@ -23,7 +23,6 @@ from .kernels.reference import rms_scale, unnormed_projection
 
 STEP_MAX_Q_LEN = 16  # decode and verify steps; longer blocks are prefill chunks
 COLUMN_MAJOR_WEIGHTS = True   # on the GPU (compile_steps): see Transformer.store_weights_column_major
-FUSED_STEPS = False           # off: fused_linear measured slower than cuBLAS on the H200 (benchmarks/NOTES.md)
 # On the GPU (compile_steps): fold each block's norm weights into the projections after them (Transformer.fold_norms),
 # so a block runs 8 launches instead of 10 (Block.forward_folded). Tensor-parallel blocks keep their own path, which
 # stays exact on folded weights (norm weights of one).
@@ -221,22 +220,6 @@ class Block(nn.Module):
         self.project("down", act, into=stream)
         return x
 
-    def forward_fused(self, x, mlp_out, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention):
-        """`forward` for a small step (batch x new tokens <= fused_linear.MAX_ROWS) in 7 launches: residual add +
-        norm + q/k/v projection, rotary + cache write, attention (2), output projection, residual add + norm +
-        gate/up projection, SwiGLU + down projection."""
-        from .kernels.fused_linear import norm_linear, swiglu_linear
-        cfg = self.cfg
-        b, t, hidden = x.shape
-        res = None if mlp_out is None else mlp_out.reshape(b * t, hidden)
-        x2, qkv = norm_linear(x.reshape(b * t, hidden), res, self.attn_norm.weight, cfg.rms_norm_eps,
-                              self.qkv.weight, self.qkv.bias)
-        q = rotate_and_store(qkv.view(b, t, -1), cos, sin, cache, self.layer, view, cfg.num_heads, cfg.num_kv_heads)
-        attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
-        x2, gate_up = norm_linear(x2, F.linear(attn.reshape(b * t, -1), self.o.weight), self.mlp_norm.weight,
-                                  cfg.rms_norm_eps, self.gate_up.weight)
-        return x2.view(b, t, hidden), swiglu_linear(gate_up, self.down.weight).view(b, t, hidden)
-
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, attention_backend: str = "auto", device: str | torch.device = "cpu"):
@@ -253,7 +236,6 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # Replaced by compiled versions on the GPU (see `compile_steps`).
         self.step_fns = self.prefill_fns = EAGER
-        self.fused_steps = False   # small steps through Block.forward_fused (GPU, or tests in Triton's interpreter)
         self.norms_folded = False  # see fold_norms
 
     tp = None            # distributed.TensorParallel when this model is one rank's shard
@@ -312,7 +294,6 @@ class Transformer(nn.Module):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.step_fns = {name: torch.compile(fn, dynamic=False, fullgraph=True, mode=STEP_COMPILE_MODE)
                          for name, fn in EAGER.items()}
-        self.fused_steps = FUSED_STEPS
         self.prefill_fns = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in EAGER.items()}
 
     def forward(self, tokens: torch.Tensor, cache: PagedKVCache, view: StepView,
@@ -324,13 +305,9 @@ class Transformer(nn.Module):
         fns = self.step_fns if view.q_len <= STEP_MAX_Q_LEN else self.prefill_fns
         x, mlp_out = self.embed(tokens), None
         cos, sin = fns["rope_tables"](view.positions, self.inv_freq, x.dtype)
-        fused = (self.fused_steps and not self.norms_folded and view.q_len <= STEP_MAX_Q_LEN and self.tp is None
-                 and _fused_rows(tokens.numel()))
         folded = self.norms_folded and self.tp is None
         for block in self.blocks:
-            if fused:
-                x, mlp_out = block.forward_fused(x, mlp_out, cos, sin, cache, view, self.attention)
-            elif folded:
+            if folded:
                 x = block.forward_folded(x, cos, sin, cache, view, self.attention)
             else:
                 x, mlp_out = block(x, mlp_out, cos, sin, cache, view, self.attention, fns)
@@ -340,8 +317,3 @@ class Transformer(nn.Module):
         if self.cfg.vocab_shards > 1:        # this rank's slice of the vocabulary -> all of it, on every rank
             logits = self.tp.all_gather_last(logits)
         return logits
-
-
-def _fused_rows(rows: int) -> bool:
-    from .kernels.fused_linear import fits
-    return fits(rows)

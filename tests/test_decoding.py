@@ -153,31 +153,6 @@ def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_tokens():
     assert edges.tolist() == [1, 4]
 
 
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_fused_small_steps_match_the_unfused_model(tiny_cfg, qkv_bias):
-    """Block.forward_fused (norm + projection and SwiGLU + down in the fused_linear kernels) gives the unfused
-    model's decode and verify logits and greedy tokens (fp32, kernels in Triton's interpreter)."""
-    import dataclasses
-
-    from specattn.decoding.runner import prefill
-    cfg = dataclasses.replace(tiny_cfg, qkv_bias=qkv_bias)
-    model = random_model(cfg, seed=5)
-    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (9, 21)]
-    block = torch.randint(0, 97, (2, 5))                          # a verify step of 5 new tokens
-    logits = {}
-    for fused in (False, True):
-        model.fused_steps = fused
-        cache = PagedKVCache(cfg, 2, 64, page_size=8)
-        prefill(model, cache, prompts)
-        cache.reserve(5)
-        logits[fused] = model(block, cache, cache.step_view(5), all_logits=True)
-    model.fused_steps = False
-    assert (logits[True] - logits[False]).abs().max() <= 1e-4 * logits[False].abs().max()
-    ref = run(model, prompts, max_new_tokens=10).tokens
-    model.fused_steps = True
-    assert run(model, prompts, max_new_tokens=10).tokens == ref
-
-
 def test_compiling_the_steps_folds_the_norms_into_the_projections(tiny_cfg):
     """What the GPU runs (compile_steps): the folded blocks (forward_folded), whose logits the transformers tests
     check; the same tokens as the model before folding."""
