@@ -82,6 +82,24 @@ def test_gemv_matches_linear(m, n, k, dtype):
     assert ((out.float() - full).norm() / full.norm()).item() < tol
 
 
+def test_programmatic_dependent_launch_stays_off_where_it_cannot_run(monkeypatch):
+    """PDL needs a Hopper GPU and compiled code: never on CPU tensors or in Triton's interpreter (no griddepcontrol
+    there), whatever the mode; mode 0 launches plainly everywhere."""
+    from specattn.kernels import pdl
+    cpu = torch.device("cpu")
+    for mode in pdl.MODES:
+        monkeypatch.setattr(pdl, "MODE", mode)
+        assert pdl.launch_options(cpu) == {"PDL": 0} and not pdl.active(cpu)
+    monkeypatch.setattr(pdl, "MODE", 2)
+    monkeypatch.setattr(pdl, "INTERPRETED", True)
+    monkeypatch.setattr(pdl, "_hopper_or_later", lambda index: True)
+    assert not pdl.active(torch.device("cuda", 0))
+    monkeypatch.setattr(pdl, "INTERPRETED", False)
+    assert pdl.launch_options(torch.device("cuda", 0)) == {"PDL": 2, "launch_pdl": True}
+    monkeypatch.setattr(pdl, "MODE", 0)
+    assert pdl.launch_options(torch.device("cuda", 0)) == {"PDL": 0}
+
+
 def test_num_splits_fill_the_gpu_but_never_exceed_blocks():
     assert paged_attention.choose_num_splits(1, 8, 32768, 132) == 33
     assert paged_attention.choose_num_splits(64, 8, 32768, 132) == 1
