@@ -204,8 +204,9 @@ class Block(nn.Module):
         """`forward` once Transformer.fold_norms has moved each norm's weight into the projection after it: the
         projections read the residual stream x itself, each row's 1 / rms scales their outputs in the kernels that
         read them next (rotary + cache write, SwiGLU), and the output and down projections are added into the stream
-        (cuBLAS addmm_ with beta 1, or kernels.gemv), so no kernel is left for a residual add or a norm: 8 launches
-        instead of 10 with cuBLAS, 6 at batch 1 with gemv (no split-K reductions). Returns x."""
+        (cuBLAS addmm_ with beta 1, or kernels.gemv), so no kernel is left for a residual add or a norm: 8 calls
+        instead of 10 with cuBLAS; at 1-2 rows (GEMV_PROJECTIONS) 7 kernels, 6 where the gate/up product applies
+        SwiGLU itself, none of them a split-K reduction. Returns x."""
         cfg = self.cfg
         b, t, hidden = x.shape
         stream = x.view(b * t, hidden)
