@@ -32,7 +32,8 @@ FOLD_NORMS = True
 # "rope" (with "qkv"): the q/k/v product also applies the rotary embedding and writes the cache (Block.queries);
 # "swiglu" (with "gate_up"): the gate/up product also applies the norm's 1 / rms and SwiGLU.
 GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "rope", "o", "gate_up", "swiglu", "down")
-# ... but gate/up products wider than this stay with cuBLAS: H200 round-robin step times at batch 1 with "gate_up" +
+# ... but gate/up products wider than this stay with cuBLAS (compile_steps drops "gate_up" and "swiglu" for such
+# models, whose gate/up weight then stays column-major): H200 round-robin step times at batch 1 with "gate_up" +
 # "swiglu" against without (results/profile_swiglu_*_b1.json): default model (3,072 columns) 643 vs 681 us,
 # 8B shape (28,672) 5,012 vs 4,622 us.
 GEMV_MAX_GATE_UP = 8192
@@ -162,8 +163,6 @@ class Block(nn.Module):
 
     def small_gemv(self, name: str, rows: torch.Tensor) -> bool:
         """Whether the named projection of these rows runs as kernels.gemv (see GEMV_PROJECTIONS)."""
-        if name == "gate_up" and self.gate_up.weight.shape[0] > GEMV_MAX_GATE_UP:
-            return False
         return name in self.gemv_projections and rows.shape[0] <= GEMV_MAX_ROWS
 
     def forward(self, x, mlp_out, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention, fns: dict):
@@ -285,7 +284,9 @@ class Transformer(nn.Module):
             raise InvalidInputError(f"step compile mode {STEP_COMPILE_MODE!r} is not supported; set "
                                     f"SPECATTN_STEP_COMPILE_MODE to one of {STEP_COMPILE_MODES[1:]} or unset it "
                                     "(STEP_COMPILE_MODE)")
-        gemv_projections = GEMV_PROJECTIONS if FOLD_NORMS else ()
+        gemv_projections = GEMV_PROJECTIONS if FOLD_NORMS and self.tp is None else ()   # TP blocks: forward
+        if 2 * self.cfg.intermediate_size > GEMV_MAX_GATE_UP:     # cuBLAS keeps its gate/up product at every size
+            gemv_projections = tuple(name for name in gemv_projections if name not in ("gate_up", "swiglu"))
         if COLUMN_MAJOR_WEIGHTS:
             self.store_weights_column_major(keep_row_major=gemv_projections)
         if FOLD_NORMS:
