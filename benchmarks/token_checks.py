@@ -1,6 +1,7 @@
 """GPU token checks for the launch paths of small steps, on random models (no model files): greedy AR and SpecAttn-Y
 tokens with programmatic dependent launch (pdl.MODE 2) and without (0) must be identical; with the small-step
-kernels (kernels.gemv and the fused q/k/v + rotary kernel) against cuBLAS only, and SpecAttn-Y against AR, it
+kernels (kernels.gemv and the fused q/k/v + rotary and gate/up + SwiGLU kernels, as model.GEMV_PROJECTIONS
+says) against cuBLAS only, and SpecAttn-Y against AR, it
 reports how many leading tokens of 48 agree (bf16 rounding may flip near-tied tokens between kernels).
 
 Usage (GPU): python benchmarks/token_checks.py [--out results/pdl_check.json]
@@ -26,7 +27,8 @@ from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import pdl  # noqa: E402
 
 NEW_TOKENS = 48
-VARIANTS = {"pdl2": (2, ("qkv", "rope", "o", "down")), "pdl0": (0, ("qkv", "rope", "o", "down")), "cublas": (2, ())}
+SMALL_STEP = specattn.model.GEMV_PROJECTIONS      # the default small-step kernels (gate/up + SwiGLU included)
+VARIANTS = {"pdl2": (2, SMALL_STEP), "pdl0": (0, SMALL_STEP), "cublas": (2, ())}
 
 
 def same_prefix(a: list[int], b: list[int]) -> int:
