@@ -1,5 +1,7 @@
 """GPU benchmark of the kernels issue: verify attention (+ page-mass by-product), sparse page attention,
-sorting-free top-p vs sort, Quest page scores. Device time from CUDA graphs; buffers rotated past L2.
+sorting-free top-p vs sort, Quest page scores. Device time from CUDA graphs; buffers rotated past L2. Kernels are
+launched without programmatic dependent launch (pdl.MODE 0), as in every kernels.json before it existed: back-to-back
+calls of one kernel would otherwise overlap their launches, which a per-kernel figure should not count.
 Writes benchmarks/results/kernels.json (or argv[1])."""
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, copy_bandwidth_gbs, environment, graph_ms  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
-from specattn.kernels import paged_attention, quest, reference, topp  # noqa: E402
+from specattn.kernels import paged_attention, pdl, quest, reference, topp  # noqa: E402
 
 L2_BEATING_BYTES = 200 << 20
 KV_HEADS, GROUP, DIM, PAGE = 8, 4, 128, 16          # Llama-3-8B attention shape
@@ -140,9 +142,10 @@ def quest_row() -> dict:
 
 def main() -> None:
     torch.manual_seed(0)
+    pdl.MODE = 0
     copy = copy_bandwidth_gbs()
     out = {**environment(), "copy_bandwidth_gbs": copy, "config": {"kv_heads": KV_HEADS, "group": GROUP,
-                                                                    "head_dim": DIM, "page_size": PAGE}}
+                                                                    "head_dim": DIM, "page_size": PAGE, "pdl": 0}}
     attn, s1 = attention_rows(copy)
     tp, s2 = topp_rows()
     out["rows"] = attn + tp + [quest_row()]
