@@ -52,7 +52,15 @@ for part in "$@"; do
               done ;;
     kernels)  timeout 150 python3 benchmarks/kernels.py "$OUT/kernels.json" 2>&1 | tail -2 ;;
     token-checks)   # PDL on/off and small-step kernels vs cuBLAS: greedy tokens on random models (no model files)
-              timeout 150 python3 benchmarks/token_checks.py --out "$OUT/pdl_check.json" 2>&1 | grep -v -i warn | tail -2 ;;
+              timeout 300 python3 benchmarks/token_checks.py --out "$OUT/pdl_check.json" 2>&1 | grep -v -i warn | tail -2 ;;
+    small-gemm)   # the small-step kernels on tensor cores (model.GEMV_MAX_ROWS raised) against cuBLAS, default model
+              # batch 64: the draft step (64 rows) and the verify step (320 rows), round-robin (no model files)
+              timeout 150 python3 benchmarks/profile_step.py --shape smol --batch 64 --draft-budget 512 \
+                --gemv-rows 2,64 --rounds 5 --top 8 --json "$OUT/profile_small_gemm_draft_b64.json" 2>&1 \
+                | grep -A 3 "round-robin"
+              timeout 150 python3 benchmarks/profile_step.py --shape smol --batch 64 --verify specattn-y/blk64 \
+                --q-len 5 --gemv-rows 2,512 --rounds 5 --top 8 --json "$OUT/profile_small_gemm_verify_b64.json" \
+                2>&1 | grep -A 3 "round-robin" ;;
     step-variants)   # the 8B-shaped batch-1 step: small-step kernels and PDL modes, timed round-robin (no model)
               timeout 200 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 --pdl 2,0 \
                 --gemv qkv+rope+o+down,none --rounds 5 --top 3 --json "$OUT/profile_variants_8b_b1.json" 2>&1 \

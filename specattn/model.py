@@ -37,7 +37,9 @@ GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "rope", "o", "gate_up", "swiglu", "d
 # "swiglu" against without (results/profile_swiglu_*_b1.json): default model (3,072 columns) 643 vs 681 us,
 # 8B shape (28,672) 5,012 vs 4,622 us.
 GEMV_MAX_GATE_UP = 8192
-GEMV_MAX_ROWS = 2             # at most kernels.gemv.MAX_ROWS; at 4 rows cuBLAS is faster (tune_gemv_pdl.json)
+# Steps of at most this many rows use them: 2 (FMA sums; 4-row products were slower than cuBLAS, tune_gemv_pdl.json).
+# Above gemv.MAX_ROWS they run on tensor cores (gemv.row_blocks): not yet timed against cuBLAS, so not used yet.
+GEMV_MAX_ROWS = 2
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
 # GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode
 # with Inductor's cudagraphs). benchmarks/profile_step.py --compile-modes times both in one run; the environment
@@ -183,13 +185,20 @@ class Block(nn.Module):
                                              self.gate_up.weight, self.down.weight)
         return x, self.all_reduce(mlp_out)
 
+    def fused_rope(self, rows: torch.Tensor) -> bool:
+        """Whether the q/k/v product of these rows also rotates and writes the cache ("rope"); on tensor cores
+        (more than gemv.MAX_ROWS rows) a program takes 8 rotation pairs, so head_dim must be a multiple of 16."""
+        from .kernels.gemv import MAX_ROWS
+        return ("rope" in self.gemv_projections and self.small_gemv("qkv", rows)
+                and (rows.shape[0] <= MAX_ROWS or self.cfg.head_dim % 16 == 0))
+
     def queries(self, x, cos, sin, cache: PagedKVCache, view: StepView) -> torch.Tensor:
         """Folded blocks: q of the new rows x [batch, q_len, hidden] (the residual stream), their k and v rotated
         into the cache. With "rope" in gemv_projections a small step does it in one kernel with the product."""
         cfg = self.cfg
         b, t, hidden = x.shape
         stream = x.view(b * t, hidden)
-        if "rope" in self.gemv_projections and self.small_gemv("qkv", stream) and x.dtype == cache.dtype:
+        if self.fused_rope(stream) and x.dtype == cache.dtype:
             from .kernels.rope_kv import project_rope_and_write_kv
             q = project_rope_and_write_kv(x, self.qkv.weight, cos, sin, cache.k[self.layer], cache.v[self.layer],
                                           view.slots, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,

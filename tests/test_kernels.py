@@ -60,16 +60,18 @@ def test_every_output_element_is_written():
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 96, 320), (3, 70, 256), (4, 64, 200), (2, 33, 1000)])
+@pytest.mark.parametrize("m,n,k", [(1, 96, 320), (3, 70, 256), (4, 64, 200), (2, 33, 1000), (5, 40, 150),
+                                   (70, 48, 100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_matches_linear(m, n, k, dtype):
-    """The decode GEMV (row-major and column-major weights, K not a multiple of the tile) against F.linear, and
-    accumulating in place (add=out) against out + F.linear."""
+    """The decode GEMV (FMA sums up to MAX_ROWS rows, tensor-core tiles above, more than one block of rows at 70;
+    row-major and column-major weights, K not a multiple of the tile) against F.linear, and accumulating in place
+    (add=out) against out + F.linear."""
     from specattn.kernels import gemv
     torch.manual_seed(m * 100 + n)
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    tiling = gemv.GemvTiling(block_n=16, block_k=128, num_warps=4)
+    tiling = gemv.GemvTiling(block_n=16, block_k=128 if m <= gemv.MAX_ROWS else 32, num_warps=4)
     want = torch.nn.functional.linear(x.float(), w.float())
     for weight in (w, w.t().contiguous().t()):
         got = gemv.gemv(x, weight, tiling=tiling)
@@ -445,11 +447,12 @@ def test_rope_and_kv_write_of_an_unnormed_projection_matches_reference(dtype, wi
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("b, t, heads, kv_heads, dim, hidden", [(1, 1, 6, 2, 16, 72), (2, 1, 4, 4, 40, 300),
-                                                               (1, 2, 9, 3, 64, 576)])
+                                                               (1, 2, 9, 3, 64, 576), (2, 3, 6, 2, 16, 72),
+                                                               (4, 5, 9, 3, 64, 100)])
 def test_projection_rope_and_kv_write_in_one_kernel_matches_reference(dtype, with_bias, b, t, heads, kv_heads, dim,
                                                                       hidden):
-    """The q/k/v product of unnormed rows, its 1 / rms scale, bias, rotation and cache write in one kernel (a small
-    step's first launch) against the reference of each part, from the same fp32 product."""
+    """The q/k/v product of unnormed rows, its 1 / rms scale, bias, rotation and cache write in one kernel (a step's
+    first launch; 6 and 20 rows on tensor cores) against the reference of each part, from the same product."""
     from specattn.kernels import rope_kv
     from specattn.model import rope_tables
     torch.manual_seed(dim + hidden)
@@ -489,7 +492,7 @@ def test_swiglu_of_an_unnormed_projection_matches_reference(dtype, rows, hidden,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, hidden, inter", [(1, 72, 100), (2, 300, 64)])
+@pytest.mark.parametrize("rows, hidden, inter", [(1, 72, 100), (2, 300, 64), (5, 72, 100), (33, 40, 24)])
 def test_gate_up_product_with_swiglu_in_one_kernel_matches_reference(dtype, rows, hidden, inter):
     """The gate/up product of unnormed rows with the rows' 1 / rms and SwiGLU applied in the same kernel (a small
     step's MLP input) against the SwiGLU reference of the rounded product."""

@@ -104,7 +104,7 @@ def test_folded_norms_keep_the_logits(pair):
 def test_gemv_projections_keep_the_logits(pair):
     """Folded blocks with every projection of a small step through kernels.gemv (the q/k/v product rotating and
     writing the cache itself, the gate/up product applying SwiGLU, the o and down products added into the residual
-    stream in place) give transformers' logits step by step; prefill rows stay on F.linear."""
+    stream in place) give transformers' logits step by step; prefill rows stay on F.linear (GEMV_MAX_ROWS)."""
     hf, ours = pair
     folded = copy.deepcopy(ours)
     folded.fold_norms()
@@ -114,6 +114,22 @@ def test_gemv_projections_keep_the_logits(pair):
     with torch.no_grad():
         ref = hf(ids).logits[0]
     assert (step_by_step_logits(folded, ids) - ref).abs().max().item() < 1e-4
+
+
+def test_tensor_core_products_keep_the_logits(pair, monkeypatch):
+    """The same kernels on blocks of rows above gemv.MAX_ROWS (tensor-core tiles; 2 x 37 prefill rows, so more than
+    one block) give transformers' logits: what raising model.GEMV_MAX_ROWS would run."""
+    import specattn.model
+    hf, ours = pair
+    folded = copy.deepcopy(ours)
+    folded.fold_norms()
+    for block in folded.blocks:
+        block.gemv_projections = ("qkv", "rope", "o", "gate_up", "swiglu", "down")
+    monkeypatch.setattr(specattn.model, "GEMV_MAX_ROWS", 1024)
+    ids = torch.randint(0, 101, (2, 37))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert (logits_through_cache(folded, ids) - ref).abs().max().item() < 1e-4
 
 
 def test_greedy_generation_identical(pair):

@@ -25,9 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_options, wait_for_predecessor
+from .pdl import INTERPRETED, launch_options, wait_for_predecessor
 
-MAX_ROWS = 4           # rows per product handled here: registers hold [rows, BLOCK_N, BLOCK_K] sums
+MAX_ROWS = 4           # rows multiplied with FMAs, [rows, BLOCK_N, BLOCK_K] sums in registers; more: tensor cores
+DOT_BLOCK_M = 64       # tensor-core path: rows per program at most (a program per block of rows and of columns)
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,29 @@ class GemvTiling:
     num_warps: int = 4
 
 
+@dataclass(frozen=True)
+class RowBlocks:
+    """How a product's rows are split over programs: FMA sums of all rows in one program (<= MAX_ROWS), or
+    tensor-core tiles of block_m rows (DOT)."""
+    block_m: int
+    count: int
+    dot: bool
+
+
+def row_blocks(m: int) -> RowBlocks:
+    if m <= MAX_ROWS:
+        return RowBlocks(max(1, triton.next_power_of_2(m)), 1, False)
+    block_m = min(DOT_BLOCK_M, max(16, triton.next_power_of_2(m)))
+    return RowBlocks(block_m, triton.cdiv(m, block_m), True)
+
+
 def choose_tiling(m: int, n: int, k: int) -> GemvTiling:
-    """The fastest tiling at one and two rows in the H200 sweep (results/tune_gemv_pdl.json): 8 columns a program;
-    a whole row of K <= 1,024 (Qwen2.5 0.5B / 1.5B) in one or two tiles; at K = 4,096 256-key tiles over 8 warps for
-    the wide q/k/v product (6,144 columns, one row: 15.2 against 18.4 us for 512 x 4 warps), 512-key tiles otherwise."""
+    """Tensor-core path (more than MAX_ROWS rows): 32 columns and 64 keys a tile (not yet timed). FMA path: the
+    fastest tiling at one and two rows in the H200 sweep (results/tune_gemv_pdl.json): 8 columns a program; a whole
+    row of K <= 1,024 (Qwen2.5 0.5B / 1.5B) in one or two tiles; at K = 4,096 256-key tiles over 8 warps for the
+    wide q/k/v product (6,144 columns, one row: 15.2 against 18.4 us for 512 x 4 warps), 512-key tiles otherwise."""
+    if m > MAX_ROWS:
+        return GemvTiling(32, 64, 4)
     if n >= 16384:                     # gate/up products: 16 columns at one row (8B: 59.8 us, as cuBLAS)
         return GemvTiling(16 if m == 1 else 8, 256, 4)
     if k <= 2048:
@@ -51,38 +71,66 @@ def choose_tiling(m: int, n: int, k: int) -> GemvTiling:
 
 
 @triton.jit
-def stream_rows(x_ptr, stride_xm, w_rows, stride_wk, col_ok, M, K, PDL: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The product of rows x [M, K] with this program's BLOCK_N weight rows (pointers w_rows [BLOCK_N, 1]), over all
-    of K: (fp32 [BLOCK_M, BLOCK_N], each row's sum of squares of x [BLOCK_M], for a folded norm's rms). The first
-    weight tile is loaded before the PDL wait: weights are never written by a step, x comes from the kernel ahead."""
-    rows = tl.arange(0, BLOCK_M)
+def _dot(x, w, acc, UPCAST: tl.constexpr):
+    """acc + x [BLOCK_M, BLOCK_K] @ w [BLOCK_N, BLOCK_K].T on tensor cores (fp32 operands in the interpreter, whose
+    bf16 tl.dot is wrong)."""
+    if UPCAST:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+    return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
+def stream_rows(x_ptr, stride_xm, w_rows, stride_wk, col_ok, row0, M, K, PDL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    """The product of rows x[row0: row0 + BLOCK_M] (of M) with this program's BLOCK_N weight rows (pointers w_rows
+    [BLOCK_N, 1]) over all of K: (fp32 [BLOCK_M, BLOCK_N], each row's sum of squares of x [BLOCK_M], for a folded
+    norm's rms). The first weight tile is loaded before the PDL wait: weights are never written by a step, x comes
+    from the kernel ahead. DOT: tensor-core tiles (more than MAX_ROWS rows), else FMA sums over [rows, BLOCK_N,
+    BLOCK_K] in registers, reduced once at the end."""
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ks = tl.arange(0, BLOCK_K)
     w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
     wait_for_predecessor(PDL)
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
     squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        nxt = k0 + BLOCK_K + ks
-        w_next = tl.load(w_rows + nxt[None, :] * stride_wk, mask=col_ok[:, None] & (nxt < K)[None, :], other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :],
-                    mask=row_ok[:, None] & (k0 + ks < K)[None, :], other=0.0).to(tl.float32)
-        squares += x * x
-        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
-        w = w_next
-    return tl.sum(acc, 2), tl.sum(squares, 1)
+    if DOT:
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
+                    other=0.0)
+        squares += x.to(tl.float32) * x.to(tl.float32)
+        acc = _dot(x, w, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRETED)
+        for k0 in range(BLOCK_K, K, BLOCK_K):      # the rest pipelined by Triton (num_stages)
+            k_ok = (k0 + ks < K)[None, :]
+            w = tl.load(w_rows + (k0 + ks)[None, :] * stride_wk, mask=col_ok[:, None] & k_ok, other=0.0)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok,
+                        other=0.0)
+            squares += x.to(tl.float32) * x.to(tl.float32)
+            acc = _dot(x, w, acc, INTERPRETED)
+        product = acc
+    else:
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            nxt = k0 + BLOCK_K + ks
+            w_next = tl.load(w_rows + nxt[None, :] * stride_wk, mask=col_ok[:, None] & (nxt < K)[None, :],
+                             other=0.0)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :],
+                        mask=row_ok[:, None] & (k0 + ks < K)[None, :], other=0.0).to(tl.float32)
+            squares += x * x
+            acc3 += x[:, None, :] * w.to(tl.float32)[None, :, :]
+            w = w_next
+        product = tl.sum(acc3, 2)
+    return product, tl.sum(squares, 1)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, add_ptr, M, N, K, stride_xm, stride_wn, stride_wk, stride_om, stride_am,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ADD: tl.constexpr,
-                 PDL: tl.constexpr):
+                 DOT: tl.constexpr, PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    rows = tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(1) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    y, _ = stream_rows(x_ptr, stride_xm, w_rows, stride_wk, col_ok, M, K, PDL, BLOCK_M, BLOCK_N, BLOCK_K)
+    y, _ = stream_rows(x_ptr, stride_xm, w_rows, stride_wk, col_ok, row0, M, K, PDL, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
     ok = (rows < M)[:, None] & col_ok[None, :]
     if ADD:
         y += tl.load(add_ptr + rows[:, None] * stride_am + cols[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -91,12 +139,12 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, add_ptr, M, N, K, stride_xm, stride_wn, 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, add: torch.Tensor | None = None,
          tiling: GemvTiling | None = None) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS), weight [N, K] -> x @ weight.T (+ add) [M, N] in x's dtype, written to `out` if
-    given (add may be out itself: accumulate in place)."""
+    """x [M, K], weight [N, K] -> x @ weight.T (+ add) [M, N] in x's dtype, written to `out` if given (add may be
+    out itself: accumulate in place). Up to MAX_ROWS rows with FMAs, more on tensor cores (see row_blocks)."""
     m, k = x.shape
     n = weight.shape[0]
-    if m > MAX_ROWS or weight.shape[1] != k:
-        raise ValueError(f"gemv takes at most {MAX_ROWS} rows of width {weight.shape[1]}, got {tuple(x.shape)}")
+    if weight.shape[1] != k:
+        raise ValueError(f"gemv: rows of width {k} against a weight of width {weight.shape[1]}")
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     for name, t in (("out", out), ("add", add)):
@@ -105,8 +153,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
     if x.stride(1) != 1:
         x = x.contiguous()
     t = tiling or choose_tiling(m, n, k)
-    _gemv_kernel[(triton.cdiv(n, t.block_n),)](
+    blocks = row_blocks(m)
+    _gemv_kernel[(triton.cdiv(n, t.block_n), blocks.count)](
         x, weight, out, add if add is not None else out, m, n, k, x.stride(0), weight.stride(0), weight.stride(1),
-        out.stride(0), (add if add is not None else out).stride(0), BLOCK_M=max(1, triton.next_power_of_2(m)),
-        BLOCK_N=t.block_n, BLOCK_K=t.block_k, ADD=add is not None, num_warps=t.num_warps, **launch_options(x.device))
+        out.stride(0), (add if add is not None else out).stride(0), BLOCK_M=blocks.block_m, BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k, ADD=add is not None, DOT=blocks.dot, num_warps=t.num_warps, num_stages=3,
+        **launch_options(x.device))
     return out

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import MAX_ROWS, choose_tiling, stream_rows
+from .gemv import MAX_ROWS, choose_tiling, row_blocks, stream_rows
 from .pdl import launch_options, wait_for_predecessor
 
 
@@ -110,7 +110,7 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
 def _qkv_rope_write_kernel(x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_out_ptr, k_pool_ptr, v_pool_ptr, slots_ptr,
                            M, K, stride_xm, stride_wn, stride_cs, heads, kv_heads, eps,
                            HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BIAS: tl.constexpr, PDL: tl.constexpr):
+                           BIAS: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
     # Program p computes PAIRS rotation pairs (j, j + HALF) of one head (q heads, then k, then v) as a gemv over all
     # of K: its 2 * PAIRS weight rows are taken pair by pair, so the rotation needs nothing from other programs.
     head = tl.program_id(0) // (HALF // PAIRS)
@@ -118,10 +118,12 @@ def _qkv_rope_write_kernel(x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_out_ptr, 
     j = j0 + tl.arange(0, PAIRS)
     i = tl.arange(0, 2 * PAIRS)
     cols = head * (2 * HALF) + (i % 2) * HALF + j0 + i // 2
-    rows = tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(1) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    product, squares = stream_rows(x_ptr, stride_xm, w_rows, 1, cols >= 0, M, K, PDL, BLOCK_M, 2 * PAIRS, BLOCK_K)
+    product, squares = stream_rows(x_ptr, stride_xm, w_rows, 1, cols >= 0, row0, M, K, PDL, BLOCK_M, 2 * PAIRS,
+                                   BLOCK_K, DOT)
     # Rounded to the weights' dtype first, as the product F.linear would hand rope_and_write_kv: a small step then
     # rounds as a verify step of many rows does, and greedy decoding flips fewer near-tied tokens between them.
     y = product.to(w_ptr.dtype.element_ty).to(tl.float32) * tl.rsqrt(squares / K + eps)[:, None]
@@ -152,29 +154,31 @@ def _qkv_rope_write_kernel(x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_out_ptr, 
 def project_rope_and_write_kv(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                               k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, heads: int,
                               kv_heads: int, eps: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`rope_and_write_kv(F.linear(x, weight), ..., norm_of=x)` for a step of a few rows as one kernel: the q/k/v
+    """`rope_and_write_kv(F.linear(x, weight), ..., norm_of=x)` for a step's rows as one kernel: the q/k/v
     product of rows x [batch, q_len, hidden] taken before their folded RMSNorm (weight [(heads + 2 kv_heads) *
     dim, hidden], row-major), scaled by each row's 1 / rms (summed as x streams by), bias added, q and k rotated,
-    k and v stored at `slots`. Returns q [batch, q_len, heads, dim]."""
+    k and v stored at `slots`. Returns q [batch, q_len, heads, dim]. More than gemv.MAX_ROWS rows run on tensor
+    cores, which need 8 rotation pairs a program (16 weight rows): head_dim a multiple of 16 there."""
     b, t, hidden = x.shape
     width = weight.shape[0]
     dim = width // (heads + 2 * kv_heads)
     rows = x.reshape(b * t, hidden)
-    if b * t > MAX_ROWS or weight.shape[1] != hidden or weight.stride(1) != 1 or dim % 2:
-        raise ValueError(f"project_rope_and_write_kv takes at most {MAX_ROWS} rows and a row-major weight "
-                         f"[(heads + 2 kv_heads) * dim, {hidden}], got rows {tuple(rows.shape)}, weight "
+    blocks = row_blocks(b * t)
+    if weight.shape[1] != hidden or weight.stride(1) != 1 or dim % (16 if blocks.dot else 2):
+        raise ValueError(f"project_rope_and_write_kv takes a row-major weight [(heads + 2 kv_heads) * dim, {hidden}] "
+                         f"(dim a multiple of 16 above {MAX_ROWS} rows), got rows {tuple(rows.shape)}, weight "
                          f"{tuple(weight.shape)} strides {weight.stride()}")
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     tiling = choose_tiling(b * t, width, hidden)
-    pairs = min(tiling.block_n // 2, dim // 2)
+    pairs = 8 if blocks.dot else min(tiling.block_n // 2, dim // 2)
     while (dim // 2) % pairs:          # a program's pairs lie in one head
         pairs //= 2
     cos2, sin2 = cos.reshape(b * t, dim).contiguous(), sin.reshape(b * t, dim).contiguous()
     q = torch.empty(b, t, heads, dim, dtype=x.dtype, device=x.device)
-    _qkv_rope_write_kernel[(width // (2 * pairs),)](
+    _qkv_rope_write_kernel[(width // (2 * pairs), blocks.count)](
         rows, weight, bias if bias is not None else weight, cos2, sin2, q, k_pool, v_pool, slots, b * t, hidden,
         rows.stride(0), weight.stride(0), cos2.stride(0), heads, kv_heads, eps, HALF=dim // 2, PAIRS=pairs,
-        BLOCK_M=max(1, triton.next_power_of_2(b * t)), BLOCK_K=tiling.block_k, BIAS=bias is not None,
-        num_warps=tiling.num_warps, **launch_options(x.device))
+        BLOCK_M=blocks.block_m, BLOCK_K=tiling.block_k, BIAS=bias is not None, DOT=blocks.dot,
+        num_warps=tiling.num_warps, num_stages=3, **launch_options(x.device))
     return q

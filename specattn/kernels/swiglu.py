@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import MAX_ROWS, choose_tiling, stream_rows
+from .gemv import choose_tiling, row_blocks, stream_rows
 from .pdl import launch_options, wait_for_predecessor
 
 BLOCK_I = 1024       # output columns per program
@@ -52,15 +52,17 @@ def swiglu_rms(gate_up: torch.Tensor, norm_of: torch.Tensor, eps: float) -> torc
 
 @triton.jit
 def _gate_up_swiglu_kernel(x_ptr, w_ptr, out_ptr, M, K, inter, stride_xm, stride_wn, stride_om, eps,
-                           PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                           PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                           PDL: tl.constexpr):
     # Program p computes outputs [p * PAIRS, (p + 1) * PAIRS): their gate rows and up rows (inter rows later)
     # side by side, so silu(gate) * up needs nothing from other programs.
     i = tl.arange(0, 2 * PAIRS)
     cols = (i % 2) * inter + tl.program_id(0) * PAIRS + i // 2
-    rows = tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(1) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    product, squares = stream_rows(x_ptr, stride_xm, w_rows, 1, cols < 2 * inter, M, K, PDL, BLOCK_M, 2 * PAIRS,
-                                   BLOCK_K)
+    product, squares = stream_rows(x_ptr, stride_xm, w_rows, 1, cols < 2 * inter, row0, M, K, PDL, BLOCK_M,
+                                   2 * PAIRS, BLOCK_K, DOT)
     # Rounded to the weights' dtype before the 1 / rms scale, as cuBLAS's product reaches _swiglu_rms_kernel.
     y = product.to(w_ptr.dtype.element_ty).to(tl.float32) * tl.rsqrt(squares / K + eps)[:, None]
     gate, up = tl.split(tl.reshape(y, [BLOCK_M, PAIRS, 2]))
@@ -70,22 +72,22 @@ def _gate_up_swiglu_kernel(x_ptr, w_ptr, out_ptr, M, K, inter, stride_xm, stride
 
 
 def project_swiglu_rms(x: torch.Tensor, gate_up_weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`swiglu_rms(F.linear(x, gate_up_weight), x, eps)` for a step of a few rows x [n, hidden] as one kernel: the
+    """`swiglu_rms(F.linear(x, gate_up_weight), x, eps)` for a step's rows x [n, hidden] as one kernel: the
     gate/up product of rows taken before their folded RMSNorm (weight [2 * inter, hidden], row-major), each row's
     1 / rms summed as x streams by. Returns silu(gate) * up [n, inter]."""
     n, hidden = x.shape
     inter = gate_up_weight.shape[0] // 2
-    if n > MAX_ROWS or gate_up_weight.shape[1] != hidden or gate_up_weight.stride(1) != 1:
-        raise ValueError(f"project_swiglu_rms takes at most {MAX_ROWS} rows and a row-major weight [2 * inter, "
-                         f"{hidden}], got rows {tuple(x.shape)}, weight {tuple(gate_up_weight.shape)} strides "
-                         f"{gate_up_weight.stride()}")
+    if gate_up_weight.shape[1] != hidden or gate_up_weight.stride(1) != 1:
+        raise ValueError(f"project_swiglu_rms takes a row-major weight [2 * inter, {hidden}], got rows "
+                         f"{tuple(x.shape)}, weight {tuple(gate_up_weight.shape)} strides {gate_up_weight.stride()}")
     if x.stride(1) != 1:
         x = x.contiguous()
     tiling = choose_tiling(n, 2 * inter, hidden)
-    pairs = tiling.block_n // 2
+    blocks = row_blocks(n)
+    pairs = 8 if blocks.dot else tiling.block_n // 2       # tensor cores: 16 weight rows a program
     out = torch.empty(n, inter, dtype=x.dtype, device=x.device)
-    _gate_up_swiglu_kernel[(triton.cdiv(inter, pairs),)](
+    _gate_up_swiglu_kernel[(triton.cdiv(inter, pairs), blocks.count)](
         x, gate_up_weight, out, n, hidden, inter, x.stride(0), gate_up_weight.stride(0), out.stride(0), eps,
-        PAIRS=pairs, BLOCK_M=max(1, triton.next_power_of_2(n)), BLOCK_K=tiling.block_k,
-        num_warps=tiling.num_warps, **launch_options(x.device))
+        PAIRS=pairs, BLOCK_M=blocks.block_m, BLOCK_K=tiling.block_k, DOT=blocks.dot, num_warps=tiling.num_warps,
+        num_stages=3, **launch_options(x.device))
     return out
