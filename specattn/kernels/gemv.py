@@ -81,7 +81,7 @@ def _dot(x, w, acc, UPCAST: tl.constexpr):
 
 @triton.jit
 def stream_rows(x_ptr, stride_xm, w_rows, stride_wk, col_ok, row0, M, K, PDL: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr):
     """The product of rows x[row0: row0 + BLOCK_M] (of M) with this program's BLOCK_N weight rows (pointers w_rows
     [BLOCK_N, 1]) over all of K: (fp32 [BLOCK_M, BLOCK_N], each row's sum of squares of x [BLOCK_M], for a folded
     norm's rms). The first weight tile is loaded before the PDL wait: weights are never written by a step, x comes
@@ -97,14 +97,14 @@ def stream_rows(x_ptr, stride_xm, w_rows, stride_wk, col_ok, row0, M, K, PDL: tl
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
                     other=0.0)
         squares += x.to(tl.float32) * x.to(tl.float32)
-        acc = _dot(x, w, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRETED)
+        acc = _dot(x, w, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST)
         for k0 in range(BLOCK_K, K, BLOCK_K):      # the rest pipelined by Triton (num_stages)
             k_ok = (k0 + ks < K)[None, :]
             w = tl.load(w_rows + (k0 + ks)[None, :] * stride_wk, mask=col_ok[:, None] & k_ok, other=0.0)
             x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok,
                         other=0.0)
             squares += x.to(tl.float32) * x.to(tl.float32)
-            acc = _dot(x, w, acc, INTERPRETED)
+            acc = _dot(x, w, acc, UPCAST)
         product = acc
     else:
         acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
@@ -124,13 +124,14 @@ def stream_rows(x_ptr, stride_xm, w_rows, stride_wk, col_ok, row0, M, K, PDL: tl
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, add_ptr, M, N, K, stride_xm, stride_wn, stride_wk, stride_om, stride_am,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ADD: tl.constexpr,
-                 DOT: tl.constexpr, PDL: tl.constexpr):
+                 DOT: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     row0 = tl.program_id(1) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    y, _ = stream_rows(x_ptr, stride_xm, w_rows, stride_wk, col_ok, row0, M, K, PDL, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
+    y, _ = stream_rows(x_ptr, stride_xm, w_rows, stride_wk, col_ok, row0, M, K, PDL, BLOCK_M, BLOCK_N, BLOCK_K, DOT,
+                       UPCAST)
     ok = (rows < M)[:, None] & col_ok[None, :]
     if ADD:
         y += tl.load(add_ptr + rows[:, None] * stride_am + cols[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -157,6 +158,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
     _gemv_kernel[(triton.cdiv(n, t.block_n), blocks.count)](
         x, weight, out, add if add is not None else out, m, n, k, x.stride(0), weight.stride(0), weight.stride(1),
         out.stride(0), (add if add is not None else out).stride(0), BLOCK_M=blocks.block_m, BLOCK_N=t.block_n,
-        BLOCK_K=t.block_k, ADD=add is not None, DOT=blocks.dot, num_warps=t.num_warps, num_stages=3,
+        BLOCK_K=t.block_k, ADD=add is not None, DOT=blocks.dot, UPCAST=INTERPRETED, num_warps=t.num_warps, num_stages=3,
         **launch_options(x.device))
     return out

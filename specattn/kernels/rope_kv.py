@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .gemv import MAX_ROWS, choose_tiling, row_blocks, stream_rows
-from .pdl import launch_options, wait_for_predecessor
+from .pdl import INTERPRETED, launch_options, wait_for_predecessor
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
 def _qkv_rope_write_kernel(x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_out_ptr, k_pool_ptr, v_pool_ptr, slots_ptr,
                            M, K, stride_xm, stride_wn, stride_cs, heads, kv_heads, eps,
                            HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BIAS: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
+                           BIAS: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     # Program p computes PAIRS rotation pairs (j, j + HALF) of one head (q heads, then k, then v) as a gemv over all
     # of K: its 2 * PAIRS weight rows are taken pair by pair, so the rotation needs nothing from other programs.
     head = tl.program_id(0) // (HALF // PAIRS)
@@ -123,7 +123,7 @@ def _qkv_rope_write_kernel(x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_out_ptr, 
     row_ok = rows < M
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
     product, squares = stream_rows(x_ptr, stride_xm, w_rows, 1, cols >= 0, row0, M, K, PDL, BLOCK_M, 2 * PAIRS,
-                                   BLOCK_K, DOT)
+                                   BLOCK_K, DOT, UPCAST)
     # Rounded to the weights' dtype first, as the product F.linear would hand rope_and_write_kv: a small step then
     # rounds as a verify step of many rows does, and greedy decoding flips fewer near-tied tokens between them.
     y = product.to(w_ptr.dtype.element_ty).to(tl.float32) * tl.rsqrt(squares / K + eps)[:, None]
@@ -179,6 +179,6 @@ def project_rope_and_write_kv(x: torch.Tensor, weight: torch.Tensor, cos: torch.
     _qkv_rope_write_kernel[(width // (2 * pairs), blocks.count)](
         rows, weight, bias if bias is not None else weight, cos2, sin2, q, k_pool, v_pool, slots, b * t, hidden,
         rows.stride(0), weight.stride(0), cos2.stride(0), heads, kv_heads, eps, HALF=dim // 2, PAIRS=pairs,
-        BLOCK_M=blocks.block_m, BLOCK_K=tiling.block_k, BIAS=bias is not None, DOT=blocks.dot,
+        BLOCK_M=blocks.block_m, BLOCK_K=tiling.block_k, BIAS=bias is not None, DOT=blocks.dot, UPCAST=INTERPRETED,
         num_warps=tiling.num_warps, num_stages=3, **launch_options(x.device))
     return q

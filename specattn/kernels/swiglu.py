@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .gemv import choose_tiling, row_blocks, stream_rows
-from .pdl import launch_options, wait_for_predecessor
+from .pdl import INTERPRETED, launch_options, wait_for_predecessor
 
 BLOCK_I = 1024       # output columns per program
 
@@ -53,7 +53,7 @@ def swiglu_rms(gate_up: torch.Tensor, norm_of: torch.Tensor, eps: float) -> torc
 @triton.jit
 def _gate_up_swiglu_kernel(x_ptr, w_ptr, out_ptr, M, K, inter, stride_xm, stride_wn, stride_om, eps,
                            PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-                           PDL: tl.constexpr):
+                           UPCAST: tl.constexpr, PDL: tl.constexpr):
     # Program p computes outputs [p * PAIRS, (p + 1) * PAIRS): their gate rows and up rows (inter rows later)
     # side by side, so silu(gate) * up needs nothing from other programs.
     i = tl.arange(0, 2 * PAIRS)
@@ -62,7 +62,7 @@ def _gate_up_swiglu_kernel(x_ptr, w_ptr, out_ptr, M, K, inter, stride_xm, stride
     rows = row0 + tl.arange(0, BLOCK_M)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
     product, squares = stream_rows(x_ptr, stride_xm, w_rows, 1, cols < 2 * inter, row0, M, K, PDL, BLOCK_M,
-                                   2 * PAIRS, BLOCK_K, DOT)
+                                   2 * PAIRS, BLOCK_K, DOT, UPCAST)
     # Rounded to the weights' dtype before the 1 / rms scale, as cuBLAS's product reaches _swiglu_rms_kernel.
     y = product.to(w_ptr.dtype.element_ty).to(tl.float32) * tl.rsqrt(squares / K + eps)[:, None]
     gate, up = tl.split(tl.reshape(y, [BLOCK_M, PAIRS, 2]))
@@ -88,6 +88,7 @@ def project_swiglu_rms(x: torch.Tensor, gate_up_weight: torch.Tensor, eps: float
     out = torch.empty(n, inter, dtype=x.dtype, device=x.device)
     _gate_up_swiglu_kernel[(triton.cdiv(inter, pairs), blocks.count)](
         x, gate_up_weight, out, n, hidden, inter, x.stride(0), gate_up_weight.stride(0), out.stride(0), eps,
-        PAIRS=pairs, BLOCK_M=blocks.block_m, BLOCK_K=tiling.block_k, DOT=blocks.dot, num_warps=tiling.num_warps,
+        PAIRS=pairs, BLOCK_M=blocks.block_m, BLOCK_K=tiling.block_k, DOT=blocks.dot, UPCAST=INTERPRETED,
+        num_warps=tiling.num_warps,
         num_stages=3, **launch_options(x.device))
     return out
