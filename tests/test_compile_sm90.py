@@ -1,0 +1,63 @@
+"""The Triton kernels compile for the GPU (sm_90, with PDL), not only in the interpreter: CPU CI runs them through
+Triton's interpreter, which accepts code the compiler rejects (a module global read inside @jit code, for one).
+Triton compiles for a given target without a GPU; this runs in a subprocess because the interpreter, switched on for
+the other tests, turns every @jit function into an interpreted one when its module is imported."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+COMPILE_ALL = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from specattn.kernels import gemv, paged_attention, rope_kv, swiglu
+
+def compile_sm90(fn, pointers, ints, floats, constexprs, warps=4):
+    names = fn.arg_names
+    pointers = pointers if isinstance(pointers, dict) else {p: "*bf16" for p in pointers}
+    signature = {**pointers, **{i: "i32" for i in ints}, **{f: "fp32" for f in floats},
+                 **{c: "constexpr" for c in constexprs}}
+    missing = set(names) - set(signature)
+    assert not missing, f"{fn.__name__}: no signature for {missing}"
+    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+    assert kernel.asm["cubin"]
+    return kernel
+
+GEMV = (["x_ptr", "w_ptr", "out_ptr", "add_ptr"], ["M", "N", "K", "stride_xm", "stride_wn", "stride_wk", "stride_om",
+                                                  "stride_am"], [])
+ROPE = ({**{p: "*bf16" for p in ["x_ptr", "w_ptr", "bias_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_pool_ptr",
+                                  "v_pool_ptr"]}, "slots_ptr": "*i32"},
+        ["M", "K", "stride_xm", "stride_wn", "stride_cs", "heads", "kv_heads"], ["eps"])
+SWIGLU = (["x_ptr", "w_ptr", "out_ptr"], ["M", "K", "inter", "stride_xm", "stride_wn", "stride_om"], ["eps"])
+for dot, block_m in ((False, 1), (True, 64)):
+    base = dict(BLOCK_M=block_m, BLOCK_K=64, DOT=dot, UPCAST=False, PDL=2)
+    mma = compile_sm90(gemv._gemv_kernel, *GEMV, dict(base, BLOCK_N=16 if dot else 8, ADD=True)).asm["ptx"]
+    assert ("mma" in mma) == dot
+    compile_sm90(rope_kv._qkv_rope_write_kernel, *ROPE, dict(base, HALF=32, PAIRS=8 if dot else 4, BIAS=True))
+    compile_sm90(swiglu._gate_up_swiglu_kernel, *SWIGLU, dict(base, PAIRS=8 if dot else 4))
+
+ATTN_POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "page_table_ptr": "*i32", "lens_ptr": "*i32",
+                 "sel_ptr": "*i32", "sel_count_ptr": "*i32", "sel_phys_ptr": "*i32", "o_part_ptr": "*fp32",
+                 "m_part_ptr": "*fp32", "l_part_ptr": "*fp32", "mass_part_ptr": "*fp32", "out_ptr": "*bf16",
+                 "lse_ptr": "*fp32"}
+ATTN_INTS = ["stride_qb", "stride_qt", "stride_qh", "stride_kp", "stride_kr", "stride_kh", "stride_ptb", "sel_len",
+             "mass_tiles", "num_splits"]
+ATTN = dict(Q_LEN=5, Q_BLOCK=5, GROUP=4, HEADS=32, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64,
+            UPCAST_DOT=False, SPARSE=False, TOKEN_LIST=False, PAGE_MASS=True, MASS_TILE=False, MAX_TILES=1,
+            MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, PDL=2)
+compile_sm90(paged_attention._paged_attn_split_kernel, ATTN_POINTERS, ATTN_INTS, ["scale"], ATTN)
+compile_sm90(paged_attention._paged_attn_split_kernel, ATTN_POINTERS, ATTN_INTS, ["scale"],
+             dict(ATTN, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16, SPARSE=True, PAGE_MASS=False))
+print("compiled")
+'''
+
+
+def test_kernels_compile_for_hopper_with_pdl():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", COMPILE_ALL], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
