@@ -1,7 +1,8 @@
 """The Triton kernels compile for the GPU (sm_90, with PDL), not only in the interpreter: CPU CI runs them through
 Triton's interpreter, which accepts code the compiler rejects (a module global read inside @jit code, for one).
-Triton compiles for a given target without a GPU; this runs in a subprocess because the interpreter, switched on for
-the other tests, turns every @jit function into an interpreted one when its module is imported."""
+Triton compiles for a given target without a GPU (~5 s for all of these); this runs in a subprocess because the
+interpreter, switched on for the other tests, turns every @jit function into an interpreted one when its module is
+imported."""
 import os
 import subprocess
 import sys
@@ -52,6 +53,18 @@ ATTN = dict(Q_LEN=5, Q_BLOCK=5, GROUP=4, HEADS=32, PAGE_SIZE=16, HEAD_DIM=128, B
 compile_sm90(paged_attention._paged_attn_split_kernel, ATTN_POINTERS, ATTN_INTS, ["scale"], ATTN)
 compile_sm90(paged_attention._paged_attn_split_kernel, ATTN_POINTERS, ATTN_INTS, ["scale"],
              dict(ATTN, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16, SPARSE=True, PAGE_MASS=False))
+compile_sm90(paged_attention._merge_splits_kernel, {"o_part_ptr": "*fp32", "m_part_ptr": "*fp32", "l_part_ptr": "*fp32",
+             "out_ptr": "*bf16", "lse_ptr": "*fp32"}, ["num_splits"], [], dict(HEAD_DIM=128, BLOCK_S=64, PDL=2))
+compile_sm90(paged_attention._page_mass_kernel, {"mass_part_ptr": "*fp32", "lse_ptr": "*fp32", "lens_ptr": "*i32",
+             "sel_count_ptr": "*i32", "mass_ptr": "*fp32"}, ["mass_pages", "mass_tiles", "stride_mb", "stride_mh"], [],
+             dict(Q_LEN=5, GROUP=4, HEADS=32, PAGE_SIZE=16, PAGES_PER_VALUE=4, VALUES_PER_TILE=2, MASS_SLOTS=4,
+                  BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=True, PDL=2))
+compile_sm90(rope_kv._rope_write_kernel, {**{p: "*bf16" for p in ["qkv_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
+             "k_pool_ptr", "v_pool_ptr", "x_ptr", "bias_ptr"]}, "slots_ptr": "*i32"},
+             ["stride_row", "stride_cs", "stride_x", "heads", "kv_heads", "hidden"], ["eps"],
+             dict(HALF=64, BLOCK_D=64, BLOCK_Q=32, BLOCK_KV=8, NORM=True, BIAS=True, BLOCK_X=4096, PDL=2))
+compile_sm90(swiglu._swiglu_rms_kernel, ["gu_ptr", "x_ptr", "out_ptr"], ["stride_gu", "stride_x", "inter", "hidden"],
+             ["eps"], dict(BLOCK_X=4096, BLOCK_I=1024, PDL=2))
 print("compiled")
 '''
 
