@@ -32,6 +32,7 @@ POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "page_table_pt
             "lse_ptr": "*fp32"}
 INTS = ["stride_qb", "stride_qt", "stride_qh", "stride_kp", "stride_kr", "stride_kh", "stride_ptb", "sel_len",
         "mass_tiles", "num_splits"]
+ATTENTION_SIGNATURE = {**POINTERS, "scale": "fp32", **{k: "i32" for k in INTS}}     # _paged_attn_split_kernel
 DIVISIBLE_BY_16 = list(POINTERS) + ["stride_qb", "stride_qt", "stride_qh", "stride_kp", "stride_kr", "stride_kh"]
 # Verify steps (5 new rows) as paged_attention launches them: (num_warps, num_stages, constexprs over BASE).
 BASE = dict(Q_LEN=5, Q_BLOCK=5, GROUP=4, HEADS=32, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64,
@@ -57,13 +58,21 @@ CONFIGS = {
 }
 
 
-def compile_report(fn, warps: int, stages: int, constexprs: dict) -> dict:
+def compile_sm90(fn, signature: dict, constexprs: dict, warps: int, stages: int, divisible_by_16=()):
+    """Triton's compile of the @jit function fn for sm_90, on any machine: signature gives every runtime argument's
+    type ("*bf16", "i32", "fp32", ...), divisible_by_16 the arguments a real launch specialises on."""
     names = fn.arg_names
-    signature = {**POINTERS, "scale": "fp32", **{k: "i32" for k in INTS}, **{k: "constexpr" for k in constexprs}}
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in DIVISIBLE_BY_16}
-    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
-                                                                             "num_stages": stages})
+    missing = set(names) - set(signature) - set(constexprs)
+    if missing:
+        raise ValueError(f"{fn.__name__}: no type for {sorted(missing)}")
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
+    src = ASTSource(fn, {**signature, **{k: "constexpr" for k in constexprs}},
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def compile_report(fn, warps: int, stages: int, constexprs: dict) -> dict:
+    kernel = compile_sm90(fn, ATTENTION_SIGNATURE, constexprs, warps, stages, DIVISIBLE_BY_16)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     ptxas = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "ptxas")

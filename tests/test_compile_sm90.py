@@ -1,6 +1,7 @@
 """The Triton kernels compile for the GPU (sm_90, with PDL), not only in the interpreter: CPU CI runs them through
 Triton's interpreter, which accepts code the compiler rejects (a module global read inside @jit code, for one).
-Triton compiles for a given target without a GPU (~5 s for all of these); this runs in a subprocess because the
+Triton compiles for a given target without a GPU (~5 s for all of these, with benchmarks/kernel_registers.py's
+compile_sm90 and its attention signature); this runs in a subprocess because the
 interpreter, switched on for the other tests, turns every @jit function into an interpreted one when its module is
 imported."""
 import os
@@ -11,20 +12,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 COMPILE_ALL = r'''
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from benchmarks.kernel_registers import ATTENTION_SIGNATURE, BASE, compile_sm90
 from specattn.kernels import gemv, paged_attention, rope_kv, swiglu
 
-def compile_sm90(fn, pointers, ints, floats, constexprs, warps=4):
-    names = fn.arg_names
+def compile_checked(fn, pointers, ints, floats, constexprs):
     pointers = pointers if isinstance(pointers, dict) else {p: "*bf16" for p in pointers}
-    signature = {**pointers, **{i: "i32" for i in ints}, **{f: "fp32" for f in floats},
-                 **{c: "constexpr" for c in constexprs}}
-    missing = set(names) - set(signature)
-    assert not missing, f"{fn.__name__}: no signature for {missing}"
-    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+    signature = {**pointers, **{i: "i32" for i in ints}, **{f: "fp32" for f in floats}}
+    kernel = compile_sm90(fn, signature, constexprs, warps=4, stages=3)
     assert kernel.asm["cubin"]
     return kernel
 
@@ -36,35 +30,28 @@ ROPE = ({**{p: "*bf16" for p in ["x_ptr", "w_ptr", "bias_ptr", "cos_ptr", "sin_p
 SWIGLU = (["x_ptr", "w_ptr", "out_ptr"], ["M", "K", "inter", "stride_xm", "stride_wn", "stride_om"], ["eps"])
 for dot, block_m in ((False, 1), (True, 64)):
     base = dict(BLOCK_M=block_m, BLOCK_K=64, DOT=dot, UPCAST=False, PDL=2)
-    mma = compile_sm90(gemv._gemv_kernel, *GEMV, dict(base, BLOCK_N=16 if dot else 8, ADD=True)).asm["ptx"]
+    mma = compile_checked(gemv._gemv_kernel, *GEMV, dict(base, BLOCK_N=16 if dot else 8, ADD=True)).asm["ptx"]
     assert ("mma" in mma) == dot
-    compile_sm90(rope_kv._qkv_rope_write_kernel, *ROPE, dict(base, HALF=32, PAIRS=8 if dot else 4, BIAS=True))
-    compile_sm90(swiglu._gate_up_swiglu_kernel, *SWIGLU, dict(base, PAIRS=8 if dot else 4))
+    compile_checked(rope_kv._qkv_rope_write_kernel, *ROPE, dict(base, HALF=32, PAIRS=8 if dot else 4, BIAS=True))
+    compile_checked(swiglu._gate_up_swiglu_kernel, *SWIGLU, dict(base, PAIRS=8 if dot else 4))
 
-ATTN_POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "page_table_ptr": "*i32", "lens_ptr": "*i32",
-                 "sel_ptr": "*i32", "sel_count_ptr": "*i32", "sel_phys_ptr": "*i32", "o_part_ptr": "*fp32",
-                 "m_part_ptr": "*fp32", "l_part_ptr": "*fp32", "mass_part_ptr": "*fp32", "out_ptr": "*bf16",
-                 "lse_ptr": "*fp32"}
-ATTN_INTS = ["stride_qb", "stride_qt", "stride_qh", "stride_kp", "stride_kr", "stride_kh", "stride_ptb", "sel_len",
-             "mass_tiles", "num_splits"]
-ATTN = dict(Q_LEN=5, Q_BLOCK=5, GROUP=4, HEADS=32, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64,
-            UPCAST_DOT=False, SPARSE=False, TOKEN_LIST=False, PAGE_MASS=True, MASS_TILE=False, MAX_TILES=1,
-            MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, PDL=2)
-compile_sm90(paged_attention._paged_attn_split_kernel, ATTN_POINTERS, ATTN_INTS, ["scale"], ATTN)
-compile_sm90(paged_attention._paged_attn_split_kernel, ATTN_POINTERS, ATTN_INTS, ["scale"],
-             dict(ATTN, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16, SPARSE=True, PAGE_MASS=False))
-compile_sm90(paged_attention._merge_splits_kernel, {"o_part_ptr": "*fp32", "m_part_ptr": "*fp32", "l_part_ptr": "*fp32",
-             "out_ptr": "*bf16", "lse_ptr": "*fp32"}, ["num_splits"], [], dict(HEAD_DIM=128, BLOCK_S=64, PDL=2))
-compile_sm90(paged_attention._page_mass_kernel, {"mass_part_ptr": "*fp32", "lse_ptr": "*fp32", "lens_ptr": "*i32",
-             "sel_count_ptr": "*i32", "mass_ptr": "*fp32"}, ["mass_pages", "mass_tiles", "stride_mb", "stride_mh"], [],
-             dict(Q_LEN=5, GROUP=4, HEADS=32, PAGE_SIZE=16, PAGES_PER_VALUE=4, VALUES_PER_TILE=2, MASS_SLOTS=4,
-                  BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=True, PDL=2))
-compile_sm90(rope_kv._rope_write_kernel, {**{p: "*bf16" for p in ["qkv_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
-             "k_pool_ptr", "v_pool_ptr", "x_ptr", "bias_ptr"]}, "slots_ptr": "*i32"},
-             ["stride_row", "stride_cs", "stride_x", "heads", "kv_heads", "hidden"], ["eps"],
-             dict(HALF=64, BLOCK_D=64, BLOCK_Q=32, BLOCK_KV=8, NORM=True, BIAS=True, BLOCK_X=4096, PDL=2))
-compile_sm90(swiglu._swiglu_rms_kernel, ["gu_ptr", "x_ptr", "out_ptr"], ["stride_gu", "stride_x", "inter", "hidden"],
-             ["eps"], dict(BLOCK_X=4096, BLOCK_I=1024, PDL=2))
+ATTN = dict(BASE, PAGE_MASS=True, PDL=2)        # a verify step with the page-mass by-product
+compile_checked(paged_attention._paged_attn_split_kernel, ATTENTION_SIGNATURE, [], [], ATTN)
+compile_checked(paged_attention._paged_attn_split_kernel, ATTENTION_SIGNATURE, [], [],
+                dict(ATTN, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16, SPARSE=True, PAGE_MASS=False))
+MERGE = {"o_part_ptr": "*fp32", "m_part_ptr": "*fp32", "l_part_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32"}
+compile_checked(paged_attention._merge_splits_kernel, MERGE, ["num_splits"], [], dict(HEAD_DIM=128, BLOCK_S=64, PDL=2))
+MASS = {"mass_part_ptr": "*fp32", "lse_ptr": "*fp32", "lens_ptr": "*i32", "sel_count_ptr": "*i32", "mass_ptr": "*fp32"}
+compile_checked(paged_attention._page_mass_kernel, MASS, ["mass_pages", "mass_tiles", "stride_mb", "stride_mh"], [],
+                dict(Q_LEN=5, GROUP=4, HEADS=32, PAGE_SIZE=16, PAGES_PER_VALUE=4, VALUES_PER_TILE=2, MASS_SLOTS=4,
+                     BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=True, PDL=2))
+WRITE = {**{p: "*bf16" for p in ["qkv_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_pool_ptr", "v_pool_ptr", "x_ptr",
+                                 "bias_ptr"]}, "slots_ptr": "*i32"}
+compile_checked(rope_kv._rope_write_kernel, WRITE,
+                ["stride_row", "stride_cs", "stride_x", "heads", "kv_heads", "hidden"], ["eps"],
+                dict(HALF=64, BLOCK_D=64, BLOCK_Q=32, BLOCK_KV=8, NORM=True, BIAS=True, BLOCK_X=4096, PDL=2))
+compile_checked(swiglu._swiglu_rms_kernel, ["gu_ptr", "x_ptr", "out_ptr"], ["stride_gu", "stride_x", "inter", "hidden"],
+                ["eps"], dict(BLOCK_X=4096, BLOCK_I=1024, PDL=2))
 print("compiled")
 '''
 
