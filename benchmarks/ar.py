@@ -21,6 +21,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS,
     copy_bandwidth_gbs,
     environment,
+    gemv_projections,
     gutenberg_tokens,
     median_ms,
     random_model,
@@ -168,7 +169,7 @@ def main() -> None:
         for fold, pdl_mode, gemv in variants:
             specattn.model.FOLD_NORMS = fold
             pdl.MODE = pdl_mode
-            specattn.model.GEMV_PROJECTIONS = () if gemv == "none" else tuple(gemv.split("+"))
+            specattn.model.GEMV_PROJECTIONS = gemv_projections(gemv)
             torch._dynamo.reset()
             model8b = random_model(LLAMA3_8B)
             if args.cells_8b:

@@ -112,6 +112,11 @@ def split_block_suffix(method: str) -> tuple[str, int | None]:
     return name, int(block) if block else None
 
 
+def gemv_projections(spec: str) -> tuple[str, ...]:
+    """'qkv+rope+o+down' -> model.GEMV_PROJECTIONS for it; 'none' -> () (every product on cuBLAS)."""
+    return () if spec == "none" else tuple(spec.split("+"))
+
+
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
     src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device="cuda")

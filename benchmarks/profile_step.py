@@ -22,6 +22,7 @@ from benchmarks.common import (  # noqa: E402
     SHAPES,
     copy_bandwidth_gbs,
     environment,
+    gemv_projections,
     median_ms,
     profile_kernels,
     random_model,
@@ -164,7 +165,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
-    variants = [(f == "on", int(p), () if g == "none" else tuple(g.split("+")), a, int(r))
+    variants = [(f == "on", int(p), gemv_projections(g), a, int(r))
                 for f in args.folds.split(",") for p in args.pdl.split(",") for g in args.gemv.split(",")
                 for a in args.attn_few.split(",") for r in args.gemv_rows.split(",")]
     if args.verify:
