@@ -29,7 +29,7 @@ from specattn.kernels import paged_attention  # noqa: E402
 POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "page_table_ptr": "*i32", "lens_ptr": "*i32",
             "sel_ptr": "*i32", "sel_count_ptr": "*i32", "sel_phys_ptr": "*i32", "o_part_ptr": "*fp32",
             "m_part_ptr": "*fp32", "l_part_ptr": "*fp32", "mass_part_ptr": "*fp32", "out_ptr": "*bf16",
-            "lse_ptr": "*fp32", "ticket_ptr": "*i32"}
+            "lse_ptr": "*fp32"}
 INTS = ["stride_qb", "stride_qt", "stride_qh", "stride_kp", "stride_kr", "stride_kh", "stride_ptb", "sel_len",
         "mass_tiles", "num_splits"]
 ATTENTION_SIGNATURE = {**POINTERS, "scale": "fp32", **{k: "i32" for k in INTS}}     # _paged_attn_split_kernel
@@ -37,8 +37,7 @@ DIVISIBLE_BY_16 = list(POINTERS) + ["stride_qb", "stride_qt", "stride_qh", "stri
 # Verify steps (5 new rows) as paged_attention launches them: (num_warps, num_stages, constexprs over BASE).
 BASE = dict(Q_LEN=5, Q_BLOCK=5, GROUP=4, HEADS=32, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64,
             UPCAST_DOT=False, SPARSE=False, TOKEN_LIST=False, PAGE_MASS=False, MASS_TILE=False, MAX_TILES=1,
-            MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, MERGE_LAST=False, BLOCK_S=32,
-            PDL=0)
+            MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, PDL=0)
 SMALL_HEADS = dict(GROUP=3, HEADS=9, HEAD_DIM=64, BLOCK_M=16)
 CONFIGS = {
     "8B heads, batch 8 x 8K: plain": (4, 2, {}),
@@ -54,8 +53,6 @@ CONFIGS = {
     "8B heads, batch 1 x 32K: decode (1 row)": (4, 3, dict(BLOCK_N=128, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16)),
     "8B heads, batch 1 x 32K: sparse decode": (4, 3, dict(BLOCK_N=128, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16,
                                                           SPARSE=True)),
-    "8B heads, batch 1 x 8K: decode, last split merges": (4, 3, dict(BLOCK_N=128, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16,
-                                                                     MERGE_LAST=True)),
     "default model draft, batch 64: sparse": (4, 2, dict(SMALL_HEADS, Q_LEN=1, Q_BLOCK=1, BLOCK_N=128,
                                                          SPARSE=True)),
 }

@@ -36,16 +36,6 @@ def time_attention(q, pools, table, lens, **kw) -> float:
                              for k, v in pools]) / len(pools)
 
 
-def time_with_merge_kernel(q, pools, table, lens, **kw) -> float:
-    """time_attention with the separate merge launch instead of the last split merging (A/B, same run)."""
-    kept = paged_attention.MERGE_LAST
-    paged_attention.MERGE_LAST = False
-    try:
-        return time_attention(q, pools, table, lens, **kw)
-    finally:
-        paged_attention.MERGE_LAST = kept
-
-
 def selection(batch: int, pages: int, frac: float, kv_heads: int = KV_HEADS):
     """Per (sequence, KV head): a random sorted `frac` of the pages, always with the last one."""
     keep = max(1, int(frac * pages))
@@ -68,13 +58,10 @@ def attention_rows(copy: float) -> tuple[list[dict], dict]:
             err = ((out.float() - ref_out).norm() / ref_out.norm()).item()
             mass_err = ((mass - ref_mass).abs().max() / ref_mass.abs().max()).item()
             plain = time_attention(q, pools, table, lens)
-            plain_merge_kernel = time_with_merge_kernel(q, pools, table, lens)
             with_mass = time_attention(q, pools, table, lens, page_mass=True)
             with_block_mass = time_attention(q, pools, table, lens, page_mass=True, mass_tokens=64)
             row = {"kernel": "verify_attention", "batch": batch, "context": ctx, "q_len": q_len,
-                   "us": plain * 1e3, "us_merge_kernel": plain_merge_kernel * 1e3,
-                   "merge_last": paged_attention.MERGE_LAST,
-                   "us_with_page_mass": with_mass * 1e3, "rel_err": err, "mass_rel_err": mass_err,
+                   "us": plain * 1e3, "us_with_page_mass": with_mass * 1e3, "rel_err": err, "mass_rel_err": mass_err,
                    "bandwidth_fraction": kv_bytes / plain / 1e6 / copy, "page_mass_overhead": with_mass / plain - 1,
                    "us_with_block64_mass": with_block_mass * 1e3, "block64_mass_overhead": with_block_mass / plain - 1}
             rows.append(row)
@@ -89,16 +76,13 @@ def attention_rows(copy: float) -> tuple[list[dict], dict]:
             got = paged_attention.paged_attention(q, k, v, table, lens, DIM ** -0.5, selected_pages=sel,
                                                   selected_counts=counts)
             sparse = time_attention(q, pools, table, lens, selected_pages=sel, selected_counts=counts)
-            sparse_merge_kernel = time_with_merge_kernel(q, pools, table, lens, selected_pages=sel,
-                                                         selected_counts=counts)
             # A/B: the same lists also as physical pages (no page-table lookup between list and K)
             phys = paged_attention.physical_pages(table, sel)
             sparse_phys = time_attention(q, pools, table, lens, selected_pages=sel, selected_counts=counts,
                                          selected_physical=phys)
             sel_bytes = kv_bytes * counts.sum().item() / (batch * KV_HEADS * -(-ctx // PAGE))
             row = {"kernel": "sparse_attention_10pct", "batch": batch, "context": ctx, "q_len": q_len,
-                   "us": sparse * 1e3, "us_merge_kernel": sparse_merge_kernel * 1e3,
-                   "us_physical_lists": sparse_phys * 1e3,
+                   "us": sparse * 1e3, "us_physical_lists": sparse_phys * 1e3,
                    "dense_us": plain * 1e3, "speedup_vs_dense": plain / sparse,
                    "rel_err": ((got.float() - ref_sparse).norm() / ref_sparse.norm()).item(),
                    "bandwidth_fraction_on_selected": sel_bytes / sparse / 1e6 / copy}

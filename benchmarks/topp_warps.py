@@ -1,5 +1,4 @@
-"""GPU: the top-p kernel's time per warp count and search (and the band search per passes and capacity),
-32 softmax rows of 8K and 32K keys (rows held in
+"""GPU: the top-p kernel's time per warp count and search, 32 softmax rows of 8K and 32K keys (rows held in
 registers), against torch.sort + cumsum in the same run. kernels/topp.py uses 8 warps (fastest here on the H200);
 this says whether another count is faster elsewhere. Device time from CUDA graphs.
 
@@ -18,19 +17,6 @@ from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import reference, topp  # noqa: E402
 
 P = 0.95
-
-
-def band_rows(w, n, want, sort_us) -> list[dict]:
-    """The band search at 8 warps per (whole-row halvings before the gather, gather capacity)."""
-    rows, kept = [], (topp.BAND_PASSES, topp.BAND_CAP)
-    for passes, cap in ((6, 1024), (8, 1024), (9, 1024), (10, 512), (11, 256), (13, 256)):
-        topp.BAND_PASSES, topp.BAND_CAP = passes, cap
-        us = graph_ms(lambda: topp._thresholds(w, False, P, 0, "band", 8)) * 1e3
-        same = bool(((w >= topp._thresholds(w, False, P, 0, "band", 8)[:, None]) == (w >= want[:, None])).all())
-        rows.append({"n": n, "search": f"band-{passes}-{cap}", "warps": 8, "us": us, "sort_us": sort_us,
-                     "speedup_vs_sort": sort_us / us, "same_set_as_sort": same})
-    topp.BAND_PASSES, topp.BAND_CAP = kept
-    return rows
 
 
 def main() -> None:
@@ -52,7 +38,6 @@ def main() -> None:
                 same = bool(((w >= run()[:, None]) == (w >= want[:, None])).all())
                 rows.append({"n": n, "search": search, "warps": warps, "us": us, "sort_us": sort_us,
                              "speedup_vs_sort": sort_us / us, "same_set_as_sort": same})
-        rows += band_rows(w, n, want, sort_us)
     write_json_atomic(sys.argv[1] if len(sys.argv) > 1 else RESULTS / "topp_warps.json",
                       {**environment(), "config": {"rows": 32, "p": P}, "rows": rows})
     print("n      search       warps  us      vs sort  same")

@@ -38,7 +38,7 @@ for part in "$@"; do
                 --keys-p 0.9 --keys-from-steps last --context 8000 --batch 8 --new-tokens 128 --repeats 3 \
                 --text .data/gutenberg/pg2554.txt --quiet --json "$OUT/specattn_s_e2e_last_p0.9_r3.json" \
                 2>&1 | grep -v -i warn | tail -5 ;;
-    topp-warps) timeout 220 python3 benchmarks/topp_warps.py "$OUT/topp_warps.json" 2>&1 | tail -46 ;;
+    topp-warps) timeout 220 python3 benchmarks/topp_warps.py "$OUT/topp_warps.json" 2>&1 | tail -18 ;;
     draft-splits)   # tile config x split count (1 = no merge launch) for the default model's sparse draft step
               timeout 240 python3 benchmarks/tune_attention.py --splits --batches=32,64 "$OUT/tune_splits_draft.json" \
                 2>&1 | grep -v -i warn | tail -4 ;;
@@ -65,12 +65,6 @@ for part in "$@"; do
               timeout 200 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 --pdl 2,0 \
                 --gemv qkv+rope+o+down,none --rounds 5 --top 3 --json "$OUT/profile_variants_8b_b1.json" 2>&1 \
                 | grep -A 5 "round-robin" ;;
-    merge-last)   # attention's last split merging vs the merge kernel, whole steps round-robin (no model files)
-              timeout 150 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 --merge-last on,off \
-                --rounds 5 --top 3 --json "$OUT/profile_merge_last_8b_b1.json" 2>&1 | grep -A 3 "round-robin"
-              timeout 150 python3 benchmarks/profile_step.py --shape smol --batch 64 --draft-budget 512 \
-                --merge-last on,off --rounds 5 --top 3 --json "$OUT/profile_merge_last_draft_b64.json" 2>&1 \
-                | grep -A 3 "round-robin" ;;
     byproduct)   # verify attention plain vs page mass vs block mass (tile per block, sub-tiles), finishing tiles (no model)
               timeout 200 python3 benchmarks/tune_attention.py --byproduct "$OUT/byproduct.json" 2>&1 | grep "^shape" ;;
     sparse-scaling)   # sparse vs dense with more bytes, logical vs physical page lists (needs no model)
@@ -87,6 +81,6 @@ for part in "$@"; do
               timeout 400 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,specattn-y,specattn-y/blk64 --skip-8b --repeats 3 --out "$OUT/selfspec_r3.json" \
                 2>&1 | grep -v -i warn | tail -6 ;;
-    *)        echo "unknown part $part (auto, selfspec, selfspec-r3, selfspec-phys, selfspec-g8, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels, merge-last, token-checks, small-gemm, step-variants, byproduct, sparse-scaling, peers-compile, draft-splits, compile-modes)" >&2 ;;
+    *)        echo "unknown part $part (auto, selfspec, selfspec-r3, selfspec-phys, selfspec-g8, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels, byproduct, sparse-scaling, peers-compile, draft-splits, compile-modes)" >&2 ;;
   esac
 done

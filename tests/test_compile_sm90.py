@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 COMPILE_ALL = r'''
 from benchmarks.kernel_registers import ATTENTION_SIGNATURE, BASE, compile_sm90
-from specattn.kernels import gemv, paged_attention, rope_kv, swiglu, topp
+from specattn.kernels import gemv, paged_attention, rope_kv, swiglu
 
 def compile_checked(fn, pointers, ints, floats, constexprs):
     pointers = pointers if isinstance(pointers, dict) else {p: "*bf16" for p in pointers}
@@ -39,9 +39,6 @@ ATTN = dict(BASE, PAGE_MASS=True, PDL=2)        # a verify step with the page-ma
 compile_checked(paged_attention._paged_attn_split_kernel, ATTENTION_SIGNATURE, [], [], ATTN)
 compile_checked(paged_attention._paged_attn_split_kernel, ATTENTION_SIGNATURE, [], [],
                 dict(ATTN, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16, SPARSE=True, PAGE_MASS=False))
-last = compile_checked(paged_attention._paged_attn_split_kernel, ATTENTION_SIGNATURE, [], [],
-                       dict(ATTN, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16, PAGE_MASS=False, MERGE_LAST=True)).asm["ptx"]
-assert "atom.global.gpu.acq_rel.add" in last and "ld.global.cg" in last   # one ticket, partials from L2
 MERGE = {"o_part_ptr": "*fp32", "m_part_ptr": "*fp32", "l_part_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32"}
 compile_checked(paged_attention._merge_splits_kernel, MERGE, ["num_splits"], [], dict(HEAD_DIM=128, BLOCK_S=64, PDL=2))
 MASS = {"mass_part_ptr": "*fp32", "lse_ptr": "*fp32", "lens_ptr": "*i32", "sel_count_ptr": "*i32", "mass_ptr": "*fp32"}
@@ -55,11 +52,6 @@ compile_checked(rope_kv._rope_write_kernel, WRITE,
                 dict(HALF=64, BLOCK_D=64, BLOCK_Q=32, BLOCK_KV=8, NORM=True, BIAS=True, BLOCK_X=4096, PDL=2))
 compile_checked(swiglu._swiglu_rms_kernel, ["gu_ptr", "x_ptr", "out_ptr"], ["stride_gu", "stride_x", "inter", "hidden"],
                 ["eps"], dict(BLOCK_X=4096, BLOCK_I=1024, PDL=2))
-TOPP = {"x_ptr": "*fp32", "thr_ptr": "*fp32", "scratch_ptr": "*fp32", "counter_ptr": "*i32"}
-for search in ("bisect", "band"):      # the band search's atomics and cache-global loads
-    compile_checked(topp._threshold_kernel, TOPP, ["n", "stride", "k"], ["target_frac"],
-                    dict(TOP_K=False, IN_REGISTERS=True, INTERPOLATE=False, ONE_REDUCTION=False, BAND=search == "band",
-                         BAND_PASSES=9, BAND_CAP=1024, CHUNK=4096, BLOCK=8192))
 print("compiled")
 '''
 

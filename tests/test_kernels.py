@@ -38,35 +38,6 @@ def test_fp32_matches_reference(case, num_splits):
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
 
 
-@pytest.mark.parametrize("case", CASES[:4], ids=["b1-decode", "b3-decode-g4", "verify-g8", "verify-16"])
-@pytest.mark.parametrize("page_mass", [False, True])
-def test_last_split_merges_as_the_merge_kernel_does(case, page_mass, monkeypatch):
-    """MERGE_LAST: the program taking the last ticket merges its (sequence, KV head)'s rows in the split kernel.
-    Same output, log-sum-exp (through page mass) and mass as the separate merge kernel, the ticket counters left
-    at zero for the next launch, and rows too many for one program's registers merged by the kernel instead."""
-    torch.manual_seed(7)
-    q, k, v, table, lens = make_inputs(*case, torch.float32)
-    scale = case[4] ** -0.5
-    ref = reference.paged_attention(q, k, v, table, lens, scale, page_mass=page_mass)
-    got = {}
-    merge_kernel = paged_attention._merge_splits_kernel
-    for merge_last, floats in ((False, 0), (True, 1 << 20), (True, 16)):
-        monkeypatch.setattr(paged_attention, "MERGE_LAST", merge_last)
-        monkeypatch.setattr(paged_attention, "MERGE_LAST_FLOATS", floats)
-        in_kernel = merge_last and floats > 16
-        monkeypatch.setattr(paged_attention, "_merge_splits_kernel", None if in_kernel else merge_kernel)
-        got[merge_last, floats] = paged_attention.paged_attention(q, k, v, table, lens, scale, num_splits=4,
-                                                                  page_mass=page_mass)
-    tickets = paged_attention._TICKETS[("cpu", None)]
-    assert (tickets == 0).all()
-    for out in got.values():
-        out, mass = out if page_mass else (out, None)
-        want = ref[0] if page_mass else ref
-        assert ((out - want).norm() / want.norm()).item() < 1e-4
-        if page_mass:
-            assert torch.allclose(mass, ref[1], rtol=1e-4, atol=1e-6)
-
-
 @pytest.mark.parametrize("case", CASES[1:4], ids=["decode", "verify-g8", "verify-16"])
 def test_bf16_error_close_to_the_references_own(case):
     """Kernel error within the project's bf16 tolerance (1e-2 relative) and a small multiple of the error of
@@ -301,7 +272,7 @@ def attention_like(rows, n, seed):
 
 
 # (search, row held in registers)
-TOPP_PATHS = [("bisect", True), ("bisect", False), ("interpolate", True), ("interpolate-3", True), ("band", True)]
+TOPP_PATHS = [("bisect", True), ("bisect", False), ("interpolate", True), ("interpolate-3", True)]
 
 
 @pytest.mark.parametrize("n", [7, 300, 5000])
@@ -348,25 +319,6 @@ def test_interpolating_search_gives_the_bisection_threshold(scale):
         same = a == b
         assert same.float().mean().item() >= 0.75
         assert ((w * (w >= b[:, None])).sum(-1) >= p * (1 - 1e-6)).all()
-
-
-@pytest.mark.parametrize("scale", [0.0, 1.0, 3.0, 8.0])
-@pytest.mark.parametrize("passes,cap", [(0, 4096), (2, 16), (9, 1024)])
-def test_band_search_gives_the_bisection_threshold(scale, passes, cap, monkeypatch):
-    """The band search gathers the keys between the bounds into scratch (slots from an atomic counter) once
-    at most `cap` are left and halves over those: the same threshold as bisection over the whole row, whether the
-    band is gathered at once (passes 0), only after more halvings (cap 16), never (flat rows: every key ties), and
-    for top-k, whose lower bound starts at 0 with the row's zero padding inside the first band."""
-    from specattn.kernels import topp
-    monkeypatch.setattr(topp, "BAND_PASSES", passes)
-    monkeypatch.setattr(topp, "BAND_CAP", cap)
-    g = torch.Generator().manual_seed(int(scale * 10) + passes)
-    w = torch.softmax(torch.randn(5, 3000, generator=g) * scale, dim=-1)
-    w[:, 5:9] = w[:, 5:6]
-    for p in (0.3, 0.9, 0.99):
-        assert torch.equal(topp.topp_threshold(w, p, "band"), topp.topp_threshold(w, p, "bisect"))
-    for k in (1, 17, 500):
-        assert torch.equal(topp.topk_threshold(w, k, "band"), reference.topk_threshold(w, k))
 
 
 def test_one_reduction_of_three_gives_the_same_threshold(monkeypatch):

@@ -84,17 +84,12 @@ def merge_warps(block_s: int, head_dim: int) -> int:
     tune_splits.json: shapes of 64 x 64 or fewer partials fastest with 1."""
     return max(1, min(4, block_s * head_dim // 4096))
 DIRECT_ONE_SPLIT = True   # one split writes the output itself (no merge launch); False: always merge (A/B timing)
-# The last split of a (sequence, KV head) to finish merges that head's rows itself (a ticket from an atomic counter
-# says which is last), instead of a merge launch after the kernel: when its rows' partials fit MERGE_LAST_FLOATS
-# (loaded at once, one [splits, head_dim] tile a row). Splits are then a power of two (the tile's width).
-MERGE_LAST = True
-MERGE_LAST_FLOATS = 16384
 
 
 @triton.jit
 def _paged_attn_split_kernel(
     q_ptr, k_ptr, v_ptr, page_table_ptr, lens_ptr, sel_ptr, sel_count_ptr, sel_phys_ptr,
-    o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, out_ptr, lse_ptr, ticket_ptr,
+    o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, out_ptr, lse_ptr,
     scale,
     stride_qb, stride_qt, stride_qh,
     stride_kp, stride_kr, stride_kh,
@@ -105,8 +100,7 @@ def _paged_attn_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
-    PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, MERGE_LAST: tl.constexpr, BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr,
+    PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_predecessor(PDL)
     # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
@@ -241,40 +235,6 @@ def _paged_attn_split_kernel(
         tl.store(m_part_ptr + part, m_i, mask=row_ok)
         tl.store(l_part_ptr + part, l_i, mask=row_ok)
         tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
-        if MERGE_LAST:
-            # Every thread's partials are stored before the ticket is taken (release, GPU scope); the program
-            # holding the last ticket sees every split's (acquire) and merges, then resets the counter for the
-            # next launch or graph replay.
-            tl.debug_barrier()
-            counter = ticket_ptr + pid_bh * tl.num_programs(2) + tl.program_id(2)
-            ticket = tl.atomic_add(counter, 1, sem="acq_rel")
-            if ticket == num_splits - 1:
-                tl.atomic_xchg(counter, 0, sem="relaxed")
-                for r in tl.static_range(GROUP * Q_BLOCK):     # unrolled: every row's loads in flight at once
-                    row_t = t_lo + r % Q_BLOCK
-                    if row_t < Q_LEN:
-                        _merge_row(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr,
-                                   (b * Q_LEN + row_t) * HEADS + kvh * GROUP + r // Q_BLOCK, num_splits,
-                                   HEAD_DIM, BLOCK_S)
-
-
-@triton.jit
-def _merge_row(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, row, num_splits,
-               HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One row (flat b, t, h) of _merge_splits_kernel, inside the split kernel's last program. Loads bypass L1
-    (.cg): the other programs' partials were written through other SMs."""
-    splits = tl.arange(0, BLOCK_S)
-    ok = splits < num_splits
-    m = tl.load(m_part_ptr + row * num_splits + splits, mask=ok, other=float("-inf"), cache_modifier=".cg")
-    l_part = tl.load(l_part_ptr + row * num_splits + splits, mask=ok, other=0.0, cache_modifier=".cg")
-    dims = tl.arange(0, HEAD_DIM)
-    o = tl.load(o_part_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None],
-                other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, 0)
-    w = tl.where(ok & (m > float("-inf")), tl.exp(m - m_max), 0.0)
-    l_total = tl.sum(l_part * w, 0)
-    tl.store(out_ptr + row * HEAD_DIM + dims, (tl.sum(o * w[:, None], 0) / l_total).to(out_ptr.dtype.element_ty))
-    tl.store(lse_ptr + row, m_max + tl.log(l_total))
 
 
 @triton.jit
@@ -437,16 +397,6 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     out = torch.empty_like(q)
     lse = torch.empty(batch, q_len, heads, dtype=torch.float32, device=dev)
     direct = num_splits == 1 and DIRECT_ONE_SPLIT
-    splits_pow2 = 1 << (num_splits.bit_length() - 1)
-    # Deferred page mass needs enough splits for its registers (_plan_launch): rounding down must keep them.
-    merge_last = (not direct and MERGE_LAST and group * q_block * dim * splits_pow2 <= MERGE_LAST_FLOATS
-                  and (not defer or splits_pow2 * launch.block_n * max_tiles >= cap))
-    if merge_last:
-        num_splits = splits_pow2
-        tickets = _merge_tickets(dev, batch * kv_heads * q_blocks)
-        merge_last = tickets is not None
-    if not merge_last:
-        tickets = lse                          # unused placeholder
     if direct:                                 # the split kernel writes out and lse itself
         o_part = m_part = l_part = lse         # unused placeholders
     else:
@@ -470,7 +420,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     phys = selected_physical.to(torch.int32).contiguous() if selected_physical is not None else sel
     _paged_attn_split_kernel[(batch * kv_heads, num_splits, q_blocks)](
         q, k_pages, v_pages, page_table, lens_after, sel, counts, phys,
-        o_part, m_part, l_part, mass_part, out, lse, tickets, scale,
+        o_part, m_part, l_part, mass_part, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         page_table.stride(0), sel.shape[-1] if sparse else 0, mass_tiles, num_splits,
@@ -479,10 +429,10 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
-        MASS_SUB=mass_sub, MERGE_LAST=merge_last, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        MASS_SUB=mass_sub,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev),
     )
-    if not direct and not merge_last:
+    if not direct:
         block_s = max(2, triton.next_power_of_2(num_splits))
         _merge_splits_kernel[(batch * q_len * heads,)](
             o_part, m_part, l_part, out, lse, num_splits,
@@ -496,23 +446,6 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     return out, _finish_page_mass(mass_part, lse, lens_after, counts, batch, kv_heads, group, q_len, page_size,
                                   mass_pages, mass_tiles, slots, pages_per_value, values_per_tile, sparse, mass_tile,
                                   mass_out)
-
-
-_TICKETS: dict = {}
-
-
-def _merge_tickets(device: torch.device, count: int) -> torch.Tensor | None:
-    """Zeroed int32 counters for MERGE_LAST, one per (sequence, KV head, query block), kept per device: each launch
-    leaves them zero. None while a CUDA graph is being captured and none large enough exist yet (memory allocated
-    inside a capture belongs to that graph), so the launch merges with the separate kernel instead. Launches on one
-    device must not run concurrently on two streams (they would share counters)."""
-    key = (device.type, device.index)
-    held = _TICKETS.get(key)
-    if held is None or held.numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        held = _TICKETS[key] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-    return held
 
 
 def mass_slots(values_per_tile: int, one_hot: bool) -> int:

@@ -32,10 +32,8 @@ from .paged_attention import INTERPRETED  # CPU tests: see ONE_REDUCTION
 
 BLOCK = 4096
 ROW_IN_REGISTERS = 32768
-SEARCHES = ("bisect", "interpolate", "interpolate-3", "band")   # -3: sum, min and max as three built-in reductions
-SEARCH = "bisect"        # fastest of the first three on the H200 at 32 x 32K (results/kernels.json)
-BAND_PASSES = 9          # "band": whole-row halvings before the band between the bounds is counted
-BAND_CAP = 1024          # "band": the most keys gathered; more and whole-row halvings go on
+SEARCHES = ("bisect", "interpolate", "interpolate-3")   # -3: sum, min and max as three built-in reductions
+SEARCH = "bisect"        # fastest of the three on the H200 at 32 x 32K (results/kernels.json)
 
 
 @triton.jit
@@ -90,65 +88,8 @@ def _interpolating_search(a, total, goal, lo, hi, TOP_K: tl.constexpr, ONE_REDUC
 
 
 @triton.jit
-def _halve(a, lo, hi, hi_got, goal, TOP_K: tl.constexpr):
-    """One halving over the keys in `a`; hi_got, what {a >= hi} holds, follows hi (the band search needs it)."""
-    mid = lo + (hi - lo) // 2
-    got = tl.sum(tl.where(a >= mid.to(tl.float32, bitcast=True), 1.0 if TOP_K else a, 0.0), 0)
-    reached = got >= goal
-    return tl.where(reached, mid, lo), tl.where(reached, hi, mid), tl.where(reached, hi_got, got)
-
-
-@triton.jit
-def _band_count(a, lo, hi):
-    return tl.sum(((a >= lo.to(tl.float32, bitcast=True)) & (a < hi.to(tl.float32, bitcast=True))).to(tl.int32), 0)
-
-
-@triton.jit
-def _band_search(row_vals, base, n, scratch, counter, goal, lo, hi, TOP_K: tl.constexpr, PASSES: tl.constexpr,
-                 CAP: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """Bounds as in the kernel -> the answer lo. PASSES halvings over the whole row narrow [lo, hi) to a band
-    of few keys (softmax rows of 32K: <= ~250 after 9, benchmarks/topp_passes.py); more halvings while the band
-    holds more than CAP (flat rows, ties). The band's keys are then gathered into `scratch`, each taking a slot
-    from an atomic counter (no prefix sum: that gather cost more than it saved, NOTES session 9), and the
-    remaining halvings run over CAP keys instead of the whole row, adding what {a >= hi} held at the gather."""
-    hi_got = tl.zeros([], tl.float32)
-    for _ in range(PASSES):
-        lo, hi, hi_got = _halve(row_vals, lo, hi, hi_got, goal, TOP_K)
-    count = _band_count(row_vals, lo, hi)
-    while (count > CAP) & (hi - lo > 1):
-        lo, hi, hi_got = _halve(row_vals, lo, hi, hi_got, goal, TOP_K)
-        count = _band_count(row_vals, lo, hi)
-    if hi - lo > 1:
-        tl.atomic_xchg(counter, 0, sem="relaxed")
-        tl.debug_barrier()
-        lo_v, hi_v = lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
-        # Re-read from L1/L2 in chunks rather than from registers: slots for the whole row at once would
-        # double the registers the row already fills.
-        for start in range(0, n, CHUNK):
-            offs = start + tl.arange(0, CHUNK)
-            a = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32)
-            in_band = (a >= lo_v) & (a < hi_v) & (offs < n)
-            slot = tl.atomic_add(counter + tl.zeros([CHUNK], tl.int32), 1, mask=in_band, sem="relaxed")
-            tl.store(scratch + slot, a, mask=in_band & (slot < CAP))
-        tl.debug_barrier()
-        gathered = tl.atomic_add(counter, 0, sem="relaxed")    # <= count: that one also counts the padding
-        slots = tl.arange(0, CAP)
-        band = tl.load(scratch + slots, mask=slots < gathered, other=0.0, cache_modifier=".cg")
-        above = hi_got     # the band is [lo, hi) as gathered: what lies above it stays fixed
-        while hi - lo > 1:   # every probe is > lo >= 0, so the zero padding never counts
-            mid = lo + (hi - lo) // 2
-            got = above + tl.sum(tl.where(band >= mid.to(tl.float32, bitcast=True), 1.0 if TOP_K else band, 0.0), 0)
-            reached = got >= goal
-            lo = tl.where(reached, mid, lo)
-            hi = tl.where(reached, hi, mid)
-    return lo
-
-
-@triton.jit
-def _threshold_kernel(x_ptr, thr_ptr, scratch_ptr, counter_ptr, n, stride, target_frac, k, TOP_K: tl.constexpr,
-                      IN_REGISTERS: tl.constexpr, INTERPOLATE: tl.constexpr, ONE_REDUCTION: tl.constexpr,
-                      BAND: tl.constexpr, BAND_PASSES: tl.constexpr, BAND_CAP: tl.constexpr, CHUNK: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _threshold_kernel(x_ptr, thr_ptr, n, stride, target_frac, k, TOP_K: tl.constexpr, IN_REGISTERS: tl.constexpr,
+                      INTERPOLATE: tl.constexpr, ONE_REDUCTION: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * stride
     if IN_REGISTERS:
@@ -176,10 +117,6 @@ def _threshold_kernel(x_ptr, thr_ptr, scratch_ptr, counter_ptr, n, stride, targe
     hi = top.to(tl.int32, bitcast=True) + 1
     if IN_REGISTERS and INTERPOLATE:
         lo = _interpolating_search(row_vals, total, goal, lo, hi, TOP_K, ONE_REDUCTION)
-        hi = lo + 1
-    if IN_REGISTERS and BAND:
-        lo = _band_search(row_vals, base, n, scratch_ptr + row.to(tl.int64) * BAND_CAP, counter_ptr + row, goal,
-                          lo, hi, TOP_K, BAND_PASSES, BAND_CAP, BLOCK, CHUNK)
         hi = lo + 1
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2
@@ -209,16 +146,10 @@ def _thresholds(x: torch.Tensor, top_k: bool, frac: float, k: int, search: str |
     in_registers = n <= ROW_IN_REGISTERS
     block = triton.next_power_of_2(n) if in_registers else BLOCK
     warps = num_warps or 8     # fastest of 4-32 for 8K and 32K rows on the H200: results/topp_warps.json
-    band = search == "band" and in_registers
-    # The band search's gather space: a row of BAND_CAP keys and a slot counter per row (the kernel zeroes it).
-    scratch = torch.empty((rows.shape[0], BAND_CAP) if band else (1,), dtype=torch.float32, device=x.device)
-    counter = torch.empty(rows.shape[0] if band else 1, dtype=torch.int32, device=x.device)
-    interpolate = search in ("interpolate", "interpolate-3")
-    _threshold_kernel[(rows.shape[0],)](rows, thr, scratch, counter, n, rows.stride(0), frac, k, TOP_K=top_k,
-                                        IN_REGISTERS=in_registers, INTERPOLATE=interpolate,
-                                        ONE_REDUCTION=search == "interpolate" and not INTERPRETED, BAND=band,
-                                        BAND_PASSES=BAND_PASSES, BAND_CAP=BAND_CAP, CHUNK=min(block, 4096),
-                                        BLOCK=block, num_warps=warps)
+    _threshold_kernel[(rows.shape[0],)](rows, thr, n, rows.stride(0), frac, k, TOP_K=top_k,
+                                        IN_REGISTERS=in_registers, INTERPOLATE=search != "bisect",
+                                        ONE_REDUCTION=search == "interpolate" and not INTERPRETED, BLOCK=block,
+                                        num_warps=warps)
     return thr.view(x.shape[:-1])
 
 
