@@ -37,11 +37,10 @@ GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "rope", "o", "gate_up", "swiglu", "d
 # "swiglu" against without (results/profile_swiglu_*_b1.json): default model (3,072 columns) 643 vs 681 us,
 # 8B shape (28,672) 5,012 vs 4,622 us.
 GEMV_MAX_GATE_UP = 8192
-# Whether such wider models still take the plain gate/up product from kernels.gemv (launched with PDL, SwiGLU left to
-# its own kernel) instead of cuBLAS: only "swiglu" is dropped then.
-GEMV_WIDE_GATE_UP = False
 # Steps of at most this many rows use them: 2 (FMA sums; 4-row products were slower than cuBLAS, tune_gemv_pdl.json).
-# Above gemv.MAX_ROWS they run on tensor cores (gemv.row_blocks): not yet timed against cuBLAS, so not used yet.
+# Above gemv.MAX_ROWS they run on tensor cores (gemv.row_blocks), slower than cuBLAS in the default model's batch-64
+# steps on the H200 (results/profile_small_gemm_*_b64.json, round-robin: draft 1,589 vs 1,431 us, verify 4 x 5 rows
+# 5,084 vs 4,793 us), so unused by default.
 GEMV_MAX_ROWS = 2
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
 # GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode
@@ -297,9 +296,8 @@ class Transformer(nn.Module):
                                     f"SPECATTN_STEP_COMPILE_MODE to one of {STEP_COMPILE_MODES[1:]} or unset it "
                                     "(STEP_COMPILE_MODE)")
         gemv_projections = GEMV_PROJECTIONS if FOLD_NORMS and self.tp is None else ()   # TP blocks: forward
-        if 2 * self.cfg.intermediate_size > GEMV_MAX_GATE_UP:     # too wide for the fused gate/up + SwiGLU kernel
-            dropped = ("swiglu",) if GEMV_WIDE_GATE_UP else ("gate_up", "swiglu")
-            gemv_projections = tuple(name for name in gemv_projections if name not in dropped)
+        if 2 * self.cfg.intermediate_size > GEMV_MAX_GATE_UP:     # cuBLAS keeps its gate/up product at every size
+            gemv_projections = tuple(name for name in gemv_projections if name not in ("gate_up", "swiglu"))
         if COLUMN_MAJOR_WEIGHTS:
             self.store_weights_column_major(keep_row_major=gemv_projections)
         if FOLD_NORMS:
