@@ -66,7 +66,8 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
             column_major: bool, q_len: int, top: int, compile_mode: str | None = None,
             verify: str | None = None, fold: bool = True, pdl: int = 2,
             gemv: tuple[str, ...] = specattn.model.GEMV_PROJECTIONS,
-            few_programs: str = "default", gemv_rows: int = specattn.model.GEMV_MAX_ROWS) -> tuple[dict, object]:
+            few_programs: str = "default", gemv_rows: int = specattn.model.GEMV_MAX_ROWS,
+            early_pages: bool = paged_attention.EARLY_PAGES) -> tuple[dict, object]:
     """(the row, the step callable: its model and graph stay alive for --rounds)."""
     import torch._dynamo
 
@@ -76,6 +77,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     specattn.model.GEMV_PROJECTIONS = gemv
     paged_attention.FEW_PROGRAMS = launch_config(few_programs)
     specattn.model.GEMV_MAX_ROWS = gemv_rows
+    paged_attention.EARLY_PAGES = early_pages
     specattn.model.STEP_COMPILE_MODE = compile_mode
     torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])
@@ -104,6 +106,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += f", gemv {'+'.join(gemv) or 'none'}"
     what += "" if few_programs == "default" else f", attention {few_programs}"
     what += f", gemv up to {gemv_rows} rows"
+    what += ", attention pages early" if early_pages else ", attention pages in their tile"
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
@@ -112,7 +115,8 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     for name, (calls, us) in top_kernels:
         print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
     row = {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "gemv": list(gemv),
-           "attention_few_programs": few_programs, "gemv_max_rows": gemv_rows, "batch": batch, "context": context,
+           "attention_few_programs": few_programs, "gemv_max_rows": gemv_rows, "early_pages": early_pages,
+           "batch": batch, "context": context,
            "draft_budget": draft_budget, "q_len": q_len,
            "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
            "kernel_sum_us": total, "bytes_at_copy_speed_us": moved / copy / 1e3,
@@ -159,24 +163,30 @@ def main() -> None:
     ap.add_argument("--gemv-rows", default=str(specattn.model.GEMV_MAX_ROWS), help="comma-separated "
                     "model.GEMV_MAX_ROWS values: steps of up to that many rows use the --gemv kernels (above "
                     "gemv.MAX_ROWS on tensor cores); inside each --attn-few")
+    ap.add_argument("--early-pages", default="on" if paged_attention.EARLY_PAGES else "off",
+                    help="comma-separated on/off (paged_attention.EARLY_PAGES): attention reads its lengths and first "
+                    "pages before the PDL wait and each tile's pages a tile ahead, or all in their tile after it; "
+                    "inside each --gemv-rows")
     ap.add_argument("--rounds", type=int, default=1, help="after profiling every variant, time them all again this "
                     "many times round-robin and report the median: variants compared within a round, not one after "
                     "the other (a variant timed later in a process measured up to 3%% slower)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
-    variants = [(f == "on", int(p), gemv_projections(g), a, int(r))
+    variants = [(f == "on", int(p), gemv_projections(g), a, int(r), e == "on")
                 for f in args.folds.split(",") for p in args.pdl.split(",") for g in args.gemv.split(",")
-                for a in args.attn_few.split(",") for r in args.gemv_rows.split(",")]
+                for a in args.attn_few.split(",") for r in args.gemv_rows.split(",")
+                for e in args.early_pages.split(",")]
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
-                        args.q_len, args.top, verify=method, fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r)
-                for method in args.verify.split(",") for fold, pdl, gemv, a, r in variants]
+                        args.q_len, args.top, verify=method, fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r,
+                        early_pages=e)
+                for method in args.verify.split(",") for fold, pdl, gemv, a, r, e in variants]
     else:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
                         not args.row_major, args.q_len, args.top, None if mode == "default" else mode,
-                        fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r)
-                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a, r in variants]
+                        fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r, early_pages=e)
+                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a, r, e in variants]
     rows = interleaved(rows, args.rounds)
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
@@ -197,6 +207,7 @@ def interleaved(built: list[tuple[dict, object]], rounds: int) -> list[dict]:
             print(f"{row['replay_us']:8.0f} us (first {row['replay_us_first']:.0f}, rounds {min(t):.0f}-{max(t):.0f})"
                   f"  fold {row['folded_norms']} pdl {row['pdl']} gemv {'+'.join(row['gemv']) or 'none'}"
                   f" attention {row['attention_few_programs']} rows {row['gemv_max_rows']}"
+                  f" early pages {row['early_pages']}"
                   f" verify {row['verify']} compile {row['compile_mode']}")
     return rows
 

@@ -65,6 +65,12 @@ for part in "$@"; do
               timeout 200 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 --pdl 2,0 \
                 --gemv qkv+rope+o+down,none --rounds 5 --top 3 --json "$OUT/profile_variants_8b_b1.json" 2>&1 \
                 | grep -A 5 "round-robin" ;;
+    early-pages)   # attention's lengths and first pages read before the PDL wait vs after, whole steps round-robin
+              timeout 180 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 --early-pages on,off \
+                --rounds 7 --top 3 --json "$OUT/profile_early_pages_8b_b1.json" 2>&1 | grep -A 3 "round-robin"
+              timeout 150 python3 benchmarks/profile_step.py --shape smol --batch 64 --draft-budget 512 \
+                --early-pages on,off --rounds 5 --top 3 --json "$OUT/profile_early_pages_draft_b64.json" 2>&1 \
+                | grep -A 3 "round-robin" ;;
     byproduct)   # verify attention plain vs page mass vs block mass (tile per block, sub-tiles), finishing tiles (no model)
               timeout 200 python3 benchmarks/tune_attention.py --byproduct "$OUT/byproduct.json" 2>&1 | grep "^shape" ;;
     sparse-scaling)   # sparse vs dense with more bytes, logical vs physical page lists (needs no model)
@@ -81,6 +87,6 @@ for part in "$@"; do
               timeout 400 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,specattn-y,specattn-y/blk64 --skip-8b --repeats 3 --out "$OUT/selfspec_r3.json" \
                 2>&1 | grep -v -i warn | tail -6 ;;
-    *)        echo "unknown part $part (auto, selfspec, selfspec-r3, selfspec-phys, selfspec-g8, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels, byproduct, sparse-scaling, peers-compile, draft-splits, compile-modes)" >&2 ;;
+    *)        echo "unknown part $part (auto, selfspec, selfspec-r3, selfspec-phys, selfspec-g8, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels, early-pages, token-checks, small-gemm, step-variants, byproduct, sparse-scaling, peers-compile, draft-splits, compile-modes)" >&2 ;;
   esac
 done

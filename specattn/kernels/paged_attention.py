@@ -84,6 +84,45 @@ def merge_warps(block_s: int, head_dim: int) -> int:
     tune_splits.json: shapes of 64 x 64 or fewer partials fastest with 1."""
     return max(1, min(4, block_s * head_dim // 4096))
 DIRECT_ONE_SPLIT = True   # one split writes the output itself (no merge launch); False: always merge (A/B timing)
+# The split kernel reads the lengths and its list counts, and prefetches its first tile's page-table or page-list
+# entries into L1, before waiting for the kernel ahead (PDL). None of these is written by a PDL-launched kernel (page
+# tables and lengths by the host or torch ops before the step, page lists by torch ops or kernels launched without
+# PDL), so they are complete however far the kernels ahead have got. False: every read after the wait (A/B timing).
+EARLY_PAGES = True
+
+
+@triton.jit
+def _prefetch_l1(ptrs, mask, SKIP: tl.constexpr):
+    """PTX prefetch of the lines holding ptrs (where mask) into L1: no result, so a later load finds them there.
+    SKIP (the interpreter, which runs no PTX): nothing."""
+    if not SKIP:
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.b32 $0, 0; }",
+                                  "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _tile_keys(blk, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr, page_table_ptr, stride_ptb,
+               BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr,
+               PHYS_LIST: tl.constexpr):
+    """Tile blk of the split kernel's virtual key sequence -> (key positions, which are real keys, their physical
+    pages). Reads only page lists and the page table."""
+    j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = j < n_keys
+    if TOKEN_LIST:
+        key_pos = tl.load(sel_ptr + pid_bh * sel_len + j, mask=in_range, other=0)
+        logical = key_pos // PAGE_SIZE
+    else:
+        if SPARSE:
+            logical = tl.load(sel_ptr + pid_bh * sel_len + j // PAGE_SIZE, mask=in_range, other=0)
+        else:
+            logical = j // PAGE_SIZE
+        key_pos = logical * PAGE_SIZE + j % PAGE_SIZE
+    key_ok = in_range & (key_pos < seq_len)
+    if PHYS_LIST:      # the list's physical pages, read beside the logical ones: K's address waits on one load
+        page = tl.load(sel_phys_ptr + pid_bh * sel_len + j // PAGE_SIZE, mask=in_range, other=0)
+    else:
+        page = tl.load(page_table_ptr + b * stride_ptb + logical, mask=key_ok, other=0)
+    return key_pos, key_ok, page
 
 
 @triton.jit
@@ -100,9 +139,10 @@ def _paged_attn_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
-    PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, PDL: tl.constexpr,
+    PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
 ):
-    wait_for_predecessor(PDL)
+    if not EARLY:
+        wait_for_predecessor(PDL)
     # Keys are walked as a "virtual" sequence j = 0, 1, ...: dense, j is the key position; sparse, key j is
     # row j % PAGE_SIZE of the (j // PAGE_SIZE)-th page in this (sequence, KV head)'s list of logical pages,
     # or with TOKEN_LIST the j-th token position of its list.
@@ -124,6 +164,16 @@ def _paged_attn_split_kernel(
     block_lo = split * blocks_per_split
     block_hi = tl.minimum(block_lo + blocks_per_split, n_blocks)
 
+    if EARLY:      # the first tile's page entries on their way to L1 while the kernel ahead finishes (EARLY_PAGES)
+        j0 = block_lo * BLOCK_N + tl.arange(0, BLOCK_N // PAGE_SIZE) * PAGE_SIZE
+        first = j0 < n_keys        # UPCAST_DOT: the interpreter, where _prefetch_l1 does nothing
+        if SPARSE:
+            _prefetch_l1(sel_ptr + pid_bh * sel_len + j0 // (1 if TOKEN_LIST else PAGE_SIZE), first, UPCAST_DOT)
+            if PHYS_LIST:
+                _prefetch_l1(sel_phys_ptr + pid_bh * sel_len + j0 // PAGE_SIZE, first, UPCAST_DOT)
+        else:
+            _prefetch_l1(page_table_ptr + b * stride_ptb + j0 // PAGE_SIZE, first, UPCAST_DOT)
+        wait_for_predecessor(PDL)
     rows = tl.arange(0, BLOCK_M)                 # row r = (query head g, new token t)
     g = rows // Q_BLOCK
     t = t_lo + rows % Q_BLOCK
@@ -150,22 +200,9 @@ def _paged_attn_split_kernel(
     tiles_held = tl.arange(0, MAX_TILES)
     page_sums = tl.zeros([BLOCK_M, MAX_TILES, MASS_SLOTS], tl.float32)
     for blk in range(block_lo, block_hi):
-        j = blk * BLOCK_N + cols
-        in_range = j < n_keys
-        if TOKEN_LIST:
-            key_pos = tl.load(sel_ptr + pid_bh * sel_len + j, mask=in_range, other=0)
-            logical = key_pos // PAGE_SIZE
-        else:
-            if SPARSE:
-                logical = tl.load(sel_ptr + pid_bh * sel_len + j // PAGE_SIZE, mask=in_range, other=0)
-            else:
-                logical = j // PAGE_SIZE
-            key_pos = logical * PAGE_SIZE + j % PAGE_SIZE
-        key_ok = in_range & (key_pos < seq_len)
-        if PHYS_LIST:      # the list's physical pages, read beside the logical ones: K's address waits on one load
-            page = tl.load(sel_phys_ptr + pid_bh * sel_len + j // PAGE_SIZE, mask=in_range, other=0)
-        else:
-            page = tl.load(page_table_ptr + b * stride_ptb + logical, mask=key_ok, other=0)
+        key_pos, key_ok, page = _tile_keys(blk, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr,
+                                           page_table_ptr, stride_ptb, BLOCK_N, PAGE_SIZE, SPARSE, TOKEN_LIST,
+                                           PHYS_LIST)
         kv_off = page.to(tl.int64) * stride_kp + (key_pos % PAGE_SIZE) * stride_kr + kvh * stride_kh
         k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
@@ -429,7 +466,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
-        MASS_SUB=mass_sub,
+        MASS_SUB=mass_sub, EARLY=EARLY_PAGES,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev),
     )
     if not direct:
