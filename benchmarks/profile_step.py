@@ -67,7 +67,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
             verify: str | None = None, fold: bool = True, pdl: int = 2,
             gemv: tuple[str, ...] = specattn.model.GEMV_PROJECTIONS,
             few_programs: str = "default", gemv_rows: int = specattn.model.GEMV_MAX_ROWS,
-            early_pages: bool = paged_attention.EARLY_PAGES) -> tuple[dict, object]:
+            early_pages: int = paged_attention.EARLY_PAGES) -> tuple[dict, object]:
     """(the row, the step callable: its model and graph stay alive for --rounds)."""
     import torch._dynamo
 
@@ -106,7 +106,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += f", gemv {'+'.join(gemv) or 'none'}"
     what += "" if few_programs == "default" else f", attention {few_programs}"
     what += f", gemv up to {gemv_rows} rows"
-    what += ", attention pages early" if early_pages else ", attention pages in their tile"
+    what += f", attention early reads {early_pages}"
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
@@ -163,17 +163,17 @@ def main() -> None:
     ap.add_argument("--gemv-rows", default=str(specattn.model.GEMV_MAX_ROWS), help="comma-separated "
                     "model.GEMV_MAX_ROWS values: steps of up to that many rows use the --gemv kernels (above "
                     "gemv.MAX_ROWS on tensor cores); inside each --attn-few")
-    ap.add_argument("--early-pages", default="on" if paged_attention.EARLY_PAGES else "off",
-                    help="comma-separated on/off (paged_attention.EARLY_PAGES): attention reads its lengths and first "
-                    "pages before the PDL wait and each tile's pages a tile ahead, or all in their tile after it; "
-                    "inside each --gemv-rows")
+    ap.add_argument("--early-pages", default=str(paged_attention.EARLY_PAGES),
+                    help="comma-separated paged_attention.EARLY_PAGES values: what attention reads or prefetches "
+                    "before the PDL wait (0 nothing, 1 lengths + first pages, 2 + first K/V tile into L2); inside "
+                    "each --gemv-rows")
     ap.add_argument("--rounds", type=int, default=1, help="after profiling every variant, time them all again this "
                     "many times round-robin and report the median: variants compared within a round, not one after "
                     "the other (a variant timed later in a process measured up to 3%% slower)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
-    variants = [(f == "on", int(p), gemv_projections(g), a, int(r), e == "on")
+    variants = [(f == "on", int(p), gemv_projections(g), a, int(r), int(e))
                 for f in args.folds.split(",") for p in args.pdl.split(",") for g in args.gemv.split(",")
                 for a in args.attn_few.split(",") for r in args.gemv_rows.split(",")
                 for e in args.early_pages.split(",")]
