@@ -165,7 +165,7 @@ def main() -> None:
                     "gemv.MAX_ROWS on tensor cores); inside each --attn-few")
     ap.add_argument("--early-pages", default=str(paged_attention.EARLY_PAGES),
                     help="comma-separated paged_attention.EARLY_PAGES values: what attention reads or prefetches "
-                    "before the PDL wait (0 nothing, 1 lengths + first pages, 2 + first K/V tile into L2); inside "
+                    "before the PDL wait (0 nothing, 1 lengths + first pages into L1); inside "
                     "each --gemv-rows")
     ap.add_argument("--rounds", type=int, default=1, help="after profiling every variant, time them all again this "
                     "many times round-robin and report the median: variants compared within a round, not one after "

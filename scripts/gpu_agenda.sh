@@ -66,10 +66,10 @@ for part in "$@"; do
                 --gemv qkv+rope+o+down,none --rounds 5 --top 3 --json "$OUT/profile_variants_8b_b1.json" 2>&1 \
                 | grep -A 5 "round-robin" ;;
     early-pages)   # attention's lengths and first pages read before the PDL wait vs after, whole steps round-robin
-              timeout 180 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 --early-pages 2,1,0 \
+              timeout 180 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 --early-pages 1,0 \
                 --rounds 7 --top 3 --json "$OUT/profile_early_pages_8b_b1.json" 2>&1 | grep -A 3 "round-robin"
               timeout 150 python3 benchmarks/profile_step.py --shape smol --batch 64 --draft-budget 512 \
-                --early-pages 2,1,0 --rounds 5 --top 3 --json "$OUT/profile_early_pages_draft_b64.json" 2>&1 \
+                --early-pages 1,0 --rounds 5 --top 3 --json "$OUT/profile_early_pages_draft_b64.json" 2>&1 \
                 | grep -A 3 "round-robin" ;;
     byproduct)   # verify attention plain vs page mass vs block mass (tile per block, sub-tiles), finishing tiles (no model)
               timeout 200 python3 benchmarks/tune_attention.py --byproduct "$OUT/byproduct.json" 2>&1 | grep "^shape" ;;

@@ -85,27 +85,22 @@ def merge_warps(block_s: int, head_dim: int) -> int:
     return max(1, min(4, block_s * head_dim // 4096))
 DIRECT_ONE_SPLIT = True   # one split writes the output itself (no merge launch); False: always merge (A/B timing)
 # What the split kernel does before waiting for the kernel ahead (PDL): 0 nothing; 1 read the lengths and list
-# counts and prefetch its first tile's page-table or page-list entries into L1; 2 also read those entries and
-# prefetch the first tile's K and V rows into L2. None of the entries is written by a PDL-launched kernel (page tables
-# and lengths by the host or torch ops before the step, page lists by torch ops or kernels launched without PDL), so
-# they are complete however far the kernels ahead have got; K/V rows may still be in the writing (the new tokens'),
-# but an L2 prefetch only moves a line into L2, where the writes land too, so the load after the wait is current.
-EARLY_PAGES = 2
+# counts and prefetch its first tile's page-table or page-list entries into L1. None of these is written by a
+# PDL-launched kernel (page tables and lengths by the host or torch ops before the step, page lists by torch ops or
+# kernels launched without PDL), so they are complete however far the kernels ahead have got. H200, round-robin
+# (profile_early_pages_*.json, two runs on two machines): default model draft step b64 1,533 / 1,520 µs with 1 vs
+# 1,551 / 1,541 with 0; 8B b1 8K mixed (4,635 vs 4,672, then 4,727 vs 4,712). Also prefetching the first K/V
+# tile into L2 was no faster (4,720 / 1,550 µs; removed).
+EARLY_PAGES = 1
 
 
 @triton.jit
-def _prefetch(ptrs, mask, L2: tl.constexpr, SKIP: tl.constexpr):
-    """PTX prefetch of the lines holding ptrs (where mask) into L1 (or L2): no result, so a later load finds them
-    there. SKIP (the interpreter, which runs no PTX): nothing."""
+def _prefetch_l1(ptrs, mask, SKIP: tl.constexpr):
+    """PTX prefetch of the lines holding ptrs (where mask) into L1: no result, so a later load finds them there.
+    SKIP (the interpreter, which runs no PTX): nothing."""
     if not SKIP:
-        if L2:
-            tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; "
-                                      "mov.b32 $0, 0; }", "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-        else:
-            tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; "
-                                      "mov.b32 $0, 0; }", "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32,
-                                      is_pure=False, pack=1)
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.b32 $0, 0; }",
+                                  "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -172,27 +167,15 @@ def _paged_attn_split_kernel(
     block_lo = split * blocks_per_split
     block_hi = tl.minimum(block_lo + blocks_per_split, n_blocks)
 
-    # While the kernel ahead finishes (EARLY_PAGES): the first tile's page entries to L1, or its K/V rows to L2.
-    # UPCAST_DOT: the interpreter, where _prefetch does nothing.
-    if EARLY == 1:
+    if EARLY:      # the first tile's page entries on their way to L1 while the kernel ahead finishes (EARLY_PAGES)
         j0 = block_lo * BLOCK_N + tl.arange(0, BLOCK_N // PAGE_SIZE) * PAGE_SIZE
-        first = j0 < n_keys
+        first = j0 < n_keys        # UPCAST_DOT: the interpreter, where _prefetch_l1 does nothing
         if SPARSE:
-            _prefetch(sel_ptr + pid_bh * sel_len + j0 // (1 if TOKEN_LIST else PAGE_SIZE), first, False, UPCAST_DOT)
+            _prefetch_l1(sel_ptr + pid_bh * sel_len + j0 // (1 if TOKEN_LIST else PAGE_SIZE), first, UPCAST_DOT)
             if PHYS_LIST:
-                _prefetch(sel_phys_ptr + pid_bh * sel_len + j0 // PAGE_SIZE, first, False, UPCAST_DOT)
+                _prefetch_l1(sel_phys_ptr + pid_bh * sel_len + j0 // PAGE_SIZE, first, UPCAST_DOT)
         else:
-            _prefetch(page_table_ptr + b * stride_ptb + j0 // PAGE_SIZE, first, False, UPCAST_DOT)
-    if EARLY == 2:
-        key_pos0, key_ok0, page0 = _tile_keys(block_lo, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr,
-                                              page_table_ptr, stride_ptb, BLOCK_N, PAGE_SIZE, SPARSE, TOKEN_LIST,
-                                              PHYS_LIST)
-        line = tl.arange(0, (HEAD_DIM * 2 + 127) // 128) * 64      # a 128-byte line of a bf16 K/V row
-        rows0 = page0.to(tl.int64) * stride_kp + (key_pos0 % PAGE_SIZE) * stride_kr + kvh * stride_kh
-        ok0 = key_ok0[:, None] & (line[None, :] >= 0)
-        _prefetch(k_ptr + rows0[:, None] + line[None, :], ok0, True, UPCAST_DOT)
-        _prefetch(v_ptr + rows0[:, None] + line[None, :], ok0, True, UPCAST_DOT)
-    if EARLY:
+            _prefetch_l1(page_table_ptr + b * stride_ptb + j0 // PAGE_SIZE, first, UPCAST_DOT)
         wait_for_predecessor(PDL)
     rows = tl.arange(0, BLOCK_M)                 # row r = (query head g, new token t)
     g = rows // Q_BLOCK
