@@ -24,9 +24,11 @@ from .kernels.reference import rms_scale, unnormed_projection
 STEP_MAX_Q_LEN = 16  # decode and verify steps; longer blocks are prefill chunks
 COLUMN_MAJOR_WEIGHTS = True   # on the GPU (compile_steps): see Transformer.store_weights_column_major
 # On the GPU (compile_steps): fold each block's norm weights into the projections after them (Transformer.fold_norms),
-# so a block runs 8 launches instead of 10 (Block.forward_folded). Tensor-parallel blocks keep their own path, which
-# stays exact on folded weights (norm weights of one).
+# so a block runs 8 launches instead of 10 (Block.forward_folded). Tensor-parallel blocks too (TP_FOLDED), with the
+# output and down products' partial sums all-reduced before each joins the residual stream; TP_FOLDED False keeps
+# their unfolded path (Block.forward, exact on folded weights: norm weights of one) for A/B timing (benchmarks/tp.py).
 FOLD_NORMS = True
+TP_FOLDED = True
 # On the GPU (compile_steps), with folded norms: steps of at most gemv.MAX_ROWS rows compute these projections with
 # kernels.gemv (launched early with PDL, no split-K reduction) instead of cuBLAS; their weights stay row-major.
 # "rope" (with "qkv"): the q/k/v product also applies the rotary embedding and writes the cache (Block.queries);
@@ -222,14 +224,22 @@ class Block(nn.Module):
         stream = x.view(b * t, hidden)
         q = self.queries(x, cos, sin, cache, view)
         attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
-        self.project("o", attn.reshape(b * t, -1), into=stream)
+        self.add_projection("o", attn.reshape(b * t, -1), stream)
         if "swiglu" in self.gemv_projections and self.small_gemv("gate_up", stream):
             from .kernels.swiglu import project_swiglu_rms
             act = project_swiglu_rms(stream, self.gate_up.weight, cfg.rms_norm_eps)
         else:
             act = swiglu_of_unnormed(self.project("gate_up", stream), stream, cfg.rms_norm_eps)
-        self.project("down", act, into=stream)
+        self.add_projection("down", act, stream)
         return x
+
+    def add_projection(self, name: str, rows: torch.Tensor, stream: torch.Tensor) -> None:
+        """stream += rows @ weight.T, in place. Tensor parallel: this rank's product is a partial sum (its heads'
+        or MLP columns' share), completed by the all-reduce before it joins the replicated residual stream."""
+        if self.all_reduce is None:
+            self.project(name, rows, into=stream)
+        else:
+            stream.add_(self.all_reduce(self.project(name, rows)))
 
 
 class Transformer(nn.Module):
@@ -295,7 +305,7 @@ class Transformer(nn.Module):
             raise InvalidInputError(f"step compile mode {STEP_COMPILE_MODE!r} is not supported; set "
                                     f"SPECATTN_STEP_COMPILE_MODE to one of {STEP_COMPILE_MODES[1:]} or unset it "
                                     "(STEP_COMPILE_MODE)")
-        gemv_projections = GEMV_PROJECTIONS if FOLD_NORMS and self.tp is None else ()   # TP blocks: forward
+        gemv_projections = GEMV_PROJECTIONS if FOLD_NORMS and (self.tp is None or TP_FOLDED) else ()
         if 2 * self.cfg.intermediate_size > GEMV_MAX_GATE_UP:     # cuBLAS keeps its gate/up product at every size
             gemv_projections = tuple(name for name in gemv_projections if name not in ("gate_up", "swiglu"))
         if COLUMN_MAJOR_WEIGHTS:
@@ -318,7 +328,7 @@ class Transformer(nn.Module):
         fns = self.step_fns if view.q_len <= STEP_MAX_Q_LEN else self.prefill_fns
         x, mlp_out = self.embed(tokens), None
         cos, sin = fns["rope_tables"](view.positions, self.inv_freq, x.dtype)
-        folded = self.norms_folded and self.tp is None
+        folded = self.norms_folded and (self.tp is None or TP_FOLDED)
         for block in self.blocks:
             if folded:
                 x = block.forward_folded(x, cos, sin, cache, view, self.attention)

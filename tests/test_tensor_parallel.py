@@ -56,6 +56,22 @@ def run_everything(model, draft) -> dict:
     }
 
 
+def run_folded(model) -> dict:
+    """The same model with its norms folded and every small-step projection through kernels.gemv (what
+    compile_steps makes of it on the GPU): under tensor parallelism the output and down products' partial sums are
+    all-reduced before joining the residual stream."""
+    model.fold_norms()
+    for block in model.blocks:
+        block.gemv_projections = ("qkv", "rope", "o", "gate_up", "swiglu", "down")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 101, (2, 33))
+    greedy = GenerationParams(24)
+    return {"logits": logits_through_cache(model, ids),
+            "ar": generate_ar(model, PagedKVCache(model.cfg, 2, 100, page_size=8), PROMPTS, greedy).tokens,
+            "spec": generate_self_speculative(model, PagedKVCache(model.cfg, 2, 100, page_size=8), PROMPTS, greedy,
+                                              VerificationGuidedPolicy(16, dense_layers=(0,)), 3).tokens}
+
+
 def _spawn_two(worker, *args) -> None:
     """worker(rank, world, port, *args) in 2 processes that join one gloo group on a free local port."""
     import torch.multiprocessing as mp
@@ -88,7 +104,9 @@ def _leave() -> None:
 def _worker(rank: int, world: int, port: int, folders: tuple[str, str], out: str) -> None:
     torch.set_num_threads(1)
     tp = _join(rank, world, port)
-    result = run_everything(*(load_model(f, progress=False, tp=tp) for f in folders))
+    models = [load_model(f, progress=False, tp=tp) for f in folders]
+    result = run_everything(*models)
+    result["folded"] = run_folded(models[0])
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     _leave()
 
@@ -119,7 +137,9 @@ def draft_checkpoint(tmp_path_factory):
 def test_two_gloo_ranks_match_one_process(checkpoint, draft_checkpoint, tmp_path):
     folders = (checkpoint, draft_checkpoint)
     _spawn_two(_worker, folders, str(tmp_path))
-    single = run_everything(*(load_model(f, progress=False) for f in folders))
+    models = [load_model(f, progress=False) for f in folders]
+    single = run_everything(*models)
+    single["folded"] = run_folded(models[0])
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for res in ranks:
         assert res["kv_heads"] == 1                                   # each rank owns one of the two KV heads
@@ -128,6 +148,10 @@ def test_two_gloo_ranks_match_one_process(checkpoint, draft_checkpoint, tmp_path
         assert res["ar"] == single["ar"] == res["spec"] == res["magicdec"] == res["quest"]
         for method in ("vegas", "draft_greedy", "specattn_s_pages", "specattn_s_tokens"):
             assert res[method] == single[method], method              # same tokens, acceptance and keys read
+        folded = res["folded"]                                        # folded blocks, gemv, partial sums reduced
+        assert (folded["logits"] - single["folded"]["logits"]).abs().max().item() < 1e-4
+        assert (folded["logits"] - single["logits"]).abs().max().item() < 1e-4
+        assert folded["ar"] == folded["spec"] == single["ar"]
     for method in ("sampled", "draft_sampled"):
         assert ranks[0][method] == ranks[1][method], method          # ranks stay in lockstep when sampling
     assert single["spec"] == single["ar"] == single["vegas"][0] == single["draft_greedy"][0]
