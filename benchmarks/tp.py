@@ -197,13 +197,14 @@ def cell(model, name: str, batch: int, ctx: int, tp, copy_gbs: float, spec: bool
     return row
 
 
-def run(tp, profile: bool = False) -> dict:
+def run(tp, profile: bool = False, only_8b: bool = False) -> dict:
     world = tp.world if tp else 1
     copy = copy_bandwidth_gbs()
     plan = [("llama3-8b", LLAMA3_8B, CELLS_8B, [], False)]
     if tp:
-        plan += [("llama3-8b-folded", LLAMA3_8B, CELLS_8B, [], False),
-                 ("llama3-8b-whole-head", LLAMA3_8B, CELLS_8B[:1], [], True),
+        plan += [("llama3-8b-folded", LLAMA3_8B, CELLS_8B, [], False)]
+    if tp and not only_8b:
+        plan += [("llama3-8b-whole-head", LLAMA3_8B, CELLS_8B[:1], [], True),
                  ("llama3-70b", LLAMA3_70B, CELLS_70B, SPEC_CELLS_70B, False)]
     rows = []
     for name, cfg, cells, spec_cells, whole_head in plan:
@@ -264,6 +265,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "tp.json"))
     ap.add_argument("--merge", nargs="+", help="combine the JSON of a one-GPU and a TP run")
     ap.add_argument("--profile", action="store_true", help="kernel list of the 8B b1 8K step")
+    ap.add_argument("--only-8b", action="store_true", help="TP: the 8B shape's cells only (both block paths), "
+                    "no whole-head or 70B rows: a short A/B run")
     args = ap.parse_args()
     if args.merge:
         result = merge([json.loads(Path(p).read_text()) for p in args.merge])
@@ -271,7 +274,7 @@ def main() -> None:
         print(json.dumps(result["summary"], indent=1))
         return
     tp = init_tensor_parallel()
-    result = run(tp, args.profile)
+    result = run(tp, args.profile, args.only_8b)
     if not tp or tp.rank == 0:
         write_json_atomic(args.out, result)
     if tp:
