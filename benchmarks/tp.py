@@ -10,8 +10,9 @@ bandwidth, and the all-reduce share of the step (the same step captured with the
 time the step with NCCL's all-reduce (the default) and, with SPECATTN_TP_ALL_REDUCE=one-shot (scripts/gpu_tp.sh
 sets it), also with the one-shot kernel over symmetric memory in the same run, checking both give the same logits.
 The 8B shape at b1 8K also runs with the output head replicated (as before vocabulary-split heads), and
-`--profile` lists that cell's kernels; all its cells also run with the tensor-parallel blocks on the folded path
-(model.TP_FOLDED: folded norms, kernels.gemv small-step products) for an A/B in the same run.
+`--profile` lists that cell's kernels; all its cells also run with the tensor-parallel blocks' unfolded path
+(model.TP_FOLDED False: cuBLAS products, norm kernels) for an A/B in the same run (before it became the default,
+results/tp_folded_ab.json measured the folded path against it).
 For the 70B shape also SpecAttn-Y's round parts: gamma sparse draft steps (selection in the graph) and the
 verify step with the page-mass by-product. A cell whose weights + KV do not fit is skipped with its reason.
 """
@@ -202,14 +203,15 @@ def run(tp, profile: bool = False, only_8b: bool = False) -> dict:
     copy = copy_bandwidth_gbs()
     plan = [("llama3-8b", LLAMA3_8B, CELLS_8B, [], False)]
     if tp:
-        plan += [("llama3-8b-folded", LLAMA3_8B, CELLS_8B, [], False)]
+        plan += [("llama3-8b-unfolded", LLAMA3_8B, CELLS_8B, [], False)]
     if tp and not only_8b:
         plan += [("llama3-8b-whole-head", LLAMA3_8B, CELLS_8B[:1], [], True),
                  ("llama3-70b", LLAMA3_70B, CELLS_70B, SPEC_CELLS_70B, False)]
     rows = []
     for name, cfg, cells, spec_cells, whole_head in plan:
-        # "-folded": tensor-parallel blocks on the folded path with kernels.gemv (model.TP_FOLDED), A/B
-        specattn.model.TP_FOLDED = name.endswith("-folded")
+        # "-unfolded": tensor-parallel blocks on their unfolded path (model.TP_FOLDED False: cuBLAS products and
+        # norm kernels), the A/B against the default folded one
+        specattn.model.TP_FOLDED = not name.endswith("-unfolded")
         model = sharded_random_model(cfg, tp, whole_head)
         for batch, ctx in cells:
             row = cell(model, name, batch, ctx, tp, copy, (batch, ctx) in spec_cells,
@@ -222,7 +224,7 @@ def run(tp, profile: bool = False, only_8b: bool = False) -> dict:
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    specattn.model.TP_FOLDED = False
+    specattn.model.TP_FOLDED = True
     return {**environment(), "gpus": world, "copy_gbs_per_gpu": copy, "rows": rows,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if world > 1 else None,
             "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
@@ -239,9 +241,9 @@ def merge(parts: list[dict]) -> dict:
                 for b, c in sorted(one.keys() & two.keys())}
     nccl = {f"b{b}_{c // 1024}k": one[b, c]["step_ms"] / two[b, c]["step_ms_nccl"]
             for b, c in sorted(one.keys() & two.keys()) if "step_ms_nccl" in two[b, c]}
-    folded = {(r["batch"], r["context"]): r for r in ok if r["model"] == "llama3-8b-folded"}
-    folded_speedups = {f"b{b}_{c // 1024}k": folded[b, c]["tokens_per_s"] / one[b, c]["tokens_per_s"]
-                       for b, c in sorted(one.keys() & folded.keys())}
+    unfolded = {(r["batch"], r["context"]): r for r in ok if r["model"] == "llama3-8b-unfolded"}
+    unfolded_speedups = {f"b{b}_{c // 1024}k": unfolded[b, c]["tokens_per_s"] / one[b, c]["tokens_per_s"]
+                         for b, c in sorted(one.keys() & unfolded.keys())}
     big = [r for r in ok if r["model"] == "llama3-70b"]
     summary = {
         "tp2_ar_bandwidth_fraction": min((r["bandwidth_fraction"] for r in big), default=None),
@@ -250,7 +252,7 @@ def merge(parts: list[dict]) -> dict:
         "tp2_over_tp1_8b": min(speedups.values(), default=None),
         "tp2_over_tp1_8b_by_cell": speedups,
         "tp2_over_tp1_8b_nccl_all_reduce_by_cell": nccl,
-        "tp2_folded_over_tp1_8b_by_cell": folded_speedups,
+        "tp2_unfolded_over_tp1_8b_by_cell": unfolded_speedups,
         "all_reduce_share_70b_by_cell": {f"b{r['batch']}_{r['context'] // 1024}k": r["all_reduce_share"]
                                          for r in big},
         "note": "tp2_ar_bandwidth_fraction and tp2_over_tp1_8b are minima over the cells",

@@ -7,7 +7,7 @@ export SPECATTN_TP_ALL_REDUCE=${SPECATTN_TP_ALL_REDUCE:-one-shot}   # times it b
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 [ -z "${SPECATTN_COMMIT:-}" ] && [ -f .commit ] && export SPECATTN_COMMIT=$(cat .commit)
 nvidia-smi topo -m 2>&1 | head -4
-# TP_ONLY_8B=1: only the 8B shape (current and folded block paths), for a short A/B run
+# TP_ONLY_8B=1: only the 8B shape (folded and unfolded block paths), for a short A/B run
 timeout "${TP2_LIMIT:-400}" python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/tp.py \
   --profile ${TP_ONLY_8B:+--only-8b} --out "$OUT/tp2.json" 2>&1 | grep -v -i warn | tail -16
 timeout "${TP1_LIMIT:-150}" python3 benchmarks/tp.py --out "$OUT/tp1.json" 2>&1 | grep -v -i warn | tail -6

@@ -24,12 +24,13 @@ from .kernels.reference import rms_scale, unnormed_projection
 STEP_MAX_Q_LEN = 16  # decode and verify steps; longer blocks are prefill chunks
 COLUMN_MAJOR_WEIGHTS = True   # on the GPU (compile_steps): see Transformer.store_weights_column_major
 # On the GPU (compile_steps): fold each block's norm weights into the projections after them (Transformer.fold_norms),
-# so a block runs 8 launches instead of 10 (Block.forward_folded). Tensor-parallel blocks keep their unfolded path
-# (Block.forward, exact on folded weights: norm weights of one) unless TP_FOLDED: then they take the folded one too,
-# small-step products by kernels.gemv included, with the output and down products' partial sums all-reduced before
-# each joins the residual stream. Tested on CPU over gloo; off until timed on two GPUs (benchmarks/tp.py runs both).
+# so a block runs 8 launches instead of 10 (Block.forward_folded). Tensor-parallel blocks too (TP_FOLDED), small-step
+# products by kernels.gemv included, with the output and down products' partial sums all-reduced before each joins
+# the residual stream; False keeps their unfolded path (Block.forward, exact on folded weights: norm weights of
+# one). 2 H200s, 8B shape at TP=2, same run (results/tp_folded_ab.json): b1 8K 3.81 -> 3.66 ms, b1 32K 4.12 -> 3.98,
+# b16 8K 5.96 -> 5.92.
 FOLD_NORMS = True
-TP_FOLDED = False
+TP_FOLDED = True
 # On the GPU (compile_steps), with folded norms: steps of at most gemv.MAX_ROWS rows compute these projections with
 # kernels.gemv (launched early with PDL, no split-K reduction) instead of cuBLAS; their weights stay row-major.
 # "rope" (with "qkv"): the q/k/v product also applies the rotary embedding and writes the cache (Block.queries);

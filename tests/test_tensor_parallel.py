@@ -58,7 +58,7 @@ def run_everything(model, draft) -> dict:
 
 def run_folded(model) -> dict:
     """The same model with its norms folded and every small-step projection through kernels.gemv (what
-    compile_steps makes of it on the GPU, for tensor-parallel models with model.TP_FOLDED): under tensor
+    compile_steps makes of it on the GPU, tensor-parallel models included (model.TP_FOLDED)): under tensor
     parallelism the output and down products' partial sums are all-reduced before joining the residual stream."""
     import specattn.model
     model.fold_norms()
@@ -67,14 +67,11 @@ def run_folded(model) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(0, 101, (2, 33))
     greedy = GenerationParams(24)
-    specattn.model.TP_FOLDED = True
-    try:
-        return {"logits": logits_through_cache(model, ids),
-                "ar": generate_ar(model, PagedKVCache(model.cfg, 2, 100, page_size=8), PROMPTS, greedy).tokens,
-                "spec": generate_self_speculative(model, PagedKVCache(model.cfg, 2, 100, page_size=8), PROMPTS,
-                                                  greedy, VerificationGuidedPolicy(16, dense_layers=(0,)), 3).tokens}
-    finally:
-        specattn.model.TP_FOLDED = False
+    assert specattn.model.TP_FOLDED
+    return {"logits": logits_through_cache(model, ids),
+            "ar": generate_ar(model, PagedKVCache(model.cfg, 2, 100, page_size=8), PROMPTS, greedy).tokens,
+            "spec": generate_self_speculative(model, PagedKVCache(model.cfg, 2, 100, page_size=8), PROMPTS,
+                                              greedy, VerificationGuidedPolicy(16, dense_layers=(0,)), 3).tokens}
 
 
 def _spawn_two(worker, *args) -> None:
