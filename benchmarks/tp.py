@@ -207,11 +207,11 @@ def run(tp, profile: bool = False, only_8b: bool = False) -> dict:
     if tp and not only_8b:
         plan += [("llama3-8b-whole-head", LLAMA3_8B, CELLS_8B[:1], [], True),
                  ("llama3-70b", LLAMA3_70B, CELLS_70B, SPEC_CELLS_70B, False)]
-    rows = []
+    rows, folded_default = [], specattn.model.TP_FOLDED
     for name, cfg, cells, spec_cells, whole_head in plan:
         # "-unfolded": tensor-parallel blocks on their unfolded path (model.TP_FOLDED False: cuBLAS products and
         # norm kernels), the A/B against the default folded one
-        specattn.model.TP_FOLDED = not name.endswith("-unfolded")
+        specattn.model.TP_FOLDED = folded_default and not name.endswith("-unfolded")
         model = sharded_random_model(cfg, tp, whole_head)
         for batch, ctx in cells:
             row = cell(model, name, batch, ctx, tp, copy, (batch, ctx) in spec_cells,
@@ -224,7 +224,7 @@ def run(tp, profile: bool = False, only_8b: bool = False) -> dict:
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    specattn.model.TP_FOLDED = True
+    specattn.model.TP_FOLDED = folded_default
     return {**environment(), "gpus": world, "copy_gbs_per_gpu": copy, "rows": rows,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if world > 1 else None,
             "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
