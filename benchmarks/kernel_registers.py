@@ -29,16 +29,15 @@ from specattn.kernels import paged_attention  # noqa: E402
 POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "page_table_ptr": "*i32", "lens_ptr": "*i32",
             "sel_ptr": "*i32", "sel_count_ptr": "*i32", "sel_phys_ptr": "*i32", "o_part_ptr": "*fp32",
             "m_part_ptr": "*fp32", "l_part_ptr": "*fp32", "mass_part_ptr": "*fp32", "out_ptr": "*bf16",
-            "lse_ptr": "*fp32", "ahead_ptr": "*u8"}
-INTS = ["ahead_bytes", "stride_qb", "stride_qt", "stride_qh", "stride_kp", "stride_kr", "stride_kh", "stride_ptb",
-        "sel_len", "mass_tiles", "num_splits"]
+            "lse_ptr": "*fp32"}
+INTS = ["stride_qb", "stride_qt", "stride_qh", "stride_kp", "stride_kr", "stride_kh", "stride_ptb", "sel_len",
+        "mass_tiles", "num_splits"]
 ATTENTION_SIGNATURE = {**POINTERS, "scale": "fp32", **{k: "i32" for k in INTS}}     # _paged_attn_split_kernel
 DIVISIBLE_BY_16 = list(POINTERS) + ["stride_qb", "stride_qt", "stride_qh", "stride_kp", "stride_kr", "stride_kh"]
 # Verify steps (5 new rows) as paged_attention launches them: (num_warps, num_stages, constexprs over BASE).
 BASE = dict(Q_LEN=5, Q_BLOCK=5, GROUP=4, HEADS=32, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64,
             UPCAST_DOT=False, SPARSE=False, TOKEN_LIST=False, PAGE_MASS=False, MASS_TILE=False, MAX_TILES=1,
-            MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, EARLY=1, AHEAD_LINES=0,
-            KV_EVICTION="", PDL=0)
+            MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, EARLY=1, PDL=0)
 SMALL_HEADS = dict(GROUP=3, HEADS=9, HEAD_DIM=64, BLOCK_M=16)
 CONFIGS = {
     "8B heads, batch 8 x 8K: plain": (4, 2, {}),

@@ -71,11 +71,6 @@ for part in "$@"; do
               timeout 150 python3 benchmarks/profile_step.py --shape smol --batch 64 --draft-budget 512 \
                 --early-pages 1,0 --rounds 5 --top 3 --json "$OUT/profile_early_pages_draft_b64.json" 2>&1 \
                 | grep -A 3 "round-robin" ;;
-    l2-ahead)   # the output / down projections' first MB asked into L2 by attention / SwiGLU (model.L2_AHEAD_MB),
-              # 8B-shaped batch-1 step, variants O/DOWN MB timed round-robin (no model files)
-              timeout 260 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 \
-                --l2-ahead ${L2_VARIANTS:-0/0,8/0,16/0,0/8,16/8} --rounds 5 --top 4 --json "$OUT/profile_l2_ahead_8b_b1.json" \
-                2>&1 | grep -A 7 "round-robin" ;;
     byproduct)   # verify attention plain vs page mass vs block mass (tile per block, sub-tiles), finishing tiles (no model)
               timeout 200 python3 benchmarks/tune_attention.py --byproduct "$OUT/byproduct.json" 2>&1 | grep "^shape" ;;
     sparse-scaling)   # sparse vs dense with more bytes, logical vs physical page lists (needs no model)

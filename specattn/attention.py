@@ -29,14 +29,13 @@ class Attention:
 
     The view says what else a step wants: `view.selection` restricts each KV head to its page list (sparse
     drafting), `view.page_mass` receives the attention mass per page (verification), from the same pass.
-    l2_ahead (Triton only): bytes of the next product's weight to bring into L2 meanwhile (kernels/l2.py).
     """
 
     def __init__(self, backend: str, device: torch.device):
         self.backend = resolve_backend(backend, device)
 
     def __call__(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-                 view: StepView, scale: float, layer: int = 0, l2_ahead: torch.Tensor | None = None) -> torch.Tensor:
+                 view: StepView, scale: float, layer: int = 0) -> torch.Tensor:
         if recording_wanted(view, layer) or (view.key_masks is not None and layer in view.key_masks):
             return self._study(q, k_pages, v_pages, view, scale, layer)
         options = {}
@@ -61,7 +60,7 @@ class Attention:
                 options["mass_out"] = view.page_mass[layer, : q.shape[0]]
             out = paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, lens, scale,
                                                   max_kv_len=view.max_kv_len, page_mass=want_mass,
-                                                  return_lse=fused_scores, l2_ahead=l2_ahead, **options)
+                                                  return_lse=fused_scores, **options)
             if want_mass:
                 out, _ = out
             if fused_scores:   # one more read of K, normalised with the verify pass's own log-sum-exp

@@ -46,11 +46,6 @@ GEMV_MAX_GATE_UP = 8192
 # steps on the H200 (results/profile_small_gemm_*_b64.json, round-robin: draft 1,589 vs 1,431 us, verify 4 x 5 rows
 # 5,084 vs 4,793 us), so unused by default.
 GEMV_MAX_ROWS = 2
-# Small steps (kernels.gemv products): MB of the output projection's weight that attention's split programs ask L2
-# for once their K/V tiles are read, and MB of the down projection's weight the SwiGLU kernel asks for, so these
-# products start from L2 while DRAM would idle through attention's last splits and merge, and through the short
-# SwiGLU kernel (kernels/l2.py). 0: off. benchmarks/profile_step.py --l2-ahead times variants.
-L2_AHEAD_MB = {"o": 0, "down": 0}
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
 # GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode
 # with Inductor's cudagraphs). benchmarks/profile_step.py --compile-modes times both in one run; the environment
@@ -130,14 +125,12 @@ def rotate_and_store(qkv: torch.Tensor, cos, sin, cache: PagedKVCache, layer: in
     return q
 
 
-def swiglu_of_unnormed(gate_up: torch.Tensor, x: torch.Tensor, eps: float,
-                       l2_ahead: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate) * up of the gate/up projection of rows x before their (folded) RMSNorm: one kernel on the GPU
-    (which also asks L2 for the l2_ahead bytes)."""
+def swiglu_of_unnormed(gate_up: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """silu(gate) * up of the gate/up projection of rows x before their (folded) RMSNorm: one kernel on the GPU."""
     if gate_up.is_cuda:
         from .kernels.swiglu import swiglu_rms
-        return swiglu_rms(gate_up, x, eps, l2_ahead)
-    from .kernels.reference import swiglu_rms
+    else:
+        from .kernels.reference import swiglu_rms
     return swiglu_rms(gate_up, x, eps)
 
 
@@ -179,15 +172,6 @@ class Block(nn.Module):
     def small_gemv(self, name: str, rows: torch.Tensor) -> bool:
         """Whether the named projection of these rows runs as kernels.gemv (see GEMV_PROJECTIONS)."""
         return name in self.gemv_projections and rows.shape[0] <= GEMV_MAX_ROWS
-
-    def l2_ahead(self, name: str, rows: torch.Tensor) -> torch.Tensor | None:
-        """The first L2_AHEAD_MB[name] MB of the named projection's weight when kernels.gemv computes it for these
-        rows on the GPU (the kernel before it asks L2 for them), else None."""
-        mb = L2_AHEAD_MB.get(name, 0)
-        if not mb or not rows.is_cuda or not self.small_gemv(name, rows):
-            return None
-        from .kernels.l2 import first_bytes
-        return first_bytes(getattr(self, name).weight, int(mb * 2**20))
 
     def forward(self, x, mlp_out, cos, sin, cache: PagedKVCache, view: StepView, attention: Attention, fns: dict):
         """(residual stream, previous block's MLP output or None) -> the same pair after this block."""
@@ -241,15 +225,13 @@ class Block(nn.Module):
         b, t, hidden = x.shape
         stream = x.view(b * t, hidden)
         q = self.queries(x, cos, sin, cache, view)
-        attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer,
-                         l2_ahead=self.l2_ahead("o", stream))
+        attn = attention(q, cache.k[self.layer], cache.v[self.layer], view, cfg.head_dim ** -0.5, self.layer)
         self.add_projection("o", attn.reshape(b * t, -1), stream)
         if "swiglu" in self.gemv_projections and self.small_gemv("gate_up", stream):
             from .kernels.swiglu import project_swiglu_rms
             act = project_swiglu_rms(stream, self.gate_up.weight, cfg.rms_norm_eps)
         else:
-            act = swiglu_of_unnormed(self.project("gate_up", stream), stream, cfg.rms_norm_eps,
-                                     self.l2_ahead("down", stream))
+            act = swiglu_of_unnormed(self.project("gate_up", stream), stream, cfg.rms_norm_eps)
         self.add_projection("down", act, stream)
         return x
 

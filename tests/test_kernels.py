@@ -375,27 +375,6 @@ def test_reads_before_the_pdl_wait_give_the_same_output(case, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_l2_ahead_leaves_attention_and_swiglu_unchanged():
-    """kernels/l2.py: asking L2 for another tensor's bytes (a no-op in the interpreter, which runs no PTX) changes
-    no output, dense or sparse; the shares cover the bytes asked, and the prefix is whole lines of the weight."""
-    from specattn.kernels import l2, swiglu
-    torch.manual_seed(41)
-    case = SPARSE_CASES[0]
-    q, k, v, table, lens = make_inputs(*case, torch.float32)
-    sel, counts = random_selection(case[0], case[2], case[5], keep=0.4)
-    weight = torch.randn(96, 80)
-    ahead = l2.first_bytes(weight, 5000)
-    assert ahead.dtype == torch.uint8 and ahead.numel() == 4992 and ahead.data_ptr() == weight.data_ptr()
-    assert l2.first_bytes(weight, 10**9).numel() == weight.numel() * 4 and l2.first_bytes(weight, 0) is None
-    assert l2.lines_per_program(ahead, 3) == 16 and l2.lines_per_program(None, 3) == 0     # 39 lines in 3 shares
-    for kw in ({}, dict(selected_pages=sel, selected_counts=counts)):
-        plain = paged_attention.paged_attention(q, k, v, table, lens, 0.25, num_splits=3, **kw)
-        asked = paged_attention.paged_attention(q, k, v, table, lens, 0.25, num_splits=3, l2_ahead=ahead, **kw)
-        assert torch.equal(plain, asked)
-    gate_up, x = torch.randn(2, 192), torch.randn(2, 64)
-    assert torch.equal(swiglu.swiglu_rms(gate_up, x, 1e-6), swiglu.swiglu_rms(gate_up, x, 1e-6, l2_ahead=ahead))
-
-
 @pytest.mark.parametrize("case", SPARSE_CASES[:4], ids=[f"b{c[0]}-q{c[1]}-g{c[3]}" for c in SPARSE_CASES[:4]])
 def test_token_lists_match_reference(case):
     torch.manual_seed(30 + case[1])

@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .l2 import lines_per_program, prefetch_share
 from .pdl import INTERPRETED, launch_options, wait_for_predecessor
 
 
@@ -136,7 +135,7 @@ def _tile_keys(blk, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr, 
 @triton.jit
 def _paged_attn_split_kernel(
     q_ptr, k_ptr, v_ptr, page_table_ptr, lens_ptr, sel_ptr, sel_count_ptr, sel_phys_ptr,
-    o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, out_ptr, lse_ptr, ahead_ptr, ahead_bytes,
+    o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, out_ptr, lse_ptr,
     scale,
     stride_qb, stride_qt, stride_qh,
     stride_kp, stride_kr, stride_kh,
@@ -147,8 +146,7 @@ def _paged_attn_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
-    PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, AHEAD_LINES: tl.constexpr,
-    KV_EVICTION: tl.constexpr, PDL: tl.constexpr,
+    PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
 ):
     if not EARLY:
         wait_for_predecessor(PDL)
@@ -213,8 +211,7 @@ def _paged_attn_split_kernel(
                                            page_table_ptr, stride_ptb, BLOCK_N, PAGE_SIZE, SPARSE, TOKEN_LIST,
                                            PHYS_LIST)
         kv_off = page.to(tl.int64) * stride_kp + (key_pos % PAGE_SIZE) * stride_kr + kvh * stride_kh
-        k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0,
-                    eviction_policy=KV_EVICTION)
+        k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
         else:
@@ -261,18 +258,13 @@ def _paged_attn_split_kernel(
             else:
                 tl.store(mass_rows[:, None] + blk * MASS_SLOTS + slot_ids[None, :], packed,
                          mask=row_ok[:, None] & slot_used[None, :])
-        v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0,
-                    eviction_policy=KV_EVICTION)
+        v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    # This program's K/V tiles are read: its share of the next product's weights goes to L2 now (kernels/l2.py).
-    program = (tl.program_id(2) * tl.num_programs(1) + split) * tl.num_programs(0) + pid_bh
-    prefetch_share(ahead_ptr, ahead_bytes, program, tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2),
-                   AHEAD_LINES, UPCAST_DOT)
     if PAGE_MASS and DEFER_MASS:
         tile_idx = block_lo + tiles_held
         keep = (row_ok[:, None] & (tile_idx < block_hi)[None, :])[:, :, None] & slot_used[None, None, :]
@@ -412,8 +404,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
                     launch: LaunchConfig | None = None, page_mass: bool = False,
                     selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None,
                     token_level: bool = False, mass_tokens: int | None = None, return_lse: bool = False,
-                    selected_physical: torch.Tensor | None = None, mass_out: torch.Tensor | None = None,
-                    l2_ahead: torch.Tensor | None = None):
+                    selected_physical: torch.Tensor | None = None, mass_out: torch.Tensor | None = None):
     """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim.
 
     selected_pages [batch, kv_heads, K] int32 (logical page numbers, -1 padded) and selected_counts
@@ -428,8 +419,6 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     >= pages], pages contiguous; e.g. one layer of the caller's mass buffer, which saves a copy per layer).
     mass_tokens (dense page_mass only): a multiple of the page size above it measures mass per block of that
     many keys, spread evenly over its pages: nearly free, since the kernel sums each tile's weights anyway.
-    l2_ahead: bytes (uint8, contiguous) the split programs ask L2 for once their K/V loads are out, e.g. the first
-    part of the output projection's weight (kernels/l2.py); K and V are then loaded evict-first.
     """
     batch, q_len, heads, dim = q.shape
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
@@ -475,11 +464,9 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     else:
         sel = counts = lens_after
     phys = selected_physical.to(torch.int32).contiguous() if selected_physical is not None else sel
-    ahead_lines = lines_per_program(l2_ahead, batch * kv_heads * num_splits * q_blocks)
     _paged_attn_split_kernel[(batch * kv_heads, num_splits, q_blocks)](
         q, k_pages, v_pages, page_table, lens_after, sel, counts, phys,
-        o_part, m_part, l_part, mass_part, out, lse, l2_ahead if ahead_lines else lse,
-        l2_ahead.numel() if ahead_lines else 0, scale,
+        o_part, m_part, l_part, mass_part, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         page_table.stride(0), sel.shape[-1] if sparse else 0, mass_tiles, num_splits,
@@ -488,8 +475,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
-        MASS_SUB=mass_sub, EARLY=EARLY_PAGES, AHEAD_LINES=ahead_lines,
-        KV_EVICTION="evict_first" if ahead_lines else "",
+        MASS_SUB=mass_sub, EARLY=EARLY_PAGES,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev),
     )
     if not direct:

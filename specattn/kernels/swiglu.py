@@ -12,19 +12,14 @@ import triton
 import triton.language as tl
 
 from .gemv import choose_tiling, row_blocks, stream_rows
-from .l2 import lines_per_program, prefetch_share
 from .pdl import INTERPRETED, launch_options, wait_for_predecessor
 
 BLOCK_I = 1024       # output columns per program
 
 
 @triton.jit
-def _swiglu_rms_kernel(gu_ptr, x_ptr, out_ptr, ahead_ptr, ahead_bytes, stride_gu, stride_x, inter, hidden, eps,
-                       BLOCK_X: tl.constexpr, BLOCK_I: tl.constexpr, AHEAD_LINES: tl.constexpr, UPCAST: tl.constexpr,
-                       PDL: tl.constexpr):
-    # The down product's first weights into L2 while this short kernel runs (kernels/l2.py; UPCAST: interpreter)
-    prefetch_share(ahead_ptr, ahead_bytes, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0),
-                   tl.num_programs(0) * tl.num_programs(1), AHEAD_LINES, UPCAST)
+def _swiglu_rms_kernel(gu_ptr, x_ptr, out_ptr, stride_gu, stride_x, inter, hidden, eps,
+                       BLOCK_X: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr):
     wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_X)
@@ -38,10 +33,8 @@ def _swiglu_rms_kernel(gu_ptr, x_ptr, out_ptr, ahead_ptr, ahead_bytes, stride_gu
     tl.store(out_ptr + row * inter + i, act.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def swiglu_rms(gate_up: torch.Tensor, norm_of: torch.Tensor, eps: float,
-               l2_ahead: torch.Tensor | None = None) -> torch.Tensor:
-    """gate_up [..., 2 * inter] (gate, then up), norm_of [..., hidden] -> silu(gate / rms) * up / rms [..., inter].
-    l2_ahead: bytes (uint8) for L2 meanwhile, e.g. the first part of the down projection's weight (kernels/l2.py)."""
+def swiglu_rms(gate_up: torch.Tensor, norm_of: torch.Tensor, eps: float) -> torch.Tensor:
+    """gate_up [..., 2 * inter] (gate, then up), norm_of [..., hidden] -> silu(gate / rms) * up / rms [..., inter]."""
     inter = gate_up.shape[-1] // 2
     gu = gate_up.reshape(-1, 2 * inter)
     x = norm_of.reshape(-1, norm_of.shape[-1])
@@ -51,12 +44,9 @@ def swiglu_rms(gate_up: torch.Tensor, norm_of: torch.Tensor, eps: float,
         x = x.contiguous()
     out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
     rows = gu.shape[0]
-    grid = (rows, triton.cdiv(inter, BLOCK_I))
-    lines = lines_per_program(l2_ahead, grid[0] * grid[1])
-    _swiglu_rms_kernel[grid](
-        gu, x, out, l2_ahead if lines else gu, l2_ahead.numel() if lines else 0, gu.stride(0), x.stride(0), inter,
-        x.shape[1], eps, BLOCK_X=triton.next_power_of_2(x.shape[1]), BLOCK_I=BLOCK_I, AHEAD_LINES=lines,
-        UPCAST=INTERPRETED, num_warps=4, **launch_options(gate_up.device))
+    _swiglu_rms_kernel[(rows, triton.cdiv(inter, BLOCK_I))](
+        gu, x, out, gu.stride(0), x.stride(0), inter, x.shape[1], eps,
+        BLOCK_X=triton.next_power_of_2(x.shape[1]), BLOCK_I=BLOCK_I, num_warps=4, **launch_options(gate_up.device))
     return out
 
 
