@@ -1,8 +1,8 @@
 """Sweeps for the decode step's pieces on the GPU: attention launch configs, the K/V write, and whether
 cuBLAS is faster on pre-transposed weights for skinny (decode) products. Device times from CUDA graphs
 (as the decode step runs). Writes results/tune.json (or argv[1]); `--splits` sweeps tile configs and split counts
-for sparse and dense decode/verify attention instead (`--batches=32,64`, `--names=sparse6`, `--warps=2,4,8` narrow or
-widen it)."""
+for sparse and dense decode/verify attention instead (`--batches=32,64`, `--names=sparse6`, `--warps=2,4,8`,
+`--stages=1,2,3,4`, `--blocks=64,128` narrow or widen it)."""
 from __future__ import annotations
 
 import itertools
@@ -102,7 +102,8 @@ def kernel_split_us(call, pools) -> dict[str, float]:
 
 
 def split_sweep(copy: float, batches: set[int] | None = None, names: list[str] | None = None,
-                tile_warps: tuple[int, ...] = (4,)) -> list[dict]:
+                tile_warps: tuple[int, ...] = (4,), stages: tuple[int, ...] = (2, 3),
+                blocks: tuple[int, ...] = (32, 64, 128)) -> list[dict]:
     """Tile configs x explicit split counts: with few keys per program each split may hold a single tile (nothing
     pipelined) and the merge reads many partials."""
     from benchmarks.kernels import kv_pools, selection
@@ -124,7 +125,7 @@ def split_sweep(copy: float, batches: set[int] | None = None, names: list[str] |
         ref = reference.paged_attention(q.float(), kp.float(), vp.float(), table, lens, dim ** -0.5, **kw)
         results = []
         for (bn, w, st), splits in itertools.product(
-                itertools.product((32, 64, 128), tile_warps, (2, 3)), SPLIT_COUNTS):
+                itertools.product(blocks, tile_warps, stages), SPLIT_COUNTS):
             cfg = LaunchConfig(bn, w, st)
             if splits * bn > 2 * ctx:       # more splits than tiles: the same as fewer
                 continue
@@ -222,8 +223,11 @@ def main() -> None:
         only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--batches=")), "")
         names = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--names=")), "")
         warps = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--warps=")), "4")
+        stages = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--stages=")), "2,3")
+        blocks = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--blocks=")), "32,64,128")
         out["splits"] = split_sweep(copy, {int(b) for b in only.split(",") if b}, [n for n in names.split(",") if n],
-                                    tuple(int(w) for w in warps.split(",")))
+                                    tuple(int(w) for w in warps.split(",")), tuple(int(x) for x in stages.split(",")),
+                                    tuple(int(x) for x in blocks.split(",")))
     else:
         out["gemv"] = gemv_sweep(copy)
         out["attention"] = attention_sweep(copy)
