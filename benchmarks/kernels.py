@@ -5,6 +5,7 @@ calls of one kernel would otherwise overlap their launches, which a per-kernel f
 Writes benchmarks/results/kernels.json (or argv[1])."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -80,13 +81,16 @@ def attention_rows(copy: float) -> tuple[list[dict], dict]:
             phys = paged_attention.physical_pages(table, sel)
             sparse_phys = time_attention(q, pools, table, lens, selected_pages=sel, selected_counts=counts,
                                          selected_physical=phys)
-            # A/B: the launch sparse lists of few programs had before SPARSE_FEW_PROGRAMS (three stages)
-            sparse_dense_launch = time_attention(q, pools, table, lens, selected_pages=sel, selected_counts=counts,
-                                                 launch=paged_attention.FEW_PROGRAMS) if batch == 1 else None
+            # A/B at batch 1 (few programs): SPARSE_FEW_PROGRAMS's tiles with 1, 2 and 3 pipeline stages (3: the
+            # dense launch, FEW_PROGRAMS, which sparse lists used before 9b180b0)
+            by_stages = {st: 1e3 * time_attention(q, pools, table, lens, selected_pages=sel, selected_counts=counts,
+                                                  launch=dataclasses.replace(paged_attention.SPARSE_FEW_PROGRAMS,
+                                                                             num_stages=st))
+                         for st in (1, 2, 3)} if batch == 1 else None
             sel_bytes = kv_bytes * counts.sum().item() / (batch * KV_HEADS * -(-ctx // PAGE))
             row = {"kernel": "sparse_attention_10pct", "batch": batch, "context": ctx, "q_len": q_len,
                    "us": sparse * 1e3, "us_physical_lists": sparse_phys * 1e3,
-                   "us_few_programs_launch": sparse_dense_launch and sparse_dense_launch * 1e3,
+                   "us_by_stages": by_stages,
                    "dense_us": plain * 1e3, "speedup_vs_dense": plain / sparse,
                    "rel_err": ((got.float() - ref_sparse).norm() / ref_sparse.norm()).item(),
                    "bandwidth_fraction_on_selected": sel_bytes / sparse / 1e6 / copy}

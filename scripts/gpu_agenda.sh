@@ -71,10 +71,11 @@ for part in "$@"; do
               timeout 150 python3 benchmarks/profile_step.py --shape smol --batch 64 --draft-budget 512 \
                 --early-pages 1,0 --rounds 5 --top 3 --json "$OUT/profile_early_pages_draft_b64.json" 2>&1 \
                 | grep -A 3 "round-robin" ;;
-    head-gemv)   # the lm_head product of batch-1 steps by kernels.gemv ("head") vs cuBLAS, 8B shape, round-robin
-              timeout 200 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 \
-                --gemv qkv+rope+o+gate_up+swiglu+down,qkv+rope+o+gate_up+swiglu+down+head --rounds 7 --top 12 \
-                --json "$OUT/profile_head_gemv_8b_b1.json" 2>&1 | grep -v -i warn | grep -A 24 "^== " | tail -40 ;;
+    attn-few)   # attention launches for few programs (FEW_PROGRAMS: block_n:warps:stages:split_factor) in the 8B-shaped
+              # batch-1 step, round-robin (no model files)
+              timeout 240 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 \
+                --attn-few ${ATTN_FEW:-default,64:4:2:3,64:4:2:4,128:4:1:2} --rounds 7 --top 3 \
+                --json "$OUT/profile_attn_few_8b_b1.json" 2>&1 | grep -A 6 "round-robin" ;;
     tune-b1)   # batch-1 attention (8B heads, 32K verify and sparse, 8K decode): 4 / 8 warps x 1-4 stages x splits
               timeout 330 python3 benchmarks/tune_attention.py --splits --names=b1-32k-q5-h8,b1-32k-q1-h8,b1-8k-q1-h8 \
                 --warps=4,8 --stages=1,2,3,4 --blocks=64,128 "$OUT/tune_splits_b1_stages.json" 2>&1 | grep -v -i warn \

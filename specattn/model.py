@@ -41,7 +41,6 @@ GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "rope", "o", "gate_up", "swiglu", "d
 # "swiglu" against without (results/profile_swiglu_*_b1.json): default model (3,072 columns) 643 vs 681 us,
 # 8B shape (28,672) 5,012 vs 4,622 us.
 GEMV_MAX_GATE_UP = 8192
-# "head" (not on by default): the lm_head product of such steps too (its weight is never transposed).
 # Steps of at most this many rows use them: 2 (FMA sums; 4-row products were slower than cuBLAS, tune_gemv_pdl.json).
 # Above gemv.MAX_ROWS they run on tensor cores (gemv.row_blocks), slower than cuBLAS in the default model's batch-64
 # steps on the H200 (results/profile_small_gemm_*_b64.json, round-robin: draft 1,589 vs 1,431 us, verify 4 x 5 rows
@@ -99,14 +98,9 @@ def residual_and_mlp(x, attn_out, norm_w, eps: float, gate_up_w, down_w):
 
 def final_logits(x, mlp_out, norm_w, eps: float, head_w):
     """mlp_out: the last block's MLP output, or None when the blocks added it to x already (folded norms)."""
-    return F.linear(final_norm(x, mlp_out, norm_w, eps), head_w).float()
-
-
-def final_norm(x, mlp_out, norm_w, eps: float):
-    """The final norm's output, the lm_head's input (see final_logits)."""
     if mlp_out is not None:
         x = x + mlp_out
-    return rms_norm(x, norm_w, eps)
+    return F.linear(rms_norm(x, norm_w, eps), head_w).float()
 
 
 def rotate_and_store(qkv: torch.Tensor, cos, sin, cache: PagedKVCache, layer: int, view: StepView, heads: int,
@@ -142,7 +136,7 @@ def swiglu_of_unnormed(gate_up: torch.Tensor, x: torch.Tensor, eps: float) -> to
 
 EAGER = {"rope_tables": rope_tables, "attention_inputs": attention_inputs,
          "attention_output_and_mlp": attention_output_and_mlp, "residual_and_mlp": residual_and_mlp,
-         "final_logits": final_logits, "final_norm": final_norm}
+         "final_logits": final_logits}
 
 
 class RMSNorm(nn.Module):
@@ -266,7 +260,6 @@ class Transformer(nn.Module):
         # Replaced by compiled versions on the GPU (see `compile_steps`).
         self.step_fns = self.prefill_fns = EAGER
         self.norms_folded = False  # see fold_norms
-        self.gemv_projections: tuple[str, ...] = ()   # compile_steps: see GEMV_PROJECTIONS
 
     tp = None            # distributed.TensorParallel when this model is one rank's shard
 
@@ -323,7 +316,6 @@ class Transformer(nn.Module):
             self.fold_norms()
         for block in self.blocks:
             block.gemv_projections = gemv_projections
-        self.gemv_projections = gemv_projections
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.step_fns = {name: torch.compile(fn, dynamic=False, fullgraph=True, mode=STEP_COMPILE_MODE)
                          for name, fn in EAGER.items()}
@@ -346,19 +338,7 @@ class Transformer(nn.Module):
                 x, mlp_out = block(x, mlp_out, cos, sin, cache, view, self.attention, fns)
         if not all_logits:
             x, mlp_out = x[:, -1:], None if mlp_out is None else mlp_out[:, -1:]
-        logits = self.logits(x, mlp_out, fns)
+        logits = fns["final_logits"](x, mlp_out, self.norm.weight, self.cfg.rms_norm_eps, self.lm_head.weight)
         if self.cfg.vocab_shards > 1:        # this rank's slice of the vocabulary -> all of it, on every rank
             logits = self.tp.all_gather_last(logits)
         return logits
-
-    def logits(self, x, mlp_out, fns: dict) -> torch.Tensor:
-        """fp32 logits of the last hidden states x [batch, t, hidden]: the final norm, then the lm_head product
-        (kernels.gemv for small steps with "head" in gemv_projections, rounded to the model dtype first as
-        cuBLAS's product is)."""
-        eps, head = self.cfg.rms_norm_eps, self.lm_head.weight
-        b, t, hidden = x.shape
-        if "head" in self.gemv_projections and b * t <= GEMV_MAX_ROWS:
-            from .kernels.gemv import gemv
-            normed = fns["final_norm"](x, mlp_out, self.norm.weight, eps)
-            return gemv(normed.reshape(b * t, hidden), head).float().view(b, t, -1)
-        return fns["final_logits"](x, mlp_out, self.norm.weight, eps, head)
