@@ -61,15 +61,10 @@ def attention_rows(copy: float) -> tuple[list[dict], dict]:
             plain = time_attention(q, pools, table, lens)
             with_mass = time_attention(q, pools, table, lens, page_mass=True)
             with_block_mass = time_attention(q, pools, table, lens, page_mass=True, mass_tokens=64)
-            # A/B: the finishing kernel launched on its own after the merge (before FUSED_MASS_FINISH)
-            paged_attention.FUSED_MASS_FINISH = False
-            separate = [time_attention(q, pools, table, lens, page_mass=True, mass_tokens=t) for t in (None, 64)]
-            paged_attention.FUSED_MASS_FINISH = True
             row = {"kernel": "verify_attention", "batch": batch, "context": ctx, "q_len": q_len,
                    "us": plain * 1e3, "us_with_page_mass": with_mass * 1e3, "rel_err": err, "mass_rel_err": mass_err,
                    "bandwidth_fraction": kv_bytes / plain / 1e6 / copy, "page_mass_overhead": with_mass / plain - 1,
-                   "us_with_block64_mass": with_block_mass * 1e3, "block64_mass_overhead": with_block_mass / plain - 1,
-                   "us_with_mass_finished_separately": {"page": separate[0] * 1e3, "block64": separate[1] * 1e3}}
+                   "us_with_block64_mass": with_block_mass * 1e3, "block64_mass_overhead": with_block_mass / plain - 1}
             rows.append(row)
             print(row, flush=True)
             if (batch, ctx, q_len) == (1, 32768, 5):

@@ -76,14 +76,6 @@ for part in "$@"; do
               timeout 240 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 \
                 --attn-few ${ATTN_FEW:-default,64:4:2:3,64:4:2:4,128:4:1:2} --rounds 7 --top 3 \
                 --json "$OUT/profile_attn_few_8b_b1.json" 2>&1 | grep -A 6 "round-robin" ;;
-    mass-finish)   # verify steps with the page-mass by-product: finishing programs in the merge's launch vs their own
-              # launch, default model batch 64 (SpecAttn-Y's blk64 verify) and the 8B shape at batch 1 x 32K, round-robin
-              timeout 170 python3 benchmarks/profile_step.py --shape smol --batch 64 --context 8192 --verify \
-                specattn-y/blk64 --q-len 5 --mass-finish fused,separate --rounds 7 --top 6 \
-                --json "$OUT/profile_mass_finish_verify_b64.json" 2>&1 | grep -A 3 "round-robin"
-              timeout 170 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 32768 --verify \
-                specattn-y/blk64 --q-len 5 --mass-finish fused,separate --rounds 7 --top 6 \
-                --json "$OUT/profile_mass_finish_verify_8b_b1.json" 2>&1 | grep -A 3 "round-robin" ;;
     tune-b1)   # batch-1 attention (8B heads, 32K verify and sparse, 8K decode): 4 / 8 warps x 1-4 stages x splits
               timeout 330 python3 benchmarks/tune_attention.py --splits --names=b1-32k-q5-h8,b1-32k-q1-h8,b1-8k-q1-h8 \
                 --warps=4,8 --stages=1,2,3,4 --blocks=64,128 "$OUT/tune_splits_b1_stages.json" 2>&1 | grep -v -i warn \

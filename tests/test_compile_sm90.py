@@ -45,11 +45,6 @@ MASS = {"mass_part_ptr": "*fp32", "lse_ptr": "*fp32", "lens_ptr": "*i32", "sel_c
 compile_checked(paged_attention._page_mass_kernel, MASS, ["mass_pages", "mass_tiles", "stride_mb", "stride_mh"], [],
                 dict(Q_LEN=5, GROUP=4, HEADS=32, PAGE_SIZE=16, PAGES_PER_VALUE=4, VALUES_PER_TILE=2, MASS_SLOTS=4,
                      BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=True, PDL=2))
-MERGE_MASS = {**MERGE, **MASS}
-compile_checked(paged_attention._merge_and_mass_kernel, MERGE_MASS,
-                ["num_splits", "merge_rows", "mass_pages", "mass_tiles", "stride_mb", "stride_mh", "page_tiles"], [],
-                dict(HEAD_DIM=128, BLOCK_S=64, Q_LEN=5, GROUP=4, HEADS=32, PAGE_SIZE=16, PAGES_PER_VALUE=4,
-                     VALUES_PER_TILE=2, MASS_SLOTS=4, BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=True, PDL=2))
 WRITE = {**{p: "*bf16" for p in ["qkv_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_pool_ptr", "v_pool_ptr", "x_ptr",
                                  "bias_ptr"]}, "slots_ptr": "*i32"}
 compile_checked(rope_kv._rope_write_kernel, WRITE,

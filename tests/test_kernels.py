@@ -167,30 +167,6 @@ def test_block_page_mass_matches_reference(case, subtiles, monkeypatch):
 
 
 @pytest.mark.parametrize("mass_tokens", [None, 64], ids=["page", "block64"])
-@pytest.mark.parametrize("case", MASS_CASES[1:3], ids=["b3-q1-g4", "b2-q5-g8"])
-def test_mass_finished_in_the_merge_launch_equals_its_own_launch(case, mass_tokens, monkeypatch):
-    """FUSED_MASS_FINISH: the finishing programs share the merge's launch and take each row's log-sum-exp from the
-    splits' partials: the same output, the same mass (up to fp32 summation order) as the separate finishing
-    kernel reading the merged log-sum-exp, over 1, 3 and automatic splits, and over page lists."""
-    torch.manual_seed(47 + case[1])
-    q, k, v, table, lens = make_inputs(*case, torch.float32)
-    sel, counts = random_selection(case[0], case[2], case[5], keep=0.5)
-    scale = case[4] ** -0.5
-    for kw in ({}, dict(num_splits=3), dict(num_splits=1),
-               dict(selected_pages=sel, selected_counts=counts, num_splits=3)):
-        if mass_tokens and "selected_pages" in kw:
-            continue             # block mass is dense-only
-        runs = {}
-        for fused in (True, False):
-            monkeypatch.setattr(paged_attention, "FUSED_MASS_FINISH", fused)
-            runs[fused] = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True,
-                                                          mass_tokens=mass_tokens, **kw)
-        assert torch.equal(runs[True][0], runs[False][0])
-        assert (runs[True][1] - runs[False][1]).abs().max().item() < 1e-5
-        assert runs[True][1].sum().item() > 0
-
-
-@pytest.mark.parametrize("mass_tokens", [None, 64], ids=["page", "block64"])
 def test_page_mass_written_into_a_layer_of_a_callers_buffer(mass_tokens):
     """mass_out: the mass lands in one layer's slot of a bigger [layers, batch, kv_heads, pages] buffer, equal to
     the mass the kernel returns on its own; the other layers and the pages past the context stay untouched."""

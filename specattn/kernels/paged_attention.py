@@ -77,9 +77,6 @@ MASS_FINISH_TILE, MASS_FINISH_WARPS = 1024, 4
 # verify of 5 rows, batch 1 x 32K, 8B heads): plain 43.9 µs, block mass with 64-key tiles 59.1, with sub-tiles
 # 53.0; batch 32 / 64 at head_dim 64 have 64-key tiles already (unchanged).
 BLOCK_MASS_SUBTILES = True
-# Page mass after a split merge: its finishing programs in the merge's launch (_merge_and_mass_kernel), each taking
-# its rows' log-sum-exp from the splits' partials, instead of a launch of their own after the merge.
-FUSED_MASS_FINISH = True
 MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
 MERGE_WARPS: int | None = None   # warps of the split-merge kernel; None: merge_warps() (tune_attention sets it)
 
@@ -285,9 +282,10 @@ def _paged_attn_split_kernel(
 
 
 @triton.jit
-def _merge_row(row, o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, num_splits,
-               HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Output row `row` (flat b, t, h) and its log-sum-exp, from its splits' partial sums."""
+def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, num_splits,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
+    row = tl.program_id(0)                       # flat (b, t, h)
     splits = tl.arange(0, BLOCK_S)
     ok = splits < num_splits
     m = tl.load(m_part_ptr + row * num_splits + splits, mask=ok, other=float("-inf"))
@@ -303,28 +301,21 @@ def _merge_row(row, o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, num_sp
 
 
 @triton.jit
-def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, num_splits,
-                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
+                      mass_pages, mass_tiles, stride_mb, stride_mh,
+                      Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                      PAGES_PER_VALUE: tl.constexpr, VALUES_PER_TILE: tl.constexpr, MASS_SLOTS: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr,
+                      PDL: tl.constexpr):
+    """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight. All rows of a
+    block of pages in one tile: a loop over rows would serialise dependent loads. Each page reads the value
+    holding it (its own page sum, or its block's sum spread over the block's pages) and its tile's row max."""
     wait_for_predecessor(PDL)
-    _merge_row(tl.program_id(0), o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, num_splits, HEAD_DIM, BLOCK_S)
-
-
-@triton.jit
-def _mass_tile(pid_bh, pid_p, mass_part_ptr, lse_ptr, m_part_ptr, l_part_ptr, num_splits, lens_ptr, sel_count_ptr,
-               mass_ptr, mass_pages, mass_tiles, stride_mb, stride_mh,
-               Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
-               PAGES_PER_VALUE: tl.constexpr, VALUES_PER_TILE: tl.constexpr, MASS_SLOTS: tl.constexpr,
-               BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr,
-               BLOCK_S: tl.constexpr):
-    """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight, for the BLOCK_P pages of tile
-    pid_p of (sequence, KV head) pid_bh. All rows of a block of pages in one tile: a loop over rows would serialise
-    dependent loads. Each page reads the value holding it (its own page sum, or its block's sum spread over the
-    block's pages) and its tile's row max. The rows' log-sum-exp: read from lse_ptr (BLOCK_S 0), or computed from
-    the splits' partial maxima and sums (BLOCK_S >= splits), as the merge computes it."""
+    pid_bh = tl.program_id(0)
     kv_heads = HEADS // GROUP
     b = pid_bh // kv_heads
     kvh = pid_bh % kv_heads
-    vpage = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    vpage = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     if SPARSE:
         n_pages = tl.load(sel_count_ptr + pid_bh)
     else:
@@ -332,18 +323,8 @@ def _mass_tile(pid_bh, pid_p, mass_part_ptr, lse_ptr, m_part_ptr, l_part_ptr, nu
     ok = vpage < n_pages                          # pages no split visited hold stale scratch: skip them
     r = tl.arange(0, BLOCK_R)                     # row r = (query head g, new token t)
     row_ok = r < GROUP * Q_LEN
-    flat = (b * Q_LEN + r % Q_LEN) * HEADS + kvh * GROUP + r // Q_LEN
-    if BLOCK_S > 0:
-        s = tl.arange(0, BLOCK_S)
-        parts = row_ok[:, None] & (s < num_splits)[None, :]
-        m_s = tl.load(m_part_ptr + flat[:, None] * num_splits + s[None, :], mask=parts, other=float("-inf"))
-        l_s = tl.load(l_part_ptr + flat[:, None] * num_splits + s[None, :], mask=parts, other=0.0)
-        m_max = tl.max(m_s, 1)
-        w = tl.where(parts & (m_s > float("-inf")), tl.exp(m_s - m_max[:, None]), 0.0)
-        l_total = tl.where(row_ok, tl.sum(l_s * w, 1), 1.0)      # 1: no log(0) on padding rows
-        lse = tl.where(row_ok, m_max + tl.log(l_total), 0.0)
-    else:
-        lse = tl.load(lse_ptr + flat, mask=row_ok, other=0.0)
+    head = kvh * GROUP + r // Q_LEN
+    lse = tl.load(lse_ptr + (b * Q_LEN + r % Q_LEN) * HEADS + head, mask=row_ok, other=0.0)
     rows = mass_part_ptr + (pid_bh * GROUP * Q_LEN + r).to(tl.int64)[:, None] * mass_tiles * MASS_SLOTS
     both = row_ok[:, None] & ok[None, :]
     value = vpage // PAGES_PER_VALUE
@@ -355,43 +336,6 @@ def _mass_tile(pid_bh, pid_p, mass_part_ptr, lse_ptr, m_part_ptr, l_part_ptr, nu
         part = part / tl.maximum(in_block, 1).to(tl.float32)[None, :]
     total = tl.sum(tl.where(both, part * tl.exp(m - lse[:, None]), 0.0), 0)
     tl.store(mass_ptr + b * stride_mb + kvh * stride_mh + vpage, total, mask=vpage < mass_pages)
-
-
-@triton.jit
-def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
-                      mass_pages, mass_tiles, stride_mb, stride_mh,
-                      Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                      PAGES_PER_VALUE: tl.constexpr, VALUES_PER_TILE: tl.constexpr, MASS_SLOTS: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr,
-                      PDL: tl.constexpr):
-    """The page mass of one tile of pages (_mass_tile), the rows' log-sum-exp read from lse_ptr."""
-    wait_for_predecessor(PDL)
-    _mass_tile(tl.program_id(0), tl.program_id(1), mass_part_ptr, lse_ptr, lse_ptr, lse_ptr, 0, lens_ptr,
-               sel_count_ptr, mass_ptr, mass_pages, mass_tiles, stride_mb, stride_mh, Q_LEN, GROUP, HEADS, PAGE_SIZE,
-               PAGES_PER_VALUE, VALUES_PER_TILE, MASS_SLOTS, BLOCK_P, BLOCK_R, SPARSE, MASS_TILE, 0)
-
-
-@triton.jit
-def _merge_and_mass_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, num_splits, merge_rows,
-                           mass_part_ptr, lens_ptr, sel_count_ptr, mass_ptr, mass_pages, mass_tiles, stride_mb,
-                           stride_mh, page_tiles,
-                           HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, Q_LEN: tl.constexpr, GROUP: tl.constexpr,
-                           HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGES_PER_VALUE: tl.constexpr,
-                           VALUES_PER_TILE: tl.constexpr, MASS_SLOTS: tl.constexpr, BLOCK_P: tl.constexpr,
-                           BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr, PDL: tl.constexpr):
-    """The split merge and the page-mass finish in one launch (FUSED_MASS_FINISH): programs below merge_rows merge
-    one row each; the others each finish a tile of pages, with their rows' log-sum-exp computed from the same
-    partials instead of read from the merge's output, which other programs of this launch are writing."""
-    wait_for_predecessor(PDL)
-    pid = tl.program_id(0)
-    if pid < merge_rows:
-        _merge_row(pid, o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, num_splits, HEAD_DIM, BLOCK_S)
-    else:
-        tile = pid - merge_rows
-        _mass_tile(tile // page_tiles, tile % page_tiles, mass_part_ptr, lse_ptr, m_part_ptr, l_part_ptr, num_splits,
-                   lens_ptr, sel_count_ptr, mass_ptr, mass_pages, mass_tiles, stride_mb, stride_mh, Q_LEN, GROUP,
-                   HEADS, PAGE_SIZE, PAGES_PER_VALUE, VALUES_PER_TILE, MASS_SLOTS, BLOCK_P, BLOCK_R, SPARSE,
-                   MASS_TILE, BLOCK_S)
 
 
 @functools.cache
@@ -534,31 +478,20 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         MASS_SUB=mass_sub, EARLY=EARLY_PAGES,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev),
     )
-    pages_per_value = launch.block_n // page_size // values_per_tile
-    finish = None
-    if page_mass and not return_lse:
-        finish = _MassFinish(mass_part, lens_after, counts, batch, kv_heads, group, q_len, page_size, mass_pages,
-                             mass_tiles, slots, pages_per_value, values_per_tile, sparse, mass_tile, mass_out, dev)
     if not direct:
         block_s = max(2, triton.next_power_of_2(num_splits))
-        warps = MERGE_WARPS or merge_warps(block_s, dim)
-        if finish is not None and FUSED_MASS_FINISH:
-            merge_rows = batch * q_len * heads
-            _merge_and_mass_kernel[(merge_rows + finish.programs,)](
-                o_part, m_part, l_part, out, lse, num_splits, merge_rows, *finish.args, finish.page_tiles,
-                HEAD_DIM=dim, BLOCK_S=block_s, **finish.constexprs, num_warps=warps, **launch_options(dev))
-            return out, finish.mass
         _merge_splits_kernel[(batch * q_len * heads,)](
             o_part, m_part, l_part, out, lse, num_splits,
-            HEAD_DIM=dim, BLOCK_S=block_s, num_warps=warps, **launch_options(dev),
+            HEAD_DIM=dim, BLOCK_S=block_s, num_warps=MERGE_WARPS or merge_warps(block_s, dim), **launch_options(dev),
         )
     if return_lse:                                # each row's log-sum-exp [batch, q_len, heads]: Vegas scores
         return out, lse
-    if finish is None:
+    if not page_mass:
         return out
-    _page_mass_kernel[(batch * kv_heads, finish.page_tiles)](
-        mass_part, lse, *finish.args[1:], **finish.constexprs, num_warps=MASS_FINISH_WARPS, **launch_options(dev))
-    return out, finish.mass
+    pages_per_value = launch.block_n // page_size // values_per_tile
+    return out, _finish_page_mass(mass_part, lse, lens_after, counts, batch, kv_heads, group, q_len, page_size,
+                                  mass_pages, mass_tiles, slots, pages_per_value, values_per_tile, sparse, mass_tile,
+                                  mass_out)
 
 
 def mass_slots(values_per_tile: int, one_hot: bool) -> int:
@@ -572,29 +505,26 @@ def mass_slots(values_per_tile: int, one_hot: bool) -> int:
     return max(16, slots) if one_hot else slots
 
 
-class _MassFinish:
-    """How the split kernel's partial page (or block) sums become the mass [batch, kv_heads, pages] (a view of
-    mass_out if given): rescaled with each row's log-sum-exp and summed over the rows of a KV head, a tile of
-    MASS_FINISH_TILE (row, page) elements per program. mass_part: [rows, tiles x slots] (see mass_slots);
-    pages_per_value: 1 for page mass, the block's pages for block mass. `args` and `constexprs` are what
-    _page_mass_kernel and _merge_and_mass_kernel take from mass_part on."""
-
-    def __init__(self, mass_part, lens_after, counts, batch: int, kv_heads: int, group: int, q_len: int,
-                 page_size: int, mass_pages: int, mass_tiles: int, slots: int, pages_per_value: int,
-                 values_per_tile: int, sparse: bool, mass_tile: bool, mass_out: torch.Tensor | None, device):
-        if mass_out is None:
-            mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=device)
-        else:
-            if (mass_out.dtype != torch.float32 or mass_out.shape[:2] != (batch, kv_heads)
-                    or mass_out.shape[2] < mass_pages or mass_out.stride(2) != 1):
-                raise ValueError(f"mass_out must be fp32 [{batch}, {kv_heads}, >= {mass_pages}] with contiguous "
-                                 "pages")
-            mass = mass_out[:, :, :mass_pages]
-        block_r = triton.next_power_of_2(group * q_len)
-        block_p = max(16, MASS_FINISH_TILE // block_r)
-        self.mass, self.page_tiles = mass, triton.cdiv(mass_pages, block_p)
-        self.programs = batch * kv_heads * self.page_tiles
-        self.args = (mass_part, lens_after, counts, mass, mass_pages, mass_tiles, mass.stride(0), mass.stride(1))
-        self.constexprs = dict(Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size,
-                               PAGES_PER_VALUE=pages_per_value, VALUES_PER_TILE=values_per_tile, MASS_SLOTS=slots,
-                               BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse, MASS_TILE=mass_tile)
+def _finish_page_mass(mass_part, lse, lens_after, counts, batch: int, kv_heads: int, group: int, q_len: int,
+                      page_size: int, mass_pages: int, mass_tiles: int, slots: int, pages_per_value: int,
+                      values_per_tile: int, sparse: bool, mass_tile: bool,
+                      mass_out: torch.Tensor | None = None) -> torch.Tensor:
+    """The split kernel's partial page (or block) sums, rescaled with each row's log-sum-exp and summed over the
+    rows of a KV head: [batch, kv_heads, pages] (a view of mass_out if given). mass_part: [rows, tiles x slots]
+    (see mass_slots); pages_per_value: 1 for page mass, the block's pages for block mass."""
+    if mass_out is None:
+        mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=lse.device)
+    else:
+        if (mass_out.dtype != torch.float32 or mass_out.shape[:2] != (batch, kv_heads)
+                or mass_out.shape[2] < mass_pages or mass_out.stride(2) != 1):
+            raise ValueError(f"mass_out must be fp32 [{batch}, {kv_heads}, >= {mass_pages}] with contiguous pages")
+        mass = mass_out[:, :, :mass_pages]
+    block_r = triton.next_power_of_2(group * q_len)
+    block_p = max(16, MASS_FINISH_TILE // block_r)   # a tile of MASS_FINISH_TILE (row, page) elements
+    _page_mass_kernel[(batch * kv_heads, triton.cdiv(mass_pages, block_p))](
+        mass_part, lse, lens_after, counts, mass, mass_pages, mass_tiles, mass.stride(0), mass.stride(1),
+        Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size, PAGES_PER_VALUE=pages_per_value,
+        VALUES_PER_TILE=values_per_tile, MASS_SLOTS=slots, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
+        MASS_TILE=mass_tile, num_warps=MASS_FINISH_WARPS, **launch_options(lse.device),
+    )
+    return mass
