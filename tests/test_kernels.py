@@ -103,7 +103,12 @@ def test_programmatic_dependent_launch_stays_off_where_it_cannot_run(monkeypatch
 
 
 def test_num_splits_fill_the_gpu_but_never_exceed_blocks():
-    assert paged_attention.choose_num_splits(1, 8, 32768, 132) == 33
+    assert paged_attention.choose_num_splits(1, 8, 32768, 132) == 32    # 33 would hold 16 tiles each, the last none
+    assert paged_attention.choose_num_splits(1, 8, 32768 + 16, 132) == 33           # 513 tiles: 16 in the last
+    few = paged_attention.FEW_PROGRAMS
+    assert paged_attention.choose_num_splits(1, 8, 8192, 132, few) == 32             # 64 tiles of 128 keys, 2 each
+    assert paged_attention.choose_num_splits(1, 8, 8192 + 128, 132, few) == 33       # 65 tiles: 2 each but one
+    assert paged_attention.choose_num_splits(1, 8, 1000, 132, few) == 8                # 8 tiles: one each
     assert paged_attention.choose_num_splits(64, 8, 32768, 132) == 1
     assert paged_attention.choose_num_splits(1, 3, 100, 132) == 2      # 100 tokens = 2 blocks of 64
 
