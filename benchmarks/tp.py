@@ -35,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS,
     copy_bandwidth_gbs,
     environment,
+    gemv_projections,
     median_ms,
     profile_kernels,
     weight_bytes_per_step,
@@ -198,7 +199,14 @@ def cell(model, name: str, batch: int, ctx: int, tp, copy_gbs: float, spec: bool
     return row
 
 
-def run(tp, profile: bool = False, only_8b: bool = False) -> dict:
+# --only-70b: the 70B shape's batch-1 8K cell on the folded path with the small-step kernels named after "@" (model.
+# GEMV_PROJECTIONS; none: cuBLAS for every product) beside the default and the unfolded path
+ONLY_70B_VARIANTS = ("llama3-70b", "llama3-70b-unfolded", "llama3-70b@none", "llama3-70b@qkv+rope",
+                     "llama3-70b@o+down")
+PROFILED = ("llama3-8b", "llama3-70b", "llama3-70b-unfolded")     # with --profile, at batch 1 x 8K
+
+
+def run(tp, profile: bool = False, only_8b: bool = False, only_70b: bool = False) -> dict:
     world = tp.world if tp else 1
     copy = copy_bandwidth_gbs()
     plan = [("llama3-8b", LLAMA3_8B, CELLS_8B, [], False)]
@@ -207,15 +215,19 @@ def run(tp, profile: bool = False, only_8b: bool = False) -> dict:
     if tp and not only_8b:
         plan += [("llama3-8b-whole-head", LLAMA3_8B, CELLS_8B[:1], [], True),
                  ("llama3-70b", LLAMA3_70B, CELLS_70B, SPEC_CELLS_70B, False)]
-    rows, folded_default = [], specattn.model.TP_FOLDED
+    if tp and only_70b:
+        plan = [(name, LLAMA3_70B, CELLS_70B[:1], [], False) for name in ONLY_70B_VARIANTS]
+    rows, folded_default, gemv_default = [], specattn.model.TP_FOLDED, specattn.model.GEMV_PROJECTIONS
     for name, cfg, cells, spec_cells, whole_head in plan:
         # "-unfolded": tensor-parallel blocks on their unfolded path (model.TP_FOLDED False: cuBLAS products and
         # norm kernels), the A/B against the default folded one
         specattn.model.TP_FOLDED = folded_default and not name.endswith("-unfolded")
+        gemv = name.split("@")[1] if "@" in name else None
+        specattn.model.GEMV_PROJECTIONS = gemv_default if gemv is None else gemv_projections(gemv)
         model = sharded_random_model(cfg, tp, whole_head)
         for batch, ctx in cells:
             row = cell(model, name, batch, ctx, tp, copy, (batch, ctx) in spec_cells,
-                       profile and name == "llama3-8b" and (batch, ctx) == CELLS_8B[0])
+                       profile and name in PROFILED and (batch, ctx) == (1, 8192))
             rows.append(row)
             if not tp or tp.rank == 0:
                 print(json.dumps(row), flush=True)
@@ -224,7 +236,7 @@ def run(tp, profile: bool = False, only_8b: bool = False) -> dict:
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    specattn.model.TP_FOLDED = folded_default
+    specattn.model.TP_FOLDED, specattn.model.GEMV_PROJECTIONS = folded_default, gemv_default
     return {**environment(), "gpus": world, "copy_gbs_per_gpu": copy, "rows": rows,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if world > 1 else None,
             "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
@@ -266,9 +278,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS / "tp.json"))
     ap.add_argument("--merge", nargs="+", help="combine the JSON of a one-GPU and a TP run")
-    ap.add_argument("--profile", action="store_true", help="kernel list of the 8B b1 8K step")
+    ap.add_argument("--profile", action="store_true", help="kernel lists of the b1 8K steps of PROFILED")
     ap.add_argument("--only-8b", action="store_true", help="TP: the 8B shape's cells only (both block paths), "
                     "no whole-head or 70B rows: a short A/B run")
+    ap.add_argument("--only-70b", action="store_true", help="TP: the 70B shape's batch-1 8K cell only, block path "
+                    "and small-step kernel variants (ONLY_70B_VARIANTS)")
     args = ap.parse_args()
     if args.merge:
         result = merge([json.loads(Path(p).read_text()) for p in args.merge])
@@ -276,7 +290,7 @@ def main() -> None:
         print(json.dumps(result["summary"], indent=1))
         return
     tp = init_tensor_parallel()
-    result = run(tp, args.profile, args.only_8b)
+    result = run(tp, args.profile, args.only_8b, args.only_70b)
     if not tp or tp.rank == 0:
         write_json_atomic(args.out, result)
     if tp:
