@@ -41,6 +41,11 @@ GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "rope", "o", "gate_up", "swiglu", "d
 # "swiglu" against without (results/profile_swiglu_*_b1.json): default model (3,072 columns) 643 vs 681 us,
 # 8B shape (28,672) 5,012 vs 4,622 us.
 GEMV_MAX_GATE_UP = 8192
+# ... and the output and down products (whose outputs are the hidden size) stay with cuBLAS above this hidden size:
+# 70B shape at TP=2 (hidden 8,192), batch 1 x 8K, 2 H200s (results/tp2_70b_variants.json): 23.10 ms a step with
+# them on kernels.gemv, 21.45 with only the q/k/v product there, 21.36 with none; the 8B shape at TP=2 (hidden 4,096)
+# 3.53 with all of them, 3.63 with only q/k/v, 3.76 with none (tp2_8b_variants.json).
+GEMV_MAX_HIDDEN_OUT = 4096
 # Steps of at most this many rows use them: 2 (FMA sums; 4-row products were slower than cuBLAS, tune_gemv_pdl.json).
 # Above gemv.MAX_ROWS they run on tensor cores (gemv.row_blocks), slower than cuBLAS in the default model's batch-64
 # steps on the H200 (results/profile_small_gemm_*_b64.json, round-robin: draft 1,589 vs 1,431 us, verify 4 x 5 rows
@@ -52,6 +57,17 @@ GEMV_MAX_ROWS = 2
 # variable SPECATTN_STEP_COMPILE_MODE sets it for a whole benchmark run.
 STEP_COMPILE_MODE: str | None = os.environ.get("SPECATTN_STEP_COMPILE_MODE") or None
 STEP_COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
+
+
+def small_step_projections(cfg: ModelConfig) -> tuple[str, ...]:
+    """GEMV_PROJECTIONS less what stays with cuBLAS for this (rank's) shape: wide gate/up products
+    (GEMV_MAX_GATE_UP) and, above GEMV_MAX_HIDDEN_OUT, the output and down products."""
+    drop = set()
+    if 2 * cfg.intermediate_size > GEMV_MAX_GATE_UP:
+        drop |= {"gate_up", "swiglu"}
+    if cfg.hidden_size > GEMV_MAX_HIDDEN_OUT:
+        drop |= {"o", "down"}
+    return tuple(name for name in GEMV_PROJECTIONS if name not in drop)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -307,9 +323,7 @@ class Transformer(nn.Module):
             raise InvalidInputError(f"step compile mode {STEP_COMPILE_MODE!r} is not supported; set "
                                     f"SPECATTN_STEP_COMPILE_MODE to one of {STEP_COMPILE_MODES[1:]} or unset it "
                                     "(STEP_COMPILE_MODE)")
-        gemv_projections = GEMV_PROJECTIONS if FOLD_NORMS and (self.tp is None or TP_FOLDED) else ()
-        if 2 * self.cfg.intermediate_size > GEMV_MAX_GATE_UP:     # cuBLAS keeps its gate/up product at every size
-            gemv_projections = tuple(name for name in gemv_projections if name not in ("gate_up", "swiglu"))
+        gemv_projections = small_step_projections(self.cfg) if FOLD_NORMS and (self.tp is None or TP_FOLDED) else ()
         if COLUMN_MAJOR_WEIGHTS:
             self.store_weights_column_major(keep_row_major=gemv_projections)
         if FOLD_NORMS:

@@ -170,6 +170,20 @@ def test_compiling_the_steps_folds_the_norms_into_the_projections(tiny_cfg):
     assert run(model, [[5, 6, 7]], max_new_tokens=12).tokens == before
 
 
+def test_small_step_kernels_by_shape(tiny_cfg):
+    """Which products of a small step compile_steps hands to kernels.gemv: all for small shapes; cuBLAS keeps
+    gate/up past GEMV_MAX_GATE_UP columns (8B: 28,672) and the output and down products past a hidden size of
+    GEMV_MAX_HIDDEN_OUT (a 70B rank at TP=2: 8,192)."""
+    import dataclasses
+
+    from specattn.model import GEMV_PROJECTIONS, small_step_projections
+    assert small_step_projections(tiny_cfg) == GEMV_PROJECTIONS
+    llama8b_rank = dataclasses.replace(tiny_cfg, hidden_size=4096, intermediate_size=14336 // 2)
+    assert small_step_projections(llama8b_rank) == ("qkv", "rope", "o", "down")
+    llama70b_rank = dataclasses.replace(tiny_cfg, hidden_size=8192, intermediate_size=28672 // 2)
+    assert small_step_projections(llama70b_rank) == ("qkv", "rope")
+
+
 def test_folded_weights_through_the_unfolded_blocks_are_the_same_model(tiny_cfg):
     """Tensor-parallel blocks keep the unfolded code (norm, then projection) after fold_norms: with norm weights of
     one and the weights folded into the projections it must compute the same logits."""
