@@ -2,9 +2,10 @@
 column-major view the model gives cuBLAS otherwise, for the decode projections of the 8B shape and the Qwen2.5
 0.5B / 1.5B pair, at 1, 2 and 4 rows.
 
-Usage (GPU): python benchmarks/tune_gemv.py [out.json]. Times are medians of CUDA-graph replays of 20 calls with
-the weights rotated past L2, so every call reads its weight from HBM; back-to-back gemv calls overlap through PDL
-as they do in a step. The kernel as of 2026-11-29 (earlier split-K version: results/tune_gemv.json)."""
+Usage (GPU): python benchmarks/tune_gemv.py [out.json] [--shapes=8b,70b/2] [--rows=1,2]. Times are medians of
+CUDA-graph replays of 20 calls with the weights rotated past L2, so every call reads its weight from HBM;
+back-to-back gemv calls overlap through PDL as they do in a step. The kernel as of 2026-11-29 (earlier split-K
+version: results/tune_gemv.json)."""
 from __future__ import annotations
 
 import itertools
@@ -23,6 +24,8 @@ SHAPES = {  # name: (N, K)
     "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (28672, 4096), "8b down": (4096, 14336),
     "1.5b qkv": (2048, 1536), "1.5b o": (1536, 1536), "1.5b gate_up": (17920, 1536), "1.5b down": (1536, 8960),
     "0.5b qkv": (1152, 896), "0.5b o": (896, 896), "0.5b gate_up": (9728, 896), "0.5b down": (896, 4864),
+    # one rank of the 70B shape at TP=2 (hidden 8,192), where the output and down products lost to cuBLAS in the step
+    "70b/2 qkv": (5120, 8192), "70b/2 o": (8192, 4096), "70b/2 down": (8192, 14336),
 }
 
 
@@ -33,21 +36,26 @@ def tilings(m: int):
 
 
 def main() -> None:
-    out_path = sys.argv[1] if len(sys.argv) > 1 else None
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--shapes=")), "")   # name prefixes
+    ms = tuple(int(m) for m in next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--rows=")), "1,2,4")
+               .split(","))
+    out_path = args[0] if args else None
     copy = copy_bandwidth_gbs()
     rows = []
     for name, (n, k) in SHAPES.items():
-        rows += shape_rows(name, n, k, copy)
+        if not only or any(name.startswith(p) for p in only.split(",")):
+            rows += shape_rows(name, n, k, copy, ms)
     if out_path:
         write_json_atomic(out_path, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
 
 
-def shape_rows(name: str, n: int, k: int, copy: float) -> list[dict]:
+def shape_rows(name: str, n: int, k: int, copy: float, ms: tuple[int, ...] = (1, 2, 4)) -> list[dict]:
     rows = []
     copies = max(2, int(3e8 // (n * k * 2)) + 1)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
     ws_col = [w.t().contiguous().t() for w in ws[:2]] * (copies // 2 + 1)
-    for m in (1, 2, 4):
+    for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         cublas_row = replay_us(lambda i: F.linear(x, ws[i % copies]))
         cublas_col = replay_us(lambda i: F.linear(x, ws_col[i % copies]))
