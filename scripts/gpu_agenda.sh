@@ -76,6 +76,9 @@ for part in "$@"; do
               timeout 240 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 \
                 --attn-few ${ATTN_FEW:-default,64:4:2:3,64:4:2:4,128:4:1:2} --rounds 7 --top 3 \
                 --json "$OUT/profile_attn_few_8b_b1.json" 2>&1 | grep -A 6 "round-robin" ;;
+    gemv-70b)   # kernels.gemv tilings vs cuBLAS on one 70B rank's (TP=2) and the 8B shapes, one row (no model files)
+              timeout 200 python3 benchmarks/tune_gemv.py --shapes=70b/2,8b --rows=1 "$OUT/tune_gemv_70b.json" 2>&1 \
+                | grep "m=1" ;;
     tune-b1)   # batch-1 attention (8B heads, 32K verify and sparse, 8K decode): 4 / 8 warps x 1-4 stages x splits
               timeout 330 python3 benchmarks/tune_attention.py --splits --names=b1-32k-q5-h8,b1-32k-q1-h8,b1-8k-q1-h8 \
                 --warps=4,8 --stages=1,2,3,4 --blocks=64,128 "$OUT/tune_splits_b1_stages.json" 2>&1 | grep -v -i warn \
