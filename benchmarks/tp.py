@@ -201,8 +201,7 @@ def cell(model, name: str, batch: int, ctx: int, tp, copy_gbs: float, spec: bool
 
 # --only-70b: the 70B shape's batch-1 8K cell on the folded path with the small-step kernels named after "@" (model.
 # GEMV_PROJECTIONS; none: cuBLAS for every product) beside the default and the unfolded path
-ONLY_70B_VARIANTS = ("llama3-70b", "llama3-70b-unfolded", "llama3-70b@none", "llama3-70b@qkv+rope",
-                     "llama3-70b@o+down")
+ONLY_70B_VARIANTS = ("llama3-70b", "llama3-70b@qkv+rope+o+down", "llama3-70b@none")
 PROFILED = ("llama3-8b", "llama3-70b", "llama3-70b-unfolded")     # with --profile, at batch 1 x 8K
 # --only-8b --variants: the same for the 8B shape's batch-1 8K cell
 ONLY_8B_VARIANTS = ("llama3-8b", "llama3-8b-unfolded", "llama3-8b@none", "llama3-8b@qkv+rope", "llama3-8b@o+down")
@@ -222,12 +221,14 @@ def run(tp, profile: bool = False, only_8b: bool = False, only_70b: bool = False
     if tp and only_8b and variants:
         plan = [(name, LLAMA3_8B, CELLS_8B[:1], [], False) for name in ONLY_8B_VARIANTS]
     rows, folded_default, gemv_default = [], specattn.model.TP_FOLDED, specattn.model.GEMV_PROJECTIONS
+    hidden_default = specattn.model.GEMV_MAX_HIDDEN_OUT
     for name, cfg, cells, spec_cells, whole_head in plan:
         # "-unfolded": tensor-parallel blocks on their unfolded path (model.TP_FOLDED False: cuBLAS products and
         # norm kernels), the A/B against the default folded one
         specattn.model.TP_FOLDED = folded_default and not name.endswith("-unfolded")
-        gemv = name.split("@")[1] if "@" in name else None
+        gemv = name.split("@")[1] if "@" in name else None       # exactly these, whatever the shape
         specattn.model.GEMV_PROJECTIONS = gemv_default if gemv is None else gemv_projections(gemv)
+        specattn.model.GEMV_MAX_HIDDEN_OUT = hidden_default if gemv is None else 1 << 30
         model = sharded_random_model(cfg, tp, whole_head)
         for batch, ctx in cells:
             row = cell(model, name, batch, ctx, tp, copy, (batch, ctx) in spec_cells,
@@ -241,6 +242,7 @@ def run(tp, profile: bool = False, only_8b: bool = False, only_70b: bool = False
         gc.collect()
         torch.cuda.empty_cache()
     specattn.model.TP_FOLDED, specattn.model.GEMV_PROJECTIONS = folded_default, gemv_default
+    specattn.model.GEMV_MAX_HIDDEN_OUT = hidden_default
     return {**environment(), "gpus": world, "copy_gbs_per_gpu": copy, "rows": rows,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if world > 1 else None,
             "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",

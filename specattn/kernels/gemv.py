@@ -58,14 +58,17 @@ def choose_tiling(m: int, n: int, k: int) -> GemvTiling:
     """Tensor-core path (more than MAX_ROWS rows): 32 columns and 64 keys a tile (not yet timed). FMA path: the
     fastest tiling at one and two rows in the H200 sweep (results/tune_gemv_pdl.json): 8 columns a program; a whole
     row of K <= 1,024 (Qwen2.5 0.5B / 1.5B) in one or two tiles; at K = 4,096 256-key tiles over 8 warps for the
-    wide q/k/v product (6,144 columns, one row: 15.2 against 18.4 us for 512 x 4 warps), 512-key tiles otherwise."""
+    wide q/k/v product (6,144 columns, one row: 15.2 against 18.4 us for 512 x 4 warps), 512-key tiles otherwise;
+    16 columns over 8 warps for outputs of 8,192 columns and more at one row (results/tune_gemv_70b.json)."""
     if m > MAX_ROWS:
         return GemvTiling(32, 64, 4)
     if n >= 16384:                     # gate/up products: 16 columns at one row (8B: 59.8 us, as cuBLAS)
         return GemvTiling(16 if m == 1 else 8, 256, 4)
     if k <= 2048:
         return GemvTiling(8, 1024, 4)
-    if n >= 6144:
+    if n >= 8192 and m == 1:           # a 70B rank's (TP=2) output and down products: 19.7 / 58.5 against 24.2 /
+        return GemvTiling(16, 256, 8)  # 74.1 us for 8 x 512 over 4 warps (cuBLAS 19.3 / 57.4; tune_gemv_70b.json)
+    if n >= 5120:                      # ... and its q/k/v product (5,120 columns): 25.5 against 33.7 us
         return GemvTiling(8, 256, 8 if m == 1 else 4)
     return GemvTiling(8, 512 if m <= 2 else 256, 4)
 
