@@ -221,14 +221,12 @@ def run(tp, profile: bool = False, only_8b: bool = False, only_70b: bool = False
     if tp and only_8b and variants:
         plan = [(name, LLAMA3_8B, CELLS_8B[:1], [], False) for name in ONLY_8B_VARIANTS]
     rows, folded_default, gemv_default = [], specattn.model.TP_FOLDED, specattn.model.GEMV_PROJECTIONS
-    hidden_default = specattn.model.GEMV_MAX_HIDDEN_OUT
     for name, cfg, cells, spec_cells, whole_head in plan:
         # "-unfolded": tensor-parallel blocks on their unfolded path (model.TP_FOLDED False: cuBLAS products and
         # norm kernels), the A/B against the default folded one
         specattn.model.TP_FOLDED = folded_default and not name.endswith("-unfolded")
-        gemv = name.split("@")[1] if "@" in name else None       # exactly these, whatever the shape
+        gemv = name.split("@")[1] if "@" in name else None
         specattn.model.GEMV_PROJECTIONS = gemv_default if gemv is None else gemv_projections(gemv)
-        specattn.model.GEMV_MAX_HIDDEN_OUT = hidden_default if gemv is None else 1 << 30
         model = sharded_random_model(cfg, tp, whole_head)
         for batch, ctx in cells:
             row = cell(model, name, batch, ctx, tp, copy, (batch, ctx) in spec_cells,
@@ -242,7 +240,6 @@ def run(tp, profile: bool = False, only_8b: bool = False, only_70b: bool = False
         gc.collect()
         torch.cuda.empty_cache()
     specattn.model.TP_FOLDED, specattn.model.GEMV_PROJECTIONS = folded_default, gemv_default
-    specattn.model.GEMV_MAX_HIDDEN_OUT = hidden_default
     return {**environment(), "gpus": world, "copy_gbs_per_gpu": copy, "rows": rows,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if world > 1 else None,
             "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",

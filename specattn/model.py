@@ -41,11 +41,6 @@ GEMV_PROJECTIONS: tuple[str, ...] = ("qkv", "rope", "o", "gate_up", "swiglu", "d
 # "swiglu" against without (results/profile_swiglu_*_b1.json): default model (3,072 columns) 643 vs 681 us,
 # 8B shape (28,672) 5,012 vs 4,622 us.
 GEMV_MAX_GATE_UP = 8192
-# ... and the output and down products (whose outputs are the hidden size) stay with cuBLAS above this hidden size:
-# 70B shape at TP=2 (hidden 8,192), batch 1 x 8K, 2 H200s (results/tp2_70b_variants.json): 23.10 ms a step with
-# them on kernels.gemv, 21.45 with only the q/k/v product there, 21.36 with none; the 8B shape at TP=2 (hidden 4,096)
-# 3.53 with all of them, 3.63 with only q/k/v, 3.76 with none (tp2_8b_variants.json).
-GEMV_MAX_HIDDEN_OUT = 4096
 # Steps of at most this many rows use them: 2 (FMA sums; 4-row products were slower than cuBLAS, tune_gemv_pdl.json).
 # Above gemv.MAX_ROWS they run on tensor cores (gemv.row_blocks), slower than cuBLAS in the default model's batch-64
 # steps on the H200 (results/profile_small_gemm_*_b64.json, round-robin: draft 1,589 vs 1,431 us, verify 4 x 5 rows
@@ -60,14 +55,12 @@ STEP_COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
 
 
 def small_step_projections(cfg: ModelConfig) -> tuple[str, ...]:
-    """GEMV_PROJECTIONS less what stays with cuBLAS for this (rank's) shape: wide gate/up products
-    (GEMV_MAX_GATE_UP) and, above GEMV_MAX_HIDDEN_OUT, the output and down products."""
-    drop = set()
-    if 2 * cfg.intermediate_size > GEMV_MAX_GATE_UP:
-        drop |= {"gate_up", "swiglu"}
-    if cfg.hidden_size > GEMV_MAX_HIDDEN_OUT:
-        drop |= {"o", "down"}
-    return tuple(name for name in GEMV_PROJECTIONS if name not in drop)
+    """GEMV_PROJECTIONS less what stays with cuBLAS for this (rank's) shape: gate/up products wider than
+    GEMV_MAX_GATE_UP. (A 70B rank at TP=2 lost with its output and down products on kernels.gemv, 23.10 vs 21.45 ms
+    a step, until gemv.choose_tiling got tiles for outputs of 8,192 columns: then 20.64 vs 20.73 ms with them on
+    cuBLAS; results/tp2_70b_variants*.json.)"""
+    wide = 2 * cfg.intermediate_size > GEMV_MAX_GATE_UP
+    return tuple(name for name in GEMV_PROJECTIONS if not (wide and name in ("gate_up", "swiglu")))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

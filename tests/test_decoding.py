@@ -172,8 +172,7 @@ def test_compiling_the_steps_folds_the_norms_into_the_projections(tiny_cfg):
 
 def test_small_step_kernels_by_shape(tiny_cfg):
     """Which products of a small step compile_steps hands to kernels.gemv: all for small shapes; cuBLAS keeps
-    gate/up past GEMV_MAX_GATE_UP columns (8B: 28,672) and the output and down products past a hidden size of
-    GEMV_MAX_HIDDEN_OUT (a 70B rank at TP=2: 8,192)."""
+    gate/up past GEMV_MAX_GATE_UP columns (8B: 28,672; a 70B rank at TP=2: 28,672)."""
     import dataclasses
 
     from specattn.model import GEMV_PROJECTIONS, small_step_projections
@@ -181,7 +180,7 @@ def test_small_step_kernels_by_shape(tiny_cfg):
     llama8b_rank = dataclasses.replace(tiny_cfg, hidden_size=4096, intermediate_size=14336 // 2)
     assert small_step_projections(llama8b_rank) == ("qkv", "rope", "o", "down")
     llama70b_rank = dataclasses.replace(tiny_cfg, hidden_size=8192, intermediate_size=28672 // 2)
-    assert small_step_projections(llama70b_rank) == ("qkv", "rope")
+    assert small_step_projections(llama70b_rank) == ("qkv", "rope", "o", "down")
 
 
 def test_folded_weights_through_the_unfolded_blocks_are_the_same_model(tiny_cfg):
