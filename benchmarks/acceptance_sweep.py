@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, split_block_suffix  # noqa: E402
+from benchmarks.common import environment, split_block_suffix, split_refresh_suffix  # noqa: E402
 from specattn.api import METHODS, SpeculationParams, make_policy  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams  # noqa: E402
@@ -64,29 +64,12 @@ def summarize(rows: list[dict], budgets: list[int], methods: list[str]) -> dict:
     return out
 
 
-def refresh_suffix(method: str) -> tuple[str, int]:
-    """"specattn-y/r2" -> ("specattn-y", 2): the selection takes a verification's page mass every 2nd round only."""
-    if "/r" in method:
-        name, every = method.rsplit("/r", 1)
-        return name, int(every)
-    return method, 1
-
-
 def make_sweep_policy(method: str, budget: int, gamma: int, num_layers: int):
-    """The policy of `method` ("/blk64": block mass; "/r<k>": a study of refreshing the selection every k rounds,
-    keeping the previous mass in between; the verification still computes it every round here)."""
-    name, every = refresh_suffix(method)
+    """The policy of `method` ("/blk64": block mass; "/r<k>": the verification's mass every k-th round only,
+    SpeculationParams.mass_every)."""
+    name, every = split_refresh_suffix(method)
     name, mass_tokens = split_block_suffix(name)
-    policy = make_policy(name, SpeculationParams(budget, gamma, mass_tokens=mass_tokens), num_layers)
-    if every > 1:
-        observe, seen = policy.observe, [0]
-
-        def observe_every(page_mass):
-            if seen[0] % every == 0:
-                observe(page_mass.clone())
-            seen[0] += 1
-        policy.observe = observe_every
-    return policy
+    return make_policy(name, SpeculationParams(budget, gamma, mass_tokens=mass_tokens, mass_every=every), num_layers)
 
 
 def main() -> None:
@@ -102,7 +85,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--json")
     args = ap.parse_args()
-    unknown = [m for m in args.methods.split(",") if split_block_suffix(refresh_suffix(m)[0])[0] not in METHODS]
+    unknown = [m for m in args.methods.split(",") if split_block_suffix(split_refresh_suffix(m)[0])[0] not in METHODS]
     if unknown:                         # before the model loads
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)} (+ /blk64, /r<k>)")
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -112,6 +112,15 @@ def split_block_suffix(method: str) -> tuple[str, int | None]:
     return name, int(block) if block else None
 
 
+def split_refresh_suffix(method: str) -> tuple[str, int]:
+    """'specattn-y/blk64/r2' -> ('specattn-y/blk64', 2): SpecAttn-Y taking a verification's mass every 2nd round
+    (SpeculationParams.mass_every); a name without the suffix -> (name, 1)."""
+    if "/r" in method:
+        name, every = method.rsplit("/r", 1)
+        return name, int(every)
+    return method, 1
+
+
 def gemv_projections(spec: str) -> tuple[str, ...]:
     """'qkv+rope+o+down' -> model.GEMV_PROJECTIONS for it; 'none' -> () (every product on cuBLAS)."""
     return () if spec == "none" else tuple(spec.split("+"))

@@ -27,6 +27,7 @@ from benchmarks.common import (  # noqa: E402
     gutenberg_tokens,
     random_model,
     split_block_suffix,
+    split_refresh_suffix,
 )
 from specattn import selection  # noqa: E402
 from specattn.api import METHODS, SpeculationParams, make_policy  # noqa: E402
@@ -65,9 +66,10 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     params = GenerationParams(max_new_tokens=new_tokens, sampling=sampling)
     adaptive = method.endswith("+adaptive")      # e.g. magicdec+adaptive: adaptive gamma, at most spec.gamma
     method = method.removesuffix("+adaptive")
+    method, every = split_refresh_suffix(method)          # specattn-y/blk64/r2: mass every 2nd round
     method, mass_tokens = split_block_suffix(method)      # specattn-y/blk64: mass per 64-key block
-    if mass_tokens:
-        spec = dataclasses.replace(spec, mass_tokens=mass_tokens)
+    if mass_tokens or every > 1:
+        spec = dataclasses.replace(spec, mass_tokens=mass_tokens, mass_every=every)
     warm = GenerationParams(max_new_tokens=4 * spec.gamma, sampling=sampling)
     if METHODS[method] is None:
         runner = generate_ar(model, caches["plain"], prompts, warm).runner

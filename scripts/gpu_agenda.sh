@@ -99,6 +99,11 @@ for part in "$@"; do
               timeout 400 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,specattn-y,specattn-y/blk64 --skip-8b --repeats 3 --out "$OUT/selfspec_r3.json" \
                 2>&1 | grep -v -i warn | tail -6 ;;
-    *)        echo "unknown part $part (auto, selfspec, selfspec-r3, selfspec-phys, selfspec-g8, ar, peers, gptfast, qwen, qwen-keysteps, qwen-repeat, topp-warps, kernels, early-pages, token-checks, small-gemm, step-variants, byproduct, sparse-scaling, peers-compile, draft-splits, compile-modes)" >&2 ;;
+    selfspec-every)   # SpecAttn-Y taking the verification's mass every 2nd round (/r2: the verify steps between
+              # skip the by-product) beside every round and MagicDec, batch 64, median of 3
+              timeout 450 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
+                --methods magicdec,specattn-y/blk64,specattn-y/blk64/r2 --skip-8b --repeats 3 \
+                --out "$OUT/selfspec_every.json" 2>&1 | grep -v -i warn | tail -6 ;;
+    *)        echo "unknown part $part (see the case labels in scripts/gpu_agenda.sh)" >&2 ;;
   esac
 done

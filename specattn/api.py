@@ -29,12 +29,15 @@ class SpeculationParams:
     dense_layers: tuple[int, ...] = (0,)   # layers that draft with the full cache (layer 0 is nearly dense)
     mass_tokens: int | None = None         # specattn-y: verification mass per page (None) or per block of keys
     adaptive_gamma: bool = False           # gamma is then the most drafts per round, fewer when they get rejected
+    mass_every: int = 1                    # specattn-y: a verification's mass every k-th round (the rest skip it)
 
     def __post_init__(self):
         if not self.budget > 0:
             raise InvalidInputError(f"KV budget {self.budget} must be > 0 (tokens, or a fraction below 1)")
         if self.gamma <= 0:
             raise InvalidInputError(f"gamma (draft tokens per verification) must be > 0, got {self.gamma}")
+        if self.mass_every < 1:
+            raise InvalidInputError(f"mass every {self.mass_every} rounds: must be at least 1")
 
 
 def make_policy(method: str, spec: SpeculationParams, num_layers: int):
@@ -48,7 +51,8 @@ def make_policy(method: str, spec: SpeculationParams, num_layers: int):
         ratio, floor = (spec.budget, 256) if spec.budget < 1 else (0.05, int(spec.budget))
         return POLICIES["vegas"](ratio, floor, dense_layers=spec.dense_layers)
     if kind == "verification-guided":
-        return POLICIES[kind](spec.budget, dense_layers=spec.dense_layers, mass_tokens=spec.mass_tokens)
+        return POLICIES[kind](spec.budget, dense_layers=spec.dense_layers, mass_tokens=spec.mass_tokens,
+                              mass_every=spec.mass_every)
     return POLICIES[kind](spec.budget, dense_layers=spec.dense_layers)
 
 

@@ -36,7 +36,8 @@ def cmd_generate(args) -> int:
     if args.batch <= 0:
         raise InvalidInputError(f"batch must be > 0, got {args.batch}")
     check_request(args.method, args.max_new_tokens, args.temperature, args.top_p)
-    spec = SpeculationParams(args.budget, args.gamma, tuple(args.dense_layers), args.mass_tokens, args.adaptive_gamma)
+    spec = SpeculationParams(args.budget, args.gamma, tuple(args.dense_layers), args.mass_tokens, args.adaptive_gamma,
+                             args.mass_every)
     session = Session.load(args.model, args.device, args.dtype, args.attention, progress=not args.quiet)
     draft = sparse = None
     if args.method in ("draft-spec", "specattn-s"):
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mass-tokens", type=int, default=None,
                    help="specattn-y: rank keys by verification mass per block of this many keys (default: per "
                         "page; 64 is nearly free on the GPU)")
+    g.add_argument("--mass-every", type=int, default=1,
+                   help="specattn-y: measure the verification's mass every K-th round only; the verify steps between "
+                        "skip the by-product and the drafts rank pages by the last mass (default 1: every round)")
     g.add_argument("--batch", type=int, default=1, help="decode this many copies of the prompt together")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)

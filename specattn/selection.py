@@ -131,6 +131,11 @@ class SelectionPolicy:
     def observe(self, page_mass: torch.Tensor) -> None:
         """page_mass: [layers, batch, kv_heads, max_pages] from the round's verification."""
 
+    def mass_this_round(self) -> bool:
+        """Called once at each round: whether its verification should produce the by-product this policy ranks by
+        (always, but for SpecAttn-Y with mass_every > 1)."""
+        return True
+
     def observe_token_scores(self, scores: torch.Tensor, verify_start: list[int]) -> None:
         """scores: [layers, batch, max_tokens] (Vegas); verify_start: first position of the verify window."""
 
@@ -258,16 +263,28 @@ class VerificationGuidedPolicy(ScoredPagePolicy):
     name = "verification-guided"
     wants_page_mass = True
     _mass: torch.Tensor | None = None
+    _rounds = 0
 
     def __init__(self, budget: float, sink_tokens: int = 16, window_tokens: int = 64,
-                 dense_layers: tuple[int, ...] = (), mass_tokens: int | None = None):
+                 dense_layers: tuple[int, ...] = (), mass_tokens: int | None = None, mass_every: int = 1):
         super().__init__(budget, sink_tokens, window_tokens, dense_layers)
         if mass_tokens is not None and (mass_tokens <= 0 or mass_tokens % 16):
             raise InvalidInputError(f"mass block of {mass_tokens} keys must be a positive multiple of 16")
+        if mass_every < 1:
+            raise InvalidInputError(f"mass every {mass_every} rounds: must be at least 1")
         self.mass_tokens = mass_tokens     # None: exact mass per page; 64: per 64-key block (free on the GPU)
+        # Every k-th verification measures the mass; the rounds between rank by the last one (the recent window,
+        # which holds every newer page, is kept regardless) and their verify steps skip the by-product.
+        self.mass_every = mass_every
 
     def reset(self, cache: PagedKVCache) -> None:
         self._mass = None
+        self._rounds = 0
+
+    def mass_this_round(self) -> bool:
+        fresh = self._rounds % self.mass_every == 0
+        self._rounds += 1
+        return fresh
 
     def observe(self, page_mass: torch.Tensor) -> None:
         self._mass = page_mass

