@@ -273,8 +273,9 @@ class VerificationGuidedPolicy(ScoredPagePolicy):
         if mass_every < 1:
             raise InvalidInputError(f"mass every {mass_every} rounds: must be at least 1")
         self.mass_tokens = mass_tokens     # None: exact mass per page; 64: per 64-key block (free on the GPU)
-        # Every k-th verification measures the mass; the rounds between rank by the last one (the recent window,
-        # which holds every newer page, is kept regardless) and their verify steps skip the by-product.
+        # Every k-th verification measures the mass; the rounds between rank by the last one and their verify steps
+        # skip the by-product. Pages newer than that mass rank last, so the recent window (window_tokens) must
+        # cover them: it does while mass_every x (gamma + 1) <= window_tokens (64: k up to 12 at gamma 4).
         self.mass_every = mass_every
 
     def reset(self, cache: PagedKVCache) -> None:
