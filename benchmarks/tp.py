@@ -199,15 +199,15 @@ def cell(model, name: str, batch: int, ctx: int, tp, copy_gbs: float, spec: bool
     return row
 
 
-# --only-70b: the 70B shape's batch-1 8K cell on the folded path with the small-step kernels named after "@" (model.
-# GEMV_PROJECTIONS; none: cuBLAS for every product) beside the default and the unfolded path
-ONLY_70B_VARIANTS = ("llama3-70b", "llama3-70b@qkv+rope+o+down", "llama3-70b@none")
-PROFILED = ("llama3-8b", "llama3-70b", "llama3-70b-unfolded")     # with --profile, at batch 1 x 8K
-# --only-8b --variants: the same for the 8B shape's batch-1 8K cell
-ONLY_8B_VARIANTS = ("llama3-8b", "llama3-8b-unfolded", "llama3-8b@none", "llama3-8b@qkv+rope", "llama3-8b@o+down")
+# --variants 8b|70b: that shape's batch-1 8K cell only, on the block paths and with the small-step kernels named
+# after "@" (model.GEMV_PROJECTIONS; none: cuBLAS for every product)
+VARIANTS = {"8b": (LLAMA3_8B, ("llama3-8b", "llama3-8b-unfolded", "llama3-8b@none", "llama3-8b@qkv+rope",
+                               "llama3-8b@o+down")),
+            "70b": (LLAMA3_70B, ("llama3-70b", "llama3-70b@qkv+rope+o+down", "llama3-70b@none"))}
+PROFILED = ("llama3-8b", "llama3-70b")     # with --profile, at batch 1 x 8K
 
 
-def run(tp, profile: bool = False, only_8b: bool = False, only_70b: bool = False, variants: bool = False) -> dict:
+def run(tp, profile: bool = False, only_8b: bool = False, variants: str | None = None) -> dict:
     world = tp.world if tp else 1
     copy = copy_bandwidth_gbs()
     plan = [("llama3-8b", LLAMA3_8B, CELLS_8B, [], False)]
@@ -216,10 +216,9 @@ def run(tp, profile: bool = False, only_8b: bool = False, only_70b: bool = False
     if tp and not only_8b:
         plan += [("llama3-8b-whole-head", LLAMA3_8B, CELLS_8B[:1], [], True),
                  ("llama3-70b", LLAMA3_70B, CELLS_70B, SPEC_CELLS_70B, False)]
-    if tp and only_70b:
-        plan = [(name, LLAMA3_70B, CELLS_70B[:1], [], False) for name in ONLY_70B_VARIANTS]
-    if tp and only_8b and variants:
-        plan = [(name, LLAMA3_8B, CELLS_8B[:1], [], False) for name in ONLY_8B_VARIANTS]
+    if tp and variants:
+        cfg, names = VARIANTS[variants]
+        plan = [(name, cfg, [(1, 8192)], [], False) for name in names]
     rows, folded_default, gemv_default = [], specattn.model.TP_FOLDED, specattn.model.GEMV_PROJECTIONS
     for name, cfg, cells, spec_cells, whole_head in plan:
         # "-unfolded": tensor-parallel blocks on their unfolded path (model.TP_FOLDED False: cuBLAS products and
@@ -284,10 +283,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="kernel lists of the b1 8K steps of PROFILED")
     ap.add_argument("--only-8b", action="store_true", help="TP: the 8B shape's cells only (both block paths), "
                     "no whole-head or 70B rows: a short A/B run")
-    ap.add_argument("--variants", action="store_true", help="with --only-8b: the batch-1 8K cell with the small-step "
-                    "kernel variants (ONLY_8B_VARIANTS)")
-    ap.add_argument("--only-70b", action="store_true", help="TP: the 70B shape's batch-1 8K cell only, block path "
-                    "and small-step kernel variants (ONLY_70B_VARIANTS)")
+    ap.add_argument("--variants", choices=tuple(VARIANTS), help="TP: only that shape's batch-1 8K cell, with the "
+                    "block path and small-step kernel variants of VARIANTS")
     args = ap.parse_args()
     if args.merge:
         result = merge([json.loads(Path(p).read_text()) for p in args.merge])
@@ -295,7 +292,7 @@ def main() -> None:
         print(json.dumps(result["summary"], indent=1))
         return
     tp = init_tensor_parallel()
-    result = run(tp, args.profile, args.only_8b, args.only_70b, args.variants)
+    result = run(tp, args.profile, args.only_8b, args.variants)
     if not tp or tp.rank == 0:
         write_json_atomic(args.out, result)
     if tp:

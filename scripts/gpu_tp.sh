@@ -8,11 +8,10 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 [ -z "${SPECATTN_COMMIT:-}" ] && [ -f .commit ] && export SPECATTN_COMMIT=$(cat .commit)
 nvidia-smi topo -m 2>&1 | head -4
 # TP_ONLY_8B=1: only the 8B shape (folded and unfolded block paths), for a short A/B run
-# TP_ONLY_70B=1: only the 70B shape's batch-1 8K cell, block path and small-step kernel variants (no TP=1 part);
-# with TP_ONLY_8B=1 too: the same for the 8B shape
-if [ -n "${TP_ONLY_70B:-}" ]; then
+# TP_VARIANTS=8b|70b: only that shape's batch-1 8K cell, block path and small-step kernel variants (no TP=1 part)
+if [ -n "${TP_VARIANTS:-}" ]; then
   timeout "${TP2_LIMIT:-400}" python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/tp.py \
-    --profile ${TP_ONLY_8B:+--only-8b --variants} $([ -z "${TP_ONLY_8B:-}" ] && echo --only-70b) --out "$OUT/tp2_variants.json" 2>&1 | grep -v -i warn | grep "^{" \
+    --profile --variants "$TP_VARIANTS" --out "$OUT/tp2_variants.json" 2>&1 | grep -v -i warn | grep "^{" \
     | python3 -c "import json,sys
 for line in sys.stdin:
     r = json.loads(line); print(r['model'], round(r['step_ms'], 3), [(k['kernel'][:40], round(k['us'])) for k in r.get('profile', {}).get('top', [])[:8]])"
