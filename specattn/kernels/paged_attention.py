@@ -56,10 +56,10 @@ def defer_page_mass(launch: LaunchConfig) -> bool:
     return launch.block_n <= 64
 
 
-def choose_launch(programs: int, head_dim: int) -> LaunchConfig:
+def choose_launch(programs: int, head_dim: int, sparse: bool = False) -> LaunchConfig:
     """programs = batch * kv_heads * query blocks, before splitting the KV length."""
     if programs < 32:
-        return FEW_PROGRAMS
+        return SPARSE_FEW_PROGRAMS if sparse else FEW_PROGRAMS
     return MANY_PROGRAMS_SMALL_HEADS if head_dim <= 64 else DEFAULT_LAUNCH
 # Triton 3.6's interpreter (pdl.INTERPRETED: the CPU test path) gets tl.dot wrong on bf16/fp16 operands; there
 # the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
@@ -352,7 +352,8 @@ def choose_num_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int =
     H200 sweeps at 32 splits 43.3-43.4 µs against 44.5-45.2 at 33 for five rows, tune_splits*.json)."""
     max_blocks = max(1, -(-max_kv_len // launch.block_n))
     splits = max(1, min(max_blocks, math.ceil(launch.split_factor * num_sms / (batch * kv_heads)), 256))
-    return -(-max_blocks // -(-max_blocks // splits))
+    tiles_per_split = -(-max_blocks // splits)
+    return -(-max_blocks // tiles_per_split)
 
 
 def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, sms: int,
@@ -361,9 +362,7 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
     """(launch config, splits, per-block mass?, deferred page mass?, tiles a split may hold) for `rows` (batch x
     query blocks) over at most `cap` keys per (sequence, KV head)."""
     tuned_sparse = launch is None and num_splits is None and sparse and dim <= 64 and rows * kv_heads >= 32
-    if launch is None and sparse and rows * kv_heads < 32:
-        launch = SPARSE_FEW_PROGRAMS
-    launch = SPARSE_SMALL_HEADS if tuned_sparse else launch or choose_launch(rows * kv_heads, dim)
+    launch = SPARSE_SMALL_HEADS if tuned_sparse else launch or choose_launch(rows * kv_heads, dim, sparse)
     mass_tile = page_mass and mass_tokens is not None and mass_tokens > page_size
     if mass_tile:
         if sparse or mass_tokens % page_size:

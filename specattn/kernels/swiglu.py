@@ -89,6 +89,5 @@ def project_swiglu_rms(x: torch.Tensor, gate_up_weight: torch.Tensor, eps: float
     _gate_up_swiglu_kernel[(triton.cdiv(inter, pairs), blocks.count)](
         x, gate_up_weight, out, n, hidden, inter, x.stride(0), gate_up_weight.stride(0), out.stride(0), eps,
         PAIRS=pairs, BLOCK_M=blocks.block_m, BLOCK_K=tiling.block_k, DOT=blocks.dot, UPCAST=INTERPRETED,
-        num_warps=tiling.num_warps,
-        num_stages=3, **launch_options(x.device))
+        num_warps=tiling.num_warps, num_stages=3, **launch_options(x.device))
     return out
