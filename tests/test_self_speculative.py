@@ -389,6 +389,20 @@ def test_vegas_through_the_triton_kernels_equals_ar():
     assert res.tokens == ar and res.stats["rounds"] > 1
 
 
+def test_quest_through_the_triton_kernels_equals_ar():
+    """Interpreted Triton path with per-step Quest lists (they once lacked an attribute the backend read)."""
+    cfg = ModelConfig("LlamaForCausalLM", 97, 32, 48, 2, 4, 2, 8, max_positions=512)
+    model = random_model(cfg, std=0.3)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (90, 61)]
+    params = GenerationParams(max_new_tokens=12)
+    ar = generate_ar(model, PagedKVCache(cfg, 2, 140), prompts, params).tokens
+    model.set_attention_backend("triton")
+    res = generate_self_speculative(model, PagedKVCache(cfg, 2, 140, track_key_bounds=True), prompts, params,
+                                    QuestPolicy(32, 16), 3)
+    assert res.tokens == ar and res.stats["rounds"] > 1
+
+
 def test_round_log_counts_only_sequences_still_generating_and_acceptance_per_position():
     from specattn.decoding.ar import GenerationParams
     from specattn.decoding.self_speculative import RoundLog
@@ -458,6 +472,30 @@ def test_physical_page_lists_through_the_triton_kernels_equal_ar(policy, monkeyp
     assert runs[True].stats["acceptance_per_position"] == runs[False].stats["acceptance_per_position"]
     assert runs[True].stats["rounds_by_sequence"] == runs[False].stats["rounds_by_sequence"]
     assert any(calls)                      # the sparse draft steps took the physical lists
+
+
+@pytest.mark.parametrize("policy", [VerificationGuidedPolicy(32, 16, 16), StreamingPolicy(32, 16)],
+                         ids=["specattn-y", "magicdec"])
+def test_capacity_splits_through_the_triton_kernels_equal_ar(policy, monkeypatch):
+    """Budgeted lists split by their width (selection.CAPACITY_SPLITS): AR's tokens, and the drafts attend to the
+    same keys as with splits by count: the same acceptance, round for round."""
+    import specattn.selection
+    from specattn.kernels import paged_attention
+    ar, run = triton_case(3, (90, 61), new_tokens=12, cache_len=140)
+    calls = []
+    kernel = paged_attention.paged_attention
+
+    def spy(*args, **kw):
+        calls.append(kw.get("capacity_splits", False))
+        return kernel(*args, **kw)
+    monkeypatch.setattr(paged_attention, "paged_attention", spy)
+    runs = {}
+    for by_capacity in (False, True):
+        monkeypatch.setattr(specattn.selection, "CAPACITY_SPLITS", by_capacity)
+        runs[by_capacity] = run(policy)
+    assert runs[True].tokens == ar and runs[True].stats["rounds"] > 1
+    assert runs[True].stats["acceptance_per_position"] == runs[False].stats["acceptance_per_position"]
+    assert any(calls) and not all(calls)
 
 
 def test_physical_pages_of_layered_lists():
