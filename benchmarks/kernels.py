@@ -81,11 +81,6 @@ def attention_rows(copy: float) -> tuple[list[dict], dict]:
             phys = paged_attention.physical_pages(table, sel)
             sparse_phys = time_attention(q, pools, table, lens, selected_pages=sel, selected_counts=counts,
                                          selected_physical=phys)
-            # A/B: splits over the lists' capacity (no tile address waits on the count's load); full lists here
-            sparse_cap = time_attention(q, pools, table, lens, selected_pages=sel, selected_counts=counts,
-                                        capacity_splits=True)
-            sparse_cap_phys = time_attention(q, pools, table, lens, selected_pages=sel, selected_counts=counts,
-                                             capacity_splits=True, selected_physical=phys)
             # A/B at batch 1 (few programs): SPARSE_FEW_PROGRAMS's tiles with 1, 2 and 3 pipeline stages (3: the
             # dense launch, FEW_PROGRAMS, which sparse lists used before 9b180b0)
             by_stages = {st: 1e3 * time_attention(q, pools, table, lens, selected_pages=sel, selected_counts=counts,
@@ -94,8 +89,7 @@ def attention_rows(copy: float) -> tuple[list[dict], dict]:
                          for st in (1, 2, 3)} if batch == 1 else None
             sel_bytes = kv_bytes * counts.sum().item() / (batch * KV_HEADS * -(-ctx // PAGE))
             row = {"kernel": "sparse_attention_10pct", "batch": batch, "context": ctx, "q_len": q_len,
-                   "us": sparse * 1e3, "us_physical_lists": sparse_phys * 1e3, "us_capacity_splits": sparse_cap * 1e3,
-                   "us_capacity_splits_physical": sparse_cap_phys * 1e3,
+                   "us": sparse * 1e3, "us_physical_lists": sparse_phys * 1e3,
                    "us_by_stages": by_stages,
                    "dense_us": plain * 1e3, "speedup_vs_dense": plain / sparse,
                    "rel_err": ((got.float() - ref_sparse).norm() / ref_sparse.norm()).item(),

@@ -18,7 +18,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import specattn.kernels.pdl  # noqa: E402
 import specattn.model  # noqa: E402
-import specattn.selection  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     SHAPES,
     copy_bandwidth_gbs,
@@ -68,8 +67,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
             verify: str | None = None, fold: bool = True, pdl: int = 2,
             gemv: tuple[str, ...] = specattn.model.GEMV_PROJECTIONS,
             few_programs: str = "default", gemv_rows: int = specattn.model.GEMV_MAX_ROWS,
-            early_pages: int = paged_attention.EARLY_PAGES,
-            capacity_splits: bool = specattn.selection.CAPACITY_SPLITS) -> tuple[dict, object]:
+            early_pages: int = paged_attention.EARLY_PAGES) -> tuple[dict, object]:
     """(the row, the step callable: its model and graph stay alive for --rounds)."""
     import torch._dynamo
 
@@ -80,7 +78,6 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     paged_attention.FEW_PROGRAMS = launch_config(few_programs)
     specattn.model.GEMV_MAX_ROWS = gemv_rows
     paged_attention.EARLY_PAGES = early_pages
-    specattn.selection.CAPACITY_SPLITS = capacity_splits
     specattn.model.STEP_COMPILE_MODE = compile_mode
     torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])
@@ -110,7 +107,6 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += "" if few_programs == "default" else f", attention {few_programs}"
     what += f", gemv up to {gemv_rows} rows"
     what += f", attention early reads {early_pages}"
-    what += ", sparse splits by list width" if capacity_splits else ""
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
@@ -120,7 +116,6 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
         print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
     row = {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "gemv": list(gemv),
            "attention_few_programs": few_programs, "gemv_max_rows": gemv_rows, "early_pages": early_pages,
-           "capacity_splits": capacity_splits,
            "batch": batch, "context": context,
            "draft_budget": draft_budget, "q_len": q_len,
            "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
@@ -172,29 +167,26 @@ def main() -> None:
                     help="comma-separated paged_attention.EARLY_PAGES values: what attention reads or prefetches "
                     "before the PDL wait (0 nothing, 1 lengths + first pages into L1); inside "
                     "each --gemv-rows")
-    ap.add_argument("--capacity-splits", default=str(int(specattn.selection.CAPACITY_SPLITS)),
-                    help="comma-separated selection.CAPACITY_SPLITS values (1: sparse draft lists split by their "
-                    "width, 0: by their counts); inside each --early-pages")
     ap.add_argument("--rounds", type=int, default=1, help="after profiling every variant, time them all again this "
                     "many times round-robin and report the median: variants compared within a round, not one after "
                     "the other (a variant timed later in a process measured up to 3%% slower)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
-    variants = [(f == "on", int(p), gemv_projections(g), a, int(r), int(e), c == "1")
+    variants = [(f == "on", int(p), gemv_projections(g), a, int(r), int(e))
                 for f in args.folds.split(",") for p in args.pdl.split(",") for g in args.gemv.split(",")
                 for a in args.attn_few.split(",") for r in args.gemv_rows.split(",")
-                for e in args.early_pages.split(",") for c in args.capacity_splits.split(",")]
+                for e in args.early_pages.split(",")]
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
                         args.q_len, args.top, verify=method, fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r,
-                        early_pages=e, capacity_splits=c)
-                for method in args.verify.split(",") for fold, pdl, gemv, a, r, e, c in variants]
+                        early_pages=e)
+                for method in args.verify.split(",") for fold, pdl, gemv, a, r, e in variants]
     else:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
                         not args.row_major, args.q_len, args.top, None if mode == "default" else mode,
-                        fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r, early_pages=e, capacity_splits=c)
-                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a, r, e, c in variants]
+                        fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r, early_pages=e)
+                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a, r, e in variants]
     rows = interleaved(rows, args.rounds)
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
@@ -215,7 +207,7 @@ def interleaved(built: list[tuple[dict, object]], rounds: int) -> list[dict]:
             print(f"{row['replay_us']:8.0f} us (first {row['replay_us_first']:.0f}, rounds {min(t):.0f}-{max(t):.0f})"
                   f"  fold {row['folded_norms']} pdl {row['pdl']} gemv {'+'.join(row['gemv']) or 'none'}"
                   f" attention {row['attention_few_programs']} rows {row['gemv_max_rows']}"
-                  f" early pages {row['early_pages']} capacity splits {int(row['capacity_splits'])}"
+                  f" early pages {row['early_pages']}"
                   f" verify {row['verify']} compile {row['compile_mode']}")
     return rows
 

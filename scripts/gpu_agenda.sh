@@ -71,13 +71,6 @@ for part in "$@"; do
               timeout 150 python3 benchmarks/profile_step.py --shape smol --batch 64 --draft-budget 512 \
                 --early-pages 1,0 --rounds 5 --top 3 --json "$OUT/profile_early_pages_draft_b64.json" 2>&1 \
                 | grep -A 3 "round-robin" ;;
-    capacity-splits)   # sparse draft lists split by their width vs by their counts, default model's draft step at
-              # batch 64 and 32 (budget 512), round-robin (no model files)
-              for b in 64 32; do
-                timeout 150 python3 benchmarks/profile_step.py --shape smol --batch $b --context 8192 --draft-budget 512 \
-                  --capacity-splits 1,0 --rounds 7 --top 3 --json "$OUT/profile_capacity_splits_draft_b$b.json" 2>&1 \
-                  | grep -A 3 "round-robin"
-              done ;;
     attn-few)   # attention launches for few programs (FEW_PROGRAMS: block_n:warps:stages:split_factor) in the 8B-shaped
               # batch-1 step, round-robin (no model files)
               timeout 240 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 \

@@ -54,10 +54,8 @@ class Attention:
         if self.backend == "triton":
             from .kernels import paged_attention, token_scores
             fused_scores = want_scores and not options and not want_mass
-            if "selected_pages" in options:
-                options["capacity_splits"] = sel.capacity_splits
-                if sel.physical is not None:
-                    options["selected_physical"] = sel.physical[layer]
+            if "selected_pages" in options and sel.physical is not None:
+                options["selected_physical"] = sel.physical[layer]
             if want_mass:       # straight into this layer's slot of the buffer
                 options["mass_out"] = view.page_mass[layer, : q.shape[0]]
             out = paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, lens, scale,

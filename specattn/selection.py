@@ -20,9 +20,6 @@ from .errors import InvalidInputError
 # sparse kernel loads K without a page-table lookup in between (kernels/paged_attention.py, selected_physical).
 # Off until the GPU has timed it (benchmarks/sparse_scaling.py, kernels.py: us_physical_lists).
 PHYSICAL_LISTS = False
-# Budgeted page lists are full (count = width) once the context exceeds the budget, so the sparse kernel may split
-# them by width and start loading list entries before their counts arrive (paged_attention capacity_splits).
-CAPACITY_SPLITS = False
 
 
 @dataclass
@@ -32,7 +29,6 @@ class PageSelection:
     dense_layers: frozenset[int] = frozenset()   # layers that attend to every page regardless
     token_level: bool = False            # `pages` holds token positions (Vegas) instead of pages
     physical: torch.Tensor | None = None  # `pages` as physical pages (PHYSICAL_LISTS), for the Triton kernel
-    capacity_splits: bool = False        # the lists are (nearly) full: split the kernel's work by their width
 
     def pages_for(self, layer: int, q: torch.Tensor, view) -> tuple[torch.Tensor, torch.Tensor]:
         """The page lists of one layer for this step: [batch, kv_heads, K] and counts [batch, kv_heads]."""
@@ -74,8 +70,7 @@ class QuestSelection:
     query (per KV head: max over its query heads), plus the forced sinks and window."""
     budget_pages: int
     token_level = False
-    physical = None                      # PageSelection's kernel options, unused by lists chosen per step
-    capacity_splits = False
+    physical = None                      # no physical lists (PageSelection's) for lists chosen per step
     forced: torch.Tensor                 # [batch, max_pages]
     valid: torch.Tensor                  # [batch, max_pages]
     key_min: torch.Tensor                # [layers, pages, kv_heads, dim], the cache's page bounds
@@ -212,7 +207,7 @@ class ScoredPagePolicy(SelectionPolicy):
         shape = (cfg.num_layers, cache.batch, cfg.num_kv_heads, cache.max_pages_per_seq)
         score = torch.zeros(shape, device=cache.device) if raw is None else raw[..., : cache.max_pages_per_seq]
         pages, counts = top_pages(score, forced, valid, k, forced_only=raw is None, k_device=k_device)
-        return PageSelection(pages, counts, self.dense_layers, capacity_splits=CAPACITY_SPLITS)
+        return PageSelection(pages, counts, self.dense_layers)
 
     def device_list_width(self, cache: PagedKVCache, gamma: int) -> int | None:
         """Width of the page lists `select_on_device` returns: fixed when the budget is in tokens; None when it is

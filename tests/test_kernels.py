@@ -233,11 +233,6 @@ def test_sparse_pages_match_reference(case):
     ref = reference.paged_attention(q, k, v, table, lens, scale, selected_pages=sel, selected_counts=counts)
     out = paged_attention.paged_attention(q, k, v, table, lens, scale, selected_pages=sel, selected_counts=counts)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
-    # splits over the lists' capacity (padding read as page 0, masked by the count), with and without physical ids
-    for kw in ({}, {"selected_physical": paged_attention.physical_pages(table, sel)}):
-        by_capacity = paged_attention.paged_attention(q, k, v, table, lens, scale, selected_pages=sel,
-                                                      selected_counts=counts, capacity_splits=True, **kw)
-        assert ((by_capacity - ref).norm() / ref.norm()).item() < 1e-4
     phys = paged_attention.physical_pages(table, sel)          # the same lists, read without the table lookup
     by_phys = paged_attention.paged_attention(q, k, v, table, lens, scale, selected_pages=sel,
                                               selected_counts=counts, selected_physical=phys)
@@ -248,9 +243,6 @@ def test_sparse_pages_match_reference(case):
         out, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True,
                                                     selected_pages=sel, selected_counts=counts)
         assert (mass - ref_mass).abs().max().item() < 1e-4
-        _, mass_cap = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True,
-                                                      selected_pages=sel, selected_counts=counts, capacity_splits=True)
-        assert (mass_cap - ref_mass).abs().max().item() < 1e-4
         _, mass_phys = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True,
                                                        selected_pages=sel, selected_counts=counts,
                                                        selected_physical=phys)
@@ -405,10 +397,9 @@ def test_token_lists_match_reference(case):
     scale = case[4] ** -0.5
     ref = reference.paged_attention(q, k, v, table, lens, scale, selected_pages=sel, selected_counts=counts,
                                     token_level=True)
-    for by_capacity in (False, True):
-        out = paged_attention.paged_attention(q, k, v, table, lens, scale, selected_pages=sel, selected_counts=counts,
-                                              token_level=True, capacity_splits=by_capacity)
-        assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    out = paged_attention.paged_attention(q, k, v, table, lens, scale, selected_pages=sel, selected_counts=counts,
+                                          token_level=True)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
 
 
 @pytest.mark.parametrize("case", [(2, 5, 2, 4, 16, [100, 37]), (1, 1, 1, 1, 32, [70]), (3, 3, 1, 8, 16, [20, 64, 5])],

@@ -474,30 +474,6 @@ def test_physical_page_lists_through_the_triton_kernels_equal_ar(policy, monkeyp
     assert any(calls)                      # the sparse draft steps took the physical lists
 
 
-@pytest.mark.parametrize("policy", [VerificationGuidedPolicy(32, 16, 16), StreamingPolicy(32, 16)],
-                         ids=["specattn-y", "magicdec"])
-def test_capacity_splits_through_the_triton_kernels_equal_ar(policy, monkeypatch):
-    """Budgeted lists split by their width (selection.CAPACITY_SPLITS): AR's tokens, and the drafts attend to the
-    same keys as with splits by count: the same acceptance, round for round."""
-    import specattn.selection
-    from specattn.kernels import paged_attention
-    ar, run = triton_case(3, (90, 61), new_tokens=12, cache_len=140)
-    calls = []
-    kernel = paged_attention.paged_attention
-
-    def spy(*args, **kw):
-        calls.append(kw.get("capacity_splits", False))
-        return kernel(*args, **kw)
-    monkeypatch.setattr(paged_attention, "paged_attention", spy)
-    runs = {}
-    for by_capacity in (False, True):
-        monkeypatch.setattr(specattn.selection, "CAPACITY_SPLITS", by_capacity)
-        runs[by_capacity] = run(policy)
-    assert runs[True].tokens == ar and runs[True].stats["rounds"] > 1
-    assert runs[True].stats["acceptance_per_position"] == runs[False].stats["acceptance_per_position"]
-    assert any(calls) and not all(calls)
-
-
 def test_physical_pages_of_layered_lists():
     from specattn.kernels.paged_attention import physical_pages
     table = torch.tensor([[5, 9, 2], [7, 1, 4], [0, 0, 0]], dtype=torch.int32)    # a third, unused row

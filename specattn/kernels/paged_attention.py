@@ -110,32 +110,25 @@ def _prefetch_l1(ptrs, mask, SKIP: tl.constexpr):
 @triton.jit
 def _tile_keys(blk, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr, page_table_ptr, stride_ptb,
                BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr,
-               PHYS_LIST: tl.constexpr, CAP_SPLITS: tl.constexpr):
+               PHYS_LIST: tl.constexpr):
     """Tile blk of the split kernel's virtual key sequence -> (key positions, which are real keys, their physical
     pages). Reads only page lists and the page table."""
     j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = j < n_keys
-    # CAP_SPLITS: list and page-table entries are read up to the list's capacity (padding -1 taken as page 0),
-    # so their loads do not wait on the count's; K and V stay masked by the count.
-    in_list = (j < sel_len * (1 if TOKEN_LIST else PAGE_SIZE)) if CAP_SPLITS else in_range
     if TOKEN_LIST:
-        key_pos = tl.load(sel_ptr + pid_bh * sel_len + j, mask=in_list, other=0)
-        if CAP_SPLITS:
-            key_pos = tl.maximum(key_pos, 0)
+        key_pos = tl.load(sel_ptr + pid_bh * sel_len + j, mask=in_range, other=0)
         logical = key_pos // PAGE_SIZE
     else:
         if SPARSE:
-            logical = tl.load(sel_ptr + pid_bh * sel_len + j // PAGE_SIZE, mask=in_list, other=0)
-            if CAP_SPLITS:
-                logical = tl.maximum(logical, 0)
+            logical = tl.load(sel_ptr + pid_bh * sel_len + j // PAGE_SIZE, mask=in_range, other=0)
         else:
             logical = j // PAGE_SIZE
         key_pos = logical * PAGE_SIZE + j % PAGE_SIZE
     key_ok = in_range & (key_pos < seq_len)
     if PHYS_LIST:      # the list's physical pages, read beside the logical ones: K's address waits on one load
-        page = tl.load(sel_phys_ptr + pid_bh * sel_len + j // PAGE_SIZE, mask=in_list, other=0)
+        page = tl.load(sel_phys_ptr + pid_bh * sel_len + j // PAGE_SIZE, mask=in_range, other=0)
     else:
-        page = tl.load(page_table_ptr + b * stride_ptb + logical, mask=in_list if CAP_SPLITS else key_ok, other=0)
+        page = tl.load(page_table_ptr + b * stride_ptb + logical, mask=key_ok, other=0)
     return key_pos, key_ok, page
 
 
@@ -153,8 +146,7 @@ def _paged_attn_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
-    PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, CAP_SPLITS: tl.constexpr,
-    PDL: tl.constexpr,
+    PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
 ):
     if not EARLY:
         wait_for_predecessor(PDL)
@@ -174,12 +166,7 @@ def _paged_attn_split_kernel(
     else:
         # Keys past the block's last query are invisible (causal), so prefill blocks stop early.
         n_keys = tl.minimum(seq_len, seq_len - Q_LEN + t_lo + Q_BLOCK)
-    if CAP_SPLITS:
-        # Splits share the list's capacity, not its count: no tile address waits on the count's load (a list
-        # shorter than its capacity leaves the last splits idle; the keys past the count are masked).
-        n_blocks = (sel_len * (1 if TOKEN_LIST else PAGE_SIZE) + BLOCK_N - 1) // BLOCK_N
-    else:
-        n_blocks = (n_keys + BLOCK_N - 1) // BLOCK_N
+    n_blocks = (n_keys + BLOCK_N - 1) // BLOCK_N
     blocks_per_split = (n_blocks + num_splits - 1) // num_splits
     block_lo = split * blocks_per_split
     block_hi = tl.minimum(block_lo + blocks_per_split, n_blocks)
@@ -222,7 +209,7 @@ def _paged_attn_split_kernel(
     for blk in range(block_lo, block_hi):
         key_pos, key_ok, page = _tile_keys(blk, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr,
                                            page_table_ptr, stride_ptb, BLOCK_N, PAGE_SIZE, SPARSE, TOKEN_LIST,
-                                           PHYS_LIST, CAP_SPLITS)
+                                           PHYS_LIST)
         kv_off = page.to(tl.int64) * stride_kp + (key_pos % PAGE_SIZE) * stride_kr + kvh * stride_kh
         k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
@@ -420,8 +407,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
                     launch: LaunchConfig | None = None, page_mass: bool = False,
                     selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None,
                     token_level: bool = False, mass_tokens: int | None = None, return_lse: bool = False,
-                    selected_physical: torch.Tensor | None = None, mass_out: torch.Tensor | None = None,
-                    capacity_splits: bool = False):
+                    selected_physical: torch.Tensor | None = None, mass_out: torch.Tensor | None = None):
     """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim.
 
     selected_pages [batch, kv_heads, K] int32 (logical page numbers, -1 padded) and selected_counts
@@ -492,7 +478,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
-        MASS_SUB=mass_sub, EARLY=EARLY_PAGES, CAP_SPLITS=sparse and capacity_splits,
+        MASS_SUB=mass_sub, EARLY=EARLY_PAGES,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev),
     )
     if not direct:
