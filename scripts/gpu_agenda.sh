@@ -71,6 +71,24 @@ for part in "$@"; do
               timeout 150 python3 benchmarks/profile_step.py --shape smol --batch 64 --draft-budget 512 \
                 --early-pages 1,0 --rounds 5 --top 3 --json "$OUT/profile_early_pages_draft_b64.json" 2>&1 \
                 | grep -A 3 "round-robin" ;;
+    smoke)   # every method a user can name, through the CLI on the default model (CPU CI runs the reference
+              # attention only): greedy and sampled bench matrices, generate, ppl. Tables go to the log, JSON to $OUT.
+              m="--model $SPECATTN_DEFAULT_GGUF"
+              t=.data/gutenberg/pg2554.txt
+              timeout 240 python3 -m specattn.cli bench $m --methods ar,magicdec,quest,specattn-y,vegas,selfspec-full,auto \
+                --context 1k,8000 --batch 1,16 --new-tokens 64 --budget 512 --text $t --quiet \
+                --json "$OUT/smoke_greedy.json" 2>&1 | grep -v -i warn | tail -30
+              timeout 120 python3 -m specattn.cli bench $m --methods ar,magicdec,quest,specattn-y,vegas \
+                --context 4k --batch 8 --new-tokens 64 --budget 512 --temperature 0.6 --top-p 0.95 --text $t --quiet \
+                --json "$OUT/smoke_sampled.json" 2>&1 | grep -v -i warn | tail -8
+              head -c 16000 $t > /tmp/prompt.txt      # ~4K tokens
+              for method in quest specattn-y; do
+                timeout 60 python3 -m specattn.cli generate $m --method $method --prompt-file /tmp/prompt.txt --max-new-tokens 32 \
+                  --budget 512 2>&1 | grep -v -i warn | tail -2 | cut -c1-300
+              done
+              timeout 90 python3 -m specattn.cli ppl $m --text $t --context 4k --windows 1 \
+                --methods dense,quest:budget=512,streaming:budget=512 --quiet --json "$OUT/smoke_ppl.json" 2>&1 \
+                | grep -v -i warn | tail -3 ;;
     attn-few)   # attention launches for few programs (FEW_PROGRAMS: block_n:warps:stages:split_factor) in the 8B-shaped
               # batch-1 step, round-robin (no model files)
               timeout 240 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 \
