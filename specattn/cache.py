@@ -218,23 +218,12 @@ class PagedKVCache:
             self._update_key_bounds(layer, view)
 
     def _update_key_bounds(self, layer: int, view: StepView) -> None:
-        # Recompute min/max of every page this step touched from its valid rows only, so a page
-        # that was truncated and then written again gets exact bounds back.
-        ps = self.page_size
-        first_page = (view.positions[:, 0] // ps)
-        n_touch = (view.q_len + ps - 1) // ps + 1
-        page_idx = (first_page[:, None] + torch.arange(n_touch, device=self.device))
-        last_page = (view.lens_after.long() - 1) // ps
-        page_idx = torch.minimum(page_idx, last_page[:, None])                  # [b, n]
-        pages = torch.gather(view.page_table.long(), 1, page_idx)               # [b, n]
-        keys = self.k[layer][pages]                                             # [b, n, ps, h, d]
-        token_pos = page_idx[..., None] * ps + torch.arange(ps, device=self.device)
-        valid = (token_pos < view.lens_after.long()[:, None, None])[..., None, None]
-        big = torch.finfo(keys.dtype).max
-        kmin = torch.where(valid, keys, big).amin(dim=2)
-        kmax = torch.where(valid, keys, -big).amax(dim=2)
-        self.key_min[layer][pages.reshape(-1)] = kmin.reshape(-1, *kmin.shape[2:])
-        self.key_max[layer][pages.reshape(-1)] = kmax.reshape(-1, *kmax.shape[2:])
+        args = (self.k[layer], self.key_min[layer], self.key_max[layer], view.page_table, view.lens_after, view.q_len)
+        if self.k.is_cuda:
+            from .kernels.quest import update_key_bounds
+            update_key_bounds(*args)
+        else:
+            reference.update_key_bounds(*args)
 
     def count_read(self, tokens_read: int) -> None:
         """Account KV bytes read by attention over all layers for `tokens_read` (sum over sequences)."""

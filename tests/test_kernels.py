@@ -402,6 +402,26 @@ def test_token_lists_match_reference(case):
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len,kv_heads,dim", [(1, 2, 16), (5, 3, 64), (20, 1, 32)])
+def test_key_bounds_update_matches_reference(dtype, q_len, kv_heads, dim):
+    """Pages a step of q_len tokens wrote (one page, two, or three for a step longer than a page), lengths that
+    end mid-page and on a page boundary; rows past a sequence's length hold garbage that must not count."""
+    from specattn.kernels import quest
+    torch.manual_seed(q_len)
+    _, k, _, table, lens = make_inputs(3, 1, kv_heads, 1, dim, [40, 48, 21], dtype)
+    table = torch.randperm(k.shape[0])[:table.numel()].view(table.shape).int()     # no page in two sequences
+    bounds = [torch.randn(k.shape[0], kv_heads, dim, dtype=dtype) for _ in range(2)]
+    ref = [b.clone() for b in bounds]
+    reference.update_key_bounds(k, *ref, table, lens, q_len)
+    quest.update_key_bounds(k, *bounds, table, lens, q_len)
+    assert torch.equal(bounds[0], ref[0]) and torch.equal(bounds[1], ref[1])
+    last = table[1, 47 // 16].long()        # sequence 1 ends on a page boundary: its last page is all valid
+    assert torch.equal(bounds[0][last], k[last].amin(0))
+    partial = table[0, 39 // 16].long()     # sequence 0 ends mid-page: rows 8..15 of its last page do not count
+    assert torch.equal(bounds[1][partial], k[partial, :8].amax(0))
+
+
 @pytest.mark.parametrize("case", [(2, 5, 2, 4, 16, [100, 37]), (1, 1, 1, 1, 32, [70]), (3, 3, 1, 8, 16, [20, 64, 5])],
                          ids=["b2-q5-g4", "b1-q1-g1", "b3-q3-g8"])
 @pytest.mark.parametrize("num_splits", [None, 1])          # 1: the log-sum-exp comes from the split kernel

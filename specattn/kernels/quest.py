@@ -1,8 +1,9 @@
-"""Quest page scores in Triton: an upper bound of q.k over each page from the page's key min/max.
+"""Quest in Triton: page scores, an upper bound of q.k over each page from the page's key min/max, and the
+update of those per-page bounds after a step writes new keys.
 
 score(page) = sum_d max(q_d * kmax_d, q_d * kmin_d) >= q.k for every key in the page. Aggregated per
 KV head as the max over its query heads, so one page list per (sequence, KV head) covers all of them.
-Reference: `reference.quest_page_scores`.
+References: `reference.quest_page_scores`, `reference.update_key_bounds`.
 """
 from __future__ import annotations
 
@@ -50,3 +51,39 @@ def quest_page_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Ten
         page_table.stride(0), max_pages, GROUP=heads // kv_heads, HEADS=heads, PAGE_SIZE=page_size,
         HEAD_DIM=dim, BLOCK_P=block_p, num_warps=4)
     return out
+
+
+@triton.jit
+def _key_bounds_kernel(k_ptr, kmin_ptr, kmax_ptr, page_table_ptr, lens_ptr, stride_kp, stride_kr, stride_mp,
+                       stride_ptb, Q_LEN: tl.constexpr, PAGE_SIZE: tl.constexpr, WIDTH: tl.constexpr,
+                       BLOCK_W: tl.constexpr):
+    """One program per (sequence, touched page): min and max over the page's valid rows of all its KV heads'
+    channels (WIDTH = kv_heads x dim, contiguous in both the page's rows and the bounds)."""
+    b = tl.program_id(0)
+    lens_after = tl.load(lens_ptr + b)
+    logical = tl.minimum((lens_after - Q_LEN) // PAGE_SIZE + tl.program_id(1), (lens_after - 1) // PAGE_SIZE)
+    page = tl.load(page_table_ptr + b * stride_ptb + logical).to(tl.int64)
+    rows = tl.arange(0, PAGE_SIZE)
+    cols = tl.arange(0, BLOCK_W)
+    valid = (logical * PAGE_SIZE + rows < lens_after)[:, None] & (cols < WIDTH)[None, :]
+    keys = tl.load(k_ptr + page * stride_kp + rows[:, None] * stride_kr + cols[None, :], mask=valid,
+                   other=0.0).to(tl.float32)        # exact for bf16/fp16 keys
+    kmin = tl.min(tl.where(valid, keys, float("inf")), 0)
+    kmax = tl.max(tl.where(valid, keys, float("-inf")), 0)
+    out = page * stride_mp + cols
+    tl.store(kmin_ptr + out, kmin.to(kmin_ptr.dtype.element_ty), mask=cols < WIDTH)
+    tl.store(kmax_ptr + out, kmax.to(kmax_ptr.dtype.element_ty), mask=cols < WIDTH)
+
+
+def update_key_bounds(k_pool: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
+                      lens_after: torch.Tensor, q_len: int) -> None:
+    """Same contract as `reference.update_key_bounds`, in one launch (the reference is ~15 small ops a layer)."""
+    page_size, kv_heads, dim = k_pool.shape[1:]
+    if k_pool.stride(2) != dim or k_pool.stride(3) != 1 or key_min.stride(1) != dim or key_min.stride(2) != 1:
+        raise ValueError("update_key_bounds needs each page row's and each page bound's heads x dim contiguous")
+    batch = lens_after.shape[0]
+    n_touch = (q_len + page_size - 1) // page_size + 1
+    _key_bounds_kernel[(batch, n_touch)](
+        k_pool, key_min, key_max, page_table, lens_after, k_pool.stride(0), k_pool.stride(1), key_min.stride(0),
+        page_table.stride(0), Q_LEN=q_len, PAGE_SIZE=page_size, WIDTH=kv_heads * dim,
+        BLOCK_W=triton.next_power_of_2(kv_heads * dim), num_warps=4)

@@ -159,6 +159,30 @@ def topk_threshold(weights: torch.Tensor, k: int) -> torch.Tensor:
     return weights.float().topk(k, dim=-1).values[..., -1]
 
 
+def touched_pages(page_table: torch.Tensor, lens_after: torch.Tensor, q_len: int, page_size: int):
+    """(logical, physical) pages [batch, n] that a step of q_len new tokens wrote into, the last repeated to fill n."""
+    first = (lens_after.long() - q_len) // page_size
+    n_touch = (q_len + page_size - 1) // page_size + 1
+    last = (lens_after.long() - 1) // page_size
+    logical = torch.minimum(first[:, None] + torch.arange(n_touch, device=page_table.device), last[:, None])
+    return logical, torch.gather(page_table.long(), 1, logical)
+
+
+def update_key_bounds(k_pool: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
+                      lens_after: torch.Tensor, q_len: int) -> None:
+    """Channel-wise min and max of the valid keys of every page a step wrote, recomputed from the page (so a page
+    truncated and written again gets exact bounds back). k_pool: [pages, page_size, kv_heads, dim] (one layer);
+    key_min/max: [pages, kv_heads, dim]."""
+    ps = k_pool.shape[1]
+    logical, pages = touched_pages(page_table, lens_after, q_len, ps)
+    keys = k_pool[pages]                                                    # [b, n, ps, h, d]
+    token_pos = logical[..., None] * ps + torch.arange(ps, device=k_pool.device)
+    valid = (token_pos < lens_after.long()[:, None, None])[..., None, None]
+    big = torch.finfo(keys.dtype).max
+    key_min[pages.reshape(-1)] = torch.where(valid, keys, big).amin(dim=2).flatten(0, 1)
+    key_max[pages.reshape(-1)] = torch.where(valid, keys, -big).amax(dim=2).flatten(0, 1)
+
+
 def quest_page_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
                       lens: torch.Tensor, page_size: int = 16) -> torch.Tensor:
     """Upper bound of q.k per page (sum_d max(q kmax, q kmin)), max over the query heads of a KV head.
