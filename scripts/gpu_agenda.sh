@@ -89,6 +89,14 @@ for part in "$@"; do
               timeout 90 python3 -m specattn.cli ppl $m --text $t --context 4k --windows 1 \
                 --methods dense,quest:budget=512,streaming:budget=512 --quiet --json "$OUT/smoke_ppl.json" 2>&1 \
                 | grep -v -i warn | tail -3 ;;
+    quest-e2e)   # Quest drafting with its kernels (bounds update, sorting-free top-k) beside MagicDec and SpecAttn-Y:
+              # the bench matrix of `smoke`, then the batch-64 cell of selfspec-r3 with Quest in it
+              timeout 200 python3 -m specattn.cli bench --model "$SPECATTN_DEFAULT_GGUF" \
+                --methods ar,magicdec,quest,specattn-y --context 1k,8000 --batch 1,16 --new-tokens 64 --budget 512 \
+                --text .data/gutenberg/pg2554.txt --quiet --json "$OUT/quest_bench.json" 2>&1 | grep -v -i warn | tail -18
+              timeout 300 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
+                --methods magicdec,quest,specattn-y/blk64 --skip-8b --repeats 3 --out "$OUT/selfspec_quest.json" \
+                2>&1 | grep -v -i warn | tail -6 ;;
     attn-few)   # attention launches for few programs (FEW_PROGRAMS: block_n:warps:stages:split_factor) in the 8B-shaped
               # batch-1 step, round-robin (no model files)
               timeout 240 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 \

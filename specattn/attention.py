@@ -41,7 +41,7 @@ class Attention:
         options = {}
         sel = view.selection
         if sel is not None and layer not in sel.dense_layers:
-            pages, counts = sel.pages_for(layer, q, view)
+            pages, counts = sel.pages_for(layer, q, view, kernels=self.backend == "triton")
             options = {"selected_pages": pages, "selected_counts": counts, "token_level": sel.token_level}
         want_mass = (view.page_mass is not None and not options
                      and (view.mass_layers is None or layer in view.mass_layers))

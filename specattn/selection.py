@@ -30,7 +30,7 @@ class PageSelection:
     token_level: bool = False            # `pages` holds token positions (Vegas) instead of pages
     physical: torch.Tensor | None = None  # `pages` as physical pages (PHYSICAL_LISTS), for the Triton kernel
 
-    def pages_for(self, layer: int, q: torch.Tensor, view) -> tuple[torch.Tensor, torch.Tensor]:
+    def pages_for(self, layer: int, q: torch.Tensor, view, kernels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The page lists of one layer for this step: [batch, kv_heads, K] and counts [batch, kv_heads]."""
         return self.pages[layer], self.counts[layer]
 
@@ -78,14 +78,16 @@ class QuestSelection:
     page_size: int
     dense_layers: frozenset[int] = frozenset()
 
-    def pages_for(self, layer: int, q: torch.Tensor, view) -> tuple[torch.Tensor, torch.Tensor]:
-        if q.is_cuda:
-            from .kernels.quest import quest_page_scores
+    def pages_for(self, layer: int, q: torch.Tensor, view, kernels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """kernels: the Triton path (scores, then a sorting-free top-k: two launches a layer instead of ~10)."""
+        if kernels:
+            from .kernels.quest import quest_page_scores, select_top_pages
         else:
             from .kernels.reference import quest_page_scores
+            select_top_pages = top_pages
         scores = quest_page_scores(q[:, -1].contiguous(), self.key_min[layer], self.key_max[layer],
                                    view.page_table, view.lens_after, self.page_size)
-        return top_pages(scores, self.forced, self.valid, self.budget_pages)
+        return select_top_pages(scores, self.forced, self.valid, self.budget_pages)
 
     def tokens_selected(self, page_size: int) -> torch.Tensor:
         """Token slots listed per step: min(budget, pages that exist) per sequence, KV head and sparse layer

@@ -402,6 +402,23 @@ def test_token_lists_match_reference(case):
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
 
 
+@pytest.mark.parametrize("batch,kv_heads,pages,k", [(2, 3, 40, 10), (1, 2, 33, 50), (3, 1, 100, 17), (2, 8, 513, 32)])
+def test_quest_top_pages_without_sorting_equal_the_sorted_ones(batch, kv_heads, pages, k):
+    """quest.select_top_pages against selection.top_pages (topk + sort): forced pages always in, invalid pages and
+    -inf scores never, fewer than k candidates, a sequence with none at all, negative and positive scores."""
+    from specattn.kernels import quest
+    from specattn.selection import top_pages
+    torch.manual_seed(pages)
+    score = torch.randn(batch, kv_heads, pages) * 3 - 2         # the k-th best is negative in some rows
+    score[0, 0, :5] = float("-inf")
+    forced = torch.rand(batch, pages) < 0.05
+    valid = torch.rand(batch, pages) < 0.8
+    valid[-1, :] = batch == 1           # the last sequence of a batch has no valid page
+    ref_pages, ref_counts = top_pages(score, forced, valid, k)
+    got_pages, got_counts = quest.select_top_pages(score, forced, valid, k)
+    assert torch.equal(got_pages, ref_pages) and torch.equal(got_counts, ref_counts)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("q_len,kv_heads,dim", [(1, 2, 16), (5, 3, 64), (20, 1, 32)])
 def test_key_bounds_update_matches_reference(dtype, q_len, kv_heads, dim):

@@ -87,3 +87,56 @@ def update_key_bounds(k_pool: torch.Tensor, key_min: torch.Tensor, key_max: torc
         k_pool, key_min, key_max, page_table, lens_after, k_pool.stride(0), k_pool.stride(1), key_min.stride(0),
         page_table.stride(0), Q_LEN=q_len, PAGE_SIZE=page_size, WIDTH=kv_heads * dim,
         BLOCK_W=triton.next_power_of_2(kv_heads * dim), num_warps=4)
+
+
+@triton.jit
+def _select_top_pages_kernel(score_ptr, forced_ptr, valid_ptr, pages_ptr, counts_ptr, max_pages, k, width,
+                             KV_HEADS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program per (sequence, KV head): the k best pages of its score row, forced pages first, never an
+    invalid one, as an ascending list (-1 padded to `width`) and a count. The k-th best score is found by
+    bisection on the scores' bits (order-preserving as int32), so nothing is sorted: ties at it are taken in
+    page order."""
+    pid = tl.program_id(0)
+    b = pid // KV_HEADS
+    page = tl.arange(0, BLOCK_P)
+    in_row = page < max_pages
+    score = tl.load(score_ptr + pid * max_pages + page, mask=in_row, other=float("-inf"))
+    forced = tl.load(forced_ptr + b * max_pages + page, mask=in_row, other=0) != 0
+    valid = tl.load(valid_ptr + b * max_pages + page, mask=in_row, other=0) != 0
+    score = tl.where(valid, tl.where(forced, float("inf"), score), float("-inf"))
+    bits = score.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)              # float order as signed int order
+    candidate = score > float("-inf")
+    kk = tl.minimum(k, tl.sum(candidate.to(tl.int32), 0))
+    lo = tl.min(tl.where(candidate, key, 0x7FFFFFFF), 0).to(tl.int64)
+    hi = tl.max(tl.where(candidate, key, -0x7FFFFFFF - 1), 0).to(tl.int64)
+    key64 = key.to(tl.int64)
+    for _ in range(33):                                   # largest t with at least kk keys >= t
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((candidate & (key64 >= mid)).to(tl.int32), 0) >= kk
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = candidate & (key64 > lo)
+    tie = candidate & (key64 == lo)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= kk - tl.sum(above.to(tl.int32), 0)))
+    take = take & (kk > 0)
+    slot = tl.cumsum(take.to(tl.int32), 0) - 1
+    tl.store(pages_ptr + pid * width + slot, page, mask=take)
+    pad = tl.arange(0, BLOCK_P)
+    tl.store(pages_ptr + pid * width + pad, tl.full([BLOCK_P], -1, tl.int32), mask=(pad >= kk) & (pad < width))
+    tl.store(counts_ptr + pid, kk)
+
+
+def select_top_pages(score: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor,
+                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`selection.top_pages` without sorting, in one launch: score [batch, kv_heads, pages] fp32, forced and
+    valid [batch, pages] bool -> ascending page lists [batch, kv_heads, min(k, pages)] (-1 padded), counts."""
+    batch, kv_heads, max_pages = score.shape
+    width = min(k, max_pages)
+    pages = torch.empty(batch, kv_heads, width, dtype=torch.int32, device=score.device)
+    counts = torch.empty(batch, kv_heads, dtype=torch.int32, device=score.device)
+    block_p = max(16, triton.next_power_of_2(max_pages))
+    _select_top_pages_kernel[(batch * kv_heads,)](
+        score.contiguous(), forced.contiguous().view(torch.uint8), valid.contiguous().view(torch.uint8), pages,
+        counts, max_pages, k, width, KV_HEADS=kv_heads, BLOCK_P=block_p, num_warps=4 if block_p <= 2048 else 8)
+    return pages, counts
