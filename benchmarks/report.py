@@ -66,9 +66,13 @@ def kernel_tables(data: dict) -> str:
                         f"{r['sort_us']:.1f} | {r['speedup_vs_sort']:.1f}x | {r['max_set_size_diff']} |")
     q = next(r for r in data["rows"] if r["kernel"] == "quest_page_scores")
     summary = ", ".join(f"`{k}` = {v:.3g}" for k, v in data["summary"].items())
-    return "\n".join([head, *attn, "", *topp, "",
-                      f"Quest page scores, batch 1, 32K context (2,048 pages): {q['us']:.1f} µs.", "",
-                      f"Summary: {summary}."])
+    quest = f"Quest page scores, batch 1, 32K context (2,048 pages): {q['us']:.1f} µs."
+    tops = [r for r in data["rows"] if r["kernel"] == "quest_top_pages"]
+    if tops:        # since 97e11ac
+        quest += " Their top 10% of pages as ascending lists, sorting-free vs topk + sort: " + ", ".join(
+            f"batch {r['batch']} {r['us']:.1f} vs {r['sort_us']:.1f} µs ({r['speedup_vs_sort']:.1f}x, "
+            f"{'the same lists' if r['same_lists'] else 'OTHER LISTS'})" for r in tops) + "."
+    return "\n".join([head, *attn, "", *topp, "", quest, "", f"Summary: {summary}."])
 
 
 def selfspec_tables(data: dict) -> str:
