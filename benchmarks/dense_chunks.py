@@ -24,7 +24,7 @@ from specattn.loader import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E
 
 
 class AlwaysDense:
-    def next(self, context, active=None):
+    def next(self, context):
         return 0
 
     def observe(self, *args, **kwargs):
