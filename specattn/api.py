@@ -119,9 +119,11 @@ class Session:
         params = GenerationParams(
             max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature, top_p, seed),
             stop_token_ids=self.model.cfg.eos_token_ids if stop_at_eos else (), use_cuda_graph=use_cuda_graph)
+        from .decoding.runner import capture_seconds
         from .distributed import check_ranks_agree
         check_ranks_agree(self.model.tp, "the request (prompts, method, sampling, speculation settings)",
                           (ids, method, params, spec))
+        captured_before = capture_seconds()
         if method in DRAFT_METHODS:
             result = self._generate_with_draft(method, ids, params, spec, draft, sparse)
         elif method == "auto":
@@ -137,6 +139,7 @@ class Session:
                                     track_key_bounds=policy.needs_key_bounds)
             result = generate_self_speculative(self.model, cache, ids, params, policy, spec.gamma,
                                                adaptive_gamma=spec.adaptive_gamma)
+        result.stats["graph_capture_s"] = capture_seconds() - captured_before     # in total_s, once per shape
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
         return texts, result
 

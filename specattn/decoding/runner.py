@@ -2,6 +2,8 @@
 graphs on the GPU so that kernel-launch overhead does not dominate small models."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..cache import PagedKVCache
@@ -122,11 +124,23 @@ class StepRunner:
         return graph, static_in, static_out
 
 
+_capture_seconds = 0.0
+
+
+def capture_seconds() -> float:
+    """Wall seconds this process has spent in capture_graph (compiling the step functions included: their first
+    calls are the warm-up runs): a one-time cost per shape, which a run's tokens/s can be read without."""
+    return _capture_seconds
+
+
 def capture_graph(step):
     """Capture step() as a CUDA graph. Returns (graph, step's output tensors, which each replay refills).
 
     Two warm-up runs on a side stream first compile the kernels; the cache writes they make land in slots past
     each sequence's length and are overwritten by the real steps."""
+    global _capture_seconds
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -136,4 +150,6 @@ def capture_graph(step):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
+    torch.cuda.synchronize()
+    _capture_seconds += time.perf_counter() - start
     return graph, out
