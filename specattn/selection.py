@@ -85,7 +85,7 @@ class QuestSelection:
         else:
             from .kernels.reference import quest_page_scores
             select_top_pages = top_pages
-        scores = quest_page_scores(q[:, -1].contiguous(), self.key_min[layer], self.key_max[layer],
+        scores = quest_page_scores(q[:, -1], self.key_min[layer], self.key_max[layer],
                                    view.page_table, view.lens_after, self.page_size)
         return select_top_pages(scores, self.forced, self.valid, self.budget_pages)
 

@@ -360,6 +360,9 @@ def test_quest_scores_match_reference_and_bound_every_key(group):
     page_max = qk.view(2, kv_heads, -1, page_size).amax(-1)
     assert (got[:, :, :5] >= page_max[:, :, :5] - 1e-4).all()
     assert torch.isinf(got[0, :, 5:]).all()                                        # past the 70-token sequence
+    q3 = torch.randn(2, 3, kv_heads * group, dim)          # the last new token of a 3-token step: a strided view
+    assert torch.allclose(quest.quest_page_scores(q3[:, -1], kmin, kmax, table, lens_t),
+                          reference.quest_page_scores(q3[:, -1].contiguous(), kmin, kmax, table, lens_t), atol=1e-4)
 
 
 @pytest.mark.parametrize("case", SPARSE_CASES[:3], ids=[f"b{c[0]}-q{c[1]}-g{c[3]}" for c in SPARSE_CASES[:3]])

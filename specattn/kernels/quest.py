@@ -42,6 +42,8 @@ def quest_page_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Ten
     """q: [batch, heads, dim] (the current query); key_min/max: [pages, kv_heads, dim] (one layer);
     -> [batch, kv_heads, max_pages] fp32, -inf past each sequence's last page."""
     batch, heads, dim = q.shape
+    if q.stride(2) != 1:
+        q = q.contiguous()
     kv_heads = key_min.shape[1]
     max_pages = page_table.shape[1]
     out = torch.empty(batch, kv_heads, max_pages, dtype=torch.float32, device=q.device)
