@@ -24,7 +24,7 @@ from specattn.loader import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E
 
 
 class AlwaysDense:
-    def next(self, context):
+    def next(self, context, active=None):
         return 0
 
     def observe(self, *args, **kwargs):

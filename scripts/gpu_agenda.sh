@@ -97,6 +97,9 @@ for part in "$@"; do
               timeout 300 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,quest,specattn-y/blk64 --skip-8b --repeats 3 --out "$OUT/selfspec_quest.json" \
                 2>&1 | grep -v -i warn | tail -6 ;;
+    auto-tail)   # auto deciding for the whole batch vs for the sequences still generating, decisions traced
+              timeout 280 python3 benchmarks/auto_tail.py --out "$OUT/auto_tail.json" 2>&1 | grep -v -i warn \
+                | grep -v "^{" | tail -12 ;;
     attn-few)   # attention launches for few programs (FEW_PROGRAMS: block_n:warps:stages:split_factor) in the 8B-shaped
               # batch-1 step, round-robin (no model files)
               timeout 240 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 \

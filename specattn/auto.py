@@ -37,6 +37,11 @@ AUTO_POLICIES = ("specattn-y", "magicdec")   # the drafting policies auto choose
 DEFAULT_ALPHA = 0.8        # per-draft acceptance assumed before any round of this shape was seen
 PRIOR_ROUNDS = 2.0         # how many rounds the cached / default tokens-per-round estimate counts as
 TIME_EMA = 0.5             # weight of a new time observation
+# Deciding for the sequences still generating (bytes with the finished ones idle; times per byte learned at full
+# batch only): off. Measured on (179c970, auto_tail_179c970.json) it switched to dense steps early and lost 5-20%;
+# benchmarks/auto_tail.py runs it beside the default with each decision traced.
+TAIL_AWARE = False
+TOKENS_DECAY = 1.0         # weight a round's tokens keep per later round (1: the plain mean; 0.8: ~5 rounds' memory)
 RECHECK_EVERY = 64         # dense steps after which a near-break-even speculation is tried again
 RECHECK_RATIO = 0.9        # "near": predicted speculative rate at least this share of the dense rate
 
@@ -75,27 +80,46 @@ class ByteModel:
         dense = len(set(spec.dense_layers)) / model.cfg.num_layers
         return cls(weights, cache.bytes_per_token, batch, spec.budget, dense, spec.gamma)
 
-    def step(self, context: float) -> float:
-        return self.weight_bytes + self.batch * self.kv_bytes_per_token * context
+    def step(self, context: float, active: int | None = None, new: int = 1) -> float:
+        """A dense step of `new` tokens: the `active` sequences (default all) read their whole context, finished
+        ones (idle until the batch is done) only their new tokens."""
+        active = self.batch if active is None else active
+        return self.weight_bytes + self.kv_bytes_per_token * (active * context + (self.batch - active) * new)
 
-    def round(self, context: float) -> float:
+    def round(self, context: float, active: int | None = None) -> float:
+        """gamma sparse draft steps (every sequence reads its budget; idle ones only their new token in the
+        dense layers) and the verification of gamma + 1 tokens."""
+        active = self.batch if active is None else active
         budget = self.budget * context if self.budget < 1 else min(self.budget, context)
-        draft_tokens = self.dense_fraction * context + (1 - self.dense_fraction) * budget
-        draft = self.weight_bytes + self.batch * self.kv_bytes_per_token * draft_tokens
-        return self.gamma * draft + self.step(context + self.gamma)
+        draft_tokens = (self.dense_fraction * (active * context + self.batch - active)
+                        + (1 - self.dense_fraction) * self.batch * budget)
+        draft = self.weight_bytes + self.kv_bytes_per_token * draft_tokens
+        return self.gamma * draft + self.step(context + self.gamma, active, self.gamma + 1)
 
 
 @dataclass
 class Arm:
     """What auto knows of one way to run a round: seconds per byte moved and, when it speculates, tokens per
-    round (a mean over rounds, seeded by a prior worth PRIOR_ROUNDS rounds)."""
+    round: a mean that forgets old rounds (TOKENS_DECAY a round), seeded by a prior worth PRIOR_ROUNDS rounds,
+    since the sequences a fixed batch still waits for at its end are the ones that accept least."""
     s_per_byte: float | None = None
     tokens: float = 0.0
     rounds: float = 0.0
     replayed: bool = False   # this run replayed the arm's graphs once (that first replay also uploads them)
+    seen_tokens: float = 0.0     # this run's plain sums, for the prior of the next run
+    seen_rounds: int = 0
 
     def tokens_per_round(self) -> float:
         return self.tokens / self.rounds if self.rounds else 1.0
+
+    def observe_tokens(self, tokens: float) -> None:
+        self.tokens = TOKENS_DECAY * self.tokens + tokens
+        self.rounds = TOKENS_DECAY * self.rounds + 1
+        self.seen_tokens += tokens
+        self.seen_rounds += 1
+
+    def mean_tokens_per_round(self) -> float:
+        return self.seen_tokens / self.seen_rounds if self.seen_rounds else self.tokens_per_round()
 
 
 class CostModel:
@@ -117,8 +141,11 @@ class CostModel:
         self.accepted = self.drafted = 0
         self.rounds_run = dict.fromkeys(policies, 0)      # this run's speculative rounds per policy
         self.context = 0.0
+        self.active = bytes_model.batch      # sequences still generating at the last decision
         self.dense_since_spec = 0
         self.predicted: dict[str, float] = {}    # tokens/s per sequence of each choice, at the last decision
+        # (sequences generating, mean context, choice, predicted dense and best speculative tokens/s per sequence)
+        self.decisions: list[tuple] = []
 
     @property
     def needs_timing(self) -> bool:
@@ -129,33 +156,42 @@ class CostModel:
         """Per-draft acceptance seen in this run (reported, not used for decisions)."""
         return self.accepted / max(1, self.drafted)
 
-    def rates(self, context: float) -> tuple[float, dict[str, float]]:
-        """Predicted tokens/s per sequence: dense steps, and each policy's speculative rounds."""
-        dense = 1 / (self.dense.s_per_byte * self.bytes.step(context))
-        round_bytes = self.bytes.round(context)
+    def rates(self, context: float, active: int | None = None) -> tuple[float, dict[str, float]]:
+        """Predicted tokens/s per sequence still generating: dense steps, and each policy's speculative rounds."""
+        dense = 1 / (self.dense.s_per_byte * self.bytes.step(context, active))
+        round_bytes = self.bytes.round(context, active)
         return dense, {n: a.tokens_per_round() / (a.s_per_byte * round_bytes) for n, a in self.spec.items()}
 
-    def next(self, context: float) -> int | tuple[int, str]:
+    def next(self, context: float, active: int | None = None) -> int | tuple[int, str]:
+        """context: the mean context; active: sequences still generating (a fixed batch's finished ones idle,
+        reading little, while the stragglers finish: there dense steps often pay where rounds did not)."""
         self.context = context
+        self.active = active if TAIL_AWARE and active is not None else self.bytes.batch
         for name, arm in self.spec.items():    # nothing known yet: measure each kind of round, then dense steps
             if arm.s_per_byte is None:
                 return self.gamma, name
         if self.dense.s_per_byte is None:
             return 0
-        dense, spec = self.rates(context)
+        dense, spec = self.rates(context, self.active)
         self.predicted = {"dense": dense, **spec}
         best = max(spec, key=spec.get)
         if spec[best] >= dense:
-            return self.gamma, best
-        if self.dense_since_spec >= RECHECK_EVERY and spec[best] >= RECHECK_RATIO * dense:
-            return self.gamma, best            # acceptance may have changed since the last round: look again
-        return 0
+            choice = self.gamma, best
+        elif self.dense_since_spec >= RECHECK_EVERY and spec[best] >= RECHECK_RATIO * dense:
+            choice = self.gamma, best          # acceptance may have changed since the last round: look again
+        else:
+            choice = 0
+        self.decisions.append((active, round(context), best if choice else "dense", dense, spec[best]))
+        return choice
 
     def observe(self, choice, accepted: list[int], seconds: float, captured: bool, dense_steps: int = 0) -> None:
+        # Time per byte is learned with the whole batch generating, where bytes dominate; with most of it idle a
+        # step's fixed costs weigh more per byte, and one such time would mislead the next run's first rounds.
+        full = self.active == self.bytes.batch or not TAIL_AWARE
         if choice == 0:
             self.dense_since_spec += dense_steps
-            if not captured and dense_steps:
-                per_step = seconds / dense_steps / self.bytes.step(self.context)
+            if not captured and dense_steps and (full or self.dense.s_per_byte is None):
+                per_step = seconds / dense_steps / self.bytes.step(self.context, self.active)
                 self.dense.s_per_byte = _ema(self.dense.s_per_byte, per_step)
             return
         gamma, name = choice
@@ -163,21 +199,20 @@ class CostModel:
         self.rounds_run[name] += 1
         self.dense_since_spec = 0
         if accepted:
-            arm.tokens += 1 + sum(accepted) / len(accepted)
-            arm.rounds += 1
+            arm.observe_tokens(1 + sum(accepted) / len(accepted))
             self.accepted += sum(accepted)
             self.drafted += gamma * len(accepted)
         if captured:
             return
         # The first replay of freshly captured graphs also uploads them to the GPU (milliseconds for thousands of
         # nodes): not a round's cost, so it is not measured; an arm is explored until a later round is.
-        if arm.replayed:
-            arm.s_per_byte = _ema(arm.s_per_byte, seconds / self.bytes.round(self.context))
+        if arm.replayed and (full or arm.s_per_byte is None):
+            arm.s_per_byte = _ema(arm.s_per_byte, seconds / self.bytes.round(self.context, self.active))
         arm.replayed = True
 
     def state(self) -> dict:
         return {"step_s_per_byte": self.dense.s_per_byte,
-                "arms": {n: {"round_s_per_byte": a.s_per_byte, "tokens_per_round": a.tokens_per_round()}
+                "arms": {n: {"round_s_per_byte": a.s_per_byte, "tokens_per_round": a.mean_tokens_per_round()}
                          for n, a in self.spec.items()}}
 
 
@@ -193,8 +228,8 @@ class RankZeroDecides:
     def needs_timing(self) -> bool:
         return self.inner.needs_timing
 
-    def next(self, context: float) -> int | tuple[int, str]:
-        choice = self.inner.next(context)
+    def next(self, context: float, active: int | None = None) -> int | tuple[int, str]:
+        choice = self.inner.next(context, active)
         code = torch.tensor([0 if choice == 0 else 1 + self.policies.index(choice[1])], device=self.device)
         code = int(self.tp.broadcast(code).item())
         return 0 if code == 0 else (self.inner.gamma, self.policies[code - 1])
@@ -257,7 +292,8 @@ def generate_auto(model: Transformer, prompts: list[list[int]], params: Generati
               "auto_speculative_rounds": s["rounds"], "auto_dense_steps": s["dense_steps"],
               "auto_speculative_share": max(0.0, speculative_tokens) / max(1, s["new_tokens"] - len(prompts)),
               "auto_alpha": controller.alpha(), "auto_rounds_by_policy": dict(controller.rounds_run),
-              "auto_predicted_tokens_per_s": {k: v * len(prompts) for k, v in controller.predicted.items()}})
+              "auto_predicted_tokens_per_s": {k: v * len(prompts) for k, v in controller.predicted.items()},
+              "auto_decisions": controller.decisions})
     return result
 
 
@@ -269,5 +305,5 @@ def _dense_only(model: Transformer, cache: PagedKVCache, prompts: list[list[int]
     result.stats.update({"method": "auto", "auto_key": key, "auto_had_costs": False, "rounds": 0,
                          "dense_steps": steps, "auto_speculative_rounds": 0, "auto_dense_steps": steps,
                          "auto_speculative_share": 0.0, "auto_alpha": 0.0, "auto_rounds_by_policy": {},
-                         "auto_predicted_tokens_per_s": {}})
+                         "auto_predicted_tokens_per_s": {}, "auto_decisions": []})
     return result

@@ -76,6 +76,41 @@ def test_controller_switches_as_the_context_grows():
     assert spec["y"] > dense
 
 
+def test_a_fixed_batchs_stragglers_finish_with_dense_steps(monkeypatch):
+    """The default model's shape at batch 64, 8K (bytes in kB): with the whole batch generating, rounds pay (drafts
+    read a 512-token budget, dense steps the whole context). With one sequence left, the others idle and read only
+    their new tokens, a dense step reads the weights and one context while a round still drafts the budget for every
+    row: dense steps."""
+    import specattn.auto
+    monkeypatch.setattr(specattn.auto, "TAIL_AWARE", True)         # off by default: see auto.TAIL_AWARE
+    smol = ByteModel(weight_bytes=270_000, kv_bytes_per_token=23, batch=64, budget=512, dense_fraction=1 / 30,
+                     gamma=4)
+    assert smol.step(8000, active=1) < smol.step(8000) / 20
+    assert smol.round(8000, active=1) > smol.round(8000) / 5
+    c = CostModel(4, smol, ("y",), {"step_s_per_byte": 1e-9,
+                                    "arms": {"y": {"round_s_per_byte": 1e-9, "tokens_per_round": 4.5}}})
+    assert c.next(8000, active=64) == (4, "y")
+    assert c.next(8000, active=1) == 0
+    # times measured while most of the batch idles (fixed costs weigh more per byte) leave what was learned alone
+    c.observe(0, [], 1.0, captured=False, dense_steps=4)
+    c.observe((4, "y"), [1], 1.0, captured=False)
+    c.observe((4, "y"), [1], 1.0, captured=False)
+    assert c.dense.s_per_byte == 1e-9 and c.spec["y"].s_per_byte == 1e-9
+    assert [d[2] for d in c.decisions] == ["y", "dense"] and c.decisions[1][0] == 1     # the trace of decisions
+    monkeypatch.setattr(specattn.auto, "TAIL_AWARE", False)
+    assert c.next(8000, active=1) == (4, "y")                    # the default decides for the whole batch
+
+
+def test_tokens_per_round_follow_the_recent_rounds_and_the_cache_keeps_the_runs_mean(monkeypatch):
+    import specattn.auto
+    monkeypatch.setattr(specattn.auto, "TOKENS_DECAY", 0.8)        # default 1: the plain mean
+    c = CostModel(4, BYTES, ("y",))
+    for accepted in [4] * 20 + [0] * 20:             # the sequences left at the end accept nothing
+        c.observe((4, "y"), [accepted], 1.0, captured=False)
+    assert c.spec["y"].tokens_per_round() < 1.1
+    assert c.state()["arms"]["y"]["tokens_per_round"] == pytest.approx((20 * 5 + 20 * 1) / 40)
+
+
 def test_controller_looks_again_after_long_dense_stretches_near_break_even():
     c = controller(step_s=1.0, round_s=2.4, alpha=0.6)      # 2.3 tokens per round for the time of 2.4 steps
     dense, spec = c.rates(1000)
@@ -90,7 +125,7 @@ def test_controller_looks_again_after_long_dense_stretches_near_break_even():
 
 def test_a_controller_that_always_chooses_dense_steps_reproduces_ar(tmp_path):
     class Dense:
-        def next(self, context):
+        def next(self, context, active=None):
             return 0
 
         def observe(self, *args, **kwargs):
@@ -165,7 +200,7 @@ def test_dense_chunk_timings_reach_the_controller_in_order_even_when_the_gpu_lag
         def __init__(self):
             self.needs_timing = needs_timing
 
-        def next(self, context):
+        def next(self, context, active=None):
             calls.append("next")
             return [3, 0][sum(c == "next" for c in calls) % 2]
 
@@ -223,7 +258,7 @@ def test_dense_chunks_after_rounds_stay_within_a_tight_cache(rounds_first):
     class RoundsDenseRounds:
         calls = 0
 
-        def next(self, context):
+        def next(self, context, active=None):
             self.calls += 1
             return 0 if self.calls == rounds_first + 1 else 4      # rounds, one dense chunk, rounds again
 

@@ -219,7 +219,7 @@ def _decide_worker(rank: int, world: int, port: int, out: str) -> None:
     class Opinionated:                 # each rank's own cost model would choose differently
         gamma, needs_timing = 4, False
 
-        def next(self, context):
+        def next(self, context, active=None):
             return [0, (4, "magicdec"), (4, "specattn-y")][(rank + int(context)) % 3]
 
     tp = _join(rank, world, port)

@@ -294,16 +294,17 @@ class AdaptiveGamma:
     over rounds), between 1 and the maximum. Drafts that would mostly be rejected are not computed; when every
     draft is accepted, the length grows back.
 
-    The loop's controller interface: next(context) -> drafts for the next round (0: a few dense AR steps
-    instead), observe(gamma, accepted, seconds, captured, dense_steps) after each round with the accepted counts of
-    the sequences still generating, the round's measured time, whether it captured a graph (its time is then not
-    a step cost) and, for gamma 0, how many dense steps it ran. Dense chunks are observed once the GPU finished
-    them, later than they ran, unless the controller's `needs_timing` says it cannot decide without them."""
+    The loop's controller interface: next(mean context, sequences still generating) -> drafts for the next round
+    (0: a few dense AR steps instead), observe(gamma, accepted, seconds, captured, dense_steps) after each round with
+    the accepted counts of the sequences still generating, the round's measured time, whether it captured a graph
+    (its time is then not a step cost) and, for gamma 0, how many dense steps it ran. Dense chunks are observed once
+    the GPU finished them, later than they ran, unless the controller's `needs_timing` says it cannot decide
+    without them."""
 
     def __init__(self, max_gamma: int, decay: float = 0.5):
         self.max_gamma, self.decay, self.mean = max_gamma, decay, float(max_gamma)
 
-    def next(self, context: float) -> int:
+    def next(self, context: float, active: int | None = None) -> int:
         return max(1, min(self.max_gamma, math.floor(self.mean) + 1))
 
     def observe(self, gamma: int, accepted: list[int], seconds: float, captured: bool, dense_steps: int = 0) -> None:
@@ -418,7 +419,8 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     default = next(iter(policies))
     gammas, unobserved = [], []
     while not loop.log.finished():
-        choice = controller.next(sum(cache.host_lens()) / len(prompts)) if controller else gamma
+        active = sum(not d for d in loop.log.done())
+        choice = controller.next(sum(cache.host_lens()) / len(prompts), active) if controller else gamma
         g, name = choice if isinstance(choice, tuple) else (choice, default)
         first_mark, graphs_before = len(loop.timer.marks), loop.graph_count()
         if g == 0:
