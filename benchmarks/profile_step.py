@@ -67,7 +67,8 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
             verify: str | None = None, fold: bool = True, pdl: int = 2,
             gemv: tuple[str, ...] = specattn.model.GEMV_PROJECTIONS,
             few_programs: str = "default", gemv_rows: int = specattn.model.GEMV_MAX_ROWS,
-            early_pages: int = paged_attention.EARLY_PAGES) -> tuple[dict, object]:
+            early_pages: int = paged_attention.EARLY_PAGES,
+            sparse_max_splits: int | None = paged_attention.SPARSE_SMALL_HEADS_MAX_SPLITS) -> tuple[dict, object]:
     """(the row, the step callable: its model and graph stay alive for --rounds)."""
     import torch._dynamo
 
@@ -78,6 +79,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     paged_attention.FEW_PROGRAMS = launch_config(few_programs)
     specattn.model.GEMV_MAX_ROWS = gemv_rows
     paged_attention.EARLY_PAGES = early_pages
+    paged_attention.SPARSE_SMALL_HEADS_MAX_SPLITS = sparse_max_splits
     specattn.model.STEP_COMPILE_MODE = compile_mode
     torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])
@@ -107,6 +109,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += "" if few_programs == "default" else f", attention {few_programs}"
     what += f", gemv up to {gemv_rows} rows"
     what += f", attention early reads {early_pages}"
+    what += f", sparse splits <= {sparse_max_splits}" if sparse_max_splits else ""
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
@@ -116,6 +119,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
         print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
     row = {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "gemv": list(gemv),
            "attention_few_programs": few_programs, "gemv_max_rows": gemv_rows, "early_pages": early_pages,
+           "sparse_max_splits": sparse_max_splits,
            "batch": batch, "context": context,
            "draft_budget": draft_budget, "q_len": q_len,
            "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
@@ -167,26 +171,30 @@ def main() -> None:
                     help="comma-separated paged_attention.EARLY_PAGES values: what attention reads or prefetches "
                     "before the PDL wait (0 nothing, 1 lengths + first pages into L1); inside "
                     "each --gemv-rows")
+    ap.add_argument("--sparse-max-splits", default="auto", help="comma-separated paged_attention."
+                    "SPARSE_SMALL_HEADS_MAX_SPLITS values for sparse draft attention with head_dim <= 64: auto or a "
+                    "number (1: no merge launch); inside each --early-pages")
     ap.add_argument("--rounds", type=int, default=1, help="after profiling every variant, time them all again this "
                     "many times round-robin and report the median: variants compared within a round, not one after "
                     "the other (a variant timed later in a process measured up to 3%% slower)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
-    variants = [(f == "on", int(p), gemv_projections(g), a, int(r), int(e))
+    variants = [(f == "on", int(p), gemv_projections(g), a, int(r), int(e), None if m == "auto" else int(m))
                 for f in args.folds.split(",") for p in args.pdl.split(",") for g in args.gemv.split(",")
                 for a in args.attn_few.split(",") for r in args.gemv_rows.split(",")
-                for e in args.early_pages.split(",")]
+                for e in args.early_pages.split(",") for m in args.sparse_max_splits.split(",")]
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
                         args.q_len, args.top, verify=method, fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r,
-                        early_pages=e)
-                for method in args.verify.split(",") for fold, pdl, gemv, a, r, e in variants]
+                        early_pages=e, sparse_max_splits=m)
+                for method in args.verify.split(",") for fold, pdl, gemv, a, r, e, m in variants]
     else:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
                         not args.row_major, args.q_len, args.top, None if mode == "default" else mode,
-                        fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r, early_pages=e)
-                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a, r, e in variants]
+                        fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r, early_pages=e,
+                        sparse_max_splits=m)
+                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a, r, e, m in variants]
     rows = interleaved(rows, args.rounds)
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
@@ -207,7 +215,7 @@ def interleaved(built: list[tuple[dict, object]], rounds: int) -> list[dict]:
             print(f"{row['replay_us']:8.0f} us (first {row['replay_us_first']:.0f}, rounds {min(t):.0f}-{max(t):.0f})"
                   f"  fold {row['folded_norms']} pdl {row['pdl']} gemv {'+'.join(row['gemv']) or 'none'}"
                   f" attention {row['attention_few_programs']} rows {row['gemv_max_rows']}"
-                  f" early pages {row['early_pages']}"
+                  f" early pages {row['early_pages']} sparse splits <= {row['sparse_max_splits'] or 'auto'}"
                   f" verify {row['verify']} compile {row['compile_mode']}")
     return rows
 

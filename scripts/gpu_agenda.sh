@@ -100,6 +100,13 @@ for part in "$@"; do
     auto-tail)   # auto deciding for the whole batch vs for the sequences still generating, decisions traced
               timeout 280 python3 benchmarks/auto_tail.py --out "$OUT/auto_tail.json" 2>&1 | grep -v -i warn \
                 | grep -v "^{" | tail -12 ;;
+    sparse-direct)   # the default model's draft step with its sparse attention in one split (no merge launch) vs
+              # automatic, batch 64 and 32, budget 512, round-robin (no model files)
+              for b in 64 32; do
+                timeout 150 python3 benchmarks/profile_step.py --shape smol --batch $b --context 8192 --draft-budget 512 \
+                  --sparse-max-splits auto,1 --rounds 7 --top 3 --json "$OUT/profile_sparse_direct_draft_b$b.json" \
+                  2>&1 | grep -A 3 "round-robin"
+              done ;;
     attn-few)   # attention launches for few programs (FEW_PROGRAMS: block_n:warps:stages:split_factor) in the 8B-shaped
               # batch-1 step, round-robin (no model files)
               timeout 240 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 8192 \

@@ -587,9 +587,10 @@ def test_reference_rope_and_write_equals_the_models_rotation():
 
 
 
-def test_sparse_small_head_launch_splits_evenly_and_matches_reference():
+def test_sparse_small_head_launch_splits_evenly_and_matches_reference(monkeypatch):
     """The default model's draft shape (many pairs, head_dim 64, a few hundred listed keys) takes the tuned
-    sparse launch with a power-of-two split count; its output is the reference's."""
+    sparse launch with a power-of-two split count; its output is the reference's, also capped at one split (the
+    split kernel writing the output itself)."""
     torch.manual_seed(0)
     batch, kv_heads, dim, lens = 32, 3, 64, [700 - 5 * b for b in range(32)]
     q, k, v, table, lens_t = make_inputs(batch, 1, kv_heads, 3, dim, lens, torch.float32)
@@ -600,4 +601,9 @@ def test_sparse_small_head_launch_splits_evenly_and_matches_reference():
     kw = {"selected_pages": sel, "selected_counts": counts}
     out = paged_attention.paged_attention(q, k, v, table, lens_t, dim ** -0.5, **kw)
     want = reference.paged_attention(q, k, v, table, lens_t, dim ** -0.5, **kw)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(paged_attention, "SPARSE_SMALL_HEADS_MAX_SPLITS", 1)
+    assert paged_attention._plan_launch(batch, kv_heads, dim, 16, sel.shape[2] * 16, 132, None, None, False, None,
+                                        True)[1] == 1 < splits
+    out = paged_attention.paged_attention(q, k, v, table, lens_t, dim ** -0.5, **kw)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)

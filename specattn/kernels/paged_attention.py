@@ -42,6 +42,11 @@ MANY_PROGRAMS_SMALL_HEADS = LaunchConfig(block_n=64, num_warps=4, num_stages=4, 
 # ~3 programs per SM, split into a power of two so tiles divide evenly: 7.1 / 9.8 µs against 10.0 / 13.1 for
 # MANY_PROGRAMS_SMALL_HEADS at its automatic 6 / 3 splits.
 SPARSE_SMALL_HEADS = LaunchConfig(block_n=128, num_warps=4, num_stages=2, split_factor=3)
+# At most this many splits for SPARSE_SMALL_HEADS (None: as many as its split factor asks). 1 = each program writes
+# its rows itself (DIRECT_ONE_SPLIT): 10.8 vs 9.8 µs alone at batch 64 (tune_splits_draft.json), but one launch
+# fewer per layer, whose boundary a whole draft step may value more; for an A/B in the step (profile_step.py
+# --sparse-max-splits), not yet timed there.
+SPARSE_SMALL_HEADS_MAX_SPLITS: int | None = None
 # Sparse lists with few programs (8B heads at batch 1, 10% of 32K: one 128-key tile a split): FEW_PROGRAMS with two
 # stages, as there is no second tile to pipeline. H200, sweeps of two sessions: 8.30 vs 8.50 µs (tune_splits.json)
 # and 8.26 vs 8.65 (tune_splits_warps.json) for FEW_PROGRAMS's three stages.
@@ -373,6 +378,7 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
         num_splits = choose_num_splits(rows, kv_heads, cap, sms, launch)
         if tuned_sparse:
             num_splits = 1 << (num_splits.bit_length() - 1)
+            num_splits = min(num_splits, SPARSE_SMALL_HEADS_MAX_SPLITS or num_splits)
     # Deferred page mass holds MAX_PAGE_MASS_TILES tiles per split: past 256 splits (very long contexts) the
     # merge would hold too many partials, so the mass is stored per tile there.
     defer = (page_mass and not mass_tile and defer_page_mass(launch)
