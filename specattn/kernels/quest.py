@@ -124,8 +124,7 @@ def _select_top_pages_kernel(score_ptr, forced_ptr, valid_ptr, pages_ptr, counts
     take = take & (kk > 0)
     slot = tl.cumsum(take.to(tl.int32), 0) - 1
     tl.store(pages_ptr + pid * width + slot, page, mask=take)
-    pad = tl.arange(0, BLOCK_P)
-    tl.store(pages_ptr + pid * width + pad, tl.full([BLOCK_P], -1, tl.int32), mask=(pad >= kk) & (pad < width))
+    tl.store(pages_ptr + pid * width + page, tl.full([BLOCK_P], -1, tl.int32), mask=(page >= kk) & (page < width))
     tl.store(counts_ptr + pid, kk)
 
 
