@@ -38,8 +38,9 @@ DEFAULT_ALPHA = 0.8        # per-draft acceptance assumed before any round of th
 PRIOR_ROUNDS = 2.0         # how many rounds the cached / default tokens-per-round estimate counts as
 TIME_EMA = 0.5             # weight of a new time observation
 # Deciding for the sequences still generating (bytes with the finished ones idle; times per byte learned at full
-# batch only): off. Measured on (179c970, auto_tail_179c970.json) it switched to dense steps early and lost 5-20%;
-# benchmarks/auto_tail.py runs it beside the default with each decision traced.
+# batch only): off. On the H200 (auto_tail.json, benchmarks/auto_tail.py) it finished a batch of 64 with dense steps
+# once 8 sequences were left, as designed, but such a step still cost 1.9 ms (4.43 with all 64 generating: ~1.5 ms
+# of launch-bound work whatever the bytes), so it lost: 1.25x AR against 1.35x at batch 64 x 8K.
 TAIL_AWARE = False
 TOKENS_DECAY = 1.0         # weight a round's tokens keep per later round (1: the plain mean; 0.8: ~5 rounds' memory)
 RECHECK_EVERY = 64         # dense steps after which a near-break-even speculation is tried again
@@ -163,8 +164,8 @@ class CostModel:
         return dense, {n: a.tokens_per_round() / (a.s_per_byte * round_bytes) for n, a in self.spec.items()}
 
     def next(self, context: float, active: int | None = None) -> int | tuple[int, str]:
-        """context: the mean context; active: sequences still generating (a fixed batch's finished ones idle,
-        reading little, while the stragglers finish: there dense steps often pay where rounds did not)."""
+        """context: the mean context; active: sequences still generating (used with TAIL_AWARE: a fixed batch's
+        finished ones idle, reading little, while the stragglers finish)."""
         self.context = context
         self.active = active if TAIL_AWARE and active is not None else self.bytes.batch
         for name, arm in self.spec.items():    # nothing known yet: measure each kind of round, then dense steps
