@@ -188,7 +188,7 @@ class CostModel:
     def observe(self, choice, accepted: list[int], seconds: float, captured: bool, dense_steps: int = 0) -> None:
         # Time per byte is learned with the whole batch generating, where bytes dominate; with most of it idle a
         # step's fixed costs weigh more per byte, and one such time would mislead the next run's first rounds.
-        full = self.active == self.bytes.batch or not TAIL_AWARE
+        full = self.active == self.bytes.batch          # always, unless TAIL_AWARE (see next)
         if choice == 0:
             self.dense_since_spec += dense_steps
             if not captured and dense_steps and (full or self.dense.s_per_byte is None):

@@ -419,8 +419,8 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     default = next(iter(policies))
     gammas, unobserved = [], []
     while not loop.log.finished():
-        active = sum(not d for d in loop.log.done())
-        choice = controller.next(sum(cache.host_lens()) / len(prompts), active) if controller else gamma
+        choice = (controller.next(sum(cache.host_lens()) / len(prompts), sum(not d for d in loop.log.done()))
+                  if controller else gamma)
         g, name = choice if isinstance(choice, tuple) else (choice, default)
         first_mark, graphs_before = len(loop.timer.marks), loop.graph_count()
         if g == 0:
