@@ -39,8 +39,9 @@ PRIOR_ROUNDS = 2.0         # how many rounds the cached / default tokens-per-rou
 TIME_EMA = 0.5             # weight of a new time observation
 # Deciding for the sequences still generating (bytes with the finished ones idle; times per byte learned at full
 # batch only): off. On the H200 (auto_tail.json, benchmarks/auto_tail.py) it finished a batch of 64 with dense steps
-# once 8 sequences were left, as designed, but such a step still cost 1.9 ms (4.43 with all 64 generating: ~1.5 ms
-# of launch-bound work whatever the bytes), so it lost: 1.25x AR against 1.35x at batch 64 x 8K.
+# once 8 sequences were left, as designed, but such a step still cost ~1.9 ms (inferred from the run's total; 4.43
+# with all 64 generating: ~1.5 ms of launch-bound work whatever the bytes), so it lost: 1.25x AR against 1.35x at
+# batch 64 x 8K.
 TAIL_AWARE = False
 TOKENS_DECAY = 1.0         # weight a round's tokens keep per later round (1: the plain mean; 0.8: ~5 rounds' memory)
 RECHECK_EVERY = 64         # dense steps after which a near-break-even speculation is tried again
