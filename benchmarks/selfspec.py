@@ -54,13 +54,16 @@ def timed(fn):
 
 
 def run_method(model, caches, method: str, prompts, new_tokens: int, spec: SpeculationParams,
-               sampling: SamplingParams):
-    """Warm-up run (compiles, captures graphs), then the measured run reusing those graphs. A "+phys" suffix
+               sampling: SamplingParams, warm_prompts=None):
+    """Warm-up run (compiles, captures graphs), then the measured run reusing those graphs. warm_prompts: shorter
+    prompts for the warm-up (the graphs depend on the cache's capacity, not on the lengths, which they read from the
+    device), so that a long-context cell does not pay its prefill twice per method. A "+phys" suffix
     (e.g. magicdec+phys) runs the method with selection.PHYSICAL_LISTS on: an A/B in the same run."""
     if method.endswith("+phys"):
         selection.PHYSICAL_LISTS = True
         try:
-            return run_method(model, caches, method.removesuffix("+phys"), prompts, new_tokens, spec, sampling)
+            return run_method(model, caches, method.removesuffix("+phys"), prompts, new_tokens, spec, sampling,
+                              warm_prompts)
         finally:
             selection.PHYSICAL_LISTS = False
     params = GenerationParams(max_new_tokens=new_tokens, sampling=sampling)
@@ -71,21 +74,30 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     if mass_tokens or every > 1:
         spec = dataclasses.replace(spec, mass_tokens=mass_tokens, mass_every=every)
     warm = GenerationParams(max_new_tokens=4 * spec.gamma, sampling=sampling)
+    warm_prompts = warm_prompts or prompts
     if METHODS[method] is None:
-        runner = generate_ar(model, caches["plain"], prompts, warm).runner
+        runner = generate_ar(model, caches["plain"], warm_prompts, warm).runner
         return timed(lambda: generate_ar(model, caches["plain"], prompts, params, runner))
     policy = make_policy(method, spec, model.cfg.num_layers)
     cache = caches["bounds" if policy.needs_key_bounds else "plain"]
-    steps = generate_self_speculative(model, cache, prompts, warm, policy, spec.gamma, adaptive_gamma=adaptive).runner
+    steps = generate_self_speculative(model, cache, warm_prompts, warm, policy, spec.gamma,
+                                      adaptive_gamma=adaptive).runner
     return timed(lambda: generate_self_speculative(model, cache, prompts, params, policy, spec.gamma, steps,
                                                    adaptive_gamma=adaptive))
+
+
+def model_label(path: str) -> str:
+    if path == DEFAULT_MODEL or path == os.environ.get("SPECATTN_DEFAULT_GGUF"):
+        return "SmolLM2-135M-Instruct (Q4_1 GGUF -> bf16)"
+    return f"{Path(path).name} -> bf16"
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, methods, log) -> list[dict]:
+def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, methods, log,
+                    warm_context: int | None = None) -> list[dict]:
     rows = []
     for batch, ctx in cells:
         prompts = bench.prompts_from(text, batch, ctx)
@@ -98,7 +110,10 @@ def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, me
         ar = None
         for method, budget in configs:
             spec = SpeculationParams(budget or 256, gamma, (0,))
-            res, secs = run_method(model, caches, method, prompts, new_tokens, spec, sampling)
+            # a warm-up prompt must stay longer than the budget (else drafting would not be sparse)
+            warm_len = max(warm_context or ctx, 2 * spec.budget)
+            warm_prompts = [p[-warm_len:] for p in prompts] if warm_len < ctx else None
+            res, secs = run_method(model, caches, method, prompts, new_tokens, spec, sampling, warm_prompts)
             if method == "ar":
                 ar = res
             same = [first_difference(x, y) for x, y in zip(res.tokens, ar.tokens, strict=True)]
@@ -250,6 +265,7 @@ def resummarize(path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.environ.get("SPECATTN_DEFAULT_GGUF", DEFAULT_MODEL))
+    ap.add_argument("--model-name", help="how results name the model (default: the default model or the file name)")
     ap.add_argument("--out", default=str(RESULTS / "selfspec.json"))
     ap.add_argument("--cells", default="1x4096,1x8000,8x8000,32x4096,32x8000,64x8000",
                     help="batch x context pairs")
@@ -259,6 +275,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--methods", default=",".join(SPARSE_METHODS))
     ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--warm-context", type=int, help="warm-up runs prefill only this many tokens of each prompt "
+                    "(long contexts on larger models: one full prefill per method instead of two)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per method and cell; the median is kept "
                     "(single runs of one configuration moved by up to ±0.1x)")
     ap.add_argument("--resummarize", metavar="JSON", help="only recompute the summary of a results file")
@@ -289,9 +307,9 @@ def main() -> None:
               f"same={row['same_tokens_as_ar']}", flush=True)
 
     rows = real_model_rows(model, text, cells(args.cells), budgets, args.gamma, args.new_tokens,
-                           SamplingParams(), methods, log)
+                           SamplingParams(), methods, log, args.warm_context)
     rows += real_model_rows(model, text, cells(args.sampling_cells), budgets, args.gamma, args.new_tokens,
-                            SamplingParams(0.6, 0.95, seed=0), methods, log)
+                            SamplingParams(0.6, 0.95, seed=0), methods, log, args.warm_context)
     del model
     torch.cuda.empty_cache()
     costs = []
@@ -300,7 +318,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     out = {**env, "config": {"dtype": "bf16", "gamma": args.gamma, "new_tokens": args.new_tokens, "repeats": REPEATS,
                              "budgets_tokens": budgets, "dense_layers": [0], "vegas": "5% of context, >= 256 tokens",
-                             "sampling": "T 0.6, top-p 0.95", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF -> bf16)"},
+                             "sampling": "T 0.6, top-p 0.95", "model": args.model_name or model_label(args.model),
+                             "warm_context": args.warm_context},
            "summary": summarize(rows), "rows": rows, "step_costs_llama3_8b_shape": costs}
     write_json_atomic(args.out, out)
     for c in costs:

@@ -32,6 +32,13 @@ for part in "$@"; do
                   --context 8000,32000 --batch 8 --new-tokens 128 --text .data/gutenberg/pg2554.txt --quiet \
                   --json "$OUT/specattn_s_e2e_last_p$p.json" 2>&1 | grep -v -i warn | tail -8
               done ;;
+    qwen-selfspec)   # SpecAttn-Y and MagicDec self-speculating on the real Qwen2.5-Coder-1.5B (verifier alone: gpu_qwen_pair.sh
+              # split/store/join target) at 32K, where KV reads dominate its steps; warm-ups prefill 1,024 tokens
+              timeout ${QWEN_SELFSPEC_LIMIT:-540} python3 benchmarks/selfspec.py --model "$SPECATTN_QWEN_TARGET" \
+                --model-name "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF -> bf16)" --cells ${QWEN_CELLS:-32x32000} \
+                --sampling-cells "" --budgets ${QWEN_BUDGETS:-1024,2048} --methods magicdec,specattn-y/blk64 \
+                --gamma ${QWEN_GAMMA:-4} --skip-8b --warm-context 1024 --out "$OUT/selfspec_qwen.json" 2>&1 \
+                | grep -v -i warn | tail -8 ;;
     qwen-repeat)   # the cell where keys from the last step at p 0.9 did best, three timed runs each (median)
               timeout 300 python3 -m specattn.cli bench --model "$SPECATTN_QWEN_TARGET" --draft "$SPECATTN_QWEN_DRAFT" \
                 --layer-map benchmarks/results/layermap_qwen.json --methods ar,draft-spec,specattn-s --page-level \

@@ -4,12 +4,13 @@
 #   each device call (back to back; the machine keeps files only while warm, 30 s after a call):
 #                    carry [".models/qwen/parts/<one part>"], command: bash scripts/gpu_qwen_pair.sh store
 #   last call:       source scripts/gpu_qwen_pair.sh join && python3 benchmarks/...   (md5-checked GGUFs in /root/q)
+# "split target" / "join target": the verifier alone (19 parts), for self-speculation on it (SpecAttn-Y).
 set -e
 PARTS=.models/qwen/parts
 case "${1:-}" in
   split)
     mkdir -p "$PARTS"
-    for name in draft target; do
+    for name in ${2:-draft target}; do
       split -b 58M -d ".models/qwen/$name.gguf" "$PARTS/$name.part"
     done
     ls "$PARTS" | wc -l | xargs echo "parts:" ;;
@@ -18,8 +19,10 @@ case "${1:-}" in
     for f in "$PARTS"/*.part*; do [ -f "$f" ] && cp "$f" /root/q/; done
     ls /root/q | wc -l | xargs echo "parts on this machine:" ;;
   join)
+    want=${2:-draft target}
     for pair in "draft fa36a8a7b86e1a0355ecc8545f26e885" "target 136755df932e5b87db9bbc2bea00aba5"; do
       set -- $pair
+      case " $want " in *" $1 "*) ;; *) continue ;; esac
       [ -f "/root/q/$1.gguf" ] || cat /root/q/"$1".part* > "/root/q/$1.gguf"
       if ! echo "$2  /root/q/$1.gguf" | md5sum -c -; then
         rm -f "/root/q/$1.gguf"

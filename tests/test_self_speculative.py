@@ -486,3 +486,21 @@ def test_physical_pages_of_layered_lists():
     pages = torch.tensor([[[[0, 2, -1]], [[1, -1, -1]]], [[[2, -1, -1]], [[0, 1, 2]]]], dtype=torch.int32)
     phys = physical_pages(table, pages)                      # [layers 2, batch 2, kv_heads 1, K 3]
     assert phys.tolist() == [[[[5, 2, 5]], [[1, 7, 7]]], [[[2, 5, 5]], [[7, 1, 4]]]]
+
+
+def test_selfspec_benchmark_warm_up_on_shorter_prompts_keeps_ar_tokens(model_and_prompts, monkeypatch):
+    """benchmarks/selfspec.py --warm-context: each method's warm-up prefills only the prompts' last tokens and the
+    timed run reuses its runner on the full prompts; the timed tokens must still be AR's."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import selfspec
+    model, _, _ = model_and_prompts
+    monkeypatch.setattr(selfspec, "DEVICE", "cpu")
+    torch.manual_seed(2)
+    text = torch.randint(0, 97, (700,)).tolist()
+    rows = []
+    selfspec.real_model_rows(model, text, [(2, 260)], [64], 4, 24, SamplingParams(),
+                             ["magicdec", "specattn-y/blk64"], rows.append, warm_context=40)
+    assert [r["method"] for r in rows] == ["ar", "magicdec", "specattn-y/blk64"]
+    assert all(r["same_tokens_as_ar"] for r in rows)
