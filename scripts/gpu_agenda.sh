@@ -39,6 +39,10 @@ for part in "$@"; do
                 --sampling-cells "" --budgets ${QWEN_BUDGETS:-1024,2048} --methods magicdec,specattn-y/blk64 \
                 --gamma ${QWEN_GAMMA:-4} --skip-8b --warm-context 1024 --out "$OUT/selfspec_qwen.json" 2>&1 \
                 | grep -v -i warn | tail -8 ;;
+    qwen-divergence)   # where greedy MagicDec departs from AR on the 1.5B at b64 x 32K: near ties or a bug?
+              timeout 400 python3 benchmarks/divergence_check.py --model "$SPECATTN_QWEN_TARGET" --batch 64 \
+                --context 32000 --method ${DIV_METHOD:-magicdec} --out "$OUT/divergence_qwen_b64.json" 2>&1 \
+                | grep -v -i warn | tail -12 ;;
     qwen-repeat)   # the cell where keys from the last step at p 0.9 did best, three timed runs each (median)
               timeout 300 python3 -m specattn.cli bench --model "$SPECATTN_QWEN_TARGET" --draft "$SPECATTN_QWEN_DRAFT" \
                 --layer-map benchmarks/results/layermap_qwen.json --methods ar,draft-spec,specattn-s --page-level \
