@@ -64,12 +64,13 @@ def summarize(rows: list[dict], budgets: list[int], methods: list[str]) -> dict:
     return out
 
 
-def make_sweep_policy(method: str, budget: int, gamma: int, num_layers: int):
+def make_sweep_policy(method: str, budget: int, gamma: int, num_layers: int, dense_layers: tuple[int, ...] = (0,)):
     """The policy of `method` ("/blk64": block mass; "/r<k>": the verification's mass every k-th round only,
     SpeculationParams.mass_every)."""
     name, every = split_refresh_suffix(method)
     name, mass_tokens = split_block_suffix(name)
-    return make_policy(name, SpeculationParams(budget, gamma, mass_tokens=mass_tokens, mass_every=every), num_layers)
+    spec = SpeculationParams(budget, gamma, dense_layers, mass_tokens=mass_tokens, mass_every=every)
+    return make_policy(name, spec, num_layers)
 
 
 def main() -> None:
@@ -83,8 +84,10 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--windows", type=int, default=1, help="sequences per text, at different offsets")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--dense-layers", default="0", help="layers drafting with the full cache, comma-separated, or none")
     ap.add_argument("--json")
     args = ap.parse_args()
+    dense = () if args.dense_layers == "none" else tuple(int(x) for x in args.dense_layers.split(","))
     unknown = [m for m in args.methods.split(",") if split_block_suffix(split_refresh_suffix(m)[0])[0] not in METHODS]
     if unknown:                         # before the model loads
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)} (+ /blk64, /r<k>)")
@@ -102,7 +105,7 @@ def main() -> None:
     for mode, sampling in modes.items():
         for budget in budgets:
             for method in methods:
-                policy = make_sweep_policy(method, budget, args.gamma, model.cfg.num_layers)
+                policy = make_sweep_policy(method, budget, args.gamma, model.cfg.num_layers, dense)
                 cache = PagedKVCache(model.cfg, len(prompts), cache_tokens_needed(args.context, args.new_tokens,
                                                                                    args.gamma),
                                      dtype=dtype, device=dev, track_key_bounds=policy.needs_key_bounds)
@@ -118,7 +121,7 @@ def main() -> None:
         write_json_atomic(args.json, {**environment(), "model": args.model, "dtype": str(dtype),
                                       "texts": [Path(t).name for t in args.text], "windows": args.windows,
                                       "context": args.context,
-                                      "new_tokens": args.new_tokens, "gamma": args.gamma, "dense_layers": [0],
+                                      "new_tokens": args.new_tokens, "gamma": args.gamma, "dense_layers": list(dense),
                                       "rows": rows, "summary": summary})
     print("\nmode      budget " + " ".join(f"{m:>11s}" for m in methods))
     for mode in modes:

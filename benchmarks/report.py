@@ -310,18 +310,42 @@ def gptfast_tables(data: dict) -> str:
     return "\n".join(lines)
 
 
+def selfspec_runs_tables(runs: list[dict]) -> str:
+    """Self-speculative runs of one model, one row per method and budget of each run: fixed-batch and steady
+    speedups, tokens per verify, the slowest sequence's rounds against the mean, per-round costs."""
+    lines = ["| decoding | batch | γ | AR tok/s | method @ budget | x AR, fixed batch | x AR, steady | "
+             "tokens per verify | rounds: slowest / mean | draft / verify ms a round | sequences with AR's tokens | "
+             "source |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for run in runs:
+        ar = next(r for r in run["rows"] if r["method"] == "ar")
+        for r in (r for r in run["rows"] if r["method"] != "ar"):
+            by_seq, n = r["rounds_by_sequence"], r["rounds"]
+            mode = "greedy" if r["greedy"] else "T 0.6, top-p 0.95"
+            same = f"{r['sequences_identical_to_ar']} of {r['batch']}" if r["greedy"] else "–"
+            lines.append(f"| {mode} | {r['batch']} | {r['gamma']} | {ar['decode_tokens_per_s']:.0f} | {r['method']} "
+                         f"@{r['budget']} | {r['decode_speedup_vs_ar']:.2f}x | {r['steady_speedup_vs_ar']:.2f}x | "
+                         f"{r['mean_accepted_len']:.2f} | {max(by_seq)} / {sum(by_seq) / len(by_seq):.1f} | "
+                         f"{1e3 * r['draft_s'] / n:.1f} / {1e3 * r['verify_s'] / n:.1f} | {same} | "
+                         f"[{run['_name']}](benchmarks/results/{run['_name']}.json) |")
+    return "\n".join(lines)
+
+
 # name -> its README tables (from results/<name>.json, or the files POOLED names)
 TABLES = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables,
           "tp": tp_tables, "specattn_s_e2e": specattn_s_e2e_tables, "specattn_s_keys_last": keys_last_tables,
-          "ppl_qwen_8192": ppl_tables, "peers": peers_tables, "gptfast": gptfast_tables}
+          "ppl_qwen_8192": ppl_tables, "peers": peers_tables, "gptfast": gptfast_tables,
+          "selfspec_qwen": selfspec_runs_tables}
 POOLED = {"specattn_s_keys_last": ["specattn_s_e2e_last_p0.95", "specattn_s_e2e_last_p0.9",
-                                   "specattn_s_e2e_last_p0.9_r3"]}      # tables drawn from several results files
+                                   "specattn_s_e2e_last_p0.9_r3"],
+          "selfspec_qwen": ["selfspec_qwen_b32", "selfspec_qwen_b64", "selfspec_qwen_b64_g6",
+                            "selfspec_qwen_b64_sampled"]}      # tables drawn from several results files
 
 
 def load(which: str):
     """The data TABLES[which] renders: results/<which>.json, or the list of POOLED[which]'s files."""
     if which in POOLED:
-        return [json.loads((RESULTS / f"{name}.json").read_text()) for name in POOLED[which]]
+        return [{**json.loads((RESULTS / f"{name}.json").read_text()), "_name": name} for name in POOLED[which]]
     return json.loads((RESULTS / f"{which}.json").read_text())
 
 

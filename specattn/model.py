@@ -109,7 +109,21 @@ def final_logits(x, mlp_out, norm_w, eps: float, head_w):
     """mlp_out: the last block's MLP output, or None when the blocks added it to x already (folded norms)."""
     if mlp_out is not None:
         x = x + mlp_out
-    return F.linear(rms_norm(x, norm_w, eps), head_w).float()
+    return head_product(rms_norm(x, norm_w, eps), head_w)
+
+
+# The output head's product written in fp32 on CUDA (bf16/fp16 operands, fp32 accumulation either way): logits
+# rounded to bf16 tie or swap near-tied argmaxes whenever two steps round differently (one bf16 step is 0.0625 at
+# logits of 8-16). divergence_qwen_b64.json: every greedy departure from AR examined was such a tie.
+FP32_LOGITS = True
+
+
+def head_product(h: torch.Tensor, head_w: torch.Tensor) -> torch.Tensor:
+    """h [..., hidden] -> fp32 logits [..., vocab]."""
+    if FP32_LOGITS and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
+        flat = torch.mm(h.reshape(-1, h.shape[-1]), head_w.t(), out_dtype=torch.float32)
+        return flat.view(*h.shape[:-1], head_w.shape[0])
+    return F.linear(h, head_w).float()
 
 
 def rotate_and_store(qkv: torch.Tensor, cos, sin, cache: PagedKVCache, layer: int, view: StepView, heads: int,
