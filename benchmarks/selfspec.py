@@ -97,7 +97,7 @@ def first_difference(a: list[int], b: list[int]) -> int:
 
 
 def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, methods, log,
-                    warm_context: int | None = None) -> list[dict]:
+                    warm_context: int | None = None, dense_layers: tuple[int, ...] = (0,)) -> list[dict]:
     rows = []
     for batch, ctx in cells:
         prompts = bench.prompts_from(text, batch, ctx)
@@ -109,7 +109,7 @@ def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, me
         configs = [("ar", None)] + [(m, b) for m in methods for b in (budgets if m != "vegas" else [256])]
         ar = None
         for method, budget in configs:
-            spec = SpeculationParams(budget or 256, gamma, (0,))
+            spec = SpeculationParams(budget or 256, gamma, dense_layers)
             # a warm-up prompt must stay longer than the budget (else drafting would not be sparse)
             warm_len = max(warm_context or ctx, 2 * spec.budget)
             warm_prompts = [p[-warm_len:] for p in prompts] if warm_len < ctx else None
@@ -275,6 +275,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--methods", default=",".join(SPARSE_METHODS))
     ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--dense-layers", default="0", help="layers drafting with the full cache, comma-separated, or none")
     ap.add_argument("--warm-context", type=int, help="warm-up runs prefill only this many tokens of each prompt "
                     "(long contexts on larger models: one full prefill per method instead of two)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per method and cell; the median is kept "
@@ -291,6 +292,7 @@ def main() -> None:
     global REPEATS
     REPEATS = args.repeats
     budgets = [int(b) for b in args.budgets.split(",")]
+    dense = () if args.dense_layers == "none" else tuple(int(x) for x in args.dense_layers.split(","))
     methods = args.methods.split(",")
     env = environment()
     model = load_model(args.model, "cuda", "bf16", progress=False)
@@ -307,9 +309,9 @@ def main() -> None:
               f"same={row['same_tokens_as_ar']}", flush=True)
 
     rows = real_model_rows(model, text, cells(args.cells), budgets, args.gamma, args.new_tokens,
-                           SamplingParams(), methods, log, args.warm_context)
+                           SamplingParams(), methods, log, args.warm_context, dense)
     rows += real_model_rows(model, text, cells(args.sampling_cells), budgets, args.gamma, args.new_tokens,
-                            SamplingParams(0.6, 0.95, seed=0), methods, log, args.warm_context)
+                            SamplingParams(0.6, 0.95, seed=0), methods, log, args.warm_context, dense)
     del model
     torch.cuda.empty_cache()
     costs = []
@@ -317,7 +319,8 @@ def main() -> None:
         costs.append(step_costs_8b(32768, batch, args.gamma, [512, 1024, 2048]))
         torch.cuda.empty_cache()
     out = {**env, "config": {"dtype": "bf16", "gamma": args.gamma, "new_tokens": args.new_tokens, "repeats": REPEATS,
-                             "budgets_tokens": budgets, "dense_layers": [0], "vegas": "5% of context, >= 256 tokens",
+                             "budgets_tokens": budgets, "dense_layers": list(dense),
+                             "vegas": "5% of context, >= 256 tokens",
                              "sampling": "T 0.6, top-p 0.95", "model": args.model_name or model_label(args.model),
                              "warm_context": args.warm_context},
            "summary": summarize(rows), "rows": rows, "step_costs_llama3_8b_shape": costs}

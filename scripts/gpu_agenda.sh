@@ -37,7 +37,8 @@ for part in "$@"; do
               timeout ${QWEN_SELFSPEC_LIMIT:-540} python3 benchmarks/selfspec.py --model "$SPECATTN_QWEN_TARGET" \
                 --model-name "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF -> bf16)" --cells ${QWEN_CELLS:-32x32000} \
                 --sampling-cells "" --budgets ${QWEN_BUDGETS:-1024,2048} --methods magicdec,specattn-y/blk64 \
-                --gamma ${QWEN_GAMMA:-4} --skip-8b --warm-context 1024 --out "$OUT/selfspec_qwen.json" 2>&1 \
+                --gamma ${QWEN_GAMMA:-4} --dense-layers ${QWEN_DENSE:-0} --repeats ${QWEN_REPEATS:-1} --skip-8b \
+                --warm-context 1024 --out "$OUT/selfspec_qwen.json" 2>&1 \
                 | grep -v -i warn | tail -8 ;;
     qwen-divergence)   # where greedy MagicDec departs from AR on the 1.5B at b64 x 32K: near ties or a bug?
               timeout 400 python3 benchmarks/divergence_check.py --model "$SPECATTN_QWEN_TARGET" --batch 64 \
