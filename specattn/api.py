@@ -1,6 +1,7 @@
 """The Python API, mirroring `specattn generate`."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,7 @@ DRAFT_METHODS = ("draft-spec", "specattn-s")   # need a draft model: lossless, a
 
 def check_request(method: str, max_new_tokens: int, temperature: float, top_p: float) -> None:
     """Reject bad request values before anything is loaded."""
-    if method not in METHODS and method != "auto" and method not in DRAFT_METHODS:
+    if method_variant(method)[0] not in METHODS and method != "auto" and method not in DRAFT_METHODS:
         raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}, auto, "
                                 f"{', '.join(DRAFT_METHODS)}")
     GenerationParams(max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature, top_p))
@@ -129,7 +130,8 @@ class Session:
         """Continue each prompt. Returns the decoded continuations and the raw result (tokens, stats).
         `method`: one of METHODS; self-speculative methods take `spec` (budget, gamma, dense layers)."""
         check_request(method, max_new_tokens, temperature, top_p)
-        spec = spec or SpeculationParams()
+        method, overrides = method_variant(method)          # specattn-y/blk64 -> specattn-y, mass_tokens 64
+        spec = dataclasses.replace(spec or SpeculationParams(), **overrides)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.encode(p) for p in prompts]
         params = GenerationParams(

@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ar, specattn-y, vegas, magicdec, quest, selfspec-full, auto (dense steps, specattn-y "
                         "or magicdec rounds, whichever a cost model measured on this machine predicts faster, round "
                         "by round), or with --draft: draft-spec (lossless) and specattn-s (draft-guided sparse "
-                        "verification)")
+                        "verification); specattn-y/blk64 = specattn-y --mass-tokens 64, /r2 = --mass-every 2")
     g.add_argument("--budget", type=float, default=256,
                    help="KV budget of a draft step: tokens, or a fraction of the context if below 1")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verification")

