@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, split_block_suffix, split_refresh_suffix  # noqa: E402
-from specattn.api import METHODS, SpeculationParams, make_policy  # noqa: E402
+from benchmarks.common import environment, parse_dense_layers  # noqa: E402
+from specattn.api import METHODS, SpeculationParams, make_policy, method_variant  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams  # noqa: E402
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import cache_tokens_needed, generate_self_speculative  # noqa: E402
+from specattn.errors import InvalidInputError  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.loader import load_model, load_tokenizer  # noqa: E402
 
@@ -67,10 +68,8 @@ def summarize(rows: list[dict], budgets: list[int], methods: list[str]) -> dict:
 def make_sweep_policy(method: str, budget: int, gamma: int, num_layers: int, dense_layers: tuple[int, ...] = (0,)):
     """The policy of `method` ("/blk64": block mass; "/r<k>": the verification's mass every k-th round only,
     SpeculationParams.mass_every)."""
-    name, every = split_refresh_suffix(method)
-    name, mass_tokens = split_block_suffix(name)
-    spec = SpeculationParams(budget, gamma, dense_layers, mass_tokens=mass_tokens, mass_every=every)
-    return make_policy(name, spec, num_layers)
+    name, overrides = method_variant(method)
+    return make_policy(name, SpeculationParams(budget, gamma, dense_layers, **overrides), num_layers)
 
 
 def main() -> None:
@@ -87,9 +86,12 @@ def main() -> None:
     ap.add_argument("--dense-layers", default="0", help="layers drafting with the full cache, comma-separated, or none")
     ap.add_argument("--json")
     args = ap.parse_args()
-    dense = () if args.dense_layers == "none" else tuple(int(x) for x in args.dense_layers.split(","))
-    unknown = [m for m in args.methods.split(",") if split_block_suffix(split_refresh_suffix(m)[0])[0] not in METHODS]
-    if unknown:                         # before the model loads
+    dense = parse_dense_layers(args.dense_layers)
+    try:                                # before the model loads
+        unknown = [m for m in args.methods.split(",") if method_variant(m)[0] not in METHODS]
+    except InvalidInputError as err:
+        raise SystemExit(str(err)) from None
+    if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)} (+ /blk64, /r<k>)")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32

@@ -105,20 +105,14 @@ def profile_kernels(fn, calls: int) -> dict[str, list]:
     return cuda_kernel_totals(prof)
 
 
-def split_block_suffix(method: str) -> tuple[str, int | None]:
-    """'specattn-y/blk64' -> ('specattn-y', 64): the benchmarks' name for SpecAttn-Y ranking 64-key blocks
-    (SpeculationParams.mass_tokens); a name without the suffix -> (name, None)."""
-    name, _, block = method.partition("/blk")
-    return name, int(block) if block else None
+def first_difference(a: list[int], b: list[int]) -> int:
+    """The first position where two token lists differ; the shorter length if one is a prefix of the other."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def split_refresh_suffix(method: str) -> tuple[str, int]:
-    """'specattn-y/blk64/r2' -> ('specattn-y/blk64', 2): SpecAttn-Y taking a verification's mass every 2nd round
-    (SpeculationParams.mass_every); a name without the suffix -> (name, 1)."""
-    if "/r" in method:
-        name, every = method.rsplit("/r", 1)
-        return name, int(every)
-    return method, 1
+def parse_dense_layers(text: str) -> tuple[int, ...]:
+    """--dense-layers: '0' or '0,1' -> the layers drafting with the full cache; 'none' -> ()."""
+    return () if text == "none" else tuple(int(x) for x in text.split(","))
 
 
 def gemv_projections(spec: str) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, gutenberg_tokens  # noqa: E402
+from benchmarks.common import environment, first_difference, gutenberg_tokens  # noqa: E402
 from specattn.api import SpeculationParams, make_policy  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
@@ -26,10 +26,6 @@ from specattn.decoding.self_speculative import cache_tokens_needed, generate_sel
 from specattn.evaluation import bench  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.loader import load_model, load_tokenizer  # noqa: E402
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
 
 
 def margin_at(model, device: str, prompt: list[int], prefix: list[int], tok_a: int, tok_b: int) -> dict:
@@ -70,9 +66,12 @@ def main() -> None:
     del cache
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    departs = [(i, d) for i, d in enumerate(first_difference(a, b) for a, b in zip(ar, got, strict=True))
-               if d is not None]
-    ar_batch = [first_difference(a, b) for a, b in zip(ar[:half], ar_half, strict=True)]
+    def departure(a: list[int], b: list[int]) -> int | None:    # None: one is a prefix of the other
+        d = first_difference(a, b)
+        return d if d < min(len(a), len(b)) else None
+
+    departs = [(i, d) for i, d in enumerate(departure(a, b) for a, b in zip(ar, got, strict=True)) if d is not None]
+    ar_batch = [departure(a, b) for a, b in zip(ar[:half], ar_half, strict=True)]
     margins = [{"sequence": i, "position": d,
                 **margin_at(model, args.device, prompts[i], ar[i][:d], ar[i][d], got[i][d])}
                for i, d in departs[:args.margins]]

@@ -15,17 +15,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, first_difference  # noqa: E402
 from specattn.alignment import LayerMap  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams  # noqa: E402
 from specattn.decoding.draft_speculative import KEY_STEPS, SparseVerification, generate_draft_speculative  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.loader import load_model, load_tokenizer  # noqa: E402
-
-
-def first_difference(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def main() -> None:

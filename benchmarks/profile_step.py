@@ -26,10 +26,9 @@ from benchmarks.common import (  # noqa: E402
     median_ms,
     profile_kernels,
     random_model,
-    split_block_suffix,
     weight_bytes_per_step,
 )
-from specattn.api import SpeculationParams, make_policy  # noqa: E402
+from specattn.api import SpeculationParams, make_policy, method_variant  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.runner import StepRunner  # noqa: E402
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
@@ -43,8 +42,8 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, 
     step of that self-speculation method (q_len = gamma + 1), page-mass by-product and all."""
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, q_len), device="cuda")
     if verify is not None:
-        method, mass_tokens = split_block_suffix(verify)
-        spec = SpeculationParams(512, q_len - 1, (0,), mass_tokens=mass_tokens)
+        method, overrides = method_variant(verify)
+        spec = SpeculationParams(512, q_len - 1, (0,), **overrides)
         policy = make_policy(method, spec, model.cfg.num_layers)
         policy.reset(cache)
         steps = RoundSteps(model, cache, policy, batch, q_len - 1, SamplingParams())

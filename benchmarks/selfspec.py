@@ -23,14 +23,14 @@ from benchmarks.common import (  # noqa: E402
     LLAMA3_8B,
     RESULTS,
     environment,
+    first_difference,
     graph_ms,
     gutenberg_tokens,
+    parse_dense_layers,
     random_model,
-    split_block_suffix,
-    split_refresh_suffix,
 )
 from specattn import selection  # noqa: E402
-from specattn.api import METHODS, SpeculationParams, make_policy  # noqa: E402
+from specattn.api import METHODS, SpeculationParams, make_policy, method_variant  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
@@ -69,10 +69,8 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     params = GenerationParams(max_new_tokens=new_tokens, sampling=sampling)
     adaptive = method.endswith("+adaptive")      # e.g. magicdec+adaptive: adaptive gamma, at most spec.gamma
     method = method.removesuffix("+adaptive")
-    method, every = split_refresh_suffix(method)          # specattn-y/blk64/r2: mass every 2nd round
-    method, mass_tokens = split_block_suffix(method)      # specattn-y/blk64: mass per 64-key block
-    if mass_tokens or every > 1:
-        spec = dataclasses.replace(spec, mass_tokens=mass_tokens, mass_every=every)
+    method, overrides = method_variant(method)      # specattn-y/blk64/r2: mass per 64-key block, every 2nd round
+    spec = dataclasses.replace(spec, **overrides)
     warm = GenerationParams(max_new_tokens=4 * spec.gamma, sampling=sampling)
     warm_prompts = warm_prompts or prompts
     if METHODS[method] is None:
@@ -90,10 +88,6 @@ def model_label(path: str) -> str:
     if path == DEFAULT_MODEL or path == os.environ.get("SPECATTN_DEFAULT_GGUF"):
         return "SmolLM2-135M-Instruct (Q4_1 GGUF -> bf16)"
     return f"{Path(path).name} -> bf16"
-
-
-def first_difference(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, methods, log,
@@ -292,7 +286,7 @@ def main() -> None:
     global REPEATS
     REPEATS = args.repeats
     budgets = [int(b) for b in args.budgets.split(",")]
-    dense = () if args.dense_layers == "none" else tuple(int(x) for x in args.dense_layers.split(","))
+    dense = parse_dense_layers(args.dense_layers)
     methods = args.methods.split(",")
     env = environment()
     model = load_model(args.model, "cuda", "bf16", progress=False)
