@@ -58,7 +58,8 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     """Warm-up run (compiles, captures graphs), then the measured run reusing those graphs. warm_prompts: shorter
     prompts for the warm-up (the graphs depend on the cache's capacity, not on the lengths, which they read from the
     device), so that a long-context cell does not pay its prefill twice per method. A "+phys" suffix
-    (e.g. magicdec+phys) runs the method with selection.PHYSICAL_LISTS on: an A/B in the same run."""
+    (e.g. magicdec+phys) runs the method with selection.PHYSICAL_LISTS on, "+nodense" with no layer drafting densely:
+    A/Bs in the same run."""
     if method.endswith("+phys"):
         selection.PHYSICAL_LISTS = True
         try:
@@ -66,6 +67,9 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
                               warm_prompts)
         finally:
             selection.PHYSICAL_LISTS = False
+    if method.endswith("+nodense"):     # e.g. specattn-y/blk64+nodense: every layer drafts sparsely (dense_layers ())
+        return run_method(model, caches, method.removesuffix("+nodense"), prompts, new_tokens,
+                          dataclasses.replace(spec, dense_layers=()), sampling, warm_prompts)
     params = GenerationParams(max_new_tokens=new_tokens, sampling=sampling)
     adaptive = method.endswith("+adaptive")      # e.g. magicdec+adaptive: adaptive gamma, at most spec.gamma
     method = method.removesuffix("+adaptive")
@@ -193,7 +197,7 @@ def summarize_metric(rows: list[dict], metric: str) -> dict:
         cells.setdefault((r["greedy"], r["batch"], r["context"]), []).append(r)
 
     def best(cell, methods):
-        cand = [r for r in cell if r["method"].split("/")[0].split("+")[0] in methods]   # +adaptive, +phys
+        cand = [r for r in cell if r["method"].split("/")[0].split("+")[0] in methods]   # +adaptive, +phys, +nodense
         return max(cand, key=lambda r: r[metric]) if cand else None
 
     per_cell = []

@@ -36,7 +36,7 @@ for part in "$@"; do
               # split/store/join target) at 32K, where KV reads dominate its steps; warm-ups prefill 1,024 tokens
               timeout ${QWEN_SELFSPEC_LIMIT:-540} python3 benchmarks/selfspec.py --model "$SPECATTN_QWEN_TARGET" \
                 --model-name "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF -> bf16)" --cells ${QWEN_CELLS:-32x32000} \
-                --sampling-cells "" --budgets ${QWEN_BUDGETS:-1024,2048} --methods magicdec,specattn-y/blk64 \
+                --sampling-cells "" --budgets ${QWEN_BUDGETS:-1024,2048} --methods ${QWEN_METHODS:-magicdec,specattn-y/blk64} \
                 --gamma ${QWEN_GAMMA:-4} --dense-layers ${QWEN_DENSE:-0} --repeats ${QWEN_REPEATS:-1} --skip-8b \
                 --warm-context 1024 --out "$OUT/selfspec_qwen.json" 2>&1 \
                 | grep -v -i warn | tail -8 ;;
@@ -152,6 +152,11 @@ for part in "$@"; do
               timeout 450 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,specattn-y/blk64,specattn-y/blk64/r2 --skip-8b --repeats 3 \
                 --out "$OUT/selfspec_every.json" 2>&1 | grep -v -i warn | tail -6 ;;
+    selfspec-nodense)   # layer 0 drafting sparsely too (+nodense) beside the default (layer 0 dense), same run,
+              # median of 3 (CPU: acceptance 4.411 vs 4.378 tokens per verify; ~0.40 GB of a draft step's bytes)
+              timeout 500 python3 benchmarks/selfspec.py --cells ${NODENSE_CELLS:-64x8000} --sampling-cells "" \
+                --budgets 512 --methods magicdec,magicdec+nodense,specattn-y/blk64,specattn-y/blk64+nodense --skip-8b \
+                --repeats ${NODENSE_REPEATS:-3} --out "$OUT/selfspec_nodense.json" 2>&1 | grep -v -i warn | tail -8 ;;
     *)        echo "unknown part $part (see the case labels in scripts/gpu_agenda.sh)" >&2 ;;
   esac
 done

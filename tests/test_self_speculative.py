@@ -504,3 +504,28 @@ def test_selfspec_benchmark_warm_up_on_shorter_prompts_keeps_ar_tokens(model_and
                              ["magicdec", "specattn-y/blk64"], rows.append, warm_context=40)
     assert [r["method"] for r in rows] == ["ar", "magicdec", "specattn-y/blk64"]
     assert all(r["same_tokens_as_ar"] for r in rows)
+
+
+def test_selfspec_benchmark_nodense_suffix_drafts_every_layer_sparsely(model_and_prompts, monkeypatch):
+    """selfspec.py's `+nodense` A/B: the same method with no dense drafting layer, AR's tokens either way."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import selfspec
+    model, _, _ = model_and_prompts
+    monkeypatch.setattr(selfspec, "DEVICE", "cpu")
+    seen = []
+    real_make_policy = selfspec.make_policy
+
+    def recording_make_policy(method, spec, num_layers):
+        seen.append((method, spec.dense_layers, spec.mass_tokens))
+        return real_make_policy(method, spec, num_layers)
+    monkeypatch.setattr(selfspec, "make_policy", recording_make_policy)
+    torch.manual_seed(3)
+    text = torch.randint(0, 97, (700,)).tolist()
+    rows = []
+    selfspec.real_model_rows(model, text, [(2, 260)], [64], 4, 24, SamplingParams(),
+                             ["specattn-y/blk64", "specattn-y/blk64+nodense"], rows.append)
+    assert [r["method"] for r in rows] == ["ar", "specattn-y/blk64", "specattn-y/blk64+nodense"]
+    assert all(r["same_tokens_as_ar"] for r in rows)
+    assert set(seen) == {("specattn-y", (0,), 64), ("specattn-y", (), 64)}
