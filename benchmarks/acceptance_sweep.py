@@ -65,7 +65,7 @@ def summarize(rows: list[dict], budgets: list[int], methods: list[str]) -> dict:
     return out
 
 
-def make_sweep_policy(method: str, budget: int, gamma: int, num_layers: int, dense_layers: tuple[int, ...] = (0,)):
+def make_sweep_policy(method: str, budget: int, gamma: int, num_layers: int, dense_layers: tuple[int, ...] = ()):
     """The policy of `method` ("/blk64": block mass; "/r<k>": the verification's mass every k-th round only,
     SpeculationParams.mass_every)."""
     name, overrides = method_variant(method)
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--windows", type=int, default=1, help="sequences per text, at different offsets")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--dense-layers", default="0", help="layers drafting with the full cache, comma-separated, or none")
+    ap.add_argument("--dense-layers", default="none", help="layers drafting with the full cache: 0,1 or none")
     ap.add_argument("--json")
     args = ap.parse_args()
     dense = parse_dense_layers(args.dense_layers)

@@ -38,7 +38,7 @@ def main() -> None:
     tokens = gutenberg_tokens(load_tokenizer(args.model))
     cfg = bench.BenchConfig(bench.parse_methods(args.methods), bench.parse_sizes(args.context, "context"),
                             bench.parse_sizes(args.batch, "batch"),
-                            SpeculationParams(args.budget, args.gamma, (0,)), args.new_tokens, repeats=args.repeats)
+                            SpeculationParams(args.budget, args.gamma), args.new_tokens, repeats=args.repeats)
     rows = bench.run_matrix(model, tokens, cfg, lambda d, t, what: print(f"[{d}/{t}] {what}", flush=True))
     result = {**environment(), "model": DEFAULT_MODEL, "dtype": "bf16",
               "config": {"methods": cfg.methods, "contexts": cfg.contexts, "batches": cfg.batches,

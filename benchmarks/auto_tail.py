@@ -41,7 +41,7 @@ def main() -> None:
     for cell in args.cells.split(","):
         batch, context = (int(x) for x in cell.split("x"))
         prompts = bench.prompts_from(tokens, batch, context)
-        cfg = bench.BenchConfig(["ar"], [context], [batch], SpeculationParams(512, 4, (0,)), args.new_tokens,
+        cfg = bench.BenchConfig(["ar"], [context], [batch], SpeculationParams(512, 4), args.new_tokens,
                                 repeats=args.repeats)
         ar = {}
         for method in ("ar", "magicdec"):

@@ -47,7 +47,7 @@ def main() -> None:
     model = load_model(args.model, "cuda", "bf16", progress=False)
     tokens = gutenberg_tokens(load_tokenizer(args.model))
     params = GenerationParams(max_new_tokens=128)
-    spec = SpeculationParams(512, 4, (0,))
+    spec = SpeculationParams(512, 4)
     for batch in [int(b) for b in args.batch.split(",")]:
         prompts = prompts_from(tokens, batch, args.context)
         cache = PagedKVCache(model.cfg, batch, args.context + 256, dtype=torch.bfloat16, device="cuda")

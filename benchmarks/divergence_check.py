@@ -60,7 +60,7 @@ def main() -> None:
     ar = generate_ar(model, cache, prompts, params).tokens
     half = args.batch // 2
     ar_half = generate_ar(model, cache, prompts[:half], params).tokens
-    spec = SpeculationParams(args.budget, args.gamma, (0,))
+    spec = SpeculationParams(args.budget, args.gamma)
     policy = make_policy(args.method, spec, model.cfg.num_layers)
     got = generate_self_speculative(model, cache, prompts, params, policy, args.gamma).tokens
     del cache

@@ -136,7 +136,7 @@ def main() -> None:
     spec_rows = []
     if args.spec_cell != "none":
         batch, ctx = (int(x) for x in args.spec_cell.split("x"))
-        cfg = bench.BenchConfig(["ar", "magicdec", "specattn-y"], [ctx], [batch], SpeculationParams(512, 4, (0,)),
+        cfg = bench.BenchConfig(["ar", "magicdec", "specattn-y"], [ctx], [batch], SpeculationParams(512, 4),
                                 args.new_tokens)
         spec_rows = bench.run_matrix(model, text, cfg)
     for r in spec_rows:

@@ -43,7 +43,7 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, 
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, q_len), device="cuda")
     if verify is not None:
         method, overrides = method_variant(verify)
-        spec = SpeculationParams(512, q_len - 1, (0,), **overrides)
+        spec = SpeculationParams(512, q_len - 1, **overrides)
         policy = make_policy(method, spec, model.cfg.num_layers)
         policy.reset(cache)
         steps = RoundSteps(model, cache, policy, batch, q_len - 1, SamplingParams())
@@ -51,7 +51,7 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, 
     if draft_budget is None:
         runner = StepRunner(model, cache)
         return (lambda: runner(tokens)), cache.host_lens()[0]
-    policy = make_policy("magicdec", SpeculationParams(draft_budget, 1, (0,)), model.cfg.num_layers)
+    policy = make_policy("magicdec", SpeculationParams(draft_budget, 1), model.cfg.num_layers)
     policy.reset(cache)
     selection = policy.select(cache, 1)
     steps = RoundSteps(model, cache, policy, batch, 1, SamplingParams())

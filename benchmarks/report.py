@@ -313,17 +313,20 @@ def gptfast_tables(data: dict) -> str:
 def selfspec_runs_tables(runs: list[dict]) -> str:
     """Self-speculative runs of one model, one row per method and budget of each run: fixed-batch and steady
     speedups, tokens per verify, the slowest sequence's rounds against the mean, per-round costs."""
-    lines = ["| decoding | batch | γ | AR tok/s | method @ budget | x AR, fixed batch | x AR, steady | "
-             "tokens per verify | rounds: slowest / mean | draft / verify ms a round | sequences with AR's tokens | "
-             "source |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| decoding | batch | γ | new tokens | layer 0 drafts | AR tok/s | method @ budget | x AR, fixed batch | "
+             "x AR, steady | tokens per verify | rounds: slowest / mean | draft / verify ms a round | "
+             "sequences with AR's tokens | source |",
+             "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for run in runs:
         ar = next(r for r in run["rows"] if r["method"] == "ar")
+        dense_by_default = 0 in run["config"].get("dense_layers", [0])
         for r in (r for r in run["rows"] if r["method"] != "ar"):
             by_seq, n = r["rounds_by_sequence"], r["rounds"]
             mode = "greedy" if r["greedy"] else "T 0.6, top-p 0.95"
             same = f"{r['sequences_identical_to_ar']} of {r['batch']}" if r["greedy"] else "–"
-            lines.append(f"| {mode} | {r['batch']} | {r['gamma']} | {ar['decode_tokens_per_s']:.0f} | {r['method']} "
+            layer0 = "dense" if dense_by_default and not r["method"].endswith("+nodense") else "sparse"
+            lines.append(f"| {mode} | {r['batch']} | {r['gamma']} | {run['config']['new_tokens']} | {layer0} | "
+                         f"{ar['decode_tokens_per_s']:.0f} | {r['method'].removesuffix('+nodense')} "
                          f"@{r['budget']} | {r['decode_speedup_vs_ar']:.2f}x | {r['steady_speedup_vs_ar']:.2f}x | "
                          f"{r['mean_accepted_len']:.2f} | {max(by_seq)} / {sum(by_seq) / len(by_seq):.1f} | "
                          f"{1e3 * r['draft_s'] / n:.1f} / {1e3 * r['verify_s'] / n:.1f} | {same} | "
@@ -339,7 +342,8 @@ TABLES = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables
 POOLED = {"specattn_s_keys_last": ["specattn_s_e2e_last_p0.95", "specattn_s_e2e_last_p0.9",
                                    "specattn_s_e2e_last_p0.9_r3"],
           "selfspec_qwen": ["selfspec_qwen_b32", "selfspec_qwen_b64", "selfspec_qwen_b64_g6",
-                            "selfspec_qwen_b64_sampled"]}      # tables drawn from several results files
+                            "selfspec_qwen_b64_sampled", "selfspec_qwen_b64_nodense", "selfspec_qwen_b64_384",
+                            "selfspec_qwen_b64_384_run2", "selfspec_qwen_b64_384_sampled"]}      # tables drawn from several results files
 
 
 def load(which: str):

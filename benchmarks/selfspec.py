@@ -95,7 +95,7 @@ def model_label(path: str) -> str:
 
 
 def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, methods, log,
-                    warm_context: int | None = None, dense_layers: tuple[int, ...] = (0,)) -> list[dict]:
+                    warm_context: int | None = None, dense_layers: tuple[int, ...] = ()) -> list[dict]:
     rows = []
     for batch, ctx in cells:
         prompts = bench.prompts_from(text, batch, ctx)
@@ -159,11 +159,11 @@ def step_costs_8b(ctx: int, batch: int, gamma: int, budgets: list[int]) -> dict:
            "verify_ms": graph_ms(lambda: step(tokv), calls=5),
            "verify_page_mass_ms": graph_ms(lambda: step(tokv, page_mass=mass), calls=5),
            "verify_block64_mass_ms": graph_ms(lambda: step(tokv, page_mass=mass, mass_tokens=64), calls=5)}
-    guided = VerificationGuidedPolicy(budgets[0], dense_layers=(0,))
+    guided = VerificationGuidedPolicy(budgets[0])
     guided.observe(torch.rand_like(mass))
     out["select_ms"] = _eager_ms(lambda: guided.select(cache, gamma))
     for budget in budgets:
-        sel = StreamingPolicy(budget, dense_layers=(0,)).select(cache, gamma)
+        sel = StreamingPolicy(budget).select(cache, gamma)
         out[f"draft_ms_budget_{budget}"] = graph_ms(lambda: step(tok1, sel), calls=5)
     return out
 
@@ -273,7 +273,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--methods", default=",".join(SPARSE_METHODS))
     ap.add_argument("--skip-8b", action="store_true")
-    ap.add_argument("--dense-layers", default="0", help="layers drafting with the full cache, comma-separated, or none")
+    ap.add_argument("--dense-layers", default="none", help="layers drafting with the full cache: 0,1 or none")
     ap.add_argument("--warm-context", type=int, help="warm-up runs prefill only this many tokens of each prompt "
                     "(long contexts on larger models: one full prefill per method instead of two)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per method and cell; the median is kept "

@@ -162,7 +162,7 @@ def profile_step(model, cache, batch: int, steps: int = 10, top: int = 16) -> di
 
 def specattn_round(model, cache, batch: int) -> dict:
     """Device time of SpecAttn-Y's draft graph (selection + gamma sparse steps) and of its verify step."""
-    policy = make_policy("specattn-y", SpeculationParams(BUDGET, GAMMA, (0,)), model.cfg.num_layers)
+    policy = make_policy("specattn-y", SpeculationParams(BUDGET, GAMMA), model.cfg.num_layers)
     policy.reset(cache)
     steps = RoundSteps(model, cache, policy, batch, GAMMA, SamplingParams())
     gen = torch.Generator(device="cuda")
@@ -193,7 +193,7 @@ def cell(model, name: str, batch: int, ctx: int, tp, copy_gbs: float, spec: bool
         row["profile"] = profile_step(model, cache, batch)
     if spec:
         round_ = specattn_round(model, cache, batch)
-        row.update(round_, specattn_y={"gamma": GAMMA, "budget": BUDGET, "dense_layers": [0]},
+        row.update(round_, specattn_y={"gamma": GAMMA, "budget": BUDGET, "dense_layers": []},
                    draft_step_over_ar_step=round_["draft_step_ms"] / ms, verify_over_ar_step=round_["verify_ms"] / ms)
     del cache
     return row

@@ -37,7 +37,7 @@ for part in "$@"; do
               timeout ${QWEN_SELFSPEC_LIMIT:-540} python3 benchmarks/selfspec.py --model "$SPECATTN_QWEN_TARGET" \
                 --model-name "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF -> bf16)" --cells ${QWEN_CELLS:-32x32000} \
                 --sampling-cells "" --budgets ${QWEN_BUDGETS:-1024,2048} --methods ${QWEN_METHODS:-magicdec,specattn-y/blk64} \
-                --gamma ${QWEN_GAMMA:-4} --dense-layers ${QWEN_DENSE:-0} --repeats ${QWEN_REPEATS:-1} --skip-8b \
+                --gamma ${QWEN_GAMMA:-4} --dense-layers ${QWEN_DENSE:-none} --repeats ${QWEN_REPEATS:-1} --skip-8b \
                 --warm-context 1024 --out "$OUT/selfspec_qwen.json" 2>&1 \
                 | grep -v -i warn | tail -8 ;;
     qwen-divergence)   # where greedy MagicDec departs from AR on the 1.5B at b64 x 32K: near ties or a bug?
@@ -152,11 +152,14 @@ for part in "$@"; do
               timeout 450 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,specattn-y/blk64,specattn-y/blk64/r2 --skip-8b --repeats 3 \
                 --out "$OUT/selfspec_every.json" 2>&1 | grep -v -i warn | tail -6 ;;
-    selfspec-nodense)   # layer 0 drafting sparsely too (+nodense) beside the default (layer 0 dense), same run,
-              # median of 3 (CPU: acceptance 4.411 vs 4.378 tokens per verify; ~0.40 GB of a draft step's bytes)
+    selfspec-nodense)   # layer 0 drafting sparsely too (+nodense, the default since session 17) beside layer 0
+              # dense, same run, median of 3 (CPU: 4.411 vs 4.378 tokens per verify; ~0.40 GB of a draft step's bytes)
               timeout 500 python3 benchmarks/selfspec.py --cells ${NODENSE_CELLS:-64x8000} --sampling-cells "" \
                 --budgets 512 --methods magicdec,magicdec+nodense,specattn-y/blk64,specattn-y/blk64+nodense --skip-8b \
+                --dense-layers 0 \
                 --repeats ${NODENSE_REPEATS:-3} --out "$OUT/selfspec_nodense.json" 2>&1 | grep -v -i warn | tail -8 ;;
+    verify-cost)   # one layer's attention at the 1.5B's b64 / b32 x 32K: 1 row vs 5 and 7, plain vs page / block mass
+              timeout 200 python3 benchmarks/verify_cost.py --out "$OUT/verify_cost_qwen.json" 2>&1 | tail -8 ;;
     *)        echo "unknown part $part (see the case labels in scripts/gpu_agenda.sh)" >&2 ;;
   esac
 done

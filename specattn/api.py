@@ -27,7 +27,7 @@ METHODS = {
 class SpeculationParams:
     budget: float = 256          # KV budget of a draft step: tokens, or a fraction of the context if < 1
     gamma: int = 4               # draft tokens per verification
-    dense_layers: tuple[int, ...] = (0,)   # layers that draft with the full cache (layer 0 is nearly dense)
+    dense_layers: tuple[int, ...] = ()    # layers drafting with the full cache (none: sparse layer 0 kept acceptance)
     mass_tokens: int | None = None         # specattn-y: verification mass per page (None) or per block of keys
     adaptive_gamma: bool = False           # gamma is then the most drafts per round, fewer when they get rejected
     mass_every: int = 1                    # specattn-y: a verification's mass every k-th round (the rest skip it)

@@ -268,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", type=float, default=256,
                    help="KV budget of a draft step: tokens, or a fraction of the context if below 1")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verification")
-    g.add_argument("--dense-layers", type=int, nargs="*", default=[0],
-                   help="layers that draft with the full cache (default: 0)")
+    g.add_argument("--dense-layers", type=int, nargs="*", default=[],
+                   help="layers that draft with the full cache, e.g. 0 (default: none)")
     g.add_argument("--draft", help="draft model for --method draft-spec / specattn-s (same tokenizer)")
     g.add_argument("--layer-map", help="specattn-s: JSON from `specattn layermap` (default: calibrate on the prompt)")
     g.add_argument("--keys-p", type=float, default=0.95,
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", default="1,8")
     b.add_argument("--budget", type=float, default=256)
     b.add_argument("--gamma", type=int, default=4)
-    b.add_argument("--dense-layers", type=int, nargs="*", default=[0])
+    b.add_argument("--dense-layers", type=int, nargs="*", default=[])
     b.add_argument("--draft", help="draft model for the draft-spec and specattn-s methods")
     b.add_argument("--layer-map", help="specattn-s: JSON from `specattn layermap` (default: calibrate on the text)")
     b.add_argument("--keys-p", type=float, default=0.95)

@@ -525,7 +525,7 @@ def test_selfspec_benchmark_nodense_suffix_drafts_every_layer_sparsely(model_and
     text = torch.randint(0, 97, (700,)).tolist()
     rows = []
     selfspec.real_model_rows(model, text, [(2, 260)], [64], 4, 24, SamplingParams(),
-                             ["specattn-y/blk64", "specattn-y/blk64+nodense"], rows.append)
+                             ["specattn-y/blk64", "specattn-y/blk64+nodense"], rows.append, dense_layers=(0,))
     assert [r["method"] for r in rows] == ["ar", "specattn-y/blk64", "specattn-y/blk64+nodense"]
     assert all(r["same_tokens_as_ar"] for r in rows)
     assert set(seen) == {("specattn-y", (0,), 64), ("specattn-y", (), 64)}
