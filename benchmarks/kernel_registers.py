@@ -37,8 +37,10 @@ DIVISIBLE_BY_16 = list(POINTERS) + ["stride_qb", "stride_qt", "stride_qh", "stri
 # Verify steps (5 new rows) as paged_attention launches them: (num_warps, num_stages, constexprs over BASE).
 BASE = dict(Q_LEN=5, Q_BLOCK=5, GROUP=4, HEADS=32, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64,
             UPCAST_DOT=False, SPARSE=False, TOKEN_LIST=False, PAGE_MASS=False, MASS_TILE=False, MAX_TILES=1,
-            MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, EARLY=1, PDL=0)
+            MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, EARLY=1, PDL=0,
+            ROW_STORES=False)
 SMALL_HEADS = dict(GROUP=3, HEADS=9, HEAD_DIM=64, BLOCK_M=16)
+QWEN_HEADS = dict(GROUP=6, HEADS=12, HEAD_DIM=128, BLOCK_M=32)      # Qwen2.5-Coder-1.5B
 CONFIGS = {
     "8B heads, batch 8 x 8K: plain": (4, 2, {}),
     "8B heads, batch 8 x 8K: block mass": (4, 2, dict(PAGE_MASS=True, MASS_TILE=True, MASS_SLOTS=2)),
@@ -55,6 +57,12 @@ CONFIGS = {
                                                           SPARSE=True)),
     "default model draft, batch 64: sparse": (4, 2, dict(SMALL_HEADS, Q_LEN=1, Q_BLOCK=1, BLOCK_N=128,
                                                          SPARSE=True)),
+    "default model, batch 64 x 8K: block mass, row stores": (4, 4, dict(SMALL_HEADS, PAGE_MASS=True, MASS_TILE=True,
+                                                                         MASS_SLOTS=2, ROW_STORES=True)),
+    "1.5B heads, batch 64 x 32K: plain": (4, 2, QWEN_HEADS),
+    "1.5B heads, batch 64 x 32K: block mass": (4, 2, dict(QWEN_HEADS, PAGE_MASS=True, MASS_TILE=True, MASS_SLOTS=2)),
+    "1.5B heads, batch 64 x 32K: block mass, row stores": (4, 2, dict(QWEN_HEADS, PAGE_MASS=True, MASS_TILE=True,
+                                                                       MASS_SLOTS=2, ROW_STORES=True)),
 }
 
 
@@ -80,11 +88,16 @@ def compile_report(fn, warps: int, stages: int, constexprs: dict) -> dict:
                           text=True, check=True)
     os.unlink(f.name)
     text = done.stderr + done.stdout
+    ptx = kernel.asm["ptx"]
+    head = ptx.index("Inner Loop Header")                        # the key loop: its label up to its back edge
+    label = ptx[ptx.rindex("\n", 0, head) + 1:head].split(":")[0]
+    loop = ptx[head:ptx.rindex(f"{label};")]
     registers = int(text.split("Used ")[1].split(" registers")[0])
     spilled = int(text.split(" bytes spill stores")[0].rsplit(",", 1)[-1])
     shared = kernel.metadata.shared
     per_sm = min(65536 // (-(-registers // 8) * 8 * 32 * warps), (227 * 1024) // max(shared, 1))
-    return {"registers": registers, "spill_store_bytes": spilled, "shared_bytes": shared, "programs_per_sm": per_sm}
+    return {"registers": registers, "spill_store_bytes": spilled, "shared_bytes": shared, "programs_per_sm": per_sm,
+            "barriers_in_loop": loop.count("bar.sync")}
 
 
 def main() -> None:
@@ -94,7 +107,8 @@ def main() -> None:
                **compile_report(paged_attention._paged_attn_split_kernel, warps, stages, {**BASE, **over})}
         rows.append(row)
         print(f"{name:48s} {row['registers']:3d} registers, {row['spill_store_bytes']:4d} B spilled, "
-              f"{row['shared_bytes'] // 1024:3d} KB shared -> {row['programs_per_sm']} per SM", flush=True)
+              f"{row['shared_bytes'] // 1024:3d} KB shared -> {row['programs_per_sm']} per SM, "
+              f"{row['barriers_in_loop']} barriers in the loop", flush=True)
     out = {**environment(), "target": "sm_90a (offline ptxas)", "rows": rows}
     paths = [a for a in sys.argv[1:] if not a.startswith("--")]
     write_json_atomic(paths[0] if paths else RESULTS / "kernel_registers.json", out)

@@ -339,11 +339,12 @@ TABLES = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables
           "tp": tp_tables, "specattn_s_e2e": specattn_s_e2e_tables, "specattn_s_keys_last": keys_last_tables,
           "ppl_qwen_8192": ppl_tables, "peers": peers_tables, "gptfast": gptfast_tables,
           "selfspec_qwen": selfspec_runs_tables}
+# tables drawn from several results files
 POOLED = {"specattn_s_keys_last": ["specattn_s_e2e_last_p0.95", "specattn_s_e2e_last_p0.9",
                                    "specattn_s_e2e_last_p0.9_r3"],
           "selfspec_qwen": ["selfspec_qwen_b32", "selfspec_qwen_b64", "selfspec_qwen_b64_g6",
                             "selfspec_qwen_b64_sampled", "selfspec_qwen_b64_nodense", "selfspec_qwen_b64_384",
-                            "selfspec_qwen_b64_384_run2", "selfspec_qwen_b64_384_sampled"]}      # tables drawn from several results files
+                            "selfspec_qwen_b64_384_run2", "selfspec_qwen_b64_384_sampled"]}
 
 
 def load(which: str):

@@ -1,6 +1,7 @@
 """Where a verify step's attention time goes at one shape (default: Qwen2.5-Coder-1.5B, batch 64 x 32K, the cell
 where SpecAttn-Y's verify costs 1.14x an AR step): one layer's paged attention for 1 query row (AR's decode) and
-for gamma + 1 rows, each plain, with page mass and with 64-key block mass (SpecAttn-Y/blk64's by-product). No model
+for gamma + 1 rows, each plain, with page mass and with 64-key block mass (SpecAttn-Y/blk64's by-product), the
+latter also with paged_attention.BLOCK_MASS_ROW_STORES. No model
 files. Device time from CUDA graphs, as benchmarks/kernels.py. Writes JSON (--out)."""
 from __future__ import annotations
 
@@ -14,9 +15,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, copy_bandwidth_gbs, environment  # noqa: E402
 from benchmarks.kernels import kv_pools, time_attention  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
-from specattn.kernels import pdl  # noqa: E402
+from specattn.kernels import paged_attention, pdl  # noqa: E402
 
-VARIANTS = {"plain": {}, "page_mass": {"page_mass": True}, "block64_mass": {"page_mass": True, "mass_tokens": 64}}
+VARIANTS = {"plain": {}, "page_mass": {"page_mass": True}, "block64_mass": {"page_mass": True, "mass_tokens": 64},
+            "block64_mass_row_stores": {"page_mass": True, "mass_tokens": 64}}   # BLOCK_MASS_ROW_STORES on
+
+
+def time_variant(name: str, q, pools, table, lens, kw: dict) -> float:
+    row_stores = paged_attention.BLOCK_MASS_ROW_STORES
+    paged_attention.BLOCK_MASS_ROW_STORES = name.endswith("_row_stores")
+    try:
+        return time_attention(q, pools, table, lens, **kw)
+    finally:
+        paged_attention.BLOCK_MASS_ROW_STORES = row_stores
 
 
 def shape_rows(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_lens: list[int], copy: float) -> list:
@@ -25,7 +36,7 @@ def shape_rows(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_lens
     for q_len in q_lens:
         q = torch.randn(batch, q_len, kv_heads * group, dim, device="cuda", dtype=torch.bfloat16)
         variants = VARIANTS if q_len > 1 else {"plain": {}}
-        times = {name: time_attention(q, pools, table, lens, **kw) for name, kw in variants.items()}
+        times = {name: time_variant(name, q, pools, table, lens, kw) for name, kw in variants.items()}
         row = {"batch": batch, "context": ctx, "kv_heads": kv_heads, "group": group, "head_dim": dim,
                "q_len": q_len, "kv_gb": kv_bytes / 1e9, **{f"us_{n}": t * 1e3 for n, t in times.items()},
                "bandwidth_fraction_plain": kv_bytes / times["plain"] / 1e6 / copy,
@@ -52,11 +63,11 @@ def main() -> None:
         rows += shape_rows(batch, ctx, kv_heads, group, dim, q_lens, copy)
         torch.cuda.empty_cache()
     write_json_atomic(args.out, {**environment(), "copy_gbs": copy, "rows": rows})
-    print(f"{'cell':>10} {'rows':>4} {'plain us':>9} {'of copy':>7} {'+page':>7} {'+blk64':>7}")
+    print(f"{'cell':>10} {'rows':>4} {'plain us':>9} {'of copy':>7} {'+page':>7} {'+blk64':>7} {'+rows':>7}")
     for r in rows:
         print(f"{r['batch']:>3}x{r['context']:<6} {r['q_len']:>4} {r['us_plain']:>9.1f} "
               f"{r['bandwidth_fraction_plain']:>7.3f} {r.get('page_mass_overhead', 0):>+7.1%} "
-              f"{r.get('block64_mass_overhead', 0):>+7.1%}")
+              f"{r.get('block64_mass_overhead', 0):>+7.1%} {r.get('block64_mass_row_stores_overhead', 0):>+7.1%}")
 
 
 if __name__ == "__main__":
