@@ -35,8 +35,9 @@ for part in "$@"; do
     qwen-selfspec)   # SpecAttn-Y and MagicDec self-speculating on the real Qwen2.5-Coder-1.5B (verifier alone: gpu_qwen_pair.sh
               # split/store/join target) at 32K, where KV reads dominate its steps; warm-ups prefill 1,024 tokens
               timeout ${QWEN_SELFSPEC_LIMIT:-540} python3 benchmarks/selfspec.py --model "$SPECATTN_QWEN_TARGET" \
-                --model-name "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF -> bf16)" --cells ${QWEN_CELLS:-32x32000} \
-                --sampling-cells "" --budgets ${QWEN_BUDGETS:-1024,2048} --methods ${QWEN_METHODS:-magicdec,specattn-y/blk64} \
+                --model-name "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF -> bf16)" --cells "${QWEN_CELLS-32x32000}" \
+                --sampling-cells "${QWEN_SAMPLING_CELLS:-}" --budgets ${QWEN_BUDGETS:-1024,2048} \
+                --methods ${QWEN_METHODS:-magicdec,specattn-y/blk64} --new-tokens ${QWEN_NEW_TOKENS:-128} \
                 --gamma ${QWEN_GAMMA:-4} --dense-layers ${QWEN_DENSE:-none} --repeats ${QWEN_REPEATS:-1} --skip-8b \
                 --warm-context 1024 --out "$OUT/selfspec_qwen.json" 2>&1 \
                 | grep -v -i warn | tail -8 ;;
@@ -158,8 +159,11 @@ for part in "$@"; do
                 --budgets 512 --methods magicdec,magicdec+nodense,specattn-y/blk64,specattn-y/blk64+nodense --skip-8b \
                 --dense-layers 0 \
                 --repeats ${NODENSE_REPEATS:-3} --out "$OUT/selfspec_nodense.json" 2>&1 | grep -v -i warn | tail -8 ;;
-    verify-cost)   # one layer's attention at the 1.5B's b64 / b32 x 32K: 1 row vs 5 and 7, plain vs page / block mass
-              timeout 200 python3 benchmarks/verify_cost.py --out "$OUT/verify_cost_qwen.json" 2>&1 | tail -8 ;;
+    verify-cost)   # one layer's attention at the 1.5B's b64 / b32 x 32K (1 row vs 5 and 7) and the default model's
+              # b64 / b32 x 8K (1, 5, 9): plain vs page mass vs block mass, stored per tile or as row vectors
+              timeout 200 python3 benchmarks/verify_cost.py --out "$OUT/verify_cost_qwen.json" 2>&1 | tail -7
+              timeout 100 python3 benchmarks/verify_cost.py --cells 64x8000,32x8000 --heads 3,3,64 --q-lens 1,5,9 \
+                --out "$OUT/verify_cost_smol.json" 2>&1 | tail -7 ;;
     *)        echo "unknown part $part (see the case labels in scripts/gpu_agenda.sh)" >&2 ;;
   esac
 done
