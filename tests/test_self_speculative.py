@@ -529,3 +529,24 @@ def test_selfspec_benchmark_nodense_suffix_drafts_every_layer_sparsely(model_and
     assert [r["method"] for r in rows] == ["ar", "specattn-y/blk64", "specattn-y/blk64+nodense"]
     assert all(r["same_tokens_as_ar"] for r in rows)
     assert set(seen) == {("specattn-y", (0,), 64), ("specattn-y", (), 64)}
+
+
+def test_selfspec_summary_reports_greedy_and_sampled_cells_apart():
+    """selfspec.py's summary: the greedy figures come from greedy cells only, and sampled cells get their own."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import selfspec
+
+    def row(method, greedy, tok_s, budget=1024):
+        return {"method": method, "budget": None if method == "ar" else budget, "batch": 64, "context": 32000,
+                "greedy": greedy, "decode_tokens_per_s": tok_s, "mean_accepted_len": 4.0, "rounds": 30,
+                "seconds": 10.0, "prefill_s": 4.0, "same_tokens_as_ar": greedy or None}
+    rows = [row("ar", True, 1000.0), row("magicdec", True, 1500.0), row("specattn-y/blk64", True, 2000.0),
+            row("ar", False, 900.0), row("magicdec", False, 600.0), row("specattn-y/blk64", False, 1800.0)]
+    s = selfspec.summarize(rows)
+    assert s["specattn_y_over_ar"] == 2.0 and s["specattn_y_over_best_baseline"] == round(2000 / 1500, 3)
+    assert s["sampled"]["specattn_y_over_ar"] == 2.0 and s["sampled"]["specattn_y_over_best_baseline"] == 3.0
+    assert s["sampled"]["cell"]["best_specattn_y_mode"] == "specattn-y/blk64@1024"
+    only_sampled = selfspec.summarize(rows[3:])
+    assert only_sampled["specattn_y_over_ar"] is None and only_sampled["sampled"]["specattn_y_over_ar"] == 2.0
