@@ -75,11 +75,18 @@ def kernel_tables(data: dict) -> str:
     return "\n".join([head, *attn, "", *topp, "", quest, "", f"Summary: {summary}."])
 
 
+def drafting_layers(config: dict) -> str:
+    """How a run's drafts used the cache: files from before `dense_layers` was recorded kept layer 0 dense."""
+    dense = config.get("dense_layers", [0])
+    return "every layer drafting sparsely" if not dense else f"layer{'s' * (len(dense) > 1)} " \
+        f"{', '.join(map(str, dense))} dense"
+
+
 def selfspec_tables(data: dict) -> str:
     """Decode tokens/s per cell: AR and each method at its best budget, with acceptance; plus the 8B step costs."""
     head = (f"Device: {data['device']}, torch {data['torch']}, triton {data['triton']}, commit {data['commit']}. "
             f"Real default model, bf16, {data['config']['new_tokens']} new tokens, gamma {data['config']['gamma']}, "
-            f"budgets {data['config']['budgets_tokens']} tokens, layer 0 dense. "
+            f"budgets {data['config']['budgets_tokens']} tokens, {drafting_layers(data['config'])}. "
             f"Source: [`benchmarks/results/selfspec.json`](benchmarks/results/selfspec.json).\n")
     cells = {}
     for r in data["rows"]:
