@@ -1,11 +1,13 @@
 """Where a verify step's attention time goes at one shape (default: Qwen2.5-Coder-1.5B, batch 64 x 32K, the cell
 where SpecAttn-Y's verify costs 1.14x an AR step): one layer's paged attention for 1 query row (AR's decode) and
 for gamma + 1 rows, each plain, with page mass and with 64-key block mass (SpecAttn-Y/blk64's by-product), the
-latter also with paged_attention.BLOCK_MASS_ROW_STORES. No model
+latter also with paged_attention.BLOCK_MASS_ROW_STORES; optionally with fewer warps a program (--warps). No model
 files. Device time from CUDA graphs, as benchmarks/kernels.py. Writes JSON (--out)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
@@ -30,15 +32,30 @@ def time_variant(name: str, q, pools, table, lens, kw: dict) -> float:
         paged_attention.BLOCK_MASS_ROW_STORES = row_stores
 
 
-def shape_rows(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_lens: list[int], copy: float) -> list:
+def launch_with_warps(batch: int, kv_heads: int, dim: int, warps: str) -> dict:
+    """paged_attention's keyword for `warps` ('auto': the library's own launch; else its launch with that many
+    warps a program: fewer warps split a tile's keys among fewer warps, so row reductions need fewer barriers)."""
+    if warps == "auto":
+        return {}
+    return {"launch": dataclasses.replace(paged_attention.choose_launch(batch * kv_heads, dim), num_warps=int(warps))}
+
+
+def shape_rows(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_lens: list[int], copy: float,
+               warps_options: list[str]) -> list:
     pools, table, lens, kv_bytes = kv_pools(batch, ctx, kv_heads, dim)
     rows = []
-    for q_len in q_lens:
+    for q_len, warps in itertools.product(q_lens, warps_options):
         q = torch.randn(batch, q_len, kv_heads * group, dim, device="cuda", dtype=torch.bfloat16)
+        launch = launch_with_warps(batch, kv_heads, dim, warps)
+        k, v = pools[0]
+        auto_out = paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5)
+        out = paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5, **launch)
         variants = VARIANTS if q_len > 1 else {"plain": {}}
-        times = {name: time_variant(name, q, pools, table, lens, kw) for name, kw in variants.items()}
+        times = {name: time_variant(name, q, pools, table, lens, {**kw, **launch}) for name, kw in variants.items()}
         row = {"batch": batch, "context": ctx, "kv_heads": kv_heads, "group": group, "head_dim": dim,
-               "q_len": q_len, "kv_gb": kv_bytes / 1e9, **{f"us_{n}": t * 1e3 for n, t in times.items()},
+               "q_len": q_len, "num_warps": warps, "kv_gb": kv_bytes / 1e9,
+               "max_abs_diff_vs_auto": (out.float() - auto_out.float()).abs().max().item(),
+               **{f"us_{n}": t * 1e3 for n, t in times.items()},
                "bandwidth_fraction_plain": kv_bytes / times["plain"] / 1e6 / copy,
                **{f"{n}_overhead": times[n] / times["plain"] - 1 for n in times if n != "plain"}}
         rows.append(row)
@@ -51,6 +68,7 @@ def main() -> None:
     ap.add_argument("--cells", default="64x32000,32x32000", help="batch x context, comma-separated")
     ap.add_argument("--heads", default="2,6,128", help="KV heads, query heads per KV head, head dim (Qwen 1.5B)")
     ap.add_argument("--q-lens", default="1,5,7")
+    ap.add_argument("--warps", default="auto", help="warps a program: auto (the library's launch) and/or counts")
     ap.add_argument("--out", default=str(RESULTS / "verify_cost.json"))
     args = ap.parse_args()
     pdl.MODE = 0                 # one kernel timed alone, as kernels.py
@@ -60,12 +78,13 @@ def main() -> None:
     rows = []
     for cell in args.cells.split(","):
         batch, ctx = (int(x) for x in cell.split("x"))
-        rows += shape_rows(batch, ctx, kv_heads, group, dim, q_lens, copy)
+        rows += shape_rows(batch, ctx, kv_heads, group, dim, q_lens, copy, args.warps.split(","))
         torch.cuda.empty_cache()
     write_json_atomic(args.out, {**environment(), "copy_gbs": copy, "rows": rows})
-    print(f"{'cell':>10} {'rows':>4} {'plain us':>9} {'of copy':>7} {'+page':>7} {'+blk64':>7} {'+rows':>7}")
+    print(f"{'cell':>10} {'rows':>4} {'warps':>5} {'plain us':>9} {'of copy':>7} {'+page':>7} {'+blk64':>7} "
+          f"{'+rows':>7}")
     for r in rows:
-        print(f"{r['batch']:>3}x{r['context']:<6} {r['q_len']:>4} {r['us_plain']:>9.1f} "
+        print(f"{r['batch']:>3}x{r['context']:<6} {r['q_len']:>4} {r['num_warps']:>5} {r['us_plain']:>9.1f} "
               f"{r['bandwidth_fraction_plain']:>7.3f} {r.get('page_mass_overhead', 0):>+7.1%} "
               f"{r.get('block64_mass_overhead', 0):>+7.1%} {r.get('block64_mass_row_stores_overhead', 0):>+7.1%}")
 

@@ -161,9 +161,11 @@ for part in "$@"; do
                 --repeats ${NODENSE_REPEATS:-3} --out "$OUT/selfspec_nodense.json" 2>&1 | grep -v -i warn | tail -8 ;;
     verify-cost)   # one layer's attention at the 1.5B's b64 / b32 x 32K (1 row vs 5 and 7) and the default model's
               # b64 / b32 x 8K (1, 5, 9): plain vs page mass vs block mass, stored per tile or as row vectors
-              timeout 200 python3 benchmarks/verify_cost.py --out "$OUT/verify_cost_qwen.json" 2>&1 | tail -7
-              timeout 100 python3 benchmarks/verify_cost.py --cells 64x8000,32x8000 --heads 3,3,64 --q-lens 1,5,9 \
-                --out "$OUT/verify_cost_smol.json" 2>&1 | tail -7 ;;
+              # with fewer warps a program (offline: 1 warp leaves the default model's loop 2 barriers instead of 9)
+              timeout 200 python3 benchmarks/verify_cost.py --warps auto,2 --out "$OUT/verify_cost_qwen.json" 2>&1 \
+                | tail -13
+              timeout 150 python3 benchmarks/verify_cost.py --cells 64x8000,32x8000 --heads 3,3,64 --q-lens 1,5,9 \
+                --warps auto,2,1 --out "$OUT/verify_cost_smol.json" 2>&1 | tail -19 ;;
     *)        echo "unknown part $part (see the case labels in scripts/gpu_agenda.sh)" >&2 ;;
   esac
 done
