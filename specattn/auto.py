@@ -62,8 +62,9 @@ def shape_key(model: Transformer, device: torch.device, batch: int, context: int
     bucket = 1 << max(0, math.ceil(math.log2(max(context, 1))))
     mode = "greedy" if greedy else "sampling"
     tp = f"|tp{model.tp.world}" if model.tp else ""
+    dense = ",".join(map(str, sorted(set(spec.dense_layers)))) or "none"    # what a draft step reads depends on it
     return (f"{name}|{dev}|{model.embed.weight.dtype}|b{batch}|ctx<={bucket}|budget{spec.budget:g}|g{spec.gamma}"
-            f"|{mode}{tp}")
+            f"|dense-{dense}|{mode}{tp}")
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ def test_auto_matches_ar_and_caches_what_it_learned(tmp_path, temperature):
         assert first.tokens == ar
     saved = json.loads(path.read_text())
     (key, state), = saved.items()
-    assert "|b2|ctx<=256|budget48|g3|" in key and state["step_s_per_byte"] > 0
+    assert "|b2|ctx<=256|budget48|g3|dense-0|" in key and state["step_s_per_byte"] > 0
     assert set(state["arms"]) == {"specattn-y", "magicdec"}
     assert all(a["round_s_per_byte"] > 0 and 1 <= a["tokens_per_round"] <= 4 for a in state["arms"].values())
     assert 0 <= first.stats["auto_alpha"] <= 1 and set(first.stats["auto_rounds_by_policy"]) == set(state["arms"])
