@@ -75,9 +75,14 @@ def kernel_tables(data: dict) -> str:
     return "\n".join([head, *attn, "", *topp, "", quest, "", f"Summary: {summary}."])
 
 
+def dense_drafting_layers(config: dict) -> list[int]:
+    """A self-speculative run's dense drafting layers: files from before `dense_layers` was recorded kept layer 0."""
+    return config.get("dense_layers", [0])
+
+
 def drafting_layers(config: dict) -> str:
-    """How a run's drafts used the cache: files from before `dense_layers` was recorded kept layer 0 dense."""
-    dense = config.get("dense_layers", [0])
+    """How a run's drafts used the cache, in words."""
+    dense = dense_drafting_layers(config)
     return "every layer drafting sparsely" if not dense else f"layer{'s' * (len(dense) > 1)} " \
         f"{', '.join(map(str, dense))} dense"
 
@@ -326,7 +331,7 @@ def selfspec_runs_tables(runs: list[dict]) -> str:
              "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for run in runs:
         ar = next(r for r in run["rows"] if r["method"] == "ar")
-        dense_by_default = 0 in run["config"].get("dense_layers", [0])
+        dense_by_default = 0 in dense_drafting_layers(run["config"])
         for r in (r for r in run["rows"] if r["method"] != "ar"):
             by_seq, n = r["rounds_by_sequence"], r["rounds"]
             mode = "greedy" if r["greedy"] else "T 0.6, top-p 0.95"
