@@ -37,8 +37,7 @@ DIVISIBLE_BY_16 = list(POINTERS) + ["stride_qb", "stride_qt", "stride_qh", "stri
 # Verify steps (5 new rows) as paged_attention launches them: (num_warps, num_stages, constexprs over BASE).
 BASE = dict(Q_LEN=5, Q_BLOCK=5, GROUP=4, HEADS=32, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64,
             UPCAST_DOT=False, SPARSE=False, TOKEN_LIST=False, PAGE_MASS=False, MASS_TILE=False, MAX_TILES=1,
-            MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, EARLY=1, PDL=0,
-            ROW_STORES=False)
+            MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, EARLY=1, PDL=0)
 SMALL_HEADS = dict(GROUP=3, HEADS=9, HEAD_DIM=64, BLOCK_M=16)
 QWEN_HEADS = dict(GROUP=6, HEADS=12, HEAD_DIM=128, BLOCK_M=32)      # Qwen2.5-Coder-1.5B
 CONFIGS = {
@@ -57,8 +56,6 @@ CONFIGS = {
                                                           SPARSE=True)),
     "default model draft, batch 64: sparse": (4, 2, dict(SMALL_HEADS, Q_LEN=1, Q_BLOCK=1, BLOCK_N=128,
                                                          SPARSE=True)),
-    "default model, batch 64 x 8K: block mass, row stores": (4, 4, dict(SMALL_HEADS, PAGE_MASS=True, MASS_TILE=True,
-                                                                         MASS_SLOTS=2, ROW_STORES=True)),
     "default model, batch 64 x 8K: plain, 1 warp": (1, 4, SMALL_HEADS),
     "default model, batch 64 x 8K: block mass, 1 warp": (1, 4, dict(SMALL_HEADS, PAGE_MASS=True, MASS_TILE=True,
                                                                      MASS_SLOTS=2)),
@@ -67,8 +64,6 @@ CONFIGS = {
     "1.5B heads, batch 64 x 32K: plain": (4, 2, QWEN_HEADS),
     "1.5B heads, batch 64 x 32K: plain, 2 warps": (2, 2, QWEN_HEADS),
     "1.5B heads, batch 64 x 32K: block mass": (4, 2, dict(QWEN_HEADS, PAGE_MASS=True, MASS_TILE=True, MASS_SLOTS=2)),
-    "1.5B heads, batch 64 x 32K: block mass, row stores": (4, 2, dict(QWEN_HEADS, PAGE_MASS=True, MASS_TILE=True,
-                                                                       MASS_SLOTS=2, ROW_STORES=True)),
 }
 
 

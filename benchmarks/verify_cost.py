@@ -1,8 +1,8 @@
 """Where a verify step's attention time goes at one shape (default: Qwen2.5-Coder-1.5B, batch 64 x 32K, the cell
 where SpecAttn-Y's verify costs 1.14x an AR step): one layer's paged attention for 1 query row (AR's decode) and
-for gamma + 1 rows, each plain, with page mass and with 64-key block mass (SpecAttn-Y/blk64's by-product), the
-latter also with paged_attention.BLOCK_MASS_ROW_STORES; optionally with fewer warps a program (--warps). No model
-files. Device time from CUDA graphs, as benchmarks/kernels.py. Writes JSON (--out)."""
+for gamma + 1 rows, each plain, with page mass and with 64-key block mass (SpecAttn-Y/blk64's by-product);
+optionally with fewer warps a program (--warps). No model files. Device time from CUDA graphs, as
+benchmarks/kernels.py. Writes JSON (--out)."""
 from __future__ import annotations
 
 import argparse
@@ -19,19 +19,8 @@ from benchmarks.kernels import kv_pools, time_attention  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import paged_attention, pdl  # noqa: E402
 
-# name -> (paged_attention keywords, paged_attention.BLOCK_MASS_ROW_STORES)
-VARIANTS = {"plain": ({}, False), "page_mass": ({"page_mass": True}, False),
-            "block64_mass": ({"page_mass": True, "mass_tokens": 64}, False),
-            "block64_mass_row_stores": ({"page_mass": True, "mass_tokens": 64}, True)}
-
-
-def time_variant(q, pools, table, lens, kw: dict, row_stores: bool) -> float:
-    saved = paged_attention.BLOCK_MASS_ROW_STORES
-    paged_attention.BLOCK_MASS_ROW_STORES = row_stores
-    try:
-        return time_attention(q, pools, table, lens, **kw)
-    finally:
-        paged_attention.BLOCK_MASS_ROW_STORES = saved
+# name -> paged_attention keywords
+VARIANTS = {"plain": {}, "page_mass": {"page_mass": True}, "block64_mass": {"page_mass": True, "mass_tokens": 64}}
 
 
 def launch_with_warps(batch: int, kv_heads: int, dim: int, warps: str) -> dict:
@@ -56,8 +45,7 @@ def shape_rows(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_lens
             out = paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5, **launch)
             diff = (out.float() - auto_out.float()).abs().max().item()
         variants = VARIANTS if q_len > 1 else {"plain": VARIANTS["plain"]}
-        times = {name: time_variant(q, pools, table, lens, {**kw, **launch}, row_stores)
-                 for name, (kw, row_stores) in variants.items()}
+        times = {name: time_attention(q, pools, table, lens, **kw, **launch) for name, kw in variants.items()}
         row = {"batch": batch, "context": ctx, "kv_heads": kv_heads, "group": group, "head_dim": dim,
                "q_len": q_len, "num_warps": warps, "kv_gb": kv_bytes / 1e9, "max_abs_diff_vs_auto": diff,
                **{f"us_{n}": t * 1e3 for n, t in times.items()},
@@ -86,12 +74,11 @@ def main() -> None:
         rows += shape_rows(batch, ctx, kv_heads, group, dim, q_lens, copy, args.warps.split(","))
         torch.cuda.empty_cache()
     write_json_atomic(args.out, {**environment(), "copy_gbs": copy, "rows": rows})
-    print(f"{'cell':>10} {'rows':>4} {'warps':>5} {'plain us':>9} {'of copy':>7} {'+page':>7} {'+blk64':>7} "
-          f"{'+rows':>7}")
+    print(f"{'cell':>10} {'rows':>4} {'warps':>5} {'plain us':>9} {'of copy':>7} {'+page':>7} {'+blk64':>7}")
     for r in rows:
         print(f"{r['batch']:>3}x{r['context']:<6} {r['q_len']:>4} {r['num_warps']:>5} {r['us_plain']:>9.1f} "
               f"{r['bandwidth_fraction_plain']:>7.3f} {r.get('page_mass_overhead', 0):>+7.1%} "
-              f"{r.get('block64_mass_overhead', 0):>+7.1%} {r.get('block64_mass_row_stores_overhead', 0):>+7.1%}")
+              f"{r.get('block64_mass_overhead', 0):>+7.1%}")
 
 
 if __name__ == "__main__":

@@ -82,13 +82,10 @@ MASS_FINISH_TILE, MASS_FINISH_WARPS = 1024, 4
 # verify of 5 rows, batch 1 x 32K, 8B heads): plain 43.9 µs, block mass with 64-key tiles 59.1, with sub-tiles
 # 53.0; batch 32 / 64 at head_dim 64 have 64-key tiles already (unchanged).
 BLOCK_MASS_SUBTILES = True
-# Block mass with one block per tile: store the tile's row sums and row max as two row vectors, in the layout the
-# reductions left them in, instead of one [rows, slots] store. Offline sm_90 compiles (Triton 3.6, ptxas -v) of the
-# verify kernel: the [rows, slots] store moves the values through shared memory, 2 of the loop's 11 barriers; with
-# row stores the default model's heads keep plain attention's 9 barriers and 96 registers (5 programs per SM), the
-# 1.5B's heads (6 query heads per KV head, head_dim 128) get 13 and 200 registers (2 per SM instead of 3). Block
-# mass costs +11.6% / +12.1% over plain attention there (verify_cost_*.json). Off until timed on the GPU.
-BLOCK_MASS_ROW_STORES = False
+# Block mass stores [rows, slots] through shared memory (2 of the verify loop's 11 barriers, offline sm_90 counts).
+# Storing row sums and row max as two row vectors instead kept 9 barriers at head_dim 64 but was no faster there
+# (+10.7% vs +10.1% over plain, b64 x 8K, 5 rows) and cost +67% vs +12.8% at the 1.5B's heads (b64 x 32K):
+# results/verify_cost_*_warps.json (session 18); removed.
 MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
 MERGE_WARPS: int | None = None   # warps of the split-merge kernel; None: merge_warps() (tune_attention sets it)
 
@@ -159,7 +156,6 @@ def _paged_attn_split_kernel(
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
     PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
-    ROW_STORES: tl.constexpr = False,
 ):
     if not EARLY:
         wait_for_predecessor(PDL)
@@ -263,12 +259,7 @@ def _paged_attn_split_kernel(
                 sums = tl.dot(p, onehot.to(tl.float32))
             else:
                 sums = tl.dot(p.to(k.dtype), onehot.to(k.dtype))
-        if PAGE_MASS and MASS_TILE and MASS_SUB == 1 and ROW_STORES:
-            # One block per tile: its row sums and row max stored as two vectors in the layout the row reductions
-            # left them in; a [rows, slots] store would first move them through shared memory (two barriers).
-            tl.store(mass_rows + blk * MASS_SLOTS, p_sum, mask=row_ok)
-            tl.store(mass_rows + blk * MASS_SLOTS + MASS_SLOTS - 1, m_safe, mask=row_ok)
-        elif PAGE_MASS:      # the tile's sums and the row max they are relative to, in one store (see MASS_SLOTS)
+        if PAGE_MASS:      # the tile's sums and the row max they are relative to, in one store (see MASS_SLOTS)
             packed = tl.where(slot_ids[None, :] == MASS_SLOTS - 1, m_safe[:, None], sums)
             if DEFER_MASS:
                 here = tiles_held == blk - block_lo
@@ -497,7 +488,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
-        MASS_SUB=mass_sub, EARLY=EARLY_PAGES, ROW_STORES=BLOCK_MASS_ROW_STORES,
+        MASS_SUB=mass_sub, EARLY=EARLY_PAGES,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev),
     )
     if not direct:
