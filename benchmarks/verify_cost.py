@@ -24,11 +24,16 @@ VARIANTS = {"plain": {}, "page_mass": {"page_mass": True}, "block64_mass": {"pag
 
 
 def launch_with_warps(batch: int, kv_heads: int, dim: int, warps: str) -> dict:
-    """paged_attention's keyword for `warps` ('auto': the library's own launch; else its launch with that many
-    warps a program: fewer warps split a tile's keys among fewer warps, so row reductions need fewer barriers)."""
+    """paged_attention's keyword for `warps`: 'auto' is the library's own launch; 'W' or 'W/N' its launch with W
+    warps a program (fewer warps split a tile's keys among fewer warps, so row reductions need fewer barriers; more
+    hold a 64-row tile's accumulator in fewer registers each) and N keys a tile."""
     if warps == "auto":
         return {}
-    return {"launch": dataclasses.replace(paged_attention.choose_launch(batch * kv_heads, dim), num_warps=int(warps))}
+    n_warps, _, block_n = warps.partition("/")
+    launch = dataclasses.replace(paged_attention.choose_launch(batch * kv_heads, dim), num_warps=int(n_warps))
+    if block_n:
+        launch = dataclasses.replace(launch, block_n=int(block_n))
+    return {"launch": launch}
 
 
 def shape_rows(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_lens: list[int], copy: float,
@@ -61,7 +66,8 @@ def main() -> None:
     ap.add_argument("--cells", default="64x32000,32x32000", help="batch x context, comma-separated")
     ap.add_argument("--heads", default="2,6,128", help="KV heads, query heads per KV head, head dim (Qwen 1.5B)")
     ap.add_argument("--q-lens", default="1,5,7")
-    ap.add_argument("--warps", default="auto", help="warps a program: auto (the library's launch) and/or counts")
+    ap.add_argument("--warps", default="auto",
+                    help="launches: auto (the library's) and/or W or W/N (W warps a program, N keys a tile)")
     ap.add_argument("--out", default=str(RESULTS / "verify_cost.json"))
     args = ap.parse_args()
     pdl.MODE = 0                 # one kernel timed alone, as kernels.py

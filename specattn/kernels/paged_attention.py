@@ -51,6 +51,12 @@ SPARSE_SMALL_HEADS_MAX_SPLITS: int | None = None
 # stages, as there is no second tile to pipeline. H200, sweeps of two sessions: 8.30 vs 8.50 µs (tune_splits.json)
 # and 8.26 vs 8.65 (tune_splits_warps.json) for FEW_PROGRAMS's three stages.
 SPARSE_FEW_PROGRAMS = LaunchConfig(block_n=128, num_warps=4, num_stages=2, split_factor=2)
+# Keys a tile for decode/verify blocks of 64 query rows at head_dim 128 (a KV head's query heads x new tokens over
+# 32: Qwen2.5-1.5B's 6 heads at gamma >= 5, 7- and 8-head groups at gamma 4). 64 x 64 tiles take 196 registers
+# and 80 KB of shared memory, 2 programs per SM; 64 x 32 take 122 and 48 KB, 4 (offline sm_90 counts). H200, one
+# layer at the 1.5B's heads, b64 x 32K (verify_cost_qwen_tiles.json): 7 rows 890 -> 635 us (0.57 -> 0.79 of copy),
+# 6 rows 887 -> 651; 32-row tiles (5 rows) and head_dim 64 were slower with 32-key tiles (542 -> 728, 141 -> 181).
+WIDE_QUERY_BLOCK_N = 32
 
 
 def defer_page_mass(launch: LaunchConfig) -> bool:
@@ -315,10 +321,11 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                       PAGES_PER_VALUE: tl.constexpr, VALUES_PER_TILE: tl.constexpr, MASS_SLOTS: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr,
-                      PDL: tl.constexpr):
+                      TILES_PER_VALUE: tl.constexpr, PDL: tl.constexpr):
     """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight. All rows of a
     block of pages in one tile: a loop over rows would serialise dependent loads. Each page reads the value
-    holding it (its own page sum, or its block's sum spread over the block's pages) and its tile's row max."""
+    holding it (its own page sum, or its block's sum spread over the block's pages) and its tile's row max; a
+    block wider than a tile of keys (TILES_PER_VALUE > 1) sums its tiles' values."""
     wait_for_predecessor(PDL)
     pid_bh = tl.program_id(0)
     kv_heads = HEADS // GROUP
@@ -337,13 +344,18 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
     rows = mass_part_ptr + (pid_bh * GROUP * Q_LEN + r).to(tl.int64)[:, None] * mass_tiles * MASS_SLOTS
     both = row_ok[:, None] & ok[None, :]
     value = vpage // PAGES_PER_VALUE
-    tile_at = (value // VALUES_PER_TILE) * MASS_SLOTS
-    part = tl.load(rows + (tile_at + value % VALUES_PER_TILE)[None, :], mask=both, other=0.0)
-    m = tl.load(rows + (tile_at + MASS_SLOTS - 1)[None, :], mask=both, other=0.0)
+    weight = tl.zeros([BLOCK_R, BLOCK_P], tl.float32)
+    for i in tl.static_range(TILES_PER_VALUE):
+        tile = value // VALUES_PER_TILE * TILES_PER_VALUE + i
+        # a block's later tiles may lie past the sequence's end, where no split wrote (stale scratch)
+        seen = both & (tile * (PAGES_PER_VALUE * VALUES_PER_TILE // TILES_PER_VALUE) < n_pages)[None, :]
+        part = tl.load(rows + (tile * MASS_SLOTS + value % VALUES_PER_TILE)[None, :], mask=seen, other=0.0)
+        m = tl.load(rows + (tile * MASS_SLOTS + MASS_SLOTS - 1)[None, :], mask=seen, other=0.0)
+        weight += tl.where(seen, part * tl.exp(m - lse[:, None]), 0.0)
     if MASS_TILE:      # block mass: spread evenly over the block's pages that exist
         in_block = tl.minimum(PAGES_PER_VALUE, n_pages - value * PAGES_PER_VALUE)
-        part = part / tl.maximum(in_block, 1).to(tl.float32)[None, :]
-    total = tl.sum(tl.where(both, part * tl.exp(m - lse[:, None]), 0.0), 0)
+        weight = weight / tl.maximum(in_block, 1).to(tl.float32)[None, :]
+    total = tl.sum(weight, 0)
     tl.store(mass_ptr + b * stride_mb + kvh * stride_mh + vpage, total, mask=vpage < mass_pages)
 
 
@@ -367,16 +379,21 @@ def choose_num_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int =
 
 def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, sms: int,
                  launch: LaunchConfig | None, num_splits: int | None, page_mass: bool, mass_tokens: int | None,
-                 sparse: bool) -> tuple[LaunchConfig, int, bool, bool, int]:
+                 sparse: bool, query_rows: int = 16) -> tuple[LaunchConfig, int, bool, bool, int]:
     """(launch config, splits, per-block mass?, deferred page mass?, tiles a split may hold) for `rows` (batch x
-    query blocks) over at most `cap` keys per (sequence, KV head)."""
+    query blocks) over at most `cap` keys per (sequence, KV head); query_rows: a decode or verify block's rows per
+    program (BLOCK_M; prefill: leave at 16)."""
     tuned_sparse = launch is None and num_splits is None and sparse and dim <= 64 and rows * kv_heads >= 32
+    wide = launch is None and not sparse and query_rows >= 64 and dim >= 128
     launch = SPARSE_SMALL_HEADS if tuned_sparse else launch or choose_launch(rows * kv_heads, dim, sparse)
+    if wide:
+        launch = dataclasses.replace(launch, block_n=WIDE_QUERY_BLOCK_N)
     mass_tile = page_mass and mass_tokens is not None and mass_tokens > page_size
     if mass_tile:
         if sparse or mass_tokens % page_size:
             raise ValueError("block page mass needs dense attention and a multiple of the page size")
-        if not (BLOCK_MASS_SUBTILES and launch.block_n % mass_tokens == 0):
+        # a tile may hold several blocks (sub-tiles) or a block span several tiles (summed when finishing)
+        if not ((BLOCK_MASS_SUBTILES and launch.block_n % mass_tokens == 0) or mass_tokens % launch.block_n == 0):
             launch = dataclasses.replace(launch, block_n=mass_tokens)
     if num_splits is None:
         num_splits = choose_num_splits(rows, kv_heads, cap, sms, launch)
@@ -450,7 +467,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         cap = max_kv_len or page_table.shape[1] * page_size
     sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
     launch, num_splits, mass_tile, defer, max_tiles = _plan_launch(
-        batch * q_blocks, kv_heads, dim, page_size, cap, sms, launch, num_splits, page_mass, mass_tokens, sparse)
+        batch * q_blocks, kv_heads, dim, page_size, cap, sms, launch, num_splits, page_mass, mass_tokens, sparse,
+        block_m if q_blocks == 1 else 16)
     q = q.contiguous()
     dev = q.device
     out = torch.empty_like(q)
@@ -463,7 +481,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         m_part = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=dev)
         l_part = torch.empty_like(m_part)
     mass_pages = selected_pages.shape[2] if sparse else page_table.shape[1]
-    mass_sub = launch.block_n // mass_tokens if mass_tile else 1      # blocks of mass per tile of keys
+    mass_sub = max(1, launch.block_n // mass_tokens) if mass_tile else 1      # blocks of mass per tile of keys
+    tiles_per_value = max(1, mass_tokens // launch.block_n) if mass_tile else 1      # tiles per block of mass
     mass_tiles = -(-mass_pages * page_size // launch.block_n)
     values_per_tile = mass_sub if mass_tile else launch.block_n // page_size      # block sums or page sums
     slots = mass_slots(values_per_tile, one_hot=not mass_tile)
@@ -501,10 +520,10 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         return out, lse
     if not page_mass:
         return out
-    pages_per_value = launch.block_n // page_size // values_per_tile
+    pages_per_value = launch.block_n * tiles_per_value // page_size // values_per_tile
     return out, _finish_page_mass(mass_part, lse, lens_after, counts, batch, kv_heads, group, q_len, page_size,
                                   mass_pages, mass_tiles, slots, pages_per_value, values_per_tile, sparse, mass_tile,
-                                  mass_out)
+                                  mass_out, tiles_per_value)
 
 
 def mass_slots(values_per_tile: int, one_hot: bool) -> int:
@@ -521,7 +540,7 @@ def mass_slots(values_per_tile: int, one_hot: bool) -> int:
 def _finish_page_mass(mass_part, lse, lens_after, counts, batch: int, kv_heads: int, group: int, q_len: int,
                       page_size: int, mass_pages: int, mass_tiles: int, slots: int, pages_per_value: int,
                       values_per_tile: int, sparse: bool, mass_tile: bool,
-                      mass_out: torch.Tensor | None = None) -> torch.Tensor:
+                      mass_out: torch.Tensor | None = None, tiles_per_value: int = 1) -> torch.Tensor:
     """The split kernel's partial page (or block) sums, rescaled with each row's log-sum-exp and summed over the
     rows of a KV head: [batch, kv_heads, pages] (a view of mass_out if given). mass_part: [rows, tiles x slots]
     (see mass_slots); pages_per_value: 1 for page mass, the block's pages for block mass."""
@@ -538,6 +557,6 @@ def _finish_page_mass(mass_part, lse, lens_after, counts, batch: int, kv_heads: 
         mass_part, lse, lens_after, counts, mass, mass_pages, mass_tiles, mass.stride(0), mass.stride(1),
         Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size, PAGES_PER_VALUE=pages_per_value,
         VALUES_PER_TILE=values_per_tile, MASS_SLOTS=slots, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
-        MASS_TILE=mass_tile, num_warps=MASS_FINISH_WARPS, **launch_options(lse.device),
+        MASS_TILE=mass_tile, TILES_PER_VALUE=tiles_per_value, num_warps=MASS_FINISH_WARPS, **launch_options(lse.device),
     )
     return mass
