@@ -19,8 +19,22 @@ from benchmarks.kernels import kv_pools, time_attention  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import paged_attention, pdl  # noqa: E402
 
-# name -> paged_attention keywords
-VARIANTS = {"plain": {}, "page_mass": {"page_mass": True}, "block64_mass": {"page_mass": True, "mass_tokens": 64}}
+BLOCK64 = {"page_mass": True, "mass_tokens": 64}
+# name -> (paged_attention keywords, paged_attention module flags for the call). block64_finish: 64-key blocks over
+# narrower tiles (32-key tiles of 64-row verify blocks) summed by the finishing kernel instead of the split kernel.
+VARIANTS = {"plain": ({}, {}), "page_mass": ({"page_mass": True}, {}), "block64_mass": (BLOCK64, {}),
+            "block64_finish": (BLOCK64, {"BLOCK_MASS_SUM_IN_KERNEL": False})}
+
+
+def time_variant(q, pools, table, lens, kw: dict, flags: dict) -> float:
+    saved = {name: getattr(paged_attention, name) for name in flags}
+    try:
+        for name, value in flags.items():
+            setattr(paged_attention, name, value)
+        return time_attention(q, pools, table, lens, **kw)
+    finally:
+        for name, value in saved.items():
+            setattr(paged_attention, name, value)
 
 
 def launch_with_warps(batch: int, kv_heads: int, dim: int, warps: str) -> dict:
@@ -50,7 +64,8 @@ def shape_rows(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_lens
             out = paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5, **launch)
             diff = (out.float() - auto_out.float()).abs().max().item()
         variants = VARIANTS if q_len > 1 else {"plain": VARIANTS["plain"]}
-        times = {name: time_attention(q, pools, table, lens, **kw, **launch) for name, kw in variants.items()}
+        times = {name: time_variant(q, pools, table, lens, {**kw, **launch}, flags)
+                 for name, (kw, flags) in variants.items()}
         row = {"batch": batch, "context": ctx, "kv_heads": kv_heads, "group": group, "head_dim": dim,
                "q_len": q_len, "num_warps": warps, "kv_gb": kv_bytes / 1e9, "max_abs_diff_vs_auto": diff,
                **{f"us_{n}": t * 1e3 for n, t in times.items()},
@@ -80,11 +95,12 @@ def main() -> None:
         rows += shape_rows(batch, ctx, kv_heads, group, dim, q_lens, copy, args.warps.split(","))
         torch.cuda.empty_cache()
     write_json_atomic(args.out, {**environment(), "copy_gbs": copy, "rows": rows})
-    print(f"{'cell':>10} {'rows':>4} {'warps':>5} {'plain us':>9} {'of copy':>7} {'+page':>7} {'+blk64':>7}")
+    print(f"{'cell':>10} {'rows':>4} {'warps':>5} {'plain us':>9} {'of copy':>7} {'+page':>7} {'+blk64':>7} "
+          f"{'+fin64':>7}")
     for r in rows:
         print(f"{r['batch']:>3}x{r['context']:<6} {r['q_len']:>4} {r['num_warps']:>5} {r['us_plain']:>9.1f} "
               f"{r['bandwidth_fraction_plain']:>7.3f} {r.get('page_mass_overhead', 0):>+7.1%} "
-              f"{r.get('block64_mass_overhead', 0):>+7.1%}")
+              f"{r.get('block64_mass_overhead', 0):>+7.1%} {r.get('block64_finish_overhead', 0):>+7.1%}")
 
 
 if __name__ == "__main__":

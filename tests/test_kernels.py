@@ -587,11 +587,13 @@ def test_reference_rope_and_write_equals_the_models_rotation():
 
 
 
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["summed-in-split-kernel", "summed-when-finishing"])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-def test_block_mass_spanning_two_tiles_matches_reference(num_splits):
+def test_block_mass_spanning_two_tiles_matches_reference(num_splits, in_kernel, monkeypatch):
     """64-key blocks over 32-key tiles (the launch for 64-row verify tiles): the finishing kernel sums each block's
     two tiles, each relative to its own row max; a sequence ending inside a block's first tile leaves the second
     unwritten, which must not count (lengths 37, 100, 23 end at odd places)."""
+    monkeypatch.setattr(paged_attention, "BLOCK_MASS_SUM_IN_KERNEL", in_kernel)
     torch.manual_seed(7)
     q, k, v, table, lens = make_inputs(3, 5, 2, 4, 16, [37, 100, 23], torch.float32)
     scale = 16 ** -0.5

@@ -88,6 +88,9 @@ MASS_FINISH_TILE, MASS_FINISH_WARPS = 1024, 4
 # verify of 5 rows, batch 1 x 32K, 8B heads): plain 43.9 µs, block mass with 64-key tiles 59.1, with sub-tiles
 # 53.0; batch 32 / 64 at head_dim 64 have 64-key tiles already (unchanged).
 BLOCK_MASS_SUBTILES = True
+# Block mass over narrower tiles (WIDE_QUERY_BLOCK_N): True sums a block's tiles in the split kernel and stores once
+# a block; False stores every tile and the finishing kernel sums them.
+BLOCK_MASS_SUM_IN_KERNEL = True
 # Block mass stores [rows, slots] through shared memory (2 of the verify loop's 11 barriers, offline sm_90 counts).
 # Storing row sums and row max as two row vectors instead kept 9 barriers at head_dim 64 but was no faster there
 # (+10.7% vs +10.1% over plain, b64 x 8K, 5 rows) and cost +67% vs +12.8% at the 1.5B's heads (b64 x 32K):
@@ -162,6 +165,7 @@ def _paged_attn_split_kernel(
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
     PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr = 1,
 ):
     if not EARLY:
         wait_for_predecessor(PDL)
@@ -183,6 +187,8 @@ def _paged_attn_split_kernel(
         n_keys = tl.minimum(seq_len, seq_len - Q_LEN + t_lo + Q_BLOCK)
     n_blocks = (n_keys + BLOCK_N - 1) // BLOCK_N
     blocks_per_split = (n_blocks + num_splits - 1) // num_splits
+    # block mass over several tiles: a split holds whole blocks (its last tile closes each)
+    blocks_per_split = (blocks_per_split + TILES_PER_BLOCK - 1) // TILES_PER_BLOCK * TILES_PER_BLOCK
     block_lo = split * blocks_per_split
     block_hi = tl.minimum(block_lo + blocks_per_split, n_blocks)
 
@@ -221,6 +227,7 @@ def _paged_attn_split_kernel(
     # measured mixed on the H200 (see defer_page_mass).
     tiles_held = tl.arange(0, MAX_TILES)
     page_sums = tl.zeros([BLOCK_M, MAX_TILES, MASS_SLOTS], tl.float32)
+    block_sum = tl.zeros([BLOCK_M], tl.float32)     # a block's row sums so far when it spans tiles
     for blk in range(block_lo, block_hi):
         key_pos, key_ok, page = _tile_keys(blk, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr,
                                            page_table_ptr, stride_ptb, BLOCK_N, PAGE_SIZE, SPARSE, TOKEN_LIST,
@@ -247,14 +254,17 @@ def _paged_attn_split_kernel(
             # 64-key blocks).
             sums = tl.zeros([BLOCK_M, MASS_SLOTS], tl.float32)
             rest = p_sum
+            if TILES_PER_BLOCK > 1:      # carried over the block's tiles like l_i, stored at its last tile
+                block_sum = block_sum * alpha + p_sum
+                rest = block_sum
             for sub in tl.static_range(MASS_SUB):
                 if sub < MASS_SUB - 1:
                     in_sub = (cols // (BLOCK_N // MASS_SUB)) == sub
-                    block_sum = tl.sum(tl.where(in_sub[None, :], p, 0.0), 1)
-                    rest = rest - block_sum
+                    sub_sum = tl.sum(tl.where(in_sub[None, :], p, 0.0), 1)
+                    rest = rest - sub_sum
+                    sums = tl.where(slot_ids[None, :] == sub, sub_sum[:, None], sums)
                 else:
-                    block_sum = rest
-                sums = tl.where(slot_ids[None, :] == sub, block_sum[:, None], sums)
+                    sums = tl.where(slot_ids[None, :] == sub, rest[:, None], sums)
         elif PAGE_MASS:
             # Per-row mass of each page of this tile, relative to m_safe; rescaled by exp(m_safe - lse)
             # once the row's log-sum-exp is known (_page_mass_kernel). Rows are (g, t): decode/verify only.
@@ -270,6 +280,11 @@ def _paged_attn_split_kernel(
             if DEFER_MASS:
                 here = tiles_held == blk - block_lo
                 page_sums = tl.where(here[None, :, None], packed[:, None, :], page_sums)
+            elif TILES_PER_BLOCK > 1:
+                closes = ((blk + 1) % TILES_PER_BLOCK == 0) | (blk == block_hi - 1)
+                tl.store(mass_rows[:, None] + (blk // TILES_PER_BLOCK) * MASS_SLOTS + slot_ids[None, :], packed,
+                         mask=row_ok[:, None] & slot_used[None, :] & closes)
+                block_sum = tl.where(closes, 0.0, block_sum)
             else:
                 tl.store(mass_rows[:, None] + blk * MASS_SLOTS + slot_ids[None, :], packed,
                          mask=row_ok[:, None] & slot_used[None, :])
@@ -482,8 +497,10 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         l_part = torch.empty_like(m_part)
     mass_pages = selected_pages.shape[2] if sparse else page_table.shape[1]
     mass_sub = max(1, launch.block_n // mass_tokens) if mass_tile else 1      # blocks of mass per tile of keys
-    tiles_per_value = max(1, mass_tokens // launch.block_n) if mass_tile else 1      # tiles per block of mass
-    mass_tiles = -(-mass_pages * page_size // launch.block_n)
+    tiles_per_block = max(1, mass_tokens // launch.block_n) if mass_tile else 1
+    # a block spanning tiles: summed in the split kernel (one value per block) or by the finishing kernel
+    tiles_per_value = 1 if BLOCK_MASS_SUM_IN_KERNEL else tiles_per_block
+    mass_tiles = -(-mass_pages * page_size // (launch.block_n * (tiles_per_block // tiles_per_value)))
     values_per_tile = mass_sub if mass_tile else launch.block_n // page_size      # block sums or page sums
     slots = mass_slots(values_per_tile, one_hot=not mass_tile)
     if page_mass:
@@ -507,7 +524,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
-        MASS_SUB=mass_sub, EARLY=EARLY_PAGES,
+        MASS_SUB=mass_sub, EARLY=EARLY_PAGES, TILES_PER_BLOCK=tiles_per_block // tiles_per_value,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev),
     )
     if not direct:
@@ -520,7 +537,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         return out, lse
     if not page_mass:
         return out
-    pages_per_value = launch.block_n * tiles_per_value // page_size // values_per_tile
+    pages_per_value = launch.block_n * tiles_per_block // page_size // values_per_tile
     return out, _finish_page_mass(mass_part, lse, lens_after, counts, batch, kv_heads, group, q_len, page_size,
                                   mass_pages, mass_tiles, slots, pages_per_value, values_per_tile, sparse, mass_tile,
                                   mass_out, tiles_per_value)
