@@ -587,13 +587,11 @@ def test_reference_rope_and_write_equals_the_models_rotation():
 
 
 
-@pytest.mark.parametrize("in_kernel", [True, False], ids=["summed-in-split-kernel", "summed-when-finishing"])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-def test_block_mass_spanning_two_tiles_matches_reference(num_splits, in_kernel, monkeypatch):
-    """64-key blocks over 32-key tiles (the launch for 64-row verify tiles): the finishing kernel sums each block's
-    two tiles, each relative to its own row max; a sequence ending inside a block's first tile leaves the second
-    unwritten, which must not count (lengths 37, 100, 23 end at odd places)."""
-    monkeypatch.setattr(paged_attention, "BLOCK_MASS_SUM_IN_KERNEL", in_kernel)
+def test_block_mass_spanning_two_tiles_matches_reference(num_splits):
+    """64-key blocks over 32-key tiles (the launch for 64-row verify tiles): the split kernel carries a block's row
+    sums over its two tiles, rescaled like l_i, and stores them at the block's last tile; splits hold whole blocks,
+    some splits stay empty (3 splits of 2-4 tiles), and sequences end inside a block (lengths 37, 100, 23)."""
     torch.manual_seed(7)
     q, k, v, table, lens = make_inputs(3, 5, 2, 4, 16, [37, 100, 23], torch.float32)
     scale = 16 ** -0.5
@@ -610,20 +608,22 @@ def test_wide_query_tiles_take_narrow_key_tiles_and_match_reference():
     blocks, head_dim 64, sparse lists and prefill keep their launch. Output and 64-key block mass match the
     reference there."""
     plan = paged_attention._plan_launch
-    assert plan(2, 1, 128, 16, 512, 132, None, None, True, 64, False, 64)[0].block_n == 32
-    assert plan(2, 1, 128, 16, 512, 132, None, None, True, 64, False, 32)[0].block_n != 32
-    assert plan(2, 1, 64, 16, 512, 132, None, None, True, 64, False, 64)[0].block_n != 32
-    assert plan(2, 1, 128, 16, 512, 132, None, None, False, None, True, 64)[0].block_n != 32
+    assert plan(32, 1, 128, 16, 512, 132, None, None, True, 64, False, 64)[0].block_n == 32
+    assert plan(32, 1, 128, 16, 512, 132, None, None, True, 64, False, 32)[0].block_n != 32
+    assert plan(32, 1, 64, 16, 512, 132, None, None, True, 64, False, 64)[0].block_n != 32
+    assert plan(32, 1, 128, 16, 512, 132, None, None, False, None, True, 64)[0].block_n != 32
+    assert plan(2, 1, 128, 16, 512, 132, None, None, True, 64, False, 64)[0].block_n != 32    # few programs
     torch.manual_seed(3)
-    q, k, v, table, lens = make_inputs(2, 5, 1, 8, 128, [150, 61], torch.float32)
+    lens = [150, 61] + [17 + i for i in range(30)]
+    q, k, v, table, lens = make_inputs(32, 5, 1, 8, 128, lens, torch.float32)
     scale = 128 ** -0.5
     ref_out, ref_mass = reference.paged_attention(q, k, v, table, lens, scale, page_mass=True, mass_tokens=64)
     out, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True, mass_tokens=64)
     assert ((out - ref_out).norm() / ref_out.norm()).item() < 1e-4
     assert (mass - ref_mass).abs().max().item() < 1e-4
     q_prefill = torch.randn(2, 40, 8, 128)
-    want = reference.paged_attention(q_prefill, k, v, table, lens, scale)
-    got = paged_attention.paged_attention(q_prefill, k, v, table, lens, scale)
+    want = reference.paged_attention(q_prefill, k, v, table[:2], lens[:2], scale)
+    got = paged_attention.paged_attention(q_prefill, k, v, table[:2], lens[:2], scale)
     assert ((got - want).norm() / want.norm()).item() < 1e-4
 
 

@@ -56,6 +56,8 @@ SPARSE_FEW_PROGRAMS = LaunchConfig(block_n=128, num_warps=4, num_stages=2, split
 # and 80 KB of shared memory, 2 programs per SM; 64 x 32 take 122 and 48 KB, 4 (offline sm_90 counts). H200, one
 # layer at the 1.5B's heads, b64 x 32K (verify_cost_qwen_tiles.json): 7 rows 890 -> 635 us (0.57 -> 0.79 of copy),
 # 6 rows 887 -> 651; 32-row tiles (5 rows) and head_dim 64 were slower with 32-key tiles (542 -> 728, 141 -> 181).
+# Many programs only: with few (batch 1 x 32K, 8-head groups, 5 rows) plain attention gained (66.6 -> 61.1 us
+# against FEW_PROGRAMS's 128-key tiles) but block mass lost (70.1 -> 78.8 us).
 WIDE_QUERY_BLOCK_N = 32
 
 
@@ -88,9 +90,10 @@ MASS_FINISH_TILE, MASS_FINISH_WARPS = 1024, 4
 # verify of 5 rows, batch 1 x 32K, 8B heads): plain 43.9 µs, block mass with 64-key tiles 59.1, with sub-tiles
 # 53.0; batch 32 / 64 at head_dim 64 have 64-key tiles already (unchanged).
 BLOCK_MASS_SUBTILES = True
-# Block mass over narrower tiles (WIDE_QUERY_BLOCK_N): True sums a block's tiles in the split kernel and stores once
-# a block; False stores every tile and the finishing kernel sums them.
-BLOCK_MASS_SUM_IN_KERNEL = True
+# Block mass over tiles narrower than a block (WIDE_QUERY_BLOCK_N): the split kernel carries the block's row sums
+# over its tiles and stores once a block. H200 (verify_cost_*_wide2.json, 83d9d58): +28.7% /
+# +24.9% over plain at 7 rows of the 1.5B's heads (b64 x 32K) / 8-head groups (b16 x 16K), against +35.8% / +29.8%
+# for a store every tile summed by the finishing kernel (removed).
 # Block mass stores [rows, slots] through shared memory (2 of the verify loop's 11 barriers, offline sm_90 counts).
 # Storing row sums and row max as two row vectors instead kept 9 barriers at head_dim 64 but was no faster there
 # (+10.7% vs +10.1% over plain, b64 x 8K, 5 rows) and cost +67% vs +12.8% at the 1.5B's heads (b64 x 32K):
@@ -336,11 +339,10 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                       PAGES_PER_VALUE: tl.constexpr, VALUES_PER_TILE: tl.constexpr, MASS_SLOTS: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr,
-                      TILES_PER_VALUE: tl.constexpr, PDL: tl.constexpr):
+                      PDL: tl.constexpr):
     """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight. All rows of a
     block of pages in one tile: a loop over rows would serialise dependent loads. Each page reads the value
-    holding it (its own page sum, or its block's sum spread over the block's pages) and its tile's row max; a
-    block wider than a tile of keys (TILES_PER_VALUE > 1) sums its tiles' values."""
+    holding it (its own page sum, or its block's sum spread over the block's pages) and its tile's row max."""
     wait_for_predecessor(PDL)
     pid_bh = tl.program_id(0)
     kv_heads = HEADS // GROUP
@@ -359,18 +361,13 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
     rows = mass_part_ptr + (pid_bh * GROUP * Q_LEN + r).to(tl.int64)[:, None] * mass_tiles * MASS_SLOTS
     both = row_ok[:, None] & ok[None, :]
     value = vpage // PAGES_PER_VALUE
-    weight = tl.zeros([BLOCK_R, BLOCK_P], tl.float32)
-    for i in tl.static_range(TILES_PER_VALUE):
-        tile = value // VALUES_PER_TILE * TILES_PER_VALUE + i
-        # a block's later tiles may lie past the sequence's end, where no split wrote (stale scratch)
-        seen = both & (tile * (PAGES_PER_VALUE * VALUES_PER_TILE // TILES_PER_VALUE) < n_pages)[None, :]
-        part = tl.load(rows + (tile * MASS_SLOTS + value % VALUES_PER_TILE)[None, :], mask=seen, other=0.0)
-        m = tl.load(rows + (tile * MASS_SLOTS + MASS_SLOTS - 1)[None, :], mask=seen, other=0.0)
-        weight += tl.where(seen, part * tl.exp(m - lse[:, None]), 0.0)
+    tile_at = (value // VALUES_PER_TILE) * MASS_SLOTS
+    part = tl.load(rows + (tile_at + value % VALUES_PER_TILE)[None, :], mask=both, other=0.0)
+    m = tl.load(rows + (tile_at + MASS_SLOTS - 1)[None, :], mask=both, other=0.0)
     if MASS_TILE:      # block mass: spread evenly over the block's pages that exist
         in_block = tl.minimum(PAGES_PER_VALUE, n_pages - value * PAGES_PER_VALUE)
-        weight = weight / tl.maximum(in_block, 1).to(tl.float32)[None, :]
-    total = tl.sum(weight, 0)
+        part = part / tl.maximum(in_block, 1).to(tl.float32)[None, :]
+    total = tl.sum(tl.where(both, part * tl.exp(m - lse[:, None]), 0.0), 0)
     tl.store(mass_ptr + b * stride_mb + kvh * stride_mh + vpage, total, mask=vpage < mass_pages)
 
 
@@ -399,7 +396,7 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
     query blocks) over at most `cap` keys per (sequence, KV head); query_rows: a decode or verify block's rows per
     program (BLOCK_M; prefill: leave at 16)."""
     tuned_sparse = launch is None and num_splits is None and sparse and dim <= 64 and rows * kv_heads >= 32
-    wide = launch is None and not sparse and query_rows >= 64 and dim >= 128
+    wide = launch is None and not sparse and query_rows >= 64 and dim >= 128 and rows * kv_heads >= 32
     launch = SPARSE_SMALL_HEADS if tuned_sparse else launch or choose_launch(rows * kv_heads, dim, sparse)
     if wide:
         launch = dataclasses.replace(launch, block_n=WIDE_QUERY_BLOCK_N)
@@ -497,10 +494,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         l_part = torch.empty_like(m_part)
     mass_pages = selected_pages.shape[2] if sparse else page_table.shape[1]
     mass_sub = max(1, launch.block_n // mass_tokens) if mass_tile else 1      # blocks of mass per tile of keys
-    tiles_per_block = max(1, mass_tokens // launch.block_n) if mass_tile else 1
-    # a block spanning tiles: summed in the split kernel (one value per block) or by the finishing kernel
-    tiles_per_value = 1 if BLOCK_MASS_SUM_IN_KERNEL else tiles_per_block
-    mass_tiles = -(-mass_pages * page_size // (launch.block_n * (tiles_per_block // tiles_per_value)))
+    tiles_per_block = max(1, mass_tokens // launch.block_n) if mass_tile else 1     # a block over several tiles
+    mass_tiles = -(-mass_pages * page_size // (launch.block_n * tiles_per_block))    # values stored per row
     values_per_tile = mass_sub if mass_tile else launch.block_n // page_size      # block sums or page sums
     slots = mass_slots(values_per_tile, one_hot=not mass_tile)
     if page_mass:
@@ -524,7 +519,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
-        MASS_SUB=mass_sub, EARLY=EARLY_PAGES, TILES_PER_BLOCK=tiles_per_block // tiles_per_value,
+        MASS_SUB=mass_sub, EARLY=EARLY_PAGES, TILES_PER_BLOCK=tiles_per_block,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev),
     )
     if not direct:
@@ -540,7 +535,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     pages_per_value = launch.block_n * tiles_per_block // page_size // values_per_tile
     return out, _finish_page_mass(mass_part, lse, lens_after, counts, batch, kv_heads, group, q_len, page_size,
                                   mass_pages, mass_tiles, slots, pages_per_value, values_per_tile, sparse, mass_tile,
-                                  mass_out, tiles_per_value)
+                                  mass_out)
 
 
 def mass_slots(values_per_tile: int, one_hot: bool) -> int:
@@ -557,7 +552,7 @@ def mass_slots(values_per_tile: int, one_hot: bool) -> int:
 def _finish_page_mass(mass_part, lse, lens_after, counts, batch: int, kv_heads: int, group: int, q_len: int,
                       page_size: int, mass_pages: int, mass_tiles: int, slots: int, pages_per_value: int,
                       values_per_tile: int, sparse: bool, mass_tile: bool,
-                      mass_out: torch.Tensor | None = None, tiles_per_value: int = 1) -> torch.Tensor:
+                      mass_out: torch.Tensor | None = None) -> torch.Tensor:
     """The split kernel's partial page (or block) sums, rescaled with each row's log-sum-exp and summed over the
     rows of a KV head: [batch, kv_heads, pages] (a view of mass_out if given). mass_part: [rows, tiles x slots]
     (see mass_slots); pages_per_value: 1 for page mass, the block's pages for block mass."""
@@ -574,6 +569,6 @@ def _finish_page_mass(mass_part, lse, lens_after, counts, batch: int, kv_heads: 
         mass_part, lse, lens_after, counts, mass, mass_pages, mass_tiles, mass.stride(0), mass.stride(1),
         Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size, PAGES_PER_VALUE=pages_per_value,
         VALUES_PER_TILE=values_per_tile, MASS_SLOTS=slots, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
-        MASS_TILE=mass_tile, TILES_PER_VALUE=tiles_per_value, num_warps=MASS_FINISH_WARPS, **launch_options(lse.device),
+        MASS_TILE=mass_tile, num_warps=MASS_FINISH_WARPS, **launch_options(lse.device),
     )
     return mass
