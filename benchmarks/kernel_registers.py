@@ -73,7 +73,7 @@ CONFIGS = {
     "1.5B heads, b64 x 32K, 7 rows: block mass over 2 32-key tiles": (4, 2, dict(QWEN_WIDE, BLOCK_N=32,
                                                                                   PAGE_MASS=True, MASS_TILE=True,
                                                                                   MASS_SLOTS=2, TILES_PER_BLOCK=2)),
-    "1.5B heads, b64 x 32K, 7 rows: block mass per 32-key tile": (4, 2, dict(QWEN_WIDE, BLOCK_N=32, PAGE_MASS=True,
+    "1.5B heads, b64 x 32K, 7 rows: 32-key block mass, 32-key tiles": (4, 2, dict(QWEN_WIDE, BLOCK_N=32, PAGE_MASS=True,
                                                                               MASS_TILE=True, MASS_SLOTS=2)),
 }
 

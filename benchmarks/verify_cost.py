@@ -56,17 +56,24 @@ def shape_rows(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_lens
     for q_len, warps in itertools.product(q_lens, warps_options):
         q = torch.randn(batch, q_len, kv_heads * group, dim, device="cuda", dtype=torch.bfloat16)
         launch = launch_with_warps(batch, kv_heads, dim, warps)
-        diff = 0.0
-        if launch:          # the library's own launch against the one with other warps: same outputs?
+        diff = mass_diff = 0.0
+        if launch:          # the library's own launch against this one: same outputs, same block mass?
             k, v = pools[0]
-            auto_out = paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5)
-            out = paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5, **launch)
+            scale = dim ** -0.5
+            auto_out = paged_attention.paged_attention(q, k, v, table, lens, scale)
+            out = paged_attention.paged_attention(q, k, v, table, lens, scale, **launch)
             diff = (out.float() - auto_out.float()).abs().max().item()
+            if q_len > 1:
+                block = {"page_mass": True, "mass_tokens": 64}
+                _, auto_mass = paged_attention.paged_attention(q, k, v, table, lens, scale, **block)
+                _, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, **block, **launch)
+                mass_diff = (mass - auto_mass).abs().max().item()
         variants = VARIANTS if q_len > 1 else {"plain": VARIANTS["plain"]}
         times = {name: time_variant(q, pools, table, lens, {**kw, **launch}, flags)
                  for name, (kw, flags) in variants.items()}
         row = {"batch": batch, "context": ctx, "kv_heads": kv_heads, "group": group, "head_dim": dim,
                "q_len": q_len, "num_warps": warps, "kv_gb": kv_bytes / 1e9, "max_abs_diff_vs_auto": diff,
+               "max_block_mass_diff_vs_auto": mass_diff,
                **{f"us_{n}": t * 1e3 for n, t in times.items()},
                "bandwidth_fraction_plain": kv_bytes / times["plain"] / 1e6 / copy,
                **{f"{n}_overhead": times[n] / times["plain"] - 1 for n in times if n != "plain"}}
