@@ -57,9 +57,12 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
                sampling: SamplingParams, warm_prompts=None):
     """Warm-up run (compiles, captures graphs), then the measured run reusing those graphs. warm_prompts: shorter
     prompts for the warm-up (the graphs depend on the cache's capacity, not on the lengths, which they read from the
-    device), so that a long-context cell does not pay its prefill twice per method. A "+phys" suffix
-    (e.g. magicdec+phys) runs the method with selection.PHYSICAL_LISTS on, "+nodense" with no layer drafting densely:
-    A/Bs in the same run."""
+    device), so that a long-context cell does not pay its prefill twice per method. Names: "/" suffixes are
+    SpecAttn-Y's selection variants, which users name the same way (`api.method_variant`, e.g. specattn-y/blk64);
+    "+" suffixes are this benchmark's switches for A/Bs in one run, each what a user sets with an option instead:
+    "+phys" (e.g. magicdec+phys) turns selection.PHYSICAL_LISTS on, "+nodense" drafts every layer sparsely
+    (`--dense-layers none`, the default since session 17; it matters beside a run given `--dense-layers 0`),
+    "+adaptive" an adaptive gamma (`--adaptive-gamma`)."""
     if method.endswith("+phys"):
         selection.PHYSICAL_LISTS = True
         try:
