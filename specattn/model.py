@@ -283,6 +283,9 @@ class Transformer(nn.Module):
         # Replaced by compiled versions on the GPU (see `compile_steps`).
         self.step_fns = self.prefill_fns = EAGER
         self.norms_folded = False  # see fold_norms
+        # Inference only: with grad-enabled weights a compiled step called outside no_grad would trace autograd,
+        # which the fp32-logits product (torch.mm with out_dtype) does not support (profile_step.py failed so).
+        self.requires_grad_(False)
 
     tp = None            # distributed.TensorParallel when this model is one rank's shard
 

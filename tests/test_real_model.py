@@ -21,6 +21,13 @@ def hf_model():
                                                 dtype=torch.float32).eval()
 
 
+def test_loaded_weights_need_no_gradients(default_model):
+    """An inference runtime: no weight requires grad, so a compiled step run outside no_grad traces no autograd
+    (the GPU's fp32-logits product has no derivative, and profile_step.py failed on it before)."""
+    model, _ = default_model
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_config_read_from_gguf(default_model):
     cfg = default_model[0].cfg
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 576, 9, 3, 64)
