@@ -36,6 +36,8 @@ from specattn.decoding.self_speculative import RoundSteps  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import paged_attention  # noqa: E402
 
+FULL_WAVE = paged_attention.SPARSE_SMALL_HEADS_FULL_WAVE     # the library's launch, for --sparse-full-wave on
+
 
 def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, verify: str | None = None):
     """A callable running one step (a graph replay), and the KV tokens per sequence it reads. verify: the verify
@@ -67,7 +69,8 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
             gemv: tuple[str, ...] = specattn.model.GEMV_PROJECTIONS,
             few_programs: str = "default", gemv_rows: int = specattn.model.GEMV_MAX_ROWS,
             early_pages: int = paged_attention.EARLY_PAGES,
-            sparse_max_splits: int | None = paged_attention.SPARSE_SMALL_HEADS_MAX_SPLITS) -> tuple[dict, object]:
+            sparse_max_splits: int | None = paged_attention.SPARSE_SMALL_HEADS_MAX_SPLITS,
+            sparse_full_wave: bool = True) -> tuple[dict, object]:
     """(the row, the step callable: its model and graph stay alive for --rounds)."""
     import torch._dynamo
 
@@ -79,6 +82,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     specattn.model.GEMV_MAX_ROWS = gemv_rows
     paged_attention.EARLY_PAGES = early_pages
     paged_attention.SPARSE_SMALL_HEADS_MAX_SPLITS = sparse_max_splits
+    paged_attention.SPARSE_SMALL_HEADS_FULL_WAVE = FULL_WAVE if sparse_full_wave else None
     specattn.model.STEP_COMPILE_MODE = compile_mode
     torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])
@@ -109,6 +113,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += f", gemv up to {gemv_rows} rows"
     what += f", attention early reads {early_pages}"
     what += f", sparse splits <= {sparse_max_splits}" if sparse_max_splits else ""
+    what += "" if sparse_full_wave else ", no full-wave sparse launch"
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
@@ -118,7 +123,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
         print(f"{us / steps:9.1f} us {calls // steps:5d}x  {name[:100]}")
     row = {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "gemv": list(gemv),
            "attention_few_programs": few_programs, "gemv_max_rows": gemv_rows, "early_pages": early_pages,
-           "sparse_max_splits": sparse_max_splits,
+           "sparse_max_splits": sparse_max_splits, "sparse_full_wave": sparse_full_wave,
            "batch": batch, "context": context,
            "draft_budget": draft_budget, "q_len": q_len,
            "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
@@ -173,27 +178,31 @@ def main() -> None:
     ap.add_argument("--sparse-max-splits", default="auto", help="comma-separated paged_attention."
                     "SPARSE_SMALL_HEADS_MAX_SPLITS values for sparse draft attention with head_dim <= 64: auto or a "
                     "number (1: no merge launch); inside each --early-pages")
+    ap.add_argument("--sparse-full-wave", default="on", help="comma-separated on/off: paged_attention."
+                    "SPARSE_SMALL_HEADS_FULL_WAVE (one split of wide tiles when the pairs fill the SMs) or None; "
+                    "inside each --sparse-max-splits")
     ap.add_argument("--rounds", type=int, default=1, help="after profiling every variant, time them all again this "
                     "many times round-robin and report the median: variants compared within a round, not one after "
                     "the other (a variant timed later in a process measured up to 3%% slower)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
-    variants = [(f == "on", int(p), gemv_projections(g), a, int(r), int(e), None if m == "auto" else int(m))
+    variants = [(f == "on", int(p), gemv_projections(g), a, int(r), int(e), None if m == "auto" else int(m), w == "on")
                 for f in args.folds.split(",") for p in args.pdl.split(",") for g in args.gemv.split(",")
                 for a in args.attn_few.split(",") for r in args.gemv_rows.split(",")
-                for e in args.early_pages.split(",") for m in args.sparse_max_splits.split(",")]
+                for e in args.early_pages.split(",") for m in args.sparse_max_splits.split(",")
+                for w in args.sparse_full_wave.split(",")]
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
                         args.q_len, args.top, verify=method, fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r,
-                        early_pages=e, sparse_max_splits=m)
-                for method in args.verify.split(",") for fold, pdl, gemv, a, r, e, m in variants]
+                        early_pages=e, sparse_max_splits=m, sparse_full_wave=w)
+                for method in args.verify.split(",") for fold, pdl, gemv, a, r, e, m, w in variants]
     else:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
                         not args.row_major, args.q_len, args.top, None if mode == "default" else mode,
                         fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r, early_pages=e,
-                        sparse_max_splits=m)
-                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a, r, e, m in variants]
+                        sparse_max_splits=m, sparse_full_wave=w)
+                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a, r, e, m, w in variants]
     rows = interleaved(rows, args.rounds)
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})

@@ -627,6 +627,25 @@ def test_wide_query_tiles_take_narrow_key_tiles_and_match_reference():
     assert ((got - want).norm() / want.norm()).item() < 1e-4
 
 
+def test_sparse_small_heads_filling_the_sms_take_one_split_of_wide_tiles():
+    """When the (sequence, KV head) pairs alone fill the SMs (132 here), sparse lists at head_dim 64 run one split
+    of 256-key tiles that writes its output directly; output and per-page mass match the reference."""
+    torch.manual_seed(1)
+    batch, kv_heads, dim, lens = 44, 3, 64, [300 - 5 * b for b in range(44)]
+    q, k, v, table, lens_t = make_inputs(batch, 1, kv_heads, 3, dim, lens, torch.float32)
+    sel, counts = random_selection(batch, kv_heads, lens, keep=0.6)
+    plan = paged_attention._plan_launch
+    launch, splits, *_ = plan(batch, kv_heads, dim, 16, sel.shape[2] * 16, 132, None, None, False, None, True)
+    assert (launch, splits) == (paged_attention.SPARSE_SMALL_HEADS_FULL_WAVE, 1)
+    assert plan(batch - 1, kv_heads, dim, 16, sel.shape[2] * 16, 132, None, None, False, None, True)[0] \
+        == paged_attention.SPARSE_SMALL_HEADS
+    kw = {"selected_pages": sel, "selected_counts": counts, "page_mass": True}
+    out, mass = paged_attention.paged_attention(q, k, v, table, lens_t, dim ** -0.5, **kw)
+    want, want_mass = reference.paged_attention(q, k, v, table, lens_t, dim ** -0.5, **kw)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mass, want_mass, atol=1e-4, rtol=1e-4)
+
+
 def test_sparse_small_head_launch_splits_evenly_and_matches_reference(monkeypatch):
     """The default model's draft shape (many pairs, head_dim 64, a few hundred listed keys) takes the tuned
     sparse launch with a power-of-two split count; its output is the reference's, also capped at one split (the

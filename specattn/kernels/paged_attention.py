@@ -47,6 +47,11 @@ SPARSE_SMALL_HEADS = LaunchConfig(block_n=128, num_warps=4, num_stages=2, split_
 # fewer per layer, whose boundary a whole draft step may value more; for an A/B in the step (profile_step.py
 # --sparse-max-splits), not yet timed there.
 SPARSE_SMALL_HEADS_MAX_SPLITS: int | None = None
+# The same lists when the (sequence, KV head) pairs alone fill the SMs (the default model's draft step at batch 64:
+# 192 pairs): one split of 256-key tiles over 8 warps, written directly (no merge launch). H200, standalone
+# (tune_splits_draft_s18.json): 10.3 us against 11.0 for SPARSE_SMALL_HEADS at its 2 splits plus the merge; at
+# batch 32 (96 pairs) splitting stays faster (6.6 us; 256-key tiles in 2 splits 7.0). None: off.
+SPARSE_SMALL_HEADS_FULL_WAVE: LaunchConfig | None = LaunchConfig(block_n=256, num_warps=8, num_stages=2)
 # Sparse lists with few programs (8B heads at batch 1, 10% of 32K: one 128-key tile a split): FEW_PROGRAMS with two
 # stages, as there is no second tile to pipeline. H200, sweeps of two sessions: 8.30 vs 8.50 µs (tune_splits.json)
 # and 8.26 vs 8.65 (tune_splits_warps.json) for FEW_PROGRAMS's three stages.
@@ -396,6 +401,8 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
     query blocks) over at most `cap` keys per (sequence, KV head); query_rows: a decode or verify block's rows per
     program (BLOCK_M; prefill: leave at 16)."""
     tuned_sparse = launch is None and num_splits is None and sparse and dim <= 64 and rows * kv_heads >= 32
+    if tuned_sparse and SPARSE_SMALL_HEADS_FULL_WAVE and rows * kv_heads >= sms:
+        return SPARSE_SMALL_HEADS_FULL_WAVE, 1, False, False, 1
     wide = launch is None and not sparse and query_rows >= 64 and dim >= 128 and rows * kv_heads >= 32
     launch = SPARSE_SMALL_HEADS if tuned_sparse else launch or choose_launch(rows * kv_heads, dim, sparse)
     if wide:
