@@ -36,7 +36,7 @@ from specattn.decoding.self_speculative import RoundSteps  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import paged_attention  # noqa: E402
 
-FULL_WAVE = paged_attention.SPARSE_SMALL_HEADS_FULL_WAVE     # the library's launch, for --sparse-full-wave on
+FULL_WAVE = paged_attention.FULL_WAVE_CANDIDATE     # the launch --sparse-full-wave on sets
 
 
 def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, verify: str | None = None):
@@ -70,7 +70,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
             few_programs: str = "default", gemv_rows: int = specattn.model.GEMV_MAX_ROWS,
             early_pages: int = paged_attention.EARLY_PAGES,
             sparse_max_splits: int | None = paged_attention.SPARSE_SMALL_HEADS_MAX_SPLITS,
-            sparse_full_wave: bool = True) -> tuple[dict, object]:
+            sparse_full_wave: bool = False) -> tuple[dict, object]:
     """(the row, the step callable: its model and graph stay alive for --rounds)."""
     import torch._dynamo
 
@@ -113,7 +113,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += f", gemv up to {gemv_rows} rows"
     what += f", attention early reads {early_pages}"
     what += f", sparse splits <= {sparse_max_splits}" if sparse_max_splits else ""
-    what += "" if sparse_full_wave else ", no full-wave sparse launch"
+    what += ", full-wave sparse launch" if sparse_full_wave else ""
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--sparse-max-splits", default="auto", help="comma-separated paged_attention."
                     "SPARSE_SMALL_HEADS_MAX_SPLITS values for sparse draft attention with head_dim <= 64: auto or a "
                     "number (1: no merge launch); inside each --early-pages")
-    ap.add_argument("--sparse-full-wave", default="on", help="comma-separated on/off: paged_attention."
+    ap.add_argument("--sparse-full-wave", default="off", help="comma-separated on/off: paged_attention."
                     "SPARSE_SMALL_HEADS_FULL_WAVE (one split of wide tiles when the pairs fill the SMs) or None; "
                     "inside each --sparse-max-splits")
     ap.add_argument("--rounds", type=int, default=1, help="after profiling every variant, time them all again this "

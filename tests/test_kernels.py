@@ -627,9 +627,11 @@ def test_wide_query_tiles_take_narrow_key_tiles_and_match_reference():
     assert ((got - want).norm() / want.norm()).item() < 1e-4
 
 
-def test_sparse_small_heads_filling_the_sms_take_one_split_of_wide_tiles():
-    """When the (sequence, KV head) pairs alone fill the SMs (132 here), sparse lists at head_dim 64 run one split
-    of 256-key tiles that writes its output directly; output and per-page mass match the reference."""
+def test_sparse_small_heads_filling_the_sms_take_one_split_of_wide_tiles(monkeypatch):
+    """With SPARSE_SMALL_HEADS_FULL_WAVE set (off by default), sparse lists at head_dim 64 whose (sequence, KV
+    head) pairs alone fill the SMs (132 here) run one split of 256-key tiles that writes its output directly;
+    output and per-page mass match the reference."""
+    monkeypatch.setattr(paged_attention, "SPARSE_SMALL_HEADS_FULL_WAVE", paged_attention.FULL_WAVE_CANDIDATE)
     torch.manual_seed(1)
     batch, kv_heads, dim, lens = 44, 3, 64, [300 - 5 * b for b in range(44)]
     q, k, v, table, lens_t = make_inputs(batch, 1, kv_heads, 3, dim, lens, torch.float32)

@@ -50,8 +50,11 @@ SPARSE_SMALL_HEADS_MAX_SPLITS: int | None = None
 # The same lists when the (sequence, KV head) pairs alone fill the SMs (the default model's draft step at batch 64:
 # 192 pairs): one split of 256-key tiles over 8 warps, written directly (no merge launch). H200, standalone
 # (tune_splits_draft_s18.json): 10.3 us against 11.0 for SPARSE_SMALL_HEADS at its 2 splits plus the merge; at
-# batch 32 (96 pairs) splitting stays faster (6.6 us; 256-key tiles in 2 splits 7.0). None: off.
-SPARSE_SMALL_HEADS_FULL_WAVE: LaunchConfig | None = LaunchConfig(block_n=256, num_warps=8, num_stages=2)
+# batch 32 (96 pairs) splitting stays faster (6.6 us; 256-key tiles in 2 splits 7.0). In the draft step on random
+# weights, round-robin: 1,331 vs 1,345 us; but in the real model's selfspec run after it the b64 drafts took 5.17-5.18
+# ms a round against 4.81-5.00 the run before (not an A/B in one run). Off (None) until an A/B in one run decides.
+SPARSE_SMALL_HEADS_FULL_WAVE: LaunchConfig | None = None
+FULL_WAVE_CANDIDATE = LaunchConfig(block_n=256, num_warps=8, num_stages=2)
 # Sparse lists with few programs (8B heads at batch 1, 10% of 32K: one 128-key tile a split): FEW_PROGRAMS with two
 # stages, as there is no second tile to pipeline. H200, sweeps of two sessions: 8.30 vs 8.50 µs (tune_splits.json)
 # and 8.26 vs 8.65 (tune_splits_warps.json) for FEW_PROGRAMS's three stages.
