@@ -37,6 +37,7 @@ from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import cache_tokens_needed, generate_self_speculative  # noqa: E402
 from specattn.evaluation import bench  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
+from specattn.kernels import paged_attention  # noqa: E402
 from specattn.loader import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 from specattn.selection import StreamingPolicy, VerificationGuidedPolicy  # noqa: E402
 
@@ -62,7 +63,8 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     "+" suffixes are this benchmark's switches for A/Bs in one run, each what a user sets with an option instead:
     "+phys" (e.g. magicdec+phys) turns selection.PHYSICAL_LISTS on, "+nodense" drafts every layer sparsely
     (`--dense-layers none`, the default since session 17; it matters beside a run given `--dense-layers 0`),
-    "+adaptive" an adaptive gamma (`--adaptive-gamma`)."""
+    "+adaptive" an adaptive gamma (`--adaptive-gamma`), "+fullwave" paged_attention.FULL_WAVE_CANDIDATE for sparse
+    drafts (a kernel launch under test, no option)."""
     if method.endswith("+phys"):
         selection.PHYSICAL_LISTS = True
         try:
@@ -70,6 +72,13 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
                               warm_prompts)
         finally:
             selection.PHYSICAL_LISTS = False
+    if method.endswith("+fullwave"):     # sparse drafts in one split of wide tiles when the pairs fill the SMs
+        paged_attention.SPARSE_SMALL_HEADS_FULL_WAVE = paged_attention.FULL_WAVE_CANDIDATE
+        try:
+            return run_method(model, caches, method.removesuffix("+fullwave"), prompts, new_tokens, spec, sampling,
+                              warm_prompts)
+        finally:
+            paged_attention.SPARSE_SMALL_HEADS_FULL_WAVE = None
     if method.endswith("+nodense"):     # e.g. specattn-y/blk64+nodense: every layer drafts sparsely (dense_layers ())
         return run_method(model, caches, method.removesuffix("+nodense"), prompts, new_tokens,
                           dataclasses.replace(spec, dense_layers=()), sampling, warm_prompts)
@@ -200,7 +209,7 @@ def summarize_metric(rows: list[dict], metric: str) -> dict:
         cells.setdefault((r["greedy"], r["batch"], r["context"]), []).append(r)
 
     def best(cell, methods):
-        cand = [r for r in cell if r["method"].split("/")[0].split("+")[0] in methods]   # +adaptive, +phys, +nodense
+        cand = [r for r in cell if r["method"].split("/")[0].split("+")[0] in methods]   # +adaptive, +phys, ...
         return max(cand, key=lambda r: r[metric]) if cand else None
 
     per_cell = []

@@ -153,6 +153,11 @@ for part in "$@"; do
               timeout 450 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,specattn-y/blk64,specattn-y/blk64/r2 --skip-8b --repeats 3 \
                 --out "$OUT/selfspec_every.json" 2>&1 | grep -v -i warn | tail -6 ;;
+    selfspec-fullwave)   # sparse drafts in one split of 256-key tiles (+fullwave) beside the library's launch, same
+              # run, median of 3 (random weights, round-robin: 1,331 vs 1,345 us a draft step)
+              timeout 400 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
+                --methods magicdec,magicdec+fullwave,specattn-y/blk64,specattn-y/blk64+fullwave --skip-8b --repeats 3 \
+                --out "$OUT/selfspec_fullwave.json" 2>&1 | grep -v -i warn | tail -7 ;;
     selfspec-nodense)   # layer 0 drafting sparsely too (+nodense, the default since session 17) beside layer 0
               # dense, same run, median of 3 (CPU: 4.411 vs 4.378 tokens per verify; ~0.40 GB of a draft step's bytes)
               timeout 500 python3 benchmarks/selfspec.py --cells ${NODENSE_CELLS:-64x8000} --sampling-cells "" \
