@@ -34,11 +34,12 @@ INTS = ["stride_qb", "stride_qt", "stride_qh", "stride_kp", "stride_kr", "stride
         "mass_tiles", "num_splits"]
 ATTENTION_SIGNATURE = {**POINTERS, "scale": "fp32", **{k: "i32" for k in INTS}}     # _paged_attn_split_kernel
 DIVISIBLE_BY_16 = list(POINTERS) + ["stride_qb", "stride_qt", "stride_qh", "stride_kp", "stride_kr", "stride_kh"]
-# Verify steps (5 new rows) as paged_attention launches them: (num_warps, num_stages, constexprs over BASE).
+# Verify steps (5 new rows) as paged_attention launches them: (num_warps, num_stages, constexprs over BASE[,
+# register cap]).
 BASE = dict(Q_LEN=5, Q_BLOCK=5, GROUP=4, HEADS=32, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64,
             UPCAST_DOT=False, SPARSE=False, TOKEN_LIST=False, PAGE_MASS=False, MASS_TILE=False, MAX_TILES=1,
             MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, EARLY=1, PDL=0,
-            TILES_PER_BLOCK=1)
+            TILES_PER_BLOCK=1, STORE_IF=False)
 SMALL_HEADS = dict(GROUP=3, HEADS=9, HEAD_DIM=64, BLOCK_M=16)
 QWEN_HEADS = dict(GROUP=6, HEADS=12, HEAD_DIM=128, BLOCK_M=32)      # Qwen2.5-Coder-1.5B
 QWEN_WIDE = dict(QWEN_HEADS, BLOCK_M=64, Q_LEN=7, Q_BLOCK=7)           # its verify at gamma 6: 42 rows
@@ -73,12 +74,19 @@ CONFIGS = {
     "1.5B heads, b64 x 32K, 7 rows: block mass over 2 32-key tiles": (4, 2, dict(QWEN_WIDE, BLOCK_N=32,
                                                                                   PAGE_MASS=True, MASS_TILE=True,
                                                                                   MASS_SLOTS=2, TILES_PER_BLOCK=2)),
+    "1.5B heads, b64 x 32K, 7 rows: block mass over 2 32-key tiles, branch store": (
+        4, 2, dict(QWEN_WIDE, BLOCK_N=32, PAGE_MASS=True, MASS_TILE=True, MASS_SLOTS=2, TILES_PER_BLOCK=2,
+                   STORE_IF=True)),
+    "1.5B heads, b64 x 32K, 7 rows: block mass over 2 32-key tiles, branch store, <= 128 registers": (
+        4, 2, dict(QWEN_WIDE, BLOCK_N=32, PAGE_MASS=True, MASS_TILE=True, MASS_SLOTS=2, TILES_PER_BLOCK=2,
+                   STORE_IF=True), 128),
     "1.5B heads, b64 x 32K, 7 rows: 32-key block mass, 32-key tiles": (4, 2, dict(QWEN_WIDE, BLOCK_N=32, PAGE_MASS=True,
                                                                               MASS_TILE=True, MASS_SLOTS=2)),
 }
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, warps: int, stages: int, divisible_by_16=()):
+def compile_sm90(fn, signature: dict, constexprs: dict, warps: int, stages: int, divisible_by_16=(),
+                 maxnreg: int | None = None):
     """Triton's compile of the @jit function fn for sm_90, on any machine: signature gives every runtime argument's
     type ("*bf16", "i32", "fp32", ...), divisible_by_16 the arguments a real launch specialises on."""
     names = fn.arg_names
@@ -88,11 +96,12 @@ def compile_sm90(fn, signature: dict, constexprs: dict, warps: int, stages: int,
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
     src = ASTSource(fn, {**signature, **{k: "constexpr" for k in constexprs}},
                     constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_report(fn, warps: int, stages: int, constexprs: dict) -> dict:
-    kernel = compile_sm90(fn, ATTENTION_SIGNATURE, constexprs, warps, stages, DIVISIBLE_BY_16)
+def compile_report(fn, warps: int, stages: int, constexprs: dict, maxnreg: int | None = None) -> dict:
+    kernel = compile_sm90(fn, ATTENTION_SIGNATURE, constexprs, warps, stages, DIVISIBLE_BY_16, maxnreg)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     ptxas = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "ptxas")
@@ -114,9 +123,9 @@ def compile_report(fn, warps: int, stages: int, constexprs: dict) -> dict:
 
 def main() -> None:
     rows = []
-    for name, (warps, stages, over) in CONFIGS.items():
-        row = {"config": name, "num_warps": warps, "num_stages": stages,
-               **compile_report(paged_attention._paged_attn_split_kernel, warps, stages, {**BASE, **over})}
+    for name, (warps, stages, over, *cap) in CONFIGS.items():       # cap: a register limit (maxnreg), if given
+        row = {"config": name, "num_warps": warps, "num_stages": stages, "maxnreg": cap[0] if cap else None,
+               **compile_report(paged_attention._paged_attn_split_kernel, warps, stages, {**BASE, **over}, *cap)}
         rows.append(row)
         print(f"{name:48s} {row['registers']:3d} registers, {row['spill_store_bytes']:4d} B spilled, "
               f"{row['shared_bytes'] // 1024:3d} KB shared -> {row['programs_per_sm']} per SM, "

@@ -164,13 +164,13 @@ for part in "$@"; do
                 --budgets 512 --methods magicdec,magicdec+nodense,specattn-y/blk64,specattn-y/blk64+nodense --skip-8b \
                 --dense-layers 0 \
                 --repeats ${NODENSE_REPEATS:-3} --out "$OUT/selfspec_nodense.json" 2>&1 | grep -v -i warn | tail -8 ;;
-    verify-cost)   # one layer's attention at the 1.5B's b64 / b32 x 32K (1 row vs 5 and 7) and the default model's
-              # b64 / b32 x 8K (1, 5, 9): plain vs page mass vs block mass, stored per tile or as row vectors
-              # with fewer warps a program (offline: 1 warp leaves the default model's loop 2 barriers instead of 9)
-              timeout 200 python3 benchmarks/verify_cost.py --warps auto,2 --out "$OUT/verify_cost_qwen.json" 2>&1 \
-                | tail -13
-              timeout 150 python3 benchmarks/verify_cost.py --cells 64x8000,32x8000 --heads 3,3,64 --q-lens 1,5,9 \
-                --warps auto,2,1 --out "$OUT/verify_cost_smol.json" 2>&1 | tail -19 ;;
+    verify-cost)   # one layer's attention at the 1.5B's heads, b64 x 32K (1, 5 and 7 rows: 7 fill a 64-row tile, read
+              # in 32-key tiles), and at 8-head groups (5 rows = 40): plain vs page mass vs block mass vs block mass
+              # with a branch store and <= 128 registers (block64_capped; offline 125 registers, 4 programs per SM)
+              timeout 200 python3 benchmarks/verify_cost.py --q-lens 1,5,7 --warps auto,4/64 \
+                --out "$OUT/verify_cost_qwen.json" 2>&1 | tail -7
+              timeout 150 python3 benchmarks/verify_cost.py --cells 16x16000 --heads 8,8,128 --q-lens 5 \
+                --warps auto,4/64 --out "$OUT/verify_cost_g8.json" 2>&1 | tail -3 ;;
     *)        echo "unknown part $part (see the case labels in scripts/gpu_agenda.sh)" >&2 ;;
   esac
 done

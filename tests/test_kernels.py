@@ -587,11 +587,14 @@ def test_reference_rope_and_write_equals_the_models_rotation():
 
 
 
+@pytest.mark.parametrize("cap", [None, 128], ids=["masked-store", "branch-store"])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-def test_block_mass_spanning_two_tiles_matches_reference(num_splits):
+def test_block_mass_spanning_two_tiles_matches_reference(num_splits, cap, monkeypatch):
     """64-key blocks over 32-key tiles (the launch for 64-row verify tiles): the split kernel carries a block's row
     sums over its two tiles, rescaled like l_i, and stores them at the block's last tile; splits hold whole blocks,
-    some splits stay empty (3 splits of 2-4 tiles), and sequences end inside a block (lengths 37, 100, 23)."""
+    some splits stay empty (3 splits of 2-4 tiles), and sequences end inside a block (lengths 37, 100, 23). Both
+    ways of storing it: a masked store every tile, or a branch (with WIDE_BLOCK_MASS_REGISTER_CAP)."""
+    monkeypatch.setattr(paged_attention, "WIDE_BLOCK_MASS_REGISTER_CAP", cap)
     torch.manual_seed(7)
     q, k, v, table, lens = make_inputs(3, 5, 2, 4, 16, [37, 100, 23], torch.float32)
     scale = 16 ** -0.5
