@@ -424,7 +424,7 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
     if mass_tile:
         if sparse or mass_tokens % page_size:
             raise ValueError("block page mass needs dense attention and a multiple of the page size")
-        # a tile may hold several blocks (sub-tiles) or a block span several tiles (summed when finishing)
+        # a tile may hold several blocks (sub-tiles), or a block span several tiles (carried in the split kernel)
         if not ((BLOCK_MASS_SUBTILES and launch.block_n % mass_tokens == 0) or mass_tokens % launch.block_n == 0):
             launch = dataclasses.replace(launch, block_n=mass_tokens)
     if num_splits is None:
