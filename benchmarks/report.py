@@ -1,7 +1,7 @@
 """Render README tables from benchmarks/results/*.json, so every number in the README comes from a file.
 
 Usage: python benchmarks/report.py NAME   (prints Markdown; NAME: a key of TABLES, e.g. ar, kernels, selfspec,
-auto, tp, specattn_s_e2e, specattn_s_keys_last, ppl_qwen_8192, peers, gptfast)
+auto, tp, specattn_s_e2e, specattn_s_keys_last, ppl_qwen_8192, peers, gptfast, targets)
 """
 from __future__ import annotations
 
@@ -346,13 +346,57 @@ def selfspec_runs_tables(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def targets_table(runs: list[dict]) -> str:
+    """The open issues' targets beside the latest measurement of each, every value read from its results file."""
+    by = {run["_name"]: run for run in runs}
+    k, sel, qwen, peers, auto = (by[n]["summary"] for n in ("kernels", "selfspec", "selfspec_qwen_b64_384", "peers",
+                                                          "auto"))
+    gap = by["gptfast"]["summary"]
+    rows = [
+        ("3", "AR, fraction of copy bandwidth (8B-shaped, batch 1, 8K)", "≥ 0.85",
+         f"{by['ar']['summary']['ar_bandwidth_fraction']:.3f}", "ar"),
+        ("3", "our AR over gpt-fast, same weights and run (lowest cell)", "≥ 1.0", f"{gap['ar_over_gptfast']:.2f}",
+         "gptfast"),
+        ("4", "verify attention, fraction of copy bandwidth (batch 1, 32K, 5 rows)", "≥ 0.8",
+         f"{k['verify_attn_bandwidth_fraction']:.3f}", "kernels"),
+        ("4", "score by-product overhead: per page / per 64-key block", "≤ 10%",
+         f"{k['score_byproduct_overhead']:.1%} / {k['score_byproduct_overhead_block64']:.1%}", "kernels"),
+        ("4", "sparse attention at 10% of pages vs dense, 32K", "≥ 5x", f"{k['sparse_attn_speedup_10pct_32k']:.2f}x",
+         "kernels"),
+        ("4", "sparse attention, fraction of copy bandwidth on its bytes", "≥ 0.8",
+         f"{k['sparse_attn_bandwidth_fraction']:.3f}", "kernels"),
+        ("4", "top-p vs torch.sort + cumsum, 32 x 32K", "≥ 10x", f"{k['topp_speedup_vs_sort_32k']:.2f}x", "kernels"),
+        ("5", "SpecAttn-Y over AR, default model (best cell)", "≥ 3.0x",
+         f"{sel['specattn_y_over_ar']:.2f}x (steady state {sel['specattn_y_over_ar_steady']:.2f}x)", "selfspec"),
+        ("5", "SpecAttn-Y over the best baseline, default model", "≥ 1.29",
+         f"{sel['specattn_y_over_best_baseline']:.3f} (steady state {sel['specattn_y_over_best_baseline_steady']:.3f})",
+         "selfspec"),
+        ("5", "SpecAttn-Y over AR, Qwen2.5-Coder-1.5B, batch 64 × 32K, 384 tokens", "≥ 3.0x",
+         f"{qwen['specattn_y_over_ar']:.2f}x (steady state {qwen['specattn_y_over_ar_steady']:.2f}x)",
+         "selfspec_qwen_b64_384"),
+        ("5", "SpecAttn-Y over the best baseline, same 1.5B cell", "≥ 1.29",
+         f"{qwen['specattn_y_over_best_baseline']:.3f} "
+         f"(steady state {qwen['specattn_y_over_best_baseline_steady']:.3f})",
+         "selfspec_qwen_b64_384"),
+        ("7", "best lossless method over AR, batch 32 × 8K", "≥ 2x", f"{peers['best_over_ar_b32_8k']:.2f}x", "peers"),
+        ("7", "`--method auto` over the best fixed method (lowest cell)", "≥ 0.95",
+         f"{auto['auto_over_best_fixed_min']:.3f}", "auto"),
+    ]
+    lines = ["| issue | metric | target | latest | source (commit) |", "|---|---|---|---|---|"]
+    for issue, metric, target, value, name in rows:
+        lines.append(f"| {issue} | {metric} | {target} | {value} | [`{name}.json`](benchmarks/results/{name}.json) "
+                     f"({by[name]['commit'][:7]}) |")
+    return "\n".join(lines)
+
+
 # name -> its README tables (from results/<name>.json, or the files POOLED names)
 TABLES = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables,
           "tp": tp_tables, "specattn_s_e2e": specattn_s_e2e_tables, "specattn_s_keys_last": keys_last_tables,
           "ppl_qwen_8192": ppl_tables, "peers": peers_tables, "gptfast": gptfast_tables,
-          "selfspec_qwen": selfspec_runs_tables}
+          "selfspec_qwen": selfspec_runs_tables, "targets": targets_table}
 # tables drawn from several results files
-POOLED = {"specattn_s_keys_last": ["specattn_s_e2e_last_p0.95", "specattn_s_e2e_last_p0.9",
+POOLED = {"targets": ["ar", "gptfast", "kernels", "selfspec", "selfspec_qwen_b64_384", "peers", "auto"],
+          "specattn_s_keys_last": ["specattn_s_e2e_last_p0.95", "specattn_s_e2e_last_p0.9",
                                    "specattn_s_e2e_last_p0.9_r3"],
           "selfspec_qwen": ["selfspec_qwen_b32", "selfspec_qwen_b64", "selfspec_qwen_b64_g6",
                             "selfspec_qwen_b64_sampled", "selfspec_qwen_b64_nodense", "selfspec_qwen_b64_384",
