@@ -36,8 +36,6 @@ from specattn.decoding.self_speculative import RoundSteps  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import paged_attention  # noqa: E402
 
-FULL_WAVE = paged_attention.FULL_WAVE_CANDIDATE     # the launch --sparse-full-wave on sets
-
 
 def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, verify: str | None = None):
     """A callable running one step (a graph replay), and the KV tokens per sequence it reads. verify: the verify
@@ -82,7 +80,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     specattn.model.GEMV_MAX_ROWS = gemv_rows
     paged_attention.EARLY_PAGES = early_pages
     paged_attention.SPARSE_SMALL_HEADS_MAX_SPLITS = sparse_max_splits
-    paged_attention.SPARSE_SMALL_HEADS_FULL_WAVE = FULL_WAVE if sparse_full_wave else None
+    paged_attention.SPARSE_SMALL_HEADS_FULL_WAVE = paged_attention.FULL_WAVE_CANDIDATE if sparse_full_wave else None
     specattn.model.STEP_COMPILE_MODE = compile_mode
     torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -54,6 +55,11 @@ def timed(fn):
     return bench.timed_median(torch.device(DEVICE), fn, REPEATS)
 
 
+# "+" switches that set a module flag for one method's run: suffix -> (module, flag, value)
+FLAG_SWITCHES = {"+phys": (selection, "PHYSICAL_LISTS", True),
+                 "+fullwave": (paged_attention, "SPARSE_SMALL_HEADS_FULL_WAVE", paged_attention.FULL_WAVE_CANDIDATE)}
+
+
 def run_method(model, caches, method: str, prompts, new_tokens: int, spec: SpeculationParams,
                sampling: SamplingParams, warm_prompts=None):
     """Warm-up run (compiles, captures graphs), then the measured run reusing those graphs. warm_prompts: shorter
@@ -65,20 +71,11 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     (`--dense-layers none`, the default since session 17; it matters beside a run given `--dense-layers 0`),
     "+adaptive" an adaptive gamma (`--adaptive-gamma`), "+fullwave" paged_attention.FULL_WAVE_CANDIDATE for sparse
     drafts (a kernel launch under test, no option)."""
-    if method.endswith("+phys"):
-        selection.PHYSICAL_LISTS = True
-        try:
-            return run_method(model, caches, method.removesuffix("+phys"), prompts, new_tokens, spec, sampling,
-                              warm_prompts)
-        finally:
-            selection.PHYSICAL_LISTS = False
-    if method.endswith("+fullwave"):     # sparse drafts in one split of wide tiles when the pairs fill the SMs
-        paged_attention.SPARSE_SMALL_HEADS_FULL_WAVE = paged_attention.FULL_WAVE_CANDIDATE
-        try:
-            return run_method(model, caches, method.removesuffix("+fullwave"), prompts, new_tokens, spec, sampling,
-                              warm_prompts)
-        finally:
-            paged_attention.SPARSE_SMALL_HEADS_FULL_WAVE = None
+    for suffix, (module, flag, value) in FLAG_SWITCHES.items():
+        if method.endswith(suffix):
+            with mock.patch.object(module, flag, value):
+                return run_method(model, caches, method.removesuffix(suffix), prompts, new_tokens, spec, sampling,
+                                  warm_prompts)
     if method.endswith("+nodense"):     # e.g. specattn-y/blk64+nodense: every layer drafts sparsely (dense_layers ())
         return run_method(model, caches, method.removesuffix("+nodense"), prompts, new_tokens,
                           dataclasses.replace(spec, dense_layers=()), sampling, warm_prompts)

@@ -65,9 +65,8 @@ def shape_rows(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_lens
             out = paged_attention.paged_attention(q, k, v, table, lens, scale, **launch)
             diff = (out.float() - auto_out.float()).abs().max().item()
             if q_len > 1:
-                block = {"page_mass": True, "mass_tokens": 64}
-                _, auto_mass = paged_attention.paged_attention(q, k, v, table, lens, scale, **block)
-                _, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, **block, **launch)
+                _, auto_mass = paged_attention.paged_attention(q, k, v, table, lens, scale, **BLOCK64)
+                _, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, **BLOCK64, **launch)
                 mass_diff = (mass - auto_mass).abs().max().item()
         variants = VARIANTS if q_len > 1 else {"plain": VARIANTS["plain"]}
         times = {name: time_variant(q, pools, table, lens, {**kw, **launch}, flags)
