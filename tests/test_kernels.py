@@ -277,7 +277,8 @@ def attention_like(rows, n, seed):
 
 
 # (search, row held in registers)
-TOPP_PATHS = [("bisect", True), ("bisect", False), ("interpolate", True), ("interpolate-3", True)]
+TOPP_PATHS = [("bisect", True), ("bisect", False), ("bisect-full", True), ("bisect-where", False),
+              ("interpolate", True), ("interpolate-3", True)]
 
 
 @pytest.mark.parametrize("n", [7, 300, 5000])
@@ -309,6 +310,30 @@ def test_topk_threshold_matches_torch_topk(k, search, in_registers, monkeypatch)
     w = attention_like(4, 1000, seed=k)
     theta = topp.topk_threshold(w, k, search)
     assert torch.equal(theta, reference.topk_threshold(w, k))
+
+
+@pytest.mark.parametrize("in_registers", [True, False])
+@pytest.mark.parametrize("check_every_halving", [False, True])
+def test_bisection_stopping_at_one_key_gives_the_threshold_of_every_halving(in_registers, check_every_halving,
+                                                                             monkeypatch):
+    """The early exit must not change a bit of the answer: rows from flat (one value: no exit) to peaked, with
+    ties at and near the threshold and near neighbours, top-p and top-k. Checking after every halving (a negative
+    margin) shows that the check alone keeps it exact, whatever the sums suggest."""
+    from specattn.kernels import topp
+    if not in_registers:
+        monkeypatch.setattr(topp, "ROW_IN_REGISTERS", 4)
+    if check_every_halving:
+        monkeypatch.setattr(topp, "EXIT_MARGIN", -1e3)
+    g = torch.Generator().manual_seed(11)
+    w = torch.cat([torch.softmax(torch.randn(4, 3000, generator=g) * s, dim=-1) for s in (0.0, 1.0, 3.0, 6.0)])
+    w[8:12, 100:140] = w[8:12, 100:101]                        # a run of ties in mid-row
+    w[12:, 7] = w[12:, 8] * (1 + 2 ** -22)                     # neighbours one ulp or so apart
+    for p in (0.3, 0.9, 0.95, 0.99):
+        early, full = topp.topp_threshold(w, p, "bisect"), topp.topp_threshold(w, p, "bisect-full")
+        assert torch.equal(early, full), p
+        assert torch.equal(topp.topp_threshold(w, p, "bisect-where"), full), p
+    for k in (1, 37, 1000):
+        assert torch.equal(topp.topk_threshold(w, k, "bisect"), reference.topk_threshold(w, k)), k
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0, 6.0])

@@ -2,10 +2,15 @@
 
 Non-negative floats order like their bit patterns read as integers, so the selection threshold is found
 by bisection on the integer domain: the largest theta with mass(a >= theta) >= p * total (top-p) or
-count(a >= theta) >= k (top-k). About 30 halvings give the exact threshold, an element of the row; the
+count(a >= theta) >= k (top-k). About 28 halvings give the exact threshold, an element of the row; the
 set is then {a >= theta}: ties at theta are all kept, deterministically. One program per row. Rows of up to
 ROW_IN_REGISTERS keys are loaded once and bisected in registers; longer rows are re-read from L2 on each
 halving. Reference: `reference.topp_threshold` (torch.sort + cumsum).
+
+The bisection stops once one key is left between its bounds, which the two sums it already has tell for free:
+every key in [lo, hi) is at least lo, so if they hold less than 2 * lo there is one (a pass of min and max
+confirms it, exactly, and gives the key). Halvings continue only to split near neighbours: on 32 softmax rows of
+32K the slowest row needs ~21 passes instead of 28 (benchmarks/topp_passes.py), with the same threshold.
 
 SEARCH = "interpolate" (rows in registers) needs fewer passes over the row: each probe is placed by
 interpolating the mass between the bounds (Illinois rule; a plain halving when the interval shrinks slowly), and
@@ -32,14 +37,59 @@ from .paged_attention import INTERPRETED  # CPU tests: see ONE_REDUCTION
 
 BLOCK = 4096
 ROW_IN_REGISTERS = 32768
-SEARCHES = ("bisect", "interpolate", "interpolate-3")   # -3: sum, min and max as three built-in reductions
-SEARCH = "bisect"        # fastest of the three on the H200 at 32 x 32K (results/kernels.json)
+# bisect: halvings until one key is left between the bounds; -full: every halving; -where: every halving with the
+# three-instruction sums (the kernel of bd06738); interpolate(-3): probes placed by interpolation, sum,
+# min and max in one tuple reduction (-3: three built-in reductions).
+SEARCHES = ("bisect", "bisect-full", "bisect-where", "interpolate", "interpolate-3")
+SEARCH = "bisect"
+# The early exit's margin, a fraction of the row's total (top-k: of one key): sums of the same set always agree, of
+# different sets they may differ by rounding; 2^-20 is 8 ulps or more. Only when to check depends on it: the check
+# is exact, so a margin below 0 (checking after every halving) gives the same answers, slower.
+EXIT_MARGIN = 2.0 ** -20
 
 
 @triton.jit
-def _reaches(a, theta, goal, TOP_K: tl.constexpr):
-    # Padding is loaded as 0 and theta > 0 on every halving, so padding never counts.
-    return tl.sum(tl.where(a >= theta, 1.0 if TOP_K else a, 0.0), 0) >= goal
+def _kept(a, theta, TOP_K: tl.constexpr, WHERE_SUMS: tl.constexpr):
+    """What {a >= theta} holds: its mass, or its size for top-k. The 0/1 factor compiles to FSET + FFMA, two
+    instructions a key where tl.where takes three (FSETP, FSEL, FADD; WHERE_SUMS, kept to time against), with
+    the same sums: a halving is bound by issuing these. Padding is loaded as 0 and theta > 0 on every halving,
+    so padding never counts."""
+    if WHERE_SUMS:
+        return tl.sum(tl.where(a >= theta, 1.0 if TOP_K else a, 0.0), 0)
+    keep = (a >= theta).to(tl.float32)
+    return tl.sum(keep if TOP_K else keep * a, 0)
+
+
+@triton.jit
+def _kept_streamed(base, n, theta, TOP_K: tl.constexpr, WHERE_SUMS: tl.constexpr, BLOCK: tl.constexpr):
+    got = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        a = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32)
+        if WHERE_SUMS:
+            got += tl.where(a >= theta, 1.0 if TOP_K else a, 0.0)
+        else:
+            keep = (a >= theta).to(tl.float32)
+            got += keep if TOP_K else keep * a
+    return tl.sum(got, 0)
+
+
+@triton.jit
+def _between(a, lo_v, hi_v):
+    """The smallest key >= lo_v and the largest key < hi_v (padding, 0, is below every lo_v > 0)."""
+    return tl.min(tl.where(a >= lo_v, a, float("inf")), 0), tl.max(tl.where(a < hi_v, a, 0.0), 0)
+
+
+@triton.jit
+def _between_streamed(base, n, lo_v, hi_v, BLOCK: tl.constexpr):
+    smallest = tl.full([BLOCK], float("inf"), tl.float32)
+    largest = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        a = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32)
+        smallest = tl.minimum(smallest, tl.where(a >= lo_v, a, float("inf")))
+        largest = tl.maximum(largest, tl.where(a < hi_v, a, 0.0))
+    return tl.min(smallest, 0), tl.max(largest, 0)
 
 
 @triton.jit
@@ -88,8 +138,9 @@ def _interpolating_search(a, total, goal, lo, hi, TOP_K: tl.constexpr, ONE_REDUC
 
 
 @triton.jit
-def _threshold_kernel(x_ptr, thr_ptr, n, stride, target_frac, k, TOP_K: tl.constexpr, IN_REGISTERS: tl.constexpr,
-                      INTERPOLATE: tl.constexpr, ONE_REDUCTION: tl.constexpr, BLOCK: tl.constexpr):
+def _threshold_kernel(x_ptr, thr_ptr, n, stride, target_frac, k, exit_margin, TOP_K: tl.constexpr,
+                      IN_REGISTERS: tl.constexpr, INTERPOLATE: tl.constexpr, ONE_REDUCTION: tl.constexpr,
+                      EARLY_EXIT: tl.constexpr, WHERE_SUMS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * stride
     if IN_REGISTERS:
@@ -118,20 +169,36 @@ def _threshold_kernel(x_ptr, thr_ptr, n, stride, target_frac, k, TOP_K: tl.const
     if IN_REGISTERS and INTERPOLATE:
         lo = _interpolating_search(row_vals, total, goal, lo, hi, TOP_K, ONE_REDUCTION)
         hi = lo + 1
+    # What {a >= lo} and {a >= hi} hold, for the early exit: an overestimate for lo until a halving moves it.
+    lo_got = n * 1.0 if TOP_K else total
+    hi_got = tl.zeros([], tl.float32)
+    margin = exit_margin * (1.0 if TOP_K else total)
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2
         theta = mid.to(tl.float32, bitcast=True)
         if IN_REGISTERS:
-            reached = _reaches(row_vals, theta, goal, TOP_K)
+            got = _kept(row_vals, theta, TOP_K, WHERE_SUMS)
         else:
-            got = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, n, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                a = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32)
-                got += tl.where(a >= theta, 1.0 if TOP_K else a, 0.0)
-            reached = tl.sum(got, 0) >= goal
+            got = _kept_streamed(base, n, theta, TOP_K, WHERE_SUMS, BLOCK)
+        reached = got >= goal
         lo = tl.where(reached, mid, lo)
         hi = tl.where(reached, hi, mid)
+        lo_got = tl.where(reached, got, lo_got)
+        hi_got = tl.where(reached, hi_got, got)
+        if EARLY_EXIT:
+            # The keys in [lo, hi) hold lo_got - hi_got, each at least lo's value (top-k: count 1 each). Less than
+            # two of them (with the margin) means one key, or one value: then it is the answer, as the remaining
+            # halvings would find (the answer is an element of the row). One pass checks, exactly.
+            lo_v = lo.to(tl.float32, bitcast=True)
+            two_keys = 2.0 if TOP_K else 2.0 * lo_v
+            if lo_got - hi_got < two_keys - margin:
+                if IN_REGISTERS:
+                    smallest, largest = _between(row_vals, lo_v, hi.to(tl.float32, bitcast=True))
+                else:
+                    smallest, largest = _between_streamed(base, n, lo_v, hi.to(tl.float32, bitcast=True), BLOCK)
+                if smallest == largest:
+                    lo = smallest.to(tl.int32, bitcast=True)
+                    hi = lo + 1
     tl.store(thr_ptr + row, lo.to(tl.float32, bitcast=True))
 
 
@@ -146,10 +213,11 @@ def _thresholds(x: torch.Tensor, top_k: bool, frac: float, k: int, search: str |
     in_registers = n <= ROW_IN_REGISTERS
     block = triton.next_power_of_2(n) if in_registers else BLOCK
     warps = num_warps or 8     # fastest of 4-32 for 8K and 32K rows on the H200: results/topp_warps.json
-    _threshold_kernel[(rows.shape[0],)](rows, thr, n, rows.stride(0), frac, k, TOP_K=top_k,
-                                        IN_REGISTERS=in_registers, INTERPOLATE=search != "bisect",
-                                        ONE_REDUCTION=search == "interpolate" and not INTERPRETED, BLOCK=block,
-                                        num_warps=warps)
+    _threshold_kernel[(rows.shape[0],)](rows, thr, n, rows.stride(0), frac, k, EXIT_MARGIN, TOP_K=top_k,
+                                        IN_REGISTERS=in_registers, INTERPOLATE=search.startswith("interpolate"),
+                                        ONE_REDUCTION=search == "interpolate" and not INTERPRETED,
+                                        EARLY_EXIT=search == "bisect", WHERE_SUMS=search == "bisect-where",
+                                        BLOCK=block, num_warps=warps)
     return thr.view(x.shape[:-1])
 
 
