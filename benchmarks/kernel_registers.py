@@ -39,7 +39,7 @@ DIVISIBLE_BY_16 = list(POINTERS) + ["stride_qb", "stride_qt", "stride_qh", "stri
 BASE = dict(Q_LEN=5, Q_BLOCK=5, GROUP=4, HEADS=32, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64,
             UPCAST_DOT=False, SPARSE=False, TOKEN_LIST=False, PAGE_MASS=False, MASS_TILE=False, MAX_TILES=1,
             MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, EARLY=1, PDL=0,
-            TILES_PER_BLOCK=1, STORE_IF=False)
+            TILES_PER_BLOCK=1)
 SMALL_HEADS = dict(GROUP=3, HEADS=9, HEAD_DIM=64, BLOCK_M=16)
 QWEN_HEADS = dict(GROUP=6, HEADS=12, HEAD_DIM=128, BLOCK_M=32)      # Qwen2.5-Coder-1.5B
 QWEN_WIDE = dict(QWEN_HEADS, BLOCK_M=64, Q_LEN=7, Q_BLOCK=7)           # its verify at gamma 6: 42 rows
@@ -72,11 +72,9 @@ CONFIGS = {
     "1.5B heads, b64 x 32K, 7 rows: plain, 32-key tiles": (4, 2, dict(QWEN_WIDE, BLOCK_N=32)),
     "1.5B heads, b64 x 32K, 7 rows: block mass, 64-key tiles": (4, 2, dict(QWEN_WIDE, PAGE_MASS=True, MASS_TILE=True,
                                                                             MASS_SLOTS=2)),
-    "1.5B heads, b64 x 32K, 7 rows: block mass over 2 32-key tiles": (4, 2, WIDE_BLOCK_MASS),
-    "1.5B heads, b64 x 32K, 7 rows: block mass over 2 32-key tiles, branch store": (
-        4, 2, dict(WIDE_BLOCK_MASS, STORE_IF=True)),
+    "1.5B heads, b64 x 32K, 7 rows: block mass over 2 32-key tiles, branch store": (4, 2, WIDE_BLOCK_MASS),
     "1.5B heads, b64 x 32K, 7 rows: block mass over 2 32-key tiles, branch store, <= 128 registers": (
-        4, 2, dict(WIDE_BLOCK_MASS, STORE_IF=True), 128),
+        4, 2, WIDE_BLOCK_MASS, 128),
     "1.5B heads, b64 x 32K, 7 rows: 32-key block mass, 32-key tiles": (4, 2, dict(QWEN_WIDE, BLOCK_N=32, PAGE_MASS=True,
                                                                               MASS_TILE=True, MASS_SLOTS=2)),
 }

@@ -37,6 +37,17 @@ def time_attention(q, pools, table, lens, **kw) -> float:
                              for k, v in pools]) / len(pools)
 
 
+def copy_fraction_at(nbytes: int, copy: float) -> float:
+    """The fraction of the copy bandwidth that a device-to-device copy of nbytes of traffic (half read, half
+    written) reaches when timed like the kernels here (20 calls in a CUDA graph, buffers rotated past L2): the floor
+    that launch and ramp set for a kernel moving that many bytes."""
+    count = -(-L2_BEATING_BYTES // nbytes)
+    pairs = [(torch.empty(nbytes // 4, dtype=torch.bfloat16, device="cuda"),
+              torch.empty(nbytes // 4, dtype=torch.bfloat16, device="cuda")) for _ in range(count)]
+    ms = graph_ms(lambda: [dst.copy_(src) for src, dst in pairs]) / count
+    return nbytes / ms / 1e6 / copy
+
+
 def selection(batch: int, pages: int, frac: float, kv_heads: int = KV_HEADS):
     """Per (sequence, KV head): a random sorted `frac` of the pages, always with the last one."""
     keep = max(1, int(frac * pages))
@@ -93,19 +104,21 @@ def attention_rows(copy: float) -> tuple[list[dict], dict]:
                    "us_by_stages": by_stages,
                    "dense_us": plain * 1e3, "speedup_vs_dense": plain / sparse,
                    "rel_err": ((got.float() - ref_sparse).norm() / ref_sparse.norm()).item(),
-                   "bandwidth_fraction_on_selected": sel_bytes / sparse / 1e6 / copy}
+                   "bandwidth_fraction_on_selected": sel_bytes / sparse / 1e6 / copy,
+                   "copy_of_selected_bytes_fraction": copy_fraction_at(int(sel_bytes), copy)}
             rows.append(row)
             print(row, flush=True)
             if (batch, ctx, q_len) == (1, 32768, 1):
                 summary["sparse_attn_speedup_10pct_32k"] = row["speedup_vs_dense"]
                 summary["sparse_attn_bandwidth_fraction"] = row["bandwidth_fraction_on_selected"]
+                summary["copy_of_sparse_bytes_fraction"] = row["copy_of_selected_bytes_fraction"]
         del pools
         torch.cuda.empty_cache()
     return rows, summary
 
 
 def topp_rows() -> tuple[list[dict], dict]:
-    """Both searches of the top-p kernel (topp.SEARCHES) against sort + cumsum, same rows, same run."""
+    """The top-p kernel's searches (topp.SEARCHES) against sort + cumsum, same rows, same run."""
     rows, summary = [], {}
     for n in (8192, 32768, 131072):
         w = torch.softmax(torch.randn(32, n, device="cuda") * 3, dim=-1)

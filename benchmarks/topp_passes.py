@@ -1,8 +1,8 @@
 """How many passes over a row each top-p search of kernels/topp.py needs, on the CPU: the kernel's searches
 re-enacted step for step in NumPy (bisection on the float bits, to the end or until one key is left between the
-bounds; interpolation with snapping, Illinois rule and a halving when the interval shrinks slowly), on softmax
-rows like benchmarks/kernels.py's and on flatter and peakier ones. All must find the same threshold. The GPU time
-per pass is kernels.py's business.
+bounds; interpolation with snapping, Illinois rule and a halving when the interval shrinks slowly, removed from the
+kernel when it measured slower), on softmax rows like benchmarks/kernels.py's and on flatter and peakier ones. All
+must find the same threshold. The GPU time per pass is kernels.py's business.
 
 Usage: python benchmarks/topp_passes.py [out.json]   (default results/topp_passes_cpu.json)
 """

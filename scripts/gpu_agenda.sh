@@ -166,7 +166,7 @@ for part in "$@"; do
                 --repeats ${NODENSE_REPEATS:-3} --out "$OUT/selfspec_nodense.json" 2>&1 | grep -v -i warn | tail -8 ;;
     verify-cost)   # one layer's attention at the 1.5B's heads, b64 x 32K (1, 5 and 7 rows: 7 fill a 64-row tile, read
               # in 32-key tiles), and at 8-head groups (5 rows = 40): plain vs page mass vs block mass vs block mass
-              # with a branch store and <= 128 registers (block64_capped; offline 125 registers, 4 programs per SM)
+              # with and without the 128-register cap of its 64-row tiles (block64_uncapped: 132 registers offline, 3 a SM)
               timeout 200 python3 benchmarks/verify_cost.py --q-lens 1,5,7 --warps auto,4/64 \
                 --out "$OUT/verify_cost_qwen.json" 2>&1 | tail -7
               timeout 150 python3 benchmarks/verify_cost.py --cells 16x16000 --heads 8,8,128 --q-lens 5 \

@@ -67,11 +67,12 @@ SPARSE_FEW_PROGRAMS = LaunchConfig(block_n=128, num_warps=4, num_stages=2, split
 # Many programs only: with few (batch 1 x 32K, 8-head groups, 5 rows) plain attention gained (66.6 -> 61.1 us
 # against FEW_PROGRAMS's 128-key tiles) but block mass lost (70.1 -> 78.8 us).
 WIDE_QUERY_BLOCK_N = 32
-# Block mass over those 32-key tiles takes 136 registers (3 programs per SM; plain attention 122, 4) and costs +26%
-# over plain. Offline (sm_90, kernel_registers_wide_rows.json): a branch around the block's store instead of a
-# masked store every tile takes 132, and with a cap of 128 registers (Triton's maxnreg) 125 without spills: 4 per
-# SM. Not yet timed: None keeps the measured launch; 128 turns both on (GPU only).
-WIDE_BLOCK_MASS_REGISTER_CAP: int | None = None
+# Block mass over those 32-key tiles took 136 registers with a masked store every tile (3 programs per SM; plain
+# attention 122, 4). A branch around the block's store takes 132, and with a cap of 128 registers (Triton's maxnreg,
+# GPU only) 125 without spills: 4 per SM (offline sm_90, kernel_registers_wide_rows.json). H100, one layer, 7 rows
+# (verify_cost_qwen.json, verify_cost_g8.json at 2f2ec3e): 1.5B heads b64 x 32K 914 -> 881 us (+20.1% -> +15.7%
+# over plain), b32 507 -> 482; 8-head groups b16 x 16K 459 -> 440. The masked store is gone; None drops the cap.
+WIDE_BLOCK_MASS_REGISTER_CAP: int | None = 128
 
 
 def defer_page_mass(launch: LaunchConfig) -> bool:
@@ -181,7 +182,7 @@ def _paged_attn_split_kernel(
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
     PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
-    TILES_PER_BLOCK: tl.constexpr = 1, STORE_IF: tl.constexpr = False,
+    TILES_PER_BLOCK: tl.constexpr = 1,
 ):
     if not EARLY:
         wait_for_predecessor(PDL)
@@ -296,16 +297,11 @@ def _paged_attn_split_kernel(
             if DEFER_MASS:
                 here = tiles_held == blk - block_lo
                 page_sums = tl.where(here[None, :, None], packed[:, None, :], page_sums)
-            elif TILES_PER_BLOCK > 1 and STORE_IF:      # a branch around the block's store (see WIDE_..._CAP)
+            elif TILES_PER_BLOCK > 1:      # a branch around the block's store (see WIDE_BLOCK_MASS_REGISTER_CAP)
                 if ((blk + 1) % TILES_PER_BLOCK == 0) | (blk == block_hi - 1):
                     tl.store(mass_rows[:, None] + (blk // TILES_PER_BLOCK) * MASS_SLOTS + slot_ids[None, :], packed,
                              mask=row_ok[:, None] & slot_used[None, :])
                     block_sum = tl.zeros([BLOCK_M], tl.float32)
-            elif TILES_PER_BLOCK > 1:
-                closes = ((blk + 1) % TILES_PER_BLOCK == 0) | (blk == block_hi - 1)
-                tl.store(mass_rows[:, None] + (blk // TILES_PER_BLOCK) * MASS_SLOTS + slot_ids[None, :], packed,
-                         mask=row_ok[:, None] & slot_used[None, :] & closes)
-                block_sum = tl.where(closes, 0.0, block_sum)
             else:
                 tl.store(mass_rows[:, None] + blk * MASS_SLOTS + slot_ids[None, :], packed,
                          mask=row_ok[:, None] & slot_used[None, :])
@@ -541,7 +537,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
-        MASS_SUB=mass_sub, EARLY=EARLY_PAGES, TILES_PER_BLOCK=tiles_per_block, STORE_IF=capped is not None,
+        MASS_SUB=mass_sub, EARLY=EARLY_PAGES, TILES_PER_BLOCK=tiles_per_block,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev), **capped_options,
     )
     if not direct:

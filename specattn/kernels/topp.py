@@ -12,17 +12,13 @@ every key in [lo, hi) is at least lo, so if they hold less than 2 * lo there is 
 confirms it, exactly, and gives the key). Halvings continue only to split near neighbours: on 32 softmax rows of
 32K the slowest row needs ~21 passes instead of 28 (benchmarks/topp_passes.py), with the same threshold.
 
-SEARCH = "interpolate" (rows in registers) needs fewer passes over the row: each probe is placed by
-interpolating the mass between the bounds (Illinois rule; a plain halving when the interval shrinks slowly), and
-the same reduction also returns the smallest value at or above the probe and the largest below it, to which the
-bounds snap. It ends when the bounds hold one distinct value: at most 9-14 passes instead of 26-28 on 32 softmax
-rows of 8K-32K (benchmarks/topp_passes.py), each pass reducing three quantities instead of one. The answer is the
-same up to the order of fp32 sums at the boundary. On the H200 a pass of it cost ~2.3 µs against ~0.85 for a
-halving (32 x 32K: 28.5 vs 23.8 µs): "interpolate-3" takes the three as separate built-in reductions instead of
-one tuple reduction, to tell whether the combined reduction is what costs: it does not (27.1 vs 25.6 µs at
-32 x 32K on the H200, results/kernels.json).
+Measured on the H100 at 2f2ec3e (results/kernels.json), 32 x 32K softmax rows, p 0.95: 14.8 µs with the early
+exit, 19.1 with every halving ("bisect-full"), 23.3 with the three-instruction sums of bd06738, sort + cumsum 192.8
+(13.1x, 10.1x, 8.3x). Also tried and removed then: placing each probe by interpolating the mass between the bounds
+and snapping them to the nearest keys (9-14 passes, but each reduces sum, min and max: 25.7 µs at 32 x 32K in the
+same run, 26.9 as three built-in reductions).
 
-Tried and removed (commit 07f036e, measured at a9ea7c5: results/topp_warps.json): gathering the narrow band left
+Tried and removed earlier (commit 07f036e, measured at a9ea7c5: results/topp_warps.json): gathering the narrow band left
 after a few whole-row halvings with a prefix sum and finishing over those keys only. It was slower, 45 vs 23 µs at
 32 x 32K and 13.4 vs 11.0 µs at 32 x 8K: the prefix sum over a row held in registers costs more than the halvings
 it saves.
@@ -33,14 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_attention import INTERPRETED  # CPU tests: see ONE_REDUCTION
-
 BLOCK = 4096
 ROW_IN_REGISTERS = 32768
-# bisect: halvings until one key is left between the bounds; -full: every halving; -where: every halving with the
-# three-instruction sums (the kernel of bd06738); interpolate(-3): probes placed by interpolation, sum,
-# min and max in one tuple reduction (-3: three built-in reductions).
-SEARCHES = ("bisect", "bisect-full", "bisect-where", "interpolate", "interpolate-3")
+SEARCHES = ("bisect", "bisect-full")      # bisect-full: every halving, no early exit (to time it against)
 SEARCH = "bisect"
 # The early exit's margin, a fraction of the row's total (top-k: of one key): sums of the same set always agree, of
 # different sets they may differ by rounding; 2^-20 is 8 ulps or more. Only when to check depends on it: the check
@@ -49,28 +40,22 @@ EXIT_MARGIN = 2.0 ** -20
 
 
 @triton.jit
-def _kept(a, theta, TOP_K: tl.constexpr, WHERE_SUMS: tl.constexpr):
+def _kept(a, theta, TOP_K: tl.constexpr):
     """What {a >= theta} holds: its mass, or its size for top-k. The 0/1 factor compiles to FSET + FFMA, two
-    instructions a key where tl.where takes three (FSETP, FSEL, FADD; WHERE_SUMS, kept to time against), with
-    the same sums: a halving is bound by issuing these. Padding is loaded as 0 and theta > 0 on every halving,
-    so padding never counts."""
-    if WHERE_SUMS:
-        return tl.sum(tl.where(a >= theta, 1.0 if TOP_K else a, 0.0), 0)
+    instructions a key where tl.where takes three (FSETP, FSEL, FADD), with the same sums: a halving is bound by
+    issuing these. Padding is loaded as 0 and theta > 0 on every halving, so padding never counts."""
     keep = (a >= theta).to(tl.float32)
     return tl.sum(keep if TOP_K else keep * a, 0)
 
 
 @triton.jit
-def _kept_streamed(base, n, theta, TOP_K: tl.constexpr, WHERE_SUMS: tl.constexpr, BLOCK: tl.constexpr):
+def _kept_streamed(base, n, theta, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
     got = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         a = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32)
-        if WHERE_SUMS:
-            got += tl.where(a >= theta, 1.0 if TOP_K else a, 0.0)
-        else:
-            keep = (a >= theta).to(tl.float32)
-            got += keep if TOP_K else keep * a
+        keep = (a >= theta).to(tl.float32)
+        got += keep if TOP_K else keep * a
     return tl.sum(got, 0)
 
 
@@ -93,54 +78,8 @@ def _between_streamed(base, n, lo_v, hi_v, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sum_min_max(s1, lo1, hi1, s2, lo2, hi2):
-    return s1 + s2, tl.minimum(lo1, lo2), tl.maximum(hi1, hi2)
-
-
-@triton.jit
-def _interpolating_search(a, total, goal, lo, hi, TOP_K: tl.constexpr, ONE_REDUCTION: tl.constexpr):
-    """Bounds as in the kernel (bit patterns: {a >= lo} reaches the goal, {a >= hi} does not) -> the answer lo.
-    Probes interpolate the reached amount between the bounds in value space; after a probe the bound that moves
-    snaps to the nearest element (above the probe: the smallest kept; below: the largest dropped, + 1 bit), so the
-    loop ends once one distinct value is left between them. Padding (0) is never kept: every probe is > 0."""
-    lo_got = total                     # an upper bound of what {a >= lo} holds: only steers the first probe
-    hi_got = tl.zeros([], tl.float32)
-    kept_side = tl.zeros([], tl.int32)     # +1: the last probe moved lo, -1: it moved hi (Illinois rule)
-    slow = tl.zeros([], tl.int32)          # probes in a row that did not halve the interval
-    while hi - lo > 1:
-        width = hi - lo
-        lo_v = lo.to(tl.float32, bitcast=True)
-        hi_v = hi.to(tl.float32, bitcast=True)
-        guess = lo_v + (lo_got - goal) / (lo_got - hi_got) * (hi_v - lo_v)
-        mid = guess.to(tl.int32, bitcast=True)
-        mid = tl.where(slow >= 2, lo + width // 2, mid)
-        mid = tl.minimum(tl.maximum(mid, lo + 1), hi - 1)
-        slow = tl.where(slow >= 2, 0, slow)
-        theta = mid.to(tl.float32, bitcast=True)
-        keep = a >= theta
-        amount, kept, dropped = tl.where(keep, 1.0 if TOP_K else a, 0.0), tl.where(keep, a, float("inf")), \
-            tl.where(keep, -1.0, a)
-        if ONE_REDUCTION:      # one pass of shuffles and barriers for the three
-            got, kept_min, dropped_max = tl.reduce((amount, kept, dropped), 0, _sum_min_max)
-        else:                  # the interpreter runs a custom combine element by element: 100x slower
-            got, kept_min, dropped_max = tl.sum(amount, 0), tl.min(kept, 0), tl.max(dropped, 0)
-        reached = got >= goal
-        # Illinois: when the same bound moves twice, halve the other's distance to the goal so probes keep moving.
-        hi_got = tl.where(reached & (kept_side == 1), (hi_got + goal) * 0.5, hi_got)
-        lo_got = tl.where(~reached & (kept_side == -1), (lo_got + goal) * 0.5, lo_got)
-        lo = tl.where(reached, kept_min.to(tl.int32, bitcast=True), lo)
-        lo_got = tl.where(reached, got, lo_got)
-        hi = tl.where(reached, hi, dropped_max.to(tl.int32, bitcast=True) + 1)
-        hi_got = tl.where(reached, hi_got, got)
-        kept_side = tl.where(reached, 1, -1)
-        slow = tl.where(hi - lo > width // 2, slow + 1, 0)
-    return lo
-
-
-@triton.jit
 def _threshold_kernel(x_ptr, thr_ptr, n, stride, target_frac, k, exit_margin, TOP_K: tl.constexpr,
-                      IN_REGISTERS: tl.constexpr, INTERPOLATE: tl.constexpr, ONE_REDUCTION: tl.constexpr,
-                      EARLY_EXIT: tl.constexpr, WHERE_SUMS: tl.constexpr, BLOCK: tl.constexpr):
+                      IN_REGISTERS: tl.constexpr, EARLY_EXIT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * stride
     if IN_REGISTERS:
@@ -166,9 +105,6 @@ def _threshold_kernel(x_ptr, thr_ptr, n, stride, target_frac, k, exit_margin, TO
     if not TOP_K:
         lo = ((total - goal) / n * 0.5).to(tl.int32, bitcast=True)
     hi = top.to(tl.int32, bitcast=True) + 1
-    if IN_REGISTERS and INTERPOLATE:
-        lo = _interpolating_search(row_vals, total, goal, lo, hi, TOP_K, ONE_REDUCTION)
-        hi = lo + 1
     # What {a >= lo} and {a >= hi} hold, for the early exit: an overestimate for lo until a halving moves it.
     lo_got = n * 1.0 if TOP_K else total
     hi_got = tl.zeros([], tl.float32)
@@ -177,9 +113,9 @@ def _threshold_kernel(x_ptr, thr_ptr, n, stride, target_frac, k, exit_margin, TO
         mid = lo + (hi - lo) // 2
         theta = mid.to(tl.float32, bitcast=True)
         if IN_REGISTERS:
-            got = _kept(row_vals, theta, TOP_K, WHERE_SUMS)
+            got = _kept(row_vals, theta, TOP_K)
         else:
-            got = _kept_streamed(base, n, theta, TOP_K, WHERE_SUMS, BLOCK)
+            got = _kept_streamed(base, n, theta, TOP_K, BLOCK)
         reached = got >= goal
         lo = tl.where(reached, mid, lo)
         hi = tl.where(reached, hi, mid)
@@ -214,10 +150,8 @@ def _thresholds(x: torch.Tensor, top_k: bool, frac: float, k: int, search: str |
     block = triton.next_power_of_2(n) if in_registers else BLOCK
     warps = num_warps or 8     # fastest of 4-32 for 8K and 32K rows on the H200: results/topp_warps.json
     _threshold_kernel[(rows.shape[0],)](rows, thr, n, rows.stride(0), frac, k, EXIT_MARGIN, TOP_K=top_k,
-                                        IN_REGISTERS=in_registers, INTERPOLATE=search.startswith("interpolate"),
-                                        ONE_REDUCTION=search == "interpolate" and not INTERPRETED,
-                                        EARLY_EXIT=search == "bisect", WHERE_SUMS=search == "bisect-where",
-                                        BLOCK=block, num_warps=warps)
+                                        IN_REGISTERS=in_registers, EARLY_EXIT=search == "bisect", BLOCK=block,
+                                        num_warps=warps)
     return thr.view(x.shape[:-1])
 
 
