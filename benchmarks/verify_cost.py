@@ -2,7 +2,8 @@
 where SpecAttn-Y's verify costs 1.14x an AR step): one layer's paged attention for 1 query row (AR's decode) and
 for gamma + 1 rows, each plain, with page mass and with 64-key block mass (SpecAttn-Y/blk64's by-product);
 optionally with fewer warps a program (--warps). No model files. Device time from CUDA graphs, as
-benchmarks/kernels.py. Writes JSON (--out)."""
+benchmarks/kernels.py; --kernels adds each variant's device time per kernel (split attention, split merge, mass
+finishing) from torch.profiler, to tell a by-product's in-loop cost from its extra launch. Writes JSON (--out)."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, copy_bandwidth_gbs, environment  # noqa: E402
+from benchmarks.common import RESULTS, copy_bandwidth_gbs, environment, profile_kernels  # noqa: E402
 from benchmarks.kernels import kv_pools, time_attention  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import paged_attention, pdl  # noqa: E402
@@ -27,11 +28,29 @@ VARIANTS = {"plain": ({}, {}), "page_mass": ({"page_mass": True}, {}), "block64_
 
 
 def time_variant(q, pools, table, lens, kw: dict, flags: dict) -> float:
+    return time_variant_flags(flags, lambda: time_attention(q, pools, table, lens, **kw))
+
+
+def kernel_us(q, pools, table, lens, kw: dict, flags: dict, calls: int = 20) -> dict[str, float]:
+    """Device µs per call of each kernel one attention call launches (names shortened to the Triton function)."""
+    scale = q.shape[-1] ** -0.5
+
+    def run():
+        for k, v in pools:
+            paged_attention.paged_attention(q, k, v, table, lens, scale, **kw)
+    time_variant_flags(flags, run)                      # warm-up: compile outside the profile
+    totals = time_variant_flags(flags, lambda: profile_kernels(run, calls))
+    return {name.split("_kernel")[0].lstrip("_") + "_kernel": us / (calls * len(pools))
+            for name, (_, us) in totals.items()}
+
+
+def time_variant_flags(flags: dict, fn):
+    """fn() with paged_attention's module flags set as `flags` says, restored after."""
     saved = {name: getattr(paged_attention, name) for name in flags}
     try:
         for name, value in flags.items():
             setattr(paged_attention, name, value)
-        return time_attention(q, pools, table, lens, **kw)
+        return fn()
     finally:
         for name, value in saved.items():
             setattr(paged_attention, name, value)
@@ -51,7 +70,7 @@ def launch_with_warps(batch: int, kv_heads: int, dim: int, warps: str) -> dict:
 
 
 def shape_rows(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_lens: list[int], copy: float,
-               warps_options: list[str]) -> list:
+               warps_options: list[str], by_kernel: bool = False) -> list:
     pools, table, lens, kv_bytes = kv_pools(batch, ctx, kv_heads, dim)
     rows = []
     for q_len, warps in itertools.product(q_lens, warps_options):
@@ -77,6 +96,9 @@ def shape_rows(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_lens
                **{f"us_{n}": t * 1e3 for n, t in times.items()},
                "bandwidth_fraction_plain": kv_bytes / times["plain"] / 1e6 / copy,
                **{f"{n}_overhead": times[n] / times["plain"] - 1 for n in times if n != "plain"}}
+        if by_kernel:
+            row["kernel_us"] = {name: kernel_us(q, pools, table, lens, {**kw, **launch}, flags)
+                                for name, (kw, flags) in variants.items()}
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -89,6 +111,7 @@ def main() -> None:
     ap.add_argument("--q-lens", default="1,5,7")
     ap.add_argument("--warps", default="auto",
                     help="launches: auto (the library's) and/or W or W/N (W warps a program, N keys a tile)")
+    ap.add_argument("--kernels", action="store_true", help="also each variant's device time per kernel (profiler)")
     ap.add_argument("--out", default=str(RESULTS / "verify_cost.json"))
     args = ap.parse_args()
     pdl.MODE = 0                 # one kernel timed alone, as kernels.py
@@ -98,7 +121,7 @@ def main() -> None:
     rows = []
     for cell in args.cells.split(","):
         batch, ctx = (int(x) for x in cell.split("x"))
-        rows += shape_rows(batch, ctx, kv_heads, group, dim, q_lens, copy, args.warps.split(","))
+        rows += shape_rows(batch, ctx, kv_heads, group, dim, q_lens, copy, args.warps.split(","), args.kernels)
         torch.cuda.empty_cache()
     write_json_atomic(args.out, {**environment(), "copy_gbs": copy, "rows": rows})
     print(f"{'cell':>10} {'rows':>4} {'warps':>5} {'plain us':>9} {'of copy':>7} {'+page':>7} {'+blk64':>7} "
@@ -107,6 +130,8 @@ def main() -> None:
         print(f"{r['batch']:>3}x{r['context']:<6} {r['q_len']:>4} {r['num_warps']:>5} {r['us_plain']:>9.1f} "
               f"{r['bandwidth_fraction_plain']:>7.3f} {r.get('page_mass_overhead', 0):>+7.1%} "
               f"{r.get('block64_mass_overhead', 0):>+7.1%} {r.get('block64_uncapped_overhead', 0):>+7.1%}")
+        for variant, kernels in r.get("kernel_us", {}).items():
+            print(f"    {variant:>16}: " + ", ".join(f"{k} {us:.1f} us" for k, us in kernels.items()))
 
 
 if __name__ == "__main__":
