@@ -68,7 +68,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
             few_programs: str = "default", gemv_rows: int = specattn.model.GEMV_MAX_ROWS,
             early_pages: int = paged_attention.EARLY_PAGES,
             sparse_max_splits: int | None = paged_attention.SPARSE_SMALL_HEADS_MAX_SPLITS,
-            sparse_full_wave: bool = False) -> tuple[dict, object]:
+            sparse_full_wave: bool = False, mass_per_step: bool = True) -> tuple[dict, object]:
     """(the row, the step callable: its model and graph stay alive for --rounds)."""
     import torch._dynamo
 
@@ -81,6 +81,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     paged_attention.EARLY_PAGES = early_pages
     paged_attention.SPARSE_SMALL_HEADS_MAX_SPLITS = sparse_max_splits
     paged_attention.SPARSE_SMALL_HEADS_FULL_WAVE = paged_attention.FULL_WAVE_CANDIDATE if sparse_full_wave else None
+    paged_attention.FINISH_MASS_PER_STEP = mass_per_step
     specattn.model.STEP_COMPILE_MODE = compile_mode
     torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])
@@ -114,6 +115,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += ", full-wave sparse launch" if sparse_full_wave else ""
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
+    what += "" if mass_per_step or not verify else ", page mass finished once a layer"
     print(f"\n== {shape} b{batch} ctx{context} {what}: replay {replay_us:.0f} us, {count} kernels summing "
           f"{total:.0f} us; bytes at copy speed {moved / copy / 1e3:.0f} us")
     top_kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
@@ -122,6 +124,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     row = {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "gemv": list(gemv),
            "attention_few_programs": few_programs, "gemv_max_rows": gemv_rows, "early_pages": early_pages,
            "sparse_max_splits": sparse_max_splits, "sparse_full_wave": sparse_full_wave,
+           "mass_finished_per_step": mass_per_step,
            "batch": batch, "context": context,
            "draft_budget": draft_budget, "q_len": q_len,
            "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
@@ -182,6 +185,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="after profiling every variant, time them all again this "
                     "many times round-robin and report the median: variants compared within a round, not one after "
                     "the other (a variant timed later in a process measured up to 3%% slower)")
+    ap.add_argument("--mass-finish", default="step", help="comma-separated step/layer: a verify step's page mass "
+                    "finished by one launch after the last layer (paged_attention.StepMass) or one launch a layer")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
@@ -193,8 +198,9 @@ def main() -> None:
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
                         args.q_len, args.top, verify=method, fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r,
-                        early_pages=e, sparse_max_splits=m, sparse_full_wave=w)
-                for method in args.verify.split(",") for fold, pdl, gemv, a, r, e, m, w in variants]
+                        early_pages=e, sparse_max_splits=m, sparse_full_wave=w, mass_per_step=per_step == "step")
+                for method in args.verify.split(",") for per_step in args.mass_finish.split(",")
+                for fold, pdl, gemv, a, r, e, m, w in variants]
     else:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
                         not args.row_major, args.q_len, args.top, None if mode == "default" else mode,
@@ -222,7 +228,8 @@ def interleaved(built: list[tuple[dict, object]], rounds: int) -> list[dict]:
                   f"  fold {row['folded_norms']} pdl {row['pdl']} gemv {'+'.join(row['gemv']) or 'none'}"
                   f" attention {row['attention_few_programs']} rows {row['gemv_max_rows']}"
                   f" early pages {row['early_pages']} sparse splits <= {row['sparse_max_splits'] or 'auto'}"
-                  f" verify {row['verify']} compile {row['compile_mode']}")
+                  f" verify {row['verify']} mass per step {row['mass_finished_per_step']}"
+                  f" compile {row['compile_mode']}")
     return rows
 
 

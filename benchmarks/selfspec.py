@@ -57,7 +57,8 @@ def timed(fn):
 
 # "+" switches that set a module flag for one method's run: suffix -> (module, flag, value)
 FLAG_SWITCHES = {"+phys": (selection, "PHYSICAL_LISTS", True),
-                 "+fullwave": (paged_attention, "SPARSE_SMALL_HEADS_FULL_WAVE", paged_attention.FULL_WAVE_CANDIDATE)}
+                 "+fullwave": (paged_attention, "SPARSE_SMALL_HEADS_FULL_WAVE", paged_attention.FULL_WAVE_CANDIDATE),
+                 "+layerfinish": (paged_attention, "FINISH_MASS_PER_STEP", False)}
 
 
 def run_method(model, caches, method: str, prompts, new_tokens: int, spec: SpeculationParams,
@@ -70,7 +71,8 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     "+phys" (e.g. magicdec+phys) turns selection.PHYSICAL_LISTS on, "+nodense" drafts every layer sparsely
     (`--dense-layers none`, the default since session 17; it matters beside a run given `--dense-layers 0`),
     "+adaptive" an adaptive gamma (`--adaptive-gamma`), "+fullwave" paged_attention.FULL_WAVE_CANDIDATE for sparse
-    drafts (a kernel launch under test, no option)."""
+    drafts (a kernel launch under test, no option), "+layerfinish" the verify's page mass finished by one launch a
+    layer instead of one a step (paged_attention.FINISH_MASS_PER_STEP off; no option)."""
     for suffix, (module, flag, value) in FLAG_SWITCHES.items():
         if method.endswith(suffix):
             with mock.patch.object(module, flag, value):

@@ -158,6 +158,19 @@ for part in "$@"; do
               timeout 400 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,magicdec+fullwave,specattn-y/blk64,specattn-y/blk64+fullwave --skip-8b --repeats 3 \
                 --out "$OUT/selfspec_fullwave.json" 2>&1 | grep -v -i warn | tail -7 ;;
+    mass-finish)   # a verify step's page mass finished by one launch a step (StepMass) vs one a layer: whole verify
+              # steps of the default model's shape at b64 x 8K and the 8B shape at b1 x 32K (random weights, round-robin)
+              timeout 150 python3 benchmarks/profile_step.py --shape smol --batch 64 --context 8192 --q-len 5 \
+                --verify specattn-y/blk64,specattn-y --mass-finish step,layer --rounds 5 --top 5 \
+                --json "$OUT/profile_mass_finish_smol_b64.json" 2>&1 | grep -v -i warn | tail -6
+              timeout 150 python3 benchmarks/profile_step.py --shape 8b --batch 1 --context 32768 --q-len 5 \
+                --verify specattn-y/blk64 --mass-finish step,layer --rounds 5 --top 5 \
+                --json "$OUT/profile_mass_finish_8b_b1.json" 2>&1 | grep -v -i warn | tail -4 ;;
+    selfspec-finish)   # the same on the real default model: SpecAttn-Y with the mass finished once a layer
+              # (+layerfinish) beside once a step, b64 x 8K, median of 3
+              timeout 400 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
+                --methods magicdec,specattn-y/blk64,specattn-y/blk64+layerfinish --skip-8b --repeats 3 \
+                --out "$OUT/selfspec_finish.json" 2>&1 | grep -v -i warn | tail -7 ;;
     selfspec-nodense)   # layer 0 drafting sparsely too (+nodense, the default since session 17) beside layer 0
               # dense, same run, median of 3 (CPU: 4.411 vs 4.378 tokens per verify; ~0.40 GB of a draft step's bytes)
               timeout 500 python3 benchmarks/selfspec.py --cells ${NODENSE_CELLS:-64x8000} --sampling-cells "" \

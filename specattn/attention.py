@@ -56,13 +56,21 @@ class Attention:
             fused_scores = want_scores and not options and not want_mass
             if "selected_pages" in options and sel.physical is not None:
                 options["selected_physical"] = sel.physical[layer]
-            if want_mass:       # straight into this layer's slot of the buffer
+            per_step = want_mass and mass_per_step(view)
+            if per_step:        # partials kept for one finishing launch after the last layer
+                if view.step_mass is None:
+                    view.step_mass = paged_attention.StepMass(view.page_mass.shape[0])
+                options.update(step_mass=view.step_mass, layer=layer)
+            elif want_mass:     # straight into this layer's slot of the buffer
                 options["mass_out"] = view.page_mass[layer, : q.shape[0]]
             out = paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, lens, scale,
                                                   max_kv_len=view.max_kv_len, page_mass=want_mass,
                                                   return_lse=fused_scores, **options)
             if want_mass:
                 out, _ = out
+            if per_step and layer == view.page_mass.shape[0] - 1:
+                view.step_mass.finish(view.page_mass[:, : q.shape[0]], lens)
+                view.step_mass = None
             if fused_scores:   # one more read of K, normalised with the verify pass's own log-sum-exp
                 out, lse = out
                 scores = token_scores.two_row_token_scores(q, k_pages, view.page_table, lens, lse, scale)
@@ -88,6 +96,14 @@ class Attention:
         if recording_wanted(view, layer):
             view.attention_probs[layer] = probs
         return out
+
+
+def mass_per_step(view: StepView) -> bool:
+    """Whether a step's page mass is finished once after its last layer (paged_attention.StepMass) rather than
+    once a layer: when every layer computes it the same way, as a verify step does."""
+    from .kernels import paged_attention
+    return (paged_attention.FINISH_MASS_PER_STEP and view.mass_layers is None and view.selection is None
+            and view.attention_probs is None and view.key_masks is None)
 
 
 def recording_wanted(view: StepView, layer: int) -> bool:

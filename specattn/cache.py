@@ -48,6 +48,7 @@ class StepView:
     mass_tokens: int | None = None         # measure that mass per block of this many keys (None: per page)
     mass_layers: frozenset | None = None   # only these layers fill page_mass (None: all)
     token_scores: torch.Tensor | None = None   # [layers, batch, max_tokens]: Vegas scores of a verify step
+    step_mass: object | None = None        # paged_attention.StepMass while a step's layers fill page_mass
     # Studies (reference attention, any device): record head-averaged probabilities per layer into this dict,
     # and/or restrict keys per layer: key_masks[layer] is a [batch, 1 | kv_heads, q_len, kv_len] bool mask or a
     # function (layer, q, k_pages, view) -> such a mask.

@@ -42,7 +42,8 @@ compile_checked(paged_attention._paged_attn_split_kernel, ATTENTION_SIGNATURE, [
 MERGE = {"o_part_ptr": "*fp32", "m_part_ptr": "*fp32", "l_part_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32"}
 compile_checked(paged_attention._merge_splits_kernel, MERGE, ["num_splits"], [], dict(HEAD_DIM=128, BLOCK_S=64, PDL=2))
 MASS = {"mass_part_ptr": "*fp32", "lse_ptr": "*fp32", "lens_ptr": "*i32", "sel_count_ptr": "*i32", "mass_ptr": "*fp32"}
-compile_checked(paged_attention._page_mass_kernel, MASS, ["mass_pages", "mass_tiles", "stride_mb", "stride_mh"], [],
+compile_checked(paged_attention._page_mass_kernel, MASS, ["mass_pages", "mass_tiles", "stride_mb", "stride_mh",
+                                                       "stride_part_layer", "stride_lse_layer", "stride_ml"], [],
                 dict(Q_LEN=5, GROUP=4, HEADS=32, PAGE_SIZE=16, PAGES_PER_VALUE=4, VALUES_PER_TILE=2, MASS_SLOTS=4,
                      BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=True, PDL=2))
 WRITE = {**{p: "*bf16" for p in ["qkv_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_pool_ptr", "v_pool_ptr", "x_ptr",

@@ -187,6 +187,50 @@ def test_page_mass_written_into_a_layer_of_a_callers_buffer(mass_tokens):
     assert (buffer[[0, 2]] == -7).all() and (buffer[1, :, :, alone.shape[-1]:] == -7).all()
 
 
+@pytest.mark.parametrize("mass_tokens", [None, 64], ids=["page", "block64"])
+@pytest.mark.parametrize("num_splits", [None, 1], ids=["split", "one-split"])
+def test_step_mass_finishes_every_layer_in_one_launch(mass_tokens, num_splits):
+    """StepMass: three layers over their own K/V leave their partials, one launch finishes them all; each layer's
+    mass equals the one its own call returns, outputs are unchanged, and pages past the context stay untouched."""
+    torch.manual_seed(47)
+    batch, q_len, kv_heads, group, dim, lens = MASS_CASES[2]
+    layers = [make_inputs(batch, q_len, kv_heads, group, dim, lens, torch.float32) for _ in range(3)]
+    table, lens_t = layers[0][3], layers[0][4]
+    scale = dim ** -0.5
+    alone = [paged_attention.paged_attention(q, k, v, table, lens_t, scale, page_mass=True, mass_tokens=mass_tokens,
+                                             num_splits=num_splits) for q, k, v, _, _ in layers]
+    pages = alone[0][1].shape[-1]
+    buffer = torch.full((3, batch, kv_heads, pages + 5), -7.0)
+    step = paged_attention.StepMass(3)
+    for i, (q, k, v, _, _) in enumerate(layers):
+        out, none = paged_attention.paged_attention(q, k, v, table, lens_t, scale, page_mass=True,
+                                                    mass_tokens=mass_tokens, num_splits=num_splits,
+                                                    step_mass=step, layer=i)
+        assert none is None and torch.equal(out, alone[i][0])
+    mass = step.finish(buffer, lens_t)
+    assert mass.data_ptr() == buffer.data_ptr()
+    for i in range(3):
+        assert torch.allclose(buffer[i, :, :, :pages], alone[i][1], atol=1e-6)
+    assert (buffer[..., pages:] == -7).all()
+    assert not torch.allclose(buffer[0, :, :, :pages], buffer[1, :, :, :pages])   # each layer its own mass
+
+
+def test_step_mass_refuses_a_step_with_a_layer_missing_or_a_wrong_buffer():
+    torch.manual_seed(48)
+    q, k, v, table, lens = make_inputs(*MASS_CASES[2], torch.float32)
+    step = paged_attention.StepMass(2)
+    paged_attention.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, step_mass=step, layer=0)
+    with pytest.raises(RuntimeError, match=r"layers \[1\]"):
+        step.finish(torch.zeros(2, q.shape[0], k.shape[2], table.shape[1]), lens)
+    paged_attention.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, step_mass=step, layer=1)
+    with pytest.raises(ValueError, match="fp32"):
+        step.finish(torch.zeros(3, q.shape[0], k.shape[2], table.shape[1]), lens)
+    with pytest.raises(ValueError, match="outside"):
+        paged_attention.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, step_mass=step, layer=2)
+    with pytest.raises(ValueError, match="dense attention"):
+        paged_attention.paged_attention(q, k, v, table, lens, 0.25, step_mass=step, layer=0)
+
+
 @pytest.mark.parametrize("subtiles", [False, True], ids=["tile-per-block", "two-blocks-per-128-key-tile"])
 def test_block_mass_of_many_tiles_in_one_split(subtiles, monkeypatch):
     """2,500 keys = 40 tiles of 64 in the one split requested: each tile stores its own block sums as it goes

@@ -550,3 +550,25 @@ def test_selfspec_summary_reports_greedy_and_sampled_cells_apart():
     assert s["sampled"]["cell"]["best_specattn_y_mode"] == "specattn-y/blk64@1024"
     only_sampled = selfspec.summarize(rows[3:])
     assert only_sampled["specattn_y_over_ar"] is None and only_sampled["sampled"]["specattn_y_over_ar"] == 2.0
+
+
+@pytest.mark.parametrize("mass_tokens", [None, 64], ids=["page", "block64"])
+def test_verify_mass_finished_once_a_step_equals_once_a_layer(mass_tokens, monkeypatch):
+    """SpecAttn-Y's verify steps finish their page mass with one launch after the last layer
+    (paged_attention.StepMass) instead of one a layer: the interpreted kernels select the same pages, so the drafts
+    are accepted alike round for round, and the tokens are AR's."""
+    from specattn.kernels import paged_attention
+    ar, run = triton_case(4, (90, 61), new_tokens=12, cache_len=140)
+    finishes = []
+    finish = paged_attention.StepMass.finish
+    monkeypatch.setattr(paged_attention.StepMass, "finish",
+                        lambda self, *a: (finishes.append(self.layers), finish(self, *a))[1])
+    runs = {}
+    for per_step in (False, True):
+        monkeypatch.setattr(paged_attention, "FINISH_MASS_PER_STEP", per_step)
+        runs[per_step] = run(VerificationGuidedPolicy(32, 16, 16, mass_tokens=mass_tokens))
+    assert runs[True].tokens == ar and runs[True].stats["rounds"] > 1
+    assert runs[True].stats["acceptance_per_position"] == runs[False].stats["acceptance_per_position"]
+    assert runs[True].stats["rounds_by_sequence"] == runs[False].stats["rounds_by_sequence"]
+    # one finishing launch per verify step, over all the model's layers (first a prefill-free verify per round)
+    assert len(finishes) == runs[True].stats["rounds"] and set(finishes) == {2}

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -349,15 +350,20 @@ def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, n
 
 @triton.jit
 def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
-                      mass_pages, mass_tiles, stride_mb, stride_mh,
+                      mass_pages, mass_tiles, stride_mb, stride_mh, stride_part_layer, stride_lse_layer, stride_ml,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                       PAGES_PER_VALUE: tl.constexpr, VALUES_PER_TILE: tl.constexpr, MASS_SLOTS: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr,
                       PDL: tl.constexpr):
     """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight. All rows of a
     block of pages in one tile: a loop over rows would serialise dependent loads. Each page reads the value
-    holding it (its own page sum, or its block's sum spread over the block's pages) and its tile's row max."""
+    holding it (its own page sum, or its block's sum spread over the block's pages) and its tile's row max.
+    Grid axis 2 is the layer when one launch finishes a whole step's layers (StepMass; strides 0 for one layer)."""
     wait_for_predecessor(PDL)
+    layer = tl.program_id(2).to(tl.int64)
+    mass_part_ptr += layer * stride_part_layer
+    lse_ptr += layer * stride_lse_layer
+    mass_ptr += layer * stride_ml
     pid_bh = tl.program_id(0)
     kv_heads = HEADS // GROUP
     b = pid_bh // kv_heads
@@ -462,7 +468,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
                     launch: LaunchConfig | None = None, page_mass: bool = False,
                     selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None,
                     token_level: bool = False, mass_tokens: int | None = None, return_lse: bool = False,
-                    selected_physical: torch.Tensor | None = None, mass_out: torch.Tensor | None = None):
+                    selected_physical: torch.Tensor | None = None, mass_out: torch.Tensor | None = None,
+                    step_mass: StepMass | None = None, layer: int = 0):
     """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim.
 
     selected_pages [batch, kv_heads, K] int32 (logical page numbers, -1 padded) and selected_counts
@@ -477,6 +484,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     >= pages], pages contiguous; e.g. one layer of the caller's mass buffer, which saves a copy per layer).
     mass_tokens (dense page_mass only): a multiple of the page size above it measures mass per block of that
     many keys, spread evenly over its pages: nearly free, since the kernel sums each tile's weights anyway.
+    step_mass (dense page_mass only): leave this layer's partial sums in step_mass's slot `layer` and return
+    (out, None); step_mass.finish then turns every layer's partials into mass with one launch (see StepMass).
     """
     batch, q_len, heads, dim = q.shape
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
@@ -486,6 +495,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     q_blocks = -(-q_len // q_block)
     if page_mass and (q_blocks != 1 or token_level):
         raise ValueError("page_mass is computed for decode/verify blocks over pages, not prefill or token lists")
+    if step_mass is not None and (not page_mass or sparse):
+        raise ValueError("step_mass collects the page mass of dense attention (page_mass=True, no page lists)")
     if selected_physical is not None and (not sparse or token_level
                                           or selected_physical.shape != selected_pages.shape):
         raise ValueError("selected_physical must be the physical pages of a page-level selected_pages list")
@@ -500,7 +511,23 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     q = q.contiguous()
     dev = q.device
     out = torch.empty_like(q)
-    lse = torch.empty(batch, q_len, heads, dtype=torch.float32, device=dev)
+    mass_pages = selected_pages.shape[2] if sparse else page_table.shape[1]
+    mass_sub = max(1, launch.block_n // mass_tokens) if mass_tile else 1      # blocks of mass per tile of keys
+    tiles_per_block = max(1, mass_tokens // launch.block_n) if mass_tile else 1     # a block over several tiles
+    mass_tiles = -(-mass_pages * page_size // (launch.block_n * tiles_per_block))    # values stored per row
+    values_per_tile = mass_sub if mass_tile else launch.block_n // page_size      # block sums or page sums
+    slots = mass_slots(values_per_tile, one_hot=not mass_tile)
+    pages_per_value = launch.block_n * tiles_per_block // page_size // values_per_tile
+    mass_rows = batch * kv_heads * group * q_len
+    mass_shape = _MassFinish(batch, kv_heads, group, q_len, page_size, mass_pages, mass_tiles, slots,
+                             pages_per_value, values_per_tile, mass_tile)
+    if step_mass is not None:      # this layer's slot of the step's buffers; the merge writes the lse there too
+        mass_part, lse = step_mass.layer_buffers(layer, mass_shape, mass_rows * mass_tiles * slots, dev)
+        mass_part, lse = mass_part.view(mass_rows, mass_tiles * slots), lse.view(batch, q_len, heads)
+    else:
+        lse = torch.empty(batch, q_len, heads, dtype=torch.float32, device=dev)
+        mass_part = (torch.empty(mass_rows, mass_tiles * slots, dtype=torch.float32, device=dev) if page_mass
+                     else lse)             # unused without page mass; any tensor will do as a placeholder pointer
     direct = num_splits == 1 and DIRECT_ONE_SPLIT
     if direct:                                 # the split kernel writes out and lse itself
         o_part = m_part = l_part = lse         # unused placeholders
@@ -508,16 +535,6 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         o_part = torch.empty(batch, q_len, heads, num_splits, dim, dtype=torch.float32, device=dev)
         m_part = torch.empty(batch, q_len, heads, num_splits, dtype=torch.float32, device=dev)
         l_part = torch.empty_like(m_part)
-    mass_pages = selected_pages.shape[2] if sparse else page_table.shape[1]
-    mass_sub = max(1, launch.block_n // mass_tokens) if mass_tile else 1      # blocks of mass per tile of keys
-    tiles_per_block = max(1, mass_tokens // launch.block_n) if mass_tile else 1     # a block over several tiles
-    mass_tiles = -(-mass_pages * page_size // (launch.block_n * tiles_per_block))    # values stored per row
-    values_per_tile = mass_sub if mass_tile else launch.block_n // page_size      # block sums or page sums
-    slots = mass_slots(values_per_tile, one_hot=not mass_tile)
-    if page_mass:
-        mass_part = torch.empty(batch * kv_heads * group * q_len, mass_tiles * slots, dtype=torch.float32, device=dev)
-    else:
-        mass_part = lse                            # unused; any tensor will do as a placeholder pointer
     if sparse:
         sel = selected_pages.to(torch.int32).contiguous()
         counts = selected_counts.to(torch.int32).contiguous()
@@ -550,10 +567,9 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         return out, lse
     if not page_mass:
         return out
-    pages_per_value = launch.block_n * tiles_per_block // page_size // values_per_tile
-    return out, _finish_page_mass(mass_part, lse, lens_after, counts, batch, kv_heads, group, q_len, page_size,
-                                  mass_pages, mass_tiles, slots, pages_per_value, values_per_tile, sparse, mass_tile,
-                                  mass_out)
+    if step_mass is not None:
+        return out, None
+    return out, _finish_page_mass(mass_part, lse, lens_after, counts, mass_shape, sparse, mass_out)
 
 
 def mass_slots(values_per_tile: int, one_hot: bool) -> int:
@@ -567,13 +583,12 @@ def mass_slots(values_per_tile: int, one_hot: bool) -> int:
     return max(16, slots) if one_hot else slots
 
 
-def _finish_page_mass(mass_part, lse, lens_after, counts, batch: int, kv_heads: int, group: int, q_len: int,
-                      page_size: int, mass_pages: int, mass_tiles: int, slots: int, pages_per_value: int,
-                      values_per_tile: int, sparse: bool, mass_tile: bool,
+def _finish_page_mass(mass_part, lse, lens_after, counts, sh: _MassFinish, sparse: bool,
                       mass_out: torch.Tensor | None = None) -> torch.Tensor:
     """The split kernel's partial page (or block) sums, rescaled with each row's log-sum-exp and summed over the
     rows of a KV head: [batch, kv_heads, pages] (a view of mass_out if given). mass_part: [rows, tiles x slots]
-    (see mass_slots); pages_per_value: 1 for page mass, the block's pages for block mass."""
+    (see mass_slots); sh.pages_per_value: 1 for page mass, the block's pages for block mass."""
+    batch, kv_heads, mass_pages = sh.batch, sh.kv_heads, sh.mass_pages
     if mass_out is None:
         mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=lse.device)
     else:
@@ -581,12 +596,86 @@ def _finish_page_mass(mass_part, lse, lens_after, counts, batch: int, kv_heads: 
                 or mass_out.shape[2] < mass_pages or mass_out.stride(2) != 1):
             raise ValueError(f"mass_out must be fp32 [{batch}, {kv_heads}, >= {mass_pages}] with contiguous pages")
         mass = mass_out[:, :, :mass_pages]
-    block_r = triton.next_power_of_2(group * q_len)
-    block_p = max(16, MASS_FINISH_TILE // block_r)   # a tile of MASS_FINISH_TILE (row, page) elements
-    _page_mass_kernel[(batch * kv_heads, triton.cdiv(mass_pages, block_p))](
-        mass_part, lse, lens_after, counts, mass, mass_pages, mass_tiles, mass.stride(0), mass.stride(1),
-        Q_LEN=q_len, GROUP=group, HEADS=kv_heads * group, PAGE_SIZE=page_size, PAGES_PER_VALUE=pages_per_value,
-        VALUES_PER_TILE=values_per_tile, MASS_SLOTS=slots, BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse,
-        MASS_TILE=mass_tile, num_warps=MASS_FINISH_WARPS, **launch_options(lse.device),
-    )
+    _launch_page_mass(mass_part, lse, lens_after, counts, mass, sh, sparse)
     return mass
+
+
+def _launch_page_mass(mass_part, lse, lens_after, counts, mass, sh: _MassFinish, sparse: bool, layers: int = 1,
+                      layer_strides: tuple[int, int, int] = (0, 0, 0)) -> None:
+    """One finishing launch for `layers` layers whose partials, log-sum-exps and mass lie layer_strides apart."""
+    block_r = triton.next_power_of_2(sh.group * sh.q_len)
+    block_p = max(16, MASS_FINISH_TILE // block_r)   # a tile of MASS_FINISH_TILE (row, page) elements
+    _page_mass_kernel[(sh.batch * sh.kv_heads, triton.cdiv(sh.mass_pages, block_p), layers)](
+        mass_part, lse, lens_after, counts, mass, sh.mass_pages, sh.mass_tiles, mass.stride(-3), mass.stride(-2),
+        *layer_strides, Q_LEN=sh.q_len, GROUP=sh.group, HEADS=sh.kv_heads * sh.group, PAGE_SIZE=sh.page_size,
+        PAGES_PER_VALUE=sh.pages_per_value, VALUES_PER_TILE=sh.values_per_tile, MASS_SLOTS=sh.slots,
+        BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse, MASS_TILE=sh.mass_tile, num_warps=MASS_FINISH_WARPS,
+        **launch_options(lse.device),
+    )
+
+
+class _MassFinish(NamedTuple):
+    """What the finishing launch needs to know about one layer's partials: the same for every layer of a step."""
+    batch: int
+    kv_heads: int
+    group: int
+    q_len: int
+    page_size: int
+    mass_pages: int
+    mass_tiles: int
+    slots: int
+    pages_per_value: int
+    values_per_tile: int
+    mass_tile: bool
+
+
+# A verify step finishes its page mass once for all layers (StepMass) instead of once a layer. H100, one layer's
+# attention with block mass, 5 rows (verify_cost_*_kernels.json, f6b1183): the split kernel itself costs 0.6% more
+# than plain at b1 x 32K (8B heads; 2.5% at b8 x 8K, 4.6% at the default model's b64 x 8K) while the per-layer
+# finishing launch took 4.8 / 8.0 / 9.4 us of the +11.5% / +11.1% / +10.6%: the by-product's cost was mostly
+# that launch. False: one finishing launch a layer (A/B timing).
+FINISH_MASS_PER_STEP = True
+
+
+class StepMass:
+    """The page mass of every layer of one step, finished by one launch after the last layer.
+
+    Each layer's split kernel leaves its partial sums (relative to its tiles' row max) in this layer's slot and its
+    merge the rows' log-sum-exps beside them; `finish` rescales and sums them into [layers, batch, kv_heads, pages]
+    in one launch. The partials are the same bytes the per-layer finishing reads, so this saves launches (and the
+    launch gaps between a layer's attention and its output projection), not bandwidth."""
+
+    def __init__(self, layers: int):
+        self.layers = layers
+        self.part = self.lse = self.shape = None
+        self.filled: set[int] = set()
+
+    def layer_buffers(self, layer: int, shape: _MassFinish, part_numel: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= layer < self.layers:
+            raise ValueError(f"layer {layer} is outside this step's {self.layers} layers")
+        if self.part is None:
+            self.shape = shape
+            self.part = torch.empty(self.layers, part_numel, dtype=torch.float32, device=device)
+            self.lse = torch.empty(self.layers, shape.batch * shape.q_len * shape.kv_heads * shape.group,
+                                   dtype=torch.float32, device=device)
+        elif shape != self.shape:
+            raise ValueError("every layer of a step must have the same attention shape to share one mass launch")
+        self.filled.add(layer)
+        return self.part[layer], self.lse[layer]
+
+    def finish(self, mass: torch.Tensor, lens_after: torch.Tensor) -> torch.Tensor:
+        """mass: fp32 [layers, batch, kv_heads, >= pages] with contiguous pages (e.g. a verify step's page-mass
+        buffer); fills [..., :pages] of every layer and returns that view."""
+        if len(self.filled) != self.layers:
+            missing = sorted(set(range(self.layers)) - self.filled)
+            raise RuntimeError(f"page mass of layers {missing[:8]} was never computed this step")
+        sh = self.shape
+        if (mass.dtype != torch.float32 or mass.shape[:3] != (self.layers, sh.batch, sh.kv_heads)
+                or mass.shape[3] < sh.mass_pages or mass.stride(3) != 1):
+            raise ValueError(f"mass must be fp32 [{self.layers}, {sh.batch}, {sh.kv_heads}, >= {sh.mass_pages}] "
+                             "with contiguous pages")
+        _launch_page_mass(self.part, self.lse, lens_after, lens_after, mass, sh, False, self.layers,
+                          (self.part.stride(0), self.lse.stride(0), mass.stride(0)))
+        self.filled.clear()
+        return mass[..., :sh.mass_pages]
