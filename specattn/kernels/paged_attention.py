@@ -105,6 +105,9 @@ MASS_FINISH_TILE, MASS_FINISH_WARPS = 1024, 4
 # verify of 5 rows, batch 1 x 32K, 8B heads): plain 43.9 µs, block mass with 64-key tiles 59.1, with sub-tiles
 # 53.0; batch 32 / 64 at head_dim 64 have 64-key tiles already (unchanged).
 BLOCK_MASS_SUBTILES = True
+# Two blocks a tile: the tile's row sums and its first block's in one joint reduction (tl.reduce over a pair)
+# instead of two. Off until timed (verify_cost.py's block64_joint variant).
+BLOCK_MASS_JOINT_SUM = False
 # Block mass over tiles narrower than a block (WIDE_QUERY_BLOCK_N): the split kernel carries the block's row sums
 # over its tiles and stores once a block. H200 (verify_cost_*_wide2.json, 83d9d58): +28.7% /
 # +24.9% over plain at 7 rows of the 1.5B's heads (b64 x 32K) / 8-head groups (b16 x 16K), against +35.8% / +29.8%
@@ -169,6 +172,11 @@ def _tile_keys(blk, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr, 
 
 
 @triton.jit
+def _add_pairs(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
 def _paged_attn_split_kernel(
     q_ptr, k_ptr, v_ptr, page_table_ptr, lens_ptr, sel_ptr, sel_count_ptr, sel_phys_ptr,
     o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, out_ptr, lse_ptr,
@@ -183,7 +191,7 @@ def _paged_attn_split_kernel(
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
     PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
-    TILES_PER_BLOCK: tl.constexpr = 1,
+    TILES_PER_BLOCK: tl.constexpr = 1, JOINT_SUM: tl.constexpr = False,
 ):
     if not EARLY:
         wait_for_predecessor(PDL)
@@ -263,7 +271,11 @@ def _paged_attn_split_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        p_sum = tl.sum(p, 1)
+        if PAGE_MASS and MASS_TILE and MASS_SUB == 2 and JOINT_SUM:
+            # the row sums of the tile and of its first block in one reduction (one cross-warp exchange)
+            p_sum, first_sum = tl.reduce((p, tl.where((cols < BLOCK_N // 2)[None, :], p, 0.0)), 1, _add_pairs)
+        else:
+            p_sum = tl.sum(p, 1)
         l_i = l_i * alpha + p_sum
         if PAGE_MASS and MASS_TILE:
             # Mass per block of keys: the row sums of p are already there for l_i; _page_mass_kernel spreads a
@@ -277,8 +289,11 @@ def _paged_attn_split_kernel(
                 rest = block_sum
             for sub in tl.static_range(MASS_SUB):
                 if sub < MASS_SUB - 1:
-                    in_sub = (cols // (BLOCK_N // MASS_SUB)) == sub
-                    sub_sum = tl.sum(tl.where(in_sub[None, :], p, 0.0), 1)
+                    if MASS_SUB == 2 and JOINT_SUM:
+                        sub_sum = first_sum
+                    else:
+                        in_sub = (cols // (BLOCK_N // MASS_SUB)) == sub
+                        sub_sum = tl.sum(tl.where(in_sub[None, :], p, 0.0), 1)
                     rest = rest - sub_sum
                     sums = tl.where(slot_ids[None, :] == sub, sub_sum[:, None], sums)
                 else:
@@ -554,7 +569,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
-        MASS_SUB=mass_sub, EARLY=EARLY_PAGES, TILES_PER_BLOCK=tiles_per_block,
+        MASS_SUB=mass_sub, EARLY=EARLY_PAGES, TILES_PER_BLOCK=tiles_per_block, JOINT_SUM=BLOCK_MASS_JOINT_SUM,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev), **capped_options,
     )
     if not direct:
