@@ -39,7 +39,7 @@ DIVISIBLE_BY_16 = list(POINTERS) + ["stride_qb", "stride_qt", "stride_qh", "stri
 BASE = dict(Q_LEN=5, Q_BLOCK=5, GROUP=4, HEADS=32, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64,
             UPCAST_DOT=False, SPARSE=False, TOKEN_LIST=False, PAGE_MASS=False, MASS_TILE=False, MAX_TILES=1,
             MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, EARLY=1, PDL=0,
-            TILES_PER_BLOCK=1, JOINT_SUM=False)
+            TILES_PER_BLOCK=1)
 SMALL_HEADS = dict(GROUP=3, HEADS=9, HEAD_DIM=64, BLOCK_M=16)
 QWEN_HEADS = dict(GROUP=6, HEADS=12, HEAD_DIM=128, BLOCK_M=32)      # Qwen2.5-Coder-1.5B
 QWEN_WIDE = dict(QWEN_HEADS, BLOCK_M=64, Q_LEN=7, Q_BLOCK=7)           # its verify at gamma 6: 42 rows
@@ -54,8 +54,6 @@ CONFIGS = {
     "8B heads, batch 1 x 32K: plain": (4, 3, dict(BLOCK_N=128)),
     "8B heads, batch 1 x 32K: block mass (sub-tiles)": (4, 3, dict(BLOCK_N=128, PAGE_MASS=True, MASS_TILE=True,
                                                                     MASS_SUB=2, MASS_SLOTS=4)),
-    "8B heads, batch 1 x 32K: block mass (sub-tiles), joint sums": (4, 3, dict(
-        BLOCK_N=128, PAGE_MASS=True, MASS_TILE=True, MASS_SUB=2, MASS_SLOTS=4, JOINT_SUM=True)),
     "8B heads, batch 1 x 32K: page mass": (4, 3, dict(BLOCK_N=128, PAGE_MASS=True)),
     "8B heads, batch 1 x 32K: decode (1 row)": (4, 3, dict(BLOCK_N=128, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16)),
     "8B heads, batch 1 x 32K: sparse decode": (4, 3, dict(BLOCK_N=128, Q_LEN=1, Q_BLOCK=1, BLOCK_M=16,

@@ -151,16 +151,13 @@ def test_page_mass_by_product_matches_reference(case, num_splits, launch):
     assert torch.allclose(mass.sum(-1), torch.full_like(mass.sum(-1), group * q_len), atol=1e-4)
 
 
-@pytest.mark.parametrize("subtiles", ["off", "on", "joint"],
-                         ids=["tile-per-block", "two-blocks-per-128-key-tile", "two-blocks-joint-sums"])
+@pytest.mark.parametrize("subtiles", [False, True], ids=["tile-per-block", "two-blocks-per-128-key-tile"])
 @pytest.mark.parametrize("case", MASS_CASES[1:3], ids=["b3-q1-g4", "b2-q5-g8"])
 def test_block_page_mass_matches_reference(case, subtiles, monkeypatch):
     """Mass per 64-key block (the tile's own row sums), spread over its pages: kernel == reference, and the
     mass of each 4-page block equals the sum of the exact per-page masses. Both tilings (these small batches
-    launch 128-key tiles, so with sub-tiles each tile sums two blocks), and the two sums of a tile in one
-    reduction (BLOCK_MASS_JOINT_SUM)."""
-    monkeypatch.setattr(paged_attention, "BLOCK_MASS_SUBTILES", subtiles != "off")
-    monkeypatch.setattr(paged_attention, "BLOCK_MASS_JOINT_SUM", subtiles == "joint")
+    launch 128-key tiles, so with sub-tiles each tile sums two blocks)."""
+    monkeypatch.setattr(paged_attention, "BLOCK_MASS_SUBTILES", subtiles)
     torch.manual_seed(40 + case[1])
     q, k, v, table, lens = make_inputs(*case, torch.float32)
     scale = case[4] ** -0.5

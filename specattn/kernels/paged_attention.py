@@ -105,9 +105,9 @@ MASS_FINISH_TILE, MASS_FINISH_WARPS = 1024, 4
 # verify of 5 rows, batch 1 x 32K, 8B heads): plain 43.9 µs, block mass with 64-key tiles 59.1, with sub-tiles
 # 53.0; batch 32 / 64 at head_dim 64 have 64-key tiles already (unchanged).
 BLOCK_MASS_SUBTILES = True
-# Two blocks a tile: the tile's row sums and its first block's in one joint reduction (tl.reduce over a pair)
-# instead of two. Off until timed (verify_cost.py's block64_joint variant).
-BLOCK_MASS_JOINT_SUM = False
+# Tried (8631c59, removed): the tile's row sums and its first block's in one joint reduction (tl.reduce over a
+# pair), 11 barriers in the loop instead of 14 (offline sm_90). H100, b1 x 32K, 5 rows: split kernel 53.5 vs 53.4
+# us (verify_cost_8b_joint.json): the loop waits on its loads, not on those barriers.
 # Block mass over tiles narrower than a block (WIDE_QUERY_BLOCK_N): the split kernel carries the block's row sums
 # over its tiles and stores once a block. H200 (verify_cost_*_wide2.json, 83d9d58): +28.7% /
 # +24.9% over plain at 7 rows of the 1.5B's heads (b64 x 32K) / 8-head groups (b16 x 16K), against +35.8% / +29.8%
@@ -172,11 +172,6 @@ def _tile_keys(blk, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr, 
 
 
 @triton.jit
-def _add_pairs(a0, b0, a1, b1):
-    return a0 + a1, b0 + b1
-
-
-@triton.jit
 def _paged_attn_split_kernel(
     q_ptr, k_ptr, v_ptr, page_table_ptr, lens_ptr, sel_ptr, sel_count_ptr, sel_phys_ptr,
     o_part_ptr, m_part_ptr, l_part_ptr, mass_part_ptr, out_ptr, lse_ptr,
@@ -191,7 +186,7 @@ def _paged_attn_split_kernel(
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
     PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
-    TILES_PER_BLOCK: tl.constexpr = 1, JOINT_SUM: tl.constexpr = False,
+    TILES_PER_BLOCK: tl.constexpr = 1,
 ):
     if not EARLY:
         wait_for_predecessor(PDL)
@@ -271,11 +266,7 @@ def _paged_attn_split_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        if PAGE_MASS and MASS_TILE and MASS_SUB == 2 and JOINT_SUM:
-            # the row sums of the tile and of its first block in one reduction (one cross-warp exchange)
-            p_sum, first_sum = tl.reduce((p, tl.where((cols < BLOCK_N // 2)[None, :], p, 0.0)), 1, _add_pairs)
-        else:
-            p_sum = tl.sum(p, 1)
+        p_sum = tl.sum(p, 1)
         l_i = l_i * alpha + p_sum
         if PAGE_MASS and MASS_TILE:
             # Mass per block of keys: the row sums of p are already there for l_i; _page_mass_kernel spreads a
@@ -289,11 +280,8 @@ def _paged_attn_split_kernel(
                 rest = block_sum
             for sub in tl.static_range(MASS_SUB):
                 if sub < MASS_SUB - 1:
-                    if MASS_SUB == 2 and JOINT_SUM:
-                        sub_sum = first_sum
-                    else:
-                        in_sub = (cols // (BLOCK_N // MASS_SUB)) == sub
-                        sub_sum = tl.sum(tl.where(in_sub[None, :], p, 0.0), 1)
+                    in_sub = (cols // (BLOCK_N // MASS_SUB)) == sub
+                    sub_sum = tl.sum(tl.where(in_sub[None, :], p, 0.0), 1)
                     rest = rest - sub_sum
                     sums = tl.where(slot_ids[None, :] == sub, sub_sum[:, None], sums)
                 else:
@@ -569,7 +557,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         TOKEN_LIST=sparse and token_level, PAGE_MASS=page_mass, MASS_TILE=mass_tile,
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
-        MASS_SUB=mass_sub, EARLY=EARLY_PAGES, TILES_PER_BLOCK=tiles_per_block, JOINT_SUM=BLOCK_MASS_JOINT_SUM,
+        MASS_SUB=mass_sub, EARLY=EARLY_PAGES, TILES_PER_BLOCK=tiles_per_block,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev), **capped_options,
     )
     if not direct:
@@ -648,7 +636,9 @@ class _MassFinish(NamedTuple):
 # attention with block mass, 5 rows (verify_cost_*_kernels.json, f6b1183): the split kernel itself costs 0.6% more
 # than plain at b1 x 32K (8B heads; 2.5% at b8 x 8K, 4.6% at the default model's b64 x 8K) while the per-layer
 # finishing launch took 4.8 / 8.0 / 9.4 us of the +11.5% / +11.1% / +10.6%: the by-product's cost was mostly
-# that launch. False: one finishing launch a layer (A/B timing).
+# that launch. Once a step (kernels.json, H100, 8631c59, 32 layers, 5 rows): block mass +7.2% / +8.5% at b1 x 32K /
+# b8 x 8K against +10.6% / +10.3% one layer alone; whole verify steps (H200, random weights) 1.4-3.1% faster.
+# False: one finishing launch a layer (A/B timing).
 FINISH_MASS_PER_STEP = True
 
 
