@@ -1,0 +1,95 @@
+"""GPU: why sparse page attention reads its bytes slower than dense attention reads the same shape's (kernels.json,
+H100: 0.71 of copy at batch 8 x 32K with 10% of the pages, dense 0.97, a copy of as many bytes 0.95), and which
+launch closes the gap. Llama-3-8B attention shape, one new row, device time from CUDA graphs (kernels.time_attention).
+
+Three questions, one run:
+- launch: tile keys x warps x stages x split factor, over logical and physical page lists;
+- selection: each KV head its own random 10% (as kernels.py) against the same pages for every head of a sequence
+  (each page's rows read whole, as dense attention and MagicDec's drafts read them);
+- placement: the page table a random permutation (as kernels.py) against physically contiguous pages.
+
+Usage: python benchmarks/sparse_sweep.py [out.json]   (default results/sparse_sweep.json)
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, copy_bandwidth_gbs, environment  # noqa: E402
+from benchmarks.kernels import DIM, GROUP, KV_HEADS, PAGE, kv_pools, selection, time_attention  # noqa: E402
+from specattn.evaluation.results import write_json_atomic  # noqa: E402
+from specattn.kernels import paged_attention  # noqa: E402
+from specattn.kernels.paged_attention import LaunchConfig  # noqa: E402
+
+CELLS = [(8, 32768), (4, 131072)]
+FRACTION = 0.10
+LAUNCHES = [LaunchConfig(bn, w, st, f) for bn, w, st, f in
+            itertools.product((64, 128), (4, 8), (2, 3, 4), (1, 2, 4))]
+
+
+def shared_selection(sel: torch.Tensor) -> torch.Tensor:
+    """The first KV head's list for every head of its sequence."""
+    return sel[:, :1].expand_as(sel).contiguous()
+
+
+def time_lists(q, pools, table, lens, sel, counts, launch: LaunchConfig | None) -> dict:
+    kw = {"selected_pages": sel, "selected_counts": counts, **({"launch": launch} if launch else {})}
+    phys = paged_attention.physical_pages(table, sel)
+    return {"logical_us": 1e3 * time_attention(q, pools, table, lens, **kw),
+            "physical_us": 1e3 * time_attention(q, pools, table, lens, selected_physical=phys, **kw)}
+
+
+def cell_rows(batch: int, ctx: int, copy: float) -> list[dict]:
+    pools, table, lens, kv_bytes = kv_pools(batch, ctx)
+    pages = -(-ctx // PAGE)
+    sel, counts = selection(batch, pages, FRACTION)
+    sel_bytes = kv_bytes * counts.sum().item() / (batch * KV_HEADS * pages)
+    q = torch.randn(batch, 1, KV_HEADS * GROUP, DIM, device="cuda", dtype=torch.bfloat16)
+    contiguous = torch.arange(batch * pages, device="cuda", dtype=torch.int32).view(batch, pages)
+    base = {"batch": batch, "context": ctx, "selected_mb": sel_bytes / 1e6}
+
+    def row(what: str, times: dict, launch: LaunchConfig | None = None) -> dict:
+        r = {**base, "what": what, "launch": None if launch is None else launch.__dict__, **times,
+             **{k.replace("_us", "_fraction"): sel_bytes / v / 1e6 / copy for k, v in times.items()}}
+        print(r, flush=True)
+        return r
+
+    rows = [row("dense (all pages)", {"dense_us": 1e3 * time_attention(q, pools, table, lens)}),
+            row("library launch", time_lists(q, pools, table, lens, sel, counts, None)),
+            row("same pages for every head", time_lists(q, pools, table, lens, shared_selection(sel), counts, None)),
+            row("contiguous page table", time_lists(q, pools, contiguous, lens, sel, counts, None))]
+    rows[0]["dense_fraction"] = kv_bytes / rows[0]["dense_us"] / 1e6 / copy
+    for launch in LAUNCHES:
+        rows.append(row("launch sweep", time_lists(q, pools, table, lens, sel, counts, launch), launch))
+    del pools
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    copy = copy_bandwidth_gbs()
+    rows = [r for batch, ctx in CELLS for r in cell_rows(batch, ctx, copy)]
+    paths = [a for a in sys.argv[1:] if not a.startswith("--")]
+    write_json_atomic(paths[0] if paths else RESULTS / "sparse_sweep.json",
+                      {**environment(), "copy_bandwidth_gbs": copy,
+                       "config": {"fraction": FRACTION, "kv_heads": KV_HEADS, "group": GROUP, "head_dim": DIM},
+                       "rows": rows})
+    for batch, ctx in CELLS:
+        cell = [r for r in rows if (r["batch"], r["context"]) == (batch, ctx)]
+        print(f"\nbatch {batch} x {ctx}: {cell[0]['selected_mb']:.0f} MB selected; dense "
+              f"{cell[0]['dense_fraction']:.2f} of copy")
+        for r in cell[1:4]:
+            print(f"  {r['what']:28s} logical {r['logical_fraction']:.3f}  physical {r['physical_fraction']:.3f}")
+        sweep = sorted((r for r in cell if r["what"] == "launch sweep"), key=lambda r: r["logical_us"])[:5]
+        for r in sweep:
+            print(f"  {str(tuple(r['launch'].values())):28s} logical {r['logical_fraction']:.3f}  "
+                  f"physical {r['physical_fraction']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
