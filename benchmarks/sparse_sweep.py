@@ -8,7 +8,8 @@ Three questions, one run:
   (each page's rows read whole, as dense attention and MagicDec's drafts read them);
 - placement: the page table a random permutation (as kernels.py) against physically contiguous pages.
 
-Usage: python benchmarks/sparse_sweep.py [out.json]   (default results/sparse_sweep.json)
+Usage: python benchmarks/sparse_sweep.py [--quick] [out.json]   (default results/sparse_sweep.json)
+--quick: batch 8 x 32K only, 4 warps only (18 launches instead of 36 per cell).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def time_lists(q, pools, table, lens, sel, counts, launch: LaunchConfig | None) 
             "physical_us": 1e3 * time_attention(q, pools, table, lens, selected_physical=phys, **kw)}
 
 
-def cell_rows(batch: int, ctx: int, copy: float) -> list[dict]:
+def cell_rows(batch: int, ctx: int, copy: float, launches: list[LaunchConfig]) -> list[dict]:
     pools, table, lens, kv_bytes = kv_pools(batch, ctx)
     pages = -(-ctx // PAGE)
     sel, counts = selection(batch, pages, FRACTION)
@@ -63,7 +64,7 @@ def cell_rows(batch: int, ctx: int, copy: float) -> list[dict]:
             row("same pages for every head", time_lists(q, pools, table, lens, shared_selection(sel), counts, None)),
             row("contiguous page table", time_lists(q, pools, contiguous, lens, sel, counts, None))]
     rows[0]["dense_fraction"] = kv_bytes / rows[0]["dense_us"] / 1e6 / copy
-    for launch in LAUNCHES:
+    for launch in launches:
         rows.append(row("launch sweep", time_lists(q, pools, table, lens, sel, counts, launch), launch))
     del pools
     torch.cuda.empty_cache()
@@ -73,13 +74,16 @@ def cell_rows(batch: int, ctx: int, copy: float) -> list[dict]:
 def main() -> None:
     torch.manual_seed(0)
     copy = copy_bandwidth_gbs()
-    rows = [r for batch, ctx in CELLS for r in cell_rows(batch, ctx, copy)]
+    quick = "--quick" in sys.argv
+    cells = CELLS[:1] if quick else CELLS
+    launches = [lc for lc in LAUNCHES if lc.num_warps == 4] if quick else LAUNCHES
+    rows = [r for batch, ctx in cells for r in cell_rows(batch, ctx, copy, launches)]
     paths = [a for a in sys.argv[1:] if not a.startswith("--")]
     write_json_atomic(paths[0] if paths else RESULTS / "sparse_sweep.json",
                       {**environment(), "copy_bandwidth_gbs": copy,
                        "config": {"fraction": FRACTION, "kv_heads": KV_HEADS, "group": GROUP, "head_dim": DIM},
                        "rows": rows})
-    for batch, ctx in CELLS:
+    for batch, ctx in cells:
         cell = [r for r in rows if (r["batch"], r["context"]) == (batch, ctx)]
         print(f"\nbatch {batch} x {ctx}: {cell[0]['selected_mb']:.0f} MB selected; dense "
               f"{cell[0]['dense_fraction']:.2f} of copy")
