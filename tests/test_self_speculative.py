@@ -570,5 +570,5 @@ def test_verify_mass_finished_once_a_step_equals_once_a_layer(mass_tokens, monke
     assert runs[True].tokens == ar and runs[True].stats["rounds"] > 1
     assert runs[True].stats["acceptance_per_position"] == runs[False].stats["acceptance_per_position"]
     assert runs[True].stats["rounds_by_sequence"] == runs[False].stats["rounds_by_sequence"]
-    # one finishing launch per verify step, over all the model's layers (first a prefill-free verify per round)
+    # one finishing launch per verify step (one verify a round), over both of the model's layers
     assert len(finishes) == runs[True].stats["rounds"] and set(finishes) == {2}

@@ -521,15 +521,14 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     values_per_tile = mass_sub if mass_tile else launch.block_n // page_size      # block sums or page sums
     slots = mass_slots(values_per_tile, one_hot=not mass_tile)
     pages_per_value = launch.block_n * tiles_per_block // page_size // values_per_tile
-    mass_rows = batch * kv_heads * group * q_len
     mass_shape = _MassFinish(batch, kv_heads, group, q_len, page_size, mass_pages, mass_tiles, slots,
                              pages_per_value, values_per_tile, mass_tile)
     if step_mass is not None:      # this layer's slot of the step's buffers; the merge writes the lse there too
-        mass_part, lse = step_mass.layer_buffers(layer, mass_shape, mass_rows * mass_tiles * slots, dev)
-        mass_part, lse = mass_part.view(mass_rows, mass_tiles * slots), lse.view(batch, q_len, heads)
+        mass_part, lse = step_mass.layer_buffers(layer, mass_shape, dev)
+        mass_part, lse = mass_part.view(mass_shape.rows, -1), lse.view(batch, q_len, heads)
     else:
         lse = torch.empty(batch, q_len, heads, dtype=torch.float32, device=dev)
-        mass_part = (torch.empty(mass_rows, mass_tiles * slots, dtype=torch.float32, device=dev) if page_mass
+        mass_part = (torch.empty(mass_shape.rows, mass_tiles * slots, dtype=torch.float32, device=dev) if page_mass
                      else lse)             # unused without page mass; any tensor will do as a placeholder pointer
     direct = num_splits == 1 and DIRECT_ONE_SPLIT
     if direct:                                 # the split kernel writes out and lse itself
@@ -591,16 +590,21 @@ def _finish_page_mass(mass_part, lse, lens_after, counts, sh: _MassFinish, spars
     """The split kernel's partial page (or block) sums, rescaled with each row's log-sum-exp and summed over the
     rows of a KV head: [batch, kv_heads, pages] (a view of mass_out if given). mass_part: [rows, tiles x slots]
     (see mass_slots); sh.pages_per_value: 1 for page mass, the block's pages for block mass."""
-    batch, kv_heads, mass_pages = sh.batch, sh.kv_heads, sh.mass_pages
     if mass_out is None:
-        mass = torch.empty(batch, kv_heads, mass_pages, dtype=torch.float32, device=lse.device)
+        mass = torch.empty(sh.batch, sh.kv_heads, sh.mass_pages, dtype=torch.float32, device=lse.device)
     else:
-        if (mass_out.dtype != torch.float32 or mass_out.shape[:2] != (batch, kv_heads)
-                or mass_out.shape[2] < mass_pages or mass_out.stride(2) != 1):
-            raise ValueError(f"mass_out must be fp32 [{batch}, {kv_heads}, >= {mass_pages}] with contiguous pages")
-        mass = mass_out[:, :, :mass_pages]
+        mass = _mass_pages_of(mass_out, (sh.batch, sh.kv_heads), sh.mass_pages, "mass_out")
     _launch_page_mass(mass_part, lse, lens_after, counts, mass, sh, sparse)
     return mass
+
+
+def _mass_pages_of(buffer: torch.Tensor, lead: tuple[int, ...], pages: int, name: str) -> torch.Tensor:
+    """buffer[..., :pages], checked to be an fp32 [*lead, >= pages] buffer with contiguous pages."""
+    if (buffer.dtype != torch.float32 or tuple(buffer.shape[:-1]) != lead or buffer.shape[-1] < pages
+            or buffer.stride(-1) != 1):
+        shape = ", ".join(str(n) for n in lead)
+        raise ValueError(f"{name} must be fp32 [{shape}, >= {pages}] with contiguous pages")
+    return buffer[..., :pages]
 
 
 def _launch_page_mass(mass_part, lse, lens_after, counts, mass, sh: _MassFinish, sparse: bool, layers: int = 1,
@@ -631,6 +635,10 @@ class _MassFinish(NamedTuple):
     values_per_tile: int
     mass_tile: bool
 
+    @property
+    def rows(self) -> int:       # (sequence, KV head, query head of the group, new token)
+        return self.batch * self.kv_heads * self.group * self.q_len
+
 
 # A verify step finishes its page mass once for all layers (StepMass) instead of once a layer. H100, one layer's
 # attention with block mass, 5 rows (verify_cost_*_kernels.json, f6b1183): the split kernel itself costs 0.6% more
@@ -655,15 +663,16 @@ class StepMass:
         self.part = self.lse = self.shape = None
         self.filled: set[int] = set()
 
-    def layer_buffers(self, layer: int, shape: _MassFinish, part_numel: int,
+    def layer_buffers(self, layer: int, shape: _MassFinish,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (partial sums, log-sum-exps), flat; the step's buffers are made by its first layer."""
         if not 0 <= layer < self.layers:
             raise ValueError(f"layer {layer} is outside this step's {self.layers} layers")
         if self.part is None:
             self.shape = shape
-            self.part = torch.empty(self.layers, part_numel, dtype=torch.float32, device=device)
-            self.lse = torch.empty(self.layers, shape.batch * shape.q_len * shape.kv_heads * shape.group,
-                                   dtype=torch.float32, device=device)
+            self.part = torch.empty(self.layers, shape.rows * shape.mass_tiles * shape.slots, dtype=torch.float32,
+                                    device=device)
+            self.lse = torch.empty(self.layers, shape.rows, dtype=torch.float32, device=device)
         elif shape != self.shape:
             raise ValueError("every layer of a step must have the same attention shape to share one mass launch")
         self.filled.add(layer)
@@ -676,11 +685,8 @@ class StepMass:
             missing = sorted(set(range(self.layers)) - self.filled)
             raise RuntimeError(f"page mass of layers {missing[:8]} was never computed this step")
         sh = self.shape
-        if (mass.dtype != torch.float32 or mass.shape[:3] != (self.layers, sh.batch, sh.kv_heads)
-                or mass.shape[3] < sh.mass_pages or mass.stride(3) != 1):
-            raise ValueError(f"mass must be fp32 [{self.layers}, {sh.batch}, {sh.kv_heads}, >= {sh.mass_pages}] "
-                             "with contiguous pages")
+        pages = _mass_pages_of(mass, (self.layers, sh.batch, sh.kv_heads), sh.mass_pages, "mass")
         _launch_page_mass(self.part, self.lse, lens_after, lens_after, mass, sh, False, self.layers,
                           (self.part.stride(0), self.lse.stride(0), mass.stride(0)))
         self.filled.clear()
-        return mass[..., :sh.mass_pages]
+        return pages
