@@ -20,11 +20,11 @@ L2_BEATING_BYTES = 200 << 20
 KV_HEADS, GROUP, DIM, PAGE = 8, 4, 128, 16          # Llama-3-8B attention shape
 
 
-def kv_pools(batch: int, ctx: int, kv_heads: int = KV_HEADS, dim: int = DIM):
-    pages = -(-ctx // PAGE)
+def kv_pools(batch: int, ctx: int, kv_heads: int = KV_HEADS, dim: int = DIM, page: int = PAGE):
+    pages = -(-ctx // page)
     kv_bytes = 2 * batch * ctx * kv_heads * dim * 2
-    pools = [(torch.randn(batch * pages, PAGE, kv_heads, dim, device="cuda", dtype=torch.bfloat16),
-              torch.randn(batch * pages, PAGE, kv_heads, dim, device="cuda", dtype=torch.bfloat16))
+    pools = [(torch.randn(batch * pages, page, kv_heads, dim, device="cuda", dtype=torch.bfloat16),
+              torch.randn(batch * pages, page, kv_heads, dim, device="cuda", dtype=torch.bfloat16))
              for _ in range(-(-L2_BEATING_BYTES // kv_bytes))]
     table = torch.randperm(batch * pages, device="cuda").view(batch, pages).int()
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
@@ -150,7 +150,39 @@ def attention_rows(copy: float) -> tuple[list[dict], dict]:
                 summary["copy_of_sparse_bytes_fraction"] = row["copy_of_selected_bytes_fraction"]
         del pools
         torch.cuda.empty_cache()
+        rows += large_page_rows(batch, ctx, summary)
     return rows, summary
+
+
+LARGE_PAGE = 64
+
+
+def large_page_rows(batch: int, ctx: int, summary: dict) -> list[dict]:
+    """Exact page mass when the cache's pages hold LARGE_PAGE tokens: the block-mass path, each block one page
+    (paged_attention.BLOCK_PATH_MIN_PAGE), in a step of STEP_LAYERS layers against plain attention over the same
+    pools."""
+    pools, table, lens, _ = kv_pools(batch, ctx, page=LARGE_PAGE)
+    rows = []
+    for q_len in (1, 5):
+        q = torch.randn(batch, q_len, KV_HEADS * GROUP, DIM, device="cuda", dtype=torch.bfloat16)
+        k, v = pools[0]
+        ref_out, ref_mass = reference.paged_attention(q.float(), k.float(), v.float(), table, lens, DIM ** -0.5,
+                                                      page_mass=True)
+        _, mass = paged_attention.paged_attention(q, k, v, table, lens, DIM ** -0.5, page_mass=True)
+        plain = time_attention_step(q, pools, table, lens)
+        with_mass = time_attention_step(q, pools, table, lens, page_mass=True)
+        row = {"kernel": f"verify_attention_page{LARGE_PAGE}", "batch": batch, "context": ctx, "q_len": q_len,
+               "page_size": LARGE_PAGE, "step_layers": STEP_LAYERS, "us": plain * 1e3,
+               "step_us_per_layer_with_page_mass": with_mass * 1e3,
+               "mass_rel_err": ((mass - ref_mass).abs().max() / ref_mass.abs().max()).item(),
+               "step_page_mass_overhead": with_mass / plain - 1}
+        rows.append(row)
+        print(row, flush=True)
+        if (batch, ctx, q_len) == (1, 32768, 5):
+            summary[f"score_byproduct_overhead_page{LARGE_PAGE}"] = row["step_page_mass_overhead"]
+    del pools
+    torch.cuda.empty_cache()
+    return rows
 
 
 def topp_rows() -> tuple[list[dict], dict]:

@@ -63,7 +63,7 @@ for part in "$@"; do
                   --compile-modes default,max-autotune-no-cudagraphs --json "$OUT/compile_modes_$i.json" \
                   2>&1 | grep "^=="
               done ;;
-    kernels)  timeout 220 python3 benchmarks/kernels.py "$OUT/kernels.json" 2>&1 | tail -2 ;;
+    kernels)  timeout 270 python3 benchmarks/kernels.py "$OUT/kernels.json" 2>&1 | tail -2 ;;
     token-checks)   # PDL on/off and small-step kernels vs cuBLAS: greedy tokens on random models (no model files)
               timeout 300 python3 benchmarks/token_checks.py --out "$OUT/pdl_check.json" 2>&1 | grep -v -i warn | tail -2 ;;
     small-gemm)   # the small-step kernels on tensor cores (model.GEMV_MAX_ROWS raised) against cuBLAS, default model

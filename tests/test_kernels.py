@@ -171,6 +171,36 @@ def test_block_page_mass_matches_reference(case, subtiles, monkeypatch):
     assert torch.allclose(mass[..., :pages].view(*exact.shape[:2], -1, 4).sum(-1), blocks, atol=1e-4)
 
 
+@pytest.mark.parametrize("page_size", [64, 128])
+@pytest.mark.parametrize("num_splits", [None, 1], ids=["split", "one-split"])
+def test_exact_page_mass_of_large_pages_takes_the_block_path(page_size, num_splits, monkeypatch):
+    """Pages of >= BLOCK_PATH_MIN_PAGE tokens: exact page mass (no mass_tokens) is summed the way block mass is,
+    with no page one-hot, and equals the reference's exact mass per page, dense and through StepMass."""
+    planned = []
+    plan = paged_attention._plan_launch
+    monkeypatch.setattr(paged_attention, "_plan_launch", lambda *a, **kw: planned.append(plan(*a, **kw)) or planned[-1])
+    torch.manual_seed(49 + page_size)
+    q, k, v, table, lens = make_inputs(2, 5, 2, 4, 16, [700, 130], torch.float32, page_size=page_size)
+    scale = 0.25
+    ref_out, ref_mass = reference.paged_attention(q, k, v, table, lens, scale, page_mass=True)
+    out, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True, num_splits=num_splits)
+    assert planned[-1][2], "exact mass of large pages should take the block path"
+    assert ((out - ref_out).norm() / ref_out.norm()).item() < 1e-4
+    assert (mass - ref_mass).abs().max().item() < 1e-4
+    assert torch.allclose(mass.sum(-1), torch.full_like(mass.sum(-1), 4 * 5), atol=1e-4)
+    step = paged_attention.StepMass(1)
+    paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True, num_splits=num_splits,
+                                    step_mass=step, layer=0)
+    finished = step.finish(torch.zeros(1, *mass.shape), lens)
+    assert torch.allclose(finished[0], mass, atol=1e-6)
+
+
+def test_exact_page_mass_of_small_pages_keeps_the_one_hot_product():
+    planned = paged_attention._plan_launch(1, 8, 128, 16, 32768, 132, None, None, True, None, False)
+    assert not planned[2]
+    assert paged_attention._plan_launch(1, 8, 128, 16, 32768, 132, None, None, True, 64, False)[2]
+
+
 @pytest.mark.parametrize("mass_tokens", [None, 64], ids=["page", "block64"])
 def test_page_mass_written_into_a_layer_of_a_callers_buffer(mass_tokens):
     """mass_out: the mass lands in one layer's slot of a bigger [layers, batch, kv_heads, pages] buffer, equal to

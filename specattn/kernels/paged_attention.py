@@ -116,6 +116,11 @@ BLOCK_MASS_SUBTILES = True
 # Storing row sums and row max as two row vectors instead kept 9 barriers at head_dim 64 but was no faster there
 # (+10.7% vs +10.1% over plain, b64 x 8K, 5 rows) and cost +67% vs +12.8% at the 1.5B's heads (b64 x 32K):
 # results/verify_cost_*_warps.json (session 18); removed.
+# Exact page mass of pages this large comes from the block-mass path (mass_tokens = page_size: each block is one page,
+# so nothing is spread): its tile row sums cost a masked row sum or none, against the page one-hot's tensor-core
+# product and 16-slot store (H100, a 32-layer verify step at b1 x 32K, 5 rows: +7.2% for 64-key blocks, +12.5%
+# for 16-token pages one-hot; kernels.json at 8631c59). Smaller pages keep the one-hot product.
+BLOCK_PATH_MIN_PAGE = 64
 MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
 MERGE_WARPS: int | None = None   # warps of the split-merge kernel; None: merge_warps() (tune_attention sets it)
 
@@ -425,7 +430,8 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
     launch = SPARSE_SMALL_HEADS if tuned_sparse else launch or choose_launch(rows * kv_heads, dim, sparse)
     if wide:
         launch = dataclasses.replace(launch, block_n=WIDE_QUERY_BLOCK_N)
-    mass_tile = page_mass and mass_tokens is not None and mass_tokens > page_size
+    mass_tile = (page_mass and mass_tokens is not None
+                 and (mass_tokens > page_size or mass_tokens >= BLOCK_PATH_MIN_PAGE))
     if mass_tile:
         if sparse or mass_tokens % page_size:
             raise ValueError("block page mass needs dense attention and a multiple of the page size")
@@ -494,6 +500,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
     group = heads // kv_heads
     sparse = selected_pages is not None
+    if page_mass and not sparse and mass_tokens is None and page_size >= BLOCK_PATH_MIN_PAGE:
+        mass_tokens = page_size          # exact page mass, summed the way block mass is (BLOCK_PATH_MIN_PAGE)
     block_m, q_block = query_tiling(q_len, group)
     q_blocks = -(-q_len // q_block)
     if page_mass and (q_blocks != 1 or token_level):
