@@ -78,6 +78,16 @@ def selection(batch: int, pages: int, frac: float, kv_heads: int = KV_HEADS):
     return sel, torch.full((batch, kv_heads), keep, dtype=torch.int32, device="cuda")
 
 
+def errors_against_reference(q, k, v, table, lens) -> tuple[float, float]:
+    """Dense attention with page mass against the fp32 reference: (output's relative error, the mass's largest
+    error relative to its largest value)."""
+    ref_out, ref_mass = reference.paged_attention(q.float(), k.float(), v.float(), table, lens, DIM ** -0.5,
+                                                  page_mass=True)
+    out, mass = paged_attention.paged_attention(q, k, v, table, lens, DIM ** -0.5, page_mass=True)
+    return (((out.float() - ref_out).norm() / ref_out.norm()).item(),
+            ((mass - ref_mass).abs().max() / ref_mass.abs().max()).item())
+
+
 def attention_rows(copy: float) -> tuple[list[dict], dict]:
     rows, summary = [], {}
     for batch, ctx in [(1, 32768), (8, 32768), (8, 8192), (1, 8192)]:
@@ -85,11 +95,7 @@ def attention_rows(copy: float) -> tuple[list[dict], dict]:
         for q_len in (1, 5):
             q = torch.randn(batch, q_len, KV_HEADS * GROUP, DIM, device="cuda", dtype=torch.bfloat16)
             k, v = pools[0]
-            ref_out, ref_mass = reference.paged_attention(q.float(), k.float(), v.float(), table, lens, DIM ** -0.5,
-                                                          page_mass=True)
-            out, mass = paged_attention.paged_attention(q, k, v, table, lens, DIM ** -0.5, page_mass=True)
-            err = ((out.float() - ref_out).norm() / ref_out.norm()).item()
-            mass_err = ((mass - ref_mass).abs().max() / ref_mass.abs().max()).item()
+            err, mass_err = errors_against_reference(q, k, v, table, lens)
             plain = time_attention(q, pools, table, lens)
             with_mass = time_attention(q, pools, table, lens, page_mass=True)
             with_block_mass = time_attention(q, pools, table, lens, page_mass=True, mass_tokens=64)
@@ -165,16 +171,13 @@ def large_page_rows(batch: int, ctx: int, summary: dict) -> list[dict]:
     rows = []
     for q_len in (1, 5):
         q = torch.randn(batch, q_len, KV_HEADS * GROUP, DIM, device="cuda", dtype=torch.bfloat16)
-        k, v = pools[0]
-        ref_out, ref_mass = reference.paged_attention(q.float(), k.float(), v.float(), table, lens, DIM ** -0.5,
-                                                      page_mass=True)
-        _, mass = paged_attention.paged_attention(q, k, v, table, lens, DIM ** -0.5, page_mass=True)
+        _, mass_err = errors_against_reference(q, *pools[0], table, lens)
         plain = time_attention_step(q, pools, table, lens)
         with_mass = time_attention_step(q, pools, table, lens, page_mass=True)
         row = {"kernel": f"verify_attention_page{LARGE_PAGE}", "batch": batch, "context": ctx, "q_len": q_len,
                "page_size": LARGE_PAGE, "step_layers": STEP_LAYERS, "us": plain * 1e3,
                "step_us_per_layer_with_page_mass": with_mass * 1e3,
-               "mass_rel_err": ((mass - ref_mass).abs().max() / ref_mass.abs().max()).item(),
+               "mass_rel_err": mass_err,
                "step_page_mass_overhead": with_mass / plain - 1}
         rows.append(row)
         print(row, flush=True)
