@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import PagedKVCache
+from .cache import DEFAULT_PAGE_SIZE, PagedKVCache
 from .decoding.ar import GenerationParams, GenerationResult, generate_ar
 from .decoding.sampling import SamplingParams
 from .errors import DeviceError, InvalidInputError
@@ -22,6 +22,10 @@ METHODS = {
     "selfspec-full": "full",               # control: drafting with the full cache, acceptance 100% (greedy)
 }
 
+# Page sizes the attention kernels tile (a tile holds whole pages). 64: SpecAttn-Y's exact page mass is then as cheap
+# as the 64-key block mass (paged_attention.BLOCK_PATH_MIN_PAGE), at a coarser selection.
+PAGE_SIZES = (16, 32, 64)
+
 
 @dataclass(frozen=True)
 class SpeculationParams:
@@ -31,6 +35,7 @@ class SpeculationParams:
     mass_tokens: int | None = None         # specattn-y: verification mass per page (None) or per block of keys
     adaptive_gamma: bool = False           # gamma is then the most drafts per round, fewer when they get rejected
     mass_every: int = 1                    # specattn-y: a verification's mass every k-th round (the rest skip it)
+    page_size: int = DEFAULT_PAGE_SIZE     # KV cache page (tokens): what page lists select and page mass sums
 
     def __post_init__(self):
         if not self.budget > 0:
@@ -39,6 +44,10 @@ class SpeculationParams:
             raise InvalidInputError(f"gamma (draft tokens per verification) must be > 0, got {self.gamma}")
         if self.mass_every < 1:
             raise InvalidInputError(f"mass every {self.mass_every} rounds: must be at least 1")
+        if self.page_size not in PAGE_SIZES:
+            raise InvalidInputError(f"page size {self.page_size} is not supported; choose one of "
+                                    f"{', '.join(map(str, PAGE_SIZES))} tokens")
+
 
 
 def make_policy(method: str, spec: SpeculationParams, num_layers: int):
@@ -118,9 +127,10 @@ class Session:
             raise InvalidInputError("the prompt is empty; give some text")
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
-    def make_cache(self, batch: int, max_seq_len: int, track_key_bounds: bool = False) -> PagedKVCache:
+    def make_cache(self, batch: int, max_seq_len: int, track_key_bounds: bool = False,
+                   page_size: int = DEFAULT_PAGE_SIZE) -> PagedKVCache:
         return PagedKVCache(self.model.cfg, batch, max_seq_len, dtype=self.dtype, device=self.device,
-                            track_key_bounds=track_key_bounds)
+                            track_key_bounds=track_key_bounds, page_size=page_size)
 
     def generate(self, prompts: list[str] | str, max_new_tokens: int = 64, method: str = "ar",
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -148,13 +158,13 @@ class Session:
             from .auto import generate_auto
             result = generate_auto(self.model, ids, params, spec)
         elif METHODS[method] is None:
-            cache = self.make_cache(len(ids), max(len(i) for i in ids) + max_new_tokens)
+            cache = self.make_cache(len(ids), max(len(i) for i in ids) + max_new_tokens, page_size=spec.page_size)
             result = generate_ar(self.model, cache, ids, params)
         else:
             from .decoding.self_speculative import cache_tokens_needed, generate_self_speculative
             policy = make_policy(method, spec, self.model.cfg.num_layers)
             cache = self.make_cache(len(ids), cache_tokens_needed(max(len(i) for i in ids), max_new_tokens, spec.gamma),
-                                    track_key_bounds=policy.needs_key_bounds)
+                                    track_key_bounds=policy.needs_key_bounds, page_size=spec.page_size)
             result = generate_self_speculative(self.model, cache, ids, params, policy, spec.gamma,
                                                adaptive_gamma=spec.adaptive_gamma)
         result.stats["graph_capture_s"] = capture_seconds() - captured_before     # in total_s, once per shape
@@ -174,6 +184,7 @@ class Session:
             raise InvalidInputError("specattn-s needs its layer map and p (a SparseVerification)")
         check_same_tokenizer(draft.tokenizer, self.tokenizer, "draft", "verifier")
         need = cache_tokens_needed(max(len(i) for i in ids), params.max_new_tokens, spec.gamma)
-        return generate_draft_speculative(self.model, draft.model, self.make_cache(len(ids), need),
-                                          draft.make_cache(len(ids), need), ids, params, spec.gamma,
+        caches = (self.make_cache(len(ids), need, page_size=spec.page_size),
+                  draft.make_cache(len(ids), need, page_size=spec.page_size))
+        return generate_draft_speculative(self.model, draft.model, *caches, ids, params, spec.gamma,
                                           sparse if method == "specattn-s" else None)

@@ -256,7 +256,8 @@ def auto_cache(model: Transformer, prompts: list[list[int]], params: GenerationP
     like AR's cache of the same request, so the attention kernels split the same way and dense chunks give
     AR's tokens bit for bit."""
     need = cache_tokens_needed(max(len(p) for p in prompts), params.max_new_tokens, spec.gamma)
-    return PagedKVCache(model.cfg, len(prompts), need, dtype=model.embed.weight.dtype, device=model.embed.weight.device)
+    return PagedKVCache(model.cfg, len(prompts), need, dtype=model.embed.weight.dtype, device=model.embed.weight.device,
+                        page_size=spec.page_size)
 
 
 def _read(path: Path) -> dict:

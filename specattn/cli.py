@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from .cache import DEFAULT_PAGE_SIZE
 from .errors import InvalidInputError, SpecAttnError
 from .loader import DEFAULT_MODEL
 
@@ -37,7 +38,7 @@ def cmd_generate(args) -> int:
         raise InvalidInputError(f"batch must be > 0, got {args.batch}")
     check_request(args.method, args.max_new_tokens, args.temperature, args.top_p)
     spec = SpeculationParams(args.budget, args.gamma, tuple(args.dense_layers), args.mass_tokens, args.adaptive_gamma,
-                             args.mass_every)
+                             args.mass_every, args.page_size)
     session = Session.load(args.model, args.device, args.dtype, args.attention, progress=not args.quiet)
     draft = sparse = None
     if args.method in ("draft-spec", "specattn-s"):
@@ -207,7 +208,8 @@ def cmd_bench(args) -> int:
     from .evaluation.results import write_json_atomic
     cfg = bench.BenchConfig(bench.parse_methods(args.methods), bench.parse_sizes(args.context, "context"),
                             bench.parse_sizes(args.batch, "batch"),
-                            SpeculationParams(args.budget, args.gamma, tuple(args.dense_layers)),
+                            SpeculationParams(args.budget, args.gamma, tuple(args.dense_layers),
+                                              page_size=args.page_size),
                             args.new_tokens, SamplingParams(args.temperature, args.top_p, args.seed),
                             repeats=args.repeats)
     if args.new_tokens <= 0:
@@ -241,7 +243,8 @@ def cmd_bench(args) -> int:
                "keys_from_steps": args.keys_from_steps} if args.draft else {})
     result = {**environment(), "model": args.model, "dtype": str(session.dtype),
               "config": {"methods": cfg.methods, "contexts": cfg.contexts, "batches": cfg.batches,
-                         "budget": args.budget, "gamma": args.gamma, "new_tokens": args.new_tokens,
+                         "budget": args.budget, "gamma": args.gamma, "page_size": args.page_size,
+                         "new_tokens": args.new_tokens,
                          "temperature": args.temperature, "top_p": args.top_p, "repeats": args.repeats, **sparse},
               "summary": bench.summary(rows), "rows": rows}
     write_json_atomic(args.json, result)
@@ -290,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mass-every", type=int, default=1,
                    help="specattn-y: measure the verification's mass every K-th round only; the verify steps between "
                         "skip the by-product and the drafts rank pages by the last mass (default 1: every round)")
+    g.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE,
+                   help="KV cache page in tokens (16, 32 or 64): what sparse drafts select; 64 makes SpecAttn-Y's "
+                        "exact page mass as cheap as /blk64's")
     g.add_argument("--batch", type=int, default=1, help="decode this many copies of the prompt together")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -327,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", default="1,8")
     b.add_argument("--budget", type=float, default=256)
     b.add_argument("--gamma", type=int, default=4)
+    b.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="KV cache page in tokens (16, 32 or 64)")
     b.add_argument("--dense-layers", type=int, nargs="*", default=[])
     b.add_argument("--draft", help="draft model for the draft-spec and specattn-s methods")
     b.add_argument("--layer-map", help="specattn-s: JSON from `specattn layermap` (default: calibrate on the text)")

@@ -134,11 +134,16 @@ def test_self_speculative_methods_print_the_same_text_as_ar(capsys):
     for method in ("specattn-y", "magicdec"):
         code, text, err = run_cli(capsys, "generate", *prompt, "--method", method, "--budget", "0.5", "--gamma", "3")
         assert code == 0 and text == ar_text and "tokens per verification" in err
+    # pages of 64 tokens: the same text (a page selection of another granularity, still lossless)
+    code, text, err = run_cli(capsys, "generate", *prompt, "--method", "specattn-y", "--budget", "0.5",
+                              "--page-size", "64")
+    assert code == 0 and text == ar_text and "tokens per verification" in err
 
 
 @pytest.mark.parametrize("args, words", [
     (["--budget", "0"], ["budget"]),
     (["--gamma", "0"], ["gamma"]),
+    (["--page-size", "48"], ["page size 48", "16, 32, 64"]),
 ])
 def test_bad_speculation_values(capsys, args, words):
     code, _, err = run_cli(capsys, "generate", "--prompt", "Hello", "--method", "specattn-y", *args)
@@ -359,6 +364,7 @@ def test_method_variants_parse_to_speculation_overrides():
     (["--context", "4q"], ["cannot read context"]),
     (["--batch", "0"], ["batch must be > 0"]),
     (["--repeats", "0"], ["--repeats must be > 0"]),
+    (["--page-size", "128"], ["page size 128"]),
     (["--methods", "magicdec/blk64"], ["only specattn-y takes suffixes"]),
     (["--methods", "specattn-y/blkx"], ["cannot read method", "specattn-y/blk64"]),
 ])

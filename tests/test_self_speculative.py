@@ -362,9 +362,9 @@ def test_adaptive_gamma_controller():
     assert c.next(100) == 6
 
 
-def triton_case(seed: int, lengths: tuple[int, ...], new_tokens: int, cache_len: int):
+def triton_case(seed: int, lengths: tuple[int, ...], new_tokens: int, cache_len: int, page_size: int = 16):
     """AR's tokens for random prompts of `lengths` on a small random model (reference attention), and run(policy):
-    self-speculative decoding of the same prompts through the interpreted Triton kernels."""
+    self-speculative decoding of the same prompts through the interpreted Triton kernels, pages of page_size."""
     cfg = ModelConfig("LlamaForCausalLM", 97, 32, 48, 2, 4, 2, 8, max_positions=512)
     model = random_model(cfg, std=0.3)
     torch.manual_seed(seed)
@@ -375,8 +375,9 @@ def triton_case(seed: int, lengths: tuple[int, ...], new_tokens: int, cache_len:
     def run(policy):
         model.set_attention_backend("triton")
         try:
-            return generate_self_speculative(model, PagedKVCache(cfg, len(prompts), cache_len), prompts, params,
-                                             policy, 3)
+            cache = PagedKVCache(cfg, len(prompts), cache_len, page_size=page_size,
+                                 track_key_bounds=policy.needs_key_bounds)
+            return generate_self_speculative(model, cache, prompts, params, policy, 3)
         finally:
             model.set_attention_backend("reference")
     return ar, run
@@ -387,6 +388,24 @@ def test_vegas_through_the_triton_kernels_equals_ar():
     ar, run = triton_case(2, (70, 45), new_tokens=16, cache_len=120)
     res = run(VegasPolicy(0.05, 16))
     assert res.tokens == ar and res.stats["rounds"] > 1
+
+
+def test_specattn_y_with_64_token_pages_through_the_triton_kernels_equals_ar(monkeypatch):
+    """Pages of 64 tokens (--page-size 64): the verify step's exact page mass comes from the block-mass path, the
+    drafts read 64-token pages; the tokens stay AR's."""
+    from specattn.kernels import paged_attention
+    ar, run = triton_case(5, (300, 203), new_tokens=12, cache_len=400, page_size=64)
+    block_path = []
+    plan = paged_attention._plan_launch
+
+    def spy(*args, **kw):
+        planned = plan(*args, **kw)
+        block_path.append(planned[2])
+        return planned
+    monkeypatch.setattr(paged_attention, "_plan_launch", spy)
+    res = run(VerificationGuidedPolicy(128, 64, 64))
+    assert res.tokens == ar and res.stats["rounds"] > 1
+    assert any(block_path)
 
 
 def test_quest_through_the_triton_kernels_equals_ar():

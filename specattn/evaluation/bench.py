@@ -135,13 +135,13 @@ def run_method(model: Transformer, method: str, prompts: list[list[int]], cfg: B
         steps = generate_auto(model, prompts, params, cfg.spec, cache=cache).runner
         return timed(device, lambda: generate_auto(model, prompts, params, cfg.spec, cache=cache, steps=steps))
     if method == "ar":
-        cache = PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device)
+        cache = PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device, page_size=cfg.spec.page_size)
         runner = generate_ar(model, cache, prompts, warm).runner
         return timed(device, lambda: generate_ar(model, cache, prompts, params, runner))
     base, overrides = method_variant(method)
     policy = make_policy(base, dataclasses.replace(cfg.spec, **overrides), model.cfg.num_layers)
     cache = PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device,
-                         track_key_bounds=policy.needs_key_bounds)
+                         track_key_bounds=policy.needs_key_bounds, page_size=cfg.spec.page_size)
     steps = generate_self_speculative(model, cache, prompts, warm, policy, cfg.spec.gamma).runner
     return timed(device, lambda: generate_self_speculative(model, cache, prompts, params, policy, cfg.spec.gamma,
                                                             steps))
@@ -154,8 +154,9 @@ def _run_with_draft(model, method, prompts, cfg: BenchConfig, params, warm, need
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     sparse = cfg.sparse if method == "specattn-s" else None
 
-    caches = (PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device),
-              PagedKVCache(cfg.draft.cfg, len(prompts), need, dtype=dtype, device=device))
+    caches = (PagedKVCache(model.cfg, len(prompts), need, dtype=dtype, device=device, page_size=cfg.spec.page_size),
+              PagedKVCache(cfg.draft.cfg, len(prompts), need, dtype=dtype, device=device,
+                           page_size=cfg.spec.page_size))
     steps = generate_draft_speculative(model, cfg.draft, *caches, prompts, warm, cfg.spec.gamma, sparse).runner
     return timed(device, lambda: generate_draft_speculative(model, cfg.draft, *caches, prompts, params,
                                                              cfg.spec.gamma, sparse, steps))

@@ -426,7 +426,8 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
     tuned_sparse = launch is None and num_splits is None and sparse and dim <= 64 and rows * kv_heads >= 32
     if tuned_sparse and SPARSE_SMALL_HEADS_FULL_WAVE and rows * kv_heads >= sms:
         return SPARSE_SMALL_HEADS_FULL_WAVE, 1, False, False, 1
-    wide = launch is None and not sparse and query_rows >= 64 and dim >= 128 and rows * kv_heads >= 32
+    wide = (launch is None and not sparse and query_rows >= 64 and dim >= 128 and rows * kv_heads >= 32
+            and page_size <= WIDE_QUERY_BLOCK_N)      # a tile holds whole pages
     launch = SPARSE_SMALL_HEADS if tuned_sparse else launch or choose_launch(rows * kv_heads, dim, sparse)
     if wide:
         launch = dataclasses.replace(launch, block_n=WIDE_QUERY_BLOCK_N)
