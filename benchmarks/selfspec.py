@@ -32,7 +32,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from specattn import selection  # noqa: E402
 from specattn.api import METHODS, SpeculationParams, make_policy, method_variant  # noqa: E402
-from specattn.cache import PagedKVCache  # noqa: E402
+from specattn.cache import DEFAULT_PAGE_SIZE, PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import cache_tokens_needed, generate_self_speculative  # noqa: E402
@@ -106,19 +106,21 @@ def model_label(path: str) -> str:
 
 
 def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, methods, log,
-                    warm_context: int | None = None, dense_layers: tuple[int, ...] = ()) -> list[dict]:
+                    warm_context: int | None = None, dense_layers: tuple[int, ...] = (),
+                    page_size: int = DEFAULT_PAGE_SIZE) -> list[dict]:
     rows = []
     for batch, ctx in cells:
         prompts = bench.prompts_from(text, batch, ctx)
         need = cache_tokens_needed(ctx, new_tokens, gamma)
-        caches = {"plain": PagedKVCache(model.cfg, batch, need, dtype=model.embed.weight.dtype, device=DEVICE)}
+        caches = {"plain": PagedKVCache(model.cfg, batch, need, dtype=model.embed.weight.dtype, device=DEVICE,
+                                        page_size=page_size)}
         if "quest" in methods:
             caches["bounds"] = PagedKVCache(model.cfg, batch, need, dtype=model.embed.weight.dtype, device=DEVICE,
-                                            track_key_bounds=True)
+                                            track_key_bounds=True, page_size=page_size)
         configs = [("ar", None)] + [(m, b) for m in methods for b in (budgets if m != "vegas" else [256])]
         ar = None
         for method, budget in configs:
-            spec = SpeculationParams(budget or 256, gamma, dense_layers)
+            spec = SpeculationParams(budget or 256, gamma, dense_layers, page_size=page_size)
             # a warm-up prompt must stay longer than the budget (else drafting would not be sparse)
             warm_len = max(warm_context or ctx, 2 * spec.budget)
             warm_prompts = [p[-warm_len:] for p in prompts] if warm_len < ctx else None
@@ -293,6 +295,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--methods", default=",".join(SPARSE_METHODS))
     ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="the real model's KV cache page (tokens)")
     ap.add_argument("--dense-layers", default="none", help="layers drafting with the full cache: 0,1 or none")
     ap.add_argument("--warm-context", type=int, help="warm-up runs prefill only this many tokens of each prompt "
                     "(long contexts on larger models: one full prefill per method instead of two)")
@@ -327,9 +330,9 @@ def main() -> None:
               f"same={row['same_tokens_as_ar']}", flush=True)
 
     rows = real_model_rows(model, text, cells(args.cells), budgets, args.gamma, args.new_tokens,
-                           SamplingParams(), methods, log, args.warm_context, dense)
+                           SamplingParams(), methods, log, args.warm_context, dense, args.page_size)
     rows += real_model_rows(model, text, cells(args.sampling_cells), budgets, args.gamma, args.new_tokens,
-                            SamplingParams(0.6, 0.95, seed=0), methods, log, args.warm_context, dense)
+                            SamplingParams(0.6, 0.95, seed=0), methods, log, args.warm_context, dense, args.page_size)
     del model
     torch.cuda.empty_cache()
     costs = []
@@ -337,7 +340,7 @@ def main() -> None:
         costs.append(step_costs_8b(32768, batch, args.gamma, [512, 1024, 2048]))
         torch.cuda.empty_cache()
     out = {**env, "config": {"dtype": "bf16", "gamma": args.gamma, "new_tokens": args.new_tokens, "repeats": REPEATS,
-                             "budgets_tokens": budgets, "dense_layers": list(dense),
+                             "budgets_tokens": budgets, "dense_layers": list(dense), "page_size": args.page_size,
                              "vegas": "5% of context, >= 256 tokens",
                              "sampling": "T 0.6, top-p 0.95", "model": args.model_name or model_label(args.model),
                              "warm_context": args.warm_context},

@@ -158,6 +158,13 @@ for part in "$@"; do
               timeout 400 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,magicdec+fullwave,specattn-y/blk64,specattn-y/blk64+fullwave --skip-8b --repeats 3 \
                 --out "$OUT/selfspec_fullwave.json" 2>&1 | grep -v -i warn | tail -7 ;;
+    selfspec-page64)   # the real model with 64-token pages (exact page mass through the block path) against pages of
+              # 16, b64 x 8K, each run its own AR; median of 2
+              for ps in 64 16; do
+                timeout 280 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
+                  --methods magicdec,specattn-y,specattn-y/blk64 --skip-8b --repeats 2 --page-size $ps \
+                  --out "$OUT/selfspec_page$ps.json" 2>&1 | grep -v -i warn | tail -4
+              done ;;
     sparse-sweep)   # why sparse attention reads slower than dense (launch sweep; shared-page and contiguous-table
               # controls) at b8 x 32K (--quick); no model
               timeout 300 python3 benchmarks/sparse_sweep.py --quick "$OUT/sparse_sweep.json" 2>&1 | grep -v -i warn \
