@@ -161,8 +161,8 @@ for part in "$@"; do
     selfspec-page64)   # the real model with 64-token pages (exact page mass through the block path) against pages of
               # 16, b64 x 8K, each run its own AR; median of 2
               for ps in 64 16; do
-                timeout 280 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
-                  --methods magicdec,specattn-y,specattn-y/blk64 --skip-8b --repeats 2 --page-size $ps \
+                timeout 240 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
+                  --methods specattn-y,specattn-y/blk64 --skip-8b --repeats 2 --page-size $ps \
                   --out "$OUT/selfspec_page$ps.json" 2>&1 | grep -v -i warn | tail -4
               done ;;
     sparse-sweep)   # why sparse attention reads slower than dense (launch sweep; shared-page and contiguous-table
