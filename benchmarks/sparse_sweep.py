@@ -6,7 +6,8 @@ Three questions, one run:
 - launch: tile keys x warps x stages x split factor, over logical and physical page lists;
 - selection: each KV head its own random 10% (as kernels.py) against the same pages for every head of a sequence
   (each page's rows read whole, as dense attention and MagicDec's drafts read them);
-- placement: the page table a random permutation (as kernels.py) against physically contiguous pages.
+- placement: the page table a random permutation (as kernels.py) against physically contiguous pages;
+- the merge launch: one split per (sequence, KV head), written directly, against the library's splits.
 
 Usage: python benchmarks/sparse_sweep.py [--quick] [out.json]   (default results/sparse_sweep.json)
 --quick: batch 8 x 32K only, 4 warps only (18 launches instead of 36 per cell).
@@ -37,8 +38,9 @@ def shared_selection(sel: torch.Tensor) -> torch.Tensor:
     return sel[:, :1].expand_as(sel).contiguous()
 
 
-def time_lists(q, pools, table, lens, sel, counts, launch: LaunchConfig | None) -> dict:
-    kw = {"selected_pages": sel, "selected_counts": counts, **({"launch": launch} if launch else {})}
+def time_lists(q, pools, table, lens, sel, counts, launch: LaunchConfig | None, num_splits: int | None = None) -> dict:
+    kw = {"selected_pages": sel, "selected_counts": counts, **({"launch": launch} if launch else {}),
+          **({"num_splits": num_splits} if num_splits else {})}
     phys = paged_attention.physical_pages(table, sel)
     return {"logical_us": 1e3 * time_attention(q, pools, table, lens, **kw),
             "physical_us": 1e3 * time_attention(q, pools, table, lens, selected_physical=phys, **kw)}
@@ -62,7 +64,9 @@ def cell_rows(batch: int, ctx: int, copy: float, launches: list[LaunchConfig]) -
     rows = [row("dense (all pages)", {"dense_us": 1e3 * time_attention(q, pools, table, lens)}),
             row("library launch", time_lists(q, pools, table, lens, sel, counts, None)),
             row("same pages for every head", time_lists(q, pools, table, lens, shared_selection(sel), counts, None)),
-            row("contiguous page table", time_lists(q, pools, contiguous, lens, sel, counts, None))]
+            row("contiguous page table", time_lists(q, pools, contiguous, lens, sel, counts, None)),
+            # no merge launch: each (sequence, KV head) in one program that writes its rows itself (64 programs)
+            row("one split, written directly", time_lists(q, pools, table, lens, sel, counts, None, num_splits=1))]
     rows[0]["dense_fraction"] = kv_bytes / rows[0]["dense_us"] / 1e6 / copy
     for launch in launches:
         rows.append(row("launch sweep", time_lists(q, pools, table, lens, sel, counts, launch), launch))
@@ -87,7 +91,7 @@ def main() -> None:
         cell = [r for r in rows if (r["batch"], r["context"]) == (batch, ctx)]
         print(f"\nbatch {batch} x {ctx}: {cell[0]['selected_mb']:.0f} MB selected; dense "
               f"{cell[0]['dense_fraction']:.2f} of copy")
-        for r in cell[1:4]:
+        for r in cell[1:5]:
             print(f"  {r['what']:28s} logical {r['logical_fraction']:.3f}  physical {r['physical_fraction']:.3f}")
         sweep = sorted((r for r in cell if r["what"] == "launch sweep"), key=lambda r: r["logical_us"])[:5]
         for r in sweep:
