@@ -256,9 +256,22 @@ def quest_top_pages_rows() -> list[dict]:
     return rows
 
 
+def large_page_only(path: str) -> None:
+    """--page64: only the exact-mass rows of 64-token pages (large_page_rows), at batch 1 and 8 x 32K."""
+    summary = {}
+    rows = large_page_rows(1, 32768, summary) + large_page_rows(8, 32768, summary)
+    write_json_atomic(path, {**environment(), "config": {"kv_heads": KV_HEADS, "group": GROUP, "head_dim": DIM,
+                                                         "page_size": LARGE_PAGE, "pdl": 0},
+                             "rows": rows, "summary": summary})
+    print("summary", summary)
+
+
 def main() -> None:
     torch.manual_seed(0)
     pdl.MODE = 0
+    if "--page64" in sys.argv:
+        return large_page_only(next((a for a in sys.argv[1:] if not a.startswith("--")),
+                                    str(RESULTS / "kernels_page64.json")))
     copy = copy_bandwidth_gbs()
     out = {**environment(), "copy_bandwidth_gbs": copy, "config": {"kv_heads": KV_HEADS, "group": GROUP,
                                                                     "head_dim": DIM, "page_size": PAGE, "pdl": 0}}
