@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, parse_dense_layers  # noqa: E402
 from specattn.api import METHODS, SpeculationParams, make_policy, method_variant  # noqa: E402
-from specattn.cache import PagedKVCache  # noqa: E402
+from specattn.cache import DEFAULT_PAGE_SIZE, PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams  # noqa: E402
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import cache_tokens_needed, generate_self_speculative  # noqa: E402
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=1, help="sequences per text, at different offsets")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--dense-layers", default="none", help="layers drafting with the full cache: 0,1 or none")
+    ap.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="the KV cache page (tokens)")
     ap.add_argument("--json")
     args = ap.parse_args()
     dense = parse_dense_layers(args.dense_layers)
@@ -110,7 +111,8 @@ def main() -> None:
                 policy = make_sweep_policy(method, budget, args.gamma, model.cfg.num_layers, dense)
                 cache = PagedKVCache(model.cfg, len(prompts), cache_tokens_needed(args.context, args.new_tokens,
                                                                                    args.gamma),
-                                     dtype=dtype, device=dev, track_key_bounds=policy.needs_key_bounds)
+                                     dtype=dtype, device=dev, track_key_bounds=policy.needs_key_bounds,
+                                     page_size=args.page_size)
                 res = generate_self_speculative(model, cache, prompts, GenerationParams(args.new_tokens, sampling),
                                                 policy, args.gamma)
                 rows.append({"mode": mode, "method": method, "budget": budget,
@@ -122,7 +124,7 @@ def main() -> None:
     if args.json:
         write_json_atomic(args.json, {**environment(), "model": args.model, "dtype": str(dtype),
                                       "texts": [Path(t).name for t in args.text], "windows": args.windows,
-                                      "context": args.context,
+                                      "context": args.context, "page_size": args.page_size,
                                       "new_tokens": args.new_tokens, "gamma": args.gamma, "dense_layers": list(dense),
                                       "rows": rows, "summary": summary})
     print("\nmode      budget " + " ".join(f"{m:>11s}" for m in methods))
