@@ -49,7 +49,6 @@ class SpeculationParams:
                                     f"{', '.join(map(str, PAGE_SIZES))} tokens")
 
 
-
 def make_policy(method: str, spec: SpeculationParams, num_layers: int):
     from .selection import POLICIES
     kind = METHODS[method]

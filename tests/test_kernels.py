@@ -195,10 +195,19 @@ def test_exact_page_mass_of_large_pages_takes_the_block_path(page_size, num_spli
     assert torch.allclose(finished[0], mass, atol=1e-6)
 
 
-def test_exact_page_mass_of_small_pages_keeps_the_one_hot_product():
-    planned = paged_attention._plan_launch(1, 8, 128, 16, 32768, 132, None, None, True, None, False)
-    assert not planned[2]
-    assert paged_attention._plan_launch(1, 8, 128, 16, 32768, 132, None, None, True, 64, False)[2]
+@pytest.mark.parametrize("mass_tokens, block_path", [(None, False), (16, False), (64, True)])
+def test_mass_of_16_token_pages_takes_the_block_path_only_for_larger_blocks(mass_tokens, block_path, monkeypatch):
+    """Pages of 16: exact mass (mass_tokens None or the page size) keeps the page one-hot product; 64-key blocks take
+    the block path. The same mass as the reference either way."""
+    planned = []
+    plan = paged_attention._plan_launch
+    monkeypatch.setattr(paged_attention, "_plan_launch", lambda *a, **kw: planned.append(plan(*a, **kw)) or planned[-1])
+    torch.manual_seed(51)
+    q, k, v, table, lens = make_inputs(2, 5, 2, 4, 16, [300, 130], torch.float32)
+    _, ref_mass = reference.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, mass_tokens=mass_tokens)
+    _, mass = paged_attention.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, mass_tokens=mass_tokens)
+    assert planned[-1][2] == block_path
+    assert (mass - ref_mass).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("mass_tokens", [None, 64], ids=["page", "block64"])

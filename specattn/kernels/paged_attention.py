@@ -431,8 +431,9 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
     launch = SPARSE_SMALL_HEADS if tuned_sparse else launch or choose_launch(rows * kv_heads, dim, sparse)
     if wide:
         launch = dataclasses.replace(launch, block_n=WIDE_QUERY_BLOCK_N)
+    # blocks of several pages, or one large page a block (paged_attention sets mass_tokens so for exact mass)
     mass_tile = (page_mass and mass_tokens is not None
-                 and (mass_tokens > page_size or mass_tokens >= BLOCK_PATH_MIN_PAGE))
+                 and (mass_tokens > page_size or mass_tokens == page_size >= BLOCK_PATH_MIN_PAGE))
     if mass_tile:
         if sparse or mass_tokens % page_size:
             raise ValueError("block page mass needs dense attention and a multiple of the page size")
