@@ -55,19 +55,18 @@ def cell_rows(batch: int, ctx: int, copy: float, launches: list[LaunchConfig]) -
     contiguous = torch.arange(batch * pages, device="cuda", dtype=torch.int32).view(batch, pages)
     base = {"batch": batch, "context": ctx, "selected_mb": sel_bytes / 1e6}
 
-    def row(what: str, times: dict, launch: LaunchConfig | None = None) -> dict:
+    def row(what: str, times: dict, launch: LaunchConfig | None = None, nbytes: float = sel_bytes) -> dict:
         r = {**base, "what": what, "launch": None if launch is None else launch.__dict__, **times,
-             **{k.replace("_us", "_fraction"): sel_bytes / v / 1e6 / copy for k, v in times.items()}}
+             **{k.replace("_us", "_fraction"): nbytes / v / 1e6 / copy for k, v in times.items()}}
         print(r, flush=True)
         return r
 
-    rows = [row("dense (all pages)", {"dense_us": 1e3 * time_attention(q, pools, table, lens)}),
+    rows = [row("dense (all pages)", {"dense_us": 1e3 * time_attention(q, pools, table, lens)}, nbytes=kv_bytes),
             row("library launch", time_lists(q, pools, table, lens, sel, counts, None)),
             row("same pages for every head", time_lists(q, pools, table, lens, shared_selection(sel), counts, None)),
             row("contiguous page table", time_lists(q, pools, contiguous, lens, sel, counts, None)),
             # no merge launch: each (sequence, KV head) in one program that writes its rows itself (64 programs)
             row("one split, written directly", time_lists(q, pools, table, lens, sel, counts, None, num_splits=1))]
-    rows[0]["dense_fraction"] = kv_bytes / rows[0]["dense_us"] / 1e6 / copy
     for launch in launches:
         rows.append(row("launch sweep", time_lists(q, pools, table, lens, sel, counts, launch), launch))
     del pools
