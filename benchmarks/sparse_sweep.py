@@ -57,7 +57,7 @@ def cell_rows(batch: int, ctx: int, copy: float, launches: list[LaunchConfig]) -
 
     def row(what: str, times: dict, launch: LaunchConfig | None = None, nbytes: float = sel_bytes) -> dict:
         r = {**base, "what": what, "launch": None if launch is None else launch.__dict__, **times,
-             **{k.replace("_us", "_fraction"): nbytes / v / 1e6 / copy for k, v in times.items()}}
+             **{k.replace("_us", "_fraction"): nbytes / v / 1e3 / copy for k, v in times.items()}}
         print(r, flush=True)
         return r
 

@@ -60,6 +60,12 @@ FULL_WAVE_CANDIDATE = LaunchConfig(block_n=256, num_warps=8, num_stages=2)
 # stages, as there is no second tile to pipeline. H200, sweeps of two sessions: 8.30 vs 8.50 µs (tune_splits.json)
 # and 8.26 vs 8.65 (tune_splits_warps.json) for FEW_PROGRAMS's three stages.
 SPARSE_FEW_PROGRAMS = LaunchConfig(block_n=128, num_warps=4, num_stages=2, split_factor=2)
+# One-row sparse lists with many programs at head_dim 128 (8B heads at batch 8 x 32K, 10% of the pages: 64 pairs of
+# ~3,300 listed keys) take the same 128-key tiles and 2 stages. H100, sparse_sweep.json (05e8293): 44.6 us, 0.80 of
+# copy, against 50.0 us (0.71) for DEFAULT_LAUNCH's 64-key tiles; physical lists 44.7 vs 46.5. Sharing pages
+# across heads (48.4) or a contiguous page table (49.2) did not close the gap: the tile width did. Five-row blocks
+# (verify) were not swept and keep DEFAULT_LAUNCH.
+SPARSE_MANY_PROGRAMS = SPARSE_FEW_PROGRAMS
 # Keys a tile for decode/verify blocks of 64 query rows at head_dim 128 (a KV head's query heads x new tokens over
 # 32: Qwen2.5-1.5B's 6 heads at gamma >= 5, 7- and 8-head groups at gamma 4). 64 x 64 tiles take 196 registers
 # and 80 KB of shared memory, 2 programs per SM; 64 x 32 take 122 and 48 KB, 4 (offline sm_90 counts). H200, one
@@ -84,11 +90,13 @@ def defer_page_mass(launch: LaunchConfig) -> bool:
     return launch.block_n <= 64
 
 
-def choose_launch(programs: int, head_dim: int, sparse: bool = False) -> LaunchConfig:
-    """programs = batch * kv_heads * query blocks, before splitting the KV length."""
+def choose_launch(programs: int, head_dim: int, sparse: bool = False, query_rows: int = 16) -> LaunchConfig:
+    """programs = batch * kv_heads * query blocks, before splitting the KV length; query_rows: rows a program."""
     if programs < 32:
         return SPARSE_FEW_PROGRAMS if sparse else FEW_PROGRAMS
-    return MANY_PROGRAMS_SMALL_HEADS if head_dim <= 64 else DEFAULT_LAUNCH
+    if head_dim <= 64:
+        return MANY_PROGRAMS_SMALL_HEADS
+    return SPARSE_MANY_PROGRAMS if sparse and query_rows <= 16 else DEFAULT_LAUNCH
 # Triton 3.6's interpreter (pdl.INTERPRETED: the CPU test path) gets tl.dot wrong on bf16/fp16 operands; there
 # the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
 # Block mass: each tile stores its row sums and row max as it goes, in one [rows, slots] store (mass_slots; two
@@ -428,7 +436,7 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
         return SPARSE_SMALL_HEADS_FULL_WAVE, 1, False, False, 1
     wide = (launch is None and not sparse and query_rows >= 64 and dim >= 128 and rows * kv_heads >= 32
             and page_size <= WIDE_QUERY_BLOCK_N)      # a tile holds whole pages
-    launch = SPARSE_SMALL_HEADS if tuned_sparse else launch or choose_launch(rows * kv_heads, dim, sparse)
+    launch = SPARSE_SMALL_HEADS if tuned_sparse else launch or choose_launch(rows * kv_heads, dim, sparse, query_rows)
     if wide:
         launch = dataclasses.replace(launch, block_n=WIDE_QUERY_BLOCK_N)
     # blocks of several pages, or one large page a block (paged_attention sets mass_tokens so for exact mass)
