@@ -11,6 +11,7 @@ Three questions, one run:
 
 Usage: python benchmarks/sparse_sweep.py [--quick] [out.json]   (default results/sparse_sweep.json)
 --quick: batch 8 x 32K only, 4 warps only (18 launches instead of 36 per cell).
+Each cell is swept with one new row (sparse drafting) and five (pruned verification of 4 drafts + 1).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from specattn.kernels import paged_attention  # noqa: E402
 from specattn.kernels.paged_attention import LaunchConfig  # noqa: E402
 
 CELLS = [(8, 32768), (4, 131072)]
+ROWS = (1, 5)
 FRACTION = 0.10
 LAUNCHES = [LaunchConfig(bn, w, st, f) for bn, w, st, f in
             itertools.product((64, 128), (4, 8), (2, 3, 4), (1, 2, 4))]
@@ -46,14 +48,14 @@ def time_lists(q, pools, table, lens, sel, counts, launch: LaunchConfig | None, 
             "physical_us": 1e3 * time_attention(q, pools, table, lens, selected_physical=phys, **kw)}
 
 
-def cell_rows(batch: int, ctx: int, copy: float, launches: list[LaunchConfig]) -> list[dict]:
+def cell_rows(batch: int, ctx: int, q_len: int, copy: float, launches: list[LaunchConfig]) -> list[dict]:
     pools, table, lens, kv_bytes = kv_pools(batch, ctx)
     pages = -(-ctx // PAGE)
     sel, counts = selection(batch, pages, FRACTION)
     sel_bytes = kv_bytes * counts.sum().item() / (batch * KV_HEADS * pages)
-    q = torch.randn(batch, 1, KV_HEADS * GROUP, DIM, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, q_len, KV_HEADS * GROUP, DIM, device="cuda", dtype=torch.bfloat16)
     contiguous = torch.arange(batch * pages, device="cuda", dtype=torch.int32).view(batch, pages)
-    base = {"batch": batch, "context": ctx, "selected_mb": sel_bytes / 1e6}
+    base = {"batch": batch, "context": ctx, "q_len": q_len, "selected_mb": sel_bytes / 1e6}
 
     def row(what: str, times: dict, launch: LaunchConfig | None = None, nbytes: float = sel_bytes) -> dict:
         r = {**base, "what": what, "launch": None if launch is None else launch.__dict__, **times,
@@ -80,15 +82,15 @@ def main() -> None:
     quick = "--quick" in sys.argv
     cells = CELLS[:1] if quick else CELLS
     launches = [lc for lc in LAUNCHES if lc.num_warps == 4] if quick else LAUNCHES
-    rows = [r for batch, ctx in cells for r in cell_rows(batch, ctx, copy, launches)]
+    rows = [r for batch, ctx in cells for q_len in ROWS for r in cell_rows(batch, ctx, q_len, copy, launches)]
     paths = [a for a in sys.argv[1:] if not a.startswith("--")]
     write_json_atomic(paths[0] if paths else RESULTS / "sparse_sweep.json",
                       {**environment(), "copy_bandwidth_gbs": copy,
                        "config": {"fraction": FRACTION, "kv_heads": KV_HEADS, "group": GROUP, "head_dim": DIM},
                        "rows": rows})
-    for batch, ctx in cells:
-        cell = [r for r in rows if (r["batch"], r["context"]) == (batch, ctx)]
-        print(f"\nbatch {batch} x {ctx}: {cell[0]['selected_mb']:.0f} MB selected; dense "
+    for (batch, ctx), q_len in itertools.product(cells, ROWS):
+        cell = [r for r in rows if (r["batch"], r["context"], r["q_len"]) == (batch, ctx, q_len)]
+        print(f"\nbatch {batch} x {ctx}, {q_len} rows: {cell[0]['selected_mb']:.0f} MB selected; dense "
               f"{cell[0]['dense_fraction']:.2f} of copy")
         for r in cell[1:5]:
             print(f"  {r['what']:28s} logical {r['logical_fraction']:.3f}  physical {r['physical_fraction']:.3f}")
