@@ -728,20 +728,21 @@ def test_sparse_small_heads_filling_the_sms_take_one_split_of_wide_tiles(monkeyp
     torch.testing.assert_close(mass, want_mass, atol=1e-4, rtol=1e-4)
 
 
-def test_one_row_sparse_lists_at_head_dim_128_take_wide_tiles_and_match_reference():
-    """Many (sequence, KV head) pairs at head_dim 128 with one new row (8B-shaped sparse drafting) take
-    SPARSE_MANY_PROGRAMS' 128-key tiles; five-row blocks keep the default launch. Both match the reference, with
-    logical and physical lists."""
+def test_sparse_lists_at_head_dim_128_take_wide_tiles_and_match_reference():
+    """Many (sequence, KV head) pairs at head_dim 128 with one or five new rows of 4-head groups (8B-shaped sparse
+    drafting and pruned verification) take SPARSE_MANY_PROGRAMS' 128-key tiles; 64-row query blocks (8-head groups,
+    five rows) keep the default launch. All match the reference, with logical and physical lists."""
     torch.manual_seed(3)
-    batch, kv_heads, group, dim, lens = 8, 4, 4, 128, [600 - 37 * b for b in range(8)]
+    batch, kv_heads, dim, lens = 8, 4, 128, [600 - 37 * b for b in range(8)]
     plan = paged_attention._plan_launch
-    for q_len, want_launch in ((1, paged_attention.SPARSE_MANY_PROGRAMS), (5, paged_attention.DEFAULT_LAUNCH)):
+    many, default = paged_attention.SPARSE_MANY_PROGRAMS, paged_attention.DEFAULT_LAUNCH
+    for q_len, group, want_launch in ((1, 4, many), (5, 4, many), (5, 8, default)):
         q, k, v, table, lens_t = make_inputs(batch, q_len, kv_heads, group, dim, lens, torch.float32)
-        sel, counts = random_selection(batch, kv_heads, lens, keep=0.3, seed=q_len)
+        sel, counts = random_selection(batch, kv_heads, lens, keep=0.3, seed=q_len + group)
         block_m, _ = paged_attention.query_tiling(q_len, group)
         launch, *_ = plan(batch, kv_heads, dim, 16, sel.shape[2] * 16, 132, None, None, False, None, True, block_m)
         assert launch == want_launch
-        assert launch.block_n == (128 if q_len == 1 else 64)
+        assert launch.block_n == (128 if want_launch is many else 64)
         kw = {"selected_pages": sel, "selected_counts": counts}
         want = reference.paged_attention(q, k, v, table, lens_t, dim ** -0.5, **kw)
         phys = paged_attention.physical_pages(table, sel)

@@ -60,12 +60,14 @@ FULL_WAVE_CANDIDATE = LaunchConfig(block_n=256, num_warps=8, num_stages=2)
 # stages, as there is no second tile to pipeline. H200, sweeps of two sessions: 8.30 vs 8.50 µs (tune_splits.json)
 # and 8.26 vs 8.65 (tune_splits_warps.json) for FEW_PROGRAMS's three stages.
 SPARSE_FEW_PROGRAMS = LaunchConfig(block_n=128, num_warps=4, num_stages=2, split_factor=2)
-# One-row sparse lists with many programs at head_dim 128 (8B heads at batch 8 x 32K, 10% of the pages: 64 pairs of
-# ~3,300 listed keys) take the same 128-key tiles and 2 stages. H100, sparse_sweep.json (05e8293): 44.6 us, 0.80 of
+# Sparse lists with many programs at head_dim 128 (8B heads at batch 8 x 32K, 10% of the pages: 64 pairs of ~3,300
+# listed keys) take the same 128-key tiles and 2 stages. H100, sparse_sweep_05e8293.json: one row 44.6 us, 0.80 of
 # copy, against 50.0 us (0.71) for DEFAULT_LAUNCH's 64-key tiles; physical lists 44.7 vs 46.5. Sharing pages
-# across heads (48.4) or a contiguous page table (49.2) did not close the gap: the tile width did. Five-row blocks
-# (verify) were not swept and keep DEFAULT_LAUNCH.
+# across heads (48.4) or a contiguous page table (49.2) did not close the gap: the tile width did. sparse_sweep.json
+# (f834aef): one row 44.1 us (0.81) as the library's launch; five rows (32-row query blocks) 46.9 vs 51.0 us. Query
+# blocks of 64 rows were not swept and keep DEFAULT_LAUNCH.
 SPARSE_MANY_PROGRAMS = SPARSE_FEW_PROGRAMS
+SPARSE_MANY_PROGRAMS_MAX_ROWS = 32
 # Keys a tile for decode/verify blocks of 64 query rows at head_dim 128 (a KV head's query heads x new tokens over
 # 32: Qwen2.5-1.5B's 6 heads at gamma >= 5, 7- and 8-head groups at gamma 4). 64 x 64 tiles take 196 registers
 # and 80 KB of shared memory, 2 programs per SM; 64 x 32 take 122 and 48 KB, 4 (offline sm_90 counts). H200, one
@@ -96,7 +98,7 @@ def choose_launch(programs: int, head_dim: int, sparse: bool = False, query_rows
         return SPARSE_FEW_PROGRAMS if sparse else FEW_PROGRAMS
     if head_dim <= 64:
         return MANY_PROGRAMS_SMALL_HEADS
-    return SPARSE_MANY_PROGRAMS if sparse and query_rows <= 16 else DEFAULT_LAUNCH
+    return SPARSE_MANY_PROGRAMS if sparse and query_rows <= SPARSE_MANY_PROGRAMS_MAX_ROWS else DEFAULT_LAUNCH
 # Triton 3.6's interpreter (pdl.INTERPRETED: the CPU test path) gets tl.dot wrong on bf16/fp16 operands; there
 # the kernel upcasts them to fp32 first. Compiled GPU code is unaffected.
 # Block mass: each tile stores its row sums and row max as it goes, in one [rows, slots] store (mass_slots; two
