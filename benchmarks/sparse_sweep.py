@@ -48,29 +48,35 @@ def time_lists(q, pools, table, lens, sel, counts, launch: LaunchConfig | None, 
             "physical_us": 1e3 * time_attention(q, pools, table, lens, selected_physical=phys, **kw)}
 
 
-def cell_rows(batch: int, ctx: int, q_len: int, copy: float, launches: list[LaunchConfig]) -> list[dict]:
+def cell_rows(batch: int, ctx: int, copy: float, launches: list[LaunchConfig]) -> list[dict]:
+    """Every question at one (batch, context), for each count of new rows in ROWS: the K/V pools, page lists and
+    page tables are built once and shared by the row counts."""
     pools, table, lens, kv_bytes = kv_pools(batch, ctx)
     pages = -(-ctx // PAGE)
     sel, counts = selection(batch, pages, FRACTION)
     sel_bytes = kv_bytes * counts.sum().item() / (batch * KV_HEADS * pages)
-    q = torch.randn(batch, q_len, KV_HEADS * GROUP, DIM, device="cuda", dtype=torch.bfloat16)
+    shared = shared_selection(sel)
     contiguous = torch.arange(batch * pages, device="cuda", dtype=torch.int32).view(batch, pages)
-    base = {"batch": batch, "context": ctx, "q_len": q_len, "selected_mb": sel_bytes / 1e6}
+    rows = []
+    for q_len in ROWS:
+        q = torch.randn(batch, q_len, KV_HEADS * GROUP, DIM, device="cuda", dtype=torch.bfloat16)
+        base = {"batch": batch, "context": ctx, "q_len": q_len, "selected_mb": sel_bytes / 1e6}
 
-    def row(what: str, times: dict, launch: LaunchConfig | None = None, nbytes: float = sel_bytes) -> dict:
-        r = {**base, "what": what, "launch": None if launch is None else launch.__dict__, **times,
-             **{k.replace("_us", "_fraction"): nbytes / v / 1e3 / copy for k, v in times.items()}}
-        print(r, flush=True)
-        return r
+        def row(what: str, times: dict, launch: LaunchConfig | None = None, nbytes: float = sel_bytes) -> dict:
+            r = {**base, "what": what, "launch": None if launch is None else launch.__dict__, **times,
+                 **{k.replace("_us", "_fraction"): nbytes / v / 1e3 / copy for k, v in times.items()}}
+            print(r, flush=True)
+            return r
 
-    rows = [row("dense (all pages)", {"dense_us": 1e3 * time_attention(q, pools, table, lens)}, nbytes=kv_bytes),
-            row("library launch", time_lists(q, pools, table, lens, sel, counts, None)),
-            row("same pages for every head", time_lists(q, pools, table, lens, shared_selection(sel), counts, None)),
-            row("contiguous page table", time_lists(q, pools, contiguous, lens, sel, counts, None)),
-            # no merge launch: each (sequence, KV head) in one program that writes its rows itself (64 programs)
-            row("one split, written directly", time_lists(q, pools, table, lens, sel, counts, None, num_splits=1))]
-    for launch in launches:
-        rows.append(row("launch sweep", time_lists(q, pools, table, lens, sel, counts, launch), launch))
+        rows += [row("dense (all pages)", {"dense_us": 1e3 * time_attention(q, pools, table, lens)}, nbytes=kv_bytes),
+                 row("library launch", time_lists(q, pools, table, lens, sel, counts, None)),
+                 row("same pages for every head", time_lists(q, pools, table, lens, shared, counts, None)),
+                 row("contiguous page table", time_lists(q, pools, contiguous, lens, sel, counts, None)),
+                 # no merge launch: each (sequence, KV head) in one program that writes its rows itself
+                 row("one split, written directly",
+                     time_lists(q, pools, table, lens, sel, counts, None, num_splits=1))]
+        rows += [row("launch sweep", time_lists(q, pools, table, lens, sel, counts, launch), launch)
+                 for launch in launches]
     del pools
     torch.cuda.empty_cache()
     return rows
@@ -82,7 +88,7 @@ def main() -> None:
     quick = "--quick" in sys.argv
     cells = CELLS[:1] if quick else CELLS
     launches = [lc for lc in LAUNCHES if lc.num_warps == 4] if quick else LAUNCHES
-    rows = [r for batch, ctx in cells for q_len in ROWS for r in cell_rows(batch, ctx, q_len, copy, launches)]
+    rows = [r for batch, ctx in cells for r in cell_rows(batch, ctx, copy, launches)]
     paths = [a for a in sys.argv[1:] if not a.startswith("--")]
     write_json_atomic(paths[0] if paths else RESULTS / "sparse_sweep.json",
                       {**environment(), "copy_bandwidth_gbs": copy,
