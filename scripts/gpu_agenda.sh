@@ -197,6 +197,22 @@ for part in "$@"; do
                 --out "$OUT/verify_cost_qwen.json" 2>&1 | tail -7
               timeout 150 python3 benchmarks/verify_cost.py --cells 16x16000 --heads 8,8,128 --q-lens 5 \
                 --warps auto,4/64 --out "$OUT/verify_cost_g8.json" 2>&1 | tail -3 ;;
+    dot-gemm)   # tensor-core tiles for the default model's batched products (32, 64, 128 rows: draft steps at b32 /
+              # b64, first draft step at b64) against cuBLAS; then draft steps with the winners (model.GEMV_MAX_ROWS
+              # 128, fused rotation and SwiGLU) against cuBLAS, round-robin (no model files)
+              timeout 260 python3 benchmarks/tune_gemv.py "$OUT/tune_gemv_dot.json" --shapes=smol --rows=32,64,128 \
+                --tilings-out="$OUT/gemv_dot_tilings.json" 2>&1 | grep "^smol"
+              for b in 64 32; do
+                SPECATTN_GEMV_DOT_TILINGS="$OUT/gemv_dot_tilings.json" timeout 120 python3 benchmarks/profile_step.py \
+                  --shape smol --batch $b --draft-budget 512 --gemv-rows 2,128 --rounds 5 --top 8 \
+                  --json "$OUT/profile_dot_gemm_draft_b$b.json" 2>&1 | grep -A 3 "round-robin"
+              done ;;
+    selfspec-gamma)   # longer drafts at today's step costs: gamma 4, 6, 8 at b32 / b64 x 8K, each run its own AR
+              for g in 4 6 8; do
+                timeout 190 python3 benchmarks/selfspec.py --cells 32x8000,64x8000 --sampling-cells "" --budgets 512 \
+                  --methods magicdec,specattn-y/blk64 --gamma $g --skip-8b --out "$OUT/selfspec_g$g.json" 2>&1 \
+                  | grep -v -i warn | tail -5
+              done ;;
     *)        echo "unknown part $part (see the case labels in scripts/gpu_agenda.sh)" >&2 ;;
   esac
 done

@@ -44,8 +44,9 @@ GEMV_MAX_GATE_UP = 8192
 # Steps of at most this many rows use them: 2 (FMA sums; 4-row products were slower than cuBLAS, tune_gemv_pdl.json).
 # Above gemv.MAX_ROWS they run on tensor cores (gemv.row_blocks), slower than cuBLAS in the default model's batch-64
 # steps on the H200 (results/profile_small_gemm_*_b64.json, round-robin: draft 1,589 vs 1,431 us, verify 4 x 5 rows
-# 5,084 vs 4,793 us), so unused by default.
-GEMV_MAX_ROWS = 2
+# 5,084 vs 4,793 us), so unused by default. Environment SPECATTN_GEMV_MAX_ROWS sets it for a whole benchmark run (with
+# SPECATTN_GEMV_DOT_TILINGS: gemv.load_dot_tilings).
+GEMV_MAX_ROWS = int(os.environ.get("SPECATTN_GEMV_MAX_ROWS", "2"))
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
 # GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode
 # with Inductor's cudagraphs). benchmarks/profile_step.py --compile-modes times both in one run; the environment

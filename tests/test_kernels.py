@@ -771,3 +771,44 @@ def test_sparse_small_head_launch_splits_evenly_and_matches_reference(monkeypatc
                                         True)[1] == 1 < splits
     out = paged_attention.paged_attention(q, k, v, table, lens_t, dim ** -0.5, **kw)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+def test_swept_tensor_core_tilings_reach_the_products_through_the_table(tmp_path, monkeypatch):
+    """A sweep's winners (tune_gemv.py --tilings-out, read by gemv.load_dot_tilings) set the rows, columns, keys,
+    warps and stages of tensor-core products by (rows rounded up to a power of two, N, K); the plain product and the
+    two fused ones (q/k/v with rotation and cache write, gate/up with SwiGLU) still match their references with
+    16-row blocks and 32-column programs (16 rotation or SwiGLU pairs)."""
+    import json
+
+    from specattn.kernels import gemv, rope_kv, swiglu
+    from specattn.model import rope_tables
+    heads, kv_heads, dim, hidden, inter, b, t = 2, 1, 32, 48, 40, 3, 7      # 21 rows: two blocks of 16
+    width = (heads + 2 * kv_heads) * dim
+    tiling = {"block_n": 32, "block_k": 32, "num_warps": 4, "block_m": 16, "num_stages": 2}
+    path = tmp_path / "tilings.json"
+    path.write_text(json.dumps([{"m": 21, "n": width, "k": hidden, "tiling": tiling},
+                                {"m": 21, "n": 2 * inter, "k": hidden, "tiling": tiling}]))
+    table = gemv.load_dot_tilings(str(path))
+    assert table[(32, width, hidden)] == gemv.GemvTiling(**tiling)
+    monkeypatch.setattr(gemv, "DOT_TILINGS", table)
+    assert gemv.choose_tiling(b * t, width, hidden).block_m == 16
+    assert gemv.row_blocks(b * t, gemv.choose_tiling(b * t, width, hidden)) == gemv.RowBlocks(16, 2, True)
+    assert gemv.choose_tiling(b * t, 96, hidden) == gemv.GemvTiling(32, 64, 4)        # not in the table
+    torch.manual_seed(5)
+    x = torch.randn(b, t, hidden)
+    w = torch.randn(width, hidden) / hidden ** 0.5
+    rows = x.view(b * t, hidden)
+    want = torch.nn.functional.linear(rows, w)
+    assert ((gemv.gemv(rows, w) - want).norm() / want.norm()).item() < 1e-5
+    positions = torch.arange(b * t).view(b, t) + 11
+    cos, sin = rope_tables(positions, 1.0 / (10000 ** (torch.arange(0, dim, 2) / dim)), torch.float32)
+    slots = torch.randperm(32)[: b * t]
+    pools = [torch.zeros(8, 4, kv_heads, dim) for _ in range(4)]
+    want_q = reference.rope_and_write_kv(want.view(b, t, width), cos, sin, pools[0], pools[1], slots, heads,
+                                         kv_heads, x, 1e-5)
+    got_q = rope_kv.project_rope_and_write_kv(x, w, cos, sin, pools[2], pools[3], slots, heads, kv_heads, 1e-5)
+    for got, ref in ((got_q, want_q), (pools[2], pools[0]), (pools[3], pools[1])):
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+    w_gu = torch.randn(2 * inter, hidden) / hidden ** 0.5
+    want_act = reference.swiglu_rms(torch.nn.functional.linear(rows, w_gu), rows, 1e-6)
+    assert torch.allclose(swiglu.project_swiglu_rms(rows, w_gu, 1e-6), want_act, atol=1e-5, rtol=1e-5)

@@ -19,6 +19,8 @@ more than the launch. Also tried (profile_l2_8b_b1.json): each program asking fo
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,8 @@ class GemvTiling:
     block_n: int = 8       # output columns per program
     block_k: int = 512
     num_warps: int = 4
+    block_m: int | None = None   # tensor-core path: rows per program (None: row_blocks' default)
+    num_stages: int = 3
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,25 @@ class RowBlocks:
     dot: bool
 
 
-def row_blocks(m: int) -> RowBlocks:
+def row_blocks(m: int, tiling: GemvTiling | None = None) -> RowBlocks:
     if m <= MAX_ROWS:
         return RowBlocks(max(1, triton.next_power_of_2(m)), 1, False)
-    block_m = min(DOT_BLOCK_M, max(16, triton.next_power_of_2(m)))
+    block_m = tiling.block_m if tiling is not None and tiling.block_m else DOT_BLOCK_M
+    block_m = min(block_m, max(16, triton.next_power_of_2(m)))
     return RowBlocks(block_m, triton.cdiv(m, block_m), True)
+
+
+def load_dot_tilings(path: str | None) -> dict[tuple[int, int, int], GemvTiling]:
+    """Tensor-core tilings by (rows rounded up to a power of two, N, K), from a JSON list of {"m", "n", "k",
+    "tiling": {GemvTiling fields}} (benchmarks/tune_gemv.py --dot writes one): how a sweep's winners reach a step
+    for timing (environment SPECATTN_GEMV_DOT_TILINGS) before any becomes a rule in choose_tiling."""
+    if not path:
+        return {}
+    with open(path) as f:
+        return {(triton.next_power_of_2(e["m"]), e["n"], e["k"]): GemvTiling(**e["tiling"]) for e in json.load(f)}
+
+
+DOT_TILINGS = load_dot_tilings(os.environ.get("SPECATTN_GEMV_DOT_TILINGS"))
 
 
 def choose_tiling(m: int, n: int, k: int) -> GemvTiling:
@@ -61,7 +79,7 @@ def choose_tiling(m: int, n: int, k: int) -> GemvTiling:
     wide q/k/v product (6,144 columns, one row: 15.2 against 18.4 us for 512 x 4 warps), 512-key tiles otherwise;
     16 columns over 8 warps for outputs of 8,192 columns and more at one row (results/tune_gemv_70b.json)."""
     if m > MAX_ROWS:
-        return GemvTiling(32, 64, 4)
+        return DOT_TILINGS.get((triton.next_power_of_2(m), n, k), GemvTiling(32, 64, 4))
     if n >= 16384:                     # gate/up products: 16 columns at one row (8B: 59.8 us, as cuBLAS)
         return GemvTiling(16 if m == 1 else 8, 256, 4)
     if k <= 2048:
@@ -157,10 +175,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
     if x.stride(1) != 1:
         x = x.contiguous()
     t = tiling or choose_tiling(m, n, k)
-    blocks = row_blocks(m)
+    blocks = row_blocks(m, t)
     _gemv_kernel[(triton.cdiv(n, t.block_n), blocks.count)](
         x, weight, out, add if add is not None else out, m, n, k, x.stride(0), weight.stride(0), weight.stride(1),
         out.stride(0), (add if add is not None else out).stride(0), BLOCK_M=blocks.block_m, BLOCK_N=t.block_n,
-        BLOCK_K=t.block_k, ADD=add is not None, DOT=blocks.dot, UPCAST=INTERPRETED, num_warps=t.num_warps, num_stages=3,
+        BLOCK_K=t.block_k, ADD=add is not None, DOT=blocks.dot, UPCAST=INTERPRETED, num_warps=t.num_warps,
+        num_stages=t.num_stages,
         **launch_options(x.device))
     return out

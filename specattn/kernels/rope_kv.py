@@ -163,15 +163,15 @@ def project_rope_and_write_kv(x: torch.Tensor, weight: torch.Tensor, cos: torch.
     width = weight.shape[0]
     dim = width // (heads + 2 * kv_heads)
     rows = x.reshape(b * t, hidden)
-    blocks = row_blocks(b * t)
+    tiling = choose_tiling(b * t, width, hidden)
+    blocks = row_blocks(b * t, tiling)
     if weight.shape[1] != hidden or weight.stride(1) != 1 or dim % (16 if blocks.dot else 2):
         raise ValueError(f"project_rope_and_write_kv takes a row-major weight [(heads + 2 kv_heads) * dim, {hidden}] "
                          f"(dim a multiple of 16 above {MAX_ROWS} rows), got rows {tuple(rows.shape)}, weight "
                          f"{tuple(weight.shape)} strides {weight.stride()}")
     if rows.stride(1) != 1:
         rows = rows.contiguous()
-    tiling = choose_tiling(b * t, width, hidden)
-    pairs = 8 if blocks.dot else min(tiling.block_n // 2, dim // 2)
+    pairs = min(max(8, tiling.block_n // 2) if blocks.dot else tiling.block_n // 2, dim // 2)
     while (dim // 2) % pairs:          # a program's pairs lie in one head
         pairs //= 2
     cos2, sin2 = cos.reshape(b * t, dim).contiguous(), sin.reshape(b * t, dim).contiguous()
@@ -180,5 +180,5 @@ def project_rope_and_write_kv(x: torch.Tensor, weight: torch.Tensor, cos: torch.
         rows, weight, bias if bias is not None else weight, cos2, sin2, q, k_pool, v_pool, slots, b * t, hidden,
         rows.stride(0), weight.stride(0), cos2.stride(0), heads, kv_heads, eps, HALF=dim // 2, PAIRS=pairs,
         BLOCK_M=blocks.block_m, BLOCK_K=tiling.block_k, BIAS=bias is not None, DOT=blocks.dot, UPCAST=INTERPRETED,
-        num_warps=tiling.num_warps, num_stages=3, **launch_options(x.device))
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages, **launch_options(x.device))
     return q

@@ -83,11 +83,11 @@ def project_swiglu_rms(x: torch.Tensor, gate_up_weight: torch.Tensor, eps: float
     if x.stride(1) != 1:
         x = x.contiguous()
     tiling = choose_tiling(n, 2 * inter, hidden)
-    blocks = row_blocks(n)
-    pairs = 8 if blocks.dot else tiling.block_n // 2       # tensor cores: 16 weight rows a program
+    blocks = row_blocks(n, tiling)
+    pairs = max(8, tiling.block_n // 2) if blocks.dot else tiling.block_n // 2   # tensor cores: >= 16 weight rows
     out = torch.empty(n, inter, dtype=x.dtype, device=x.device)
     _gate_up_swiglu_kernel[(triton.cdiv(inter, pairs), blocks.count)](
         x, gate_up_weight, out, n, hidden, inter, x.stride(0), gate_up_weight.stride(0), out.stride(0), eps,
         PAIRS=pairs, BLOCK_M=blocks.block_m, BLOCK_K=tiling.block_k, DOT=blocks.dot, UPCAST=INTERPRETED,
-        num_warps=tiling.num_warps, num_stages=3, **launch_options(x.device))
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages, **launch_options(x.device))
     return out
