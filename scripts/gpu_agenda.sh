@@ -206,13 +206,20 @@ for part in "$@"; do
                 SPECATTN_GEMV_DOT_TILINGS="$OUT/gemv_dot_tilings.json" timeout 120 python3 benchmarks/profile_step.py \
                   --shape smol --batch $b --draft-budget 512 --gemv-rows 2,128 --rounds 5 --top 8 \
                   --json "$OUT/profile_dot_gemm_draft_b$b.json" 2>&1 | grep -A 3 "round-robin"
-              done ;;
-    selfspec-gamma)   # longer drafts at today's step costs: gamma 4, 6, 8 at b32 / b64 x 8K, each run its own AR
-              for g in 4 6 8; do
+              done
+              mkdir -p /root/m && cp "$OUT/gemv_dot_tilings.json" /root/m/ ;;   # for selfspec-dot on this machine
+    selfspec-gamma)   # longer drafts at today's step costs: gamma 4, 6, 8 (GAMMAS) at b32 / b64 x 8K, each run its AR
+              for g in ${GAMMAS-4 6 8}; do
                 timeout 190 python3 benchmarks/selfspec.py --cells 32x8000,64x8000 --sampling-cells "" --budgets 512 \
                   --methods magicdec,specattn-y/blk64 --gamma $g --skip-8b --out "$OUT/selfspec_g$g.json" 2>&1 \
                   | grep -v -i warn | tail -5
               done ;;
+    selfspec-dot)   # the same at gamma 4 with steps of up to 128 rows on the tensor-core small-step kernels, tiled as
+              # dot-gemm found on this machine (/root/m/gemv_dot_tilings.json): AR's steps and the drafts alike
+              SPECATTN_GEMV_MAX_ROWS=128 SPECATTN_GEMV_DOT_TILINGS=/root/m/gemv_dot_tilings.json timeout 190 \
+                python3 benchmarks/selfspec.py --cells 32x8000,64x8000 --sampling-cells "" --budgets 512 \
+                --methods magicdec,specattn-y/blk64 --gamma 4 --skip-8b --out "$OUT/selfspec_dot.json" 2>&1 \
+                | grep -v -i warn | tail -5 ;;
     *)        echo "unknown part $part (see the case labels in scripts/gpu_agenda.sh)" >&2 ;;
   esac
 done
