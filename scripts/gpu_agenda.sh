@@ -117,7 +117,7 @@ for part in "$@"; do
                 | grep -v "^{" | tail -12 ;;
     sparse-direct)   # the default model's draft step with its sparse attention in one split (no merge launch) vs
               # automatic, batch 64 and 32, budget 512, round-robin (no model files)
-              for b in 64 32; do
+              for b in ${DOT_BATCHES-64 32}; do
                 timeout 150 python3 benchmarks/profile_step.py --shape smol --batch $b --context 8192 --draft-budget 512 \
                   --sparse-max-splits auto,1 --rounds 7 --top 3 --json "$OUT/profile_sparse_direct_draft_b$b.json" \
                   2>&1 | grep -A 3 "round-robin"
@@ -200,9 +200,9 @@ for part in "$@"; do
     dot-gemm)   # tensor-core tiles for the default model's batched products (32, 64, 128 rows: draft steps at b32 /
               # b64, first draft step at b64) against cuBLAS; then draft steps with the winners (model.GEMV_MAX_ROWS
               # 128, fused rotation and SwiGLU) against cuBLAS, round-robin (no model files)
-              timeout 260 python3 benchmarks/tune_gemv.py "$OUT/tune_gemv_dot.json" --shapes=smol --rows=32,64,128 \
+              timeout 260 python3 benchmarks/tune_gemv.py "$OUT/tune_gemv_dot.json" --shapes=smol --rows=${DOT_ROWS-32,64,128} \
                 --tilings-out="$OUT/gemv_dot_tilings.json" 2>&1 | grep "^smol"
-              for b in 64 32; do
+              for b in ${DOT_BATCHES-64 32}; do
                 SPECATTN_GEMV_DOT_TILINGS="$OUT/gemv_dot_tilings.json" timeout 120 python3 benchmarks/profile_step.py \
                   --shape smol --batch $b --draft-budget 512 --gemv-rows 2,128 --rounds 5 --top 8 \
                   --json "$OUT/profile_dot_gemm_draft_b$b.json" 2>&1 | grep -A 3 "round-robin"
