@@ -28,7 +28,7 @@ SHAPES = {  # name: (N, K)
     "0.5b qkv": (1152, 896), "0.5b o": (896, 896), "0.5b gate_up": (9728, 896), "0.5b down": (896, 4864),
     # one rank of the 70B shape at TP=2 (hidden 8,192), where the output and down products lost to cuBLAS in the step
     "70b/2 qkv": (5120, 8192), "70b/2 o": (8192, 4096), "70b/2 down": (8192, 14336),
-    # the default model (SmolLM2-135M), whose batched draft steps (32-128 rows) are what --dot tunes
+    # the default model (SmolLM2-135M), whose batched draft steps (32-128 rows) run on tensor cores
     "smol qkv": (960, 576), "smol o": (576, 576), "smol gate_up": (3072, 576), "smol down": (576, 1536),
 }
 
@@ -43,8 +43,8 @@ def tilings(m: int):
 
 
 def dot_tilings(m: int):
-    """Tensor-core tiles: rows, columns and keys per program at 4 warps and 3 stages, then warps and stages for the
-    two row-block sizes that fill the rows (a second pass in shape_rows tries them around the best)."""
+    """Tensor-core tiles: rows, columns and keys per program, at 4 warps and 3 stages (shape_rows then tries the
+    best one's other warps and stages: `around`)."""
     for bm, bn, bk in itertools.product((16, 32, 64), (16, 32, 64), (64, 128, 256)):
         if bm <= max(16, m) and bm * bk + bn * bk <= 24576:     # a stage's two operand tiles within 48 KB
             yield gemv.GemvTiling(bn, bk, 4, bm, 3)

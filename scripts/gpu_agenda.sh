@@ -117,7 +117,7 @@ for part in "$@"; do
                 | grep -v "^{" | tail -12 ;;
     sparse-direct)   # the default model's draft step with its sparse attention in one split (no merge launch) vs
               # automatic, batch 64 and 32, budget 512, round-robin (no model files)
-              for b in ${DOT_BATCHES-64 32}; do
+              for b in 64 32; do
                 timeout 150 python3 benchmarks/profile_step.py --shape smol --batch $b --context 8192 --draft-budget 512 \
                   --sparse-max-splits auto,1 --rounds 7 --top 3 --json "$OUT/profile_sparse_direct_draft_b$b.json" \
                   2>&1 | grep -A 3 "round-robin"

@@ -46,7 +46,8 @@ GEMV_MAX_GATE_UP = 8192
 # steps on the H200 (results/profile_small_gemm_*_b64.json, round-robin: draft 1,589 vs 1,431 us, verify 4 x 5 rows
 # 5,084 vs 4,793 us), so unused by default. Environment SPECATTN_GEMV_MAX_ROWS sets it for a whole benchmark run (with
 # SPECATTN_GEMV_DOT_TILINGS: gemv.load_dot_tilings).
-GEMV_MAX_ROWS = int(os.environ.get("SPECATTN_GEMV_MAX_ROWS", "2"))
+GEMV_MAX_ROWS_DEFAULT = 2
+GEMV_MAX_ROWS = int(os.environ.get("SPECATTN_GEMV_MAX_ROWS", GEMV_MAX_ROWS_DEFAULT))
 # torch.compile mode of the decode/verify step functions: None (default) or "max-autotune-no-cudagraphs" (Triton
 # GEMM templates with the norm / SwiGLU fused around them; our own CUDA graphs wrap the step, so never a mode
 # with Inductor's cudagraphs). benchmarks/profile_step.py --compile-modes times both in one run; the environment

@@ -44,7 +44,7 @@ def environment() -> dict:
     out = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": commit}
     if model.STEP_COMPILE_MODE:     # only when not the default, so older files compare as they are
         out["step_compile_mode"] = model.STEP_COMPILE_MODE
-    if model.GEMV_MAX_ROWS != 2:     # the same: small-step kernels on tensor cores (SPECATTN_GEMV_MAX_ROWS)
+    if model.GEMV_MAX_ROWS != model.GEMV_MAX_ROWS_DEFAULT:   # the same: small-step kernels on tensor cores
         from ..kernels import gemv
         out["gemv_max_rows"] = model.GEMV_MAX_ROWS
         out["gemv_dot_tilings"] = {f"{m}x{n}x{k}": vars(t) for (m, n, k), t in gemv.DOT_TILINGS.items()}

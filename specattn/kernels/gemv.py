@@ -61,8 +61,8 @@ def row_blocks(m: int, tiling: GemvTiling | None = None) -> RowBlocks:
 
 def load_dot_tilings(path: str | None) -> dict[tuple[int, int, int], GemvTiling]:
     """Tensor-core tilings by (rows rounded up to a power of two, N, K), from a JSON list of {"m", "n", "k",
-    "tiling": {GemvTiling fields}} (benchmarks/tune_gemv.py --dot writes one): how a sweep's winners reach a step
-    for timing (environment SPECATTN_GEMV_DOT_TILINGS) before any becomes a rule in choose_tiling."""
+    "tiling": {GemvTiling fields}} (benchmarks/tune_gemv.py --tilings-out writes one): how a sweep's winners reach
+    a step for timing (environment SPECATTN_GEMV_DOT_TILINGS) before any becomes a rule in choose_tiling."""
     if not path:
         return {}
     with open(path) as f:
@@ -73,7 +73,8 @@ DOT_TILINGS = load_dot_tilings(os.environ.get("SPECATTN_GEMV_DOT_TILINGS"))
 
 
 def choose_tiling(m: int, n: int, k: int) -> GemvTiling:
-    """Tensor-core path (more than MAX_ROWS rows): 32 columns and 64 keys a tile (not yet timed). FMA path: the
+    """Tensor-core path (more than MAX_ROWS rows): the sweep's tiling for this shape where DOT_TILINGS holds one, else
+    32 columns and 64 keys a tile (not yet timed). FMA path: the
     fastest tiling at one and two rows in the H200 sweep (results/tune_gemv_pdl.json): 8 columns a program; a whole
     row of K <= 1,024 (Qwen2.5 0.5B / 1.5B) in one or two tiles; at K = 4,096 256-key tiles over 8 warps for the
     wide q/k/v product (6,144 columns, one row: 15.2 against 18.4 us for 512 x 4 warps), 512-key tiles otherwise;
