@@ -790,6 +790,12 @@ def test_swept_tensor_core_tilings_reach_the_products_through_the_table(tmp_path
                                 {"m": 21, "n": 2 * inter, "k": hidden, "tiling": tiling}]))
     table = gemv.load_dot_tilings(str(path))
     assert table[(32, width, hidden)] == gemv.GemvTiling(**tiling)
+    from specattn.errors import InvalidInputError
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"m": 21, "n": width, "tiling": tiling}]))      # no "k"
+    for wrong in (bad, tmp_path / "missing.json"):
+        with pytest.raises(InvalidInputError, match="SPECATTN_GEMV_DOT_TILINGS"):
+            gemv.load_dot_tilings(str(wrong))
     monkeypatch.setattr(gemv, "DOT_TILINGS", table)
     assert gemv.choose_tiling(b * t, width, hidden).block_m == 16
     assert gemv.row_blocks(b * t, gemv.choose_tiling(b * t, width, hidden)) == gemv.RowBlocks(16, 2, True)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import InvalidInputError
 from .pdl import INTERPRETED, launch_options, wait_for_predecessor
 
 MAX_ROWS = 4           # rows multiplied with FMAs, [rows, BLOCK_N, BLOCK_K] sums in registers; more: tensor cores
@@ -65,8 +66,12 @@ def load_dot_tilings(path: str | None) -> dict[tuple[int, int, int], GemvTiling]
     a step for timing (environment SPECATTN_GEMV_DOT_TILINGS) before any becomes a rule in choose_tiling."""
     if not path:
         return {}
-    with open(path) as f:
-        return {(triton.next_power_of_2(e["m"]), e["n"], e["k"]): GemvTiling(**e["tiling"]) for e in json.load(f)}
+    try:
+        with open(path) as f:
+            return {(triton.next_power_of_2(e["m"]), e["n"], e["k"]): GemvTiling(**e["tiling"]) for e in json.load(f)}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidInputError(f"tensor-core tilings {path} (SPECATTN_GEMV_DOT_TILINGS): {type(e).__name__}: {e}; "
+                                "give a file written by benchmarks/tune_gemv.py --tilings-out, or unset it") from None
 
 
 DOT_TILINGS = load_dot_tilings(os.environ.get("SPECATTN_GEMV_DOT_TILINGS"))
