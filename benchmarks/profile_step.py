@@ -68,7 +68,8 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
             few_programs: str = "default", gemv_rows: int = specattn.model.GEMV_MAX_ROWS,
             early_pages: int = paged_attention.EARLY_PAGES,
             sparse_max_splits: int | None = paged_attention.SPARSE_SMALL_HEADS_MAX_SPLITS,
-            sparse_full_wave: bool = False, mass_per_step: bool = True) -> tuple[dict, object]:
+            sparse_full_wave: bool = False, mass_per_step: bool = True,
+            draft_kernel: bool = False) -> tuple[dict, object]:
     """(the row, the step callable: its model and graph stay alive for --rounds)."""
     import torch._dynamo
 
@@ -85,6 +86,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     specattn.model.STEP_COMPILE_MODE = compile_mode
     torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])
+    model.draft_step_kernel = draft_kernel
     cache = PagedKVCache(model.cfg, batch, context + 16, dtype=torch.bfloat16, device="cuda")
     cache.k.normal_()
     cache.v.normal_()
@@ -113,6 +115,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += f", attention early reads {early_pages}"
     what += f", sparse splits <= {sparse_max_splits}" if sparse_max_splits else ""
     what += ", full-wave sparse launch" if sparse_full_wave else ""
+    what += ", blocks in one launch (kernels.draft_step)" if draft_kernel else ""
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
     what += "" if mass_per_step or not verify else ", page mass finished once a layer"
@@ -124,7 +127,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     row = {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "gemv": list(gemv),
            "attention_few_programs": few_programs, "gemv_max_rows": gemv_rows, "early_pages": early_pages,
            "sparse_max_splits": sparse_max_splits, "sparse_full_wave": sparse_full_wave,
-           "mass_finished_per_step": mass_per_step,
+           "mass_finished_per_step": mass_per_step, "draft_kernel": draft_kernel,
            "batch": batch, "context": context,
            "draft_budget": draft_budget, "q_len": q_len,
            "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
@@ -187,26 +190,29 @@ def main() -> None:
                     "the other (a variant timed later in a process measured up to 3%% slower)")
     ap.add_argument("--mass-finish", default="step", help="comma-separated step/layer: a verify step's page mass "
                     "finished by one launch after the last layer (paged_attention.StepMass) or one launch a layer")
+    ap.add_argument("--draft-kernel", default="off", help="comma-separated on/off: a sparse draft step's blocks as "
+                    "kernels.draft_step's one persistent launch; inside each --sparse-full-wave")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
-    variants = [(f == "on", int(p), gemv_projections(g), a, int(r), int(e), None if m == "auto" else int(m), w == "on")
+    variants = [(f == "on", int(p), gemv_projections(g), a, int(r), int(e), None if m == "auto" else int(m), w == "on",
+                 d == "on")
                 for f in args.folds.split(",") for p in args.pdl.split(",") for g in args.gemv.split(",")
                 for a in args.attn_few.split(",") for r in args.gemv_rows.split(",")
                 for e in args.early_pages.split(",") for m in args.sparse_max_splits.split(",")
-                for w in args.sparse_full_wave.split(",")]
+                for w in args.sparse_full_wave.split(",") for d in args.draft_kernel.split(",")]
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
                         args.q_len, args.top, verify=method, fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r,
                         early_pages=e, sparse_max_splits=m, sparse_full_wave=w, mass_per_step=per_step == "step")
                 for method in args.verify.split(",") for per_step in args.mass_finish.split(",")
-                for fold, pdl, gemv, a, r, e, m, w in variants]
+                for fold, pdl, gemv, a, r, e, m, w, _ in variants]
     else:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
                         not args.row_major, args.q_len, args.top, None if mode == "default" else mode,
                         fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r, early_pages=e,
-                        sparse_max_splits=m, sparse_full_wave=w)
-                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a, r, e, m, w in variants]
+                        sparse_max_splits=m, sparse_full_wave=w, draft_kernel=d)
+                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a, r, e, m, w, d in variants]
     rows = interleaved(rows, args.rounds)
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
@@ -229,7 +235,7 @@ def interleaved(built: list[tuple[dict, object]], rounds: int) -> list[dict]:
                   f" attention {row['attention_few_programs']} rows {row['gemv_max_rows']}"
                   f" early pages {row['early_pages']} sparse splits <= {row['sparse_max_splits'] or 'auto'}"
                   f" verify {row['verify']} mass per step {row['mass_finished_per_step']}"
-                  f" compile {row['compile_mode']}")
+                  f" compile {row['compile_mode']} draft kernel {row['draft_kernel']}")
     return rows
 
 

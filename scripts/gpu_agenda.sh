@@ -220,6 +220,21 @@ for part in "$@"; do
                 python3 benchmarks/selfspec.py --cells 32x8000,64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,specattn-y/blk64 --gamma 4 --skip-8b --out "$OUT/selfspec_dot.json" 2>&1 \
                 | grep -v -i warn | tail -5 ;;
+    draft-kernel)   # a sparse draft step's blocks in one persistent launch (kernels.draft_step): checked against the
+              # model's blocks first (the grid barrier runs only here), then timed round-robin against the library's
+              # launches at b64 / b32 (no model files)
+              timeout 100 python3 benchmarks/draft_kernel_check.py --out "$OUT/draft_kernel_check.json" 2>&1 | tail -4
+              for b in ${DRAFT_BATCHES-64 32}; do
+                timeout 150 python3 benchmarks/profile_step.py --shape smol --batch $b --draft-budget 512 \
+                  --draft-kernel off,on --rounds 5 --top 8 --json "$OUT/profile_draft_kernel_b$b.json" 2>&1 \
+                  | grep -E "^==|round-robin|us \(first" | tail -6
+              done ;;
+    selfspec-draft-kernel)   # the real model with its draft steps in one launch, beside the same methods without
+              for on in 0 1; do
+                SPECATTN_DRAFT_STEP_KERNEL=$on timeout 190 python3 benchmarks/selfspec.py --cells 32x8000,64x8000 \
+                  --sampling-cells "" --budgets 512 --methods magicdec,specattn-y/blk64 --gamma 4 --skip-8b \
+                  --out "$OUT/selfspec_draft_kernel_$on.json" 2>&1 | grep -v -i warn | tail -5
+              done ;;
     *)        echo "unknown part $part (see the case labels in scripts/gpu_agenda.sh)" >&2 ;;
   esac
 done

@@ -285,6 +285,9 @@ class Transformer(nn.Module):
         # Replaced by compiled versions on the GPU (see `compile_steps`).
         self.step_fns = self.prefill_fns = EAGER
         self.norms_folded = False  # see fold_norms
+        # Sparse draft steps run all blocks as one persistent kernel (kernels.draft_step) where it supports them:
+        # environment SPECATTN_DRAFT_STEP_KERNEL=1 (off until an A/B on the GPU, profile_step.py --draft-kernel 0,1).
+        self.draft_step_kernel = os.environ.get("SPECATTN_DRAFT_STEP_KERNEL") == "1"
         # Inference only: with grad-enabled weights a compiled step called outside no_grad would trace autograd,
         # which the fp32-logits product (torch.mm with out_dtype) does not support (profile_step.py failed so).
         self.requires_grad_(False)
@@ -347,6 +350,15 @@ class Transformer(nn.Module):
                          for name, fn in EAGER.items()}
         self.prefill_fns = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in EAGER.items()}
 
+    def blocks_in_one_launch(self, x, cos, sin, cache: PagedKVCache, view: StepView) -> bool:
+        """Run every block on x [batch, 1, hidden] in place as kernels.draft_step's one persistent launch, if it
+        supports this step (a sparse draft step); returns whether it did."""
+        from .kernels import draft_step
+        if view.q_len != 1 or draft_step.unsupported(self, view, x) is not None:
+            return False
+        draft_step.draft_blocks(self, x.view(-1, x.shape[-1]), cos, sin, cache, view)
+        return True
+
     def forward(self, tokens: torch.Tensor, cache: PagedKVCache, view: StepView,
                 all_logits: bool = False) -> torch.Tensor:
         """tokens: [batch, q_len] -> logits [batch, q_len or 1, vocab] (fp32).
@@ -357,11 +369,12 @@ class Transformer(nn.Module):
         x, mlp_out = self.embed(tokens), None
         cos, sin = fns["rope_tables"](view.positions, self.inv_freq, x.dtype)
         folded = self.norms_folded and (self.tp is None or TP_FOLDED)
-        for block in self.blocks:
-            if folded:
-                x = block.forward_folded(x, cos, sin, cache, view, self.attention)
-            else:
-                x, mlp_out = block(x, mlp_out, cos, sin, cache, view, self.attention, fns)
+        if not (folded and self.draft_step_kernel and self.blocks_in_one_launch(x, cos, sin, cache, view)):
+            for block in self.blocks:
+                if folded:
+                    x = block.forward_folded(x, cos, sin, cache, view, self.attention)
+                else:
+                    x, mlp_out = block(x, mlp_out, cos, sin, cache, view, self.attention, fns)
         if not all_logits:
             x, mlp_out = x[:, -1:], None if mlp_out is None else mlp_out[:, -1:]
         logits = fns["final_logits"](x, mlp_out, self.norm.weight, self.cfg.rms_norm_eps, self.lm_head.weight)

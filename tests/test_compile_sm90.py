@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 COMPILE_ALL = r'''
 from benchmarks.kernel_registers import ATTENTION_SIGNATURE, BASE, compile_sm90
-from specattn.kernels import gemv, paged_attention, rope_kv, swiglu
+from specattn.kernels import draft_step, gemv, paged_attention, rope_kv, swiglu
 
 def compile_checked(fn, pointers, ints, floats, constexprs):
     pointers = pointers if isinstance(pointers, dict) else {p: "*bf16" for p in pointers}
@@ -53,6 +53,17 @@ compile_checked(rope_kv._rope_write_kernel, WRITE,
                 dict(HALF=64, BLOCK_D=64, BLOCK_Q=32, BLOCK_KV=8, NORM=True, BIAS=True, BLOCK_X=4096, PDL=2))
 compile_checked(swiglu._swiglu_rms_kernel, ["gu_ptr", "x_ptr", "out_ptr"], ["stride_gu", "stride_x", "inter", "hidden"],
                 ["eps"], dict(BLOCK_X=4096, BLOCK_I=1024, PDL=2))
+DRAFT = {**{p: "*bf16" for p in ["x_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "q_buf", "o_buf", "act_buf"]},
+         **{p: "*i32" for p in ["lens_ptr", "table_ptr", "pages_ptr", "counts_ptr", "counter_ptr"]},
+         **{p: "*i64" for p in ["slots_ptr", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down"]}, "lse_buf": "*fp32"}
+DRAFT_INTS = ["stride_x", "stride_cs", "stride_table", "stride_pl", "stride_pb", "stride_ph", "stride_cl", "stride_cb",
+              "stride_kl", "M", "first_layer", "layers"]
+for splits in (1, 2):     # the default model's shapes, every phase and the grid barriers between them
+    ptx = compile_checked(draft_step._draft_blocks_kernel, DRAFT, DRAFT_INTS, ["eps", "qk_scale"],
+                          dict(HIDDEN=576, INTER=1536, HEADS=9, KV_HEADS=3, HEAD_DIM=64, PAGE_SIZE=16, BIAS=True,
+                               BLOCK_M=64, BLOCK_P=16, BLOCK_O=16, BLOCK_I=16, BLOCK_D=16, BLOCK_K=64, BLOCK_KEYS=64,
+                               GROUP_PAD=16, SPLITS=splits, PHASE=0, UPCAST=False)).asm["ptx"]
+    assert "atom.global.gpu.release.add" in ptx and "ld.global.gpu.acquire" in ptx
 print("compiled")
 '''
 

@@ -1,0 +1,93 @@
+"""GPU check of kernels.draft_step (a sparse draft step's blocks in one persistent launch, grid barriers between
+phases) against the model's own blocks, before any timing: CPU CI runs its phases one launch each, so the barrier
+is checked only here.
+
+Usage: python benchmarks/draft_kernel_check.py [--shape smol] [--batches 64,32,8] [--context 8192] [--repeats 50]
+[--out F]. Per batch: a random model of the shape (bf16, norms folded, row-major weights), a cache of random K/V,
+MagicDec's page lists at a 512-token budget; one eager draft step through the blocks, then through the kernel:
+logits' relative error, argmax agreement, the new K/V; then the kernel `repeats` more times, each output compared
+bit for bit with its first (a missed barrier would show as a difference somewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import SHAPES, environment, random_model  # noqa: E402
+from specattn.api import SpeculationParams, make_policy  # noqa: E402
+from specattn.cache import PagedKVCache  # noqa: E402
+from specattn.evaluation.results import write_json_atomic  # noqa: E402
+from specattn.kernels import draft_step  # noqa: E402
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check(shape: str, batch: int, context: int, budget: int, repeats: int) -> dict:
+    model = random_model(SHAPES[shape])
+    model.fold_norms()
+    cache = PagedKVCache(model.cfg, batch, context + 16, dtype=torch.bfloat16, device="cuda")
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.reset(batch)
+    cache.reserve(context)
+    cache.advance(context)
+    cache.reserve(1)
+    policy = make_policy("magicdec", SpeculationParams(budget, 1), model.cfg.num_layers)
+    policy.reset(cache)
+    selection = policy.select(cache, 1)
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch, 1), device="cuda")
+
+    def step(use_kernel: bool):
+        view = cache.step_view(1, static=True)
+        view.selection = selection
+        model.draft_step_kernel = use_kernel
+        logits = model(tokens, cache, view)
+        slots = view.slots
+        new_kv = torch.stack([cache.k.flatten(1, 2)[:, slots], cache.v.flatten(1, 2)[:, slots]])
+        return logits, new_kv, view
+
+    ref, ref_kv, view = step(False)
+    reason = draft_step.unsupported(model, view, tokens)
+    if reason:
+        raise SystemExit(f"the kernel does not take this step: {reason}")
+    got, got_kv, _ = step(True)
+    same_after = []
+    for _ in range(repeats):
+        again, again_kv, _ = step(True)
+        same_after.append(torch.equal(again, got) and torch.equal(again_kv, got_kv))
+    torch.cuda.synchronize()
+    row = {"shape": shape, "batch": batch, "context": context, "budget": budget,
+           "logits_relative_error": relative_error(got, ref),
+           "argmax_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+           "new_kv_relative_error": relative_error(got_kv, ref_kv),
+           "repeats_identical": sum(same_after), "repeats": repeats,
+           "splits": draft_step.choose_splits(batch * model.cfg.num_kv_heads,
+                                              torch.cuda.get_device_properties(0).multi_processor_count)}
+    print(f"{shape} b{batch} x {context}: logits rel err {row['logits_relative_error']:.2e}, argmax agree "
+          f"{row['argmax_agreement']:.3f}, new K/V rel err {row['new_kv_relative_error']:.2e}, "
+          f"repeats identical {row['repeats_identical']}/{repeats}, splits {row['splits']}", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="smol", choices=tuple(SHAPES))
+    ap.add_argument("--batches", default="64,32,8")
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    rows = [check(args.shape, int(b), args.context, args.budget, args.repeats) for b in args.batches.split(",")]
+    if args.out:
+        write_json_atomic(args.out, {**environment(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
