@@ -11,13 +11,14 @@ bit for bit with its first (a missed barrier would show as a difference somewher
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import SHAPES, environment, random_model  # noqa: E402
+from benchmarks.common import SHAPES, environment, graph_ms, random_model  # noqa: E402
 from specattn.api import SpeculationParams, make_policy  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
@@ -75,6 +76,51 @@ def check(shape: str, batch: int, context: int, budget: int, repeats: int) -> di
     return row
 
 
+def sweep(shape: str, batch: int, context: int, budget: int, variants: list[str]) -> list[dict]:
+    """The blocks alone (kernels.draft_step.draft_blocks, every layer), each tiling variant timed as 20 launches in
+    one CUDA graph, round-robin over three rounds (median)."""
+    model = random_model(SHAPES[shape])
+    model.fold_norms()
+    cache = PagedKVCache(model.cfg, batch, context + 16, dtype=torch.bfloat16, device="cuda")
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.reset(batch)
+    cache.reserve(context)
+    cache.advance(context)
+    cache.reserve(1)
+    policy = make_policy("magicdec", SpeculationParams(512, 1), model.cfg.num_layers)
+    policy.reset(cache)
+    view = cache.step_view(1, static=True)
+    view.selection = policy.select(cache, 1)
+    x = torch.randn(batch, model.cfg.hidden_size, dtype=torch.bfloat16, device="cuda") * 0.02
+    cos = torch.ones(batch, 1, 1, model.cfg.head_dim, dtype=torch.bfloat16, device="cuda")
+    sin = torch.zeros_like(cos)
+    calls = {v: functools.partial(draft_step.draft_blocks, model, x, cos, sin, cache, view, tiling=parse_tiling(v))
+             for v in variants}
+    times = {v: [] for v in variants}
+    for _ in range(3):
+        for v, fn in calls.items():
+            times[v].append(graph_ms(fn) * 1000)
+    rows = []
+    for v, t in times.items():
+        us = sorted(t)[1]
+        rows.append({"shape": shape, "batch": batch, "context": context, "budget": budget, "tiling": v,
+                     "blocks_us": us, "rounds_us": t})
+        print(f"sweep {shape} b{batch}: {v or 'default':40s} {us:8.1f} us (rounds {min(t):.1f}-{max(t):.1f})",
+              flush=True)
+    return rows
+
+
+def parse_tiling(spec: str) -> draft_step.DraftTiling:
+    """'splits=2;block_m=32' -> DraftTiling with those fields ('' : the default)."""
+    fields = dict(kv.split("=") for kv in spec.split(";") if kv)
+    return draft_step.DraftTiling(**{k: int(v) for k, v in fields.items()})
+
+
+SWEEP = ["", "splits=2", "splits=4", "block_m=32", "block_i=8", "block_o=32;block_d=32", "block_keys=128",
+         "num_warps=4", "num_stages=3"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="smol", choices=tuple(SHAPES))
@@ -82,9 +128,14 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--sweep", nargs="?", const="|".join(SWEEP), help="after the checks, time the blocks alone per "
+                    "tiling ('|'-separated variants, each ';'-separated DraftTiling fields; bare: a built-in list)")
     ap.add_argument("--out")
     args = ap.parse_args()
     rows = [check(args.shape, int(b), args.context, args.budget, args.repeats) for b in args.batches.split(",")]
+    if args.sweep:
+        rows += [r for b in args.batches.split(",")
+                 for r in sweep(args.shape, int(b), args.context, args.budget, args.sweep.split("|"))]
     if args.out:
         write_json_atomic(args.out, {**environment(), "rows": rows})
 

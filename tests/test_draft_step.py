@@ -11,8 +11,10 @@ import torch
 
 from specattn.cache import PagedKVCache
 from specattn.config import ModelConfig
+from specattn.decoding.ar import GenerationParams, generate_ar
+from specattn.decoding.self_speculative import generate_self_speculative
 from specattn.kernels import draft_step
-from specattn.selection import PageSelection
+from specattn.selection import PageSelection, StreamingPolicy, VerificationGuidedPolicy
 
 from .conftest import random_model
 
@@ -135,3 +137,28 @@ def test_splits_give_every_program_work_up_to_four():
     assert draft_step.choose_splits(192, 132) == 1      # the default model's batch-64 draft: 64 x 3 lists
     assert draft_step.choose_splits(96, 132) == 2
     assert draft_step.choose_splits(3, 132) == 4
+
+
+@pytest.mark.parametrize("make_policy", [lambda: VerificationGuidedPolicy(32, 16, 16), lambda: StreamingPolicy(32, 16)],
+                         ids=["specattn-y", "magicdec"])
+def test_self_speculation_with_one_launch_drafts_equals_ar(make_policy, monkeypatch):
+    """Drafts through the kernel in the decoding loop: the tokens stay AR's (verification decides), and the drafts
+    are the blocks' own (fp32): the same acceptance, round for round, as drafts through the model's blocks."""
+    cfg = small_config()
+    model = random_model(cfg, seed=3, std=0.15)
+    model.fold_norms()
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (90, 61)]
+    params = GenerationParams(max_new_tokens=12)
+    ar = generate_ar(model, PagedKVCache(cfg, 2, 140), prompts, params).tokens
+    launches = []
+    blocks = draft_step.draft_blocks
+    monkeypatch.setattr(draft_step, "draft_blocks", lambda *a, **kw: launches.append(1) or blocks(*a, **kw))
+    runs = {}
+    for use_kernel in (False, True):
+        model.draft_step_kernel = use_kernel
+        runs[use_kernel] = generate_self_speculative(model, PagedKVCache(cfg, 2, 140), prompts, params, make_policy(),
+                                                     3)
+    assert runs[True].tokens == ar and runs[True].stats["rounds"] > 1
+    assert runs[True].stats["acceptance_per_position"] == runs[False].stats["acceptance_per_position"]
+    assert len(launches) >= 3 * (runs[True].stats["rounds"] - 1)     # gamma draft steps a round

@@ -34,12 +34,13 @@ PHASES = 5
 
 @dataclass(frozen=True)
 class DraftTiling:
-    block_p: int = 16      # rotation pairs a q/k/v tile (2 x block_p weight rows: both halves of each pair)
+    block_p: int = 8       # rotation pairs a q/k/v tile (2 x block_p weight rows: both halves of each pair)
     block_o: int = 16      # output-product columns a tile
     block_i: int = 16      # SwiGLU outputs a tile (their gate and up rows)
     block_d: int = 16      # down-product columns a tile
     block_k: int = 64      # reduction tile of the products
     block_keys: int = 64   # keys an attention tile
+    block_m: int | None = None   # rows a product tile; None: the batch rounded up to a power of two, 16-64
     splits: int | None = None   # programs per (sequence, KV head) list; None: choose_splits
     # 8 warps: 4 spill at 255 registers (offline sm_90 compile of the default model's shapes); one program an SM
     num_warps: int = 8
@@ -84,24 +85,21 @@ def _grid_barrier(counter_ptr, target):
 
 
 @triton.jit
-def _rows_times_pair(x_ptr, stride_x, rows, row_ok, w1, w2, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """Rows of x (written in this launch: read past L1) times two sets of weight rows (pointers [BLOCK_N, 1]):
-    two fp32 [BLOCK_M, BLOCK_N] products and each row's sum of squares (for its 1 / rms)."""
+def _rows_times(x_ptr, stride_x, rows, row_ok, w_rows, w_ok, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows of x (written in this launch: read past L1) times BLOCK_N weight rows (pointers [BLOCK_N, 1], w_ok
+    [BLOCK_N]) over all of K: the fp32 product [BLOCK_M, BLOCK_N] and each row's sum of squares (for its 1 / rms)."""
     ks = tl.arange(0, BLOCK_K)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     squares = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + ks < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_x + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok, other=0.0,
                     cache_modifier=".cg")
-        a = tl.load(w1 + (k0 + ks)[None, :], mask=k_ok, other=0.0)
-        b = tl.load(w2 + (k0 + ks)[None, :], mask=k_ok, other=0.0)
+        w = tl.load(w_rows + (k0 + ks)[None, :], mask=w_ok[:, None] & k_ok, other=0.0)
         squares += tl.sum(x.to(tl.float32) * x.to(tl.float32), 1)
-        acc1 = _dot_t(x, a, acc1, UPCAST)
-        acc2 = _dot_t(x, b, acc2, UPCAST)
-    return acc1, acc2, squares
+        acc = _dot_t(x, w, acc, UPCAST)
+    return acc, squares
 
 
 @triton.jit
@@ -112,15 +110,8 @@ def _add_product(x_ptr, stride_x, a_ptr, stride_a, w, M, K, N, tile, col_tiles, 
     col_ok = cols < N
     rows = (tile // col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + ks < K)[None, :]
-        a = tl.load(a_ptr + rows[:, None] * stride_a + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok, other=0.0,
-                    cache_modifier=".cg")
-        wt = tl.load(w + cols.to(tl.int64)[:, None] * K + (k0 + ks)[None, :], mask=col_ok[:, None] & k_ok,
-                     other=0.0)
-        acc = _dot_t(a, wt, acc, UPCAST)
+    acc, _ = _rows_times(a_ptr, stride_a, rows, row_ok, w + cols.to(tl.int64)[:, None] * K, col_ok, K, BLOCK_M,
+                         BLOCK_N, BLOCK_K, UPCAST)
     dst = x_ptr + rows[:, None] * stride_x + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     acc += tl.load(dst, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -136,21 +127,21 @@ def _phase_qkv(x_ptr, stride_x, w, bias, cos_ptr, sin_ptr, stride_cs, slots_ptr,
     PER_HEAD: tl.constexpr = HALF // BLOCK_P
     COL_TILES: tl.constexpr = (HEADS + 2 * KV_HEADS) * PER_HEAD
     dt = x_ptr.dtype.element_ty
+    i = tl.arange(0, 2 * BLOCK_P)
     for tile in range(pid, COL_TILES * tl.cdiv(M, BLOCK_M), programs):
         head = (tile % COL_TILES) // PER_HEAD
-        j = ((tile % COL_TILES) % PER_HEAD) * BLOCK_P + tl.arange(0, BLOCK_P)
+        j0 = ((tile % COL_TILES) % PER_HEAD) * BLOCK_P
+        j = j0 + tl.arange(0, BLOCK_P)
         rows = (tile // COL_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        col1 = head * HEAD_DIM + j                    # each pair's first half; its second is HALF further
-        w1 = w + col1.to(tl.int64)[:, None] * HIDDEN
-        p1, p2, squares = _rows_times_pair(x_ptr, stride_x, rows, row_ok, w1, w1 + HALF * HIDDEN, HIDDEN, BLOCK_M,
-                                           BLOCK_P, BLOCK_K, UPCAST)
-        r = tl.rsqrt(squares / HIDDEN + eps)[:, None]
-        x1 = p1.to(dt).to(tl.float32) * r
-        x2 = p2.to(dt).to(tl.float32) * r
+        # weight rows pair by pair (j, j + HALF), so the rotation needs nothing from other programs
+        cols = head * HEAD_DIM + (i % 2) * HALF + j0 + i // 2
+        y, squares = _rows_times(x_ptr, stride_x, rows, row_ok, w + cols.to(tl.int64)[:, None] * HIDDEN, cols >= 0,
+                                 HIDDEN, BLOCK_M, 2 * BLOCK_P, BLOCK_K, UPCAST)
+        y = y.to(dt).to(tl.float32) * tl.rsqrt(squares / HIDDEN + eps)[:, None]
         if BIAS:
-            x1 += tl.load(bias + col1).to(tl.float32)[None, :]
-            x2 += tl.load(bias + col1 + HALF).to(tl.float32)[None, :]
+            y += tl.load(bias + cols).to(tl.float32)[None, :]
+        x1, x2 = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_P, 2]))
         ok = row_ok[:, None]
         if head < HEADS + KV_HEADS:                   # q and k heads rotate
             cs = rows[:, None] * stride_cs + j[None, :]
@@ -274,19 +265,19 @@ def _phase_swiglu(x_ptr, stride_x, w, act_buf, M, eps, pid, programs, HIDDEN: tl
                   BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     COL_TILES: tl.constexpr = (INTER + BLOCK_I - 1) // BLOCK_I
     dt = x_ptr.dtype.element_ty
+    n = tl.arange(0, 2 * BLOCK_I)
     for tile in range(pid, COL_TILES * tl.cdiv(M, BLOCK_M), programs):
         i = (tile % COL_TILES) * BLOCK_I + tl.arange(0, BLOCK_I)
-        i_ok = i < INTER
         rows = (tile // COL_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        gate_rows = w + tl.where(i_ok, i, 0).to(tl.int64)[:, None] * HIDDEN
-        g, u, squares = _rows_times_pair(x_ptr, stride_x, rows, row_ok, gate_rows, gate_rows + INTER * HIDDEN,
-                                         HIDDEN, BLOCK_M, BLOCK_I, BLOCK_K, UPCAST)
-        r = tl.rsqrt(squares / HIDDEN + eps)[:, None]
-        g = g.to(dt).to(tl.float32) * r
-        u = u.to(dt).to(tl.float32) * r
-        tl.store(act_buf + rows[:, None] * INTER + i[None, :], (g * tl.sigmoid(g) * u).to(dt),
-                 mask=row_ok[:, None] & i_ok[None, :])
+        out = (tile % COL_TILES) * BLOCK_I + n // 2    # gate rows and up rows (INTER further) side by side
+        cols = (n % 2) * INTER + out
+        y, squares = _rows_times(x_ptr, stride_x, rows, row_ok, w + cols.to(tl.int64)[:, None] * HIDDEN,
+                                 out < INTER, HIDDEN, BLOCK_M, 2 * BLOCK_I, BLOCK_K, UPCAST)
+        y = y.to(dt).to(tl.float32) * tl.rsqrt(squares / HIDDEN + eps)[:, None]
+        gate, up = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_I, 2]))
+        tl.store(act_buf + rows[:, None] * INTER + i[None, :], (gate * tl.sigmoid(gate) * up).to(dt),
+                 mask=row_ok[:, None] & (i < INTER)[None, :])
 
 
 @triton.jit
@@ -404,7 +395,7 @@ def draft_blocks(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c
     splits = t.splits or choose_splits(m * cfg.num_kv_heads, programs)
     half = cfg.head_dim // 2
     block_p = min(t.block_p, half)
-    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_m = t.block_m or min(64, max(16, triton.next_power_of_2(m)))
     q_buf = torch.empty(m, cfg.num_heads, cfg.head_dim, dtype=x.dtype, device=x.device)
     o_buf = torch.empty(splits, m, cfg.num_heads, cfg.head_dim, dtype=x.dtype if splits == 1 else torch.float32,
                         device=x.device)
