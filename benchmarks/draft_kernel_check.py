@@ -57,22 +57,32 @@ def check(shape: str, batch: int, context: int, budget: int, repeats: int) -> di
     reason = draft_step.unsupported(model, view, tokens)
     if reason:
         raise SystemExit(f"the kernel does not take this step: {reason}")
-    got, got_kv, _ = step(True)
-    same_after = []
-    for _ in range(repeats):
-        again, again_kv, _ = step(True)
-        same_after.append(torch.equal(again, got) and torch.equal(again_kv, got_kv))
+    counter = torch.zeros(2, dtype=torch.int32, device="cuda")
+    blocks = draft_step.draft_blocks
+    draft_step.draft_blocks = functools.partial(blocks, counter=counter)   # to read the barrier's flag
+    timed_out = 0
+    try:
+        got, got_kv, _ = step(True)
+        timed_out += counter[1].item()
+        same_after = []
+        for _ in range(repeats):
+            again, again_kv, _ = step(True)
+            same_after.append(torch.equal(again, got) and torch.equal(again_kv, got_kv))
+            timed_out += counter[1].item()
+    finally:
+        draft_step.draft_blocks = blocks
     torch.cuda.synchronize()
     row = {"shape": shape, "batch": batch, "context": context, "budget": budget,
            "logits_relative_error": relative_error(got, ref),
            "argmax_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
            "new_kv_relative_error": relative_error(got_kv, ref_kv),
-           "repeats_identical": sum(same_after), "repeats": repeats,
+           "repeats_identical": sum(same_after), "repeats": repeats, "barrier_timeouts": timed_out,
            "splits": draft_step.choose_splits(batch * model.cfg.num_kv_heads,
                                               torch.cuda.get_device_properties(0).multi_processor_count)}
     print(f"{shape} b{batch} x {context}: logits rel err {row['logits_relative_error']:.2e}, argmax agree "
           f"{row['argmax_agreement']:.3f}, new K/V rel err {row['new_kv_relative_error']:.2e}, "
-          f"repeats identical {row['repeats_identical']}/{repeats}, splits {row['splits']}", flush=True)
+          f"repeats identical {row['repeats_identical']}/{repeats}, barrier timeouts {timed_out}, splits "
+          f"{row['splits']}", flush=True)
     return row
 
 

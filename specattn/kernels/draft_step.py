@@ -75,12 +75,18 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 @triton.jit
 def _grid_barrier(counter_ptr, target):
     """Wait until every program has arrived `target // programs` times. Stores before it are visible after it:
-    a CTA barrier, then one thread's release / acquire at GPU scope (cooperative groups' grid sync, in Triton)."""
+    a CTA barrier, then one thread's release / acquire at GPU scope (cooperative groups' grid sync, in Triton).
+    A wait of ~2^22 polls (seconds) gives up and raises the flag counter_ptr[1] instead of hanging the GPU: drafts
+    computed past a failed barrier are wrong, but verification still decides every token."""
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
     seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    while seen < target:
+    polls = 0
+    while (seen < target) & (polls < 4194304):
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        polls += 1
+    if seen < target:
+        tl.atomic_max(counter_ptr + 1, 1)
     tl.debug_barrier()
 
 
@@ -379,10 +385,12 @@ def unsupported(model, view, x: torch.Tensor) -> str | None:
 
 
 def draft_blocks(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, view,
-                 tiling: DraftTiling | None = None, programs: int | None = None) -> None:
+                 tiling: DraftTiling | None = None, programs: int | None = None,
+                 counter: torch.Tensor | None = None) -> None:
     """Run every block of the model on the new rows x [batch, hidden] (the residual stream, updated in place),
     writing their K/V into the cache at view.slots; attention of layer l reads view.selection's page lists of
-    layer l. cos, sin: [batch, 1, 1, head_dim] (model.rope_tables). Check `unsupported` first."""
+    layer l. cos, sin: [batch, 1, 1, head_dim] (model.rope_tables). Check `unsupported` first. counter: int32 [2],
+    zeroed here (else a fresh one): the barrier's arrivals, then a flag set if a barrier timed out (GPU checks)."""
     cfg = model.cfg
     t = tiling or DraftTiling()
     m = x.shape[0]
@@ -401,7 +409,7 @@ def draft_blocks(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c
                         device=x.device)
     lse_buf = torch.empty(splits, m, cfg.num_heads, dtype=torch.float32, device=x.device)
     act_buf = torch.empty(m, cfg.intermediate_size, dtype=x.dtype, device=x.device)
-    counter = torch.zeros(1, dtype=torch.int32, device=x.device)
+    counter = counter.zero_() if counter is not None else torch.zeros(2, dtype=torch.int32, device=x.device)
     cos2, sin2 = cos.reshape(m, cfg.head_dim), sin.reshape(m, cfg.head_dim)
     pages, counts = sel.pages, sel.counts
     args = (x, x.stride(0), cos2, sin2, cos2.stride(0), view.slots, view.lens_after, view.page_table,
