@@ -223,7 +223,9 @@ for part in "$@"; do
     draft-kernel)   # a sparse draft step's blocks in one persistent launch (kernels.draft_step): checked against the
               # model's blocks first (the grid barrier runs only here), then timed round-robin against the library's
               # launches at b64 / b32 (no model files)
-              timeout 100 python3 benchmarks/draft_kernel_check.py --out "$OUT/draft_kernel_check.json" 2>&1 | tail -4
+              timeout 150 python3 benchmarks/draft_kernel_check.py --batches 64,32 --repeats 30 \
+                --sweep "${DRAFT_SWEEP-|splits=2|block_m=32|block_keys=128|num_stages=3}" \
+                --out "$OUT/draft_kernel_check.json" 2>&1 | grep -v -i warn | tail -14
               for b in ${DRAFT_BATCHES-64 32}; do
                 timeout 150 python3 benchmarks/profile_step.py --shape smol --batch $b --draft-budget 512 \
                   --draft-kernel off,on --rounds 5 --top 8 --json "$OUT/profile_draft_kernel_b$b.json" 2>&1 \
