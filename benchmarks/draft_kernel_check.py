@@ -54,7 +54,7 @@ def check(shape: str, batch: int, context: int, budget: int, repeats: int) -> di
         return logits, new_kv, view
 
     ref, ref_kv, view = step(False)
-    reason = draft_step.unsupported(model, view, tokens)
+    reason = draft_step.unsupported(model, view, model.embed.weight, cache)
     if reason:
         raise SystemExit(f"the kernel does not take this step: {reason}")
     counter = torch.zeros(2, dtype=torch.int32, device="cuda")

@@ -354,7 +354,7 @@ class Transformer(nn.Module):
         """Run every block on x [batch, 1, hidden] in place as kernels.draft_step's one persistent launch, if it
         supports this step (a sparse draft step); returns whether it did."""
         from .kernels import draft_step
-        if view.q_len != 1 or draft_step.unsupported(self, view, x) is not None:
+        if view.q_len != 1 or draft_step.unsupported(self, view, x, cache) is not None:
             return False
         draft_step.draft_blocks(self, x.view(-1, x.shape[-1]), cos, sin, cache, view)
         return True

@@ -128,6 +128,7 @@ def test_steps_the_kernel_does_not_cover_are_named():
     view.page_mass = None
     unfolded = random_model(cfg)
     assert "folded" in draft_step.unsupported(unfolded, view, x)
+    assert "cache" in draft_step.unsupported(model, view, x, PagedKVCache(cfg, 1, 64, dtype=torch.bfloat16))
     small_heads = random_model(small_config(head_dim=16))
     small_heads.fold_norms()
     assert "head_dim" in draft_step.unsupported(small_heads, view, x)

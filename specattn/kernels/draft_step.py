@@ -359,9 +359,10 @@ class WeightTables:
         return self._key(model) == self.key
 
 
-def unsupported(model, view, x: torch.Tensor) -> str | None:
+def unsupported(model, view, x: torch.Tensor, cache=None) -> str | None:
     """Why this step cannot take the kernel (None: it can). Sparse page-level drafting of one new token per
-    sequence on a whole (not tensor-parallel) model with folded norms and row-major projection weights."""
+    sequence on a whole (not tensor-parallel) model with folded norms and row-major projection weights, its cache
+    (if given) in the model's dtype."""
     from ..selection import PageSelection
     cfg = model.cfg
     sel = view.selection
@@ -372,6 +373,8 @@ def unsupported(model, view, x: torch.Tensor) -> str | None:
     if (view.page_mass is not None or view.token_scores is not None or view.attention_probs is not None
             or view.key_masks is not None):
         return "the step also measures or records attention"
+    if cache is not None and cache.dtype != x.dtype:
+        return f"a {cache.dtype} cache under a {x.dtype} model"
     if not model.norms_folded or model.tp is not None:
         return "needs folded norms and a whole model"
     if cfg.head_dim & (cfg.head_dim - 1) or cfg.head_dim < 32:
