@@ -86,7 +86,7 @@ def check(shape: str, batch: int, context: int, budget: int, repeats: int) -> di
     return row
 
 
-def sweep(shape: str, batch: int, context: int, budget: int, variants: list[str]) -> list[dict]:
+def sweep(shape: str, batch: int, context: int, budget: int, variants: list[str], phases: bool = False) -> list[dict]:
     """The blocks alone (kernels.draft_step.draft_blocks, every layer), each tiling variant timed as 20 launches in
     one CUDA graph, round-robin over three rounds (median)."""
     model = random_model(SHAPES[shape])
@@ -107,6 +107,11 @@ def sweep(shape: str, batch: int, context: int, budget: int, variants: list[str]
     sin = torch.zeros_like(cos)
     calls = {v: functools.partial(draft_step.draft_blocks, model, x, cos, sin, cache, view, tiling=parse_tiling(v))
              for v in variants}
+    if phases:       # the first tiling's parts: one layer's phases alone, one layer with barriers, all layers
+        t = parse_tiling(variants[0])
+        calls = {f"{variants[0]} phase {p} x {n} layers": functools.partial(
+            draft_step.draft_blocks, model, x, cos, sin, cache, view, tiling=t, only=(p, n))
+            for p, n in ((1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (0, 1), (0, model.cfg.num_layers))}
     times = {v: [] for v in variants}
     for _ in range(3):
         for v, fn in calls.items():
@@ -114,9 +119,9 @@ def sweep(shape: str, batch: int, context: int, budget: int, variants: list[str]
     rows = []
     for v, t in times.items():
         us = sorted(t)[1]
-        rows.append({"shape": shape, "batch": batch, "context": context, "budget": budget, "tiling": v,
+        rows.append({"shape": shape, "batch": batch, "context": context, "budget": budget, "variant": v,
                      "blocks_us": us, "rounds_us": t})
-        print(f"sweep {shape} b{batch}: {v or 'default':40s} {us:8.1f} us (rounds {min(t):.1f}-{max(t):.1f})",
+        print(f"sweep {shape} b{batch}: {v or 'default':50s} {us:8.1f} us (rounds {min(t):.1f}-{max(t):.1f})",
               flush=True)
     return rows
 
@@ -140,12 +145,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--sweep", nargs="?", const="|".join(SWEEP), help="after the checks, time the blocks alone per "
                     "tiling ('|'-separated variants, each ';'-separated DraftTiling fields; bare: a built-in list)")
+    ap.add_argument("--phases", action="store_true", help="time the first --sweep tiling's phases instead")
     ap.add_argument("--out")
     args = ap.parse_args()
     rows = [check(args.shape, int(b), args.context, args.budget, args.repeats) for b in args.batches.split(",")]
     if args.sweep:
         rows += [r for b in args.batches.split(",")
-                 for r in sweep(args.shape, int(b), args.context, args.budget, args.sweep.split("|"))]
+                 for r in sweep(args.shape, int(b), args.context, args.budget, args.sweep.split("|"), args.phases)]
     if args.out:
         write_json_atomic(args.out, {**environment(), "rows": rows})
 

@@ -389,11 +389,13 @@ def unsupported(model, view, x: torch.Tensor, cache=None) -> str | None:
 
 def draft_blocks(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, view,
                  tiling: DraftTiling | None = None, programs: int | None = None,
-                 counter: torch.Tensor | None = None) -> None:
+                 counter: torch.Tensor | None = None, only: tuple[int, int] | None = None) -> None:
     """Run every block of the model on the new rows x [batch, hidden] (the residual stream, updated in place),
     writing their K/V into the cache at view.slots; attention of layer l reads view.selection's page lists of
     layer l. cos, sin: [batch, 1, 1, head_dim] (model.rope_tables). Check `unsupported` first. counter: int32 [2],
-    zeroed here (else a fresh one): the barrier's arrivals, then a flag set if a barrier timed out (GPU checks)."""
+    zeroed here (else a fresh one): the barrier's arrivals, then a flag set if a barrier timed out (GPU checks).
+    only (phase, layers): for timing its parts, one launch of that phase (1-5) or all five with their barriers (0)
+    over the first `layers` layers."""
     cfg = model.cfg
     t = tiling or DraftTiling()
     m = x.shape[0]
@@ -427,6 +429,9 @@ def draft_blocks(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c
                 GROUP_PAD=max(16, triton.next_power_of_2(cfg.num_heads // cfg.num_kv_heads)), SPLITS=splits,
                 UPCAST=INTERPRETED, num_warps=t.num_warps, num_stages=t.num_stages)
     qk_scale = cfg.head_dim ** -0.5 * 1.4426950408889634      # exp2 domain
+    if only is not None:
+        _draft_blocks_kernel[(programs,)](*args, 0, only[1], cfg.rms_norm_eps, qk_scale, PHASE=only[0], **meta)
+        return
     if INTERPRETED:
         for layer in range(cfg.num_layers):
             for phase in range(1, PHASES + 1):
