@@ -112,7 +112,7 @@ def sweep(shape: str, batch: int, context: int, budget: int, variants: list[str]
         calls = {f"{variants[0]} phase {p} x {n} layers": functools.partial(
             draft_step.draft_blocks, model, x, cos, sin, cache, view, tiling=t, only=(p, n))
             for p, n in ((1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (0, 1), (0, model.cfg.num_layers))}
-    times = {v: [] for v in variants}
+    times = {v: [] for v in calls}
     for _ in range(3):
         for v, fn in calls.items():
             times[v].append(graph_ms(fn) * 1000)
