@@ -45,6 +45,7 @@ class DraftTiling:
     # 8 warps: 4 spill at 255 registers (offline sm_90 compile of the default model's shapes); one program an SM
     num_warps: int = 8
     num_stages: int = 2
+    programs_per_sm: int = 1     # all must be resident at once (the barrier): 2 only where registers allow it
 
 
 def choose_splits(pairs: int, programs: int) -> int:
@@ -403,7 +404,8 @@ def draft_blocks(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c
     if tables is None or not tables.current(model):
         tables = model._draft_weight_tables = WeightTables(model)
     if programs is None:
-        programs = (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4)
+        programs = (torch.cuda.get_device_properties(x.device).multi_processor_count * t.programs_per_sm
+                    if x.is_cuda else 4)
     sel = view.selection
     splits = t.splits or choose_splits(m * cfg.num_kv_heads, programs)
     half = cfg.head_dim // 2
