@@ -44,7 +44,8 @@ GEMV_MAX_GATE_UP = 8192
 # Steps of at most this many rows use them: 2 (FMA sums; 4-row products were slower than cuBLAS, tune_gemv_pdl.json).
 # Above gemv.MAX_ROWS they run on tensor cores (gemv.row_blocks), slower than cuBLAS in the default model's batch-64
 # steps on the H200 (results/profile_small_gemm_*_b64.json, round-robin: draft 1,589 vs 1,431 us, verify 4 x 5 rows
-# 5,084 vs 4,793 us), so unused by default. Environment SPECATTN_GEMV_MAX_ROWS sets it for a whole benchmark run (with
+# 5,084 vs 4,793 us), so unused by default; with tiles swept per shape too (H100, profile_dot_gemm_draft_b64.json:
+# draft step 1,542 vs 1,254 us). Environment SPECATTN_GEMV_MAX_ROWS sets it for a whole benchmark run (with
 # SPECATTN_GEMV_DOT_TILINGS: gemv.load_dot_tilings).
 GEMV_MAX_ROWS_DEFAULT = 2
 GEMV_MAX_ROWS = int(os.environ.get("SPECATTN_GEMV_MAX_ROWS", GEMV_MAX_ROWS_DEFAULT))
@@ -286,7 +287,8 @@ class Transformer(nn.Module):
         self.step_fns = self.prefill_fns = EAGER
         self.norms_folded = False  # see fold_norms
         # Sparse draft steps run all blocks as one persistent kernel (kernels.draft_step) where it supports them:
-        # environment SPECATTN_DRAFT_STEP_KERNEL=1 (off until an A/B on the GPU, profile_step.py --draft-kernel 0,1).
+        # environment SPECATTN_DRAFT_STEP_KERNEL=1. Off: slower on the H100 (b64 draft step 2,928 vs 1,263 us at its
+        # first tiling, the blocks alone 1,853 us at its best; results/profile_draft_kernel_b64.json).
         self.draft_step_kernel = os.environ.get("SPECATTN_DRAFT_STEP_KERNEL") == "1"
         # Inference only: with grad-enabled weights a compiled step called outside no_grad would trace autograd,
         # which the fp32-logits product (torch.mm with out_dtype) does not support (profile_step.py failed so).

@@ -75,10 +75,11 @@ def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("dtype,bias,splits,programs", [
-    (torch.float32, False, 1, 4), (torch.float32, True, 2, 3), (torch.float32, False, 4, 7),
-    (torch.bfloat16, False, None, 5)])
-def test_one_launch_draft_step_matches_the_models_blocks(dtype, bias, splits, programs, monkeypatch):
+@pytest.mark.parametrize("dtype,bias,splits,keys,programs", [
+    (torch.float32, False, 1, 128, 4), (torch.float32, True, 2, 32, 3), (torch.float32, False, 4, 16, 7),
+    (torch.bfloat16, False, None, 128, 5)])
+def test_one_launch_draft_step_matches_the_models_blocks(dtype, bias, splits, keys, programs, monkeypatch):
+    """keys: an attention tile's keys (16: a page a tile, so each of 4 splits of a 5-page list has pages)."""
     cfg = small_config(qkv_bias=bias)
     lens = [37, 70, 16]                           # 16: the new token opens a fresh page
     model, cache = prefilled(cfg, dtype, lens)
@@ -88,7 +89,7 @@ def test_one_launch_draft_step_matches_the_models_blocks(dtype, bias, splits, pr
     ref, view = one_step(model, ref_cache, selection, tokens, use_kernel=False)
     assert draft_step.unsupported(model, view, torch.empty(1, dtype=dtype)) is None
     got, _ = one_step(model, cache, selection, tokens, True, monkeypatch,
-                      tiling=draft_step.DraftTiling(splits=splits), programs=programs)
+                      tiling=draft_step.DraftTiling(splits=splits, block_keys=keys), programs=programs)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert relative_error(got, ref) < tol
     slots = view.slots
