@@ -135,6 +135,17 @@ def test_steps_the_kernel_does_not_cover_are_named():
     assert "head_dim" in draft_step.unsupported(small_heads, view, x)
 
 
+def test_a_grid_that_cannot_be_resident_at_once_is_refused():
+    cfg = small_config()
+    model, cache = prefilled(cfg, torch.float32, [40])
+    view = cache.step_view(1)
+    view.selection = random_lists(cfg, [40])
+    x = torch.zeros(1, cfg.hidden_size)
+    cos = sin = torch.zeros(1, 1, 1, cfg.head_dim)
+    with pytest.raises(ValueError, match="resident"):
+        draft_step.draft_blocks(model, x, cos, sin, cache, view, draft_step.DraftTiling(programs_per_sm=2))
+
+
 def test_splits_give_every_program_work_up_to_four():
     assert draft_step.choose_splits(192, 132) == 1      # the default model's batch-64 draft: 64 x 3 lists
     assert draft_step.choose_splits(96, 132) == 2

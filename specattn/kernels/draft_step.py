@@ -1,9 +1,10 @@
 """Every transformer block of a sparse draft step in one persistent launch (one new token per sequence).
 
-Why: the default model's batch-64 draft step is ~263 kernels, 8 a layer, in 1.19 ms on the H100, while its bytes
-at copy speed take ~0.3-0.5 ms (results/profile_draft_b64_h100.json): the step pays kernel boundaries, not bytes.
-Here a program per SM walks all layers; each layer is five phases whose tiles are spread over the programs, and a
-grid-wide barrier (an atomic counter) stands where a kernel boundary stood:
+Why it was built: the default model's batch-64 draft step is ~263 kernels, 8 a layer, in 1.19 ms on the H100, while
+its bytes at copy speed take ~0.3-0.5 ms (results/profile_draft_b64_h100.json): the step seemed to pay for kernel
+boundaries rather than bytes (measured below: a barrier costs about as much). Here a program per SM walks all
+layers; each layer is five phases whose tiles are spread over the programs, and a grid-wide barrier (an atomic
+counter) stands where a kernel boundary stood:
 
   1. q/k/v product of the residual stream (norm weight folded in), each row's 1 / rms, bias, rotary embedding;
      q to a buffer, k and v to their cache slots;
@@ -52,7 +53,9 @@ class DraftTiling:
     # 8 warps: 4 spill at 255 registers (offline sm_90 compile of the default model's shapes); one program an SM
     num_warps: int = 8
     num_stages: int = 3
-    programs_per_sm: int = 1     # all must be resident at once (the barrier): 2 only where registers allow it
+    # All programs must be resident at once (the barrier): the kernel takes ~255 registers a thread, so an SM holds 8
+    # warps of it; draft_blocks refuses programs_per_sm x num_warps above that.
+    programs_per_sm: int = 1
     # block_k / block_keys 128 and 3 stages: the best of 17 tilings on the H100 (b64: 1,853 us for the blocks against
     # 2,733 at 64 / 64 / 2; draft_kernel_sweep2.json)
 
@@ -408,6 +411,9 @@ def draft_blocks(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c
     over the first `layers` layers."""
     cfg = model.cfg
     t = tiling or DraftTiling()
+    if t.programs_per_sm * t.num_warps > 8:
+        raise ValueError(f"{t.programs_per_sm} programs of {t.num_warps} warps an SM cannot all be resident at "
+                         "~255 registers a thread; the grid barrier would wait for programs that never start")
     m = x.shape[0]
     tables = getattr(model, "_draft_weight_tables", None)
     if tables is None or not tables.current(model):
