@@ -447,6 +447,8 @@ def draft_blocks(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c
                 UPCAST=INTERPRETED, num_warps=t.num_warps, num_stages=t.num_stages)
     qk_scale = cfg.head_dim ** -0.5 * 1.4426950408889634      # exp2 domain
     if only is not None:
+        if INTERPRETED and only[0] == 0:
+            raise ValueError("the interpreter runs programs one after another: no grid barrier (phase 0) there")
         _draft_blocks_kernel[(programs,)](*args, 0, only[1], cfg.rms_norm_eps, qk_scale, PHASE=only[0], **meta)
         return
     if INTERPRETED:
