@@ -19,6 +19,7 @@ import specattn.model  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     LLAMA3_8B,
     RESULTS,
+    context_cache,
     copy_bandwidth_gbs,
     environment,
     gemv_projections,
@@ -63,13 +64,7 @@ def decode_step_row(model, name: str, batch: int, ctx: int, copy_gbs: float) -> 
     if kv_bytes > 0.9 * free:
         return {"model": name, "batch": batch, "context": ctx, "skipped": f"KV cache {kv_bytes / 2**30:.1f} GiB "
                 f"does not fit in {free / 2**30:.1f} GiB free"}
-    cache = PagedKVCache(cfg, batch, ctx + 16, dtype=dtype, device="cuda")
-    cache.k.normal_()
-    cache.v.normal_()
-    cache.reset(batch)
-    cache.reserve(ctx)
-    cache.advance(ctx)     # the context is "already written": random K/V cost the same to read
-    cache.reserve(1)
+    cache = context_cache(cfg, batch, ctx, dtype=dtype)
     runner = StepRunner(model, cache)
     tokens = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
     ms = median_ms(lambda: runner(tokens))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from specattn.cache import PagedKVCache
 from specattn.config import ModelConfig
 from specattn.evaluation.results import environment  # noqa: F401  (re-exported for the benchmarks)
 from specattn.model import Transformer
@@ -139,6 +140,20 @@ def random_model(cfg: ModelConfig, dtype=torch.bfloat16) -> Transformer:
             else:
                 p.normal_(0, 0.02)
     return model.eval()
+
+
+def context_cache(cfg: ModelConfig, batch: int, context: int, new_tokens: int = 1, dtype=torch.bfloat16,
+                  spare: int = 16) -> PagedKVCache:
+    """A GPU cache whose `batch` sequences hold `context` tokens of random K/V ("already written": random K/V cost
+    the same to read), with pages reserved for `new_tokens` more; `spare` tokens of capacity past the context."""
+    cache = PagedKVCache(cfg, batch, context + spare, dtype=dtype, device="cuda")
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.reset(batch)
+    cache.reserve(context)
+    cache.advance(context)
+    cache.reserve(new_tokens)
+    return cache
 
 
 def weight_bytes_per_step(model: Transformer, batch: int) -> int:

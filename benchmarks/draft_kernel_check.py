@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import SHAPES, environment, graph_ms, random_model  # noqa: E402
+from benchmarks.common import SHAPES, context_cache, environment, graph_ms, random_model  # noqa: E402
 from specattn.api import SpeculationParams, make_policy  # noqa: E402
-from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import draft_step  # noqa: E402
 
@@ -29,19 +28,19 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check(shape: str, batch: int, context: int, budget: int, repeats: int) -> dict:
+def draft_case(shape: str, batch: int, context: int, budget: int):
+    """(a random model of the shape, norms folded; a cache of `context` random tokens with room for one more;
+    MagicDec's page lists at `budget` tokens)."""
     model = random_model(SHAPES[shape])
     model.fold_norms()
-    cache = PagedKVCache(model.cfg, batch, context + 16, dtype=torch.bfloat16, device="cuda")
-    cache.k.normal_()
-    cache.v.normal_()
-    cache.reset(batch)
-    cache.reserve(context)
-    cache.advance(context)
-    cache.reserve(1)
+    cache = context_cache(model.cfg, batch, context)
     policy = make_policy("magicdec", SpeculationParams(budget, 1), model.cfg.num_layers)
     policy.reset(cache)
-    selection = policy.select(cache, 1)
+    return model, cache, policy.select(cache, 1)
+
+
+def check(shape: str, batch: int, context: int, budget: int, repeats: int) -> dict:
+    model, cache, selection = draft_case(shape, batch, context, budget)
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, 1), device="cuda")
 
     def step(use_kernel: bool):
@@ -89,19 +88,9 @@ def check(shape: str, batch: int, context: int, budget: int, repeats: int) -> di
 def sweep(shape: str, batch: int, context: int, budget: int, variants: list[str], phases: bool = False) -> list[dict]:
     """The blocks alone (kernels.draft_step.draft_blocks, every layer), each tiling variant timed as 20 launches in
     one CUDA graph, round-robin over three rounds (median)."""
-    model = random_model(SHAPES[shape])
-    model.fold_norms()
-    cache = PagedKVCache(model.cfg, batch, context + 16, dtype=torch.bfloat16, device="cuda")
-    cache.k.normal_()
-    cache.v.normal_()
-    cache.reset(batch)
-    cache.reserve(context)
-    cache.advance(context)
-    cache.reserve(1)
-    policy = make_policy("magicdec", SpeculationParams(512, 1), model.cfg.num_layers)
-    policy.reset(cache)
+    model, cache, selection = draft_case(shape, batch, context, budget)
     view = cache.step_view(1, static=True)
-    view.selection = policy.select(cache, 1)
+    view.selection = selection
     x = torch.randn(batch, model.cfg.hidden_size, dtype=torch.bfloat16, device="cuda") * 0.02
     cos = torch.ones(batch, 1, 1, model.cfg.head_dim, dtype=torch.bfloat16, device="cuda")
     sin = torch.zeros_like(cos)

@@ -20,6 +20,7 @@ import specattn.kernels.pdl  # noqa: E402
 import specattn.model  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     SHAPES,
+    context_cache,
     copy_bandwidth_gbs,
     environment,
     gemv_projections,
@@ -29,7 +30,6 @@ from benchmarks.common import (  # noqa: E402
     weight_bytes_per_step,
 )
 from specattn.api import SpeculationParams, make_policy, method_variant  # noqa: E402
-from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding.runner import StepRunner  # noqa: E402
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import RoundSteps  # noqa: E402
@@ -87,14 +87,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     torch._dynamo.reset()             # each variant compiles the step functions afresh
     model = random_model(SHAPES[shape])
     model.draft_step_kernel = draft_kernel
-    cache = PagedKVCache(model.cfg, batch, context + 16, dtype=torch.bfloat16, device="cuda")
-    cache.k.normal_()
-    cache.v.normal_()
-    cache.reset(batch)
-    cache.reserve(context)
-    cache.advance(context)
-    cache.reserve(1)
-    cache.reserve(q_len)
+    cache = context_cache(model.cfg, batch, context, new_tokens=q_len)
     fn, kv_tokens = step_fn(model, cache, batch, draft_budget, q_len, verify)
     for _ in range(3):
         fn()

@@ -33,6 +33,7 @@ import specattn.model  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     LLAMA3_8B,
     RESULTS,
+    context_cache,
     copy_bandwidth_gbs,
     environment,
     gemv_projections,
@@ -79,14 +80,7 @@ def sharded_random_model(cfg: ModelConfig, tp, whole_head: bool = False) -> Tran
 
 
 def filled_cache(model: Transformer, batch: int, ctx: int) -> PagedKVCache:
-    cache = PagedKVCache(model.cfg, batch, ctx + 32, dtype=torch.bfloat16, device="cuda")
-    cache.k.normal_()
-    cache.v.normal_()
-    cache.reset(batch)
-    cache.reserve(ctx)
-    cache.advance(ctx)         # "already written": random K/V cost the same to read
-    cache.reserve(GAMMA + 1)
-    return cache
+    return context_cache(model.cfg, batch, ctx, new_tokens=GAMMA + 1, spare=32)
 
 
 def fits(model: Transformer, batch: int, ctx: int, tp) -> str | None:

@@ -55,6 +55,11 @@ GEMV_MAX_ROWS = int(os.environ.get("SPECATTN_GEMV_MAX_ROWS", GEMV_MAX_ROWS_DEFAU
 # variable SPECATTN_STEP_COMPILE_MODE sets it for a whole benchmark run.
 STEP_COMPILE_MODE: str | None = os.environ.get("SPECATTN_STEP_COMPILE_MODE") or None
 STEP_COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
+# Sparse draft steps run all blocks as one persistent kernel (kernels.draft_step) where it supports them (each model's
+# draft_step_kernel; environment SPECATTN_DRAFT_STEP_KERNEL=1 for a whole run). Off: slower on the H100 (b64 draft
+# step 2,928 vs 1,263 us at its first tiling, the blocks alone 1,853 us at its best;
+# results/profile_draft_kernel_b64.json).
+DRAFT_STEP_KERNEL = os.environ.get("SPECATTN_DRAFT_STEP_KERNEL") == "1"
 
 
 def small_step_projections(cfg: ModelConfig) -> tuple[str, ...]:
@@ -286,10 +291,7 @@ class Transformer(nn.Module):
         # Replaced by compiled versions on the GPU (see `compile_steps`).
         self.step_fns = self.prefill_fns = EAGER
         self.norms_folded = False  # see fold_norms
-        # Sparse draft steps run all blocks as one persistent kernel (kernels.draft_step) where it supports them:
-        # environment SPECATTN_DRAFT_STEP_KERNEL=1. Off: slower on the H100 (b64 draft step 2,928 vs 1,263 us at its
-        # first tiling, the blocks alone 1,853 us at its best; results/profile_draft_kernel_b64.json).
-        self.draft_step_kernel = os.environ.get("SPECATTN_DRAFT_STEP_KERNEL") == "1"
+        self.draft_step_kernel = DRAFT_STEP_KERNEL
         # Inference only: with grad-enabled weights a compiled step called outside no_grad would trace autograd,
         # which the fp32-logits product (torch.mm with out_dtype) does not support (profile_step.py failed so).
         self.requires_grad_(False)
@@ -356,7 +358,7 @@ class Transformer(nn.Module):
         """Run every block on x [batch, 1, hidden] in place as kernels.draft_step's one persistent launch, if it
         supports this step (a sparse draft step); returns whether it did."""
         from .kernels import draft_step
-        if view.q_len != 1 or draft_step.unsupported(self, view, x, cache) is not None:
+        if draft_step.unsupported(self, view, x, cache) is not None:
             return False
         draft_step.draft_blocks(self, x.view(-1, x.shape[-1]), cos, sin, cache, view)
         return True

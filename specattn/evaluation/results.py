@@ -48,6 +48,6 @@ def environment() -> dict:
         from ..kernels import gemv
         out["gemv_max_rows"] = model.GEMV_MAX_ROWS
         out["gemv_dot_tilings"] = {f"{m}x{n}x{k}": vars(t) for (m, n, k), t in gemv.DOT_TILINGS.items()}
-    if os.environ.get("SPECATTN_DRAFT_STEP_KERNEL") == "1":   # sparse draft steps as one launch (kernels.draft_step)
+    if model.DRAFT_STEP_KERNEL:     # sparse draft steps as one launch (kernels.draft_step)
         out["draft_step_kernel"] = True
     return out
