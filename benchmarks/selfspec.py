@@ -34,7 +34,6 @@ from benchmarks.common import (  # noqa: E402
 from specattn import selection  # noqa: E402
 from specattn.api import METHODS, SpeculationParams, make_policy, method_variant  # noqa: E402
 from specattn.cache import DEFAULT_PAGE_SIZE, PagedKVCache  # noqa: E402
-from specattn.decoding import micro_batches  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
 from specattn.decoding.micro_batches import (  # noqa: E402
     generate_ar_micro_batches,
@@ -65,8 +64,7 @@ def timed(fn):
 # "+" switches that set a module flag for one method's run: suffix -> (module, flag, value)
 FLAG_SWITCHES = {"+phys": (selection, "PHYSICAL_LISTS", True),
                  "+fullwave": (paged_attention, "SPARSE_SMALL_HEADS_FULL_WAVE", paged_attention.FULL_WAVE_CANDIDATE),
-                 "+layerfinish": (paged_attention, "FINISH_MASS_PER_STEP", False),
-                 "+samepriority": (micro_batches, "PRIORITY_DRAFTS", False)}
+                 "+layerfinish": (paged_attention, "FINISH_MASS_PER_STEP", False)}
 
 
 def run_method(model, caches, method: str, prompts, new_tokens: int, spec: SpeculationParams,
@@ -81,17 +79,16 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     "+adaptive" an adaptive gamma (`--adaptive-gamma`), "+fullwave" paged_attention.FULL_WAVE_CANDIDATE for sparse
     drafts (a kernel launch under test, no option), "+layerfinish" the verify's page mass finished by one launch a
     layer instead of one a step (paged_attention.FINISH_MASS_PER_STEP off; no option). A last "+mbN" (e.g.
-    ar+mb2, specattn-y/blk64+mb2) splits the batch into N micro-batches on their own streams (decoding/micro_batches;
-    "+mb2+samepriority": drafts and verify on one stream of default priority a micro-batch)."""
+    ar+mb2, specattn-y/blk64+mb2) splits the batch into N micro-batches on their own streams (`--micro-batches`)."""
+    micro = re.search(r"\+mb(\d+)$", method)
+    if micro:
+        return run_micro_batches(model, caches, method[: micro.start()], int(micro.group(1)), prompts, new_tokens,
+                                 spec, sampling, warm_prompts)
     for suffix, (module, flag, value) in FLAG_SWITCHES.items():
         if method.endswith(suffix):
             with mock.patch.object(module, flag, value):
                 return run_method(model, caches, method.removesuffix(suffix), prompts, new_tokens, spec, sampling,
                                   warm_prompts)
-    micro = re.search(r"\+mb(\d+)$", method)
-    if micro:
-        return run_micro_batches(model, caches, method[: micro.start()], int(micro.group(1)), prompts, new_tokens,
-                                 spec, sampling, warm_prompts)
     if method.endswith("+nodense"):     # e.g. specattn-y/blk64+nodense: every layer drafts sparsely (dense_layers ())
         return run_method(model, caches, method.removesuffix("+nodense"), prompts, new_tokens,
                           dataclasses.replace(spec, dense_layers=()), sampling, warm_prompts)

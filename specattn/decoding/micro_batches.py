@@ -46,16 +46,10 @@ def micro_batch_caches(model: Transformer, prompts: list[list[int]], parts: int,
             for r in micro_batch_rows(len(prompts), parts)]
 
 
-# Self-speculation: each micro-batch drafts on a stream of high priority and verifies on one of low priority, so
-# the GPU dispatches a waiting draft kernel's blocks ahead of another micro-batch's verify blocks (graph kernels
-# take the priority of the stream they are launched into). False: one stream of default priority a micro-batch.
-PRIORITY_DRAFTS = True
-
-
-def _streams(device: torch.device, parts: int, priority: int = 0) -> list:
+def _streams(device: torch.device, parts: int) -> list:
     if device.type != "cuda":
         return [None] * parts
-    streams = [torch.cuda.Stream(device, priority=priority) for _ in range(parts)]
+    streams = [torch.cuda.Stream(device) for _ in range(parts)]
     for s in streams:                      # prefill ran on the current stream
         s.wait_stream(torch.cuda.current_stream(device))
     return streams
@@ -144,20 +138,18 @@ def generate_self_speculative_micro_batches(model: Transformer, caches: list[Pag
              for c, gen, tok, s in zip(caches, generators, toks, steps, strict=True)]
     for p, c in zip(policies, caches, strict=True):
         p.reset(c)
-    prioritized = PRIORITY_DRAFTS and device.type == "cuda"
-    streams = _streams(device, len(caches), -1 if prioritized else 0)
-    verify_streams = _streams(device, len(caches)) if prioritized else [None] * len(caches)
+    streams = _streams(device, len(caches))
     pending = []
-    for loop, p, stream, vs in zip(loops, policies, streams, verify_streams, strict=True):
+    for loop, p, stream in zip(loops, policies, streams, strict=True):
         with _on(stream):
-            pending.append(loop.launch_round(gamma, p, vs))
+            pending.append(loop.launch_round(gamma, p))
     while any(r is not None for r in pending):
-        for i, (loop, p, stream, vs) in enumerate(zip(loops, policies, streams, verify_streams, strict=True)):
+        for i, (loop, p, stream) in enumerate(zip(loops, policies, streams, strict=True)):
             if pending[i] is None:
                 continue
             with _on(stream):
                 loop.finish_round(pending[i])
-                pending[i] = None if loop.log.finished() else loop.launch_round(gamma, p, vs)
+                pending[i] = None if loop.log.finished() else loop.launch_round(gamma, p)
     _sync(device)
     total = time.perf_counter() - t0
     return GenerationResult([t for loop in loops for t in loop.log.tokens()],

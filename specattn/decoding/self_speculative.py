@@ -11,7 +11,6 @@ steps move only the device copy of the lengths and put it back, so the host does
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -533,12 +532,10 @@ class _Loop:
         still generating."""
         return self.finish_round(self.launch_round(g, policy))
 
-    def launch_round(self, g: int, policy: SelectionPolicy, verify_stream=None) -> PendingRound:
+    def launch_round(self, g: int, policy: SelectionPolicy) -> PendingRound:
         """A round's device work, queued without waiting for it: the host learns what was accepted in
-        finish_round, which must come before the next launch_round (micro-batches queue other rounds between).
-        verify_stream: a CUDA stream for the verification and acceptance (a stream's priority orders the GPU's
-        dispatch of waiting blocks, and a graph's kernels take their launch stream's), joined back after."""
-        cache, timer = self.cache, self.timer
+        finish_round, which must come before the next launch_round (micro-batches queue other rounds between)."""
+        cache, sampling, timer = self.cache, self.params.sampling, self.timer
         round_steps = self.round_steps(g, policy)
         # Sequences that already have their tokens step with the batch (outputs dropped) while the others catch
         # up: idle, they keep their length and their attention reads only the new block.
@@ -560,20 +557,6 @@ class _Loop:
         self.draft_bytes += _draft_bytes_read(cache, selection, start_lens, g)
         timer.stop("draft_s", t)
 
-        draft_stream = None
-        if verify_stream is not None:
-            draft_stream = torch.cuda.current_stream(cache.device)
-            verify_stream.wait_stream(draft_stream)
-        with torch.cuda.stream(verify_stream) if verify_stream is not None else contextlib.nullcontext():
-            pending = self._verify_and_accept(g, policy, round_steps, drafts_t, draft_probs, done, start_lens)
-        if draft_stream is not None:
-            draft_stream.wait_stream(verify_stream)
-            for t in (pending.accepted, pending.emitted):
-                t.record_stream(draft_stream)      # made on the verify stream, read on this one by finish_round
-        return pending
-
-    def _verify_and_accept(self, g, policy, round_steps, drafts_t, draft_probs, done, start_lens) -> PendingRound:
-        cache, sampling, timer = self.cache, self.params.sampling, self.timer
         t = timer.start()
         fresh = policy.mass_this_round()
         target_logits = round_steps.verify(torch.cat([self.next_tok[:, None], drafts_t], dim=1), fresh)
