@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -35,11 +34,6 @@ from specattn import selection  # noqa: E402
 from specattn.api import METHODS, SpeculationParams, make_policy, method_variant  # noqa: E402
 from specattn.cache import DEFAULT_PAGE_SIZE, PagedKVCache  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
-from specattn.decoding.micro_batches import (  # noqa: E402
-    generate_ar_micro_batches,
-    generate_self_speculative_micro_batches,
-    micro_batch_caches,
-)
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import cache_tokens_needed, generate_self_speculative  # noqa: E402
 from specattn.evaluation import bench  # noqa: E402
@@ -78,12 +72,7 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     (`--dense-layers none`, the default since session 17; it matters beside a run given `--dense-layers 0`),
     "+adaptive" an adaptive gamma (`--adaptive-gamma`), "+fullwave" paged_attention.FULL_WAVE_CANDIDATE for sparse
     drafts (a kernel launch under test, no option), "+layerfinish" the verify's page mass finished by one launch a
-    layer instead of one a step (paged_attention.FINISH_MASS_PER_STEP off; no option). A last "+mbN" (e.g.
-    ar+mb2, specattn-y/blk64+mb2) splits the batch into N micro-batches on their own streams (`--micro-batches`)."""
-    micro = re.search(r"\+mb(\d+)$", method)
-    if micro:
-        return run_micro_batches(model, caches, method[: micro.start()], int(micro.group(1)), prompts, new_tokens,
-                                 spec, sampling, warm_prompts)
+    layer instead of one a step (paged_attention.FINISH_MASS_PER_STEP off; no option)."""
     for suffix, (module, flag, value) in FLAG_SWITCHES.items():
         if method.endswith(suffix):
             with mock.patch.object(module, flag, value):
@@ -110,41 +99,10 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
                                                    adaptive_gamma=adaptive))
 
 
-def run_micro_batches(model, caches, method: str, parts: int, prompts, new_tokens: int, spec: SpeculationParams,
-                      sampling: SamplingParams, warm_prompts=None):
-    """run_method's "+mbN": the batch as `parts` micro-batches, each with its own cache (kept in `caches` for the
-    cell's other methods) and CUDA stream."""
-    params = GenerationParams(max_new_tokens=new_tokens, sampling=sampling)
-    method, overrides = method_variant(method)
-    spec = dataclasses.replace(spec, **overrides)
-    warm = GenerationParams(max_new_tokens=4 * spec.gamma, sampling=sampling)
-    warm_prompts = warm_prompts or prompts
-    policy = None if METHODS[method] is None else make_policy(method, spec, model.cfg.num_layers)
-    bounds = policy is not None and policy.needs_key_bounds
-    plain = caches["plain"]
-    key = ("micro", parts, bounds)
-    if key not in caches:
-        caches[key] = micro_batch_caches(model, prompts, parts, plain.max_pages_per_seq * plain.page_size,
-                                         dtype=plain.dtype, device=DEVICE, page_size=plain.page_size,
-                                         track_key_bounds=bounds)
-    mb = caches[key]
-    if policy is None:
-        runners = generate_ar_micro_batches(model, mb, warm_prompts, warm).runner
-        return timed(lambda: generate_ar_micro_batches(model, mb, prompts, params, runners))
-    steps = generate_self_speculative_micro_batches(model, mb, warm_prompts, warm, policy, spec.gamma).runner
-    return timed(lambda: generate_self_speculative_micro_batches(model, mb, prompts, params, policy, spec.gamma,
-                                                                 steps))
-
-
 def model_label(path: str) -> str:
     if path == DEFAULT_MODEL or path == os.environ.get("SPECATTN_DEFAULT_GGUF"):
         return "SmolLM2-135M-Instruct (Q4_1 GGUF -> bf16)"
     return f"{Path(path).name} -> bf16"
-
-
-def _budgets_of(method: str, budgets: list[int]) -> list:
-    base = method.split("+")[0]
-    return [None] if base == "ar" else [256] if base == "vegas" else budgets
 
 
 def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, methods, log,
@@ -159,7 +117,7 @@ def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, me
         if "quest" in methods:
             caches["bounds"] = PagedKVCache(model.cfg, batch, need, dtype=model.embed.weight.dtype, device=DEVICE,
                                             track_key_bounds=True, page_size=page_size)
-        configs = [("ar", None)] + [(m, b) for m in methods for b in _budgets_of(m, budgets)]
+        configs = [("ar", None)] + [(m, b) for m in methods for b in (budgets if m != "vegas" else [256])]
         ar = None
         for method, budget in configs:
             spec = SpeculationParams(budget or 256, gamma, dense_layers, page_size=page_size)
@@ -238,7 +196,7 @@ def _eager_ms(fn, reps: int = 20) -> float:
 def derive_steady(row: dict) -> dict:
     """Continuous-batching throughput from a row's measured stats: each round yields batch x mean accepted
     length tokens (the same formula as the loop's decode_tokens_per_s_steady; AR has no stragglers)."""
-    if row["method"].split("+")[0] == "ar":          # ar, ar+mb2
+    if row["method"] == "ar":
         steady = row["decode_tokens_per_s"]
     else:
         steady = row["batch"] * row["mean_accepted_len"] * row["rounds"] / (row["seconds"] - row["prefill_s"])
@@ -293,7 +251,7 @@ def summarize(rows: list[dict]) -> dict:
     rows = [derive_steady(r) for r in rows]
     acceptance = {}
     for r in rows:
-        if r["method"].split("+")[0] != "ar":
+        if r["method"] != "ar":
             key = f"{r['method']}@{r['budget']}" + ("" if r["greedy"] else ":sampling")
             acceptance.setdefault(key, {})[f"b{r['batch']}_ctx{r['context']}"] = round(r["mean_accepted_len"], 3)
     fixed = summarize_metric(rows, "decode_tokens_per_s")

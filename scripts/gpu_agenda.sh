@@ -237,12 +237,6 @@ for part in "$@"; do
                   --sampling-cells "" --budgets 512 --methods magicdec,specattn-y/blk64 --gamma 4 --skip-8b \
                   --out "$OUT/selfspec_draft_kernel_$on.json" 2>&1 | grep -v -i warn | tail -5
               done ;;
-    micro-batches)   # the batch as 2 (4) micro-batches on their own streams: one's verify fills the gaps between the
-              # other's short draft kernels; AR in 2 micro-batches too, so the speedups are over the faster AR
-              timeout 330 python3 benchmarks/selfspec.py --cells ${MB_CELLS:-32x8000,64x8000} --sampling-cells "" \
-                --budgets 512 --gamma 4 --skip-8b --out "$OUT/selfspec_micro.json" \
-                --methods ${MB_METHODS:-magicdec,specattn-y/blk64,ar+mb2,magicdec+mb2,specattn-y/blk64+mb2,specattn-y/blk64+mb4} \
-                2>&1 | grep -v -i warn | tail -16 ;;
     *)        echo "unknown part $part (see the case labels in scripts/gpu_agenda.sh)" >&2 ;;
   esac
 done

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -470,39 +469,6 @@ def _observe(controller, timer: PhaseTimer, unobserved: list, finished: bool = F
         controller.observe(g, accepted, timer.seconds(first, last), captured, n)
 
 
-class HostCopy:
-    """A small device tensor's values on the host, copied without blocking: the copy is queued on the current
-    stream now, and values() waits for that stream to reach it (not for the whole device)."""
-
-    def __init__(self, t: torch.Tensor):
-        if t.device.type != "cuda":
-            self._host, self._event = t, None
-            return
-        self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        self._host.copy_(t, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
-
-    def values(self) -> list:
-        if self._event is not None:
-            self._event.synchronize()
-        return self._host.tolist()
-
-
-@dataclass
-class PendingRound:
-    """What finish_round needs of a round launch_round queued."""
-    gamma: int
-    policy: SelectionPolicy
-    round_steps: RoundSteps
-    done: list[bool]
-    start_lens: list[int]
-    fresh: bool                 # whether its verification measured the by-product
-    accepted: torch.Tensor      # [batch], device
-    emitted: torch.Tensor       # [batch, gamma + 1], device
-    host: HostCopy              # [accepted, emitted...] per sequence
-
-
 class _Loop:
     """State the rounds of one run share: the cache, the token log, the step graphs by (policy name, gamma) (0: the
     dense decode StepRunner), the RNG and the last emitted token of every sequence."""
@@ -530,11 +496,6 @@ class _Loop:
     def speculate(self, g: int, policy: SelectionPolicy) -> list[int]:
         """One round: select, g sparse drafts, dense verify, accept. Returns the accepted counts of the sequences
         still generating."""
-        return self.finish_round(self.launch_round(g, policy))
-
-    def launch_round(self, g: int, policy: SelectionPolicy) -> PendingRound:
-        """A round's device work, queued without waiting for it: the host learns what was accepted in
-        finish_round, which must come before the next launch_round (micro-batches queue other rounds between)."""
         cache, sampling, timer = self.cache, self.params.sampling, self.timer
         round_steps = self.round_steps(g, policy)
         # Sequences that already have their tokens step with the batch (outputs dropped) while the others catch
@@ -570,23 +531,16 @@ class _Loop:
             agree(accepted, self.model, sampling)
             agree(emitted, self.model, sampling)
         timer.stop("verify_s", t)
-        return PendingRound(g, policy, round_steps, done, start_lens, fresh, accepted, emitted,
-                            HostCopy(torch.cat([accepted[:, None], emitted], dim=1)))
-
-    def finish_round(self, r: PendingRound) -> list[int]:
-        """Wait for a launched round's accepted counts (the round's one sync), roll back what was rejected and
-        record the tokens. Returns the accepted counts of the sequences still generating."""
-        cache, done = self.cache, r.done
-        host = r.host.values()
+        host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
         accepted_list = [row[0] for row in host]
-        cache.truncate([n if d else n + 1 + a for n, a, d in zip(r.start_lens, accepted_list, done, strict=True)])
-        if r.round_steps.page_mass is not None and r.fresh:
-            r.policy.observe(r.round_steps.page_mass)
-        if r.round_steps.token_scores is not None and r.fresh:
-            r.policy.observe_token_scores(r.round_steps.token_scores, r.start_lens)
-        self.log.record(accepted_list, [row[1:] for row in host], done, r.gamma)
+        cache.truncate([n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)])
+        if round_steps.page_mass is not None and fresh:
+            policy.observe(round_steps.page_mass)
+        if round_steps.token_scores is not None and fresh:
+            policy.observe_token_scores(round_steps.token_scores, start_lens)
+        self.log.record(accepted_list, [row[1:] for row in host], done, g)
         self.next_tok = torch.where(to_device(done, torch.bool, cache.device), self.next_tok,
-                                    r.emitted.gather(1, r.accepted[:, None]).squeeze(1))
+                                    emitted.gather(1, accepted[:, None]).squeeze(1))
         return [a for a, d in zip(accepted_list, done, strict=True) if not d]
 
     def _room_for_done(self, start_lens: list[int], done: list[bool], n: int) -> list[int]:
