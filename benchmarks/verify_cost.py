@@ -24,7 +24,10 @@ BLOCK64 = {"page_mass": True, "mass_tokens": 64}
 # name -> (paged_attention keywords, paged_attention module flags set for the call). block64_uncapped: block mass over
 # 32-key tiles of 64-row blocks without the 128-register cap (the same as block64_mass elsewhere).
 VARIANTS = {"plain": ({}, {}), "page_mass": ({"page_mass": True}, {}), "block64_mass": (BLOCK64, {}),
-            "block64_uncapped": (BLOCK64, {"WIDE_BLOCK_MASS_REGISTER_CAP": None})}
+            "block64_uncapped": (BLOCK64, {"WIDE_BLOCK_MASS_REGISTER_CAP": None}),
+            # exact mass of 16-token pages summed as block mass is (masked row sums a sub-block) instead of the
+            # page one-hot's tensor-core product (paged_attention.BLOCK_PATH_MIN_PAGE)
+            "page_mass_block_path": ({"page_mass": True}, {"BLOCK_PATH_MIN_PAGE": 16})}
 
 
 def time_variant(q, pools, table, lens, kw: dict, flags: dict) -> float:
@@ -87,12 +90,19 @@ def shape_rows(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_lens
                 _, auto_mass = paged_attention.paged_attention(q, k, v, table, lens, scale, **BLOCK64)
                 _, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, **BLOCK64, **launch)
                 mass_diff = (mass - auto_mass).abs().max().item()
+        page_diff = 0.0
+        if q_len > 1:       # the two ways to exact page mass agree (the block path's sums are exact, not spread)
+            k, v = pools[0]
+            _, one_hot = paged_attention.paged_attention(q, k, v, table, lens, dim ** -0.5, page_mass=True)
+            _, by_blocks = time_variant_flags({"BLOCK_PATH_MIN_PAGE": 16}, lambda: paged_attention.paged_attention(
+                q, k, v, table, lens, dim ** -0.5, page_mass=True))
+            page_diff = (by_blocks - one_hot).abs().max().item()
         variants = VARIANTS if q_len > 1 else {"plain": VARIANTS["plain"]}
         times = {name: time_variant(q, pools, table, lens, {**kw, **launch}, flags)
                  for name, (kw, flags) in variants.items()}
         row = {"batch": batch, "context": ctx, "kv_heads": kv_heads, "group": group, "head_dim": dim,
                "q_len": q_len, "num_warps": warps, "kv_gb": kv_bytes / 1e9, "max_abs_diff_vs_auto": diff,
-               "max_block_mass_diff_vs_auto": mass_diff,
+               "max_block_mass_diff_vs_auto": mass_diff, "max_page_mass_diff_block_path": page_diff,
                **{f"us_{n}": t * 1e3 for n, t in times.items()},
                "bandwidth_fraction_plain": kv_bytes / times["plain"] / 1e6 / copy,
                **{f"{n}_overhead": times[n] / times["plain"] - 1 for n in times if n != "plain"}}
@@ -125,11 +135,12 @@ def main() -> None:
         torch.cuda.empty_cache()
     write_json_atomic(args.out, {**environment(), "copy_gbs": copy, "rows": rows})
     print(f"{'cell':>10} {'rows':>4} {'warps':>5} {'plain us':>9} {'of copy':>7} {'+page':>7} {'+blk64':>7} "
-          f"{'+uncapped':>7}")
+          f"{'+uncapped':>7} {'+page blk':>9}")
     for r in rows:
         print(f"{r['batch']:>3}x{r['context']:<6} {r['q_len']:>4} {r['num_warps']:>5} {r['us_plain']:>9.1f} "
               f"{r['bandwidth_fraction_plain']:>7.3f} {r.get('page_mass_overhead', 0):>+7.1%} "
-              f"{r.get('block64_mass_overhead', 0):>+7.1%} {r.get('block64_uncapped_overhead', 0):>+7.1%}")
+              f"{r.get('block64_mass_overhead', 0):>+7.1%} {r.get('block64_uncapped_overhead', 0):>+7.1%} "
+              f"{r.get('page_mass_block_path_overhead', 0):>+9.1%}")
         for variant, kernels in r.get("kernel_us", {}).items():
             print(f"    {variant:>16}: " + ", ".join(f"{k} {us:.1f} us" for k, us in kernels.items()))
 
