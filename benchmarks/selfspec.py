@@ -58,7 +58,8 @@ def timed(fn):
 # "+" switches that set a module flag for one method's run: suffix -> (module, flag, value)
 FLAG_SWITCHES = {"+phys": (selection, "PHYSICAL_LISTS", True),
                  "+fullwave": (paged_attention, "SPARSE_SMALL_HEADS_FULL_WAVE", paged_attention.FULL_WAVE_CANDIDATE),
-                 "+layerfinish": (paged_attention, "FINISH_MASS_PER_STEP", False)}
+                 "+layerfinish": (paged_attention, "FINISH_MASS_PER_STEP", False),
+                 "+onehot": (paged_attention, "BLOCK_PATH_MAX_HEAD_DIM", 0)}
 
 
 def run_method(model, caches, method: str, prompts, new_tokens: int, spec: SpeculationParams,
@@ -72,7 +73,8 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     (`--dense-layers none`, the default since session 17; it matters beside a run given `--dense-layers 0`),
     "+adaptive" an adaptive gamma (`--adaptive-gamma`), "+fullwave" paged_attention.FULL_WAVE_CANDIDATE for sparse
     drafts (a kernel launch under test, no option), "+layerfinish" the verify's page mass finished by one launch a
-    layer instead of one a step (paged_attention.FINISH_MASS_PER_STEP off; no option)."""
+    layer instead of one a step (paged_attention.FINISH_MASS_PER_STEP off; no option), "+onehot" exact page mass
+    by the page one-hot product at any head size (paged_attention.BLOCK_PATH_MAX_HEAD_DIM 0; no option)."""
     for suffix, (module, flag, value) in FLAG_SWITCHES.items():
         if method.endswith(suffix):
             with mock.patch.object(module, flag, value):

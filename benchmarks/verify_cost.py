@@ -24,9 +24,10 @@ BLOCK64 = {"page_mass": True, "mass_tokens": 64}
 # name -> (paged_attention keywords, paged_attention module flags set for the call). block64_uncapped: block mass over
 # 32-key tiles of 64-row blocks without the 128-register cap (the same as block64_mass elsewhere).
 VARIANTS = {"plain": ({}, {}), "page_mass": ({"page_mass": True}, {}), "block64_mass": (BLOCK64, {}),
+            "page_mass_one_hot": ({"page_mass": True}, {"BLOCK_PATH_MIN_PAGE": 1 << 30, "BLOCK_PATH_MAX_HEAD_DIM": 0}),
             "block64_uncapped": (BLOCK64, {"WIDE_BLOCK_MASS_REGISTER_CAP": None}),
-            # exact mass of 16-token pages summed as block mass is (masked row sums a sub-block) instead of the
-            # page one-hot's tensor-core product (paged_attention.BLOCK_PATH_MIN_PAGE)
+            # exact mass of 16-token pages by the page one-hot's tensor-core product, or summed as block mass is
+            # (masked row sums a sub-block; paged_attention.exact_mass_by_blocks): page_mass is the library's choice
             "page_mass_block_path": ({"page_mass": True}, {"BLOCK_PATH_MIN_PAGE": 16})}
 
 

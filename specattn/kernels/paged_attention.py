@@ -131,6 +131,17 @@ BLOCK_MASS_SUBTILES = True
 # product and 16-slot store (H100, a 32-layer verify step at b1 x 32K, 5 rows: +7.2% for 64-key blocks, +12.5%
 # for 16-token pages one-hot; kernels.json at 8631c59). Smaller pages keep the one-hot product.
 BLOCK_PATH_MIN_PAGE = 64
+# Heads of at most this many dimensions take the block path for exact mass of any page size (16-token pages: one
+# masked row sum a page instead of the one-hot product). H100, one layer of 5 rows with its finishing launch
+# (verify_cost_page_block_path_*.json, fc9604e): the default model's heads (3 KV heads of 64, 3 query heads each)
+# at b64 / b32 x 8K +20.9% / +19.1% over plain against +37.2% / +35.4% one-hot; 8B heads (128 dims, 4 query heads a
+# KV head, 32-row query blocks) lose it: b1 x 32K +22.7% vs +15.4%, b8 x 32K +91.3% vs +35.5%. Masses agree to 2e-5.
+BLOCK_PATH_MAX_HEAD_DIM = 64
+
+
+def exact_mass_by_blocks(page_size: int, head_dim: int) -> bool:
+    """Whether exact page mass is summed the way block mass is (each block one page) rather than by a page one-hot."""
+    return page_size >= BLOCK_PATH_MIN_PAGE or head_dim <= BLOCK_PATH_MAX_HEAD_DIM
 MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
 MERGE_WARPS: int | None = None   # warps of the split-merge kernel; None: merge_warps() (tune_attention sets it)
 
@@ -443,7 +454,7 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
         launch = dataclasses.replace(launch, block_n=WIDE_QUERY_BLOCK_N)
     # blocks of several pages, or one large page a block (paged_attention sets mass_tokens so for exact mass)
     mass_tile = (page_mass and mass_tokens is not None
-                 and (mass_tokens > page_size or mass_tokens == page_size >= BLOCK_PATH_MIN_PAGE))
+                 and (mass_tokens > page_size or mass_tokens == page_size and exact_mass_by_blocks(page_size, dim)))
     if mass_tile:
         if sparse or mass_tokens % page_size:
             raise ValueError("block page mass needs dense attention and a multiple of the page size")
@@ -512,7 +523,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
     group = heads // kv_heads
     sparse = selected_pages is not None
-    if page_mass and not sparse and mass_tokens is None and page_size >= BLOCK_PATH_MIN_PAGE:
+    if page_mass and not sparse and mass_tokens is None and exact_mass_by_blocks(page_size, dim):
         mass_tokens = page_size          # exact page mass, summed the way block mass is (BLOCK_PATH_MIN_PAGE)
     block_m, q_block = query_tiling(q_len, group)
     q_blocks = -(-q_len // q_block)
