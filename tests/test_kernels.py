@@ -198,11 +198,15 @@ def test_exact_page_mass_of_large_pages_takes_the_block_path(page_size, num_spli
 @pytest.mark.parametrize("mass_tokens", [None, 16, 64])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("num_splits", [None, 1])
+@pytest.mark.parametrize("launch", [None, paged_attention.DEFAULT_LAUNCH, paged_attention.FEW_PROGRAMS],
+                         ids=["auto", "64-key-tiles", "128-key-tiles"])
 def test_mass_of_16_token_pages_takes_the_block_path_for_small_heads_or_larger_blocks(mass_tokens, head_dim,
-                                                                                         num_splits, monkeypatch):
+                                                                                         num_splits, launch,
+                                                                                         monkeypatch):
     """Pages of 16: exact mass (mass_tokens None or the page size) sums a masked row sum a page (the block path) for
-    heads of <= BLOCK_PATH_MAX_HEAD_DIM dimensions and keeps the page one-hot product for larger ones; 64-key blocks
-    always take the block path. The same output and mass as the reference either way, and through StepMass."""
+    heads of <= BLOCK_PATH_MAX_HEAD_DIM dimensions in tiles of <= BLOCK_PATH_MAX_PAGES pages, and keeps the page
+    one-hot product otherwise; 64-key blocks always take the block path. The same output and mass as the reference
+    either way, and through StepMass."""
     planned = []
     plan = paged_attention._plan_launch
     monkeypatch.setattr(paged_attention, "_plan_launch", lambda *a, **kw: planned.append(plan(*a, **kw)) or planned[-1])
@@ -212,13 +216,15 @@ def test_mass_of_16_token_pages_takes_the_block_path_for_small_heads_or_larger_b
     ref_out, ref_mass = reference.paged_attention(q, k, v, table, lens, scale, page_mass=True,
                                                   mass_tokens=mass_tokens)
     out, mass = paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True, mass_tokens=mass_tokens,
-                                                num_splits=num_splits)
-    assert planned[-1][2] == (mass_tokens == 64 or head_dim <= paged_attention.BLOCK_PATH_MAX_HEAD_DIM)
+                                                num_splits=num_splits, launch=launch)
+    block_n = planned[-1][0].block_n
+    assert planned[-1][2] == (mass_tokens == 64 or head_dim <= paged_attention.BLOCK_PATH_MAX_HEAD_DIM
+                              and block_n // 16 <= paged_attention.BLOCK_PATH_MAX_PAGES)
     assert ((out - ref_out).norm() / ref_out.norm()).item() < 1e-4
     assert (mass - ref_mass).abs().max().item() < 1e-4
     step = paged_attention.StepMass(1)
     paged_attention.paged_attention(q, k, v, table, lens, scale, page_mass=True, mass_tokens=mass_tokens,
-                                    num_splits=num_splits, step_mass=step, layer=0)
+                                    num_splits=num_splits, launch=launch, step_mass=step, layer=0)
     assert torch.allclose(step.finish(torch.zeros(1, *mass.shape), lens)[0], mass, atol=1e-6)
 
 

@@ -131,17 +131,22 @@ BLOCK_MASS_SUBTILES = True
 # product and 16-slot store (H100, a 32-layer verify step at b1 x 32K, 5 rows: +7.2% for 64-key blocks, +12.5%
 # for 16-token pages one-hot; kernels.json at 8631c59). Smaller pages keep the one-hot product.
 BLOCK_PATH_MIN_PAGE = 64
-# Heads of at most this many dimensions take the block path for exact mass of any page size (16-token pages: one
-# masked row sum a page instead of the one-hot product). H100, one layer of 5 rows with its finishing launch
-# (verify_cost_page_block_path_*.json, fc9604e): the default model's heads (3 KV heads of 64, 3 query heads each)
-# at b64 / b32 x 8K +20.9% / +19.1% over plain against +37.2% / +35.4% one-hot; 8B heads (128 dims, 4 query heads a
-# KV head, 32-row query blocks) lose it: b1 x 32K +22.7% vs +15.4%, b8 x 32K +91.3% vs +35.5%. Masses agree to 2e-5.
+# Smaller pages take the block path too (one masked row sum a page instead of the one-hot product) when the heads
+# have at most BLOCK_PATH_MAX_HEAD_DIM dimensions and a tile holds at most BLOCK_PATH_MAX_PAGES pages. H100, one
+# layer of 5 rows with its finishing launch, over plain (verify_cost_page_block_path_*.json, fc9604e / 5a694b5):
+# the default model's heads (3 KV heads of 64, 3 query heads each) with 64-key tiles, b64 / b32 / b16 x 8K: +20.7% /
+# +19.1% / +19.1% against +37.6% / +35.4% / +38.2% one-hot; with 128-key tiles (8 pages, b8 / b1) +37.6% / +46.3%
+# against +25.4% / +39.2%; 8B heads (128 dims, 32-row query blocks) b1 x 32K +22.7% vs +15.4%, b8 x 32K +91.3% vs
+# +35.5%. The masses agree to 2e-5.
 BLOCK_PATH_MAX_HEAD_DIM = 64
+BLOCK_PATH_MAX_PAGES = 4
 
 
-def exact_mass_by_blocks(page_size: int, head_dim: int) -> bool:
-    """Whether exact page mass is summed the way block mass is (each block one page) rather than by a page one-hot."""
-    return page_size >= BLOCK_PATH_MIN_PAGE or head_dim <= BLOCK_PATH_MAX_HEAD_DIM
+def exact_mass_by_blocks(page_size: int, head_dim: int, block_n: int) -> bool:
+    """Whether exact page mass is summed the way block mass is (each block one page) rather than by a page one-hot,
+    for tiles of block_n keys."""
+    return page_size >= BLOCK_PATH_MIN_PAGE or (head_dim <= BLOCK_PATH_MAX_HEAD_DIM
+                                                and block_n // page_size <= BLOCK_PATH_MAX_PAGES)
 MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
 MERGE_WARPS: int | None = None   # warps of the split-merge kernel; None: merge_warps() (tune_attention sets it)
 
@@ -454,7 +459,8 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
         launch = dataclasses.replace(launch, block_n=WIDE_QUERY_BLOCK_N)
     # blocks of several pages, or one large page a block (paged_attention sets mass_tokens so for exact mass)
     mass_tile = (page_mass and mass_tokens is not None
-                 and (mass_tokens > page_size or mass_tokens == page_size and exact_mass_by_blocks(page_size, dim)))
+                 and (mass_tokens > page_size
+                      or mass_tokens == page_size and exact_mass_by_blocks(page_size, dim, launch.block_n)))
     if mass_tile:
         if sparse or mass_tokens % page_size:
             raise ValueError("block page mass needs dense attention and a multiple of the page size")
@@ -523,8 +529,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
     group = heads // kv_heads
     sparse = selected_pages is not None
-    if page_mass and not sparse and mass_tokens is None and exact_mass_by_blocks(page_size, dim):
-        mass_tokens = page_size          # exact page mass, summed the way block mass is (BLOCK_PATH_MIN_PAGE)
+    if page_mass and not sparse and mass_tokens is None:
+        mass_tokens = page_size      # exact page mass: block path or one-hot, as exact_mass_by_blocks says
     block_m, q_block = query_tiling(q_len, group)
     q_blocks = -(-q_len // q_block)
     if page_mass and (q_blocks != 1 or token_level):
