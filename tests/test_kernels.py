@@ -136,7 +136,10 @@ MASS_CASES = [(1, 1, 2, 1, 16, [200]), (3, 1, 1, 4, 32, [37, 5, 64]), (2, 5, 2, 
 @pytest.mark.parametrize("num_splits", [None, 1, 2])
 @pytest.mark.parametrize("launch", [paged_attention.FEW_PROGRAMS, paged_attention.DEFAULT_LAUNCH],
                          ids=["mass-stored-per-tile", "mass-deferred"])
-def test_page_mass_by_product_matches_reference(case, num_splits, launch):
+def test_page_mass_by_product_matches_reference(case, num_splits, launch, monkeypatch):
+    """Exact page mass by the page one-hot product, stored every tile or held in registers (deferred); these small
+    heads would take the block path otherwise (exact_mass_by_blocks; tested below)."""
+    monkeypatch.setattr(paged_attention, "BLOCK_PATH_MAX_HEAD_DIM", 0)
     assert paged_attention.defer_page_mass(launch) == (launch is paged_attention.DEFAULT_LAUNCH)
     torch.manual_seed(MASS_CASES.index(case) + 10)
     q, k, v, table, lens = make_inputs(*case, torch.float32)
@@ -303,15 +306,25 @@ def test_block_mass_of_many_tiles_in_one_split(subtiles, monkeypatch):
     assert (mass - ref_mass).abs().max().item() < 1e-4
 
 
-def test_page_mass_with_more_tiles_than_a_split_can_hold():
+def test_deferred_page_mass_holds_fewer_tiles_for_taller_query_blocks():
+    assert [paged_attention.page_mass_tiles(rows) for rows in (16, 32, 64)] == [16, 16, 8]
+
+
+def test_page_mass_with_more_tiles_than_a_split_can_hold(monkeypatch):
     """2,500 keys in one requested split: deferred page mass waits in registers for at most MAX_PAGE_MASS_TILES
-    tiles, so the kernel must add splits; dense and over a page list."""
+    tiles, so the kernel must add splits; dense (by the one-hot, as larger heads take it) and over a page list."""
+    monkeypatch.setattr(paged_attention, "BLOCK_PATH_MAX_HEAD_DIM", 0)
+    planned = []
+    plan = paged_attention._plan_launch
+    monkeypatch.setattr(paged_attention, "_plan_launch", lambda *a, **kw: planned.append(plan(*a, **kw)) or planned[-1])
     torch.manual_seed(45)
     q, k, v, table, lens = make_inputs(2, 5, 1, 2, 16, [2500, 1700], torch.float32)
     deferred = paged_attention.DEFAULT_LAUNCH
     ref_out, ref_mass = reference.paged_attention(q, k, v, table, lens, 0.25, page_mass=True)
     out, mass = paged_attention.paged_attention(q, k, v, table, lens, 0.25, page_mass=True, num_splits=1,
                                                 launch=deferred)
+    _, splits, by_blocks, defer, max_tiles = planned[-1]
+    assert defer and not by_blocks and splits == -(-2500 // (64 * max_tiles)) > 1
     assert ((out - ref_out).norm() / ref_out.norm()).item() < 1e-4
     assert (mass - ref_mass).abs().max().item() < 1e-4
     sel, counts = random_selection(2, 1, [2500, 1700], keep=0.9)

@@ -147,7 +147,19 @@ def exact_mass_by_blocks(page_size: int, head_dim: int, block_n: int) -> bool:
     for tiles of block_n keys."""
     return page_size >= BLOCK_PATH_MIN_PAGE or (head_dim <= BLOCK_PATH_MAX_HEAD_DIM
                                                 and block_n // page_size <= BLOCK_PATH_MAX_PAGES)
-MAX_PAGE_MASS_TILES = 8   # page mass: the same, each tile holding BLOCK_N / page_size pages in registers
+# Deferred page mass (one-hot): tiles a split holds in registers, each BLOCK_N / page_size pages; more tiles, fewer
+# splits. H100, 8B heads, 5 rows, a 32-layer step's attention with the mass finished once (page_mass_sweep.json,
+# f5f63c4), over plain: 16 tiles against 8 at b8 x 32K +25.3% vs +34.1%, b4 x 32K +19.0% vs +26.9%, b8 x 8K +22.4% vs
+# +29.5%, level at b1 / b2 (128-key tiles are not deferred); 32 tiles +66.6% at b8 x 8K, 4 tiles +42.9% at b8 x 32K.
+# Those are 32-row query blocks: 16 tiles hold 32 x 16 x 16 fp32 values (64 registers a thread at 4 warps), as many as
+# 32 tiles would at 64-row blocks, which keep the 8 tiles they had (PAGE_MASS_HELD_VALUES).
+MAX_PAGE_MASS_TILES = 16
+PAGE_MASS_HELD_VALUES = 8192
+
+
+def page_mass_tiles(query_rows: int) -> int:
+    """Tiles deferred page mass holds for query blocks of query_rows rows (16 slots a tile)."""
+    return max(1, min(MAX_PAGE_MASS_TILES, PAGE_MASS_HELD_VALUES // (query_rows * 16)))
 MERGE_WARPS: int | None = None   # warps of the split-merge kernel; None: merge_warps() (tune_attention sets it)
 
 
@@ -472,11 +484,11 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
         if tuned_sparse:
             num_splits = 1 << (num_splits.bit_length() - 1)
             num_splits = min(num_splits, SPARSE_SMALL_HEADS_MAX_SPLITS or num_splits)
-    # Deferred page mass holds MAX_PAGE_MASS_TILES tiles per split: past 256 splits (very long contexts) the
+    # Deferred page mass holds page_mass_tiles(query_rows) tiles per split: past 256 splits (very long contexts) the
     # merge would hold too many partials, so the mass is stored per tile there.
-    defer = (page_mass and not mass_tile and defer_page_mass(launch)
-             and -(-cap // (launch.block_n * MAX_PAGE_MASS_TILES)) <= 256)
-    max_tiles = MAX_PAGE_MASS_TILES if defer else 1
+    held = page_mass_tiles(query_rows)
+    defer = (page_mass and not mass_tile and defer_page_mass(launch) and -(-cap // (launch.block_n * held)) <= 256)
+    max_tiles = held if defer else 1
     if defer:      # every split's tiles must fit the registers that hold their mass
         num_splits = max(num_splits, -(-cap // (launch.block_n * max_tiles)))
     return launch, num_splits, mass_tile, defer, max_tiles
