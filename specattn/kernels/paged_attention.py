@@ -147,6 +147,8 @@ def exact_mass_by_blocks(page_size: int, head_dim: int, block_n: int) -> bool:
     for tiles of block_n keys."""
     return page_size >= BLOCK_PATH_MIN_PAGE or (head_dim <= BLOCK_PATH_MAX_HEAD_DIM
                                                 and block_n // page_size <= BLOCK_PATH_MAX_PAGES)
+
+
 # Deferred page mass (one-hot): tiles a split holds in registers, each BLOCK_N / page_size pages; more tiles, fewer
 # splits. H100, 8B heads, 5 rows, a 32-layer step's attention with the mass finished once (page_mass_sweep.json,
 # f5f63c4), over plain: 16 tiles against 8 at b8 x 32K +25.3% vs +34.1%, b4 x 32K +19.0% vs +26.9%, b8 x 8K +22.4% vs
@@ -160,6 +162,8 @@ PAGE_MASS_HELD_VALUES = 8192
 def page_mass_tiles(query_rows: int) -> int:
     """Tiles deferred page mass holds for query blocks of query_rows rows (16 slots a tile)."""
     return max(1, min(MAX_PAGE_MASS_TILES, PAGE_MASS_HELD_VALUES // (query_rows * 16)))
+
+
 MERGE_WARPS: int | None = None   # warps of the split-merge kernel; None: merge_warps() (tune_attention sets it)
 
 
