@@ -129,7 +129,7 @@ BLOCK_MASS_SUBTILES = True
 # Exact page mass of pages this large comes from the block-mass path (mass_tokens = page_size: each block is one page,
 # so nothing is spread): its tile row sums cost a masked row sum or none, against the page one-hot's tensor-core
 # product and 16-slot store (H100, a 32-layer verify step at b1 x 32K, 5 rows: +7.2% for 64-key blocks, +12.5%
-# for 16-token pages one-hot; kernels.json at 8631c59). Smaller pages keep the one-hot product.
+# for 16-token pages one-hot; kernels.json at 8631c59). Smaller pages: see BLOCK_PATH_MAX_HEAD_DIM.
 BLOCK_PATH_MIN_PAGE = 64
 # Smaller pages take the block path too (one masked row sum a page instead of the one-hot product) when the heads
 # have at most BLOCK_PATH_MAX_HEAD_DIM dimensions and a tile holds at most BLOCK_PATH_MAX_PAGES pages. H100, one
