@@ -132,14 +132,32 @@ MASS_CASES = [(1, 1, 2, 1, 16, [200]), (3, 1, 1, 4, 32, [37, 5, 64]), (2, 5, 2, 
               (2, 16, 1, 4, 16, [16, 51])]
 
 
+class LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's keyword arguments, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 @pytest.mark.parametrize("case", MASS_CASES, ids=[f"b{c[0]}-q{c[1]}-g{c[3]}" for c in MASS_CASES])
 @pytest.mark.parametrize("num_splits", [None, 1, 2])
 @pytest.mark.parametrize("launch", [paged_attention.FEW_PROGRAMS, paged_attention.DEFAULT_LAUNCH],
                          ids=["mass-stored-per-tile", "mass-deferred"])
-def test_page_mass_by_product_matches_reference(case, num_splits, launch, monkeypatch):
-    """Exact page mass by the page one-hot product, stored every tile or held in registers (deferred); these small
-    heads would take the block path otherwise (exact_mass_by_blocks; tested below)."""
+@pytest.mark.parametrize("by_warp", [False, True], ids=["one-hot", "warp-sums"])
+def test_page_mass_by_product_matches_reference(case, num_splits, launch, by_warp, monkeypatch):
+    """Exact page mass by the page one-hot product or by sums inside warps over keys in _warp_order, stored every
+    tile or held in registers (deferred); these small heads would take the block path otherwise
+    (exact_mass_by_blocks; tested below)."""
     monkeypatch.setattr(paged_attention, "BLOCK_PATH_MAX_HEAD_DIM", 0)
+    monkeypatch.setattr(paged_attention, "PAGE_SUMS_BY_RESHAPE", by_warp)
+    spy = LaunchSpy(paged_attention._paged_attn_split_kernel)
+    monkeypatch.setattr(paged_attention, "_paged_attn_split_kernel", spy)
     assert paged_attention.defer_page_mass(launch) == (launch is paged_attention.DEFAULT_LAUNCH)
     torch.manual_seed(MASS_CASES.index(case) + 10)
     q, k, v, table, lens = make_inputs(*case, torch.float32)
@@ -152,6 +170,30 @@ def test_page_mass_by_product_matches_reference(case, num_splits, launch, monkey
     # Every row's probabilities sum to one: the mass of a KV head sums to (query heads per KV head) x rows.
     group, q_len = case[3], case[1]
     assert torch.allclose(mass.sum(-1), torch.full_like(mass.sum(-1), group * q_len), atol=1e-4)
+    assert spy.launches[-1]["PAGE_RESHAPE"] == (launch.num_warps if by_warp else 0)
+
+
+def test_warp_order_gives_each_warp_whole_pages():
+    """Column c of a tile holds key _warp_order(c); warp w holds the columns 8w + 8·warps·r + i of the product
+    (mma v2 layout). Each warp's keys must be a contiguous run of whole pages, and the order a permutation."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def order_kernel(out_ptr, BLOCK_N: tl.constexpr, WARPS: tl.constexpr):
+        cols = tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + cols, paged_attention._warp_order(cols, BLOCK_N, WARPS))
+
+    for block_n, warps, page in [(128, 4, 16), (64, 4, 16), (128, 4, 32), (256, 8, 16)]:
+        cols = torch.arange(block_n)
+        keys = torch.empty(block_n, dtype=torch.int32)
+        order_kernel[(1,)](keys, BLOCK_N=block_n, WARPS=warps)
+        assert sorted(keys.tolist()) == list(range(block_n))
+        warp_of_col = (cols // 8) % warps
+        for w in range(warps):
+            mine = keys[warp_of_col == w]
+            assert mine.max() - mine.min() + 1 == len(mine) == block_n // warps
+            assert len(mine) % page == 0 and mine.min() % page == 0
 
 
 @pytest.mark.parametrize("subtiles", [False, True], ids=["tile-per-block", "two-blocks-per-128-key-tile"])

@@ -142,6 +142,13 @@ BLOCK_PATH_MAX_HEAD_DIM = 64
 BLOCK_PATH_MAX_PAGES = 4
 
 
+# Exact page mass not taken the block way: each tile's page sums from p regrouped as [rows, pages, page keys] and
+# summed over the keys (True), or from a tensor-core product with a page one-hot (False; 16 slots a tile, as tl.dot
+# needs 16 columns). Offline sm_90 (Triton 3.6): the regrouping compiles to a relabelling of registers plus warp
+# shuffles, where older Triton versions converted the layout through shared memory every tile.
+PAGE_SUMS_BY_RESHAPE = False
+
+
 def exact_mass_by_blocks(page_size: int, head_dim: int, block_n: int) -> bool:
     """Whether exact page mass is summed the way block mass is (each block one page) rather than by a page one-hot,
     for tiles of block_n keys."""
@@ -194,12 +201,38 @@ def _prefetch_l1(ptrs, mask, SKIP: tl.constexpr):
 
 
 @triton.jit
+def _warp_order(c, BLOCK_N: tl.constexpr, WARPS: tl.constexpr):
+    """The key a tile's column c holds so that each warp's columns of the QK product are whole pages. The product's
+    layout on sm_90 (mma v2, warps side by side along the keys, 8-column instruction tiles) gives warp w the columns
+    8w + 8·WARPS·r + i; those columns hold the keys 8R·w + 8r + i (R = BLOCK_N / (8·WARPS)), a contiguous run of
+    8R keys. Any order is correct (K, V, masks and page sums all follow it); this one keeps page sums inside warps."""
+    reps: tl.constexpr = BLOCK_N // (8 * WARPS)
+    return 8 * reps * ((c // 8) % WARPS) + 8 * (c // (8 * WARPS)) + c % 8
+
+
+@triton.jit
+def _page_sums_by_warp(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, WARPS: tl.constexpr):
+    """p [BLOCK_M, BLOCK_N] with keys in _warp_order -> each row's sum over each page of the tile [BLOCK_M, pages],
+    pages in key order. Sums over the 8 keys of an instruction tile (shuffles inside a warp), then over the tiles of
+    a page (registers of one thread): no value crosses warps."""
+    reps: tl.constexpr = BLOCK_N // (8 * WARPS)
+    per_page: tl.constexpr = PAGE_SIZE // 8
+    s = tl.sum(tl.reshape(p, [BLOCK_M, reps, WARPS, 8]), 3)                      # [rows, r, w]
+    s = tl.sum(tl.reshape(s, [BLOCK_M, reps // per_page, per_page, WARPS]), 2)   # [rows, page of the warp, w]
+    return tl.reshape(tl.permute(s, (0, 2, 1)), [BLOCK_M, WARPS * (reps // per_page)])
+
+
+@triton.jit
 def _tile_keys(blk, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr, page_table_ptr, stride_ptb,
                BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr,
-               PHYS_LIST: tl.constexpr):
+               PHYS_LIST: tl.constexpr, WARP_PAGES: tl.constexpr = 0):
     """Tile blk of the split kernel's virtual key sequence -> (key positions, which are real keys, their physical
-    pages). Reads only page lists and the page table."""
-    j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    pages). Reads only page lists and the page table. WARP_PAGES (the number of warps, or 0): column c of the tile
+    holds key _warp_order(c) instead of key c (see _page_sums_by_warp)."""
+    cols = tl.arange(0, BLOCK_N)
+    if WARP_PAGES:
+        cols = _warp_order(cols, BLOCK_N, WARP_PAGES)
+    j = blk * BLOCK_N + cols
     in_range = j < n_keys
     if TOKEN_LIST:
         key_pos = tl.load(sel_ptr + pid_bh * sel_len + j, mask=in_range, other=0)
@@ -233,7 +266,7 @@ def _paged_attn_split_kernel(
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
     PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
-    TILES_PER_BLOCK: tl.constexpr = 1,
+    TILES_PER_BLOCK: tl.constexpr = 1, PAGE_RESHAPE: tl.constexpr = 0,
 ):
     if not EARLY:
         wait_for_predecessor(PDL)
@@ -276,11 +309,12 @@ def _paged_attn_split_kernel(
     row_ok = (rows < GROUP * Q_BLOCK) & (t < Q_LEN)
     head = kvh * GROUP + g
     # The mass buffer holds MASS_SLOTS values per (row, tile): the tile's page sums (page mass) or block sums
-    # (block mass) from slot 0, the row max they are relative to in the last slot.
+    # (block mass) from slot 0, the row max they are relative to in the last slot; with PAGE_RESHAPE page sums and
+    # the row max alternate (slot 2i: page i, slot 2i + 1: the max), every slot used.
     mass_rows = mass_part_ptr + (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64) * mass_tiles * MASS_SLOTS
     slot_ids = tl.arange(0, MASS_SLOTS)
     values_per_tile: tl.constexpr = MASS_SUB if MASS_TILE else BLOCK_N // PAGE_SIZE
-    slot_used = (slot_ids < values_per_tile) | (slot_ids == MASS_SLOTS - 1)
+    slot_used = (slot_ids < values_per_tile) | (slot_ids == MASS_SLOTS - 1) | (PAGE_RESHAPE != 0)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -299,7 +333,7 @@ def _paged_attn_split_kernel(
     for blk in range(block_lo, block_hi):
         key_pos, key_ok, page = _tile_keys(blk, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr,
                                            page_table_ptr, stride_ptb, BLOCK_N, PAGE_SIZE, SPARSE, TOKEN_LIST,
-                                           PHYS_LIST)
+                                           PHYS_LIST, PAGE_RESHAPE)
         kv_off = page.to(tl.int64) * stride_kp + (key_pos % PAGE_SIZE) * stride_kr + kvh * stride_kh
         k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
@@ -333,6 +367,13 @@ def _paged_attn_split_kernel(
                     sums = tl.where(slot_ids[None, :] == sub, sub_sum[:, None], sums)
                 else:
                     sums = tl.where(slot_ids[None, :] == sub, rest[:, None], sums)
+        elif PAGE_MASS and PAGE_RESHAPE:
+            # Per-row mass of each page of this tile, relative to m_safe (rescaled as below), summed inside the warps
+            # that hold the page's columns (keys in _warp_order), alternating with the row max in one store.
+            pages_here: tl.constexpr = BLOCK_N // PAGE_SIZE
+            page_sum = _page_sums_by_warp(p, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGE_RESHAPE)
+            row_max = tl.broadcast_to(m_safe[:, None], [BLOCK_M, pages_here])
+            sums = tl.reshape(tl.join(page_sum, row_max), [BLOCK_M, 2 * pages_here])
         elif PAGE_MASS:
             # Per-row mass of each page of this tile, relative to m_safe; rescaled by exp(m_safe - lse)
             # once the row's log-sum-exp is known (_page_mass_kernel). Rows are (g, t): decode/verify only.
@@ -344,7 +385,10 @@ def _paged_attn_split_kernel(
             else:
                 sums = tl.dot(p.to(k.dtype), onehot.to(k.dtype))
         if PAGE_MASS:      # the tile's sums and the row max they are relative to, in one store (see MASS_SLOTS)
-            packed = tl.where(slot_ids[None, :] == MASS_SLOTS - 1, m_safe[:, None], sums)
+            if PAGE_RESHAPE and not MASS_TILE:
+                packed = sums            # the row max is in it already
+            else:
+                packed = tl.where(slot_ids[None, :] == MASS_SLOTS - 1, m_safe[:, None], sums)
             if DEFER_MASS:
                 here = tiles_held == blk - block_lo
                 page_sums = tl.where(here[None, :, None], packed[:, None, :], page_sums)
@@ -404,7 +448,7 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                       PAGES_PER_VALUE: tl.constexpr, VALUES_PER_TILE: tl.constexpr, MASS_SLOTS: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, INTERLEAVED: tl.constexpr = False):
     """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight. All rows of a
     block of pages in one tile: a loop over rows would serialise dependent loads. Each page reads the value
     holding it (its own page sum, or its block's sum spread over the block's pages) and its tile's row max.
@@ -432,8 +476,13 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
     both = row_ok[:, None] & ok[None, :]
     value = vpage // PAGES_PER_VALUE
     tile_at = (value // VALUES_PER_TILE) * MASS_SLOTS
-    part = tl.load(rows + (tile_at + value % VALUES_PER_TILE)[None, :], mask=both, other=0.0)
-    m = tl.load(rows + (tile_at + MASS_SLOTS - 1)[None, :], mask=both, other=0.0)
+    if INTERLEAVED:      # slot 2i: value i, slot 2i + 1: the row max (PAGE_RESHAPE)
+        at = tile_at + 2 * (value % VALUES_PER_TILE)
+        part = tl.load(rows + at[None, :], mask=both, other=0.0)
+        m = tl.load(rows + (at + 1)[None, :], mask=both, other=0.0)
+    else:
+        part = tl.load(rows + (tile_at + value % VALUES_PER_TILE)[None, :], mask=both, other=0.0)
+        m = tl.load(rows + (tile_at + MASS_SLOTS - 1)[None, :], mask=both, other=0.0)
     if MASS_TILE:      # block mass: spread evenly over the block's pages that exist
         in_block = tl.minimum(PAGES_PER_VALUE, n_pages - value * PAGES_PER_VALUE)
         part = part / tl.maximum(in_block, 1).to(tl.float32)[None, :]
@@ -572,10 +621,12 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     tiles_per_block = max(1, mass_tokens // launch.block_n) if mass_tile else 1     # a block over several tiles
     mass_tiles = -(-mass_pages * page_size // (launch.block_n * tiles_per_block))    # values stored per row
     values_per_tile = mass_sub if mass_tile else launch.block_n // page_size      # block sums or page sums
-    slots = mass_slots(values_per_tile, one_hot=not mass_tile)
+    by_reshape = (page_mass and not mass_tile and PAGE_SUMS_BY_RESHAPE and page_size % 8 == 0
+                  and launch.block_n % (launch.num_warps * page_size) == 0)
+    slots = 2 * values_per_tile if by_reshape else mass_slots(values_per_tile, one_hot=not mass_tile)
     pages_per_value = launch.block_n * tiles_per_block // page_size // values_per_tile
     mass_shape = _MassFinish(batch, kv_heads, group, q_len, page_size, mass_pages, mass_tiles, slots,
-                             pages_per_value, values_per_tile, mass_tile)
+                             pages_per_value, values_per_tile, mass_tile, by_reshape)
     if step_mass is not None:      # this layer's slot of the step's buffers; the merge writes the lse there too
         mass_part, lse = step_mass.layer_buffers(layer, mass_shape, dev)
         mass_part, lse = mass_part.view(mass_shape.rows, -1), lse.view(batch, q_len, heads)
@@ -610,6 +661,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
         MASS_SUB=mass_sub, EARLY=EARLY_PAGES, TILES_PER_BLOCK=tiles_per_block,
+        PAGE_RESHAPE=launch.num_warps if by_reshape else 0,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev), **capped_options,
     )
     if not direct:
@@ -669,7 +721,8 @@ def _launch_page_mass(mass_part, lse, lens_after, counts, mass, sh: _MassFinish,
         mass_part, lse, lens_after, counts, mass, sh.mass_pages, sh.mass_tiles, mass.stride(-3), mass.stride(-2),
         *layer_strides, Q_LEN=sh.q_len, GROUP=sh.group, HEADS=sh.kv_heads * sh.group, PAGE_SIZE=sh.page_size,
         PAGES_PER_VALUE=sh.pages_per_value, VALUES_PER_TILE=sh.values_per_tile, MASS_SLOTS=sh.slots,
-        BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse, MASS_TILE=sh.mass_tile, num_warps=MASS_FINISH_WARPS,
+        BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse, MASS_TILE=sh.mass_tile, INTERLEAVED=sh.interleaved,
+        num_warps=MASS_FINISH_WARPS,
         **launch_options(lse.device),
     )
 
@@ -687,6 +740,7 @@ class _MassFinish(NamedTuple):
     pages_per_value: int
     values_per_tile: int
     mass_tile: bool
+    interleaved: bool = False      # page sums and row maxes alternate (PAGE_SUMS_BY_RESHAPE)
 
     @property
     def rows(self) -> int:       # (sequence, KV head, query head of the group, new token)
