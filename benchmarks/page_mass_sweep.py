@@ -32,7 +32,7 @@ def variants(tiles: list[int]) -> dict[str, tuple[dict, dict]]:
     for n in tiles:
         held = {"MAX_PAGE_MASS_TILES": n, "PAGE_MASS_HELD_VALUES": 1 << 30}
         out[f"page_one_hot_tiles{n}"] = (page, {**held, "PAGE_SUMS_BY_RESHAPE": False})
-        out[f"page_warp_sums_tiles{n}"] = (page, {**held, "PAGE_SUMS_BY_RESHAPE": True})
+        out[f"page_warp_sums_tiles{n}"] = (page, {"WARP_SUMS_PAGE_MASS_TILES": n, "PAGE_SUMS_BY_RESHAPE": True})
     return out
 
 

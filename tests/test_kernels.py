@@ -350,6 +350,8 @@ def test_block_mass_of_many_tiles_in_one_split(subtiles, monkeypatch):
 
 def test_deferred_page_mass_holds_fewer_tiles_for_taller_query_blocks():
     assert [paged_attention.page_mass_tiles(rows) for rows in (16, 32, 64)] == [16, 16, 8]
+    # page sums by warp: 8 slots a 64-key tile, 8 tiles at any block (the sweep's choice)
+    assert {paged_attention.page_mass_tiles(rows, by_warp=True) for rows in (16, 32, 64)} == {8}
 
 
 def test_page_mass_with_more_tiles_than_a_split_can_hold(monkeypatch):

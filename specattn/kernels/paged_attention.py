@@ -142,11 +142,15 @@ BLOCK_PATH_MAX_HEAD_DIM = 64
 BLOCK_PATH_MAX_PAGES = 4
 
 
-# Exact page mass not taken the block way: each tile's page sums from p regrouped as [rows, pages, page keys] and
-# summed over the keys (True), or from a tensor-core product with a page one-hot (False; 16 slots a tile, as tl.dot
-# needs 16 columns). Offline sm_90 (Triton 3.6): the regrouping compiles to a relabelling of registers plus warp
-# shuffles, where older Triton versions converted the layout through shared memory every tile.
-PAGE_SUMS_BY_RESHAPE = False
+# Exact page mass not taken the block way: each tile's page sums added up inside the warps that hold the page's
+# columns (True; keys in _warp_order, see _page_sums_by_warp; 2 slots a page), or by a tensor-core product with a
+# page one-hot (False; 16 slots a tile, as tl.dot needs 16 columns). Offline sm_90: 226 registers against 230 at
+# batch 1 x 32K (128-key tiles, 5 rows), 168 against 255 when 16 tiles are held (64-key tiles, 32-row blocks),
+# none of the one-hot's 4 KB of shared memory. H100, 8B heads, a 32-layer step, mass finished once, over plain
+# (page_mass_warp*.json, acbdd90): stored every 128-key tile, 5 rows b1 x 32K +12.1% against +12.7%, b1 x 8K +8.9%
+# against +10.8%, one row +1.9% / +1.0% against +4.1% / +4.5%. Deferred: see WARP_SUMS_PAGE_MASS_TILES. The masses
+# agree to 4e-4 of the largest (the one-hot multiplies bf16 probabilities; these sums add fp32 ones).
+PAGE_SUMS_BY_RESHAPE = True
 
 
 def exact_mass_by_blocks(page_size: int, head_dim: int, block_n: int) -> bool:
@@ -164,10 +168,25 @@ def exact_mass_by_blocks(page_size: int, head_dim: int, block_n: int) -> bool:
 # 32 tiles would at 64-row blocks, which keep the 8 tiles they had (PAGE_MASS_HELD_VALUES).
 MAX_PAGE_MASS_TILES = 16
 PAGE_MASS_HELD_VALUES = 8192
+# Page sums by warp hold 8 tiles a split at any query block. H100, the same step (page_mass_warp_tiles_q*.json,
+# acbdd90), 4 / 8 / 16 / 32 tiles at 5 rows: b8 x 8K +30.4% / +17.5% / +36.1% / +53.0% (one-hot at 16, the rule
+# above: +21.9%), b16 x 8K 39.4 / 26.1 / 22.6 / 18.6 (28.5), b8 x 32K 34.3 / 17.2 / 17.8 / 14.5 (24.6), b4 x 32K
+# 26.9 / 15.0 / 12.3 / 8.7 (17.9), b32 x 8K 14.6 / -2.1 / -2.2 / -4.7 (3.7); at one row 8 tiles: 3.8 / 7.5 / 4.4 /
+# 4.2 / 6.2 against the one-hot's 18.2 / 6.0 / 7.4 / 2.3 / 9.0. Fewer tiles, more splits: where more tiles win, they
+# lose badly elsewhere (a program count just past a whole wave), so 8 is the choice with no cell far off its best.
+WARP_SUMS_PAGE_MASS_TILES = 8
 
 
-def page_mass_tiles(query_rows: int) -> int:
-    """Tiles deferred page mass holds for query blocks of query_rows rows (16 slots a tile)."""
+def page_sums_by_warp(launch: LaunchConfig, page_size: int) -> bool:
+    """Whether exact page mass (not taken the block way) sums pages inside warps with this launch: each warp's
+    columns must be whole pages (_warp_order)."""
+    return PAGE_SUMS_BY_RESHAPE and page_size % 8 == 0 and launch.block_n % (launch.num_warps * page_size) == 0
+
+
+def page_mass_tiles(query_rows: int, by_warp: bool = False) -> int:
+    """Tiles deferred page mass holds for query blocks of query_rows rows (one-hot: 16 slots a tile)."""
+    if by_warp:
+        return WARP_SUMS_PAGE_MASS_TILES
     return max(1, min(MAX_PAGE_MASS_TILES, PAGE_MASS_HELD_VALUES // (query_rows * 16)))
 
 
@@ -539,7 +558,7 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
             num_splits = min(num_splits, SPARSE_SMALL_HEADS_MAX_SPLITS or num_splits)
     # Deferred page mass holds page_mass_tiles(query_rows) tiles per split: past 256 splits (very long contexts) the
     # merge would hold too many partials, so the mass is stored per tile there.
-    held = page_mass_tiles(query_rows)
+    held = page_mass_tiles(query_rows, page_sums_by_warp(launch, page_size))
     defer = (page_mass and not mass_tile and defer_page_mass(launch) and -(-cap // (launch.block_n * held)) <= 256)
     max_tiles = held if defer else 1
     if defer:      # every split's tiles must fit the registers that hold their mass
@@ -621,8 +640,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     tiles_per_block = max(1, mass_tokens // launch.block_n) if mass_tile else 1     # a block over several tiles
     mass_tiles = -(-mass_pages * page_size // (launch.block_n * tiles_per_block))    # values stored per row
     values_per_tile = mass_sub if mass_tile else launch.block_n // page_size      # block sums or page sums
-    by_reshape = (page_mass and not mass_tile and PAGE_SUMS_BY_RESHAPE and page_size % 8 == 0
-                  and launch.block_n % (launch.num_warps * page_size) == 0)
+    by_reshape = page_mass and not mass_tile and page_sums_by_warp(launch, page_size)
     slots = 2 * values_per_tile if by_reshape else mass_slots(values_per_tile, one_hot=not mass_tile)
     pages_per_value = launch.block_n * tiles_per_block // page_size // values_per_tile
     mass_shape = _MassFinish(batch, kv_heads, group, q_len, page_size, mass_pages, mass_tiles, slots,
