@@ -28,7 +28,9 @@ def variants(tiles: list[int]) -> dict[str, tuple[dict, dict]]:
     page = {"page_mass": True}
     out = {"plain": ({}, {}), "block64": ({"page_mass": True, "mass_tokens": 64}, {}), "page": (page, {}),
            "page_one_hot": (page, {"PAGE_SUMS_BY_RESHAPE": False}),
-           "page_warp_sums": (page, {"PAGE_SUMS_BY_RESHAPE": True})}
+           "page_warp_sums": (page, {"PAGE_SUMS_BY_RESHAPE": True}),
+           # 128-key tiles (few programs) holding their page sums too, instead of a store every tile
+           "page_warp_sums_defer128": (page, {"PAGE_SUMS_BY_RESHAPE": True, "DEFER_PAGE_MASS_MAX_BLOCK_N": 128})}
     for n in tiles:
         held = {"MAX_PAGE_MASS_TILES": n, "PAGE_MASS_HELD_VALUES": 1 << 30}
         out[f"page_one_hot_tiles{n}"] = (page, {**held, "PAGE_SUMS_BY_RESHAPE": False})

@@ -89,7 +89,10 @@ def defer_page_mass(launch: LaunchConfig) -> bool:
     overhead of page mass over plain attention (commit ad1b820 stores every tile, 29bcad2 defers): many programs
     with 64-key tiles (batch 8, 8K) 0.65 -> 0.31 with 5 rows, 0.10 -> 0.11 with 1; few programs with 128-key tiles
     (batch 1) 0.32 -> 0.41 at 32K and 0.40 -> 0.48 at 8K with 5 rows, 0.17 -> 0.13 at 32K with 1."""
-    return launch.block_n <= 64
+    return launch.block_n <= DEFER_PAGE_MASS_MAX_BLOCK_N
+
+
+DEFER_PAGE_MASS_MAX_BLOCK_N = 64     # tiles of more keys store their page mass every tile (see defer_page_mass)
 
 
 def choose_launch(programs: int, head_dim: int, sparse: bool = False, query_rows: int = 16) -> LaunchConfig:
