@@ -39,7 +39,8 @@ DIVISIBLE_BY_16 = list(POINTERS) + ["stride_qb", "stride_qt", "stride_qh", "stri
 BASE = dict(Q_LEN=5, Q_BLOCK=5, GROUP=4, HEADS=32, PAGE_SIZE=16, HEAD_DIM=128, BLOCK_M=32, BLOCK_N=64,
             UPCAST_DOT=False, SPARSE=False, TOKEN_LIST=False, PAGE_MASS=False, MASS_TILE=False, MAX_TILES=1,
             MASS_SLOTS=16, DEFER_MASS=False, DIRECT=False, PHYS_LIST=False, MASS_SUB=1, EARLY=1, PDL=0,
-            TILES_PER_BLOCK=1, PAGE_RESHAPE=0)
+            TILES_PER_BLOCK=1, PAGE_RESHAPE=0, TILE_PAGES=1,
+            SUMS_HALF=False)
 SMALL_HEADS = dict(GROUP=3, HEADS=9, HEAD_DIM=64, BLOCK_M=16)
 QWEN_HEADS = dict(GROUP=6, HEADS=12, HEAD_DIM=128, BLOCK_M=32)      # Qwen2.5-Coder-1.5B
 QWEN_WIDE = dict(QWEN_HEADS, BLOCK_M=64, Q_LEN=7, Q_BLOCK=7)           # its verify at gamma 6: 42 rows

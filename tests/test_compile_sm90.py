@@ -45,16 +45,16 @@ MASS = {"mass_part_ptr": "*fp32", "lse_ptr": "*fp32", "lens_ptr": "*i32", "sel_c
 compile_checked(paged_attention._page_mass_kernel, MASS, ["mass_pages", "mass_tiles", "stride_mb", "stride_mh",
                                                        "stride_part_layer", "stride_lse_layer", "stride_ml"], [],
                 dict(Q_LEN=5, GROUP=4, HEADS=32, PAGE_SIZE=16, PAGES_PER_VALUE=4, VALUES_PER_TILE=2, MASS_SLOTS=4,
-                     BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=True, PDL=2, INTERLEAVED=False))
-# exact page sums inside warps (128-key tiles stored, 64-key tiles held) and their finishing (interleaved slots)
+                     BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=True, PDL=2, COMPACT=False, SUMS_HALF=False))
+# exact page sums inside warps (128-key tiles stored, 64-key tiles held; fp16 sums) and their finishing
 compile_checked(paged_attention._paged_attn_split_kernel, ATTENTION_SIGNATURE, [], [],
-                dict(ATTN, BLOCK_N=128, PAGE_RESHAPE=4, MASS_SLOTS=16))
+                dict(ATTN, BLOCK_N=128, PAGE_RESHAPE=4, TILE_PAGES=8, SUMS_HALF=True, MASS_SLOTS=5))
 compile_checked(paged_attention._paged_attn_split_kernel, ATTENTION_SIGNATURE, [], [],
-                dict(ATTN, PAGE_RESHAPE=4, MASS_SLOTS=8, DEFER_MASS=True, MAX_TILES=8))
+                dict(ATTN, PAGE_RESHAPE=4, TILE_PAGES=4, SUMS_HALF=True, MASS_SLOTS=3, DEFER_MASS=True, MAX_TILES=8))
 compile_checked(paged_attention._page_mass_kernel, MASS, ["mass_pages", "mass_tiles", "stride_mb", "stride_mh",
                                                        "stride_part_layer", "stride_lse_layer", "stride_ml"], [],
-                dict(Q_LEN=5, GROUP=4, HEADS=32, PAGE_SIZE=16, PAGES_PER_VALUE=1, VALUES_PER_TILE=8, MASS_SLOTS=16,
-                     BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=False, PDL=2, INTERLEAVED=True))
+                dict(Q_LEN=5, GROUP=4, HEADS=32, PAGE_SIZE=16, PAGES_PER_VALUE=1, VALUES_PER_TILE=8, MASS_SLOTS=5,
+                     BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=False, PDL=2, COMPACT=True, SUMS_HALF=True))
 WRITE = {**{p: "*bf16" for p in ["qkv_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_pool_ptr", "v_pool_ptr", "x_ptr",
                                  "bias_ptr"]}, "slots_ptr": "*i32"}
 compile_checked(rope_kv._rope_write_kernel, WRITE,

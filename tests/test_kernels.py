@@ -173,6 +173,22 @@ def test_page_mass_by_product_matches_reference(case, num_splits, launch, by_war
     assert spy.launches[-1]["PAGE_RESHAPE"] == (launch.num_warps if by_warp else 0)
 
 
+@pytest.mark.parametrize("launch", [paged_attention.FEW_PROGRAMS, paged_attention.DEFAULT_LAUNCH],
+                         ids=["stored-per-tile", "deferred"])
+def test_page_sums_in_fp16_for_bf16_attention(launch, monkeypatch):
+    """bf16 attention keeps its page sums by warp in fp16 (PAGE_SUMS_HALF), the row maxima in fp32: the mass stays
+    within 1e-3 of the largest against the fp32 reference, and the launch took that path."""
+    monkeypatch.setattr(paged_attention, "BLOCK_PATH_MAX_HEAD_DIM", 0)
+    spy = LaunchSpy(paged_attention._paged_attn_split_kernel)
+    monkeypatch.setattr(paged_attention, "_paged_attn_split_kernel", spy)
+    torch.manual_seed(46)
+    q, k, v, table, lens = make_inputs(2, 5, 2, 4, 64, [1500, 777], torch.bfloat16)
+    _, ref_mass = reference.paged_attention(q.float(), k.float(), v.float(), table, lens, 0.125, page_mass=True)
+    _, mass = paged_attention.paged_attention(q, k, v, table, lens, 0.125, page_mass=True, launch=launch)
+    assert spy.launches[-1]["SUMS_HALF"] and spy.launches[-1]["PAGE_RESHAPE"] == launch.num_warps
+    assert ((mass - ref_mass).abs().max() / ref_mass.abs().max()).item() < 1e-3
+
+
 def test_warp_order_gives_each_warp_whole_pages():
     """Column c of a tile holds key _warp_order(c); warp w holds the columns 8w + 8·warps·r + i of the product
     (mma v2 layout). Each warp's keys must be a contiguous run of whole pages, and the order a permutation."""

@@ -154,6 +154,9 @@ BLOCK_PATH_MAX_PAGES = 4
 # against +10.8%, one row +1.9% / +1.0% against +4.1% / +4.5%. Deferred: see WARP_SUMS_PAGE_MASS_TILES. The masses
 # agree to 4e-4 of the largest (the one-hot multiplies bf16 probabilities; these sums add fp32 ones).
 PAGE_SUMS_BY_RESHAPE = True
+# Page sums by warp stored in fp16 when attention runs in bf16 / fp16 (row maxima stay fp32): 20 bytes a row and
+# 128-key tile instead of 36. Each sum is <= 16 (16 keys, relative to the row max), so fp16 keeps ~3 digits.
+PAGE_SUMS_HALF = True
 
 
 def exact_mass_by_blocks(page_size: int, head_dim: int, block_n: int) -> bool:
@@ -288,7 +291,8 @@ def _paged_attn_split_kernel(
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
     PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
-    TILES_PER_BLOCK: tl.constexpr = 1, PAGE_RESHAPE: tl.constexpr = 0,
+    TILES_PER_BLOCK: tl.constexpr = 1, PAGE_RESHAPE: tl.constexpr = 0, TILE_PAGES: tl.constexpr = 1,
+    SUMS_HALF: tl.constexpr = False,
 ):
     if not EARLY:
         wait_for_predecessor(PDL)
@@ -330,13 +334,21 @@ def _paged_attn_split_kernel(
     t = t_lo + rows % Q_BLOCK
     row_ok = (rows < GROUP * Q_BLOCK) & (t < Q_LEN)
     head = kvh * GROUP + g
-    # The mass buffer holds MASS_SLOTS values per (row, tile): the tile's page sums (page mass) or block sums
-    # (block mass) from slot 0, the row max they are relative to in the last slot; with PAGE_RESHAPE page sums and
-    # the row max alternate (slot 2i: page i, slot 2i + 1: the max), every slot used.
+    # The mass buffer holds MASS_SLOTS fp32 words per (row, tile): the tile's page sums (page mass) or block sums
+    # (block mass) from slot 0, the row max they are relative to in the last slot. With PAGE_RESHAPE a row holds
+    # all its tiles' page sums first (TILE_PAGES a tile, in page order; fp16 with SUMS_HALF, two to a word), then
+    # all its tiles' row maxima: no padding, so each row's bytes are read and written whole.
     mass_rows = mass_part_ptr + (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64) * mass_tiles * MASS_SLOTS
-    slot_ids = tl.arange(0, MASS_SLOTS)
+    slot_ids = tl.arange(0, MASS_SLOTS if not PAGE_RESHAPE else 1)
     values_per_tile: tl.constexpr = MASS_SUB if MASS_TILE else BLOCK_N // PAGE_SIZE
-    slot_used = (slot_ids < values_per_tile) | (slot_ids == MASS_SLOTS - 1) | (PAGE_RESHAPE != 0)
+    slot_used = (slot_ids < values_per_tile) | (slot_ids == MASS_SLOTS - 1)
+    sum_words: tl.constexpr = TILE_PAGES // 2 if SUMS_HALF else TILE_PAGES
+    max_ptrs = mass_rows + mass_tiles * sum_words                   # PAGE_RESHAPE: the row's maxima
+    if SUMS_HALF:
+        sum_ptrs = mass_rows.to(tl.pointer_type(tl.float16), bitcast=True)
+    else:
+        sum_ptrs = mass_rows
+    page_ids = tl.arange(0, TILE_PAGES)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -350,7 +362,9 @@ def _paged_attn_split_kernel(
     # sums and row max. A store inside the loop slowed the whole kernel by 15-50% on the H100; deferring page mass
     # measured mixed on the H200 (see defer_page_mass).
     tiles_held = tl.arange(0, MAX_TILES)
-    page_sums = tl.zeros([BLOCK_M, MAX_TILES, MASS_SLOTS], tl.float32)
+    page_sums = tl.zeros([BLOCK_M, MAX_TILES, MASS_SLOTS if not PAGE_RESHAPE else 1], tl.float32)
+    held_sums = tl.zeros([BLOCK_M, MAX_TILES if PAGE_RESHAPE else 1, TILE_PAGES], tl.float32)   # PAGE_RESHAPE
+    held_max = tl.zeros([BLOCK_M, MAX_TILES if PAGE_RESHAPE else 1], tl.float32)
     block_sum = tl.zeros([BLOCK_M], tl.float32)     # a block's row sums so far when it spans tiles
     for blk in range(block_lo, block_hi):
         key_pos, key_ok, page = _tile_keys(blk, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr,
@@ -391,11 +405,16 @@ def _paged_attn_split_kernel(
                     sums = tl.where(slot_ids[None, :] == sub, rest[:, None], sums)
         elif PAGE_MASS and PAGE_RESHAPE:
             # Per-row mass of each page of this tile, relative to m_safe (rescaled as below), summed inside the warps
-            # that hold the page's columns (keys in _warp_order), alternating with the row max in one store.
-            pages_here: tl.constexpr = BLOCK_N // PAGE_SIZE
+            # that hold the page's columns (keys in _warp_order); stored with the row max, or held (DEFER_MASS).
             page_sum = _page_sums_by_warp(p, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGE_RESHAPE)
-            row_max = tl.broadcast_to(m_safe[:, None], [BLOCK_M, pages_here])
-            sums = tl.reshape(tl.join(page_sum, row_max), [BLOCK_M, 2 * pages_here])
+            if DEFER_MASS:
+                here = tiles_held == blk - block_lo
+                held_sums = tl.where(here[None, :, None], page_sum[:, None, :], held_sums)
+                held_max = tl.where(here[None, :], m_safe[:, None], held_max)
+            else:
+                tl.store(sum_ptrs[:, None] + blk * TILE_PAGES + page_ids[None, :],
+                         page_sum.to(sum_ptrs.dtype.element_ty), mask=row_ok[:, None])
+                tl.store(max_ptrs + blk, m_safe, mask=row_ok)
         elif PAGE_MASS:
             # Per-row mass of each page of this tile, relative to m_safe; rescaled by exp(m_safe - lse)
             # once the row's log-sum-exp is known (_page_mass_kernel). Rows are (g, t): decode/verify only.
@@ -406,11 +425,8 @@ def _paged_attn_split_kernel(
                 sums = tl.dot(p, onehot.to(tl.float32))
             else:
                 sums = tl.dot(p.to(k.dtype), onehot.to(k.dtype))
-        if PAGE_MASS:      # the tile's sums and the row max they are relative to, in one store (see MASS_SLOTS)
-            if PAGE_RESHAPE and not MASS_TILE:
-                packed = sums            # the row max is in it already
-            else:
-                packed = tl.where(slot_ids[None, :] == MASS_SLOTS - 1, m_safe[:, None], sums)
+        if PAGE_MASS and not PAGE_RESHAPE:      # the tile's sums and their row max in one store (see MASS_SLOTS)
+            packed = tl.where(slot_ids[None, :] == MASS_SLOTS - 1, m_safe[:, None], sums)
             if DEFER_MASS:
                 here = tiles_held == blk - block_lo
                 page_sums = tl.where(here[None, :, None], packed[:, None, :], page_sums)
@@ -429,7 +445,13 @@ def _paged_attn_split_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    if PAGE_MASS and DEFER_MASS:
+    if PAGE_MASS and DEFER_MASS and PAGE_RESHAPE:
+        tile_idx = block_lo + tiles_held
+        held_ok = row_ok[:, None] & (tile_idx < block_hi)[None, :]
+        tl.store(sum_ptrs[:, None, None] + tile_idx[None, :, None] * TILE_PAGES + page_ids[None, None, :],
+                 held_sums.to(sum_ptrs.dtype.element_ty), mask=held_ok[:, :, None])
+        tl.store(max_ptrs[:, None] + tile_idx[None, :], held_max, mask=held_ok)
+    elif PAGE_MASS and DEFER_MASS:
         tile_idx = block_lo + tiles_held
         keep = (row_ok[:, None] & (tile_idx < block_hi)[None, :])[:, :, None] & slot_used[None, None, :]
         tl.store(mass_rows[:, None, None] + tile_idx[None, :, None] * MASS_SLOTS + slot_ids[None, None, :],
@@ -470,7 +492,7 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                       PAGES_PER_VALUE: tl.constexpr, VALUES_PER_TILE: tl.constexpr, MASS_SLOTS: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr,
-                      PDL: tl.constexpr, INTERLEAVED: tl.constexpr = False):
+                      PDL: tl.constexpr, COMPACT: tl.constexpr = False, SUMS_HALF: tl.constexpr = False):
     """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight. All rows of a
     block of pages in one tile: a loop over rows would serialise dependent loads. Each page reads the value
     holding it (its own page sum, or its block's sum spread over the block's pages) and its tile's row max.
@@ -498,10 +520,14 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
     both = row_ok[:, None] & ok[None, :]
     value = vpage // PAGES_PER_VALUE
     tile_at = (value // VALUES_PER_TILE) * MASS_SLOTS
-    if INTERLEAVED:      # slot 2i: value i, slot 2i + 1: the row max (PAGE_RESHAPE)
-        at = tile_at + 2 * (value % VALUES_PER_TILE)
-        part = tl.load(rows + at[None, :], mask=both, other=0.0)
-        m = tl.load(rows + (at + 1)[None, :], mask=both, other=0.0)
+    if COMPACT:      # a row's page sums in page order, then its tiles' maxima (the split kernel's PAGE_RESHAPE)
+        if SUMS_HALF:
+            part = tl.load(rows.to(tl.pointer_type(tl.float16), bitcast=True) + value[None, :], mask=both,
+                           other=0.0).to(tl.float32)
+        else:
+            part = tl.load(rows + value[None, :], mask=both, other=0.0)
+        sum_words: tl.constexpr = VALUES_PER_TILE // 2 if SUMS_HALF else VALUES_PER_TILE
+        m = tl.load(rows + mass_tiles * sum_words + (value // VALUES_PER_TILE)[None, :], mask=both, other=0.0)
     else:
         part = tl.load(rows + (tile_at + value % VALUES_PER_TILE)[None, :], mask=both, other=0.0)
         m = tl.load(rows + (tile_at + MASS_SLOTS - 1)[None, :], mask=both, other=0.0)
@@ -644,10 +670,15 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     mass_tiles = -(-mass_pages * page_size // (launch.block_n * tiles_per_block))    # values stored per row
     values_per_tile = mass_sub if mass_tile else launch.block_n // page_size      # block sums or page sums
     by_reshape = page_mass and not mass_tile and page_sums_by_warp(launch, page_size)
-    slots = 2 * values_per_tile if by_reshape else mass_slots(values_per_tile, one_hot=not mass_tile)
+    half = (by_reshape and PAGE_SUMS_HALF and q.dtype in (torch.bfloat16, torch.float16)
+            and values_per_tile % 2 == 0)
+    if by_reshape:      # fp32 words a tile: its page sums (two to a word in fp16), then its row max
+        slots = (values_per_tile // 2 if half else values_per_tile) + 1
+    else:
+        slots = mass_slots(values_per_tile, one_hot=not mass_tile)
     pages_per_value = launch.block_n * tiles_per_block // page_size // values_per_tile
     mass_shape = _MassFinish(batch, kv_heads, group, q_len, page_size, mass_pages, mass_tiles, slots,
-                             pages_per_value, values_per_tile, mass_tile, by_reshape)
+                             pages_per_value, values_per_tile, mass_tile, by_reshape, half)
     if step_mass is not None:      # this layer's slot of the step's buffers; the merge writes the lse there too
         mass_part, lse = step_mass.layer_buffers(layer, mass_shape, dev)
         mass_part, lse = mass_part.view(mass_shape.rows, -1), lse.view(batch, q_len, heads)
@@ -682,7 +713,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
         MASS_SUB=mass_sub, EARLY=EARLY_PAGES, TILES_PER_BLOCK=tiles_per_block,
-        PAGE_RESHAPE=launch.num_warps if by_reshape else 0,
+        PAGE_RESHAPE=launch.num_warps if by_reshape else 0, TILE_PAGES=max(1, launch.block_n // page_size),
+        SUMS_HALF=half,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev), **capped_options,
     )
     if not direct:
@@ -742,7 +774,8 @@ def _launch_page_mass(mass_part, lse, lens_after, counts, mass, sh: _MassFinish,
         mass_part, lse, lens_after, counts, mass, sh.mass_pages, sh.mass_tiles, mass.stride(-3), mass.stride(-2),
         *layer_strides, Q_LEN=sh.q_len, GROUP=sh.group, HEADS=sh.kv_heads * sh.group, PAGE_SIZE=sh.page_size,
         PAGES_PER_VALUE=sh.pages_per_value, VALUES_PER_TILE=sh.values_per_tile, MASS_SLOTS=sh.slots,
-        BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse, MASS_TILE=sh.mass_tile, INTERLEAVED=sh.interleaved,
+        BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse, MASS_TILE=sh.mass_tile, COMPACT=sh.compact,
+        SUMS_HALF=sh.half,
         num_warps=MASS_FINISH_WARPS,
         **launch_options(lse.device),
     )
@@ -761,7 +794,8 @@ class _MassFinish(NamedTuple):
     pages_per_value: int
     values_per_tile: int
     mass_tile: bool
-    interleaved: bool = False      # page sums and row maxes alternate (PAGE_SUMS_BY_RESHAPE)
+    compact: bool = False      # a row's page sums, then its tiles' maxima (page sums by warp)
+    half: bool = False         # ... the page sums in fp16
 
     @property
     def rows(self) -> int:       # (sequence, KV head, query head of the group, new token)
