@@ -29,6 +29,7 @@ def variants(tiles: list[int]) -> dict[str, tuple[dict, dict]]:
     out = {"plain": ({}, {}), "block64": ({"page_mass": True, "mass_tokens": 64}, {}), "page": (page, {}),
            "page_one_hot": (page, {"PAGE_SUMS_BY_RESHAPE": False}),
            "page_warp_sums": (page, {"PAGE_SUMS_BY_RESHAPE": True}),
+           "page_warp_sums_fp32": (page, {"PAGE_SUMS_BY_RESHAPE": True, "PAGE_SUMS_HALF": False}),
            # 128-key tiles (few programs) holding their page sums too, instead of a store every tile
            "page_warp_sums_defer128": (page, {"PAGE_SUMS_BY_RESHAPE": True, "DEFER_PAGE_MASS_MAX_BLOCK_N": 128})}
     for n in tiles:
