@@ -31,7 +31,9 @@ def variants(tiles: list[int]) -> dict[str, tuple[dict, dict]]:
            "page_warp_sums": (page, {"PAGE_SUMS_BY_RESHAPE": True}),
            "page_warp_sums_fp32": (page, {"PAGE_SUMS_BY_RESHAPE": True, "PAGE_SUMS_HALF": False}),
            # 128-key tiles (few programs) holding their page sums too, instead of a store every tile
-           "page_warp_sums_defer128": (page, {"PAGE_SUMS_BY_RESHAPE": True, "DEFER_PAGE_MASS_MAX_BLOCK_N": 128})}
+           "page_warp_sums_defer128": (page, {"PAGE_SUMS_BY_RESHAPE": True, "DEFER_PAGE_MASS_MAX_BLOCK_N": 128}),
+           # ... or stored every tile at any tile width (no split count forced by the tiles a split can hold)
+           "page_warp_sums_stored": (page, {"PAGE_SUMS_BY_RESHAPE": True, "DEFER_PAGE_MASS_MAX_BLOCK_N": 0})}
     for n in tiles:
         held = {"MAX_PAGE_MASS_TILES": n, "PAGE_MASS_HELD_VALUES": 1 << 30}
         out[f"page_one_hot_tiles{n}"] = (page, {**held, "PAGE_SUMS_BY_RESHAPE": False})

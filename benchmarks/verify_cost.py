@@ -32,6 +32,7 @@ BLOCK_PATH_FLAGS = {"BLOCK_PATH_MIN_PAGE": 1}
 VARIANTS = {"plain": ({}, {}), "page_mass": ({"page_mass": True}, {}), "block64_mass": (BLOCK64, {}),
             "page_mass_one_hot": ({"page_mass": True}, ONE_HOT_FLAGS),
             "page_mass_warp_sums": ({"page_mass": True}, WARP_SUMS_FLAGS),
+            "page_mass_warp_sums_stored": ({"page_mass": True}, {**WARP_SUMS_FLAGS, "DEFER_PAGE_MASS_MAX_BLOCK_N": 0}),
             "block64_uncapped": (BLOCK64, {"WIDE_BLOCK_MASS_REGISTER_CAP": None}),
             "page_mass_block_path": ({"page_mass": True}, BLOCK_PATH_FLAGS)}
 
@@ -140,12 +141,13 @@ def main() -> None:
         torch.cuda.empty_cache()
     write_json_atomic(args.out, {**environment(), "copy_gbs": copy, "rows": rows})
     print(f"{'cell':>10} {'rows':>4} {'warps':>5} {'plain us':>9} {'of copy':>7} {'+page':>7} {'+blk64':>7} "
-          f"{'+uncapped':>7} {'+one-hot':>8} {'+warp':>7} {'+page blk':>9}")
+          f"{'+uncapped':>7} {'+one-hot':>8} {'+warp':>7} {'+stored':>7} {'+page blk':>9}")
     for r in rows:
         print(f"{r['batch']:>3}x{r['context']:<6} {r['q_len']:>4} {r['num_warps']:>5} {r['us_plain']:>9.1f} "
               f"{r['bandwidth_fraction_plain']:>7.3f} {r.get('page_mass_overhead', 0):>+7.1%} "
               f"{r.get('block64_mass_overhead', 0):>+7.1%} {r.get('block64_uncapped_overhead', 0):>+7.1%} "
               f"{r.get('page_mass_one_hot_overhead', 0):>+8.1%} {r.get('page_mass_warp_sums_overhead', 0):>+7.1%} "
+              f"{r.get('page_mass_warp_sums_stored_overhead', 0):>+7.1%} "
               f"{r.get('page_mass_block_path_overhead', 0):>+9.1%}")
         for variant, kernels in r.get("kernel_us", {}).items():
             print(f"    {variant:>16}: " + ", ".join(f"{k} {us:.1f} us" for k, us in kernels.items()))
