@@ -92,7 +92,9 @@ def defer_page_mass(launch: LaunchConfig) -> bool:
     return launch.block_n <= DEFER_PAGE_MASS_MAX_BLOCK_N
 
 
-DEFER_PAGE_MASS_MAX_BLOCK_N = 64     # tiles of more keys store their page mass every tile (see defer_page_mass)
+# Tiles of more keys store their page mass every tile (see defer_page_mass). Page sums by warp held over 128-key
+# tiles too (bfcb170, page_mass_defer128_q5.json): b1 x 32K +17.3% against +11.4% stored, so 64 stays.
+DEFER_PAGE_MASS_MAX_BLOCK_N = 64
 
 
 def choose_launch(programs: int, head_dim: int, sparse: bool = False, query_rows: int = 16) -> LaunchConfig:
@@ -141,6 +143,9 @@ BLOCK_PATH_MIN_PAGE = 64
 # +19.1% / +19.1% against +37.6% / +35.4% / +38.2% one-hot; with 128-key tiles (8 pages, b8 / b1) +37.6% / +46.3%
 # against +25.4% / +39.2%; 8B heads (128 dims, 32-row query blocks) b1 x 32K +22.7% vs +15.4%, b8 x 32K +91.3% vs
 # +35.5%. The masses agree to 2e-5.
+# Page sums by warp (PAGE_SUMS_BY_RESHAPE) measured a little cheaper for those heads: one layer at b64 / b32 x 8K
+# +17.6% / +17.2% against +21.1% / +20.3% (verify_cost_stored_smol.json, c54235f); the rule is unchanged until the
+# real model's verify and greedy tokens are checked with it (more splits when held: other bf16 roundings).
 BLOCK_PATH_MAX_HEAD_DIM = 64
 BLOCK_PATH_MAX_PAGES = 4
 
@@ -155,7 +160,11 @@ BLOCK_PATH_MAX_PAGES = 4
 # agree to 4e-4 of the largest (the one-hot multiplies bf16 probabilities; these sums add fp32 ones).
 PAGE_SUMS_BY_RESHAPE = True
 # Page sums by warp stored in fp16 when attention runs in bf16 / fp16 (row maxima stay fp32): 20 bytes a row and
-# 128-key tile instead of 36. Each sum is <= 16 (16 keys, relative to the row max), so fp16 keeps ~3 digits.
+# 128-key tile instead of 36 (and 64 for the interleaved layout before the compact one). Each sum is <= 16 (16 keys,
+# relative to the row max), so fp16 keeps ~3 digits: 1.5e-4 of the largest page's mass against the fp32 reference,
+# where the one-hot's bf16 product was 4.5e-4. H100, a 32-layer step, 5 rows (page_mass_compact_q5.json, 10ad12b):
+# b1 x 32K +5.9% (fp32 sums +9.8%, one-hot +13.0%), b8 x 32K +13.8% (+14.3%, +24.3%), b8 x 8K +15.9% (+16.5%,
+# +23.0%): the bytes were most of the by-product's cost at batch 1.
 PAGE_SUMS_HALF = True
 
 
@@ -180,6 +189,8 @@ PAGE_MASS_HELD_VALUES = 8192
 # 26.9 / 15.0 / 12.3 / 8.7 (17.9), b32 x 8K 14.6 / -2.1 / -2.2 / -4.7 (3.7); at one row 8 tiles: 3.8 / 7.5 / 4.4 /
 # 4.2 / 6.2 against the one-hot's 18.2 / 6.0 / 7.4 / 2.3 / 9.0. Fewer tiles, more splits: where more tiles win, they
 # lose badly elsewhere (a program count just past a whole wave), so 8 is the choice with no cell far off its best.
+# Stored every 64-key tile instead (compact fp16 rows, c54235f, page_mass_stored_q5.json): +46% / +38% / +54% / +56%
+# at b8 x 8K / b16 x 8K / b8 x 32K / b4 x 32K against +15% / +22% / +14% / +11% held, so 64-key tiles keep holding.
 WARP_SUMS_PAGE_MASS_TILES = 8
 
 
