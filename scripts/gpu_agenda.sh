@@ -66,6 +66,8 @@ for part in "$@"; do
     kernels-page64)   # only the exact page mass of 64-token pages in a 32-layer step, b1 / b8 x 32K (~30 s)
               timeout 120 python3 benchmarks/kernels.py --page64 "$OUT/kernels_page64.json" 2>&1 | tail -3 ;;
     kernels)  timeout 270 python3 benchmarks/kernels.py "$OUT/kernels.json" 2>&1 | tail -2 ;;
+    page-mass-check)   # every way of summing page mass against the fp32 reference, compiled (no model files)
+              timeout 200 python3 benchmarks/page_mass_check.py --out "$OUT/page_mass_check.json" 2>&1 | tail -4 ;;
     token-checks)   # PDL on/off and small-step kernels vs cuBLAS: greedy tokens on random models (no model files)
               timeout 300 python3 benchmarks/token_checks.py --out "$OUT/pdl_check.json" 2>&1 | grep -v -i warn | tail -2 ;;
     small-gemm)   # the small-step kernels on tensor cores (model.GEMV_MAX_ROWS raised) against cuBLAS, default model
