@@ -34,7 +34,7 @@ def inputs(batch: int, ctx: int, kv_heads: int, group: int, dim: int, q_len: int
     k = torch.randn(batch * pages, page, kv_heads, dim, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     table = torch.randperm(batch * pages, device=device).view(batch, pages).int()
-    lens = torch.tensor([ctx - 37 * i for i in range(batch)], device=device, dtype=torch.int32)
+    lens = torch.tensor([ctx - (ctx // (4 * batch)) * i for i in range(batch)], device=device, dtype=torch.int32)
     q = torch.randn(batch, q_len, kv_heads * group, dim, device=device, dtype=torch.bfloat16)
     keep = max(2, pages // 5)      # a fifth of the pages, per (sequence, KV head), always the last one
 
