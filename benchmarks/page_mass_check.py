@@ -21,9 +21,9 @@ from specattn.kernels import paged_attention, reference  # noqa: E402
 
 # (name, KV heads, query heads per KV head, head dim)
 HEADS = [("llama3-8b", 8, 4, 128), ("qwen2.5-1.5b", 2, 6, 128), ("qwen2.5-0.5b", 2, 7, 64), ("smollm2-135m", 3, 3, 64)]
-WAYS = {"warp_fp16": {"PAGE_SUMS_BY_RESHAPE": True, "PAGE_SUMS_HALF": True, "BLOCK_PATH_MAX_HEAD_DIM": 0},
-        "warp_fp32": {"PAGE_SUMS_BY_RESHAPE": True, "PAGE_SUMS_HALF": False, "BLOCK_PATH_MAX_HEAD_DIM": 0},
-        "one_hot": {"PAGE_SUMS_BY_RESHAPE": False, "BLOCK_PATH_MAX_HEAD_DIM": 0},
+WAYS = {"warp_fp16": {"PAGE_SUMS_BY_WARP": True, "PAGE_SUMS_HALF": True, "BLOCK_PATH_MAX_HEAD_DIM": 0},
+        "warp_fp32": {"PAGE_SUMS_BY_WARP": True, "PAGE_SUMS_HALF": False, "BLOCK_PATH_MAX_HEAD_DIM": 0},
+        "one_hot": {"PAGE_SUMS_BY_WARP": False, "BLOCK_PATH_MAX_HEAD_DIM": 0},
         "library": {}}
 TOLERANCE = 2e-3      # of the largest page's mass (bf16 inputs; fp16 sums keep ~3 digits)
 

@@ -23,21 +23,21 @@ from specattn.kernels import paged_attention, pdl, reference  # noqa: E402
 
 def variants(tiles: list[int]) -> dict[str, tuple[dict, dict]]:
     """name -> (paged_attention keywords, module flags): plain attention, 64-key block mass, exact page mass as the
-    library chooses, by the page one-hot and by sums inside warps (paged_attention.PAGE_SUMS_BY_RESHAPE), and each
+    library chooses, by the page one-hot and by sums inside warps (paged_attention.PAGE_SUMS_BY_WARP), and each
     of those two holding `tiles` tiles a split when deferred."""
     page = {"page_mass": True}
     out = {"plain": ({}, {}), "block64": ({"page_mass": True, "mass_tokens": 64}, {}), "page": (page, {}),
-           "page_one_hot": (page, {"PAGE_SUMS_BY_RESHAPE": False}),
-           "page_warp_sums": (page, {"PAGE_SUMS_BY_RESHAPE": True}),
-           "page_warp_sums_fp32": (page, {"PAGE_SUMS_BY_RESHAPE": True, "PAGE_SUMS_HALF": False}),
+           "page_one_hot": (page, {"PAGE_SUMS_BY_WARP": False}),
+           "page_warp_sums": (page, {"PAGE_SUMS_BY_WARP": True}),
+           "page_warp_sums_fp32": (page, {"PAGE_SUMS_BY_WARP": True, "PAGE_SUMS_HALF": False}),
            # 128-key tiles (few programs) holding their page sums too, instead of a store every tile
-           "page_warp_sums_defer128": (page, {"PAGE_SUMS_BY_RESHAPE": True, "DEFER_PAGE_MASS_MAX_BLOCK_N": 128}),
+           "page_warp_sums_defer128": (page, {"PAGE_SUMS_BY_WARP": True, "DEFER_PAGE_MASS_MAX_BLOCK_N": 128}),
            # ... or stored every tile at any tile width (no split count forced by the tiles a split can hold)
-           "page_warp_sums_stored": (page, {"PAGE_SUMS_BY_RESHAPE": True, "DEFER_PAGE_MASS_MAX_BLOCK_N": 0})}
+           "page_warp_sums_stored": (page, {"PAGE_SUMS_BY_WARP": True, "DEFER_PAGE_MASS_MAX_BLOCK_N": 0})}
     for n in tiles:
         held = {"MAX_PAGE_MASS_TILES": n, "PAGE_MASS_HELD_VALUES": 1 << 30}
-        out[f"page_one_hot_tiles{n}"] = (page, {**held, "PAGE_SUMS_BY_RESHAPE": False})
-        out[f"page_warp_sums_tiles{n}"] = (page, {"WARP_SUMS_PAGE_MASS_TILES": n, "PAGE_SUMS_BY_RESHAPE": True})
+        out[f"page_one_hot_tiles{n}"] = (page, {**held, "PAGE_SUMS_BY_WARP": False})
+        out[f"page_warp_sums_tiles{n}"] = (page, {"WARP_SUMS_PAGE_MASS_TILES": n, "PAGE_SUMS_BY_WARP": True})
     return out
 
 
@@ -55,7 +55,7 @@ def cell_row(batch: int, ctx: int, q_len: int, tiles: list[int]) -> dict:
 def mass_agreement(q, k, v, table, lens) -> dict:
     """The two ways of summing exact page mass on this GPU, against each other and the fp32 reference."""
     scale = DIM ** -0.5
-    got = {name: time_variant_flags({"PAGE_SUMS_BY_RESHAPE": on}, lambda: paged_attention.paged_attention(
+    got = {name: time_variant_flags({"PAGE_SUMS_BY_WARP": on}, lambda: paged_attention.paged_attention(
         q, k, v, table, lens, scale, page_mass=True)) for name, on in (("one_hot", False), ("warp_sums", True))}
     ref_out, ref_mass = reference.paged_attention(q.float(), k.float(), v.float(), table, lens, scale, page_mass=True)
     top = ref_mass.abs().max()

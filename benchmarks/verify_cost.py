@@ -24,10 +24,10 @@ BLOCK64 = {"page_mass": True, "mass_tokens": 64}
 # name -> (paged_attention keywords, paged_attention module flags set for the call). block64_uncapped: block mass over
 # 32-key tiles of 64-row blocks without the 128-register cap (the same as block64_mass elsewhere).
 # Exact page mass by the page one-hot's tensor-core product, by sums inside warps
-# (paged_attention.PAGE_SUMS_BY_RESHAPE), or summed as block mass is (a masked row sum a page), whatever
+# (paged_attention.PAGE_SUMS_BY_WARP), or summed as block mass is (a masked row sum a page), whatever
 # paged_attention.exact_mass_by_blocks would pick (page_mass: the library's choice).
-ONE_HOT_FLAGS = {"BLOCK_PATH_MIN_PAGE": 1 << 30, "BLOCK_PATH_MAX_HEAD_DIM": 0, "PAGE_SUMS_BY_RESHAPE": False}
-WARP_SUMS_FLAGS = {**ONE_HOT_FLAGS, "PAGE_SUMS_BY_RESHAPE": True}
+ONE_HOT_FLAGS = {"BLOCK_PATH_MIN_PAGE": 1 << 30, "BLOCK_PATH_MAX_HEAD_DIM": 0, "PAGE_SUMS_BY_WARP": False}
+WARP_SUMS_FLAGS = {**ONE_HOT_FLAGS, "PAGE_SUMS_BY_WARP": True}
 BLOCK_PATH_FLAGS = {"BLOCK_PATH_MIN_PAGE": 1}
 VARIANTS = {"plain": ({}, {}), "page_mass": ({"page_mass": True}, {}), "block64_mass": (BLOCK64, {}),
             "page_mass_one_hot": ({"page_mass": True}, ONE_HOT_FLAGS),

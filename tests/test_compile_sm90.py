@@ -48,9 +48,9 @@ compile_checked(paged_attention._page_mass_kernel, MASS, ["mass_pages", "mass_ti
                      BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=True, PDL=2, COMPACT=False, SUMS_HALF=False))
 # exact page sums inside warps (128-key tiles stored, 64-key tiles held; fp16 sums) and their finishing
 compile_checked(paged_attention._paged_attn_split_kernel, ATTENTION_SIGNATURE, [], [],
-                dict(ATTN, BLOCK_N=128, PAGE_RESHAPE=4, TILE_PAGES=8, SUMS_HALF=True, MASS_SLOTS=5))
+                dict(ATTN, BLOCK_N=128, WARP_PAGES=4, TILE_PAGES=8, SUMS_HALF=True, MASS_SLOTS=5))
 compile_checked(paged_attention._paged_attn_split_kernel, ATTENTION_SIGNATURE, [], [],
-                dict(ATTN, PAGE_RESHAPE=4, TILE_PAGES=4, SUMS_HALF=True, MASS_SLOTS=3, DEFER_MASS=True, MAX_TILES=8))
+                dict(ATTN, WARP_PAGES=4, TILE_PAGES=4, SUMS_HALF=True, MASS_SLOTS=3, DEFER_MASS=True, MAX_TILES=8))
 compile_checked(paged_attention._page_mass_kernel, MASS, ["mass_pages", "mass_tiles", "stride_mb", "stride_mh",
                                                        "stride_part_layer", "stride_lse_layer", "stride_ml"], [],
                 dict(Q_LEN=5, GROUP=4, HEADS=32, PAGE_SIZE=16, PAGES_PER_VALUE=1, VALUES_PER_TILE=8, MASS_SLOTS=5,

@@ -155,7 +155,7 @@ def test_page_mass_by_product_matches_reference(case, num_splits, launch, by_war
     tile or held in registers (deferred); these small heads would take the block path otherwise
     (exact_mass_by_blocks; tested below)."""
     monkeypatch.setattr(paged_attention, "BLOCK_PATH_MAX_HEAD_DIM", 0)
-    monkeypatch.setattr(paged_attention, "PAGE_SUMS_BY_RESHAPE", by_warp)
+    monkeypatch.setattr(paged_attention, "PAGE_SUMS_BY_WARP", by_warp)
     spy = LaunchSpy(paged_attention._paged_attn_split_kernel)
     monkeypatch.setattr(paged_attention, "_paged_attn_split_kernel", spy)
     assert paged_attention.defer_page_mass(launch) == (launch is paged_attention.DEFAULT_LAUNCH)
@@ -170,7 +170,7 @@ def test_page_mass_by_product_matches_reference(case, num_splits, launch, by_war
     # Every row's probabilities sum to one: the mass of a KV head sums to (query heads per KV head) x rows.
     group, q_len = case[3], case[1]
     assert torch.allclose(mass.sum(-1), torch.full_like(mass.sum(-1), group * q_len), atol=1e-4)
-    assert spy.launches[-1]["PAGE_RESHAPE"] == (launch.num_warps if by_warp else 0)
+    assert spy.launches[-1]["WARP_PAGES"] == (launch.num_warps if by_warp else 0)
 
 
 @pytest.mark.parametrize("launch", [paged_attention.FEW_PROGRAMS, paged_attention.DEFAULT_LAUNCH],
@@ -185,7 +185,7 @@ def test_page_sums_in_fp16_for_bf16_attention(launch, monkeypatch):
     q, k, v, table, lens = make_inputs(2, 5, 2, 4, 64, [1500, 777], torch.bfloat16)
     _, ref_mass = reference.paged_attention(q.float(), k.float(), v.float(), table, lens, 0.125, page_mass=True)
     _, mass = paged_attention.paged_attention(q, k, v, table, lens, 0.125, page_mass=True, launch=launch)
-    assert spy.launches[-1]["SUMS_HALF"] and spy.launches[-1]["PAGE_RESHAPE"] == launch.num_warps
+    assert spy.launches[-1]["SUMS_HALF"] and spy.launches[-1]["WARP_PAGES"] == launch.num_warps
     assert ((mass - ref_mass).abs().max() / ref_mass.abs().max()).item() < 1e-3
 
 

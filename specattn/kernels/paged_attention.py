@@ -143,7 +143,7 @@ BLOCK_PATH_MIN_PAGE = 64
 # +19.1% / +19.1% against +37.6% / +35.4% / +38.2% one-hot; with 128-key tiles (8 pages, b8 / b1) +37.6% / +46.3%
 # against +25.4% / +39.2%; 8B heads (128 dims, 32-row query blocks) b1 x 32K +22.7% vs +15.4%, b8 x 32K +91.3% vs
 # +35.5%. The masses agree to 2e-5.
-# Page sums by warp (PAGE_SUMS_BY_RESHAPE) measured a little cheaper for those heads: one layer at b64 / b32 x 8K
+# Page sums by warp (PAGE_SUMS_BY_WARP) measured a little cheaper for those heads: one layer at b64 / b32 x 8K
 # +17.6% / +17.2% against +21.1% / +20.3% (verify_cost_stored_smol.json, c54235f); the rule is unchanged until the
 # real model's verify and greedy tokens are checked with it (more splits when held: other bf16 roundings).
 BLOCK_PATH_MAX_HEAD_DIM = 64
@@ -151,14 +151,15 @@ BLOCK_PATH_MAX_PAGES = 4
 
 
 # Exact page mass not taken the block way: each tile's page sums added up inside the warps that hold the page's
-# columns (True; keys in _warp_order, see _page_sums_by_warp; 2 slots a page), or by a tensor-core product with a
-# page one-hot (False; 16 slots a tile, as tl.dot needs 16 columns). Offline sm_90: 226 registers against 230 at
-# batch 1 x 32K (128-key tiles, 5 rows), 168 against 255 when 16 tiles are held (64-key tiles, 32-row blocks),
-# none of the one-hot's 4 KB of shared memory. H100, 8B heads, a 32-layer step, mass finished once, over plain
-# (page_mass_warp*.json, acbdd90): stored every 128-key tile, 5 rows b1 x 32K +12.1% against +12.7%, b1 x 8K +8.9%
-# against +10.8%, one row +1.9% / +1.0% against +4.1% / +4.5%. Deferred: see WARP_SUMS_PAGE_MASS_TILES. The masses
-# agree to 4e-4 of the largest (the one-hot multiplies bf16 probabilities; these sums add fp32 ones).
-PAGE_SUMS_BY_RESHAPE = True
+# columns (True; keys in _warp_order, see _page_sums_by_warp; a row's sums in page order, then its tiles' maxima),
+# or by a tensor-core product with a page one-hot (False; 16 slots a tile, as tl.dot needs 16 columns). Offline
+# sm_90: 226 registers against 230 at batch 1 x 32K (128-key tiles, 5 rows), 168 against 255 when 16 tiles are held
+# (64-key tiles, 32-row blocks), none of the one-hot's 4 KB of shared memory. H100, 8B heads, a 32-layer step, mass
+# finished once, over plain, with the sums first stored interleaved with the row max (page_mass_warp*.json,
+# acbdd90): stored every 128-key tile, 5 rows b1 x 32K +12.1% against +12.7%, b1 x 8K +8.9% against +10.8%, one row
+# +1.9% / +1.0% against +4.1% / +4.5%; fewer bytes did the rest (PAGE_SUMS_HALF). Deferred: see
+# WARP_SUMS_PAGE_MASS_TILES.
+PAGE_SUMS_BY_WARP = True
 # Page sums by warp stored in fp16 when attention runs in bf16 / fp16 (row maxima stay fp32): 20 bytes a row and
 # 128-key tile instead of 36 (and 64 for the interleaved layout before the compact one). Each sum is <= 16 (16 keys,
 # relative to the row max), so fp16 keeps ~3 digits: 1.5e-4 of the largest page's mass against the fp32 reference,
@@ -197,7 +198,7 @@ WARP_SUMS_PAGE_MASS_TILES = 8
 def page_sums_by_warp(launch: LaunchConfig, page_size: int) -> bool:
     """Whether exact page mass (not taken the block way) sums pages inside warps with this launch: each warp's
     columns must be whole pages (_warp_order)."""
-    return PAGE_SUMS_BY_RESHAPE and page_size % 8 == 0 and launch.block_n % (launch.num_warps * page_size) == 0
+    return PAGE_SUMS_BY_WARP and page_size % 8 == 0 and launch.block_n % (launch.num_warps * page_size) == 0
 
 
 def page_mass_tiles(query_rows: int, by_warp: bool = False) -> int:
@@ -302,7 +303,7 @@ def _paged_attn_split_kernel(
     SPARSE: tl.constexpr, TOKEN_LIST: tl.constexpr, PAGE_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
     MAX_TILES: tl.constexpr, MASS_SLOTS: tl.constexpr, DEFER_MASS: tl.constexpr, DIRECT: tl.constexpr,
     PHYS_LIST: tl.constexpr, MASS_SUB: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
-    TILES_PER_BLOCK: tl.constexpr = 1, PAGE_RESHAPE: tl.constexpr = 0, TILE_PAGES: tl.constexpr = 1,
+    TILES_PER_BLOCK: tl.constexpr = 1, WARP_PAGES: tl.constexpr = 0, TILE_PAGES: tl.constexpr = 1,
     SUMS_HALF: tl.constexpr = False,
 ):
     if not EARLY:
@@ -346,15 +347,15 @@ def _paged_attn_split_kernel(
     row_ok = (rows < GROUP * Q_BLOCK) & (t < Q_LEN)
     head = kvh * GROUP + g
     # The mass buffer holds MASS_SLOTS fp32 words per (row, tile): the tile's page sums (page mass) or block sums
-    # (block mass) from slot 0, the row max they are relative to in the last slot. With PAGE_RESHAPE a row holds
+    # (block mass) from slot 0, the row max they are relative to in the last slot. With WARP_PAGES a row holds
     # all its tiles' page sums first (TILE_PAGES a tile, in page order; fp16 with SUMS_HALF, two to a word), then
     # all its tiles' row maxima: no padding, so each row's bytes are read and written whole.
     mass_rows = mass_part_ptr + (pid_bh * GROUP * Q_LEN + g * Q_LEN + t).to(tl.int64) * mass_tiles * MASS_SLOTS
-    slot_ids = tl.arange(0, MASS_SLOTS if not PAGE_RESHAPE else 1)
+    slot_ids = tl.arange(0, MASS_SLOTS if not WARP_PAGES else 1)
     values_per_tile: tl.constexpr = MASS_SUB if MASS_TILE else BLOCK_N // PAGE_SIZE
     slot_used = (slot_ids < values_per_tile) | (slot_ids == MASS_SLOTS - 1)
     sum_words: tl.constexpr = TILE_PAGES // 2 if SUMS_HALF else TILE_PAGES
-    max_ptrs = mass_rows + mass_tiles * sum_words                   # PAGE_RESHAPE: the row's maxima
+    max_ptrs = mass_rows + mass_tiles * sum_words                   # WARP_PAGES: the row's maxima
     if SUMS_HALF:
         sum_ptrs = mass_rows.to(tl.pointer_type(tl.float16), bitcast=True)
     else:
@@ -373,14 +374,14 @@ def _paged_attn_split_kernel(
     # sums and row max. A store inside the loop slowed the whole kernel by 15-50% on the H100; deferring page mass
     # measured mixed on the H200 (see defer_page_mass).
     tiles_held = tl.arange(0, MAX_TILES)
-    page_sums = tl.zeros([BLOCK_M, MAX_TILES, MASS_SLOTS if not PAGE_RESHAPE else 1], tl.float32)
-    held_sums = tl.zeros([BLOCK_M, MAX_TILES if PAGE_RESHAPE else 1, TILE_PAGES], tl.float32)   # PAGE_RESHAPE
-    held_max = tl.zeros([BLOCK_M, MAX_TILES if PAGE_RESHAPE else 1], tl.float32)
+    page_sums = tl.zeros([BLOCK_M, MAX_TILES, MASS_SLOTS if not WARP_PAGES else 1], tl.float32)
+    held_sums = tl.zeros([BLOCK_M, MAX_TILES if WARP_PAGES else 1, TILE_PAGES], tl.float32)   # WARP_PAGES
+    held_max = tl.zeros([BLOCK_M, MAX_TILES if WARP_PAGES else 1], tl.float32)
     block_sum = tl.zeros([BLOCK_M], tl.float32)     # a block's row sums so far when it spans tiles
     for blk in range(block_lo, block_hi):
         key_pos, key_ok, page = _tile_keys(blk, n_keys, seq_len, b, pid_bh, sel_ptr, sel_len, sel_phys_ptr,
                                            page_table_ptr, stride_ptb, BLOCK_N, PAGE_SIZE, SPARSE, TOKEN_LIST,
-                                           PHYS_LIST, PAGE_RESHAPE)
+                                           PHYS_LIST, WARP_PAGES)
         kv_off = page.to(tl.int64) * stride_kp + (key_pos % PAGE_SIZE) * stride_kr + kvh * stride_kh
         k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST_DOT:
@@ -414,10 +415,10 @@ def _paged_attn_split_kernel(
                     sums = tl.where(slot_ids[None, :] == sub, sub_sum[:, None], sums)
                 else:
                     sums = tl.where(slot_ids[None, :] == sub, rest[:, None], sums)
-        elif PAGE_MASS and PAGE_RESHAPE:
+        elif PAGE_MASS and WARP_PAGES:
             # Per-row mass of each page of this tile, relative to m_safe (rescaled as below), summed inside the warps
             # that hold the page's columns (keys in _warp_order); stored with the row max, or held (DEFER_MASS).
-            page_sum = _page_sums_by_warp(p, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGE_RESHAPE)
+            page_sum = _page_sums_by_warp(p, BLOCK_M, BLOCK_N, PAGE_SIZE, WARP_PAGES)
             if DEFER_MASS:
                 here = tiles_held == blk - block_lo
                 held_sums = tl.where(here[None, :, None], page_sum[:, None, :], held_sums)
@@ -436,7 +437,7 @@ def _paged_attn_split_kernel(
                 sums = tl.dot(p, onehot.to(tl.float32))
             else:
                 sums = tl.dot(p.to(k.dtype), onehot.to(k.dtype))
-        if PAGE_MASS and not PAGE_RESHAPE:      # the tile's sums and their row max in one store (see MASS_SLOTS)
+        if PAGE_MASS and not WARP_PAGES:      # the tile's sums and their row max in one store (see MASS_SLOTS)
             packed = tl.where(slot_ids[None, :] == MASS_SLOTS - 1, m_safe[:, None], sums)
             if DEFER_MASS:
                 here = tiles_held == blk - block_lo
@@ -456,7 +457,7 @@ def _paged_attn_split_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    if PAGE_MASS and DEFER_MASS and PAGE_RESHAPE:
+    if PAGE_MASS and DEFER_MASS and WARP_PAGES:
         tile_idx = block_lo + tiles_held
         held_ok = row_ok[:, None] & (tile_idx < block_hi)[None, :]
         tl.store(sum_ptrs[:, None, None] + tile_idx[None, :, None] * TILE_PAGES + page_ids[None, None, :],
@@ -531,7 +532,7 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
     both = row_ok[:, None] & ok[None, :]
     value = vpage // PAGES_PER_VALUE
     tile_at = (value // VALUES_PER_TILE) * MASS_SLOTS
-    if COMPACT:      # a row's page sums in page order, then its tiles' maxima (the split kernel's PAGE_RESHAPE)
+    if COMPACT:      # a row's page sums in page order, then its tiles' maxima (the split kernel's WARP_PAGES)
         if SUMS_HALF:
             part = tl.load(rows.to(tl.pointer_type(tl.float16), bitcast=True) + value[None, :], mask=both,
                            other=0.0).to(tl.float32)
@@ -680,16 +681,16 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     tiles_per_block = max(1, mass_tokens // launch.block_n) if mass_tile else 1     # a block over several tiles
     mass_tiles = -(-mass_pages * page_size // (launch.block_n * tiles_per_block))    # values stored per row
     values_per_tile = mass_sub if mass_tile else launch.block_n // page_size      # block sums or page sums
-    by_reshape = page_mass and not mass_tile and page_sums_by_warp(launch, page_size)
-    half = (by_reshape and PAGE_SUMS_HALF and q.dtype in (torch.bfloat16, torch.float16)
+    by_warp = page_mass and not mass_tile and page_sums_by_warp(launch, page_size)
+    half = (by_warp and PAGE_SUMS_HALF and q.dtype in (torch.bfloat16, torch.float16)
             and values_per_tile % 2 == 0)
-    if by_reshape:      # fp32 words a tile: its page sums (two to a word in fp16), then its row max
+    if by_warp:      # fp32 words a tile: its page sums (two to a word in fp16), then its row max
         slots = (values_per_tile // 2 if half else values_per_tile) + 1
     else:
         slots = mass_slots(values_per_tile, one_hot=not mass_tile)
     pages_per_value = launch.block_n * tiles_per_block // page_size // values_per_tile
     mass_shape = _MassFinish(batch, kv_heads, group, q_len, page_size, mass_pages, mass_tiles, slots,
-                             pages_per_value, values_per_tile, mass_tile, by_reshape, half)
+                             pages_per_value, values_per_tile, mass_tile, by_warp, half)
     if step_mass is not None:      # this layer's slot of the step's buffers; the merge writes the lse there too
         mass_part, lse = step_mass.layer_buffers(layer, mass_shape, dev)
         mass_part, lse = mass_part.view(mass_shape.rows, -1), lse.view(batch, q_len, heads)
@@ -724,7 +725,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         MAX_TILES=max_tiles, MASS_SLOTS=slots,
         DEFER_MASS=defer, DIRECT=direct, PHYS_LIST=selected_physical is not None,
         MASS_SUB=mass_sub, EARLY=EARLY_PAGES, TILES_PER_BLOCK=tiles_per_block,
-        PAGE_RESHAPE=launch.num_warps if by_reshape else 0, TILE_PAGES=max(1, launch.block_n // page_size),
+        WARP_PAGES=launch.num_warps if by_warp else 0, TILE_PAGES=max(1, launch.block_n // page_size),
         SUMS_HALF=half,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_options(dev), **capped_options,
     )
