@@ -9,6 +9,7 @@ budget, and selection. Writes benchmarks/results/selfspec.json (or --out); the l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -55,11 +56,14 @@ def timed(fn):
     return bench.timed_median(torch.device(DEVICE), fn, REPEATS)
 
 
-# "+" switches that set a module flag for one method's run: suffix -> (module, flag, value)
-FLAG_SWITCHES = {"+phys": (selection, "PHYSICAL_LISTS", True),
-                 "+fullwave": (paged_attention, "SPARSE_SMALL_HEADS_FULL_WAVE", paged_attention.FULL_WAVE_CANDIDATE),
-                 "+layerfinish": (paged_attention, "FINISH_MASS_PER_STEP", False),
-                 "+onehot": (paged_attention, "BLOCK_PATH_MAX_HEAD_DIM", 0)}
+# "+" switches that set module flags for one method's run: suffix -> [(module, flag, value), ...]
+FLAG_SWITCHES = {"+phys": [(selection, "PHYSICAL_LISTS", True)],
+                 "+fullwave": [(paged_attention, "SPARSE_SMALL_HEADS_FULL_WAVE", paged_attention.FULL_WAVE_CANDIDATE)],
+                 "+layerfinish": [(paged_attention, "FINISH_MASS_PER_STEP", False)],
+                 "+onehot": [(paged_attention, "BLOCK_PATH_MAX_HEAD_DIM", 0),
+                             (paged_attention, "PAGE_SUMS_BY_WARP", False)],
+                 "+warp": [(paged_attention, "BLOCK_PATH_MAX_HEAD_DIM", 0),
+                           (paged_attention, "PAGE_SUMS_BY_WARP", True)]}
 
 
 def run_method(model, caches, method: str, prompts, new_tokens: int, spec: SpeculationParams,
@@ -73,11 +77,14 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     (`--dense-layers none`, the default since session 17; it matters beside a run given `--dense-layers 0`),
     "+adaptive" an adaptive gamma (`--adaptive-gamma`), "+fullwave" paged_attention.FULL_WAVE_CANDIDATE for sparse
     drafts (a kernel launch under test, no option), "+layerfinish" the verify's page mass finished by one launch a
-    layer instead of one a step (paged_attention.FINISH_MASS_PER_STEP off; no option), "+onehot" exact page mass
-    by the page one-hot product at any head size (paged_attention.BLOCK_PATH_MAX_HEAD_DIM 0; no option)."""
-    for suffix, (module, flag, value) in FLAG_SWITCHES.items():
+    layer instead of one a step (paged_attention.FINISH_MASS_PER_STEP off; no option), "+onehot" / "+warp" exact
+    page mass by the page one-hot product / by sums inside warps at any head size, where small heads would take the
+    block path (paged_attention.BLOCK_PATH_MAX_HEAD_DIM 0, PAGE_SUMS_BY_WARP; no option)."""
+    for suffix, flags in FLAG_SWITCHES.items():
         if method.endswith(suffix):
-            with mock.patch.object(module, flag, value):
+            with contextlib.ExitStack() as stack:
+                for module, flag, value in flags:
+                    stack.enter_context(mock.patch.object(module, flag, value))
                 return run_method(model, caches, method.removesuffix(suffix), prompts, new_tokens, spec, sampling,
                                   warm_prompts)
     if method.endswith("+nodense"):     # e.g. specattn-y/blk64+nodense: every layer drafts sparsely (dense_layers ())

@@ -550,6 +550,34 @@ def test_selfspec_benchmark_nodense_suffix_drafts_every_layer_sparsely(model_and
     assert set(seen) == {("specattn-y", (0,), 64), ("specattn-y", (), 64)}
 
 
+def test_selfspec_benchmark_page_sum_switches_set_their_flags_for_one_method(model_and_prompts, monkeypatch):
+    """selfspec.py's `+warp` / `+onehot` A/B: exact page mass by warp sums or by the one-hot where small heads would
+    take the block path, set only while that method runs; AR's tokens either way."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import selfspec
+    from specattn.kernels import paged_attention
+    model, _, _ = model_and_prompts
+    monkeypatch.setattr(selfspec, "DEVICE", "cpu")
+    seen = []
+    real_make_policy = selfspec.make_policy
+
+    def recording_make_policy(method, spec, num_layers):
+        seen.append((paged_attention.BLOCK_PATH_MAX_HEAD_DIM, paged_attention.PAGE_SUMS_BY_WARP))
+        return real_make_policy(method, spec, num_layers)
+    monkeypatch.setattr(selfspec, "make_policy", recording_make_policy)
+    before = (paged_attention.BLOCK_PATH_MAX_HEAD_DIM, paged_attention.PAGE_SUMS_BY_WARP)
+    torch.manual_seed(4)
+    text = torch.randint(0, 97, (700,)).tolist()
+    rows = []
+    selfspec.real_model_rows(model, text, [(2, 260)], [64], 4, 24, SamplingParams(),
+                             ["specattn-y", "specattn-y+warp", "specattn-y+onehot"], rows.append)
+    assert all(r["same_tokens_as_ar"] for r in rows)
+    assert seen == [before, (0, True), (0, False)]
+    assert (paged_attention.BLOCK_PATH_MAX_HEAD_DIM, paged_attention.PAGE_SUMS_BY_WARP) == before
+
+
 def test_selfspec_summary_reports_greedy_and_sampled_cells_apart():
     """selfspec.py's summary: the greedy figures come from greedy cells only, and sampled cells get their own."""
     import sys
