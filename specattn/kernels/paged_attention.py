@@ -144,8 +144,11 @@ BLOCK_PATH_MIN_PAGE = 64
 # against +25.4% / +39.2%; 8B heads (128 dims, 32-row query blocks) b1 x 32K +22.7% vs +15.4%, b8 x 32K +91.3% vs
 # +35.5%. The masses agree to 2e-5.
 # Page sums by warp (PAGE_SUMS_BY_WARP) measured a little cheaper for those heads: one layer at b64 / b32 x 8K
-# +17.6% / +17.2% against +21.1% / +20.3% (verify_cost_stored_smol.json, c54235f); the rule is unchanged until the
-# real model's verify and greedy tokens are checked with it (more splits when held: other bf16 roundings).
+# +17.6% / +17.2% against +21.1% / +20.3% (verify_cost_stored_smol.json, c54235f). On the real default model (H100,
+# b64 x 8K, page-level SpecAttn-Y, selfspec_warp_smol.json, 84b92b8): verify 5.26 against 5.59 ms a round, 1.72x vs
+# 1.71x AR, but only 32 of 64 sequences kept AR's greedy tokens (62 with the block path), the first departing at
+# the second token: the held tiles force ~16 splits where AR's decode runs its own count, so near-tied bf16 argmaxes
+# round differently. The block path keeps AR's split count; it stays for these heads.
 BLOCK_PATH_MAX_HEAD_DIM = 64
 BLOCK_PATH_MAX_PAGES = 4
 
