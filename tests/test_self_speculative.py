@@ -525,21 +525,29 @@ def test_selfspec_benchmark_warm_up_on_shorter_prompts_keeps_ar_tokens(model_and
     assert all(r["same_tokens_as_ar"] for r in rows)
 
 
-def test_selfspec_benchmark_nodense_suffix_drafts_every_layer_sparsely(model_and_prompts, monkeypatch):
-    """selfspec.py's `+nodense` A/B: the same method with no dense drafting layer, AR's tokens either way."""
+def selfspec_on_cpu_recording_policies(monkeypatch, record):
+    """benchmarks/selfspec.py run on the CPU, with record(method, spec) called as each method's policy is made;
+    returns (the module, the list of what record returned)."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks import selfspec
-    model, _, _ = model_and_prompts
     monkeypatch.setattr(selfspec, "DEVICE", "cpu")
     seen = []
     real_make_policy = selfspec.make_policy
 
     def recording_make_policy(method, spec, num_layers):
-        seen.append((method, spec.dense_layers, spec.mass_tokens))
+        seen.append(record(method, spec))
         return real_make_policy(method, spec, num_layers)
     monkeypatch.setattr(selfspec, "make_policy", recording_make_policy)
+    return selfspec, seen
+
+
+def test_selfspec_benchmark_nodense_suffix_drafts_every_layer_sparsely(model_and_prompts, monkeypatch):
+    """selfspec.py's `+nodense` A/B: the same method with no dense drafting layer, AR's tokens either way."""
+    model, _, _ = model_and_prompts
+    selfspec, seen = selfspec_on_cpu_recording_policies(
+        monkeypatch, lambda method, spec: (method, spec.dense_layers, spec.mass_tokens))
     torch.manual_seed(3)
     text = torch.randint(0, 97, (700,)).tolist()
     rows = []
@@ -553,20 +561,10 @@ def test_selfspec_benchmark_nodense_suffix_drafts_every_layer_sparsely(model_and
 def test_selfspec_benchmark_page_sum_switches_set_their_flags_for_one_method(model_and_prompts, monkeypatch):
     """selfspec.py's `+warp` / `+onehot` A/B: exact page mass by warp sums or by the one-hot where small heads would
     take the block path, set only while that method runs; AR's tokens either way."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import selfspec
     from specattn.kernels import paged_attention
     model, _, _ = model_and_prompts
-    monkeypatch.setattr(selfspec, "DEVICE", "cpu")
-    seen = []
-    real_make_policy = selfspec.make_policy
-
-    def recording_make_policy(method, spec, num_layers):
-        seen.append((paged_attention.BLOCK_PATH_MAX_HEAD_DIM, paged_attention.PAGE_SUMS_BY_WARP))
-        return real_make_policy(method, spec, num_layers)
-    monkeypatch.setattr(selfspec, "make_policy", recording_make_policy)
+    selfspec, seen = selfspec_on_cpu_recording_policies(
+        monkeypatch, lambda method, spec: (paged_attention.BLOCK_PATH_MAX_HEAD_DIM, paged_attention.PAGE_SUMS_BY_WARP))
     before = (paged_attention.BLOCK_PATH_MAX_HEAD_DIM, paged_attention.PAGE_SUMS_BY_WARP)
     torch.manual_seed(4)
     text = torch.randint(0, 97, (700,)).tolist()
