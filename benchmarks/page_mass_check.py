@@ -15,15 +15,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, environment  # noqa: E402
-from benchmarks.verify_cost import time_variant_flags  # noqa: E402
+from benchmarks.verify_cost import ONE_HOT_FLAGS, WARP_SUMS_FLAGS, time_variant_flags  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import paged_attention, reference  # noqa: E402
 
 # (name, KV heads, query heads per KV head, head dim)
 HEADS = [("llama3-8b", 8, 4, 128), ("qwen2.5-1.5b", 2, 6, 128), ("qwen2.5-0.5b", 2, 7, 64), ("smollm2-135m", 3, 3, 64)]
-WAYS = {"warp_fp16": {"PAGE_SUMS_BY_WARP": True, "PAGE_SUMS_HALF": True, "BLOCK_PATH_MAX_HEAD_DIM": 0},
-        "warp_fp32": {"PAGE_SUMS_BY_WARP": True, "PAGE_SUMS_HALF": False, "BLOCK_PATH_MAX_HEAD_DIM": 0},
-        "one_hot": {"PAGE_SUMS_BY_WARP": False, "BLOCK_PATH_MAX_HEAD_DIM": 0},
+WAYS = {"warp_fp16": {**WARP_SUMS_FLAGS, "PAGE_SUMS_HALF": True},
+        "warp_fp32": {**WARP_SUMS_FLAGS, "PAGE_SUMS_HALF": False},
+        "one_hot": ONE_HOT_FLAGS,
         "library": {}}
 TOLERANCE = 2e-3      # of the largest page's mass (bf16 inputs; fp16 sums keep ~3 digits)
 

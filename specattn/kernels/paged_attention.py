@@ -173,8 +173,8 @@ PAGE_SUMS_HALF = True
 
 
 def exact_mass_by_blocks(page_size: int, head_dim: int, block_n: int) -> bool:
-    """Whether exact page mass is summed the way block mass is (each block one page) rather than by a page one-hot,
-    for tiles of block_n keys."""
+    """Whether exact page mass is summed the way block mass is (each block one page) rather than page by page in
+    the tile (by warp sums or a page one-hot, see PAGE_SUMS_BY_WARP), for tiles of block_n keys."""
     return page_size >= BLOCK_PATH_MIN_PAGE or (head_dim <= BLOCK_PATH_MAX_HEAD_DIM
                                                 and block_n // page_size <= BLOCK_PATH_MAX_PAGES)
 
@@ -658,7 +658,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     group = heads // kv_heads
     sparse = selected_pages is not None
     if page_mass and not sparse and mass_tokens is None:
-        mass_tokens = page_size      # exact page mass: block path or one-hot, as exact_mass_by_blocks says
+        mass_tokens = page_size      # exact page mass: block path or page by page, as exact_mass_by_blocks says
     block_m, q_block = query_tiling(q_len, group)
     q_blocks = -(-q_len // q_block)
     if page_mass and (q_blocks != 1 or token_level):
