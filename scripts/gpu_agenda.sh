@@ -192,6 +192,15 @@ for part in "$@"; do
                 --budgets 512 --methods magicdec,magicdec+nodense,specattn-y/blk64,specattn-y/blk64+nodense --skip-8b \
                 --dense-layers 0 \
                 --repeats ${NODENSE_REPEATS:-3} --out "$OUT/selfspec_nodense.json" 2>&1 | grep -v -i warn | tail -8 ;;
+    qwen-profile)   # the 1.5B's shape (random weights) at b64 x 32K: where a draft step (budget 1024), an AR step and
+              # a SpecAttn-Y/blk64 verify step spend their time, per kernel, against their bytes at copy speed
+              timeout 200 python3 benchmarks/profile_step.py --shape qwen1.5b --batch 64 --context 32000 \
+                --draft-budget 1024 --top 14 --json "$OUT/profile_qwen_draft_b64.json" 2>&1 | grep -v -i warn | tail -16
+              timeout 200 python3 benchmarks/profile_step.py --shape qwen1.5b --batch 64 --context 32000 \
+                --top 10 --json "$OUT/profile_qwen_ar_b64.json" 2>&1 | grep -v -i warn | tail -12
+              timeout 200 python3 benchmarks/profile_step.py --shape qwen1.5b --batch 64 --context 32000 --q-len 5 \
+                --verify specattn-y/blk64 --top 10 --json "$OUT/profile_qwen_verify_b64.json" 2>&1 \
+                | grep -v -i warn | tail -12 ;;
     verify-cost)   # one layer's attention at the 1.5B's heads, b64 x 32K (1, 5 and 7 rows: 7 fill a 64-row tile, read
               # in 32-key tiles), and at 8-head groups (5 rows = 40): plain vs page mass vs block mass vs block mass
               # with and without the 128-register cap of its 64-row tiles (block64_uncapped: 132 registers offline, 3 a SM)
