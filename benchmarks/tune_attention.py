@@ -89,7 +89,9 @@ SPLIT_SHAPES = [(1, 32768, 1, 8, 4, 128, 0.1), (1, 32768, 5, 8, 4, 128, 0.1), (8
                 # MagicDec's lists before 2026-11-29: 33 pages for a 512-token budget (a fifth, nearly empty tile)
                 (32, 8192, 1, 3, 3, 64, 33 / 512), (64, 8192, 1, 3, 3, 64, 33 / 512),
                 # the 8B shape's decode step at batch 1 on one GPU (8 KV heads) and on each of 2 (TP=2: 4 KV heads)
-                (1, 8192, 1, 8, 4, 128, 0.0), (1, 8192, 1, 4, 4, 128, 0.0), (1, 32768, 1, 4, 4, 128, 0.0)]
+                (1, 8192, 1, 8, 4, 128, 0.0), (1, 8192, 1, 4, 4, 128, 0.0), (1, 32768, 1, 4, 4, 128, 0.0),
+                # Qwen2.5-1.5B's draft step at batch 64 x 32K: 1,024-token lists of 2 KV heads x 6
+                (64, 32768, 1, 2, 6, 128, 1 / 32)]
 SPLIT_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
