@@ -202,7 +202,7 @@ for part in "$@"; do
                 --verify specattn-y/blk64 --top 10 --json "$OUT/profile_qwen_verify_b64.json" 2>&1 \
                 | grep -v -i warn | tail -12
               timeout 200 python3 benchmarks/tune_attention.py --splits --names=h2x6 --stages=2,3 --warps=4,8 \
-                --blocks=64,128,256 "$OUT/tune_splits_qwen_draft.json" 2>&1 | grep -v -i warn | tail -3 ;;
+                --blocks=128,256 "$OUT/tune_splits_qwen_draft.json" 2>&1 | grep -v -i warn | tail -3 ;;
     verify-cost)   # one layer's attention at the 1.5B's heads, b64 x 32K (1, 5 and 7 rows: 7 fill a 64-row tile, read
               # in 32-key tiles), and at 8-head groups (5 rows = 40): plain vs page mass vs block mass vs block mass
               # with and without the 128-register cap of its 64-row tiles (block64_uncapped: 132 registers offline, 3 a SM)
