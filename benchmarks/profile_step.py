@@ -37,9 +37,11 @@ from specattn.evaluation.results import write_json_atomic  # noqa: E402
 from specattn.kernels import paged_attention  # noqa: E402
 
 
-def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, verify: str | None = None):
+def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, verify: str | None = None,
+            physical_lists: bool = False):
     """A callable running one step (a graph replay), and the KV tokens per sequence it reads. verify: the verify
-    step of that self-speculation method (q_len = gamma + 1), page-mass by-product and all."""
+    step of that self-speculation method (q_len = gamma + 1), page-mass by-product and all. physical_lists: the
+    draft's page lists also come as physical pages (selection.PHYSICAL_LISTS)."""
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, q_len), device="cuda")
     if verify is not None:
         method, overrides = method_variant(verify)
@@ -54,6 +56,8 @@ def step_fn(model, cache, batch: int, draft_budget: int | None, q_len: int = 1, 
     policy = make_policy("magicdec", SpeculationParams(draft_budget, 1), model.cfg.num_layers)
     policy.reset(cache)
     selection = policy.select(cache, 1)
+    if physical_lists:
+        selection.physical = paged_attention.physical_pages(cache.page_table, selection.pages)
     steps = RoundSteps(model, cache, policy, batch, 1, SamplingParams())
     gen = torch.Generator(device="cuda")
     dense = 1 / model.cfg.num_layers
@@ -69,7 +73,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
             early_pages: int = paged_attention.EARLY_PAGES,
             sparse_max_splits: int | None = paged_attention.SPARSE_SMALL_HEADS_MAX_SPLITS,
             sparse_full_wave: bool = False, mass_per_step: bool = True,
-            draft_kernel: bool = False) -> tuple[dict, object]:
+            draft_kernel: bool = False, physical_lists: bool = False) -> tuple[dict, object]:
     """(the row, the step callable: its model and graph stay alive for --rounds)."""
     import torch._dynamo
 
@@ -88,7 +92,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     model = random_model(SHAPES[shape])
     model.draft_step_kernel = draft_kernel
     cache = context_cache(model.cfg, batch, context, new_tokens=q_len)
-    fn, kv_tokens = step_fn(model, cache, batch, draft_budget, q_len, verify)
+    fn, kv_tokens = step_fn(model, cache, batch, draft_budget, q_len, verify, physical_lists)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -109,6 +113,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     what += f", sparse splits <= {sparse_max_splits}" if sparse_max_splits else ""
     what += ", full-wave sparse launch" if sparse_full_wave else ""
     what += ", blocks in one launch (kernels.draft_step)" if draft_kernel else ""
+    what += ", physical page lists" if physical_lists else ""
     what += f", compiled {compile_mode}" if compile_mode else ""
     what += f", {verify} verify" if verify else ""
     what += "" if mass_per_step or not verify else ", page mass finished once a layer"
@@ -120,7 +125,7 @@ def profile(shape: str, batch: int, context: int, draft_budget: int | None, step
     row = {"shape": shape, "verify": verify, "folded_norms": fold, "pdl": pdl, "gemv": list(gemv),
            "attention_few_programs": few_programs, "gemv_max_rows": gemv_rows, "early_pages": early_pages,
            "sparse_max_splits": sparse_max_splits, "sparse_full_wave": sparse_full_wave,
-           "mass_finished_per_step": mass_per_step, "draft_kernel": draft_kernel,
+           "mass_finished_per_step": mass_per_step, "draft_kernel": draft_kernel, "physical_lists": physical_lists,
            "batch": batch, "context": context,
            "draft_budget": draft_budget, "q_len": q_len,
            "compile_mode": compile_mode or "default", "replay_us": replay_us, "kernels": count,
@@ -185,6 +190,8 @@ def main() -> None:
                     "finished by one launch after the last layer (paged_attention.StepMass) or one launch a layer")
     ap.add_argument("--draft-kernel", default="off", help="comma-separated on/off: a sparse draft step's blocks as "
                     "kernels.draft_step's one persistent launch; inside each --sparse-full-wave")
+    ap.add_argument("--physical-lists", default="off", help="comma-separated on/off: a draft step's page lists also "
+                    "as physical pages (selection.PHYSICAL_LISTS), so K's address waits on one load, not two")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     copy = copy_bandwidth_gbs()
@@ -204,8 +211,9 @@ def main() -> None:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
                         not args.row_major, args.q_len, args.top, None if mode == "default" else mode,
                         fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r, early_pages=e,
-                        sparse_max_splits=m, sparse_full_wave=w, draft_kernel=d)
-                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a, r, e, m, w, d in variants]
+                        sparse_max_splits=m, sparse_full_wave=w, draft_kernel=d, physical_lists=phys == "on")
+                for mode in args.compile_modes.split(",") for fold, pdl, gemv, a, r, e, m, w, d in variants
+                for phys in args.physical_lists.split(",")]
     rows = interleaved(rows, args.rounds)
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "rows": rows})
@@ -228,7 +236,8 @@ def interleaved(built: list[tuple[dict, object]], rounds: int) -> list[dict]:
                   f" attention {row['attention_few_programs']} rows {row['gemv_max_rows']}"
                   f" early pages {row['early_pages']} sparse splits <= {row['sparse_max_splits'] or 'auto'}"
                   f" verify {row['verify']} mass per step {row['mass_finished_per_step']}"
-                  f" compile {row['compile_mode']} draft kernel {row['draft_kernel']}")
+                  f" compile {row['compile_mode']} draft kernel {row['draft_kernel']}"
+                  f" physical lists {row.get('physical_lists', False)}")
     return rows
 
 

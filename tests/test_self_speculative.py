@@ -507,6 +507,24 @@ def test_physical_pages_of_layered_lists():
     assert phys.tolist() == [[[[5, 2, 5]], [[1, 7, 7]]], [[[2, 5, 5]], [[7, 1, 4]]]]
 
 
+def test_draft_graph_selection_copies_physical_lists():
+    """A draft graph's static selection (wider than this round's lists) carries physical pages when the round's
+    selection has them, and a selection with them is captured apart from one without."""
+    from specattn.decoding.self_speculative import _load_selection, _selection_key, _static_selection
+    from specattn.selection import PageSelection
+    pages = torch.tensor([[[[0, 2, -1]]]], dtype=torch.int32)
+    counts = torch.tensor([[[2]]], dtype=torch.int32)
+    with_phys = PageSelection(pages, counts, physical=torch.tensor([[[[5, 9, 5]]]], dtype=torch.int32))
+    without = PageSelection(pages, counts)
+    assert _selection_key(with_phys) != _selection_key(without)
+    key = _selection_key(with_phys)
+    static = _static_selection(with_phys, key)
+    _load_selection(static, with_phys)
+    assert static.pages.shape[-1] >= 3 and static.physical.shape == static.pages.shape
+    assert static.physical[..., :3].tolist() == [[[[5, 9, 5]]]]
+    assert _static_selection(without, _selection_key(without)).physical is None
+
+
 def test_selfspec_benchmark_warm_up_on_shorter_prompts_keeps_ar_tokens(model_and_prompts, monkeypatch):
     """benchmarks/selfspec.py --warm-context: each method's warm-up prefills only the prompts' last tokens and the
     timed run reuses its runner on the full prompts; the timed tokens must still be AR's."""

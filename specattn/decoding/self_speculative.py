@@ -219,7 +219,8 @@ def _selection_key(selection) -> tuple:
         return ("dense",)
     if isinstance(selection, QuestSelection):
         return ("quest", selection.budget_pages, selection.dense_layers)
-    return ("pages", _capacity(selection.pages.shape[-1]), selection.dense_layers, selection.token_level)
+    return ("pages", _capacity(selection.pages.shape[-1]), selection.dense_layers, selection.token_level,
+            selection.physical is not None)
 
 
 def _static_selection(selection, key: tuple):
@@ -230,8 +231,9 @@ def _static_selection(selection, key: tuple):
         return QuestSelection(selection.budget_pages, selection.forced.clone(), selection.valid.clone(),
                               selection.key_min, selection.key_max, selection.page_size, selection.dense_layers)
     shape = (*selection.pages.shape[:-1], key[1])
-    return PageSelection(torch.full(shape, -1, dtype=torch.int32, device=selection.pages.device),
-                         selection.counts.clone(), selection.dense_layers, selection.token_level)
+    pages = torch.full(shape, -1, dtype=torch.int32, device=selection.pages.device)
+    physical = None if selection.physical is None else torch.zeros_like(pages)
+    return PageSelection(pages, selection.counts.clone(), selection.dense_layers, selection.token_level, physical)
 
 
 def _load_selection(static, selection) -> None:
@@ -245,6 +247,8 @@ def _load_selection(static, selection) -> None:
     static.pages[..., :k].copy_(selection.pages)
     static.pages[..., k:].fill_(-1)
     static.counts.copy_(selection.counts)
+    if static.physical is not None:
+        static.physical[..., :k].copy_(selection.physical)
 
 
 class PhaseTimer:
