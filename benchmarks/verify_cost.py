@@ -34,7 +34,8 @@ VARIANTS = {"plain": ({}, {}), "page_mass": ({"page_mass": True}, {}), "block64_
             "page_mass_warp_sums": ({"page_mass": True}, WARP_SUMS_FLAGS),
             "page_mass_warp_sums_stored": ({"page_mass": True}, {**WARP_SUMS_FLAGS, "DEFER_PAGE_MASS_MAX_BLOCK_N": 0}),
             "block64_uncapped": (BLOCK64, {"WIDE_BLOCK_MASS_REGISTER_CAP": None}),
-            "page_mass_block_path": ({"page_mass": True}, BLOCK_PATH_FLAGS)}
+            "page_mass_block_path": ({"page_mass": True}, BLOCK_PATH_FLAGS),
+            "block64_finished_per_page": (BLOCK64, {"MASS_FINISH_BY_BLOCK": False})}
 
 
 def time_variant(q, pools, table, lens, kw: dict, flags: dict) -> float:

@@ -45,7 +45,8 @@ MASS = {"mass_part_ptr": "*fp32", "lse_ptr": "*fp32", "lens_ptr": "*i32", "sel_c
 compile_checked(paged_attention._page_mass_kernel, MASS, ["mass_pages", "mass_tiles", "stride_mb", "stride_mh",
                                                        "stride_part_layer", "stride_lse_layer", "stride_ml"], [],
                 dict(Q_LEN=5, GROUP=4, HEADS=32, PAGE_SIZE=16, PAGES_PER_VALUE=4, VALUES_PER_TILE=2, MASS_SLOTS=4,
-                     BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=True, PDL=2, COMPACT=False, SUMS_HALF=False))
+                     BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=True, PDL=2, COMPACT=False, SUMS_HALF=False,
+                     BY_BLOCK=True))
 # exact page sums inside warps (128-key tiles stored, 64-key tiles held; fp16 sums) and their finishing
 compile_checked(paged_attention._paged_attn_split_kernel, ATTENTION_SIGNATURE, [], [],
                 dict(ATTN, BLOCK_N=128, WARP_PAGES=4, TILE_PAGES=8, SUMS_HALF=True, MASS_SLOTS=5))

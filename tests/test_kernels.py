@@ -212,13 +212,16 @@ def test_warp_order_gives_each_warp_whole_pages():
             assert len(mine) % page == 0 and mine.min() % page == 0
 
 
+@pytest.mark.parametrize("by_block", [True, False], ids=["finished-per-block", "finished-per-page"])
 @pytest.mark.parametrize("subtiles", [False, True], ids=["tile-per-block", "two-blocks-per-128-key-tile"])
 @pytest.mark.parametrize("case", MASS_CASES[1:3], ids=["b3-q1-g4", "b2-q5-g8"])
-def test_block_page_mass_matches_reference(case, subtiles, monkeypatch):
+def test_block_page_mass_matches_reference(case, subtiles, by_block, monkeypatch):
     """Mass per 64-key block (the tile's own row sums), spread over its pages: kernel == reference, and the
     mass of each 4-page block equals the sum of the exact per-page masses. Both tilings (these small batches
-    launch 128-key tiles, so with sub-tiles each tile sums two blocks)."""
+    launch 128-key tiles, so with sub-tiles each tile sums two blocks), and the finishing launch either per block
+    (MASS_FINISH_BY_BLOCK) or per page."""
     monkeypatch.setattr(paged_attention, "BLOCK_MASS_SUBTILES", subtiles)
+    monkeypatch.setattr(paged_attention, "MASS_FINISH_BY_BLOCK", by_block)
     torch.manual_seed(40 + case[1])
     q, k, v, table, lens = make_inputs(*case, torch.float32)
     scale = case[4] ** -0.5

@@ -115,6 +115,11 @@ def choose_launch(programs: int, head_dim: int, sparse: bool = False, query_rows
 # of 5 rows): 1024 x 4 against 4096 x 4 takes the whole attention from 132.7 to 121.4 µs at batch 64, 8K (plain
 # attention 110.2) and 68.0 to 63.5 at batch 32; every tile of 512-2048 with 4-8 warps within 1 µs of it.
 MASS_FINISH_TILE, MASS_FINISH_WARPS = 1024, 4
+# Block mass of blocks of several pages (SpecAttn-Y/blk64: 64-key blocks, 16-token pages) is finished per block, each
+# block's mass then spread over its pages, instead of per page (each page re-reading its block's partials and tile
+# max for every row: 4x the loads and exps). H100, the 1.5B's shape at b64 x 32K, a verify step of 28 layers with the
+# mass finished once (profile_qwen_verify_b64.json, d621462): the per-page finishing launch took 705 us of 24.6 ms.
+MASS_FINISH_BY_BLOCK = True
 # Block mass over tiles wider than a block (128-key tiles, 64-key blocks): keep the launch's tile and store each
 # block's sum from a masked row sum, instead of shrinking the tile to the block. H200, byproduct.json (bb38795,
 # verify of 5 rows, batch 1 x 32K, 8B heads): plain 43.9 µs, block mass with 64-key tiles 59.1, with sub-tiles
@@ -507,11 +512,14 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                       PAGES_PER_VALUE: tl.constexpr, VALUES_PER_TILE: tl.constexpr, MASS_SLOTS: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPARSE: tl.constexpr, MASS_TILE: tl.constexpr,
-                      PDL: tl.constexpr, COMPACT: tl.constexpr = False, SUMS_HALF: tl.constexpr = False):
+                      PDL: tl.constexpr, COMPACT: tl.constexpr = False, SUMS_HALF: tl.constexpr = False,
+                      BY_BLOCK: tl.constexpr = False):
     """mass[b, kvh, page] = sum over rows (g, t) of sum_{keys in page} softmax weight. All rows of a
     block of pages in one tile: a loop over rows would serialise dependent loads. Each page reads the value
     holding it (its own page sum, or its block's sum spread over the block's pages) and its tile's row max.
-    Grid axis 2 is the layer when one launch finishes a whole step's layers (StepMass; strides 0 for one layer)."""
+    Grid axis 2 is the layer when one launch finishes a whole step's layers (StepMass; strides 0 for one layer).
+    BY_BLOCK (block mass of blocks of several pages): a program's elements are blocks instead of pages, each block's
+    mass spread over its pages at the store (MASS_FINISH_BY_BLOCK)."""
     wait_for_predecessor(PDL)
     layer = tl.program_id(2).to(tl.int64)
     mass_part_ptr += layer * stride_part_layer
@@ -521,7 +529,8 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
     kv_heads = HEADS // GROUP
     b = pid_bh // kv_heads
     kvh = pid_bh % kv_heads
-    vpage = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    unit = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    vpage = unit * PAGES_PER_VALUE if BY_BLOCK else unit          # (first) page of each element
     if SPARSE:
         n_pages = tl.load(sel_count_ptr + pid_bh)
     else:
@@ -550,7 +559,12 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
         in_block = tl.minimum(PAGES_PER_VALUE, n_pages - value * PAGES_PER_VALUE)
         part = part / tl.maximum(in_block, 1).to(tl.float32)[None, :]
     total = tl.sum(tl.where(both, part * tl.exp(m - lse[:, None]), 0.0), 0)
-    tl.store(mass_ptr + b * stride_mb + kvh * stride_mh + vpage, total, mask=vpage < mass_pages)
+    out = mass_ptr + b * stride_mb + kvh * stride_mh
+    if BY_BLOCK:
+        for k in tl.static_range(PAGES_PER_VALUE):
+            tl.store(out + vpage + k, tl.where(k < in_block, total, 0.0), mask=vpage + k < mass_pages)
+    else:
+        tl.store(out + vpage, total, mask=vpage < mass_pages)
 
 
 @functools.cache
@@ -784,13 +798,15 @@ def _launch_page_mass(mass_part, lse, lens_after, counts, mass, sh: _MassFinish,
                       layer_strides: tuple[int, int, int] = (0, 0, 0)) -> None:
     """One finishing launch for `layers` layers whose partials, log-sum-exps and mass lie layer_strides apart."""
     block_r = triton.next_power_of_2(sh.group * sh.q_len)
-    block_p = max(16, MASS_FINISH_TILE // block_r)   # a tile of MASS_FINISH_TILE (row, page) elements
-    _page_mass_kernel[(sh.batch * sh.kv_heads, triton.cdiv(sh.mass_pages, block_p), layers)](
+    block_p = max(16, MASS_FINISH_TILE // block_r)   # a tile of MASS_FINISH_TILE (row, page or block) elements
+    by_block = MASS_FINISH_BY_BLOCK and sh.mass_tile and sh.pages_per_value > 1
+    units = triton.cdiv(sh.mass_pages, sh.pages_per_value) if by_block else sh.mass_pages
+    _page_mass_kernel[(sh.batch * sh.kv_heads, triton.cdiv(units, block_p), layers)](
         mass_part, lse, lens_after, counts, mass, sh.mass_pages, sh.mass_tiles, mass.stride(-3), mass.stride(-2),
         *layer_strides, Q_LEN=sh.q_len, GROUP=sh.group, HEADS=sh.kv_heads * sh.group, PAGE_SIZE=sh.page_size,
         PAGES_PER_VALUE=sh.pages_per_value, VALUES_PER_TILE=sh.values_per_tile, MASS_SLOTS=sh.slots,
         BLOCK_P=block_p, BLOCK_R=block_r, SPARSE=sparse, MASS_TILE=sh.mass_tile, COMPACT=sh.compact,
-        SUMS_HALF=sh.half,
+        SUMS_HALF=sh.half, BY_BLOCK=by_block,
         num_warps=MASS_FINISH_WARPS,
         **launch_options(lse.device),
     )
