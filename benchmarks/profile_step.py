@@ -203,10 +203,11 @@ def main() -> None:
                 for w in args.sparse_full_wave.split(",") for d in args.draft_kernel.split(",")]
     if args.verify:
         rows = [profile(args.shape, args.batch, args.context, None, args.steps, copy, not args.row_major,
-                        args.q_len, args.top, verify=method, fold=fold, pdl=pdl, gemv=gemv, few_programs=a, gemv_rows=r,
-                        early_pages=e, sparse_max_splits=m, sparse_full_wave=w, mass_per_step=per_step == "step")
-                for method in args.verify.split(",") for per_step in args.mass_finish.split(",")
-                for fold, pdl, gemv, a, r, e, m, w, _ in variants]
+                        args.q_len, args.top, None if mode == "default" else mode, verify=method, fold=fold, pdl=pdl,
+                        gemv=gemv, few_programs=a, gemv_rows=r, early_pages=e, sparse_max_splits=m,
+                        sparse_full_wave=w, mass_per_step=per_step == "step")
+                for mode in args.compile_modes.split(",") for method in args.verify.split(",")
+                for per_step in args.mass_finish.split(",") for fold, pdl, gemv, a, r, e, m, w, _ in variants]
     else:
         rows = [profile(args.shape, args.batch, args.context, args.draft_budget, args.steps, copy,
                         not args.row_major, args.q_len, args.top, None if mode == "default" else mode,
