@@ -55,7 +55,8 @@ compile_checked(paged_attention._paged_attn_split_kernel, ATTENTION_SIGNATURE, [
 compile_checked(paged_attention._page_mass_kernel, MASS, ["mass_pages", "mass_tiles", "stride_mb", "stride_mh",
                                                        "stride_part_layer", "stride_lse_layer", "stride_ml"], [],
                 dict(Q_LEN=5, GROUP=4, HEADS=32, PAGE_SIZE=16, PAGES_PER_VALUE=1, VALUES_PER_TILE=8, MASS_SLOTS=5,
-                     BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=False, PDL=2, COMPACT=True, SUMS_HALF=True))
+                     BLOCK_P=64, BLOCK_R=32, SPARSE=False, MASS_TILE=False, PDL=2, COMPACT=True, SUMS_HALF=True,
+                     BY_BLOCK=False))
 WRITE = {**{p: "*bf16" for p in ["qkv_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_pool_ptr", "v_pool_ptr", "x_ptr",
                                  "bias_ptr"]}, "slots_ptr": "*i32"}
 compile_checked(rope_kv._rope_write_kernel, WRITE,
