@@ -205,6 +205,17 @@ for part in "$@"; do
                 | grep -v -i warn | tail -12
               timeout 200 python3 benchmarks/tune_attention.py --splits --names=h2x6 --stages=2,3 --warps=4,8 \
                 --blocks=128,256 "$OUT/tune_splits_qwen_draft.json" 2>&1 | grep -v -i warn | tail -3 ;;
+    finish-by-block)   # block mass finished per block (MASS_FINISH_BY_BLOCK) against per page (variant
+              # block64_finished_per_page), one layer with its finishing launch, per kernel: the 1.5B's heads at b64 x
+              # 32K and the default model's at b64 x 8K, 5 rows (no model files)
+              timeout 150 python3 benchmarks/verify_cost.py --cells 64x32000 --q-lens 5 --kernels \
+                --out "$OUT/verify_cost_finish_qwen.json" 2>&1 | grep -v -i warn | tail -1 | cut -c1-2000
+              timeout 100 python3 benchmarks/verify_cost.py --cells 64x8000 --heads 3,3,64 --q-lens 5 --kernels \
+                --out "$OUT/verify_cost_finish_smol.json" 2>&1 | grep -v -i warn | tail -1 | cut -c1-2000 ;;
+    verify-autotune)   # the 1.5B-shaped verify step with Inductor's autotuned GEMMs (320-row products) vs cuBLAS
+              timeout 400 python3 benchmarks/profile_step.py --shape qwen1.5b --batch 64 --context 16000 --q-len 5 \
+                --verify specattn-y/blk64 --compile-modes default,max-autotune-no-cudagraphs --rounds 3 --top 8 \
+                --json "$OUT/profile_qwen_verify_autotune_b64.json" 2>&1 | grep -v -i warn | tail -24 ;;
     verify-cost)   # one layer's attention at the 1.5B's heads, b64 x 32K (1, 5 and 7 rows: 7 fill a 64-row tile, read
               # in 32-key tiles), and at 8-head groups (5 rows = 40): plain vs page mass vs block mass vs block mass
               # with and without the 128-register cap of its 64-row tiles (block64_uncapped: 132 registers offline, 3 a SM)
