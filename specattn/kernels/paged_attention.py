@@ -364,8 +364,7 @@ def _paged_attn_split_kernel(
     slot_ids = tl.arange(0, MASS_SLOTS if not WARP_PAGES else 1)
     values_per_tile: tl.constexpr = MASS_SUB if MASS_TILE else BLOCK_N // PAGE_SIZE
     slot_used = (slot_ids < values_per_tile) | (slot_ids == MASS_SLOTS - 1)
-    sum_words: tl.constexpr = TILE_PAGES // 2 if SUMS_HALF else TILE_PAGES
-    max_ptrs = mass_rows + mass_tiles * sum_words                   # WARP_PAGES: the row's maxima
+    max_ptrs = mass_rows + mass_tiles * (MASS_SLOTS - 1)            # WARP_PAGES: the row's maxima
     if SUMS_HALF:
         sum_ptrs = mass_rows.to(tl.pointer_type(tl.float16), bitcast=True)
     else:
@@ -552,8 +551,7 @@ def _page_mass_kernel(mass_part_ptr, lse_ptr, lens_ptr, sel_count_ptr, mass_ptr,
                            other=0.0).to(tl.float32)
         else:
             part = tl.load(rows + value[None, :], mask=both, other=0.0)
-        sum_words: tl.constexpr = VALUES_PER_TILE // 2 if SUMS_HALF else VALUES_PER_TILE
-        m = tl.load(rows + mass_tiles * sum_words + (value // VALUES_PER_TILE)[None, :], mask=both, other=0.0)
+        m = tl.load(rows + mass_tiles * (MASS_SLOTS - 1) + (value // VALUES_PER_TILE)[None, :], mask=both, other=0.0)
     else:
         part = tl.load(rows + (tile_at + value % VALUES_PER_TILE)[None, :], mask=both, other=0.0)
         m = tl.load(rows + (tile_at + MASS_SLOTS - 1)[None, :], mask=both, other=0.0)
@@ -703,7 +701,9 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     by_warp = page_mass and not mass_tile and page_sums_by_warp(launch, page_size)
     half = (by_warp and PAGE_SUMS_HALF and q.dtype in (torch.bfloat16, torch.float16)
             and values_per_tile % 2 == 0)
-    if by_warp:      # fp32 words a tile: its page sums (two to a word in fp16), then its row max
+    # Page sums by warp: fp32 words a tile are its page sums (two to a word in fp16), then its row max; both kernels
+    # find a row's maxima after mass_tiles x (slots - 1) words.
+    if by_warp:
         slots = (values_per_tile // 2 if half else values_per_tile) + 1
     else:
         slots = mass_slots(values_per_tile, one_hot=not mass_tile)
