@@ -212,6 +212,12 @@ for part in "$@"; do
                 --out "$OUT/verify_cost_finish_qwen.json" 2>&1 | grep -v -i warn | tail -1 | cut -c1-2000
               timeout 100 python3 benchmarks/verify_cost.py --cells 64x8000 --heads 3,3,64 --q-lens 5 --kernels \
                 --out "$OUT/verify_cost_finish_smol.json" 2>&1 | grep -v -i warn | tail -1 | cut -c1-2000 ;;
+    tail)   # a fixed batch's tail: verify steps with 64 / 16 / 4 / 1 sequences still generating, attention planned
+              # for the whole batch vs for those left (self_speculative.tail_plan), and a draft step (no model files)
+              timeout 200 python3 benchmarks/tail_cost.py --shape qwen1.5b --batch 64 --context 32000 \
+                --json "$OUT/tail_cost_qwen.json" 2>&1 | grep -v -i warn | tail -20
+              timeout 120 python3 benchmarks/tail_cost.py --shape smol --batch 64 --context 8000 --draft-budget 512 \
+                --json "$OUT/tail_cost_smol.json" 2>&1 | grep -v -i warn | tail -20 ;;
     verify-autotune)   # the 1.5B-shaped verify step with Inductor's autotuned GEMMs (320-row products) vs cuBLAS
               timeout 400 python3 benchmarks/profile_step.py --shape qwen1.5b --batch 64 --context 16000 --q-len 5 \
                 --verify specattn-y/blk64 --compile-modes default,max-autotune-no-cudagraphs --rounds 3 --top 8 \

@@ -56,6 +56,9 @@ class StepView:
     record_layers: frozenset | None = None     # record only these layers (None: all); the rest run the fast path
     key_masks: dict | None = None
     attend_lens: torch.Tensor | None = None    # None: lens_after
+    # Sequences (at most) that read their whole length while the rest idle (a fixed batch's tail): dense attention
+    # plans its splits for these. A host number, so a graph captured with it serves only such steps. None: all.
+    active: int | None = None
 
     def attention_lens(self) -> torch.Tensor:
         return self.lens_after if self.attend_lens is None else self.attend_lens

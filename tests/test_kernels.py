@@ -113,6 +113,43 @@ def test_num_splits_fill_the_gpu_but_never_exceed_blocks():
     assert paged_attention.choose_num_splits(1, 3, 100, 132) == 2      # 100 tokens = 2 blocks of 64
 
 
+@pytest.mark.parametrize("mass_tokens", [None, 16, 64], ids=["no-mass", "page-mass", "block64-mass"])
+def test_splits_planned_for_the_sequences_still_reading(mass_tokens, monkeypatch):
+    """A fixed batch's tail: most sequences idle, their lengths covering only the new block (as cache.attend_lens
+    makes them), two still long. Planned for those two (plan_rows) the launch takes more splits, most of them empty;
+    output and page mass still equal the reference's, and the merge reads only partials a split wrote (scratch is
+    filled with NaN)."""
+    empty = torch.empty
+
+    def nan_scratch(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    torch.manual_seed(61)
+    lens = [3] * 24
+    lens[5], lens[17] = 900, 611
+    q, k, v, table, lens_t = make_inputs(24, 3, 2, 2, 16, lens, torch.float32)
+    plans = []
+    plan = paged_attention._plan_launch
+    monkeypatch.setattr(paged_attention, "_plan_launch", lambda *a: plans.append(plan(*a)) or plans[-1])
+    monkeypatch.setattr(torch, "empty", nan_scratch)
+    page_mass = mass_tokens is not None
+    ref = reference.paged_attention(q, k, v, table, lens_t, 0.25, page_mass=page_mass)
+    out = paged_attention.paged_attention(q, k, v, table, lens_t, 0.25, page_mass=page_mass, plan_rows=2,
+                                          mass_tokens=mass_tokens if mass_tokens != 16 else None)
+    whole = paged_attention.paged_attention(q, k, v, table, lens_t, 0.25, page_mass=page_mass,
+                                            mass_tokens=mass_tokens if mass_tokens != 16 else None)
+    if page_mass:
+        (out, mass), (ref, ref_mass), (whole, _) = out, ref, whole
+        assert torch.isfinite(mass).all()
+        if mass_tokens == 64:     # block mass spreads a 64-key block's mass over its pages: compare per block
+            mass, ref_mass = (m[..., : m.shape[-1] // 4 * 4].unflatten(-1, (-1, 4)).sum(-1) for m in (mass, ref_mass))
+        assert (mass - ref_mass).abs().max().item() < 1e-4
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    assert torch.allclose(out, whole, atol=1e-5)
+    assert plans[0][1] > plans[1][1] > 1           # more splits planned for 2 sequences than for 24
+
+
 def random_selection(batch, kv_heads, lens, page_size=16, keep=0.5, seed=0):
     """Per (sequence, KV head) sorted lists of logical pages, always with the last page; -1 padded."""
     g = torch.Generator().manual_seed(seed)

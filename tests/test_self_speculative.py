@@ -635,3 +635,28 @@ def test_verify_mass_finished_once_a_step_equals_once_a_layer(mass_tokens, monke
     assert runs[True].stats["rounds_by_sequence"] == runs[False].stats["rounds_by_sequence"]
     # one finishing launch per verify step (one verify a round), over both of the model's layers
     assert len(finishes) == runs[True].stats["rounds"] and set(finishes) == {2}
+
+
+def test_tail_plans_cover_a_quarter_of_the_batch_and_less():
+    from specattn.decoding.self_speculative import tail_plan, tail_plans
+    assert tail_plans(64) == [16, 4, 1] and tail_plans(8) == [2] and tail_plans(3) == []
+    assert [tail_plan(a, 64) for a in (64, 17, 16, 5, 4, 2, 1, 0, None)] == [None, None, 16, 16, 4, 4, 1, 1, None]
+
+
+def test_a_fixed_batchs_tail_plans_verify_attention_for_the_sequences_left(monkeypatch):
+    """Once one of four sequences is left generating, the verify step's attention plans its splits for one sequence
+    (the others idle, reading their new block only); tokens stay AR's."""
+    from specattn.kernels import paged_attention
+    ar, run = triton_case(4, (70, 45, 60, 52), new_tokens=16, cache_len=120)
+    planned_for = []
+    plan = paged_attention._plan_launch
+
+    def spy(*args, **kw):
+        planned_for.append(args[-1] if len(args) > 12 else kw.get("split_rows"))
+        return plan(*args, **kw)
+    monkeypatch.setattr(paged_attention, "_plan_launch", spy)
+    res = run(VerificationGuidedPolicy(32, 16, 16))
+    assert res.tokens == ar
+    rounds = sorted(res.stats["rounds_by_sequence"])
+    assert rounds[-1] > rounds[-2]                  # the slowest sequence had rounds alone
+    assert 1 in planned_for and None in planned_for

@@ -104,7 +104,8 @@ class RoundSteps:
         self.uniforms = torch.ones(batch, gamma, device=dev)
         self.verify_in = torch.zeros(batch, gamma + 1, dtype=torch.long, device=dev)
         self._draft_graphs: dict[tuple, tuple] = {}
-        self._verify_graphs: dict[bool, tuple] = {}     # by whether the step writes the mass buffers
+        # by whether the step writes the mass buffers, and the tail plan (None: the whole batch)
+        self._verify_graphs: dict[tuple[bool, int | None], tuple] = {}
 
     def fits(self, model, cache, policy, batch: int, gamma: int, sampling: SamplingParams,
              catch_up: bool = False) -> bool:
@@ -179,21 +180,32 @@ class RoundSteps:
         return graph, static_sel, out
 
     # ---- verify ----------------------------------------------------------------------------
-    def verify(self, tokens: torch.Tensor, by_product: bool = True) -> torch.Tensor:
+    def verify(self, tokens: torch.Tensor, by_product: bool = True, active: int | None = None) -> torch.Tensor:
         """Dense step over [last token, drafts]: logits [batch, gamma + 1, vocab]; fills the mass buffers unless
-        by_product is False (they then keep the last values written)."""
+        by_product is False (they then keep the last values written). active: how many sequences still generate
+        (the rest idle); a fixed batch's tail plans attention for them (see tail_plan)."""
+        plan = tail_plan(active, self.batch)
         if not self.use_graph:
             if self.page_mass is not None and by_product:
                 self.page_mass.zero_()
             view = self.cache.step_view(self.gamma + 1)
+            view.active = plan
             return self._verify_body(tokens, view, by_product)
-        if by_product not in self._verify_graphs:
-            self._verify_graphs[by_product] = capture_graph(lambda: self._verify_body(
-                self.verify_in, self.cache.step_view(self.gamma + 1, static=True), by_product))
-        graph, out = self._verify_graphs[by_product]
+        if (by_product, plan) not in self._verify_graphs:
+            # Every plan at once, in the run's first verify (a warm-up's): a tail's graph captured when the tail
+            # comes would be paid for inside the timed rounds.
+            for p in (None, *tail_plans(self.batch)):
+                self._verify_graphs[by_product, p] = capture_graph(lambda p=p: self._verify_body(
+                    self.verify_in, self._planned_view(p), by_product))
+        graph, out = self._verify_graphs[by_product, plan]
         self.verify_in.copy_(tokens)
         graph.replay()
         return out
+
+    def _planned_view(self, plan: int | None):
+        view = self.cache.step_view(self.gamma + 1, static=True)
+        view.active = plan
+        return view
 
     def _verify_body(self, tokens, view, by_product: bool = True):
         if by_product:
@@ -206,6 +218,29 @@ class RoundSteps:
         if scores:                                    # Vegas ranks by the mean over all heads, every rank's too
             mean_over_ranks(self.model.tp, self.token_scores)
         return logits
+
+
+# A fixed batch waits for its slowest sequence. Once most sequences have their tokens they idle and read only the
+# new block, but attention's splits were planned for the whole batch: a few long sequences then stream their whole
+# context through a few programs while most SMs wait (Qwen2.5-1.5B, batch 64 x 32K: 2 splits per (sequence, KV
+# head), so 4 sequences left run on 16 programs). The tail's verify steps plan for the sequences left instead.
+TAIL_PLANS = True
+
+
+def tail_plans(batch: int) -> list[int]:
+    """Sequence counts a tail's verify graphs are planned for: batch / 4, batch / 16, ... down to 1."""
+    plans, plan = [], batch // 4
+    while TAIL_PLANS and plan >= 1:
+        plans.append(plan)
+        plan //= 4
+    return plans
+
+
+def tail_plan(active: int | None, batch: int) -> int | None:
+    """The smallest of tail_plans(batch) that holds `active` sequences, or None (plan for the whole batch) when
+    more than a quarter of it is still generating or the count is unknown."""
+    fitting = [p for p in tail_plans(batch) if active is not None and active <= p]
+    return min(fitting) if fitting else None
 
 
 def _capacity(k: int) -> int:
@@ -524,7 +559,8 @@ class _Loop:
 
         t = timer.start()
         fresh = policy.mass_this_round()
-        target_logits = round_steps.verify(torch.cat([self.next_tok[:, None], drafts_t], dim=1), fresh)
+        target_logits = round_steps.verify(torch.cat([self.next_tok[:, None], drafts_t], dim=1), fresh,
+                                           active=done.count(False))
         cache.advance(g + 1)
         cache.count_read(sum(n for n, d in zip(start_lens, done, strict=True) if not d) + self.batch * (g + 1))
         if sampling.greedy:

@@ -485,7 +485,9 @@ def _paged_attn_split_kernel(
     else:
         tl.store(m_part_ptr + part, m_i, mask=row_ok)
         tl.store(l_part_ptr + part, l_i, mask=row_ok)
-        tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+        # An empty split (a short or idle sequence's) leaves its accumulator unwritten: the merge skips it by its m
+        tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc,
+                 mask=row_ok[:, None] & (block_lo < block_hi))
 
 
 @triton.jit
@@ -498,10 +500,11 @@ def _merge_splits_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, n
     m = tl.load(m_part_ptr + row * num_splits + splits, mask=ok, other=float("-inf"))
     l_part = tl.load(l_part_ptr + row * num_splits + splits, mask=ok, other=0.0)
     m_max = tl.max(m, 0)
-    w = tl.where(ok & (m > float("-inf")), tl.exp(m - m_max), 0.0)
+    seen = ok & (m > float("-inf"))              # splits that saw a key of this row (the others wrote no o)
+    w = tl.where(seen, tl.exp(m - m_max), 0.0)
     dims = tl.arange(0, HEAD_DIM)
     o = tl.load(o_part_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
-                mask=ok[:, None], other=0.0)
+                mask=seen[:, None], other=0.0)
     l_total = tl.sum(l_part * w, 0)
     tl.store(out_ptr + row * HEAD_DIM + dims, (tl.sum(o * w[:, None], 0) / l_total).to(out_ptr.dtype.element_ty))
     tl.store(lse_ptr + row, m_max + tl.log(l_total))
@@ -587,10 +590,12 @@ def choose_num_splits(batch: int, kv_heads: int, max_kv_len: int, num_sms: int =
 
 def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, sms: int,
                  launch: LaunchConfig | None, num_splits: int | None, page_mass: bool, mass_tokens: int | None,
-                 sparse: bool, query_rows: int = 16) -> tuple[LaunchConfig, int, bool, bool, int]:
+                 sparse: bool, query_rows: int = 16,
+                 split_rows: int | None = None) -> tuple[LaunchConfig, int, bool, bool, int]:
     """(launch config, splits, per-block mass?, deferred page mass?, tiles a split may hold) for `rows` (batch x
     query blocks) over at most `cap` keys per (sequence, KV head); query_rows: a decode or verify block's rows per
-    program (BLOCK_M; prefill: leave at 16)."""
+    program (BLOCK_M; prefill: leave at 16). split_rows: the rows that read their whole length when the others are
+    idle; the splits are planned to fill the SMs with these (None: all rows)."""
     tuned_sparse = launch is None and num_splits is None and sparse and dim <= 64 and rows * kv_heads >= 32
     if tuned_sparse and SPARSE_SMALL_HEADS_FULL_WAVE and rows * kv_heads >= sms:
         return SPARSE_SMALL_HEADS_FULL_WAVE, 1, False, False, 1
@@ -610,7 +615,7 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
         if not ((BLOCK_MASS_SUBTILES and launch.block_n % mass_tokens == 0) or mass_tokens % launch.block_n == 0):
             launch = dataclasses.replace(launch, block_n=mass_tokens)
     if num_splits is None:
-        num_splits = choose_num_splits(rows, kv_heads, cap, sms, launch)
+        num_splits = choose_num_splits(split_rows or rows, kv_heads, cap, sms, launch)
         if tuned_sparse:
             num_splits = 1 << (num_splits.bit_length() - 1)
             num_splits = min(num_splits, SPARSE_SMALL_HEADS_MAX_SPLITS or num_splits)
@@ -649,7 +654,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
                     selected_pages: torch.Tensor | None = None, selected_counts: torch.Tensor | None = None,
                     token_level: bool = False, mass_tokens: int | None = None, return_lse: bool = False,
                     selected_physical: torch.Tensor | None = None, mass_out: torch.Tensor | None = None,
-                    step_mass: StepMass | None = None, layer: int = 0):
+                    step_mass: StepMass | None = None, layer: int = 0, plan_rows: int | None = None):
     """Same contract as `reference.paged_attention`. q: [batch, q_len, heads, dim], contiguous in dim.
 
     selected_pages [batch, kv_heads, K] int32 (logical page numbers, -1 padded) and selected_counts
@@ -666,6 +671,9 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     many keys, spread evenly over its pages: nearly free, since the kernel sums each tile's weights anyway.
     step_mass (dense page_mass only): leave this layer's partial sums in step_mass's slot `layer` and return
     (out, None); step_mass.finish then turns every layer's partials into mass with one launch (see StepMass).
+    plan_rows (dense only): how many sequences read their whole length while the others read only the new block
+    (idle: a fixed batch's finished sequences). The splits are planned for these, so that a few long sequences are
+    still spread over the SMs; None: every sequence. Only the launch changes, not the result.
     """
     batch, q_len, heads, dim = q.shape
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
@@ -687,9 +695,10 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     else:
         cap = max_kv_len or page_table.shape[1] * page_size
     sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
+    split_rows = None if plan_rows is None or sparse else max(1, min(plan_rows, batch)) * q_blocks
     launch, num_splits, mass_tile, defer, max_tiles = _plan_launch(
         batch * q_blocks, kv_heads, dim, page_size, cap, sms, launch, num_splits, page_mass, mass_tokens, sparse,
-        block_m if q_blocks == 1 else 16)
+        block_m if q_blocks == 1 else 16, split_rows)
     q = q.contiguous()
     dev = q.device
     out = torch.empty_like(q)
