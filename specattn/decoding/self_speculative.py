@@ -11,6 +11,7 @@ steps move only the device copy of the lengths and put it back, so the host does
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -25,6 +26,13 @@ from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop, decode_step
 from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs
 from .sampling import SamplingParams, agree, probabilities, sample, sample_inverse_cdf
+
+# A fixed batch waits for its slowest sequence. Once most sequences have their tokens they idle and their verify
+# attention reads only the new block, but its splits were planned for the whole batch: a few long sequences then
+# stream their whole context through a few programs while most SMs wait (Qwen2.5-1.5B, batch 64 x 32K: 2 splits per
+# (sequence, KV head), so 4 sequences left run on 16 programs). With TAIL_PLANS the tail's verify steps plan for the
+# sequences left (tail_plan), and idle sequences' draft lists shrink to one entry (_idle_lists_shortened).
+TAIL_PLANS = True
 
 
 def cache_tokens_needed(prompt_tokens: int, max_new_tokens: int, gamma: int) -> int:
@@ -48,6 +56,7 @@ def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: t
     first_tok [batch, 2] (a draft model's catch-up): the token before each sequence's end, whose K/V the draft
     may not have yet, and the first token; the first step then runs over both, writing (or rewriting) both."""
     batch = first_tok.shape[0]
+    selection = _idle_lists_shortened(selection, cache)
     drafts, probs_list, tok = [], [], first_tok
     for i in range(gamma):
         q_len = tok.shape[1] if tok.dim() == 2 else 1
@@ -73,6 +82,16 @@ def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: t
         drafts.append(tok)
     cache.lens[:batch] -= gamma
     return torch.stack(drafts, dim=1), (torch.stack(probs_list, dim=1) if probs_list else None)
+
+
+def _idle_lists_shortened(selection, cache: PagedKVCache):
+    """The selection with an idle sequence's page lists cut to their first entry (not to none: a row that sees no
+    key turns into NaN). Its drafts are dropped, so a fixed batch's tail drafts read little for the sequences
+    already done. Out of place: the policy may hand out the same lists again."""
+    if type(selection) is not PageSelection or not TAIL_PLANS:
+        return selection
+    idle = cache.idle[: selection.counts.shape[1]].view(1, -1, 1)
+    return dataclasses.replace(selection, counts=torch.where(idle, selection.counts.clamp(max=1), selection.counts))
 
 
 class RoundSteps:
@@ -218,13 +237,6 @@ class RoundSteps:
         if scores:                                    # Vegas ranks by the mean over all heads, every rank's too
             mean_over_ranks(self.model.tp, self.token_scores)
         return logits
-
-
-# A fixed batch waits for its slowest sequence. Once most sequences have their tokens they idle and read only the
-# new block, but attention's splits were planned for the whole batch: a few long sequences then stream their whole
-# context through a few programs while most SMs wait (Qwen2.5-1.5B, batch 64 x 32K: 2 splits per (sequence, KV
-# head), so 4 sequences left run on 16 programs). The tail's verify steps plan for the sequences left instead.
-TAIL_PLANS = True
 
 
 def tail_plans(batch: int) -> list[int]:
