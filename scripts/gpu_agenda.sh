@@ -186,6 +186,12 @@ for part in "$@"; do
               timeout 400 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
                 --methods magicdec,specattn-y/blk64,specattn-y/blk64+layerfinish --skip-8b --repeats 3 \
                 --out "$OUT/selfspec_finish.json" 2>&1 | grep -v -i warn | tail -7 ;;
+    selfspec-tail)   # the fixed batch's tail planned for the sequences left (the default since session 29) beside the
+              # old tail (+notail: verify planned for the whole batch, idle sequences drafting their whole lists),
+              # real default model, b64 x 8K, median of 3
+              timeout 540 python3 benchmarks/selfspec.py --cells 64x8000 --sampling-cells "" --budgets 512 \
+                --methods magicdec,magicdec+notail,specattn-y/blk64,specattn-y/blk64+notail --skip-8b --repeats 3 \
+                --out "$OUT/selfspec_tail.json" 2>&1 | grep -v -i warn | tail -8 ;;
     selfspec-nodense)   # layer 0 drafting sparsely too (+nodense, the default since session 17) beside layer 0
               # dense, same run, median of 3 (CPU: 4.411 vs 4.378 tokens per verify; ~0.40 GB of a draft step's bytes)
               timeout 500 python3 benchmarks/selfspec.py --cells ${NODENSE_CELLS:-64x8000} --sampling-cells "" \
