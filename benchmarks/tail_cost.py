@@ -7,8 +7,8 @@ Once most of a fixed batch has its tokens, the finished sequences idle (their at
 while the slowest ones finish. Each verify step is timed (CUDA graph replays, random weights of the shape, median
 of round-robin repeats) with `active` sequences generating, its attention planned for the whole batch (as before
 self_speculative.TAIL_PLANS) and for the sequences left (tail_plan), against the full batch's step and its bytes at
-copy speed. A sparse draft step at the same activity shows what drafting costs there (idle sequences still read
-their lists).
+copy speed. A sparse draft step at the same activity shows what drafting costs there (idle sequences draft from
+one list entry; with TAIL_PLANS off, from their whole lists).
 """
 from __future__ import annotations
 
