@@ -76,9 +76,9 @@ def main() -> None:
         steps.verify(tokens, active=args.batch)          # captures every plan's graph
         for a in actives:
             cases.append((f"{method} verify, whole-batch plan", a, lambda s=steps: s.verify(tokens)))
-            if tail_plan(a, args.batch) is not None:
-                cases.append((f"{method} verify, plan {tail_plan(a, args.batch)}", a,
-                              lambda s=steps, a=a: s.verify(tokens, active=a)))
+            plan = tail_plan(a, args.batch)
+            if plan is not None:
+                cases.append((f"{method} verify, plan {plan}", a, lambda s=steps, a=a: s.verify(tokens, active=a)))
     if args.draft_budget:
         draft = draft_step(model, cache, args.batch, args.draft_budget)
         cases += [(f"draft step @{args.draft_budget}", a, draft) for a in actives]

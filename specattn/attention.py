@@ -63,11 +63,9 @@ class Attention:
                 options.update(step_mass=view.step_mass, layer=layer)
             elif want_mass:     # straight into this layer's slot of the buffer
                 options["mass_out"] = view.page_mass[layer, : q.shape[0]]
-            if "selected_pages" not in options:
-                options["plan_rows"] = view.active
             out = paged_attention.paged_attention(q, k_pages, v_pages, view.page_table, lens, scale,
                                                   max_kv_len=view.max_kv_len, page_mass=want_mass,
-                                                  return_lse=fused_scores, **options)
+                                                  return_lse=fused_scores, plan_rows=view.active, **options)
             if want_mass:
                 out, _ = out
             if per_step and layer == view.page_mass.shape[0] - 1:

@@ -208,9 +208,7 @@ class RoundSteps:
         if not self.use_graph:
             if self.page_mass is not None and by_product:
                 self.page_mass.zero_()
-            view = self.cache.step_view(self.gamma + 1)
-            view.active = plan
-            return self._verify_body(tokens, view, by_product)
+            return self._verify_body(tokens, self._planned_view(plan, static=False), by_product)
         if (by_product, plan) not in self._verify_graphs:
             # Every plan at once, in the run's first verify (a warm-up's): a tail's graph captured when the tail
             # comes would be paid for inside the timed rounds.
@@ -222,8 +220,8 @@ class RoundSteps:
         graph.replay()
         return out
 
-    def _planned_view(self, plan: int | None):
-        view = self.cache.step_view(self.gamma + 1, static=True)
+    def _planned_view(self, plan: int | None, static: bool = True):
+        view = self.cache.step_view(self.gamma + 1, static=static)
         view.active = plan
         return view
 

@@ -119,8 +119,8 @@ MASS_FINISH_TILE, MASS_FINISH_WARPS = 1024, 4
 # block's mass then spread over its pages, instead of per page (each page re-reading its block's partials and tile
 # max for every row: 4x the loads and exps). H100, the 1.5B's shape at b64 x 32K, a verify step of 28 layers with the
 # mass finished once (profile_qwen_verify_b64.json, d621462): the per-page finishing launch took 705 us of 24.6 ms.
-# The same outputs with 4x less work, so on; not yet timed on the GPU (verify_cost.py variant
-# block64_finished_per_page is the per-page launch, for an A/B in one run).
+# Per block, one layer's finishing launch: 13.5 against 28.5 us at that shape, 3.7 against 5.7 at the default
+# model's b64 x 8K (verify_cost_finish_*.json, 7ba4cf9, H100; variant block64_finished_per_page is the per-page one).
 MASS_FINISH_BY_BLOCK = True
 # Block mass over tiles wider than a block (128-key tiles, 64-key blocks): keep the launch's tile and store each
 # block's sum from a masked row sum, instead of shrinking the tile to the block. H200, byproduct.json (bb38795,
