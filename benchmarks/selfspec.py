@@ -207,8 +207,9 @@ def _eager_ms(fn, reps: int = 20) -> float:
 
 
 def derive_steady(row: dict) -> dict:
-    """Continuous-batching throughput from a row's measured stats: each round yields batch x mean accepted
-    length tokens (the same formula as the loop's decode_tokens_per_s_steady; AR has no stragglers)."""
+    """Continuous-batching throughput for rows written before the loop measured it (over its full-batch rounds,
+    FullBatchRate): each round taken to yield batch x mean accepted length tokens. Fair only while a tail round
+    cost about what a full one does, i.e. before tail plans (7ba4cf9); AR has no stragglers."""
     if row["method"] == "ar":
         steady = row["decode_tokens_per_s"]
     else:

@@ -442,6 +442,27 @@ def test_round_log_counts_only_sequences_still_generating_and_acceptance_per_pos
     assert stats["rounds_by_sequence"] == [1, 2]       # the first had its tokens after one round
 
 
+
+def test_full_batch_rate_counts_only_rounds_that_began_with_every_sequence_generating():
+    """Steady-state throughput: two full rounds (8 tokens in 1 s each) then cheap tail rounds (1 token in 0.25 s).
+    The old estimate, batch x mean accepted length over every round's time, would count the tail rounds as full."""
+    from specattn.decoding.self_speculative import FullBatchRate
+    rate = FullBatchRate(start=10.0)
+    for now, tokens, full in ((11.0, 8, True), (12.0, 8, True), (12.25, 1, False), (12.5, 1, False)):
+        rate.add(now, tokens, full)
+    assert rate.rounds == 2 and rate.rate(fallback=-1.0) == pytest.approx(8.0)
+    assert FullBatchRate(0.0).rate(fallback=3.0) == 3.0          # no full round (nothing ran): the fallback
+
+
+def test_steady_rate_comes_from_the_rounds_before_the_first_sequence_finished(model_and_prompts):
+    model, prompts, ar = model_and_prompts
+    cache = PagedKVCache(model.cfg, 3, 400)
+    res = generate_self_speculative(model, cache, prompts, GenerationParams(max_new_tokens=64),
+                                    StreamingPolicy(48, 16), gamma=4)
+    assert res.tokens == ar
+    assert res.stats["full_batch_rounds"] == min(res.stats["rounds_by_sequence"])
+    assert res.stats["full_batch_rounds"] < res.stats["rounds"] and res.stats["decode_tokens_per_s_steady"] > 0
+
 @pytest.mark.parametrize("name", ["verification-guided", "vegas"])
 def test_finished_sequences_go_idle_and_the_others_still_equal_ar(model_and_prompts, name, monkeypatch):
     """A sequence that has its tokens keeps stepping with the batch; its attention then reads only the new block

@@ -337,6 +337,26 @@ class PhaseTimer:
         return out
 
 
+class FullBatchRate:
+    """Tokens per second over the rounds that began with every sequence still generating: what the batch would
+    sustain if finished slots were refilled. Scaling the mean accepted length by every round's time would
+    overstate it, since a fixed batch's tail rounds run on fewer sequences and cost less (tail plans). Round time
+    is wall time between the rounds' ends (each speculative round syncs once)."""
+
+    def __init__(self, start: float):
+        self.last, self.seconds, self.tokens, self.rounds = start, 0.0, 0, 0
+
+    def add(self, now: float, tokens: int, all_generating: bool) -> None:
+        if all_generating:
+            self.seconds += now - self.last
+            self.tokens += tokens
+            self.rounds += 1
+        self.last = now
+
+    def rate(self, fallback: float) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else fallback
+
+
 class AdaptiveGamma:
     """Draft length from recent acceptance: one more draft than the recent mean accepted (an exponential average
     over rounds), between 1 and the maximum. Drafts that would mostly be rejected are not computed; when every
@@ -466,7 +486,9 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         p.reset(cache)
     default = next(iter(policies))
     gammas, unobserved = [], []
+    full_batch = FullBatchRate(time.perf_counter())
     while not loop.log.finished():
+        all_generating, emitted_before = not any(loop.log.done()), sum(loop.log.lengths())
         choice = (controller.next(sum(cache.host_lens()) / len(prompts), sum(not d for d in loop.log.done()))
                   if controller else gamma)
         g, name = choice if isinstance(choice, tuple) else (choice, default)
@@ -480,6 +502,7 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
             unobserved.append((choice, accepted, first_mark, len(loop.timer.marks),
                                loop.graph_count() != graphs_before, n_dense))
             _observe(controller, loop.timer, unobserved)
+        full_batch.add(time.perf_counter(), sum(loop.log.lengths()) - emitted_before, all_generating)
     _sync(device)
     total = time.perf_counter() - t0
     if controller:
@@ -492,9 +515,9 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
         "tokens_per_s": new / total, "prefill_s": prefill_s,
         "decode_tokens_per_s": (new - len(prompts)) / max(total - prefill_s, 1e-9), "rounds": rounds,
         # A fixed batch waits for its slowest sequence; with requests refilling finished slots (continuous
-        # batching) every round would yield batch x mean accepted length tokens.
-        "decode_tokens_per_s_steady": len(prompts) * loop.log.mean_accepted_len() * rounds
-        / max(total - prefill_s, 1e-9),
+        # batching) every round would run as the rounds before the first sequence finished.
+        "decode_tokens_per_s_steady": full_batch.rate((new - len(prompts)) / max(total - prefill_s, 1e-9)),
+        "full_batch_rounds": full_batch.rounds,
         **loop.log.stats(),
         "gamma_mean": sum(gammas) / max(1, len(gammas)), "gamma_min": min(gammas, default=gamma),
         "dense_step_chunks": len(gammas) - rounds, "dense_steps": loop.dense_step_count,
