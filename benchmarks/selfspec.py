@@ -34,7 +34,7 @@ from benchmarks.common import (  # noqa: E402
 from specattn import selection  # noqa: E402
 from specattn.api import METHODS, SpeculationParams, make_policy, method_variant  # noqa: E402
 from specattn.cache import DEFAULT_PAGE_SIZE, PagedKVCache  # noqa: E402
-from specattn.decoding import self_speculative  # noqa: E402
+from specattn.decoding import runner  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import cache_tokens_needed, generate_self_speculative  # noqa: E402
@@ -61,7 +61,7 @@ def timed(fn):
 FLAG_SWITCHES = {"+phys": [(selection, "PHYSICAL_LISTS", True)],
                  "+fullwave": [(paged_attention, "SPARSE_SMALL_HEADS_FULL_WAVE", paged_attention.FULL_WAVE_CANDIDATE)],
                  "+layerfinish": [(paged_attention, "FINISH_MASS_PER_STEP", False)],
-                 "+notail": [(self_speculative, "TAIL_PLANS", False)],
+                 "+notail": [(runner, "TAIL_PLANS", False)],
                  "+onehot": [(paged_attention, "BLOCK_PATH_MAX_HEAD_DIM", 0),
                              (paged_attention, "PAGE_SUMS_BY_WARP", False)],
                  "+warp": [(paged_attention, "BLOCK_PATH_MAX_HEAD_DIM", 0),
@@ -83,7 +83,7 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     page mass by the page one-hot product / by sums inside warps at any head size, where small heads would take the
     block path (paged_attention.BLOCK_PATH_MAX_HEAD_DIM 0, PAGE_SUMS_BY_WARP; no option), "+notail" a fixed
     batch's tail run as before session 29: verify attention planned for the whole batch, idle sequences drafting
-    from their whole lists (self_speculative.TAIL_PLANS off; no option)."""
+    from their whole lists (runner.TAIL_PLANS off; no option)."""
     for suffix, flags in FLAG_SWITCHES.items():
         if method.endswith(suffix):
             with contextlib.ExitStack() as stack:

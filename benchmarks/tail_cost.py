@@ -6,7 +6,7 @@ Usage: python benchmarks/tail_cost.py [--shape qwen1.5b] [--batch 64] [--context
 Once most of a fixed batch has its tokens, the finished sequences idle (their attention reads only the new block)
 while the slowest ones finish. Each verify step is timed (CUDA graph replays, random weights of the shape, median
 of round-robin repeats) with `active` sequences generating, its attention planned for the whole batch (as before
-self_speculative.TAIL_PLANS) and for the sequences left (tail_plan), against the full batch's step and its bytes at
+runner.TAIL_PLANS) and for the sequences left (tail_plan), against the full batch's step and its bytes at
 copy speed. A sparse draft step at the same activity shows what drafting costs there (idle sequences draft from
 one list entry; with TAIL_PLANS off, from their whole lists).
 """
@@ -29,8 +29,9 @@ from benchmarks.common import (  # noqa: E402
     weight_bytes_per_step,
 )
 from specattn.api import SpeculationParams, make_policy, method_variant  # noqa: E402
+from specattn.decoding.runner import tail_plan  # noqa: E402
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
-from specattn.decoding.self_speculative import RoundSteps, tail_plan  # noqa: E402
+from specattn.decoding.self_speculative import RoundSteps  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 
 

@@ -659,7 +659,7 @@ def test_verify_mass_finished_once_a_step_equals_once_a_layer(mass_tokens, monke
 
 
 def test_tail_plans_cover_a_quarter_of_the_batch_and_less():
-    from specattn.decoding.self_speculative import tail_plan, tail_plans
+    from specattn.decoding.runner import tail_plan, tail_plans
     assert tail_plans(64) == [16, 4] and tail_plans(8) == [2] and tail_plans(4) == [1] and tail_plans(3) == []
     assert [tail_plan(a, 64) for a in (64, 17, 16, 5, 4, 2, 1, 0, None)] == [None, None, 16, 16, 4, 4, 4, 4, None]
 

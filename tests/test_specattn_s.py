@@ -261,3 +261,55 @@ def test_keys_chosen_by_one_draft_step(page_level):
     assert res.tokens == ar
     with pytest.raises(InvalidInputError, match="key steps"):
         SparseVerification((0, 1, 2, 2), key_steps="middle")
+
+
+@pytest.mark.parametrize("page_level", [False, True], ids=["lossless", "specattn-s-pages"])
+def test_a_fixed_batchs_tail_plans_the_draft_and_verify_attention_for_the_sequences_left(page_level, monkeypatch):
+    """Draft-model speculation through the interpreted kernels: once one of four sequences is left generating, both
+    the draft model's dense steps and the verifier's dense attention plan their splits for it (runner.tail_plan);
+    lossless rounds keep AR's tokens, page-level SpecAttn-S rounds the reference's."""
+    import copy
+
+    from specattn.kernels import paged_attention
+    target, _ = _pair()
+    draft = copy.deepcopy(target)             # a near copy: acceptance varies between sequences
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for w in draft.parameters():
+            w.add_(0.01 * torch.randn_like(w))
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (40, 23, 31, 36)]
+    params = GenerationParams(max_new_tokens=24)
+    sparse = SparseVerification((0, 1, 2, 3), p=0.8, dense_layers=(0,), page_level=True) if page_level else None
+
+    def run(backend):
+        for m in (target, draft):
+            m.set_attention_backend(backend)
+        try:
+            return generate_draft_speculative(target, draft, PagedKVCache(TARGET, 4, 100),
+                                              PagedKVCache(TARGET, 4, 100), prompts, params, 3, sparse)
+        finally:
+            for m in (target, draft):
+                m.set_attention_backend("reference")
+    expected = (run("reference") if page_level else
+                generate_ar(target, PagedKVCache(TARGET, 4, 100), prompts, params)).tokens
+    planned, running = [], ["verifier"]       # (which model, split rows) of every dense attention launch
+    plan, draft_forward = paged_attention._plan_launch, draft.forward
+
+    def spy(*a, **kw):
+        planned.append((running[0], a[-1] if len(a) > 12 else kw.get("split_rows")))
+        return plan(*a, **kw)
+
+    def drafting(*a, **kw):
+        running[0] = "draft"
+        try:
+            return draft_forward(*a, **kw)
+        finally:
+            running[0] = "verifier"
+    monkeypatch.setattr(paged_attention, "_plan_launch", spy)
+    monkeypatch.setattr(draft, "forward", drafting)
+    res = run("triton")
+    assert res.tokens == expected
+    rounds = sorted(res.stats["rounds_by_sequence"])
+    assert rounds[-1] > rounds[-2]                  # the slowest sequence had rounds alone
+    assert {("verifier", 1), ("draft", 1), ("verifier", None), ("draft", None)} <= set(planned)

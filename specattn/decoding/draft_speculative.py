@@ -29,7 +29,7 @@ from ..model import Transformer
 from ..selection import PageSelection, SelectionPolicy
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync
-from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs
+from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs, tail_plan, tail_plans
 from .sampling import SamplingParams, agree, probabilities, sample
 from .self_speculative import PhaseTimer, RoundLog, RoundSteps, cache_tokens_needed, draft_steps
 
@@ -131,12 +131,13 @@ class _Rounds:
         block_tokens = sum(start_lens) + batch * (gamma + 1)
         self.verify_tokens += block_tokens
         self.draft_tokens += gamma * sum(start_lens) + batch * gamma * (gamma + 1) // 2   # step i reads len + i + 1
+        active = done.count(False)      # a fixed batch's tail plans attention for these (runner.tail_plan)
         t = self.timer.start()
-        drafts, draft_probs, recorded = self._draft()
+        drafts, draft_probs, recorded = self._draft(active)
         self.timer.stop("draft_s", t)
         t = self.timer.start()
         block = torch.cat([self.next_tok[:, None], drafts], dim=1)
-        logits = self._verify(block, recorded, start_lens, block_tokens)
+        logits = self._verify(block, recorded, start_lens, block_tokens, active)
         if self.sampling.greedy:
             accepted, emitted = accept_greedy(drafts, logits)
         else:
@@ -157,7 +158,7 @@ class _Rounds:
         self.prev_tok = torch.where(done_dev, self.prev_tok, block.gather(1, accepted[:, None]).squeeze(1))
         self.next_tok = torch.where(done_dev, self.next_tok, emitted.gather(1, accepted[:, None]).squeeze(1))
 
-    def _draft(self):
+    def _draft(self, active: int):
         """The round's drafts [batch, gamma], their distributions when sampling, and (eager token level) the
         draft's recorded attention."""
         if not self.graphs:
@@ -165,18 +166,19 @@ class _Rounds:
                           self.sparse)
         self.draft_cache.reserve(self.gamma + 1)
         drafts, draft_probs = self.graphs.draft_round(torch.stack([self.prev_tok, self.next_tok], dim=1),
-                                                      self.generator)
+                                                      self.generator, active)
         # The drafts' K/V were written at the positions they take; the last draft's slot counts too: it is
         # kept when every draft is accepted, and the next round's catch-up step writes its K/V.
         self.draft_cache.advance(self.gamma + 1)
         return drafts, draft_probs, None
 
-    def _verify(self, block: torch.Tensor, recorded, start_lens: list[int], block_tokens: int) -> torch.Tensor:
+    def _verify(self, block: torch.Tensor, recorded, start_lens: list[int], block_tokens: int,
+                active: int) -> torch.Tensor:
         """The verifier's logits over the block (sparse for SpecAttn-S), counting the keys it read."""
         cache, cfg = self.target_cache, self.target.cfg
         cache.reserve(self.gamma + 1)
         if self.graphs:
-            logits = self.graphs.verify(block)
+            logits = self.graphs.verify(block, active)
             selection = self.graphs.selection() if self.sparse else None
         else:
             view = cache.step_view(self.gamma + 1)
@@ -247,8 +249,8 @@ class _LosslessGraphs:
         return steps if fits else cls(target, draft, target_cache, draft_cache, batch, gamma, sampling,
                                       use_cuda_graph)
 
-    def draft_round(self, first_toks: torch.Tensor, generator: torch.Generator):
-        return self.draft.draft(None, first_toks, generator)
+    def draft_round(self, first_toks: torch.Tensor, generator: torch.Generator, active: int | None = None):
+        return self.draft.draft(None, first_toks, generator, active)
 
 
 class _PageSetGraphs:
@@ -275,7 +277,8 @@ class _PageSetGraphs:
         self.first_tok = torch.zeros(batch, 2, dtype=torch.long, device=dev)      # catch-up pairs (draft_steps)
         self.uniforms = torch.ones(batch, gamma, device=dev)
         self.verify_in = torch.zeros(batch, gamma + 1, dtype=torch.long, device=dev)
-        self._draft_graph = self._verify_graph = None
+        self._draft_graphs: dict[int | None, tuple] = {}     # by tail plan (runner.tail_plan; None: whole batch)
+        self._verify_graphs: dict[int | None, tuple] = {}
         self._selection = None
 
     @classmethod
@@ -288,47 +291,57 @@ class _PageSetGraphs:
         return steps if fits else cls(target, draft, target_cache, draft_cache, batch, gamma, sampling, sparse,
                                       use_cuda_graph)
 
-    def draft_round(self, first_toks: torch.Tensor, generator: torch.Generator):
+    def draft_round(self, first_toks: torch.Tensor, generator: torch.Generator, active: int | None = None):
         uniforms = None if self.sampling.greedy else 1 - torch.rand(self.uniforms.shape, device=first_toks.device,
                                                                     generator=generator)
+        plan = tail_plan(active, self.batch)
         if not self.use_graph:
-            return self._draft_body(first_toks, uniforms)
-        if self._draft_graph is None:
-            self._draft_graph = capture_graph(lambda: self._draft_body(self.first_tok, self.uniforms))
-        graph, out = self._draft_graph
+            return self._draft_body(first_toks, uniforms, plan)
+        graph, out = self._graph_for(self._draft_graphs, plan, active,
+                                     lambda p: self._draft_body(self.first_tok, self.uniforms, p))
         self.first_tok.copy_(first_toks)
         if uniforms is not None:
             self.uniforms.copy_(uniforms)
         graph.replay()
         return out
 
-    def _draft_body(self, first, uniforms):
+    def _graph_for(self, graphs: dict, plan: int | None, active: int | None, body) -> tuple:
+        """The graph of body(plan), every tail plan captured with the first (a warm-up's; see RoundSteps.verify)."""
+        if plan not in graphs:
+            for p in (None, *tail_plans(self.batch)) if active is not None else (plan,):
+                if p not in graphs:
+                    graphs[p] = capture_graph(lambda p=p: body(p))
+        return graphs[plan]
+
+    def _draft_body(self, first, uniforms, plan: int | None = None):
         self.sets.zero_()
         heads, p = self.draft.cfg.num_heads, self.sparse.p
         return draft_steps(self.draft, self.draft_cache, None, first, self.gamma, self.sampling, uniforms, None,
                            page_mass=self.mass, mass_layers=frozenset(self.layers),
                            after_step=lambda: add_topp_pages(self.sets, self._mean_mass(heads), p),
-                           mass_steps=self.sparse.steps(self.gamma))
+                           mass_steps=self.sparse.steps(self.gamma), plan=plan)
 
     def _mean_mass(self, heads: int) -> torch.Tensor:
         """Each mapped draft layer's page mass averaged over all its query heads (over the ranks too, so every rank
         of a tensor-parallel draft picks the pages one process would): [mapped layers, batch, pages]."""
         return mean_over_ranks(self.draft.tp, self.mass[self.layer_index].sum(2) / heads)
 
-    def verify(self, block: torch.Tensor) -> torch.Tensor:
+    def verify(self, block: torch.Tensor, active: int | None = None) -> torch.Tensor:
+        plan = tail_plan(active, self.batch)
         if not self.use_graph:
-            logits, self._selection = self._verify_body(block)
+            logits, self._selection = self._verify_body(block, plan)
             return logits
-        if self._verify_graph is None:
-            self._verify_graph = capture_graph(lambda: self._verify_body(self.verify_in))
-        graph, (logits, self._selection) = self._verify_graph
+        graph, (logits, self._selection) = self._graph_for(self._verify_graphs, plan, active,
+                                                           lambda p: self._verify_body(self.verify_in, p))
         self.verify_in.copy_(block)
         graph.replay()
         return logits
 
-    def _verify_body(self, block):
+    def _verify_body(self, block, plan: int | None = None):
+        """plan: the tail plan of the dense layers' attention (the sparse layers read page lists)."""
         cache = self.target_cache
         view = cache.step_view(self.gamma + 1, static=True)
+        view.active = plan
         view.selection = page_set_selection(self.sets, cache.lens[: self.batch], self.gamma, self.sparse, self.pick,
                                             self.target.cfg, cache.page_size)
         return self.target(block, cache, view, all_logits=True), view.selection

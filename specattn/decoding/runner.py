@@ -14,6 +14,16 @@ DEFAULT_PREFILL_CHUNK = 2048      # prompt tokens per sequence per prefill forwa
 MAX_PREFILL_TOKENS = 32768        # tokens per prefill forward over all sequences: bounds activation memory
 
 
+# A fixed batch waits for its slowest sequence. Once most sequences have their tokens they idle and their verify
+# attention reads only the new block, but its splits were planned for the whole batch: a few long sequences then
+# stream their whole context through a few programs while most SMs wait (Qwen2.5-1.5B, batch 64 x 32K: 3 splits per
+# (sequence, KV head), so 4 sequences left run on 24 programs: 16.0 ms a verify step against 5.7 ms planned for
+# them, H100). With TAIL_PLANS the tail's verify steps plan for the sequences left (tail_plan), and idle sequences'
+# draft lists shrink to one entry (self_speculative._idle_lists_shortened). Draft-model speculation
+# plans its verify steps and the draft model's dense steps the same way.
+TAIL_PLANS = True
+
+
 def check_prompts(model: Transformer, cache: PagedKVCache, prompts: list[list[int]], new_tokens: int) -> None:
     """One-line errors for requests that cannot be served, before anything is written."""
     if not prompts:
@@ -84,40 +94,48 @@ class StepRunner:
 
     On CUDA each (batch, q_len) is captured once as a graph and replayed: the graph reads lengths and
     page tables from the cache's device tensors, so it stays valid as sequences grow. The caller
-    reserves pages before and advances the cache after each step.
+    reserves pages before and advances the cache after each step. A caller that says how many sequences are
+    still generating (`active`; the rest idle) gets a fixed batch's tail planned for them (tail_plan).
     """
 
     def __init__(self, model: Transformer, cache: PagedKVCache, use_cuda_graph: bool = True):
         self.model, self.cache = model, cache
         self.use_graph = prepare_graphs(model, cache, use_cuda_graph)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        # by (batch, q_len, tail plan: None for the whole batch)
+        self._graphs: dict[tuple[int, int, int | None], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     def ready(self, batch: int, q_len: int) -> bool:
         """Whether a step of this shape runs without capturing first."""
-        return not self.use_graph or (batch, q_len) in self._graphs
+        return not self.use_graph or (batch, q_len, None) in self._graphs
 
     def graph_count(self) -> int:
         return len(self._graphs)
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, active: int | None = None) -> torch.Tensor:
         batch, q_len = tokens.shape
+        plan = tail_plan(active, batch)
         if not self.use_graph:
             view = self.cache.step_view(q_len)
+            view.active = plan
             return self.model(tokens, self.cache, view, all_logits=True)
-        key = (batch, q_len)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(batch, q_len)
-        graph, static_in, static_out = self._graphs[key]
+        if (batch, q_len, plan) not in self._graphs:
+            # A caller that counts active sequences gets every plan in its first step (a warm-up's): a tail's
+            # graph captured when the tail comes would be paid for inside the timed rounds.
+            for p in (None, *tail_plans(batch)) if active is not None else (plan,):
+                if (batch, q_len, p) not in self._graphs:
+                    self._graphs[batch, q_len, p] = self._capture(batch, q_len, p)
+        graph, static_in, static_out = self._graphs[batch, q_len, plan]
         static_in.copy_(tokens)
         graph.replay()
         return static_out
 
-    def _capture(self, batch: int, q_len: int):
+    def _capture(self, batch: int, q_len: int, plan: int | None):
         static_in = torch.zeros(batch, q_len, dtype=torch.long, device=self.cache.device)
 
         def step():
             view = self.cache.step_view(q_len, static=True)
+            view.active = plan
             return self.model(static_in, self.cache, view, all_logits=True)
 
         graph, static_out = capture_graph(step)
@@ -153,3 +171,17 @@ def capture_graph(step):
     torch.cuda.synchronize()
     _capture_seconds += time.perf_counter() - start
     return graph, out
+
+
+def tail_plans(batch: int) -> list[int]:
+    """Sequence counts a tail's verify graphs are planned for: batch / 4 and batch / 16 (where at least 1). Not
+    fewer: every split writes its partial output, idle sequences' too, so a plan for one sequence of 64 (132 splits
+    at the 1.5B's heads) wrote 260 MB of partials a layer and measured slower than the plan for 4 (H100)."""
+    return sorted({p for p in (batch // 4, batch // 16) if p >= 1}, reverse=True) if TAIL_PLANS else []
+
+
+def tail_plan(active: int | None, batch: int) -> int | None:
+    """The smallest of tail_plans(batch) that holds `active` sequences, or None (plan for the whole batch) when
+    more than a quarter of it is still generating or the count is unknown."""
+    fitting = [p for p in tail_plans(batch) if active is not None and active <= p]
+    return min(fitting) if fitting else None

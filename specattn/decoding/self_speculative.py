@@ -22,18 +22,11 @@ from ..distributed import mean_over_ranks
 from ..errors import InvalidInputError
 from ..model import Transformer
 from ..selection import PageSelection, QuestSelection, SelectionPolicy
+from . import runner
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop, decode_step
-from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs
+from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs, tail_plan, tail_plans
 from .sampling import SamplingParams, agree, probabilities, sample, sample_inverse_cdf
-
-# A fixed batch waits for its slowest sequence. Once most sequences have their tokens they idle and their verify
-# attention reads only the new block, but its splits were planned for the whole batch: a few long sequences then
-# stream their whole context through a few programs while most SMs wait (Qwen2.5-1.5B, batch 64 x 32K: 3 splits per
-# (sequence, KV head), so 4 sequences left run on 24 programs: 16.0 ms a verify step against 5.7 ms planned for
-# them, H100). With TAIL_PLANS the tail's verify steps plan for the sequences left (tail_plan), and idle sequences'
-# draft lists shrink to one entry (_idle_lists_shortened).
-TAIL_PLANS = True
 
 
 def cache_tokens_needed(prompt_tokens: int, max_new_tokens: int, gamma: int) -> int:
@@ -45,8 +38,8 @@ def cache_tokens_needed(prompt_tokens: int, max_new_tokens: int, gamma: int) -> 
 def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: torch.Tensor, gamma: int,
                 sampling: SamplingParams, uniforms: torch.Tensor | None, kv_len_hint: int | None,
                 page_mass: torch.Tensor | None = None, after_step=None,
-                mass_layers: frozenset | None = None,
-                mass_steps: frozenset | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                mass_layers: frozenset | None = None, mass_steps: frozenset | None = None,
+                plan: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """gamma sparse decode steps from first_tok: drafts [batch, gamma] and, when sampling, the draft's
     distributions [batch, gamma, vocab]. Pages for gamma + 1 tokens must be reserved. Only the device lengths
     move, and they are put back at the end: the drafts' K/V stay past each sequence's end for the verify
@@ -55,7 +48,8 @@ def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: t
     numbered in `mass_steps` if given); `after_step()` runs after the forward of each of those steps.
 
     first_tok [batch, 2] (a draft model's catch-up): the token before each sequence's end, whose K/V the draft
-    may not have yet, and the first token; the first step then runs over both, writing (or rewriting) both."""
+    may not have yet, and the first token; the first step then runs over both, writing (or rewriting) both.
+    `plan`: the dense attention's tail plan (tail_plan), for a fixed batch's tail."""
     batch = first_tok.shape[0]
     selection = _idle_lists_shortened(selection, cache)
     drafts, probs_list, tok = [], [], first_tok
@@ -65,7 +59,7 @@ def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: t
             cache.lens[:batch] -= q_len - 1
         view = cache.step_view(q_len, static=True)
         view.max_kv_len = None if kv_len_hint is None else kv_len_hint + i + 1
-        view.selection = selection
+        view.selection, view.active = selection, plan
         measured = mass_steps is None or i in mass_steps
         if page_mass is not None and measured:
             page_mass.zero_()
@@ -89,7 +83,7 @@ def _idle_lists_shortened(selection, cache: PagedKVCache):
     """The selection with an idle sequence's page lists cut to their first entry (not to none: a row that sees no
     key turns into NaN). Its drafts are dropped, so a fixed batch's tail drafts read little for the sequences
     already done. Out of place: the policy may hand out the same lists again."""
-    if type(selection) is not PageSelection or not TAIL_PLANS:
+    if type(selection) is not PageSelection or not runner.TAIL_PLANS:
         return selection
     idle = cache.idle[: selection.counts.shape[1]].view(1, -1, 1)
     return dataclasses.replace(selection, counts=torch.where(idle, selection.counts.clamp(max=1), selection.counts))
@@ -138,15 +132,22 @@ class RoundSteps:
         return len(self._draft_graphs) + len(self._verify_graphs)
 
     # ---- draft -----------------------------------------------------------------------------
-    def draft(self, selection, first_tok: torch.Tensor, generator: torch.Generator):
+    def draft(self, selection, first_tok: torch.Tensor, generator: torch.Generator, active: int | None = None):
+        """active: how many sequences still generate. Dense drafting (a draft model's) plans its attention for them
+        in a fixed batch's tail, as verify does; page lists are already cut for idle sequences."""
         uniforms = self._uniforms(generator)
+        plan = tail_plan(active, self.batch) if selection is None else None
         if not self.use_graph:
             hint = max(self.cache.host_lens())
-            return draft_steps(self.model, self.cache, selection, first_tok, self.gamma, self.sampling, uniforms, hint)
+            return draft_steps(self.model, self.cache, selection, first_tok, self.gamma, self.sampling, uniforms, hint,
+                               plan=plan)
         key = _selection_key(selection)
-        if key not in self._draft_graphs:
-            self._draft_graphs[key] = self._capture_draft(selection, key)
-        graph, static_sel, out = self._draft_graphs[key]
+        if (key, plan) not in self._draft_graphs:
+            plans = (None, *tail_plans(self.batch)) if selection is None and active is not None else (plan,)
+            for p in plans:       # every plan in the first round (see verify)
+                if (key, p) not in self._draft_graphs:
+                    self._draft_graphs[key, p] = self._capture_draft(selection, key, p)
+        graph, static_sel, out = self._draft_graphs[key, plan]
         _load_selection(static_sel, selection)
         return self._replay(graph, out, first_tok, uniforms)
 
@@ -192,11 +193,11 @@ class RoundSteps:
         graph, out = self._draft_graphs[key]
         return self._replay(graph, out, first_tok, uniforms)
 
-    def _capture_draft(self, selection, key):
+    def _capture_draft(self, selection, key, plan: int | None = None):
         static_sel = _static_selection(selection, key)
         _load_selection(static_sel, selection)
         graph, out = capture_graph(lambda: draft_steps(self.model, self.cache, static_sel, self.first_tok,
-                                                       self.gamma, self.sampling, self.uniforms, None))
+                                                       self.gamma, self.sampling, self.uniforms, None, plan=plan))
         return graph, static_sel, out
 
     # ---- verify ----------------------------------------------------------------------------
@@ -236,20 +237,6 @@ class RoundSteps:
         if scores:                                    # Vegas ranks by the mean over all heads, every rank's too
             mean_over_ranks(self.model.tp, self.token_scores)
         return logits
-
-
-def tail_plans(batch: int) -> list[int]:
-    """Sequence counts a tail's verify graphs are planned for: batch / 4 and batch / 16 (where at least 1). Not
-    fewer: every split writes its partial output, idle sequences' too, so a plan for one sequence of 64 (132 splits
-    at the 1.5B's heads) wrote 260 MB of partials a layer and measured slower than the plan for 4 (H100)."""
-    return sorted({p for p in (batch // 4, batch // 16) if p >= 1}, reverse=True) if TAIL_PLANS else []
-
-
-def tail_plan(active: int | None, batch: int) -> int | None:
-    """The smallest of tail_plans(batch) that holds `active` sequences, or None (plan for the whole batch) when
-    more than a quarter of it is still generating or the count is unknown."""
-    fitting = [p for p in tail_plans(batch) if active is not None and active <= p]
-    return min(fitting) if fitting else None
 
 
 def _capacity(k: int) -> int:
