@@ -1,14 +1,16 @@
 """What a fixed batch's tail costs: verify and draft steps with only some sequences still generating.
 
 Usage: python benchmarks/tail_cost.py [--shape qwen1.5b] [--batch 64] [--context 32000] [--active 64,16,4,1]
-[--methods magicdec,specattn-y/blk64] [--json out.json]
+[--methods magicdec,specattn-y/blk64,draft-spec] [--draft-shape qwen0.5b] [--json out.json]
 
 Once most of a fixed batch has its tokens, the finished sequences idle (their attention reads only the new block)
 while the slowest ones finish. Each verify step is timed (CUDA graph replays, random weights of the shape, median
 of round-robin repeats) with `active` sequences generating, its attention planned for the whole batch (as before
 runner.TAIL_PLANS) and for the sequences left (tail_plan), against the full batch's step and its bytes at
 copy speed. A sparse draft step at the same activity shows what drafting costs there (idle sequences draft from
-one list entry; with TAIL_PLANS off, from their whole lists).
+one list entry; with TAIL_PLANS off, from their whole lists). `draft-spec` is draft-model speculation's verify step
+(the verifier's plain step over the block, StepRunner); --draft-shape adds a draft model's gamma dense steps, with
+its own cache, planned for the whole batch and for the sequences left.
 """
 from __future__ import annotations
 
@@ -29,10 +31,14 @@ from benchmarks.common import (  # noqa: E402
     weight_bytes_per_step,
 )
 from specattn.api import SpeculationParams, make_policy, method_variant  # noqa: E402
-from specattn.decoding.runner import tail_plan  # noqa: E402
+from specattn.decoding.runner import (
+    StepRunner,  # noqa: E402
+    tail_plan,  # noqa: E402
+)
 from specattn.decoding.sampling import SamplingParams  # noqa: E402
 from specattn.decoding.self_speculative import RoundSteps  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
+from specattn.selection import SelectionPolicy  # noqa: E402
 
 
 def verify_steps(model, cache, method: str, batch: int, gamma: int) -> RoundSteps:
@@ -61,6 +67,7 @@ def main() -> None:
     ap.add_argument("--active", default="64,16,4,1", help="comma-separated counts of sequences still generating")
     ap.add_argument("--methods", default="magicdec,specattn-y/blk64", help="verify steps of these methods")
     ap.add_argument("--draft-budget", type=int, default=1024, help="the draft step's list length (0: no draft)")
+    ap.add_argument("--draft-shape", choices=tuple(SHAPES), help="also time a draft model's gamma dense steps")
     ap.add_argument("--rounds", type=int, default=3, help="round-robin repeats; the median is reported")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
@@ -73,22 +80,45 @@ def main() -> None:
     actives = [int(a) for a in args.active.split(",")]
     cases = []      # (label, active, callable)
     for method in args.methods.split(","):
-        steps = verify_steps(model, cache, method, args.batch, args.gamma)
-        steps.verify(tokens, active=args.batch)          # captures every plan's graph
+        if method == "draft-spec":
+            runner = StepRunner(model, cache)
+            verify = lambda active=None, r=runner: r(tokens, active)          # noqa: E731
+        else:
+            steps = verify_steps(model, cache, method, args.batch, args.gamma)
+            verify = lambda active=None, s=steps: s.verify(tokens, active=active)     # noqa: E731
+        verify(args.batch)                               # captures every plan's graph
         for a in actives:
-            cases.append((f"{method} verify, whole-batch plan", a, lambda s=steps: s.verify(tokens)))
+            cases.append((f"{method} verify, whole-batch plan", a, verify))
             plan = tail_plan(a, args.batch)
             if plan is not None:
-                cases.append((f"{method} verify, plan {plan}", a, lambda s=steps, a=a: s.verify(tokens, active=a)))
+                cases.append((f"{method} verify, plan {plan}", a, lambda v=verify, a=a: v(a)))
+    caches = [cache]
+    if args.draft_shape:
+        draft = random_model(SHAPES[args.draft_shape])
+        draft_cache = context_cache(draft.cfg, args.batch, args.context, new_tokens=q_len)
+        caches.append(draft_cache)
+        dsteps = RoundSteps(draft, draft_cache, SelectionPolicy(), args.batch, args.gamma, SamplingParams(),
+                            catch_up=True)
+        pairs, gen = torch.zeros(args.batch, 2, dtype=torch.long, device="cuda"), torch.Generator(device="cuda")
+        drafting = lambda active=None: dsteps.draft(None, pairs, gen, active)      # noqa: E731
+        drafting(args.batch)                             # captures every plan's graph
+        label = f"draft model {args.draft_shape}: {args.gamma} dense steps"
+        for a in actives:
+            cases.append((f"{label}, whole-batch plan", a, drafting))
+            plan = tail_plan(a, args.batch)
+            if plan is not None:
+                cases.append((f"{label}, plan {plan}", a, lambda a=a: drafting(a)))
     if args.draft_budget:
         draft = draft_step(model, cache, args.batch, args.draft_budget)
         cases += [(f"draft step @{args.draft_budget}", a, draft) for a in actives]
     times = [[] for _ in cases]
     for _ in range(args.rounds):
         for t, (_, a, fn) in zip(times, cases, strict=True):
-            cache.mark_idle([i >= a for i in range(args.batch)])
+            for c in caches:
+                c.mark_idle([i >= a for i in range(args.batch)])
             t.append(median_ms(fn, warmup=3, reps=15) * 1000)
-    cache.mark_idle([False] * args.batch)
+    for c in caches:
+        c.mark_idle([False] * args.batch)
     weights = weight_bytes_per_step(model, args.batch)
     rows = []
     print(f"\n{args.shape} b{args.batch} x {args.context}, {q_len}-token verify blocks, median of {args.rounds}")
@@ -101,6 +131,7 @@ def main() -> None:
     if args.json:
         write_json_atomic(args.json, {**environment(), "copy_bandwidth_gbs": copy, "shape": args.shape,
                                       "batch": args.batch, "context": args.context, "gamma": args.gamma,
+                                      "draft_shape": args.draft_shape,
                                       "rows": rows})
 
 

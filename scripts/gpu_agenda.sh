@@ -224,6 +224,11 @@ for part in "$@"; do
                 --json "$OUT/tail_cost_qwen.json" 2>&1 | grep -v -i warn | tail -20
               timeout 120 python3 benchmarks/tail_cost.py --shape smol --batch 64 --context 8000 --draft-budget 512 \
                 --json "$OUT/tail_cost_smol.json" 2>&1 | grep -v -i warn | tail -20 ;;
+    tail-draft)   # draft-model speculation's tail: the 1.5B verifier's step and the 0.5B draft's 4 dense steps with
+              # 32 / 8 / 2 / 1 of 32 sequences generating, planned for the whole batch vs for those left (no model files)
+              timeout 240 python3 benchmarks/tail_cost.py --shape qwen1.5b --draft-shape qwen0.5b --batch 32 \
+                --context 32000 --active 32,8,2,1 --methods draft-spec --draft-budget 0 \
+                --json "$OUT/tail_cost_draft_qwen.json" 2>&1 | grep -v -i warn | tail -20 ;;
     verify-autotune)   # the 1.5B-shaped verify step with Inductor's autotuned GEMMs (320-row products) vs cuBLAS
               timeout 400 python3 benchmarks/profile_step.py --shape qwen1.5b --batch 64 --context 16000 --q-len 5 \
                 --verify specattn-y/blk64 --compile-modes default,max-autotune-no-cudagraphs --rounds 3 --top 8 \
