@@ -46,7 +46,8 @@ from specattn.selection import StreamingPolicy, VerificationGuidedPolicy  # noqa
 
 SPARSE_METHODS = ("magicdec", "quest", "specattn-y", "specattn-y/blk64", "vegas")
 STATS = ("mean_accepted_len", "acceptance_rate", "acceptance_per_position", "draft_s", "verify_s", "select_s",
-         "kv_bytes_read_draft", "kv_bytes_read_prefill_and_verify", "rounds", "prefill_s", "rounds_by_sequence")
+         "kv_bytes_read_draft", "kv_bytes_read_prefill_and_verify", "rounds", "prefill_s", "rounds_by_sequence",
+         "full_batch_rounds")
 
 
 DEVICE = "cuda"      # the CPU smoke test in tests/ sets "cpu"

@@ -562,6 +562,8 @@ def test_selfspec_benchmark_warm_up_on_shorter_prompts_keeps_ar_tokens(model_and
                              ["magicdec", "specattn-y/blk64"], rows.append, warm_context=40)
     assert [r["method"] for r in rows] == ["ar", "magicdec", "specattn-y/blk64"]
     assert all(r["same_tokens_as_ar"] for r in rows)
+    # the steady figure's provenance: measured over the rounds before the first sequence finished
+    assert all(1 <= r["full_batch_rounds"] <= r["rounds"] for r in rows[1:])
 
 
 def selfspec_on_cpu_recording_policies(monkeypatch, record):
