@@ -306,10 +306,20 @@ def test_a_fixed_batchs_tail_plans_the_draft_and_verify_attention_for_the_sequen
             return draft_forward(*a, **kw)
         finally:
             running[0] = "verifier"
+    lists, verify_forward = [], target.forward       # (idle rows, list lengths) of each sparse verify step
+
+    def verifying(tokens, cache, view, *a, **kw):
+        if view.selection is not None:
+            lists.append((cache.idle[:4].clone(), view.selection.counts[1:].clone()))
+        return verify_forward(tokens, cache, view, *a, **kw)
     monkeypatch.setattr(paged_attention, "_plan_launch", spy)
     monkeypatch.setattr(draft, "forward", drafting)
+    monkeypatch.setattr(target, "forward", verifying)
     res = run("triton")
     assert res.tokens == expected
     rounds = sorted(res.stats["rounds_by_sequence"])
     assert rounds[-1] > rounds[-2]                  # the slowest sequence had rounds alone
     assert {("verifier", 1), ("draft", 1), ("verifier", None), ("draft", None)} <= set(planned)
+    if page_level:              # idle sequences' sparse layers read one list entry; the others their whole sets
+        tail = [(idle, counts) for idle, counts in lists if idle.any()]
+        assert tail and all((counts[:, idle] == 1).all() and (counts[:, ~idle] > 1).all() for idle, counts in tail)

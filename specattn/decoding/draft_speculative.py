@@ -31,7 +31,7 @@ from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync
 from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs, tail_plan, tail_plans
 from .sampling import SamplingParams, agree, probabilities, sample
-from .self_speculative import PhaseTimer, RoundLog, RoundSteps, cache_tokens_needed, draft_steps
+from .self_speculative import PhaseTimer, RoundLog, RoundSteps, _idle_lists_shortened, cache_tokens_needed, draft_steps
 
 
 @dataclass(frozen=True)
@@ -182,12 +182,13 @@ class _Rounds:
             selection = self.graphs.selection() if self.sparse else None
         else:
             view = cache.step_view(self.gamma + 1)
-            selection = view.selection = _verifier_selection(self.sparse, recorded, start_lens, self.gamma, cfg,
-                                                             cache.page_size)
+            selection = _verifier_selection(self.sparse, recorded, start_lens, self.gamma, cfg, cache.page_size)
+            view.selection = _idle_lists_shortened(selection, cache)
             logits = self.target(block, cache, view, all_logits=True)
         if selection is not None:
             # keys loaded once for the whole verified block, per sequence and sparse layer (the KV heads share
-            # one list)
+            # one list); idle sequences' lists counted whole, like their dense keys, so the fraction compares
+            # like with like
             self.keys_read += selection.tokens_selected(cache.page_size) // cfg.num_kv_heads
             self.keys_dense += block_tokens * _sparse_layers(selection, cfg)
         cache.advance(self.gamma + 1)
@@ -342,12 +343,13 @@ class _PageSetGraphs:
         cache = self.target_cache
         view = cache.step_view(self.gamma + 1, static=True)
         view.active = plan
-        view.selection = page_set_selection(self.sets, cache.lens[: self.batch], self.gamma, self.sparse, self.pick,
-                                            self.target.cfg, cache.page_size)
-        return self.target(block, cache, view, all_logits=True), view.selection
+        selection = page_set_selection(self.sets, cache.lens[: self.batch], self.gamma, self.sparse, self.pick,
+                                       self.target.cfg, cache.page_size)
+        view.selection = _idle_lists_shortened(selection, cache)
+        return self.target(block, cache, view, all_logits=True), selection
 
     def selection(self) -> PageSelection:
-        """The page lists of the last verify step."""
+        """The page lists of the last verify step (idle sequences' whole: the step read one entry of them)."""
         return self._selection
 
 
