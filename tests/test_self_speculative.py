@@ -686,12 +686,12 @@ def test_a_fixed_batchs_tail_plans_verify_attention_for_the_sequences_left(monke
 
 
 def test_idle_sequences_draft_from_one_list_entry_and_the_policys_lists_stay_whole(tiny_cfg):
-    from specattn.decoding.self_speculative import _idle_lists_shortened
+    from specattn.decoding.self_speculative import idle_lists_shortened
     from specattn.selection import PageSelection
     cache = PagedKVCache(tiny_cfg, 3, 64)
     counts = torch.tensor([[[4, 3], [2, 5], [1, 6]]], dtype=torch.int32)
     selection = PageSelection(torch.zeros(1, 3, 2, 6, dtype=torch.int32), counts.clone())
     cache.mark_idle([False, True, False])
-    short = _idle_lists_shortened(selection, cache)
+    short = idle_lists_shortened(selection, cache)
     assert short.counts.tolist() == [[[4, 3], [1, 1], [1, 6]]]
     assert torch.equal(selection.counts, counts)

@@ -31,7 +31,7 @@ from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync
 from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs, tail_plan, tail_plans
 from .sampling import SamplingParams, agree, probabilities, sample
-from .self_speculative import PhaseTimer, RoundLog, RoundSteps, _idle_lists_shortened, cache_tokens_needed, draft_steps
+from .self_speculative import PhaseTimer, RoundLog, RoundSteps, cache_tokens_needed, draft_steps, idle_lists_shortened
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class _Rounds:
         else:
             view = cache.step_view(self.gamma + 1)
             selection = _verifier_selection(self.sparse, recorded, start_lens, self.gamma, cfg, cache.page_size)
-            view.selection = _idle_lists_shortened(selection, cache)
+            view.selection = idle_lists_shortened(selection, cache)
             logits = self.target(block, cache, view, all_logits=True)
         if selection is not None:
             # keys loaded once for the whole verified block, per sequence and sparse layer (the KV heads share
@@ -345,7 +345,7 @@ class _PageSetGraphs:
         view.active = plan
         selection = page_set_selection(self.sets, cache.lens[: self.batch], self.gamma, self.sparse, self.pick,
                                        self.target.cfg, cache.page_size)
-        view.selection = _idle_lists_shortened(selection, cache)
+        view.selection = idle_lists_shortened(selection, cache)
         return self.target(block, cache, view, all_logits=True), selection
 
     def selection(self) -> PageSelection:

@@ -19,7 +19,7 @@ MAX_PREFILL_TOKENS = 32768        # tokens per prefill forward over all sequence
 # stream their whole context through a few programs while most SMs wait (Qwen2.5-1.5B, batch 64 x 32K: 3 splits per
 # (sequence, KV head), so 4 sequences left run on 24 programs: 16.0 ms a verify step against 5.7 ms planned for
 # them, H100). With TAIL_PLANS the tail's verify steps plan for the sequences left (tail_plan), and idle sequences'
-# draft lists shrink to one entry (self_speculative._idle_lists_shortened). Draft-model speculation
+# draft lists shrink to one entry (self_speculative.idle_lists_shortened). Draft-model speculation
 # plans its verify steps and the draft model's dense steps the same way.
 TAIL_PLANS = True
 

@@ -22,7 +22,7 @@ from ..distributed import mean_over_ranks
 from ..errors import InvalidInputError
 from ..model import Transformer
 from ..selection import PageSelection, QuestSelection, SelectionPolicy
-from . import runner
+from . import runner  # runner.TAIL_PLANS read at call time: benchmarks switch it per method
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop, decode_step
 from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs, tail_plan, tail_plans
@@ -51,7 +51,7 @@ def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: t
     may not have yet, and the first token; the first step then runs over both, writing (or rewriting) both.
     `plan`: the dense attention's tail plan (tail_plan), for a fixed batch's tail."""
     batch = first_tok.shape[0]
-    selection = _idle_lists_shortened(selection, cache)
+    selection = idle_lists_shortened(selection, cache)
     drafts, probs_list, tok = [], [], first_tok
     for i in range(gamma):
         q_len = tok.shape[1] if tok.dim() == 2 else 1
@@ -79,7 +79,7 @@ def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: t
     return torch.stack(drafts, dim=1), (torch.stack(probs_list, dim=1) if probs_list else None)
 
 
-def _idle_lists_shortened(selection, cache: PagedKVCache):
+def idle_lists_shortened(selection, cache: PagedKVCache):
     """The selection with an idle sequence's page lists cut to their first entry (not to none: a row that sees no
     key turns into NaN). Its drafts are dropped, so a fixed batch's tail drafts read little for the sequences
     already done. Out of place: the policy may hand out the same lists again."""
@@ -133,8 +133,10 @@ class RoundSteps:
 
     # ---- draft -----------------------------------------------------------------------------
     def draft(self, selection, first_tok: torch.Tensor, generator: torch.Generator, active: int | None = None):
-        """active: how many sequences still generate. Dense drafting (a draft model's) plans its attention for them
-        in a fixed batch's tail, as verify does; page lists are already cut for idle sequences."""
+        """active: how many sequences still generate. A draft model's dense drafting plans its attention for them in
+        a fixed batch's tail, as verify does; page lists are cut for idle sequences instead (idle_lists_shortened).
+        Self-speculation passes none: its only dense drafting, the full-KV control's, accepts every draft, so its
+        sequences finish together."""
         uniforms = self._uniforms(generator)
         plan = tail_plan(active, self.batch) if selection is None else None
         if not self.use_graph:
