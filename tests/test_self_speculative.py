@@ -686,7 +686,7 @@ def test_a_fixed_batchs_tail_plans_verify_attention_for_the_sequences_left(monke
 
 
 def test_idle_sequences_draft_from_one_list_entry_and_the_policys_lists_stay_whole(tiny_cfg):
-    from specattn.decoding.self_speculative import idle_lists_shortened
+    from specattn.decoding.runner import idle_lists_shortened
     from specattn.selection import PageSelection
     cache = PagedKVCache(tiny_cfg, 3, 64)
     counts = torch.tensor([[[4, 3], [2, 5], [1, 6]]], dtype=torch.int32)

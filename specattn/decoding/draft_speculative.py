@@ -29,9 +29,18 @@ from ..model import Transformer
 from ..selection import PageSelection, SelectionPolicy
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync
-from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs, tail_plan, tail_plans
+from .runner import (
+    StepRunner,
+    capture_graph,
+    check_prompts,
+    idle_lists_shortened,
+    planned_graph,
+    prefill,
+    prepare_graphs,
+    tail_plan,
+)
 from .sampling import SamplingParams, agree, probabilities, sample
-from .self_speculative import PhaseTimer, RoundLog, RoundSteps, cache_tokens_needed, draft_steps, idle_lists_shortened
+from .self_speculative import PhaseTimer, RoundLog, RoundSteps, cache_tokens_needed, draft_steps
 
 
 @dataclass(frozen=True)
@@ -298,21 +307,13 @@ class _PageSetGraphs:
         plan = tail_plan(active, self.batch)
         if not self.use_graph:
             return self._draft_body(first_toks, uniforms, plan)
-        graph, out = self._graph_for(self._draft_graphs, plan, active,
-                                     lambda p: self._draft_body(self.first_tok, self.uniforms, p))
+        graph, out = planned_graph(self._draft_graphs, lambda p: p, plan, active, self.batch,
+                                   lambda p: capture_graph(lambda: self._draft_body(self.first_tok, self.uniforms, p)))
         self.first_tok.copy_(first_toks)
         if uniforms is not None:
             self.uniforms.copy_(uniforms)
         graph.replay()
         return out
-
-    def _graph_for(self, graphs: dict, plan: int | None, active: int | None, body) -> tuple:
-        """The graph of body(plan), every tail plan captured with the first (a warm-up's; see RoundSteps.verify)."""
-        if plan not in graphs:
-            for p in (None, *tail_plans(self.batch)) if active is not None else (plan,):
-                if p not in graphs:
-                    graphs[p] = capture_graph(lambda p=p: body(p))
-        return graphs[plan]
 
     def _draft_body(self, first, uniforms, plan: int | None = None):
         self.sets.zero_()
@@ -332,8 +333,9 @@ class _PageSetGraphs:
         if not self.use_graph:
             logits, self._selection = self._verify_body(block, plan)
             return logits
-        graph, (logits, self._selection) = self._graph_for(self._verify_graphs, plan, active,
-                                                           lambda p: self._verify_body(self.verify_in, p))
+        graph, (logits, self._selection) = planned_graph(
+            self._verify_graphs, lambda p: p, plan, active, self.batch,
+            lambda p: capture_graph(lambda: self._verify_body(self.verify_in, p)))
         self.verify_in.copy_(block)
         graph.replay()
         return logits

@@ -2,6 +2,7 @@
 graphs on the GPU so that kernel-launch overhead does not dominate small models."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from ..cache import PagedKVCache
 from ..errors import ContextTooLongError, InvalidInputError
 from ..model import EAGER, Transformer
+from ..selection import PageSelection
 
 DEFAULT_PREFILL_CHUNK = 2048      # prompt tokens per sequence per prefill forward
 MAX_PREFILL_TOKENS = 32768        # tokens per prefill forward over all sequences: bounds activation memory
@@ -19,7 +21,7 @@ MAX_PREFILL_TOKENS = 32768        # tokens per prefill forward over all sequence
 # stream their whole context through a few programs while most SMs wait (Qwen2.5-1.5B, batch 64 x 32K: 3 splits per
 # (sequence, KV head), so 4 sequences left run on 24 programs: 16.0 ms a verify step against 5.7 ms planned for
 # them, H100). With TAIL_PLANS the tail's verify steps plan for the sequences left (tail_plan), and idle sequences'
-# draft lists shrink to one entry (self_speculative.idle_lists_shortened). Draft-model speculation
+# draft lists shrink to one entry (idle_lists_shortened). Draft-model speculation
 # plans its verify steps and the draft model's dense steps the same way.
 TAIL_PLANS = True
 
@@ -119,13 +121,8 @@ class StepRunner:
             view = self.cache.step_view(q_len)
             view.active = plan
             return self.model(tokens, self.cache, view, all_logits=True)
-        if (batch, q_len, plan) not in self._graphs:
-            # A caller that counts active sequences gets every plan in its first step (a warm-up's): a tail's
-            # graph captured when the tail comes would be paid for inside the timed rounds.
-            for p in (None, *tail_plans(batch)) if active is not None else (plan,):
-                if (batch, q_len, p) not in self._graphs:
-                    self._graphs[batch, q_len, p] = self._capture(batch, q_len, p)
-        graph, static_in, static_out = self._graphs[batch, q_len, plan]
+        graph, static_in, static_out = planned_graph(self._graphs, lambda p: (batch, q_len, p), plan, active, batch,
+                                                     lambda p: self._capture(batch, q_len, p))
         static_in.copy_(tokens)
         graph.replay()
         return static_out
@@ -185,3 +182,24 @@ def tail_plan(active: int | None, batch: int) -> int | None:
     more than a quarter of it is still generating or the count is unknown."""
     fitting = [p for p in tail_plans(batch) if active is not None and active <= p]
     return min(fitting) if fitting else None
+
+
+def planned_graph(graphs: dict, key, plan: int | None, active: int | None, batch: int, capture) -> tuple:
+    """graphs[key(plan)], captured (capture(plan)) if missing. A caller that counts active sequences gets every tail
+    plan captured at once, in its first step (a warm-up's): a tail's graph captured when the tail comes would be
+    paid for inside the timed rounds."""
+    if key(plan) not in graphs:
+        for p in (None, *tail_plans(batch)) if active is not None else (plan,):
+            if key(p) not in graphs:
+                graphs[key(p)] = capture(p)
+    return graphs[key(plan)]
+
+
+def idle_lists_shortened(selection, cache: PagedKVCache):
+    """The selection with an idle sequence's page lists cut to their first entry (not to none: a row that sees no
+    key turns into NaN). Its outputs are dropped, so a fixed batch's tail reads little for the sequences already
+    done. Out of place: the policy may hand out the same lists again."""
+    if type(selection) is not PageSelection or not TAIL_PLANS:
+        return selection
+    idle = cache.idle[: selection.counts.shape[1]].view(1, -1, 1)
+    return dataclasses.replace(selection, counts=torch.where(idle, selection.counts.clamp(max=1), selection.counts))

@@ -11,7 +11,6 @@ steps move only the device copy of the lengths and put it back, so the host does
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -22,10 +21,18 @@ from ..distributed import mean_over_ranks
 from ..errors import InvalidInputError
 from ..model import Transformer
 from ..selection import PageSelection, QuestSelection, SelectionPolicy
-from . import runner  # runner.TAIL_PLANS read at call time: benchmarks switch it per method
 from .acceptance import accept_greedy, accept_sampling
 from .ar import GenerationParams, GenerationResult, _sync, cut_at_stop, decode_step
-from .runner import StepRunner, capture_graph, check_prompts, prefill, prepare_graphs, tail_plan, tail_plans
+from .runner import (
+    StepRunner,
+    capture_graph,
+    check_prompts,
+    idle_lists_shortened,
+    planned_graph,
+    prefill,
+    prepare_graphs,
+    tail_plan,
+)
 from .sampling import SamplingParams, agree, probabilities, sample, sample_inverse_cdf
 
 
@@ -77,16 +84,6 @@ def draft_steps(model: Transformer, cache: PagedKVCache, selection, first_tok: t
         drafts.append(tok)
     cache.lens[:batch] -= gamma
     return torch.stack(drafts, dim=1), (torch.stack(probs_list, dim=1) if probs_list else None)
-
-
-def idle_lists_shortened(selection, cache: PagedKVCache):
-    """The selection with an idle sequence's page lists cut to their first entry (not to none: a row that sees no
-    key turns into NaN). Its drafts are dropped, so a fixed batch's tail drafts read little for the sequences
-    already done. Out of place: the policy may hand out the same lists again."""
-    if type(selection) is not PageSelection or not runner.TAIL_PLANS:
-        return selection
-    idle = cache.idle[: selection.counts.shape[1]].view(1, -1, 1)
-    return dataclasses.replace(selection, counts=torch.where(idle, selection.counts.clamp(max=1), selection.counts))
 
 
 class RoundSteps:
@@ -144,12 +141,9 @@ class RoundSteps:
             return draft_steps(self.model, self.cache, selection, first_tok, self.gamma, self.sampling, uniforms, hint,
                                plan=plan)
         key = _selection_key(selection)
-        if (key, plan) not in self._draft_graphs:
-            plans = (None, *tail_plans(self.batch)) if selection is None and active is not None else (plan,)
-            for p in plans:       # every plan in the first round (see verify)
-                if (key, p) not in self._draft_graphs:
-                    self._draft_graphs[key, p] = self._capture_draft(selection, key, p)
-        graph, static_sel, out = self._draft_graphs[key, plan]
+        graph, static_sel, out = planned_graph(self._draft_graphs, lambda p: (key, p), plan,
+                                               active if selection is None else None, self.batch,
+                                               lambda p: self._capture_draft(selection, key, p))
         _load_selection(static_sel, selection)
         return self._replay(graph, out, first_tok, uniforms)
 
@@ -212,13 +206,9 @@ class RoundSteps:
             if self.page_mass is not None and by_product:
                 self.page_mass.zero_()
             return self._verify_body(tokens, self._planned_view(plan, static=False), by_product)
-        if (by_product, plan) not in self._verify_graphs:
-            # Every plan at once, in the run's first verify (a warm-up's): a tail's graph captured when the tail
-            # comes would be paid for inside the timed rounds.
-            for p in (None, *tail_plans(self.batch)):
-                self._verify_graphs[by_product, p] = capture_graph(lambda p=p: self._verify_body(
-                    self.verify_in, self._planned_view(p), by_product))
-        graph, out = self._verify_graphs[by_product, plan]
+        graph, out = planned_graph(self._verify_graphs, lambda p: (by_product, p), plan, active, self.batch,
+                                   lambda p: capture_graph(lambda: self._verify_body(self.verify_in,
+                                                                                    self._planned_view(p), by_product)))
         self.verify_in.copy_(tokens)
         graph.replay()
         return out
