@@ -219,7 +219,7 @@ for part in "$@"; do
               timeout 100 python3 benchmarks/verify_cost.py --cells 64x8000 --heads 3,3,64 --q-lens 5 --kernels \
                 --out "$OUT/verify_cost_finish_smol.json" 2>&1 | grep -v -i warn | tail -1 | cut -c1-2000 ;;
     tail)   # a fixed batch's tail: verify steps with 64 / 16 / 4 / 1 sequences still generating, attention planned
-              # for the whole batch vs for those left (self_speculative.tail_plan), and a draft step (no model files)
+              # for the whole batch vs for those left (runner.tail_plan), and a draft step (no model files)
               timeout 200 python3 benchmarks/tail_cost.py --shape qwen1.5b --batch 64 --context 32000 \
                 --json "$OUT/tail_cost_qwen.json" 2>&1 | grep -v -i warn | tail -20
               timeout 120 python3 benchmarks/tail_cost.py --shape smol --batch 64 --context 8000 --draft-budget 512 \
