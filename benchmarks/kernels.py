@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, copy_bandwidth_gbs, environment, graph_ms  # noqa: E402
@@ -67,6 +69,40 @@ def copy_fraction_at(nbytes: int, copy: float) -> float:
               torch.empty(nbytes // 4, dtype=torch.bfloat16, device="cuda")) for _ in range(count)]
     ms = graph_ms(lambda: [dst.copy_(src) for src, dst in pairs]) / count
     return nbytes / ms / 1e6 / copy
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Sum one CHUNK of x a program: every byte read once, 4 bytes written a program."""
+    base = tl.program_id(0).to(tl.int64) * CHUNK
+    acc = tl.zeros([BLOCK], tl.float32)
+    for off in range(0, CHUNK, BLOCK):
+        idx = base + off + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc))
+
+
+READ_CHUNKS = (4096, 8192, 16384, 32768)     # bf16 elements a program: 8-64 KB
+READ_WARPS = (4, 8)
+
+
+def read_fraction_at(nbytes: int, copy: float) -> tuple[float, dict]:
+    """The fraction of the copy bandwidth that a plain read of nbytes reaches (a reduction that writes 4 bytes a
+    program), timed like the kernels here, best over a few chunk sizes and warp counts: the floor for a kernel
+    that only reads nbytes, as copy_fraction_at is for one that also writes them."""
+    n = nbytes // 2
+    count = -(-L2_BEATING_BYTES // nbytes)
+    bufs = [torch.randn(n, dtype=torch.bfloat16, device="cuda") for _ in range(count)]
+    best_ms, best_cfg = float("inf"), {}
+    for chunk in READ_CHUNKS:
+        for warps in READ_WARPS:
+            grid = (-(-n // chunk),)
+            out = torch.empty(grid[0], device="cuda")
+            ms = graph_ms(lambda: [_read_kernel[grid](x, out, n, CHUNK=chunk, BLOCK=1024, num_warps=warps)
+                                   for x in bufs]) / count
+            if ms < best_ms:
+                best_ms, best_cfg = ms, {"chunk_elements": chunk, "num_warps": warps, "programs": grid[0]}
+    return nbytes / best_ms / 1e6 / copy, best_cfg
 
 
 def selection(batch: int, pages: int, frac: float, kv_heads: int = KV_HEADS):
@@ -143,6 +179,8 @@ def attention_rows(copy: float) -> tuple[list[dict], dict]:
                    "rel_err": ((got.float() - ref_sparse).norm() / ref_sparse.norm()).item(),
                    "bandwidth_fraction_on_selected": sel_bytes / sparse / 1e6 / copy,
                    "copy_of_selected_bytes_fraction": copy_fraction_at(int(sel_bytes), copy)}
+            if q_len == 1:       # the bytes are the same for five rows
+                row["read_of_selected_bytes_fraction"], row["read_launch"] = read_fraction_at(int(sel_bytes), copy)
             rows.append(row)
             print(row, flush=True)
             if (batch, ctx, q_len) == (8, 32768, 1):      # 107 MB selected: past launch and ramp-up
@@ -150,10 +188,12 @@ def attention_rows(copy: float) -> tuple[list[dict], dict]:
                 summary["sparse_attn_bandwidth_fraction_b8_32k_physical_lists"] = (
                     row["bandwidth_fraction_on_selected"] * row["us"] / row["us_physical_lists"])
                 summary["copy_of_sparse_bytes_fraction_b8_32k"] = row["copy_of_selected_bytes_fraction"]
+                summary["read_of_sparse_bytes_fraction_b8_32k"] = row["read_of_selected_bytes_fraction"]
             if (batch, ctx, q_len) == (1, 32768, 1):
                 summary["sparse_attn_speedup_10pct_32k"] = row["speedup_vs_dense"]
                 summary["sparse_attn_bandwidth_fraction"] = row["bandwidth_fraction_on_selected"]
                 summary["copy_of_sparse_bytes_fraction"] = row["copy_of_selected_bytes_fraction"]
+                summary["read_of_sparse_bytes_fraction"] = row["read_of_selected_bytes_fraction"]
         del pools
         torch.cuda.empty_cache()
         rows += large_page_rows(batch, ctx, summary)
