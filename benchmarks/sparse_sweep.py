@@ -9,8 +9,10 @@ Three questions, one run:
 - placement: the page table a random permutation (as kernels.py) against physically contiguous pages;
 - the merge launch: one split per (sequence, KV head), written directly, against the library's splits.
 
-Usage: python benchmarks/sparse_sweep.py [--quick] [out.json]   (default results/sparse_sweep.json)
+Usage: python benchmarks/sparse_sweep.py [--quick | --batch1] [out.json]   (default results/sparse_sweep.json)
 --quick: batch 8 x 32K only, 4 warps only (18 launches instead of 36 per cell).
+--batch1: batch 1 x 32K only (13 MB selected, where kernels.json's summary reads), one row, a launch set for few
+  programs: smaller tiles, 2 warps, 1 stage and more splits, which put more programs (bytes) in flight at once.
 Each cell is swept with one new row (sparse drafting) and five (pruned verification of 4 drafts + 1).
 """
 from __future__ import annotations
@@ -33,6 +35,8 @@ ROWS = (1, 5)
 FRACTION = 0.10
 LAUNCHES = [LaunchConfig(bn, w, st, f) for bn, w, st, f in
             itertools.product((64, 128), (4, 8), (2, 3, 4), (1, 2, 4))]
+BATCH1_LAUNCHES = [LaunchConfig(bn, w, st, f) for bn, w, st, f in
+                   itertools.product((32, 64, 128), (2, 4), (1, 2), (1, 2, 4, 8))]
 
 
 def shared_selection(sel: torch.Tensor) -> torch.Tensor:
@@ -48,7 +52,7 @@ def time_lists(q, pools, table, lens, sel, counts, launch: LaunchConfig | None, 
             "physical_us": 1e3 * time_attention(q, pools, table, lens, selected_physical=phys, **kw)}
 
 
-def cell_rows(batch: int, ctx: int, copy: float, launches: list[LaunchConfig]) -> list[dict]:
+def cell_rows(batch: int, ctx: int, copy: float, launches: list[LaunchConfig], row_counts=ROWS) -> list[dict]:
     """Every question at one (batch, context), for each count of new rows in ROWS: the K/V pools, page lists and
     page tables are built once and shared by the row counts."""
     pools, table, lens, kv_bytes = kv_pools(batch, ctx)
@@ -58,7 +62,7 @@ def cell_rows(batch: int, ctx: int, copy: float, launches: list[LaunchConfig]) -
     shared = shared_selection(sel)
     contiguous = torch.arange(batch * pages, device="cuda", dtype=torch.int32).view(batch, pages)
     rows = []
-    for q_len in ROWS:
+    for q_len in row_counts:
         q = torch.randn(batch, q_len, KV_HEADS * GROUP, DIM, device="cuda", dtype=torch.bfloat16)
         base = {"batch": batch, "context": ctx, "q_len": q_len, "selected_mb": sel_bytes / 1e6}
 
@@ -85,16 +89,18 @@ def cell_rows(batch: int, ctx: int, copy: float, launches: list[LaunchConfig]) -
 def main() -> None:
     torch.manual_seed(0)
     copy = copy_bandwidth_gbs()
-    quick = "--quick" in sys.argv
-    cells = CELLS[:1] if quick else CELLS
-    launches = [lc for lc in LAUNCHES if lc.num_warps == 4] if quick else LAUNCHES
-    rows = [r for batch, ctx in cells for r in cell_rows(batch, ctx, copy, launches)]
+    quick, batch1 = "--quick" in sys.argv, "--batch1" in sys.argv
+    cells = [(1, 32768)] if batch1 else CELLS[:1] if quick else CELLS
+    launches = (BATCH1_LAUNCHES if batch1 else [lc for lc in LAUNCHES if lc.num_warps == 4] if quick
+                else LAUNCHES)
+    row_counts = (1,) if batch1 else ROWS
+    rows = [r for batch, ctx in cells for r in cell_rows(batch, ctx, copy, launches, row_counts)]
     paths = [a for a in sys.argv[1:] if not a.startswith("--")]
     write_json_atomic(paths[0] if paths else RESULTS / "sparse_sweep.json",
                       {**environment(), "copy_bandwidth_gbs": copy,
                        "config": {"fraction": FRACTION, "kv_heads": KV_HEADS, "group": GROUP, "head_dim": DIM},
                        "rows": rows})
-    for (batch, ctx), q_len in itertools.product(cells, ROWS):
+    for (batch, ctx), q_len in itertools.product(cells, row_counts):
         cell = [r for r in rows if (r["batch"], r["context"], r["q_len"]) == (batch, ctx, q_len)]
         print(f"\nbatch {batch} x {ctx}, {q_len} rows: {cell[0]['selected_mb']:.0f} MB selected; dense "
               f"{cell[0]['dense_fraction']:.2f} of copy")

@@ -173,6 +173,9 @@ for part in "$@"; do
               # controls) at b8 x 32K (--quick); no model
               timeout 300 python3 benchmarks/sparse_sweep.py --quick "$OUT/sparse_sweep.json" 2>&1 | grep -v -i warn \
                 | grep -v "launch sweep" | tail -24 ;;
+    sparse-b1)   # batch 1 x 32K at 10% (13 MB, kernels.json's summary cell): smaller tiles, fewer warps, more splits
+              timeout 240 python3 benchmarks/sparse_sweep.py --batch1 "$OUT/sparse_sweep_b1.json" 2>&1 \
+                | grep -v -i warn | grep -v "launch sweep" | tail -12 ;;
     mass-finish)   # a verify step's page mass finished by one launch a step (StepMass) vs one a layer: whole verify
               # steps of the default model's shape at b64 x 8K and the 8B shape at b1 x 32K (random weights, round-robin)
               timeout 150 python3 benchmarks/profile_step.py --shape smol --batch 64 --context 8192 --q-len 5 \
