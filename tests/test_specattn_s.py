@@ -86,6 +86,9 @@ def test_draft_speculation_is_lossless_under_greedy():
                                          PagedKVCache(DRAFT, 3, 120, page_size=8), prompts, params, gamma)
         assert res.tokens == ar
         assert 1 <= res.stats["mean_accepted_len"] <= gamma + 1
+        # the steady rate comes from the rounds before the first sequence finished, as in self-speculation
+        assert res.stats["full_batch_rounds"] == min(res.stats["rounds_by_sequence"]) < res.stats["rounds"]
+        assert res.stats["decode_tokens_per_s_steady"] > 0
 
 
 def test_a_later_lossless_run_reuses_the_round_runners_and_sampling_stays_in_lockstep():

@@ -40,7 +40,7 @@ from .runner import (
     tail_plan,
 )
 from .sampling import SamplingParams, agree, probabilities, sample
-from .self_speculative import PhaseTimer, RoundLog, RoundSteps, cache_tokens_needed, draft_steps
+from .self_speculative import FullBatchRate, PhaseTimer, RoundLog, RoundSteps, cache_tokens_needed, draft_steps
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,14 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
     prefill_s = time.perf_counter() - t0
     rounds = _Rounds(target, draft, target_cache, draft_cache, gamma, sampling, sparse, graphs, generator,
                      RoundLog(next_tok.tolist(), params, gamma), prompts, next_tok)
+    full_batch = FullBatchRate(time.perf_counter())
     while not rounds.log.finished():
-        rounds.run()
+        all_generating, emitted_before = not any(rounds.log.done()), sum(rounds.log.lengths())
+        rounds.run()            # ends in the round's one sync, so the clock below sees the round's device time
+        full_batch.add(time.perf_counter(), sum(rounds.log.lengths()) - emitted_before, all_generating)
     _sync(device)
-    return GenerationResult(rounds.log.tokens(), rounds.stats(time.perf_counter() - t0, prefill_s), graphs)
+    return GenerationResult(rounds.log.tokens(), rounds.stats(time.perf_counter() - t0, prefill_s, full_batch),
+                            graphs)
 
 
 def _check_pair(target: Transformer, draft: Transformer, target_cache: PagedKVCache, draft_cache: PagedKVCache,
@@ -203,13 +207,16 @@ class _Rounds:
         cache.advance(self.gamma + 1)
         return logits
 
-    def stats(self, total: float, prefill_s: float) -> dict:
+    def stats(self, total: float, prefill_s: float, full_batch: FullBatchRate) -> dict:
         new = sum(len(t) for t in self.log.tokens())
         cfg = self.target.cfg
+        decode_rate = (new - self.batch) / max(total - prefill_s, 1e-9)
         stats = {
             "method": "specattn-s" if self.sparse else "draft-spec", "gamma": self.gamma, "new_tokens": new,
             "total_s": total, "tokens_per_s": new / total, "prefill_s": prefill_s,
-            "decode_tokens_per_s": (new - self.batch) / max(total - prefill_s, 1e-9), "rounds": self.rounds,
+            "decode_tokens_per_s": decode_rate, "rounds": self.rounds,
+            # as self-speculation reports it: the rate before the first sequence finished (continuous batching)
+            "decode_tokens_per_s_steady": full_batch.rate(decode_rate), "full_batch_rounds": full_batch.rounds,
             **self.log.stats(),
             **{k: v for k, v in self.timer.totals().items() if k in ("draft_s", "verify_s")},   # select: in verify
         }
