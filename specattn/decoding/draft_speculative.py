@@ -93,9 +93,9 @@ def generate_draft_speculative(target: Transformer, draft: Transformer, target_c
                      RoundLog(next_tok.tolist(), params, gamma), prompts, next_tok)
     full_batch = FullBatchRate(time.perf_counter())
     while not rounds.log.finished():
-        all_generating, emitted_before = not any(rounds.log.done()), sum(rounds.log.lengths())
-        rounds.run()            # ends in the round's one sync, so the clock below sees the round's device time
-        full_batch.add(time.perf_counter(), sum(rounds.log.lengths()) - emitted_before, all_generating)
+        full_batch.round_begins(rounds.log)
+        rounds.run()            # ends in the round's one sync
+        full_batch.round_ends(rounds.log, time.perf_counter())
     _sync(device)
     return GenerationResult(rounds.log.tokens(), rounds.stats(time.perf_counter() - t0, prefill_s, full_batch),
                             graphs)

@@ -324,6 +324,14 @@ class FullBatchRate:
 
     def __init__(self, start: float):
         self.last, self.seconds, self.tokens, self.rounds = start, 0.0, 0, 0
+        self._round_full, self._emitted_before = False, 0
+
+    def round_begins(self, log: RoundLog) -> None:
+        self._round_full, self._emitted_before = not any(log.done()), sum(log.lengths())
+
+    def round_ends(self, log: RoundLog, now: float) -> None:
+        """After the round's sync, so that `now` includes its device time."""
+        self.add(now, sum(log.lengths()) - self._emitted_before, self._round_full)
 
     def add(self, now: float, tokens: int, all_generating: bool) -> None:
         if all_generating:
@@ -467,7 +475,7 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
     gammas, unobserved = [], []
     full_batch = FullBatchRate(time.perf_counter())
     while not loop.log.finished():
-        all_generating, emitted_before = not any(loop.log.done()), sum(loop.log.lengths())
+        full_batch.round_begins(loop.log)
         choice = (controller.next(sum(cache.host_lens()) / len(prompts), sum(not d for d in loop.log.done()))
                   if controller else gamma)
         g, name = choice if isinstance(choice, tuple) else (choice, default)
@@ -481,7 +489,7 @@ def generate_self_speculative(model: Transformer, cache: PagedKVCache, prompts: 
             unobserved.append((choice, accepted, first_mark, len(loop.timer.marks),
                                loop.graph_count() != graphs_before, n_dense))
             _observe(controller, loop.timer, unobserved)
-        full_batch.add(time.perf_counter(), sum(loop.log.lengths()) - emitted_before, all_generating)
+        full_batch.round_ends(loop.log, time.perf_counter())
     _sync(device)
     total = time.perf_counter() - t0
     if controller:
