@@ -210,7 +210,10 @@ def _eager_ms(fn, reps: int = 20) -> float:
 def derive_steady(row: dict) -> dict:
     """Continuous-batching throughput for rows written before the loop measured it (over its full-batch rounds,
     FullBatchRate): each round taken to yield batch x mean accepted length tokens. Fair only while a tail round
-    cost about what a full one does, i.e. before tail plans (7ba4cf9); AR has no stragglers."""
+    cost about what a full one does, i.e. before tail plans (7ba4cf9); AR has no stragglers. A row that carries the
+    measured rate (since b95ce69) keeps it: the estimate overstates methods whose tail rounds run on tail plans."""
+    if "decode_tokens_per_s_steady" in row:
+        return row
     if row["method"] == "ar":
         steady = row["decode_tokens_per_s"]
     else:

@@ -638,6 +638,24 @@ def test_selfspec_summary_reports_greedy_and_sampled_cells_apart():
     assert only_sampled["specattn_y_over_ar"] is None and only_sampled["sampled"]["specattn_y_over_ar"] == 2.0
 
 
+def test_selfspec_summary_keeps_a_measured_steady_rate():
+    """A row that carries the loop's measured steady rate (FullBatchRate) keeps it in the summary; only rows
+    without one get the old whole-run estimate (batch x mean accepted length x rounds / decode time)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import selfspec
+    base = {"budget": 1024, "batch": 64, "context": 32000, "greedy": True, "mean_accepted_len": 4.0, "rounds": 30,
+            "seconds": 10.0, "prefill_s": 4.0, "same_tokens_as_ar": False}
+    rows = [{**base, "method": "ar", "budget": None, "decode_tokens_per_s": 1000.0},
+            {**base, "method": "magicdec", "decode_tokens_per_s": 1500.0, "decode_tokens_per_s_steady": 2600.0},
+            {**base, "method": "specattn-y/blk64", "decode_tokens_per_s": 2000.0}]
+    s = selfspec.summarize(rows)
+    estimate = 64 * 4.0 * 30 / 6.0
+    assert s["specattn_y_over_ar_steady"] == round(estimate / 1000, 3)
+    assert s["specattn_y_over_best_baseline_steady"] == round(estimate / 2600, 3)
+
+
 @pytest.mark.parametrize("mass_tokens", [None, 64], ids=["page", "block64"])
 def test_verify_mass_finished_once_a_step_equals_once_a_layer(mass_tokens, monkeypatch):
     """SpecAttn-Y's verify steps finish their page mass with one launch after the last layer
