@@ -54,7 +54,7 @@ def kernel_tables(data: dict) -> str:
             f"(benchmarks/results/kernels.json).\n")
     sparse = [r for r in data["rows"] if r["kernel"] == "sparse_attention_10pct"]
     floor = all("copy_of_selected_bytes_fraction" in r for r in sparse)     # since 415f43e
-    read_floor = all("read_of_selected_bytes_fraction" in r for r in sparse)    # since 68c4785
+    read_floor = any("read_of_selected_bytes_fraction" in r for r in sparse)    # since 68c4785, one-row cells
     dense = {(r["batch"], r["context"], r["q_len"]): r for r in data["rows"] if r["kernel"] == "verify_attention"}
     per_step = all("step_page_mass_overhead" in r for r in dense.values())      # since 2026-12-06
     layers = next(iter(dense.values())).get("step_layers")
@@ -81,7 +81,8 @@ def kernel_tables(data: dict) -> str:
                     + (f" {page64[key]['step_page_mass_overhead']:.1%} |" if page64 else "")
                     + f" {r['us']:.1f} | {r['speedup_vs_dense']:.1f}x | {r['bandwidth_fraction_on_selected']:.2f} |"
                     + (f" {r['copy_of_selected_bytes_fraction']:.2f} |" if floor else "")
-                    + (f" {r['read_of_selected_bytes_fraction']:.2f} |" if read_floor else ""))
+                    + (f" {r.get('read_of_selected_bytes_fraction', float('nan')):.2f} |".replace("nan", "–")
+                       if read_floor else ""))
     topp = ["| rows x keys | search | ours µs | torch.sort + cumsum µs | speedup | max set-size difference |",
             "|---|---|---:|---:|---:|---:|"]
     for r in data["rows"]:
@@ -440,7 +441,7 @@ def targets_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-QWEN_TARGET_RUN = "selfspec_qwen_b64_384_h100"      # the 1.5B's row of the targets table
+QWEN_TARGET_RUN = "selfspec_qwen_b64_384_steady_h100"      # the 1.5B's row of the targets table
 
 # name -> its README tables (from results/<name>.json, or the files POOLED names)
 TABLES = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables,
@@ -450,7 +451,7 @@ TABLES = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables
           "selfspec_qwen_h100": lambda runs: selfspec_runs_tables(runs, measured_steady_only=True)}
 # tables drawn from several results files
 POOLED = {"targets": ["ar", "gptfast", "kernels", "selfspec", QWEN_TARGET_RUN, "peers", "auto"],
-          "selfspec_qwen_h100": ["selfspec_qwen_b64_384_h100", "selfspec_qwen_b32_384_h100",
+          "selfspec_qwen_h100": [QWEN_TARGET_RUN, "selfspec_qwen_b64_384_h100", "selfspec_qwen_b32_384_h100",
                                  "selfspec_qwen_b64_384_sampled_h100"],
           "specattn_s_keys_last": ["specattn_s_e2e_last_p0.95", "specattn_s_e2e_last_p0.9",
                                    "specattn_s_e2e_last_p0.9_r3"],

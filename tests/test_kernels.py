@@ -882,29 +882,6 @@ def test_sparse_lists_at_head_dim_128_take_wide_tiles_and_match_reference():
             torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
 
 
-def test_sparse_few_programs_drop_the_pipeline_stage_only_when_each_split_holds_one_tile():
-    """Batch 1 of 8B heads (8 pairs): 10% of 32K (26 tiles of 128 keys over 26 splits) takes one stage; lists 8x as
-    long hold several tiles a split and keep SPARSE_FEW_PROGRAMS' two; a caller's launch is never changed. The
-    one-stage launch matches the reference."""
-    plan = paged_attention._plan_launch
-    few = paged_attention.SPARSE_FEW_PROGRAMS
-    short, *_ = plan(1, 8, 128, 16, 205 * 16, 132, None, None, False, None, True, 16)
-    assert (short.block_n, short.num_stages) == (few.block_n, paged_attention.SPARSE_ONE_TILE_STAGES)
-    assert plan(1, 8, 128, 16, 8 * 205 * 16, 132, None, None, False, None, True, 16)[0] == few
-    assert plan(1, 8, 128, 16, 205 * 16, 132, few, None, False, None, True, 16)[0] == few
-    assert plan(1, 8, 128, 16, 205 * 16, 132, None, None, False, None, False, 16)[0] == paged_attention.FEW_PROGRAMS
-    torch.manual_seed(5)
-    lens = [1500]
-    q, k, v, table, lens_t = make_inputs(1, 1, 2, 4, 64, lens, torch.float32)
-    sel, counts = random_selection(1, 2, lens, keep=0.2)
-    launch, splits, *_ = plan(1, 2, 64, 16, sel.shape[2] * 16, 132, None, None, False, None, True, 16)
-    assert launch.num_stages == paged_attention.SPARSE_ONE_TILE_STAGES and splits >= -(-sel.shape[2] * 16 // 128)
-    kw = {"selected_pages": sel, "selected_counts": counts}
-    out = paged_attention.paged_attention(q, k, v, table, lens_t, 0.125, **kw)
-    torch.testing.assert_close(out, reference.paged_attention(q, k, v, table, lens_t, 0.125, **kw),
-                               atol=1e-4, rtol=1e-4)
-
-
 def test_sparse_small_head_launch_splits_evenly_and_matches_reference(monkeypatch):
     """The default model's draft shape (many pairs, head_dim 64, a few hundred listed keys) takes the tuned
     sparse launch with a power-of-two split count; its output is the reference's, also capped at one split (the

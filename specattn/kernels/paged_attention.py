@@ -58,13 +58,10 @@ SPARSE_SMALL_HEADS_FULL_WAVE: LaunchConfig | None = None
 FULL_WAVE_CANDIDATE = LaunchConfig(block_n=256, num_warps=8, num_stages=2)
 # Sparse lists with few programs (8B heads at batch 1, 10% of 32K: one 128-key tile a split): FEW_PROGRAMS with two
 # stages, as there is no second tile to pipeline. H200, sweeps of two sessions: 8.30 vs 8.50 µs (tune_splits.json)
-# and 8.26 vs 8.65 (tune_splits_warps.json) for FEW_PROGRAMS's three stages.
+# and 8.26 vs 8.65 (tune_splits_warps.json) for FEW_PROGRAMS's three stages. One stage lost in every kernels.py
+# A/B (18 runs, H100/H200, b1 x 32K one row: 8.1-8.5 against 8.0-8.4 µs); sparse_sweep_b1.json (4b10033) read 7.6
+# against 8.5 once, which the kernels.py run beside it did not repeat (8.46 against 8.26), so two stages stay.
 SPARSE_FEW_PROGRAMS = LaunchConfig(block_n=128, num_warps=4, num_stages=2, split_factor=2)
-# Stages for SPARSE_FEW_PROGRAMS when every split holds a single tile: with nothing to pipeline, the second stage's
-# buffers only take shared memory from programs that could run beside it. H100, sparse_sweep_b1.json (4b10033, 8B
-# heads, batch 1 x 32K, 10% of the pages, one row): 7.59 µs against 8.51 with two stages (0.58 vs 0.51 of copy;
-# physical lists 7.44 vs 8.33); 64- and 32-key tiles, 2 warps and split factors 2-8 were all slower or level.
-SPARSE_ONE_TILE_STAGES = 1
 # Sparse lists with many programs at head_dim 128 (8B heads at batch 8 x 32K, 10% of the pages: 64 pairs of ~3,300
 # listed keys) take the same 128-key tiles and 2 stages. H100, sparse_sweep_05e8293.json: one row 44.6 us, 0.80 of
 # copy, against 50.0 us (0.71) for DEFAULT_LAUNCH's 64-key tiles; physical lists 44.7 vs 46.5. Sharing pages
@@ -607,7 +604,6 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
         return SPARSE_SMALL_HEADS_FULL_WAVE, 1, False, False, 1
     wide = (launch is None and not sparse and query_rows >= 64 and dim >= 128 and rows * kv_heads >= 32
             and page_size <= WIDE_QUERY_BLOCK_N)      # a tile holds whole pages
-    chosen = launch is None
     launch = SPARSE_SMALL_HEADS if tuned_sparse else launch or choose_launch(rows * kv_heads, dim, sparse, query_rows)
     if wide:
         launch = dataclasses.replace(launch, block_n=WIDE_QUERY_BLOCK_N)
@@ -626,9 +622,6 @@ def _plan_launch(rows: int, kv_heads: int, dim: int, page_size: int, cap: int, s
         if tuned_sparse:
             num_splits = 1 << (num_splits.bit_length() - 1)
             num_splits = min(num_splits, SPARSE_SMALL_HEADS_MAX_SPLITS or num_splits)
-    one_tile_splits = cap <= launch.block_n * num_splits
-    if chosen and sparse and rows * kv_heads < 32 and launch == SPARSE_FEW_PROGRAMS and one_tile_splits:
-        launch = dataclasses.replace(launch, num_stages=SPARSE_ONE_TILE_STAGES)
     # Deferred page mass holds page_mass_tiles(query_rows) tiles per split: past 256 splits (very long contexts) the
     # merge would hold too many partials, so the mass is stored per tile there.
     held = page_mass_tiles(query_rows, page_sums_by_warp(launch, page_size))
