@@ -162,9 +162,10 @@ def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, me
     return rows
 
 
-def step_costs_8b(ctx: int, batch: int, gamma: int, budgets: list[int]) -> dict:
-    """Graph-timed per-step costs on the 8B-shaped random model: what one round of each method costs."""
-    model = random_model(LLAMA3_8B)
+def step_costs_8b(ctx: int, batch: int, gamma: int, budgets: list[int], cfg=LLAMA3_8B) -> dict:
+    """Graph-timed per-step costs on a random model of shape cfg (the 8B's unless told): what one round of each
+    method costs."""
+    model = random_model(cfg)
     model.compile_steps()
     cache = PagedKVCache(model.cfg, batch, ctx + 2 * gamma + 2, dtype=torch.bfloat16, device="cuda")
     cache.reset(batch)

@@ -51,6 +51,9 @@ for part in "$@"; do
                 --keys-p 0.9 --keys-from-steps last --context 8000 --batch 8 --new-tokens 128 --repeats 3 \
                 --text .data/gutenberg/pg2554.txt --quiet --json "$OUT/specattn_s_e2e_last_p0.9_r3.json" \
                 2>&1 | grep -v -i warn | tail -5 ;;
+    bound)    # model-free: the most self-speculation can gain over AR per shape, from graph-timed step costs
+              timeout 420 python3 benchmarks/selfspec_bound.py "$OUT/selfspec_bound.json" 2>&1 | grep -v -i warn \
+                | tail -12 ;;
     topp-warps) timeout 220 python3 benchmarks/topp_warps.py "$OUT/topp_warps.json" 2>&1 | tail -18 ;;
     draft-splits)   # tile config x split count (1 = no merge launch) for the default model's sparse draft step
               timeout 240 python3 benchmarks/tune_attention.py --splits --batches=32,64 "$OUT/tune_splits_draft.json" \
