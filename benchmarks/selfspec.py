@@ -162,7 +162,7 @@ def real_model_rows(model, text, cells, budgets, gamma, new_tokens, sampling, me
     return rows
 
 
-def step_costs_8b(ctx: int, batch: int, gamma: int, budgets: list[int], cfg=LLAMA3_8B) -> dict:
+def step_costs(ctx: int, batch: int, gamma: int, budgets: list[int], cfg=LLAMA3_8B) -> dict:
     """Graph-timed per-step costs on a random model of shape cfg (the 8B's unless told): what one round of each
     method costs."""
     model = random_model(cfg)
@@ -356,7 +356,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     costs = []
     for batch in () if args.skip_8b else (1, 8):
-        costs.append(step_costs_8b(32768, batch, args.gamma, [512, 1024, 2048]))
+        costs.append(step_costs(32768, batch, args.gamma, [512, 1024, 2048]))
         torch.cuda.empty_cache()
     out = {**env, "config": {"dtype": "bf16", "gamma": args.gamma, "new_tokens": args.new_tokens, "repeats": REPEATS,
                              "budgets_tokens": budgets, "dense_layers": list(dense), "page_size": args.page_size,

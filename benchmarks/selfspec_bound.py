@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, SHAPES, environment  # noqa: E402
-from benchmarks.selfspec import step_costs_8b  # noqa: E402
+from benchmarks.selfspec import step_costs  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
 
 # Tokens a round measured on real models at γ 4 (SpecAttn-Y/blk64, greedy; selfspec_qwen_b64_384_steady_h100.json,
@@ -32,7 +32,7 @@ def bound(tokens: float, gamma: int, ar_ms: float, draft_ms: float, verify_ms: f
 
 def cell_row(shape: str, batch: int, ctx: int, gamma: int) -> dict:
     budget = BUDGETS.get(shape, 1024)
-    c = step_costs_8b(ctx, batch, gamma, [budget], SHAPES[shape])
+    c = step_costs(ctx, batch, gamma, [budget], SHAPES[shape])
     ar, draft = c["decode_ms"], c[f"draft_ms_budget_{budget}"]
     verify = c["verify_block64_mass_ms"]          # SpecAttn-Y/blk64's verify, the by-product included
     row = {"shape": shape, "batch": batch, "context": ctx, "gamma": gamma, "draft_budget": budget,
