@@ -47,6 +47,10 @@ def _sparse_floors(summary: dict, suffix: str) -> str:
     return f" ({'; '.join(floors)})" if floors else ""
 
 
+def _two_places(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def kernel_tables(data: dict) -> str:
     head = (f"Device: {data['device']}, torch {data['torch']}, triton {data['triton']}, commit {data['commit']}; "
             f"copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s. Llama-3-8B attention shape (8 KV heads x 4, "
@@ -81,8 +85,7 @@ def kernel_tables(data: dict) -> str:
                     + (f" {page64[key]['step_page_mass_overhead']:.1%} |" if page64 else "")
                     + f" {r['us']:.1f} | {r['speedup_vs_dense']:.1f}x | {r['bandwidth_fraction_on_selected']:.2f} |"
                     + (f" {r['copy_of_selected_bytes_fraction']:.2f} |" if floor else "")
-                    + (f" {r.get('read_of_selected_bytes_fraction', float('nan')):.2f} |".replace("nan", "–")
-                       if read_floor else ""))
+                    + (f" {_two_places(r.get('read_of_selected_bytes_fraction'))} |" if read_floor else ""))
     topp = ["| rows x keys | search | ours µs | torch.sort + cumsum µs | speedup | max set-size difference |",
             "|---|---|---:|---:|---:|---:|"]
     for r in data["rows"]:
