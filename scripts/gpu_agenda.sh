@@ -33,14 +33,15 @@ for part in "$@"; do
                   --json "$OUT/specattn_s_e2e_last_p$p.json" 2>&1 | grep -v -i warn | tail -8
               done ;;
     qwen-selfspec)   # SpecAttn-Y and MagicDec self-speculating on the real Qwen2.5-Coder-1.5B (verifier alone: gpu_qwen_pair.sh
-              # split/store/join target) at 32K, where KV reads dominate its steps; warm-ups prefill 1,024 tokens
+              # split/store/join target) at 32K, where KV reads dominate its steps; warm-ups prefill 1,024 tokens, or
+              # with QWEN_REUSE_PREFILL=1 each cell prefills once for all methods (~40 s a method saved at b64 x 32K)
               timeout ${QWEN_SELFSPEC_LIMIT:-540} python3 benchmarks/selfspec.py --model "$SPECATTN_QWEN_TARGET" \
                 --model-name "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF -> bf16)" --cells "${QWEN_CELLS-32x32000}" \
                 --sampling-cells "${QWEN_SAMPLING_CELLS:-}" --budgets ${QWEN_BUDGETS:-1024,2048} \
                 --methods ${QWEN_METHODS:-magicdec,specattn-y/blk64} --new-tokens ${QWEN_NEW_TOKENS:-128} \
                 --gamma ${QWEN_GAMMA:-4} --dense-layers ${QWEN_DENSE:-none} --repeats ${QWEN_REPEATS:-1} --skip-8b \
-                --warm-context 1024 --out "$OUT/selfspec_qwen.json" 2>&1 \
-                | grep -v -i warn | tail -8 ;;
+                --warm-context 1024 ${QWEN_REUSE_PREFILL:+--reuse-prefill} --out "$OUT/selfspec_qwen.json" 2>&1 \
+                | grep -v -i warn | tail -16 ;;
     qwen-divergence)   # where greedy MagicDec departs from AR on the 1.5B at b64 x 32K: near ties or a bug?
               timeout 400 python3 benchmarks/divergence_check.py --model "$SPECATTN_QWEN_TARGET" --batch 64 \
                 --context 32000 --method ${DIV_METHOD:-magicdec} --out "$OUT/divergence_qwen_b64.json" 2>&1 \

@@ -564,6 +564,11 @@ def test_selfspec_benchmark_warm_up_on_shorter_prompts_keeps_ar_tokens(model_and
     assert all(r["same_tokens_as_ar"] for r in rows)
     # the steady figure's provenance: measured over the rounds before the first sequence finished
     assert all(1 <= r["full_batch_rounds"] <= r["rounds"] for r in rows[1:])
+    reused = []
+    selfspec.real_model_rows(model, text, [(2, 260)], [64], 4, 24, SamplingParams(),
+                             ["magicdec", "specattn-y/blk64"], reused.append, warm_context=40, reuse_prefill=True)
+    assert all(r["same_tokens_as_ar"] for r in reused)
+    assert [r["mean_accepted_len"] for r in reused[1:]] == [r["mean_accepted_len"] for r in rows[1:]]
 
 
 def selfspec_on_cpu_recording_policies(monkeypatch, record):
@@ -713,3 +718,49 @@ def test_idle_sequences_draft_from_one_list_entry_and_the_policys_lists_stay_who
     short = idle_lists_shortened(selection, cache)
     assert short.counts.tolist() == [[[4, 3], [1, 1], [1, 6]]]
     assert torch.equal(selection.counts, counts)
+
+
+def test_selfspec_benchmark_reused_prefill_gives_a_fresh_prefills_tokens(model_and_prompts, monkeypatch):
+    """benchmarks/selfspec.py --reuse-prefill: runs after the first roll the cache back to the prompts instead of
+    prefilling them again; AR, greedy and sampled speculation then produce what they do after a fresh prefill."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import selfspec
+    from specattn.decoding import runner
+    model, prompts, ar = model_and_prompts
+    calls = []
+    real_prefill = runner.prefill
+    monkeypatch.setattr(runner, "prefill", lambda *a, **k: calls.append(1) or real_prefill(*a, **k))
+    sampled = GenerationParams(max_new_tokens=40, sampling=SamplingParams(0.6, 0.95, seed=5))
+    cache = PagedKVCache(model.cfg, 3, 400)
+    fresh = generate_self_speculative(model, cache, prompts, sampled, POLICIES["verification-guided"](), gamma=3).tokens
+    calls.clear()
+    with selfspec.prefill_reused() as reuse:
+        assert generate_ar(model, cache, prompts, GenerationParams(max_new_tokens=64)).tokens == ar
+        greedy = generate_self_speculative(model, cache, prompts, GenerationParams(max_new_tokens=64),
+                                           POLICIES["streaming"](), gamma=4)
+        assert greedy.tokens == ar
+        again = generate_self_speculative(model, cache, prompts, sampled, POLICIES["verification-guided"](), gamma=3)
+        assert again.tokens == fresh
+    assert len(calls) == 1 and reuse.hits == 2
+    assert greedy.stats["prefill_s"] < 1.0 and cache.host_lens() >= [len(p) for p in prompts]
+
+
+def test_selfspec_benchmark_reuse_prefill_never_reuses_key_bounds_or_other_prompts(model_and_prompts):
+    """Quest's cache (key bounds a cut page would keep loosened) and different prompts always prefill."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import selfspec
+    model, prompts, _ = model_and_prompts
+    reuse = selfspec.PrefillReuse()
+    bounds = PagedKVCache(model.cfg, 3, 400, track_key_bounds=True)
+    reuse(model, bounds, prompts)
+    reuse(model, bounds, prompts)
+    plain = PagedKVCache(model.cfg, 3, 400)
+    reuse(model, plain, prompts)
+    reuse(model, plain, [p[:-1] for p in prompts])
+    assert reuse.hits == 0
+    reuse(model, plain, [p[:-1] for p in prompts])
+    assert reuse.hits == 1 and plain.host_lens() == [len(p) - 1 for p in prompts]
