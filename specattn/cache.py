@@ -172,11 +172,13 @@ class PagedKVCache:
     def _seqs(self, rows: slice | None) -> range:
         return range(self.batch)[rows or slice(None)]
 
-    def truncate(self, new_lens: list[int]) -> None:
+    def truncate(self, new_lens: list[int], spare_tokens: int = 0, lens_on_device: bool = False) -> None:
         """Roll sequences back to `new_lens` tokens. O(1) in tokens: only lengths and trailing pages change.
 
         Key bounds of a page cut in the middle stay a valid (looser) upper bound until the next write
-        to that page recomputes them.
+        to that page recomputes them. spare_tokens: pages for this many tokens past each new length stay
+        reserved (a step already queued writes there). lens_on_device: a queued kernel already set the device
+        lengths to new_lens; only the host side changes (no copy that would wait behind it).
         """
         if len(new_lens) != self.batch:
             raise InvalidInputError(f"truncate got {len(new_lens)} lengths for a batch of {self.batch}")
@@ -184,8 +186,9 @@ class PagedKVCache:
             if not 0 <= n <= self._host_lens[b]:
                 raise InvalidInputError(f"cannot truncate sequence {b} from {self._host_lens[b]} to {n} tokens")
             self._host_lens[b] = n
-            self._release_pages(b, -(-n // self.page_size))
-        self.lens[: self.batch] = to_device(new_lens, torch.int32, self.device)
+            self._release_pages(b, -(-(n + spare_tokens) // self.page_size))
+        if not lens_on_device:
+            self.lens[: self.batch] = to_device(new_lens, torch.int32, self.device)
 
     def _release_pages(self, b: int, keep: int) -> None:
         while len(self._pages[b]) > keep:

@@ -116,6 +116,9 @@ class SelectionPolicy:
     wants_page_mass = False
     wants_token_scores = False
     needs_key_bounds = False
+    # Whether lists of select_on_device's width hold every round's selection (so the next round's drafts can be
+    # queued before its lengths are known on the host); not for Vegas, whose lists grow with the context.
+    device_lists_always_fit = True
 
     def reset(self, cache: PagedKVCache) -> None:
         pass
@@ -322,6 +325,7 @@ class VegasPolicy(SelectionPolicy):
     before any verification, drafts densely."""
     name = "vegas"
     wants_token_scores = True
+    device_lists_always_fit = False
 
     def __init__(self, ratio: float = 0.05, min_tokens: int = 256, dense_layers: tuple[int, ...] = ()):
         if not 0 < ratio <= 1 or min_tokens < 0:

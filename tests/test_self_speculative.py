@@ -764,3 +764,43 @@ def test_selfspec_benchmark_reuse_prefill_never_reuses_key_bounds_or_other_promp
     assert reuse.hits == 0
     reuse(model, plain, [p[:-1] for p in prompts])
     assert reuse.hits == 1 and plain.host_lens() == [len(p) - 1 for p in prompts]
+
+
+@pytest.mark.parametrize("name", ["streaming", "verification-guided-block-mass", "verification-guided-mass-every-2"])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_queued_next_drafts_give_the_unqueued_loops_tokens(model_and_prompts, monkeypatch, name, greedy):
+    """Each round queues the next round's drafts before its sync (lengths moved on the device, pages reserved a
+    round ahead): the same tokens as the loop without it, greedy and sampled (the RNG is drawn in the same order),
+    with drafts queued in most rounds but never past the last."""
+    from specattn.decoding import self_speculative
+    model, prompts, ar = model_and_prompts
+    params = GenerationParams(max_new_tokens=64, sampling=SamplingParams() if greedy else SamplingParams(0.6, 0.95, 3))
+    queued = []
+    real_queue = self_speculative._Loop._queue_next_draft
+    monkeypatch.setattr(self_speculative._Loop, "_queue_next_draft",
+                        lambda loop, *a: queued.append(1) or real_queue(loop, *a))
+
+    def run(pipelined):
+        monkeypatch.setattr(self_speculative, "PIPELINE_DRAFTS", pipelined)
+        cache = PagedKVCache(model.cfg, 3, 400)
+        res = generate_self_speculative(model, cache, prompts, params, POLICIES[name](), gamma=4)
+        return res, cache
+    plain, _ = run(False)
+    assert not queued
+    piped, cache = run(True)
+    assert piped.tokens == plain.tokens and (not greedy or piped.tokens == ar)
+    assert piped.stats["mean_accepted_len"] == plain.stats["mean_accepted_len"]
+    assert piped.stats["rounds"] - 8 <= len(queued) < piped.stats["rounds"]
+    assert cache.host_lens() == cache.lens[:3].tolist()      # the host mirror follows the device lengths
+
+
+def test_queued_drafts_left_unused_by_stop_tokens_change_nothing(model_and_prompts):
+    """A run that ends on stop tokens may leave one round's queued drafts unused: the tokens stay AR's."""
+    model, prompts, ar = model_and_prompts
+    stop = (ar[0][20],)
+    want = generate_ar(model, PagedKVCache(model.cfg, 3, 400), prompts,
+                       GenerationParams(max_new_tokens=64, stop_token_ids=stop)).tokens
+    res = generate_self_speculative(model, PagedKVCache(model.cfg, 3, 400), prompts,
+                                    GenerationParams(max_new_tokens=64, stop_token_ids=stop), POLICIES["streaming"](),
+                                    gamma=4)
+    assert res.tokens == want
