@@ -595,9 +595,10 @@ class _Loop:
         if round_steps.page_mass is not None and fresh:
             policy.observe(round_steps.page_mass)
         queue_next = pipeline and not self._may_finish(g)
+        read_back = _to_host_later(torch.cat([accepted[:, None], emitted], dim=1))
         if queue_next:
             self._queue_next_draft(round_steps, policy, g, accepted, done_t)
-        host = torch.cat([accepted[:, None], emitted], dim=1).tolist()     # the round's one sync
+        host = read_back()          # the round's one sync: up to this round's accept, not the drafts queued after
         accepted_list = [row[0] for row in host]
         new_lens = [n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)]
         cache.truncate(new_lens, spare_tokens=g + 1 if queue_next else 0, lens_on_device=queue_next)
@@ -680,6 +681,23 @@ class _Loop:
         self.next_tok = torch.where(to_device(done, torch.bool, cache.device), self.next_tok, tok)
         self.dense_step_count += n
         return n
+
+
+def _to_host_later(t: torch.Tensor):
+    """A function that returns t's values as lists. On CUDA the copy to (pinned) host memory is queued now and
+    waited for by an event, so that reading it does not also wait for kernels queued after this call (a plain
+    tolist() would wait for the whole stream)."""
+    if not t.is_cuda:
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list:
+        copied.synchronize()
+        return host.tolist()
+    return wait
 
 
 def _draft_bytes_read(cache: PagedKVCache, selection, start_lens: list[int], gamma: int) -> int | torch.Tensor:
