@@ -129,10 +129,10 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
-def random_model(cfg: ModelConfig, dtype=torch.bfloat16) -> Transformer:
-    """A model of `cfg`'s shape with random weights (std 0.02), for per-step costs only."""
-    with torch.device("cuda"):
-        model = Transformer(cfg, "auto", "cuda").to(dtype)
+def random_model(cfg: ModelConfig, dtype=torch.bfloat16, device: str = "cuda") -> Transformer:
+    """A model of `cfg`'s shape with random weights (std 0.02), for per-step costs only (device cpu: smoke tests)."""
+    with torch.device(device):
+        model = Transformer(cfg, "auto", device).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

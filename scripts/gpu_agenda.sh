@@ -52,6 +52,9 @@ for part in "$@"; do
                 --keys-p 0.9 --keys-from-steps last --context 8000 --batch 8 --new-tokens 128 --repeats 3 \
                 --text .data/gutenberg/pg2554.txt --quiet --json "$OUT/specattn_s_e2e_last_p0.9_r3.json" \
                 2>&1 | grep -v -i warn | tail -5 ;;
+    selfspec-round)   # model-free: a self-speculation round's time by method (random 1.5B, b64 x 32K), kernel by kernel
+              timeout 400 python3 benchmarks/profile_selfspec_round.py "$OUT/profile_selfspec_round_qwen.json" 2>&1 \
+                | grep -v -i warn | tail -9 ;;
     bound)    # model-free: the most self-speculation can gain over AR per shape, from graph-timed step costs
               timeout 420 python3 benchmarks/selfspec_bound.py "$OUT/selfspec_bound.json" 2>&1 | grep -v -i warn \
                 | tail -12 ;;
