@@ -92,8 +92,8 @@ def main() -> None:
                 timings[v.name].append(per_round(v.run(model, cache, prompts, params)))
         kernels = {}
         for v in variants:
-            activity = torch.profiler.ProfilerActivity.CUDA if args.device == "cuda" else torch.profiler.ProfilerActivity.CPU
-            with torch.profiler.profile(activities=[activity]) as prof:
+            activities = torch.profiler.ProfilerActivity
+            with torch.profiler.profile(activities=[activities.CUDA if args.device == "cuda" else activities.CPU]) as prof:
                 stats = v.run(model, cache, prompts, params)
                 if args.device == "cuda":
                     torch.cuda.synchronize()
@@ -116,8 +116,8 @@ def main() -> None:
     out = {**environment(), "config": vars(args), "ar_step_ms": statistics.median(ar_ms), "rows": rows}
     write_json_atomic(args.out, out)
     for r in rows:
-        print(f"{r['method']:28} round {r['round_ms']:6.2f} ms  draft {r['draft_ms']:6.2f}  verify {r['verify_ms']:6.2f}"
-              f"  kernels {r['kernel_us_per_round'] / 1e3:6.2f} ms ({r['kernels_per_round']:.0f})")
+        print(f"{r['method']:28} round {r['round_ms']:6.2f} ms  draft {r['draft_ms']:6.2f}  "
+              f"verify {r['verify_ms']:6.2f}  kernels {r['kernel_us_per_round'] / 1e3:6.2f} ms ({r['kernels_per_round']:.0f})")
     print(f"AR step {out['ar_step_ms']:.2f} ms")
     for r in rows[:2]:
         print(r["method"], [(name[:40], round(us)) for name, _, us in r["top"]])
