@@ -92,8 +92,9 @@ def main() -> None:
                 timings[v.name].append(per_round(v.run(model, cache, prompts, params)))
         kernels = {}
         for v in variants:
-            activities = torch.profiler.ProfilerActivity
-            with torch.profiler.profile(activities=[activities.CUDA if args.device == "cuda" else activities.CPU]) as prof:
+            activity = torch.profiler.ProfilerActivity
+            kind = activity.CUDA if args.device == "cuda" else activity.CPU
+            with torch.profiler.profile(activities=[kind]) as prof:
                 stats = v.run(model, cache, prompts, params)
                 if args.device == "cuda":
                     torch.cuda.synchronize()
@@ -117,7 +118,8 @@ def main() -> None:
     write_json_atomic(args.out, out)
     for r in rows:
         print(f"{r['method']:28} round {r['round_ms']:6.2f} ms  draft {r['draft_ms']:6.2f}  "
-              f"verify {r['verify_ms']:6.2f}  kernels {r['kernel_us_per_round'] / 1e3:6.2f} ms ({r['kernels_per_round']:.0f})")
+              f"verify {r['verify_ms']:6.2f}  kernels {r['kernel_us_per_round'] / 1e3:6.2f} ms "
+              f"({r['kernels_per_round']:.0f})")
     print(f"AR step {out['ar_step_ms']:.2f} ms")
     for r in rows[:2]:
         print(r["method"], [(name[:40], round(us)) for name, _, us in r["top"]])
