@@ -5,7 +5,7 @@ by kernel, so that two methods' rounds can be compared kernel by kernel. Model-f
 Random weights accept almost no draft, so every round emits one token and keeps the whole batch generating: each
 round costs what a full-batch round of a real run costs (the acceptance does not change a round's work). Variants are
 run round-robin (--repeats) and the median kept. Method names as selfspec.py's: "/" suffixes are SpecAttn-Y's
-selection variants, "+nopipe" turns off queuing the next round's drafts before the sync.
+selection variants, "+pipe" / "+nopipe" turn queuing the next round's drafts before the sync on / off.
 
 Usage (GPU): python benchmarks/profile_selfspec_round.py OUT.json [--methods magicdec,specattn-y/blk64]
     [--budget 512] [--batch 64] [--context 32000] [--rounds 60] [--repeats 3] [--top 8] [--device cpu]"""
@@ -40,8 +40,9 @@ def lengths_only_prefill(model, cache: PagedKVCache, prompts: list[list[int]], c
 
 class Variant:
     def __init__(self, name: str, budget: int, gamma: int, num_layers: int):
-        base = name.removesuffix("+nopipe")
-        self.name, self.pipelined = name, base == name
+        base = name.removesuffix("+pipe").removesuffix("+nopipe")
+        self.name = name
+        self.pipelined = name.endswith("+pipe") or (self_speculative.PIPELINE_DRAFTS and not name.endswith("+nopipe"))
         method, overrides = method_variant(base)
         spec = dataclasses.replace(SpeculationParams(budget, gamma, ()), **overrides)
         self.policy, self.gamma, self.steps = make_policy(method, spec, num_layers), gamma, None
@@ -63,7 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--shape", default="qwen1.5b", choices=sorted(SHAPES))
-    ap.add_argument("--methods", default="magicdec,specattn-y/blk64,specattn-y/blk64+nopipe,specattn-y/blk64/r2,"
+    ap.add_argument("--methods", default="magicdec,specattn-y/blk64,specattn-y/blk64+pipe,specattn-y/blk64/r2,"
                                          "specattn-y/blk64/r4")
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--batch", type=int, default=64)

@@ -65,6 +65,7 @@ FLAG_SWITCHES = {"+phys": [(selection, "PHYSICAL_LISTS", True)],
                  "+fullwave": [(paged_attention, "SPARSE_SMALL_HEADS_FULL_WAVE", paged_attention.FULL_WAVE_CANDIDATE)],
                  "+layerfinish": [(paged_attention, "FINISH_MASS_PER_STEP", False)],
                  "+notail": [(runner, "TAIL_PLANS", False)],
+                 "+pipe": [(self_spec_decoding, "PIPELINE_DRAFTS", True)],
                  "+nopipe": [(self_spec_decoding, "PIPELINE_DRAFTS", False)],
                  "+onehot": [(paged_attention, "BLOCK_PATH_MAX_HEAD_DIM", 0),
                              (paged_attention, "PAGE_SUMS_BY_WARP", False)],
@@ -87,8 +88,8 @@ def run_method(model, caches, method: str, prompts, new_tokens: int, spec: Specu
     page mass by the page one-hot product / by sums inside warps at any head size, where small heads would take the
     block path (paged_attention.BLOCK_PATH_MAX_HEAD_DIM 0, PAGE_SUMS_BY_WARP; no option), "+notail" a fixed
     batch's tail run as before session 29: verify attention planned for the whole batch, idle sequences drafting
-    from their whole lists (runner.TAIL_PLANS off; no option), "+nopipe" each round's drafts queued only after the
-    last round's sync (self_speculative.PIPELINE_DRAFTS off; no option)."""
+    from their whole lists (runner.TAIL_PLANS off; no option), "+pipe" / "+nopipe" each round's drafts queued before
+    the last round's sync or only after it (self_speculative.PIPELINE_DRAFTS on / off; no option)."""
     for suffix, flags in FLAG_SWITCHES.items():
         if method.endswith(suffix):
             with contextlib.ExitStack() as stack:

@@ -794,8 +794,10 @@ def test_queued_next_drafts_give_the_unqueued_loops_tokens(model_and_prompts, mo
     assert cache.host_lens() == cache.lens[:3].tolist()      # the host mirror follows the device lengths
 
 
-def test_queued_drafts_left_unused_by_stop_tokens_change_nothing(model_and_prompts):
+def test_queued_drafts_left_unused_by_stop_tokens_change_nothing(model_and_prompts, monkeypatch):
     """A run that ends on stop tokens may leave one round's queued drafts unused: the tokens stay AR's."""
+    from specattn.decoding import self_speculative
+    monkeypatch.setattr(self_speculative, "PIPELINE_DRAFTS", True)
     model, prompts, ar = model_and_prompts
     stop = (ar[0][20],)
     want = generate_ar(model, PagedKVCache(model.cfg, 3, 400), prompts,

@@ -437,9 +437,12 @@ class RoundLog:
 
 
 AR_CHUNK = 64   # dense steps per controller decision when it chooses plain decoding (gamma 0)
-# With a fixed gamma and a policy that selects inside the draft graph, each round queues the next round's drafts
-# before its sync (_Loop._queue_next_draft). Off: the host's bookkeeping between rounds leaves the GPU idle.
-PIPELINE_DRAFTS = True
+# With a fixed gamma and a policy that selects inside the draft graph, each round may queue the next round's drafts
+# before its sync (_Loop._queue_next_draft), so that the GPU drafts while the host does its bookkeeping. Off until
+# timed: its first version (3acc45f) read the accepted tokens with tolist(), which waited for the queued drafts too,
+# and measured 1-2% slower than without (1.5B, b64 x 32K, H100); the read-back through an event (4bef2cc) is tested
+# for tokens but not yet timed on a GPU.
+PIPELINE_DRAFTS = False
 
 
 @torch.no_grad()
