@@ -444,18 +444,20 @@ def targets_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-QWEN_TARGET_RUN = "selfspec_qwen_b64_384_steady_h100"      # the 1.5B's row of the targets table
+QWEN_TARGET_RUN = "selfspec_qwen_b64_384_levers_h100"      # the 1.5B's row of the targets table
 
 # name -> its README tables (from results/<name>.json, or the files POOLED names)
 TABLES = {"ar": ar_tables, "kernels": kernel_tables, "selfspec": selfspec_tables, "auto": auto_tables,
           "tp": tp_tables, "specattn_s_e2e": specattn_s_e2e_tables, "specattn_s_keys_last": keys_last_tables,
           "ppl_qwen_8192": ppl_tables, "peers": peers_tables, "gptfast": gptfast_tables,
           "selfspec_qwen": selfspec_runs_tables, "targets": targets_table,
-          "selfspec_qwen_h100": lambda runs: selfspec_runs_tables(runs, measured_steady_only=True)}
+          "selfspec_qwen_h100": lambda runs: selfspec_runs_tables(runs, measured_steady_only=True),
+          "selfspec_qwen_levers_h100": lambda runs: selfspec_runs_tables(runs, measured_steady_only=True)}
 # tables drawn from several results files
 POOLED = {"targets": ["ar", "gptfast", "kernels", "selfspec", QWEN_TARGET_RUN, "peers", "auto"],
-          "selfspec_qwen_h100": [QWEN_TARGET_RUN, "selfspec_qwen_b64_384_h100", "selfspec_qwen_b32_384_h100",
-                                 "selfspec_qwen_b64_384_sampled_h100"],
+          "selfspec_qwen_h100": ["selfspec_qwen_b64_384_steady_h100", "selfspec_qwen_b64_384_h100",
+                                 "selfspec_qwen_b32_384_h100", "selfspec_qwen_b64_384_sampled_h100"],
+          "selfspec_qwen_levers_h100": [QWEN_TARGET_RUN, "selfspec_qwen_b64_384_sampled_levers_h100"],
           "specattn_s_keys_last": ["specattn_s_e2e_last_p0.95", "specattn_s_e2e_last_p0.9",
                                    "specattn_s_e2e_last_p0.9_r3"],
           "selfspec_qwen": ["selfspec_qwen_b32", "selfspec_qwen_b64", "selfspec_qwen_b64_g6",
