@@ -81,6 +81,10 @@ def main() -> None:
         model.compile_steps()
     size = cache_tokens_needed(args.context, args.rounds, args.gamma)
     cache = PagedKVCache(model.cfg, args.batch, size, dtype=model.embed.weight.dtype, device=args.device)
+    # Random keys and values: zero ones give every page the same mass, and a tie-broken top-k would then pick
+    # contiguous pages, where a real selection scatters (MagicDec's sinks + window are contiguous either way).
+    cache.k.normal_()
+    cache.v.normal_()
     prompts = [[1] * args.context for _ in range(args.batch)]
     params = GenerationParams(max_new_tokens=args.rounds)
     variants = [Variant(m, args.budget, args.gamma, model.cfg.num_layers) for m in args.methods.split(",")]
