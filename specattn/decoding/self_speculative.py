@@ -597,11 +597,14 @@ class _Loop:
         self.next_tok = torch.where(done_t, self.next_tok, emitted.gather(1, accepted[:, None]).squeeze(1))
         if round_steps.page_mass is not None and fresh:
             policy.observe(round_steps.page_mass)
+        result = torch.cat([accepted[:, None], emitted], dim=1)
         queue_next = pipeline and not self._may_finish(g)
-        read_back = _to_host_later(torch.cat([accepted[:, None], emitted], dim=1))
         if queue_next:
+            read_back = _to_host_later(result)
             self._queue_next_draft(round_steps, policy, g, accepted, done_t)
-        host = read_back()          # the round's one sync: up to this round's accept, not the drafts queued after
+            host = read_back()      # the round's one sync: up to this round's accept, not the drafts queued after
+        else:
+            host = result.tolist()  # the round's one sync
         accepted_list = [row[0] for row in host]
         new_lens = [n if d else n + 1 + a for n, a, d in zip(start_lens, accepted_list, done, strict=True)]
         cache.truncate(new_lens, spare_tokens=g + 1 if queue_next else 0, lens_on_device=queue_next)
