@@ -22,20 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import SHAPES, cuda_kernel_totals, environment, random_model  # noqa: E402
+from benchmarks.profile_round import skip_prefill as lengths_only_prefill  # noqa: E402
 from specattn.api import SpeculationParams, make_policy, method_variant  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding import self_speculative  # noqa: E402
 from specattn.decoding.ar import GenerationParams, generate_ar  # noqa: E402
 from specattn.decoding.self_speculative import cache_tokens_needed, generate_self_speculative  # noqa: E402
 from specattn.evaluation.results import write_json_atomic  # noqa: E402
-
-
-def lengths_only_prefill(model, cache: PagedKVCache, prompts: list[list[int]], chunk: int = 0) -> torch.Tensor:
-    """Lengths set as a prefill would, K/V left as they are: a round's cost depends on lengths, not contents."""
-    cache.reset(len(prompts))
-    cache.reserve(len(prompts[0]))
-    cache.advance(len(prompts[0]))
-    return torch.zeros(len(prompts), model.cfg.vocab_size, device=cache.device)
 
 
 class Variant:
@@ -89,6 +82,7 @@ def main() -> None:
     params = GenerationParams(max_new_tokens=args.rounds)
     variants = [Variant(m, args.budget, args.gamma, model.cfg.num_layers) for m in args.methods.split(",")]
     timings: dict[str, list[dict]] = {v.name: [] for v in variants}
+    # lengths set as a prefill would, K/V left as they are: a round's cost depends on lengths, not contents
     with mock.patch.object(self_speculative, "prefill", lengths_only_prefill):
         for v in variants:                    # warm-up: compiles and captures every graph a run uses
             v.run(model, cache, prompts, params)
