@@ -381,7 +381,7 @@ def selfspec_runs_tables(runs: list[dict], measured_steady_only: bool = False) -
 
 
 def targets_table(runs: list[dict]) -> str:
-    """The open issues' targets beside the latest measurement of each, every value read from its results file
+    """The issues' numeric targets beside the latest measurement of each, every value read from its results file
     (fractions to 4 places, so that rounding never shows a target met that is not)."""
     by = {run["_name"]: run for run in runs}
     k, sel, qwen, peers, auto = (by[n]["summary"] for n in ("kernels", "selfspec", QWEN_TARGET_RUN, "peers", "auto"))
