@@ -10,6 +10,7 @@ step does not depend on them). Writes benchmarks/results/selfspec_bound.json (or
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def main() -> None:
     cells = []
     for cell in args.cells.split(","):
         shape, _, dims = cell.partition(":")
-        if shape not in SHAPES or not dims.replace("x", "", 1).isdigit() or "x" not in dims:
+        if shape not in SHAPES or not re.fullmatch(r"\d+x\d+", dims):
             ap.error(f"bad cell {cell!r}: want SHAPE:BATCHxCONTEXT with SHAPE one of {', '.join(SHAPES)}")
         cells.append((shape, *(int(x) for x in dims.split("x"))))
     rows = []
