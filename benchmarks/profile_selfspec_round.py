@@ -5,13 +5,15 @@ by kernel, so that two methods' rounds can be compared kernel by kernel. Model-f
 Random weights accept almost no draft, so every round emits one token and keeps the whole batch generating: each
 round costs what a full-batch round of a real run costs (the acceptance does not change a round's work). Variants are
 run round-robin (--repeats) and the median kept. Method names as selfspec.py's: "/" suffixes are SpecAttn-Y's
-selection variants, "+pipe" / "+nopipe" turn queuing the next round's drafts before the sync on / off.
+selection variants, "+" suffixes selfspec.FLAG_SWITCHES' module flags (e.g. "+pipe" / "+nopipe": the next round's drafts
+queued before the sync, or not).
 
 Usage (GPU): python benchmarks/profile_selfspec_round.py OUT.json [--methods magicdec,specattn-y/blk64]
     [--budget 512] [--batch 64] [--context 32000] [--rounds 60] [--repeats 3] [--top 8] [--device cpu]"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -23,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import SHAPES, cuda_kernel_totals, environment, random_model  # noqa: E402
 from benchmarks.profile_round import skip_prefill as lengths_only_prefill  # noqa: E402
+from benchmarks.selfspec import FLAG_SWITCHES  # noqa: E402
 from specattn.api import SpeculationParams, make_policy, method_variant  # noqa: E402
 from specattn.cache import PagedKVCache  # noqa: E402
 from specattn.decoding import self_speculative  # noqa: E402
@@ -32,16 +35,22 @@ from specattn.evaluation.results import write_json_atomic  # noqa: E402
 
 
 class Variant:
+    """A method by selfspec.py's name: "/" suffixes select SpecAttn-Y's variant, "+" suffixes the module flags that
+    selfspec.FLAG_SWITCHES sets for its run."""
+
     def __init__(self, name: str, budget: int, gamma: int, num_layers: int):
-        base = name.removesuffix("+pipe").removesuffix("+nopipe")
-        self.name = name
-        self.pipelined = name.endswith("+pipe") or (self_speculative.PIPELINE_DRAFTS and not name.endswith("+nopipe"))
+        base, self.name, self.flags = name, name, []
+        for suffix, flags in FLAG_SWITCHES.items():
+            if base.endswith(suffix):
+                base, self.flags = base.removesuffix(suffix), self.flags + flags
         method, overrides = method_variant(base)
         spec = dataclasses.replace(SpeculationParams(budget, gamma, ()), **overrides)
         self.policy, self.gamma, self.steps = make_policy(method, spec, num_layers), gamma, None
 
     def run(self, model, cache, prompts, params):
-        with mock.patch.object(self_speculative, "PIPELINE_DRAFTS", self.pipelined):
+        with contextlib.ExitStack() as stack:
+            for module, flag, value in self.flags:
+                stack.enter_context(mock.patch.object(module, flag, value))
             res = generate_self_speculative(model, cache, prompts, params, self.policy, self.gamma, self.steps)
         self.steps = res.runner
         return res.stats
