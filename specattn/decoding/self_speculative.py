@@ -614,20 +614,22 @@ class _Loop:
         return [a for a, d in zip(accepted_list, done, strict=True) if not d]
 
     def _draft(self, round_steps: RoundSteps, policy: SelectionPolicy, g: int, reserved: int):
-        """Select and draft g tokens for every sequence (reserving `reserved` tokens' pages first): (drafts,
-        draft distributions, selection)."""
+        """Select and draft g tokens for every sequence (reserving `reserved` tokens' pages first; 0: they are
+        reserved already): (drafts, draft distributions, selection)."""
         cache, timer = self.cache, self.timer
         width = round_steps.device_select_width
         if width is not None and policy.fits_device_lists(cache, g, width):   # selection inside the draft graph
             t = timer.start()
-            cache.reserve(reserved)
+            if reserved:
+                cache.reserve(reserved)
             out = round_steps.draft_selecting(self.next_tok, self.generator)
         else:
             t = timer.start()
             selection = policy.select(cache, g)
             timer.stop("select_s", t)
             t = timer.start()
-            cache.reserve(reserved)
+            if reserved:
+                cache.reserve(reserved)
             out = (*round_steps.draft(selection, self.next_tok, self.generator), selection)
         timer.stop("draft_s", t)
         return out
